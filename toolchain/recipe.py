@@ -1,0 +1,274 @@
+"""The validated recipe: YAML is only how it is stored.
+
+Every section is a pydantic model with ``extra="forbid"``, so a typo is an error that names the
+key. This module stays light to import (pydantic and PyYAML only, no torch).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from fractions import Fraction
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+from toolchain.errors import RecipeError
+
+RECIPE_VERSION = 1
+
+
+def _parse_number(value: Any) -> Any:
+    """Accept ``8/255`` style fractions for eps and step sizes (YAML reads them as strings)."""
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            return float(Fraction(text)) if "/" in text else float(text)
+        except (ValueError, ZeroDivisionError):
+            raise ValueError(f"{value!r} is not a number or a fraction like 8/255") from None
+    return value
+
+
+Number = Annotated[float, BeforeValidator(_parse_number)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(Section):
+    """Where the images come from."""
+
+    dataset: str = "signs"
+    root: str | None = None
+    image_size: int | None = Field(None, ge=8, description="resize to this square size")
+    train_samples: int | None = Field(None, ge=1, description="cap (or, for signs, generate)")
+    val_samples: int | None = Field(None, ge=1)
+    batch_size: int = Field(64, ge=1)
+    num_workers: int = Field(0, ge=0)
+
+
+class ModelConfig(Section):
+    """Which network: a zoo name, ``torchvision:<name>`` or ``package.module:callable``."""
+
+    arch: str = "resnet20"
+    width: float = Field(1.0, gt=0, description="channel multiplier for zoo models")
+    checkpoint: str | None = Field(None, description="state_dict to start from (weights_only)")
+
+
+class AttackConfig(Section):
+    """An L-inf (or L2) PGD-style perturbation used for training or evaluation."""
+
+    eps: Number = 8 / 255
+    step_size: Number = 2 / 255
+    steps: int = Field(10, ge=0)
+    norm: Literal["linf", "l2"] = "linf"
+    random_start: bool = True
+
+
+class TrainConfig(Section):
+    """A training loop; also the shape of ``finetune``."""
+
+    epochs: int = Field(5, ge=0)
+    lr: Number = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: Number = Field(5e-4, ge=0)
+    loss: Literal["clean", "pgd", "trades"] = "pgd"
+    trades_beta: float = Field(6.0, ge=0)
+    attack: AttackConfig = AttackConfig()
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_epochs: int = Field(0, ge=0, description="clean epochs before adversarial ones")
+
+
+class PruneTarget(Section):
+    """The budget, as a reduction factor (4.0 means a quarter of the dense MACs)."""
+
+    macs_reduction: float | None = Field(None, gt=1.0)
+    params_reduction: float | None = Field(None, gt=1.0)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> PruneTarget:
+        if (self.macs_reduction is None) == (self.params_reduction is None):
+            raise ValueError("set exactly one of macs_reduction or params_reduction")
+        return self
+
+
+class PruneConfig(Section):
+    """Structured (channel) pruning with torch-pruning's dependency graph."""
+
+    criterion: str = "adv-taylor"
+    target: PruneTarget = PruneTarget(macs_reduction=4.0)
+    tolerance: float = Field(0.05, gt=0, lt=1, description="relative error allowed on target")
+    steps: int = Field(3, ge=1, description="iterative pruning steps")
+    round_to: int | None = Field(None, ge=1, description="keep channel counts multiples of this")
+    importance_batches: int = Field(4, ge=1, description="batches to score channels on")
+    attack: AttackConfig = AttackConfig(steps=3, step_size=3 / 255)
+    finetune_between: TrainConfig = TrainConfig(epochs=1, lr=0.01, loss="pgd")
+    bn_recalibration_batches: int = Field(20, ge=0)
+    max_layer_pruning: float = Field(0.9, gt=0, lt=1, description="never remove more of a layer")
+
+
+class ExportConfig(Section):
+    """ONNX export and the parity check against PyTorch."""
+
+    opset: int = Field(18, ge=13)
+    dynamic_batch: bool = True
+    parity_samples: int = Field(256, ge=1)
+    parity_atol: float = Field(1e-3, gt=0, description="max |delta logit| allowed for fp32")
+
+
+class CorruptionSuiteConfig(Section):
+    names: list[str] = Field(default_factory=list, description="empty: no corruption suite")
+    severities: list[int] = Field(default_factory=lambda: [1, 2, 3, 4, 5])
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _severities_in_range(self) -> CorruptionSuiteConfig:
+        bad = [s for s in self.severities if not 1 <= s <= 5]
+        if bad:
+            raise ValueError(f"severities must be 1..5, got {bad}")
+        return self
+
+
+class EvalAttackConfig(Section):
+    """One attack of the validation suite."""
+
+    name: str = "pgd"
+    eps: Number = 8 / 255
+    norm: Literal["linf", "l2"] = "linf"
+    steps: int = Field(20, ge=0)
+    step_size: Number | None = None
+    restarts: int = Field(1, ge=1)
+    queries: int = Field(1000, ge=1, description="black-box query budget (square)")
+    samples: int | None = Field(None, ge=1, description="cap on images attacked")
+    seed: int = 0
+
+
+class ValidateConfig(Section):
+    """The robustness suite run on every model and runtime."""
+
+    samples: int = Field(500, ge=1)
+    batch_size: int = Field(100, ge=1)
+    runtimes: list[Literal["torch", "onnxruntime", "tensorrt"]] = ["torch", "onnxruntime"]
+    threads: int = Field(2, ge=1)
+    attacks: list[EvalAttackConfig] = Field(default_factory=lambda: [EvalAttackConfig()])
+    corruptions: CorruptionSuiteConfig = CorruptionSuiteConfig()
+
+
+class BenchConfig(Section):
+    """Latency measurement on each exported runtime."""
+
+    enabled: bool = True
+    batch_sizes: list[int] = Field(default_factory=lambda: [1])
+    warmup: int = Field(10, ge=0)
+    iterations: int = Field(50, ge=1)
+    threads: int = Field(2, ge=1)
+
+
+class Gate(Section):
+    """One pass/fail rule on a report metric (see README, "Gates")."""
+
+    metric: str
+    op: Literal[">=", ">", "<=", "<", "=="] = ">="
+    threshold: float
+
+
+class Recipe(Section):
+    """A whole run: ``recipe -> data+model -> train -> prune -> finetune -> export -> validate``."""
+
+    version: Literal[1] = RECIPE_VERSION
+    name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    prune: PruneConfig = PruneConfig()
+    finetune: TrainConfig = TrainConfig(epochs=3, lr=0.01)
+    export: ExportConfig = ExportConfig()
+    validate: ValidateConfig = ValidateConfig()
+    bench: BenchConfig = BenchConfig()
+    gates: list[Gate] = Field(default_factory=list)
+
+    def section_hash(self, *sections: str) -> str:
+        """A stable sha256 of the named sections (and the seed), for stage caching."""
+        payload = {name: _dump(getattr(self, name)) for name in sections}
+        payload["seed"] = self.seed
+        return _sha256(payload)
+
+    def sha256(self) -> str:
+        return _sha256(self.model_dump(mode="json"))
+
+
+def _dump(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, list):
+        return [_dump(v) for v in value]
+    return value
+
+
+def _sha256(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read a YAML recipe, apply ``section.key=value`` overrides, and validate it.
+
+    Raises:
+        RecipeError: the file is missing or unreadable, or the recipe does not validate.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe {str(path)!r} not found; pass the path to a YAML recipe")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"recipe {str(path)!r} is not valid YAML: {_first_line(exc)}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"recipe {str(path)!r} must be a mapping of sections, not {type(raw).__name__}")
+    return recipe_from_dict(raw, overrides, source=str(path))
+
+
+def recipe_from_dict(
+    raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (), source: str = "recipe"
+) -> Recipe:
+    """Validate a recipe given as a dict (``overrides`` as in :func:`load_recipe`)."""
+    raw = json.loads(json.dumps(raw))  # deep copy, and reject non-JSON values early
+    for item in overrides:
+        _apply_override(raw, item)
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise RecipeError(f"{source}: {_describe(exc)}") from None
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise RecipeError(f"--set {item!r}: write it as section.key=value, e.g. train.epochs=2")
+    value = yaml.safe_load(text) if text else None
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise RecipeError(f"--set {item!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _describe(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    if err["type"] == "extra_forbidden":
+        return f"unknown key {where!r}; check the spelling against the README's recipe keys{more}"
+    if err["type"] == "literal_error" and err["loc"] == ("version",):
+        return f"unsupported recipe version {err.get('input')!r}; this robustprune reads version {RECIPE_VERSION}"
+    return f"{where}: {err['msg']} (got {err.get('input')!r}){more}"
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
