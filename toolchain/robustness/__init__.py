@@ -1,0 +1,1 @@
+"""Robustness: attacks, corruptions and the suites that judge any Runner."""

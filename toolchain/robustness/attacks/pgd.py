@@ -1,0 +1,95 @@
+"""Projected gradient descent (Madry et al. 2018), L-inf and L2, in [0, 1] pixel space."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _l2_normalise(t: torch.Tensor) -> torch.Tensor:
+    norms = t.flatten(1).norm(dim=1).clamp_min(1e-12)
+    return t / norms.view(-1, *([1] * (t.dim() - 1)))
+
+
+def _project(delta: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+    if norm == "linf":
+        return delta.clamp(-eps, eps)
+    norms = delta.flatten(1).norm(dim=1).clamp_min(1e-12)
+    factor = (eps / norms).clamp(max=1.0)
+    return delta * factor.view(-1, *([1] * (delta.dim() - 1)))
+
+
+def _random_start(x: torch.Tensor, eps: float, norm: str, generator: torch.Generator | None) -> torch.Tensor:
+    if norm == "linf":
+        noise = torch.rand(x.shape, generator=generator, device="cpu").to(x.device)
+        return (noise * 2 - 1) * eps
+    direction = _l2_normalise(torch.randn(x.shape, generator=generator, device="cpu").to(x.device))
+    radius = torch.rand(x.shape[0], generator=generator, device="cpu").to(x.device)
+    return direction * (radius * eps).view(-1, *([1] * (x.dim() - 1)))
+
+
+def pgd_attack(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float,
+    step_size: float,
+    steps: int,
+    norm: str = "linf",
+    random_start: bool = True,
+    restarts: int = 1,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Untargeted PGD on the cross-entropy loss.
+
+    The model is used as it is (train or eval mode is the caller's choice) and its parameter
+    gradients are left untouched. With several restarts, each sample keeps the first restart
+    that fools the model (or the last one if none does).
+
+    Args:
+        model: differentiable classifier taking [0, 1] pixels, returning logits.
+        x: clean batch in [0, 1]; y: integer labels.
+        eps: radius of the ``norm`` ball; 0 returns ``x`` unchanged.
+        step_size: step length (sign step for L-inf, normalised-gradient step for L2).
+        steps: number of iterations; 0 with random_start gives a random point in the ball.
+        norm: ``"linf"`` or ``"l2"``.
+        generator: CPU generator for the random start, for reproducible attacks.
+
+    Returns:
+        The adversarial batch, detached, in [0, 1].
+    """
+    if norm not in ("linf", "l2"):
+        raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
+    x = x.detach()
+    if eps <= 0:
+        return x.clone()
+    best = x.clone()
+    still_correct = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+    requires_grad = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        for _ in range(max(restarts, 1)):
+            delta = _random_start(x, eps, norm, generator) if random_start else torch.zeros_like(x)
+            delta = ((x + delta).clamp(0, 1) - x).detach()
+            for _ in range(steps):
+                delta.requires_grad_(True)
+                loss = F.cross_entropy(model(x + delta), y)
+                (grad,) = torch.autograd.grad(loss, delta)
+                step = grad.sign() if norm == "linf" else _l2_normalise(grad)
+                delta = _project(delta.detach() + step_size * step, eps, norm)
+                delta = ((x + delta).clamp(0, 1) - x).detach()
+            x_adv = (x + delta).detach()
+            with torch.no_grad():
+                fooled = model(x_adv).argmax(1) != y
+            # Samples not yet fooled take this restart's point; fooled ones keep theirs.
+            best[still_correct] = x_adv[still_correct]
+            still_correct &= ~fooled
+            if not still_correct.any():
+                break
+    finally:
+        for p, flag in zip(model.parameters(), requires_grad):
+            p.requires_grad_(flag)
+    return best
