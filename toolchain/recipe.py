@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from fractions import Fraction
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -173,6 +174,14 @@ class Gate(Section):
     metric: str
     op: Literal[">=", ">", "<=", "<", "=="] = ">="
     threshold: float
+    relative: Literal["delta", "ratio"] | None = Field(
+        None, description="compare value - baseline (delta) or value / baseline (ratio) to the threshold"
+    )
+
+
+# "validate" is the section's name in every recipe; pydantic warns that it shadows the
+# deprecated BaseModel.validate classmethod, which nothing here uses.
+warnings.filterwarnings("ignore", message='Field name "validate"', category=UserWarning)
 
 
 class Recipe(Section):
@@ -266,7 +275,8 @@ def _describe(exc: ValidationError) -> str:
     if err["type"] == "extra_forbidden":
         return f"unknown key {where!r}; check the spelling against the README's recipe keys{more}"
     if err["type"] == "literal_error" and err["loc"] == ("version",):
-        return f"unsupported recipe version {err.get('input')!r}; this robustprune reads version {RECIPE_VERSION}"
+        got = err.get("input")
+        return f"unsupported recipe version {got!r}; this robustprune reads version {RECIPE_VERSION}"
     return f"{where}: {err['msg']} (got {err.get('input')!r}){more}"
 
 

@@ -1,0 +1,79 @@
+"""The recipe: YAML in, validated object out; every mistake is one clear error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from toolchain.errors import RecipeError
+from toolchain.recipe import Recipe, load_recipe, recipe_from_dict
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_validate_and_fraction_eps_is_parsed() -> None:
+    recipe = recipe_from_dict({"train": {"attack": {"eps": "8/255", "step_size": "2/255"}}})
+    assert recipe.train.attack.eps == pytest.approx(8 / 255)
+    assert recipe.train.attack.step_size == pytest.approx(2 / 255)
+    assert recipe.prune.target.macs_reduction == 4.0
+
+
+def test_every_shipped_recipe_validates() -> None:
+    paths = sorted((REPO / "deploy_examples").glob("*.yaml"))
+    assert paths, "deploy_examples has no recipes"
+    for path in paths:
+        assert isinstance(load_recipe(path), Recipe)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ({"trian": {}}, "unknown key 'trian'"),
+        ({"train": {"epoch": 3}}, "unknown key 'train.epoch'"),
+        ({"train": {"epochs": "many"}}, "train.epochs"),
+        ({"train": {"attack": {"eps": "8/x"}}}, "train.attack.eps"),
+        ({"version": 7}, "unsupported recipe version 7"),
+        ({"prune": {"target": {"macs_reduction": 2.0, "params_reduction": 2.0}}}, "exactly one"),
+        ({"prune": {"target": {"macs_reduction": 0.5}}}, "prune.target.macs_reduction"),
+        ({"validate": {"corruptions": {"severities": [0, 6]}}}, "severities must be 1..5"),
+        ({"name": "../escape"}, "name"),
+    ],
+)
+def test_bad_recipes_name_the_problem(raw: dict, expected: str) -> None:
+    with pytest.raises(RecipeError, match=None) as info:
+        recipe_from_dict(raw)
+    assert expected in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_overrides_apply_typed_values() -> None:
+    recipe = recipe_from_dict({}, ["train.epochs=2", "prune.criterion=taylor", "validate.runtimes=[torch]"])
+    assert recipe.train.epochs == 2
+    assert recipe.prune.criterion == "taylor"
+    assert recipe.validate.runtimes == ["torch"]
+    with pytest.raises(RecipeError, match="section.key=value"):
+        recipe_from_dict({}, ["train.epochs"])
+    with pytest.raises(RecipeError, match="unknown key 'train.nope'"):
+        recipe_from_dict({}, ["train.nope=1"])
+
+
+def test_section_hash_changes_only_with_its_sections() -> None:
+    a = recipe_from_dict({})
+    b = recipe_from_dict({"finetune": {"epochs": 9}})
+    assert a.section_hash("data", "model", "train") == b.section_hash("data", "model", "train")
+    assert a.section_hash("finetune") != b.section_hash("finetune")
+    assert a.sha256() != b.sha256()
+
+
+def test_missing_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match="not found"):
+        load_recipe(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(bad)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("42\n")
+    with pytest.raises(RecipeError, match="mapping"):
+        load_recipe(scalar)

@@ -1,0 +1,96 @@
+"""The ``robustprune`` command: parse, load the recipe, call one verb. No logic lives here.
+
+Exit codes: 0 success; 1 a gate failed (``run``, ``validate``, ``gate``); 2 a usage or input
+error, reported as one line on stderr (``--debug`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from toolchain.errors import UserError
+
+EXIT_OK, EXIT_GATE_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse's default exit code is also 2; keep one line
+        self.exit(EXIT_USAGE, f"robustprune: error: {message} (see robustprune --help)\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="robustprune", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="run (or resume) a recipe end to end")
+    run.add_argument("recipe", help="YAML recipe")
+    run.add_argument("--out", help="run directory (default runs/<recipe name>)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    val = sub.add_parser("validate", help="run a recipe's validate section on an exported ONNX file")
+    val.add_argument("--engine", required=True, help="ONNX file (from a run directory or your own)")
+    val.add_argument("--recipe", required=True, help="recipe whose data and validate sections to use")
+    val.add_argument("--out", help="folder for report.json (default: beside the engine, validate-<name>)")
+    val.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    val.add_argument("--no-progress", action="store_true")
+
+    cor = sub.add_parser("corruptions", help="list corruptions or save a grid image of them")
+    cor.add_argument("--list", action="store_true", help="print the registered corruptions")
+    cor.add_argument("--grid", metavar="PNG", help="write a grid of one image under every corruption")
+    cor.add_argument("--dataset", default="signs", help="dataset the grid image comes from")
+    cor.add_argument("--index", type=int, default=0, help="which validation image")
+    cor.add_argument("--seed", type=int, default=0)
+
+    gate = sub.add_parser("gate", help="check a report.json against gates; exit 1 if one fails")
+    gate.add_argument("report", help="report.json")
+    gate.add_argument("--policy", help="YAML with a 'gates' list (default: the report's own gates)")
+    gate.add_argument("--baseline", help="baseline report.json for relative gates")
+    gate.add_argument("--junit", help="also write the result as JUnit XML here")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script and ``python -m toolchain``."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="%(asctime)s %(levelname).1s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    try:
+        return _dispatch(args)
+    except UserError as exc:
+        if args.debug:
+            raise
+        sys.stderr.write(f"robustprune: error: {exc}\n")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        sys.stderr.write("robustprune: interrupted; re-run the same command to resume\n")
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from toolchain import commands
+
+    if args.verb == "run":
+        return commands.run(args.recipe, args.out, args.overrides, progress=not args.no_progress)
+    if args.verb == "validate":
+        return commands.validate(
+            args.engine, args.recipe, args.out, args.overrides, progress=not args.no_progress
+        )
+    if args.verb == "corruptions":
+        return commands.corruptions(args.list, args.grid, args.dataset, args.index, args.seed)
+    if args.verb == "gate":
+        return commands.gate(Path(args.report), args.policy, args.baseline, args.junit)
+    raise AssertionError(args.verb)  # argparse only accepts the verbs above
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""What each CLI verb does, as plain functions (the CLI only parses arguments)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import TypeAdapter, ValidationError
+
+from toolchain.errors import RecipeError, UserError
+from toolchain.recipe import Gate, load_recipe
+
+log = logging.getLogger(__name__)
+
+
+def run(recipe_path: str, out: str | None, overrides: list[str], *, progress: bool = True) -> int:
+    """``robustprune run``: the whole pipeline; exit 1 if a gate failed."""
+    from toolchain.pipeline import run_pipeline
+    from toolchain.report.markdown import render_summary
+
+    recipe = load_recipe(recipe_path, overrides)
+    run_dir = Path(out) if out else Path("runs") / recipe.name
+    report = run_pipeline(recipe, run_dir, progress=progress)
+    sys.stdout.write(render_summary(report, run_dir) + "\n")
+    return 0 if report["passed"] else 1
+
+
+def validate(
+    engine: str, recipe_path: str, out: str | None, overrides: list[str], *, progress: bool = True
+) -> int:
+    """``robustprune validate``: the validate section on one exported ONNX file."""
+    from toolchain.report.markdown import render_summary
+    from toolchain.validate_engine import validate_engine
+
+    recipe = load_recipe(recipe_path, overrides)
+    engine_path = Path(engine)
+    out_dir = Path(out) if out else engine_path.parent / f"validate-{engine_path.stem}"
+    report = validate_engine(engine_path, recipe, out_dir, progress=progress)
+    sys.stdout.write(render_summary(report, out_dir) + "\n")
+    return 0 if report["passed"] else 1
+
+
+def corruptions(show_list: bool, grid: str | None, dataset: str, index: int, seed: int) -> int:
+    """``robustprune corruptions``: list them, or write a grid image of one input."""
+    from toolchain.robustness.corruptions import CORRUPTIONS, save_corruption_grid
+
+    if not show_list and not grid:
+        raise UserError("corruptions: pass --list, or --grid PNG to write a grid image")
+    if show_list:
+        for name in CORRUPTIONS.names():
+            family = getattr(CORRUPTIONS.get(name), "family", "")
+            sys.stdout.write(f"{name}\t{family}\n")
+    if grid:
+        from toolchain.data import load_data
+
+        data = load_data(dataset, val_samples=max(index + 1, 1), train_samples=1, seed=seed)
+        if not 0 <= index < len(data.val):  # type: ignore[arg-type]
+            raise UserError(
+                f"--index {index} is out of range; the validation split has {len(data.val)} images"
+            )  # type: ignore[arg-type]
+        image, _ = data.val[index]
+        save_corruption_grid(image, grid, seed=seed)
+        sys.stdout.write(f"wrote {grid}\n")
+    return 0
+
+
+def _read_yaml(path: str, what: str) -> Any:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{what} {path!r} not found")
+    try:
+        return yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise UserError(f"{what} {path!r} is not valid YAML/JSON: {str(exc).splitlines()[0]}") from None
+
+
+def gate(report_path: Path, policy: str | None, baseline: str | None, junit: str | None) -> int:
+    """``robustprune gate``: exit 0 if every gate passes, 1 if one fails (missing metrics fail)."""
+    from toolchain.report.gates import evaluate_gates
+    from toolchain.report.junit import write_junit
+
+    report = _read_yaml(str(report_path), "report")
+    if not isinstance(report, dict) or not str(report.get("schema", "")).startswith("robustprune.report/"):
+        raise UserError(f"{report_path} is not a robustprune report.json (no 'schema' key)")
+    if policy:
+        raw = _read_yaml(policy, "policy")
+        raw_gates = raw.get("gates") if isinstance(raw, dict) else raw
+        try:
+            gates = TypeAdapter(list[Gate]).validate_python(raw_gates)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in err["loc"])
+            raise RecipeError(f"policy {policy}: gates.{where}: {err['msg']}") from None
+    else:
+        gates = [
+            Gate.model_validate({k: v for k, v in g.items() if k in Gate.model_fields})
+            for g in report.get("gates", [])
+        ]
+    if not gates:
+        raise UserError(
+            "no gates to check: pass --policy FILE with a 'gates' list, or put gates in the recipe"
+        )
+    base = _read_yaml(baseline, "baseline report") if baseline else None
+    results = evaluate_gates(report, gates, base)
+    for row in results:
+        status = "PASS" if row["passed"] else "FAIL"
+        value = "missing" if row["value"] is None else f"{row['value']:.6g}"
+        rel = f" ({row['relative']} vs baseline)" if row.get("relative") else ""
+        sys.stdout.write(f"{status} {row['metric']}{rel} {row['op']} {row['threshold']:g}: {value}\n")
+        if row.get("error"):
+            sys.stdout.write(f"     {row['error']}\n")
+    if junit:
+        write_junit(Path(junit), results)
+    return 0 if all(r["passed"] for r in results) else 1

@@ -1,0 +1,151 @@
+"""What every dataset loader returns, the registry they live in, and helpers they share.
+
+Images are kept as one ``uint8`` tensor (N, C, H, W) per split: 4000 RGB 32x32 images are
+12 MB, indexing is a view, and the conversion to float happens per item. Every loader is a
+function registered in :data:`DATASETS` with the keyword-only signature of :data:`Loader`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from toolchain.registry import Registry
+
+# Mean/std are estimated on at most this many training images: enough for 3-4 stable
+# decimals, and cheap even for 224x224 image folders.
+STATS_SAMPLES = 2000
+
+
+class ImageTensorDataset(Dataset):
+    """Images held in a uint8 tensor; items are ``(float32 C x H x W in [0, 1], int label)``.
+
+    ``images`` and ``labels`` stay public so that callers who want a whole batch at once
+    (corruption suites, calibration) can slice them without a DataLoader.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+        if labels.shape != (images.shape[0],):
+            raise ValueError(f"labels must have shape ({images.shape[0]},), got {tuple(labels.shape)}")
+        self.images = images
+        self.labels = labels.to(torch.int64)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index].float().div_(255.0), int(self.labels[index])
+
+
+@dataclass(frozen=True)
+class DataBundle:
+    """A train and a validation split plus what a model needs to know about them.
+
+    ``mean``/``std`` are per channel, in [0, 1] pixel units; they go into the model's
+    ``Normalize`` layer so that exported engines take raw [0, 1] pixels.
+    """
+
+    train: Dataset
+    val: Dataset
+    num_classes: int
+    class_names: tuple[str, ...]
+    channels: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    name: str
+
+
+class Loader(Protocol):
+    """The signature every registered dataset loader has."""
+
+    def __call__(
+        self,
+        *,
+        root: str | None,
+        image_size: int | None,
+        train_samples: int | None,
+        val_samples: int | None,
+        seed: int,
+    ) -> DataBundle: ...
+
+
+DATASETS: Registry[Loader] = Registry("dataset")
+
+
+def split_seed(seed: int, split: str) -> int:
+    """A 63-bit seed for one split (and purpose) derived from the user's seed.
+
+    Train and val must never share a random stream, and nearby user seeds must not give
+    overlapping streams, so the seeds go through numpy's SeedSequence hash.
+    """
+    words = [seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF, *split.encode()]
+    return int(np.random.SeedSequence(words).generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+def cap_indices(total: int, cap: int | None, seed: int, split: str) -> torch.Tensor | None:
+    """Indices of a deterministic random subset of ``cap`` items (sorted), or None for all.
+
+    Raises:
+        ValueError: ``cap`` is not positive (the recipe validates this before it gets here).
+    """
+    if cap is None or cap >= total:
+        return None
+    if cap < 1:
+        raise ValueError(f"sample cap must be >= 1, got {cap}")
+    generator = torch.Generator().manual_seed(split_seed(seed, f"cap-{split}"))
+    return torch.randperm(total, generator=generator)[:cap].sort().values
+
+
+def resize_uint8(images: torch.Tensor, size: int, chunk: int = 1024) -> torch.Tensor:
+    """Resize a uint8 (N, C, H, W) tensor to ``size`` x ``size`` (bilinear, antialiased)."""
+    if images.shape[-2:] == (size, size):
+        return images
+    out = torch.empty((*images.shape[:2], size, size), dtype=torch.uint8)
+    # Chunks keep the float copy small when a large dataset is upsampled.
+    for start in range(0, images.shape[0], chunk):
+        part = images[start : start + chunk].float()
+        part = F.interpolate(part, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        out[start : start + chunk] = part.round_().clamp_(0, 255).to(torch.uint8)
+    return out
+
+
+def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std (in [0, 1] units) over the first :data:`STATS_SAMPLES` images.
+
+    Loaders shuffle or subsample before calling this, so "first" is a fair sample. Values
+    are rounded to 4 decimals to keep model specs readable, and std is floored so a constant
+    channel cannot produce a division by zero inside ``Normalize``.
+    """
+    sample = images[:STATS_SAMPLES].to(torch.float64).div_(255.0)
+    mean = sample.mean(dim=(0, 2, 3))
+    std = sample.std(dim=(0, 2, 3)).clamp_min(1e-3)
+    return tuple(round(float(m), 4) for m in mean), tuple(round(float(s), 4) for s in std)
+
+
+def make_bundle(
+    name: str,
+    train: ImageTensorDataset,
+    val: ImageTensorDataset,
+    class_names: tuple[str, ...],
+) -> DataBundle:
+    """Assemble a :class:`DataBundle` from two uint8 datasets; mean/std come from ``train``."""
+    mean, std = channel_stats(train.images)
+    return DataBundle(
+        train=train,
+        val=val,
+        num_classes=len(class_names),
+        class_names=class_names,
+        channels=train.images.shape[1],
+        image_size=train.images.shape[-1],
+        mean=mean,
+        std=std,
+        name=name,
+    )

@@ -1,0 +1,359 @@
+"""The pipeline: recipe → data+model → train → prune → fine-tune → export → validate → bench → report.
+
+Each stage writes its artifacts into the run directory with a key chained from the recipe
+sections it depends on; a stage whose key did not change is loaded instead of re-run, so an
+interrupted run resumes, and editing ``finetune`` re-runs fine-tuning and what follows only.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from calibration.bn import recalibrate_bn
+from exporters.base import InputSpec, Runner
+from exporters.onnx import check_parity, export_onnx
+from exporters.runtimes import build_runner
+from exporters.torch_runner import TorchRunner
+from toolchain import preflight
+from toolchain.data import DataBundle
+from toolchain.models import build_from_spec, build_model, load_state_dict_file
+from toolchain.pruning import (
+    classifier_layers,
+    count_macs_params,
+    load_pruned,
+    prune_to_target,
+    save_pruned,
+)
+from toolchain.recipe import Recipe
+from toolchain.report.assemble import assemble_report, write_report
+from toolchain.robustness.suite import evaluate_model
+from toolchain.rundir import RunDir, atomic_path, chain_key, write_json
+from toolchain.training import make_loader, train_model
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.pt"
+
+
+@dataclass
+class Context:
+    """What every stage needs: the recipe, the run folder, the data and a progress switch."""
+
+    recipe: Recipe
+    run: RunDir
+    data: DataBundle
+    progress: bool = True
+    keys: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def example_inputs(self) -> torch.Tensor:
+        return torch.zeros(1, self.data.channels, self.data.image_size, self.data.image_size)
+
+    @property
+    def input_spec(self) -> InputSpec:
+        size = self.data.image_size
+        return InputSpec(self.data.channels, size, size, None if self.recipe.export.dynamic_batch else 1)
+
+    def train_loader(self, seed_offset: int = 0) -> torch.utils.data.DataLoader:
+        d = self.recipe.data
+        return make_loader(
+            self.data.train,
+            d.batch_size,
+            shuffle=True,
+            seed=self.recipe.seed + seed_offset,
+            num_workers=d.num_workers,
+        )
+
+    def val_loader(
+        self, batch_size: int | None = None, samples: int | None = None
+    ) -> torch.utils.data.DataLoader:
+        dataset = self.data.val
+        if samples is not None and samples < len(dataset):  # type: ignore[arg-type]
+            dataset = torch.utils.data.Subset(dataset, range(samples))
+        return make_loader(dataset, batch_size or self.recipe.data.batch_size, shuffle=False)
+
+
+def stage_keys(recipe: Recipe) -> dict[str, str]:
+    """Each stage's cache key: its own recipe sections chained onto its upstream stage's key."""
+    keys = {"train": chain_key(recipe.section_hash("data", "model", "train"))}
+    keys["prune"] = chain_key(keys["train"], recipe.section_hash("prune"))
+    keys["finetune"] = chain_key(keys["prune"], recipe.section_hash("finetune"))
+    keys["export"] = chain_key(keys["finetune"], recipe.section_hash("export"))
+    keys["validate"] = chain_key(keys["export"], recipe.section_hash("validate"))
+    keys["bench"] = chain_key(keys["export"], recipe.section_hash("bench"))
+    return keys
+
+
+def run_pipeline(recipe: Recipe, out: str | Path | None = None, *, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) every stage of ``recipe`` and write the report.
+
+    Args:
+        recipe: a validated recipe.
+        out: the run directory; default ``runs/<recipe.name>``.
+        progress: show progress bars.
+
+    Returns:
+        The report (also written to ``<out>/report.json``).
+
+    Raises:
+        UserError: bad names, missing data or checkpoints, or an unusable run directory; raised
+            before anything is written.
+    """
+    data = preflight.check(recipe)
+    run = RunDir.open(out or Path("runs") / recipe.name, recipe.model_dump(mode="json"))
+    ctx = Context(recipe=recipe, run=run, data=data, progress=progress, keys=stage_keys(recipe))
+    torch.manual_seed(recipe.seed)
+
+    dense = _stage(ctx, "train", lambda: _train(ctx), lambda: _load_model(ctx, "train"))
+    _stage(ctx, "prune", lambda: _prune(ctx), lambda: None)
+    pruned = _stage(ctx, "finetune", lambda: _finetune(ctx), lambda: _load_model(ctx, "finetune"))
+    models = {"dense": dense, "pruned": pruned}
+    _stage(ctx, "export", lambda: _export(ctx, models), lambda: None)
+    _stage(ctx, "validate", lambda: _validate(ctx, models), lambda: None)
+    _stage(ctx, "bench", lambda: _bench(ctx), lambda: None)
+
+    report = assemble_report(ctx.run.root, recipe, data_name=data.name)
+    write_report(ctx.run.root, report)
+    return report
+
+
+def _stage(ctx: Context, name: str, compute: Callable[[], Any], load: Callable[[], Any]) -> Any:
+    key = ctx.keys[name]
+    if ctx.run.finished(name, key) is not None:
+        log.info("stage %-8s up to date, skipped", name)
+        return load()
+    log.info("stage %-8s running", name)
+    start = time.perf_counter()
+    value, artifacts, result = compute()
+    ctx.run.finish(name, key, artifacts, result, time.perf_counter() - start)
+    log.info("stage %-8s done in %.1f s", name, time.perf_counter() - start)
+    return value
+
+
+# --- stages -----------------------------------------------------------------------------------
+
+
+def _new_model(ctx: Context) -> nn.Module:
+    m = ctx.recipe.model
+    model = build_model(
+        m.arch,
+        num_classes=ctx.data.num_classes,
+        in_channels=ctx.data.channels,
+        mean=ctx.data.mean,
+        std=ctx.data.std,
+        image_size=ctx.data.image_size,
+        width=m.width,
+    )
+    if m.checkpoint:
+        load_state_dict_file(model, m.checkpoint)
+    return model
+
+
+def _save_model(ctx: Context, stage: str, model: nn.Module, history: list[Any]) -> None:
+    path = ctx.run.stage_dir(stage) / MODEL_FILE
+    with atomic_path(path) as tmp:
+        save_pruned(tmp, spec=model.spec, history=history, state_dict=model.state_dict())  # type: ignore[arg-type]
+
+
+def _load_model(ctx: Context, stage: str) -> nn.Module:
+    model, _ = load_pruned(ctx.run.root / stage / MODEL_FILE, build_from_spec, ctx.example_inputs)
+    model.eval()
+    return model
+
+
+def _history(ctx: Context, stage: str) -> list[Any]:
+    payload = torch.load(ctx.run.root / stage / MODEL_FILE, map_location="cpu", weights_only=True)
+    return list(payload.get("history", []))
+
+
+def _train(ctx: Context) -> tuple[nn.Module, list[str], dict[str, Any]]:
+    torch.manual_seed(ctx.recipe.seed)
+    model = _new_model(ctx)
+    history = train_model(
+        model, ctx.train_loader(), ctx.recipe.train, seed=ctx.recipe.seed, desc="train", progress=ctx.progress
+    )
+    macs, params = count_macs_params(model, ctx.example_inputs)
+    _save_model(ctx, "train", model, [])
+    return model, [MODEL_FILE], {"epochs": history, "macs": macs, "params": params}
+
+
+def _prune(ctx: Context) -> tuple[nn.Module, list[str], dict[str, Any]]:
+    cfg = ctx.recipe.prune
+    # A fresh copy from disk: the dense model in memory stays intact for validation.
+    model = _load_model(ctx, "train")
+    loader = ctx.train_loader(seed_offset=1)
+
+    def between_steps(m: nn.Module, step: int) -> None:
+        train_model(
+            m,
+            loader,
+            cfg.finetune_between,
+            seed=ctx.recipe.seed + step,
+            desc=f"recover {step}",
+            progress=ctx.progress,
+        )
+
+    attack = cfg.attack
+    result = prune_to_target(
+        model,
+        example_inputs=ctx.example_inputs,
+        criterion=cfg.criterion,
+        macs_reduction=cfg.target.macs_reduction,
+        params_reduction=cfg.target.params_reduction,
+        steps=cfg.steps,
+        tolerance=cfg.tolerance,
+        round_to=cfg.round_to,
+        max_layer_pruning=cfg.max_layer_pruning,
+        ignored_layers=classifier_layers(model, ctx.example_inputs),
+        importance_loader=loader,
+        importance_batches=cfg.importance_batches,
+        attack={
+            "eps": attack.eps,
+            "step_size": attack.step_size,
+            "steps": attack.steps,
+            "norm": attack.norm,
+            "random_start": attack.random_start,
+        },
+        between_steps=between_steps,
+        progress=ctx.progress,
+    )
+    if cfg.bn_recalibration_batches:
+        recalibrate_bn(result.model, loader, batches=cfg.bn_recalibration_batches)
+    _save_model(ctx, "prune", result.model, result.history)
+    summary = {
+        "dense_macs": result.dense_macs,
+        "dense_params": result.dense_params,
+        "macs": result.macs,
+        "params": result.params,
+        "macs_reduction": result.macs_reduction,
+        "params_reduction": result.params_reduction,
+        "steps": result.steps,
+    }
+    return result.model, [MODEL_FILE], summary
+
+
+def _finetune(ctx: Context) -> tuple[nn.Module, list[str], dict[str, Any]]:
+    model = _load_model(ctx, "prune")
+    history = train_model(
+        model,
+        ctx.train_loader(seed_offset=2),
+        ctx.recipe.finetune,
+        seed=ctx.recipe.seed + 100,
+        desc="finetune",
+        progress=ctx.progress,
+    )
+    macs, params = count_macs_params(model, ctx.example_inputs)
+    _save_model(ctx, "finetune", model, _history(ctx, "prune"))
+    return model, [MODEL_FILE], {"epochs": history, "macs": macs, "params": params}
+
+
+def _export(ctx: Context, models: dict[str, nn.Module]) -> tuple[None, list[str], dict[str, Any]]:
+    cfg = ctx.recipe.export
+    out = ctx.run.stage_dir("export")
+    parity: dict[str, Any] = {}
+    artifacts = []
+    for name, model in models.items():
+        path = out / f"{name}.onnx"
+        export_onnx(
+            model,
+            path,
+            input_spec=ctx.input_spec,
+            opset=cfg.opset,
+            dynamic_batch=cfg.dynamic_batch,
+            metadata={
+                "class_names": list(ctx.data.class_names),
+                "mean": list(ctx.data.mean),
+                "std": list(ctx.data.std),
+                "recipe_sha256": ctx.recipe.sha256(),
+                "model": name,
+                "dataset": ctx.data.name,
+            },
+        )
+        runner = build_runner("onnxruntime", path=path, threads=ctx.recipe.validate.threads)
+        batch = None if cfg.dynamic_batch else 1
+        images = (x for x, _ in ctx.val_loader(batch_size=batch, samples=cfg.parity_samples))
+        result = check_parity(TorchRunner(model, ctx.input_spec), runner, images)
+        parity[name] = {
+            "max_abs_diff": result.max_abs_diff,
+            "mean_abs_diff": result.mean_abs_diff,
+            "top1_agreement": result.top1_agreement,
+            "samples": result.samples,
+            "within_atol": result.max_abs_diff <= cfg.parity_atol,
+        }
+        if result.top1_agreement < 1.0 or result.max_abs_diff > cfg.parity_atol:
+            log.warning(
+                "%s: ONNX Runtime differs from PyTorch (max |dlogit| %.2e, top-1 agreement %.4f)",
+                name,
+                result.max_abs_diff,
+                result.top1_agreement,
+            )
+        artifacts.append(path.name)
+    write_json(out / "parity.json", parity)
+    return None, [*artifacts, "parity.json"], {"parity": parity}
+
+
+def onnx_path(run_root: Path, model_name: str) -> Path:
+    return run_root / "export" / f"{model_name}.onnx"
+
+
+def _runners(
+    ctx: Context, model_name: str, model: nn.Module, runtimes: list[str], threads: int
+) -> dict[str, Runner]:
+    runners: dict[str, Runner] = {}
+    for runtime in runtimes:
+        if runtime == "torch":
+            runners[runtime] = TorchRunner(model, ctx.input_spec)
+        else:
+            runners[runtime] = build_runner(
+                runtime, path=onnx_path(ctx.run.root, model_name), threads=threads
+            )
+    return runners
+
+
+def _validate(ctx: Context, models: dict[str, nn.Module]) -> tuple[None, list[str], dict[str, Any]]:
+    cfg = ctx.recipe.validate
+    evaluations: list[dict[str, Any]] = []
+    for name, model in models.items():
+        runners = _runners(ctx, name, model, list(cfg.runtimes), cfg.threads)
+        evaluations += evaluate_model(
+            model,
+            runners,
+            ctx.val_loader(batch_size=cfg.batch_size, samples=cfg.samples),
+            cfg,
+            model_name=name,
+            progress=ctx.progress,
+        )
+    write_json(ctx.run.stage_dir("validate") / "evaluations.json", evaluations)
+    return None, ["evaluations.json"], {"count": len(evaluations)}
+
+
+def _bench(ctx: Context) -> tuple[None, list[str], dict[str, Any]]:
+    from exporters.latency import measure_latency
+
+    cfg = ctx.recipe.bench
+    rows: list[dict[str, Any]] = []
+    if cfg.enabled:
+        for name in ("dense", "pruned"):
+            runner = build_runner("onnxruntime", path=onnx_path(ctx.run.root, name), threads=cfg.threads)
+            for batch in cfg.batch_sizes:
+                stats = measure_latency(runner, batch=batch, warmup=cfg.warmup, iterations=cfg.iterations)
+                rows.append(
+                    {
+                        "model": name,
+                        "runtime": "onnxruntime",
+                        "precision": runner.precision,
+                        "batch": batch,
+                        "threads": cfg.threads,
+                        **stats,
+                    }
+                )
+    write_json(ctx.run.stage_dir("bench") / "latency.json", rows)
+    return None, ["latency.json"], {"rows": len(rows)}

@@ -1,0 +1,110 @@
+"""The corruption contract, the ``CORRUPTIONS`` registry and the severity-table helpers.
+
+A corruption is a small object with a ``name``, a ``family`` and
+``__call__(x, severity, generator)``: ``x`` is a float32 batch ``(N, C, H, W)`` in [0, 1] on any
+device, ``severity`` is 1..5 (already validated), ``generator`` is a seeded *CPU*
+``torch.Generator``. Every random draw happens on the CPU with that generator and is then moved
+to ``x.device``, so the same seed gives the same pixels on CPU and GPU.
+
+Parameter tables. Where ImageNet-C defines a corruption (Hendrycks & Dietterich, ICLR 2019,
+reference implementation ``hendrycks/robustness``: ``make_cifar_c.py`` and
+``make_imagenet_c.py``), each corruption carries both published tables: the CIFAR-10-C one
+(designed for 32x32) is used for images whose longer side is <= 64 px, the ImageNet-C one
+(designed for 224x224) above that. Parameters measured in pixels (blur radii, displacements)
+are multiplied by ``spatial_scale`` = image side / table side (32 or 224), so a 28x28 or 64x64
+image sees the same *relative* effect the table intended for 32x32.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import ClassVar, TypeVar
+
+import torch
+
+from toolchain.registry import Registry
+
+FAMILIES = ("noise", "blur", "weather", "digital", "driving")
+SMALL_IMAGE_MAX_SIDE = 64  # <= this: CIFAR-10-C table (32 px reference); above: ImageNet-C (224 px)
+SEVERITIES = (1, 2, 3, 4, 5)
+
+P = TypeVar("P")
+
+
+class Corruption:
+    """Base class: subclasses set ``name``/``family`` and implement ``_apply``.
+
+    ``__call__`` is the template method: it hands ``_apply`` a float32 view of the batch and
+    clamps the result, so every corruption returns valid pixels the same way.
+
+    Attributes:
+        name: registry name, e.g. ``"fog"``.
+        family: one of ``FAMILIES``.
+        needs_color: True when the corruption is defined on colour (e.g. ``saturate``); on a
+            one-channel batch it is documented per corruption what happens instead.
+    """
+
+    name: ClassVar[str] = "?"
+    family: ClassVar[str] = "?"
+    needs_color: ClassVar[bool] = False
+
+    def __call__(self, x: torch.Tensor, severity: int, generator: torch.Generator) -> torch.Tensor:
+        """Corrupt a validated float batch ``(N, C, H, W)`` in [0, 1]; returns same shape/device."""
+        return self._apply(x, severity, generator).clamp_(0.0, 1.0)
+
+    def _apply(self, x: torch.Tensor, severity: int, generator: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, family={self.family!r})"
+
+
+CORRUPTIONS: Registry[Corruption] = Registry("corruption")
+
+
+def register(cls: type[Corruption]) -> type[Corruption]:
+    """Class decorator: instantiate ``cls`` once and register it under ``cls.name``."""
+    if cls.family not in FAMILIES:
+        raise ValueError(f"corruption {cls.name!r} has unknown family {cls.family!r}")
+    CORRUPTIONS.register(cls.name)(cls())
+    return cls
+
+
+# --------------------------------------------------------------------------- severity tables
+
+
+def is_small(x: torch.Tensor) -> bool:
+    """True when the CIFAR-10-C table applies (longer side <= 64 px)."""
+    return max(x.shape[-2:]) <= SMALL_IMAGE_MAX_SIDE
+
+
+def pick(x: torch.Tensor, severity: int, small: Sequence[P], large: Sequence[P]) -> P:
+    """The severity's parameters from the CIFAR-10-C (``small``) or ImageNet-C (``large``) table."""
+    return (small if is_small(x) else large)[severity - 1]
+
+
+def spatial_scale(x: torch.Tensor) -> float:
+    """Image side / side the chosen table was designed for (32 or 224)."""
+    side = math.sqrt(x.shape[-2] * x.shape[-1])
+    return side / (32.0 if is_small(x) else 224.0)
+
+
+# --------------------------------------------------------------------------- random draws
+
+
+def rand(shape: Sequence[int], generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
+    """Uniform [0, 1) drawn on the CPU generator, moved to ``like``'s device (CPU/GPU agree)."""
+    return torch.rand(tuple(shape), generator=generator).to(like.device)
+
+
+def randn(shape: Sequence[int], generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
+    """Standard normal drawn on the CPU generator, moved to ``like``'s device."""
+    return torch.randn(tuple(shape), generator=generator).to(like.device)
+
+
+def uniform(
+    shape: Sequence[int], low: float, high: float, generator: torch.Generator, like: torch.Tensor
+) -> torch.Tensor:
+    """Uniform [low, high) on the CPU generator, moved to ``like``'s device."""
+    return low + (high - low) * rand(shape, generator, like)
