@@ -76,7 +76,12 @@ def test_gates_pass_fail_and_fail_closed() -> None:
 
 def test_relative_gates_against_a_baseline() -> None:
     baseline = {"evaluations": [{"model": "pruned", "clean_accuracy": 0.88}]}
-    gate = {"metric": "evaluations[model=pruned].clean_accuracy", "op": ">=", "threshold": -0.02, "relative": "delta"}
+    gate = {
+        "metric": "evaluations[model=pruned].clean_accuracy",
+        "op": ">=",
+        "threshold": -0.02,
+        "relative": "delta",
+    }
     (row,) = evaluate_gates(REPORT, [gate], baseline)
     assert row["value"] == pytest.approx(-0.03) and not row["passed"]
     ratio = dict(gate, relative="ratio", threshold=0.95)

@@ -41,7 +41,7 @@ def test_every_shipped_recipe_validates() -> None:
     ],
 )
 def test_bad_recipes_name_the_problem(raw: dict, expected: str) -> None:
-    with pytest.raises(RecipeError, match=None) as info:
+    with pytest.raises(RecipeError) as info:
         recipe_from_dict(raw)
     assert expected in str(info.value)
     assert "\n" not in str(info.value)
@@ -52,9 +52,9 @@ def test_overrides_apply_typed_values() -> None:
     assert recipe.train.epochs == 2
     assert recipe.prune.criterion == "taylor"
     assert recipe.validate.runtimes == ["torch"]
-    with pytest.raises(RecipeError, match="section.key=value"):
+    with pytest.raises(RecipeError, match=r"section\.key=value"):
         recipe_from_dict({}, ["train.epochs"])
-    with pytest.raises(RecipeError, match="unknown key 'train.nope'"):
+    with pytest.raises(RecipeError, match=r"unknown key 'train\.nope'"):
         recipe_from_dict({}, ["train.nope=1"])
 
 

@@ -1,0 +1,86 @@
+"""Time the README's quickstart end to end, as a new user runs it, and write JSON.
+
+    python bench/bench_quickstart.py [--recipe deploy_examples/quickstart.yaml]
+                                     [--out bench/results/quickstart.json]
+
+Runs ``robustprune run`` in a fresh temporary run directory (so nothing is resumed), then
+records the wall time, each stage's time, and the headline numbers from its report.json:
+MACs reduction, pruned-vs-dense ONNX Runtime latency, accuracies. The issue's target is a
+quickstart under 5 minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", default=str(REPO / "deploy_examples" / "quickstart.yaml"))
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "quickstart.json"))
+    parser.add_argument("--target-seconds", type=float, default=300.0)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(tmp) / "run"
+        cmd = [sys.executable, "-m", "toolchain", "run", args.recipe, "--out", str(run_dir), "--no-progress"]
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+        wall = time.perf_counter() - start
+        if proc.returncode not in (0, 1):
+            sys.stderr.write(proc.stderr[-4000:])
+            return proc.returncode
+        report = json.loads((run_dir / "report.json").read_text())
+
+    latency = {(r["model"], r["batch"]): r for r in report["latency"]}
+    speedups = {
+        f"batch_{b}": latency[("dense", b)]["p50_ms"] / latency[("pruned", b)]["p50_ms"]
+        for (m, b) in latency
+        if m == "pruned" and ("dense", b) in latency
+    }
+    result = {
+        "benchmark": "quickstart",
+        "recipe": str(Path(args.recipe).resolve().relative_to(REPO)),
+        "wall_seconds": round(wall, 1),
+        "target_seconds": args.target_seconds,
+        "within_target": wall <= args.target_seconds,
+        "exit_code": proc.returncode,
+        "stage_seconds": report["stage_seconds"],
+        "macs_reduction": report["models"]["pruned"]["macs_reduction"],
+        "params_reduction": report["models"]["pruned"]["params_reduction"],
+        "onnxruntime_p50_speedup_pruned_vs_dense": speedups,
+        "accuracy": {
+            f"{e['model']}/{e['runtime']}": {
+                "clean": e["clean_accuracy"],
+                "corruptions_mean": e.get("corruptions", {}).get("mean_accuracy"),
+                **{f"{a['name']}/{a['mode']}": a["accuracy"] for a in e["attacks"]},
+            }
+            for e in report["evaluations"]
+        },
+        "gates_passed": report["passed"],
+        "environment": report["environment"],
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+        },
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    sys.stdout.write(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Shared fixtures: a tiny end-to-end recipe run once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# Small enough to run the whole pipeline in well under a minute on 2 cores, large enough that
+# the models learn something (accuracy is asserted above chance).
+TINY_RECIPE: dict[str, Any] = {
+    "version": 1,
+    "name": "tiny",
+    "seed": 0,
+    "data": {
+        "dataset": "signs",
+        "image_size": 32,
+        "train_samples": 600,
+        "val_samples": 120,
+        "batch_size": 50,
+    },
+    "model": {"arch": "convnet"},
+    "train": {
+        "epochs": 3,
+        "lr": 0.05,
+        "loss": "pgd",
+        "warmup_epochs": 1,
+        "attack": {"eps": "2/255", "step_size": "1/255", "steps": 1},
+    },
+    "prune": {
+        "criterion": "adv-taylor",
+        "target": {"macs_reduction": 2.0},
+        "steps": 2,
+        "importance_batches": 2,
+        "attack": {"eps": "2/255", "step_size": "1/255", "steps": 1},
+        "finetune_between": {"epochs": 1, "lr": 0.01, "loss": "clean"},
+        "bn_recalibration_batches": 4,
+    },
+    "finetune": {
+        "epochs": 1,
+        "lr": 0.01,
+        "loss": "trades",
+        "attack": {"eps": "2/255", "step_size": "1/255", "steps": 1},
+    },
+    "export": {"parity_samples": 60},
+    "validate": {
+        "samples": 60,
+        "batch_size": 30,
+        "attacks": [
+            {"name": "pgd", "eps": "4/255", "steps": 3},
+            {"name": "square", "eps": "4/255", "queries": 10, "samples": 20},
+        ],
+        "corruptions": {"names": ["gaussian_noise", "fog"], "severities": [1, 5]},
+    },
+    "bench": {"batch_sizes": [1], "warmup": 1, "iterations": 3},
+    "gates": [
+        {"metric": "models.pruned.macs_reduction", "op": ">=", "threshold": 1.9},
+        {"metric": "evaluations[model=pruned,runtime=onnxruntime].parity.top1_agreement", "threshold": 1.0},
+    ],
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    """Run the tiny recipe once; tests read its run directory and report."""
+    from toolchain.pipeline import run_pipeline
+    from toolchain.recipe import recipe_from_dict
+
+    out = tmp_path_factory.mktemp("e2e") / "run"
+    report = run_pipeline(recipe_from_dict(TINY_RECIPE), out, progress=False)
+    return out, report

@@ -1,0 +1,101 @@
+"""The whole pipeline with tiny settings: numbers from report.json, resume, and re-run scope."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.conftest import TINY_RECIPE
+from toolchain.pipeline import run_pipeline
+from toolchain.recipe import recipe_from_dict
+
+pytestmark = pytest.mark.e2e
+
+
+def _eval(report: dict[str, Any], model: str, runtime: str) -> dict[str, Any]:
+    (match,) = [e for e in report["evaluations"] if e["model"] == model and e["runtime"] == runtime]
+    return match
+
+
+def test_report_skeleton_and_numbers(tiny_run: tuple[Path, dict[str, Any]]) -> None:
+    out, report = tiny_run
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk == report
+    assert report["schema"] == "robustprune.report/1"
+    assert len(report["recipe_sha256"]) == 64
+    assert report["environment"]["onnxruntime"] and report["environment"]["threads"] == 2
+
+    pruned = report["models"]["pruned"]
+    assert pruned["macs_reduction"] == pytest.approx(2.0, rel=0.05)
+    assert pruned["macs"] < report["models"]["dense"]["macs"]
+    assert pruned["params"] < report["models"]["dense"]["params"]
+
+    assert {(e["model"], e["runtime"]) for e in report["evaluations"]} == {
+        ("dense", "torch"),
+        ("dense", "onnxruntime"),
+        ("pruned", "torch"),
+        ("pruned", "onnxruntime"),
+    }
+    for ev in report["evaluations"]:
+        assert ev["samples"] == 60
+        assert ev["clean_accuracy"] > 0.2, ev  # 10 classes: chance is 0.1
+        assert set(ev["corruptions"]["per_corruption"]) == {"gaussian_noise", "fog"}
+        assert 0.0 <= ev["corruptions"]["mean_accuracy"] <= 1.0
+        pgd = next(a for a in ev["attacks"] if a["name"] == "pgd")
+        assert pgd["accuracy"] <= ev["clean_accuracy"]
+        square = next(a for a in ev["attacks"] if a["name"] == "square")
+        assert square["mode"] == "black-box" and 0 < square["queries"] <= 10 and square["samples"] == 20
+
+    ort = _eval(report, "pruned", "onnxruntime")
+    assert next(a for a in ort["attacks"] if a["name"] == "pgd")["mode"] == "transfer"
+    assert (
+        next(a for a in _eval(report, "pruned", "torch")["attacks"] if a["name"] == "pgd")["mode"]
+        == "white-box"
+    )
+    assert ort["parity"]["top1_agreement"] == 1.0
+    assert ort["parity"]["max_abs_diff"] < 1e-3
+    assert "relative_mce" in ort["corruptions"]
+
+    assert report["parity"]["pruned"]["top1_agreement"] == 1.0
+    assert {(r["model"], r["batch"]) for r in report["latency"]} == {("dense", 1), ("pruned", 1)}
+    assert all(r["p50_ms"] > 0 for r in report["latency"])
+    assert [g["passed"] for g in report["gates"]] == [True, True] and report["passed"]
+    assert (out / "report.md").is_file() and (out / "plots" / "accuracy.png").is_file()
+
+
+def test_artifacts_reload_and_onnx_metadata(tiny_run: tuple[Path, dict[str, Any]]) -> None:
+    from exporters.onnx import read_onnx_metadata
+    from toolchain.models import build_from_spec
+    from toolchain.pruning import load_pruned
+
+    out, _ = tiny_run
+    example = torch.zeros(1, 3, 32, 32)
+    model, _ = load_pruned(out / "finetune" / "model.pt", build_from_spec, example)
+    meta = read_onnx_metadata(out / "export" / "pruned.onnx")
+    assert json.loads(meta["class_names"])[:1] and meta["model"] == "pruned"
+    assert model(torch.rand(2, 3, 32, 32)).shape == (2, len(json.loads(meta["class_names"])))
+
+
+def _mtimes(out: Path) -> dict[str, float]:
+    return {p.parent.name: p.stat().st_mtime_ns for p in out.glob("*/stage.json")}
+
+
+def test_resume_skips_finished_stages_and_reruns_only_downstream(
+    tiny_run: tuple[Path, dict[str, Any]],
+) -> None:
+    out, report = tiny_run
+    before = _mtimes(out)
+    again = run_pipeline(recipe_from_dict(TINY_RECIPE), out, progress=False)
+    assert _mtimes(out) == before  # nothing re-ran
+    assert again["models"] == report["models"]
+
+    changed = json.loads(json.dumps(TINY_RECIPE))
+    changed["finetune"]["epochs"] = 2
+    run_pipeline(recipe_from_dict(changed), out, progress=False)
+    after = _mtimes(out)
+    assert after["train"] == before["train"] and after["prune"] == before["prune"]
+    assert all(after[s] != before[s] for s in ("finetune", "export", "validate", "bench"))
