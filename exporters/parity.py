@@ -1,0 +1,112 @@
+"""Numerical parity between a reference model and an exported one, measured on real images."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from exporters.base import Runner
+from exporters.errors import ParityError, UserError
+
+__all__ = ["ParityResult", "check_parity"]
+
+
+@dataclass(frozen=True)
+class ParityResult:
+    """How closely a candidate runtime's logits follow the reference's.
+
+    Attributes:
+        max_abs_diff: the largest ``|reference - candidate|`` over all logits.
+        mean_abs_diff: the mean of ``|reference - candidate|`` over all logits.
+        top1_agreement: the fraction of samples whose arg-max class is the same.
+        samples: the number of images compared.
+        disagreements: the number of images whose arg-max class differs.
+    """
+
+    max_abs_diff: float
+    mean_abs_diff: float
+    top1_agreement: float
+    samples: int
+    disagreements: int
+
+    def as_dict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+    def require(self, *, atol: float, min_top1_agreement: float = 1.0) -> ParityResult:
+        """Return ``self`` if within tolerance.
+
+        Args:
+            atol: the largest acceptable absolute logit difference.
+            min_top1_agreement: the smallest acceptable top-1 agreement (fraction in [0, 1]).
+
+        Raises:
+            ParityError: the difference or the disagreement is too large; the message has both.
+        """
+        if self.max_abs_diff <= atol and self.top1_agreement >= min_top1_agreement:
+            return self
+        raise ParityError(
+            f"exported model differs from the reference: max |dlogit| {self.max_abs_diff:.3e} "
+            f"(allowed {atol:.1e}), top-1 agreement {self.top1_agreement:.4f} "
+            f"(required {min_top1_agreement:.4f}, {self.disagreements}/{self.samples} images differ); "
+            "check unsupported ops, precision, or re-export with another opset",
+            max_abs_diff=self.max_abs_diff,
+            top1_agreement=self.top1_agreement,
+        )
+
+
+def check_parity(
+    reference: Callable[[torch.Tensor], torch.Tensor],
+    candidate: Runner,
+    batches: Iterable[torch.Tensor],
+) -> ParityResult:
+    """Run both models on every batch and compare their logits.
+
+    Args:
+        reference: the model to trust, usually a :class:`~exporters.torch_runner.TorchRunner`
+            (any callable mapping pixels to logits works).
+        candidate: the exported model's runner.
+        batches: float32 ``(N, C, H, W)`` pixel batches in [0, 1], ideally real images: random
+            noise leaves most logits near zero and hides disagreements.
+
+    Returns:
+        The :class:`ParityResult` over all batches.
+
+    Raises:
+        UserError: no batch was given, or the two models return logits of different shapes.
+        InputSpecError: a batch does not fit the candidate's input spec.
+    """
+    max_diff, abs_sum, elements, samples, disagreements = 0.0, 0.0, 0, 0, 0
+    for x in batches:
+        with torch.no_grad():  # the reference may be a raw module with gradients enabled
+            expected = _logits(reference(x))
+        got = candidate(x)
+        if expected.shape != got.shape:
+            raise UserError(
+                f"reference logits {tuple(expected.shape)} and {candidate.name} logits "
+                f"{tuple(got.shape)} differ in shape; are they the same model?"
+            )
+        # A NaN must fail parity, but max() would silently skip it: count it as infinitely far.
+        diff = torch.nan_to_num((expected - got).abs(), nan=float("inf"))
+        max_diff = max(max_diff, float(diff.max()) if diff.numel() else 0.0)
+        abs_sum += float(diff.double().sum())
+        elements += diff.numel()
+        samples += expected.shape[0]
+        disagreements += int((expected.argmax(dim=1) != got.argmax(dim=1)).sum())
+    if samples == 0:
+        raise UserError("check_parity got no images; give it at least one non-empty batch")
+    return ParityResult(
+        max_abs_diff=max_diff,
+        mean_abs_diff=abs_sum / elements,
+        top1_agreement=(samples - disagreements) / samples,
+        samples=samples,
+        disagreements=disagreements,
+    )
+
+
+def _logits(out: torch.Tensor) -> torch.Tensor:
+    """The reference may be a raw module: detach it and bring it to float32 on the CPU."""
+    if not isinstance(out, torch.Tensor):
+        raise UserError(f"the reference returned {type(out).__name__}, expected a logits tensor")
+    return out.detach().to("cpu", torch.float32)
