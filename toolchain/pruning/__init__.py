@@ -1,0 +1,31 @@
+"""Channel pruning: importance criteria, budget search, physical removal, save/load.
+
+Typical use::
+
+    result = prune_to_target(model, example_inputs=torch.randn(1, 3, 32, 32),
+                             criterion="adv-taylor", macs_reduction=4.0, steps=3,
+                             importance_loader=train_loader)
+    save_pruned("pruned.pt", spec=spec, history=result.history, state_dict=model.state_dict())
+"""
+
+from toolchain.pruning.criteria import CRITERIA, CriterionInfo, SeededRandomImportance, TaylorImportance
+from toolchain.pruning.graph import classifier_layers, count_macs_params
+from toolchain.pruning.io import load_pruned, save_pruned
+from toolchain.pruning.prune import PruneResult, prune_to_target
+from toolchain.pruning.scores import DEFAULT_ATTACK, accumulate_gradients, compute_scores
+
+__all__ = [
+    "CRITERIA",
+    "DEFAULT_ATTACK",
+    "CriterionInfo",
+    "PruneResult",
+    "SeededRandomImportance",
+    "TaylorImportance",
+    "accumulate_gradients",
+    "classifier_layers",
+    "compute_scores",
+    "count_macs_params",
+    "load_pruned",
+    "prune_to_target",
+    "save_pruned",
+]

@@ -1,0 +1,183 @@
+"""Glue around torch-pruning's dependency graph: MACs counting, the classifier head, history.
+
+Everything here traces the model with ``example_inputs``. Tracing runs a forward pass, so it is
+done in eval mode: a forward in train mode would move BatchNorm running statistics on the
+(random) example inputs and silently change the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+# Layers that can root a pruning group (tp's default minus LSTM, which vision models lack).
+ROOT_TYPES: tuple[type[nn.Module], ...] = (nn.modules.conv._ConvNd, nn.Linear)
+
+HistoryEntry = list  # [module_name: str, is_out_channel_pruning: bool, indices: list[int]]
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode for the block and restore each module's own mode after.
+
+    Modules are restored one by one (not with ``model.train(flag)``) because a caller may keep
+    some submodules in a different mode than the root, e.g. frozen BatchNorm layers.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _forward(model: nn.Module, example_inputs: Any) -> Any:
+    if isinstance(example_inputs, dict):
+        return model(**example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return model(*example_inputs)
+    return model(example_inputs)
+
+
+def count_macs_params(model: nn.Module, example_inputs: Any) -> tuple[int, int]:
+    """Count multiply-accumulates and parameters of one forward pass on ``example_inputs``.
+
+    Args:
+        model: any module; it is not modified and keeps its train/eval mode (torch-pruning's
+            counter works on a deep copy).
+        example_inputs: a tensor (or tuple of tensors) with the batch size to count for.
+
+    Returns:
+        ``(macs, params)`` as integers.
+    """
+    macs, params = tp.utils.count_ops_and_params(model, example_inputs)
+    return int(macs), int(params)
+
+
+def _output_tensors(output: Any) -> list[torch.Tensor]:
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, dict):
+        output = list(output.values())
+    if isinstance(output, (tuple, list)):
+        return [t for item in output for t in _output_tensors(item)]
+    return []
+
+
+def classifier_layers(model: nn.Module, example_inputs: Any) -> list[nn.Module]:
+    """Find the layer(s) whose outputs become the logits; pruning must never touch them.
+
+    The forward pass is traced with hooks that remember the autograd node of every Conv and
+    Linear output; walking the autograd graph back from the model output, the first such
+    nodes met on each path are the heads. Parameter-free ops in between (pooling, flatten,
+    dropout, activations, additions) are walked through, so a torchvision ``fc``, a
+    ``classifier[-1]`` and a final 1x1 conv followed by global pooling are all found.
+
+    Args:
+        model: the dense model.
+        example_inputs: inputs for one forward pass.
+
+    Returns:
+        The head modules, in model order; empty when no Conv/Linear feeds the output.
+    """
+    produced_by: dict[Any, nn.Module] = {}
+
+    def remember(module: nn.Module, _inputs: Any, output: Any) -> None:
+        if isinstance(output, torch.Tensor) and output.grad_fn is not None:
+            produced_by[output.grad_fn] = module
+
+    layers = [m for m in model.modules() if isinstance(m, ROOT_TYPES)]
+    handles = [m.register_forward_hook(remember) for m in layers]
+    try:
+        # The input requires grad so the graph exists even when every parameter is frozen.
+        inputs = _detach_requiring_grad(example_inputs)
+        with eval_mode(model), torch.enable_grad():
+            outputs = _output_tensors(_forward(model, inputs))
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    found: set[nn.Module] = set()
+    seen: set[Any] = set()
+    stack: list[Any] = [t.grad_fn for t in outputs if t.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if node in produced_by:
+            found.add(produced_by[node])
+            continue  # the head's own inputs are features, not logits
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return [m for m in layers if m in found]
+
+
+def _detach_requiring_grad(example_inputs: Any) -> Any:
+    if isinstance(example_inputs, torch.Tensor):
+        if example_inputs.is_floating_point():
+            return example_inputs.detach().clone().requires_grad_(True)
+        return example_inputs
+    if isinstance(example_inputs, dict):
+        return {k: _detach_requiring_grad(v) for k, v in example_inputs.items()}
+    if isinstance(example_inputs, (tuple, list)):
+        return type(example_inputs)(_detach_requiring_grad(v) for v in example_inputs)
+    return example_inputs
+
+
+def expand_ignored(layers: Sequence[nn.Module]) -> list[nn.Module]:
+    """All submodules of ``layers``: torch-pruning matches ignored layers by identity."""
+    expanded: list[nn.Module] = []
+    for layer in layers:
+        for sub in layer.modules():
+            if not any(sub is seen for seen in expanded):
+                expanded.append(sub)
+    return expanded
+
+
+def build_graph(model: nn.Module, example_inputs: Any) -> tp.DependencyGraph:
+    """Trace ``model`` into a dependency graph without moving its BatchNorm statistics."""
+    with eval_mode(model):
+        return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
+
+
+def group_key(group: Any, names: dict[nn.Module, str]) -> tuple[str, str]:
+    """A name for a pruning group that survives ``copy.deepcopy`` of the model.
+
+    The key is the root layer's qualified name and the name of the root's pruning function
+    (``prune_out_channels`` for every group torch-pruning enumerates), so scores computed on
+    the real model can be looked up while pruning a copy of it.
+    """
+    dep = group[0].dep
+    return names[dep.target.module], str(getattr(dep.handler, "__name__", dep.handler))
+
+
+def plain_history(history: Sequence[Sequence[Any]]) -> list[HistoryEntry]:
+    """Normalise torch-pruning's history to JSON types: ``[name, is_out, [int, ...]]``.
+
+    torch-pruning may record indices as tensors or ``(idx, root_idx)`` named tuples; for the
+    root layer of a group both are equal, so the plain index is kept.
+    """
+    plain: list[HistoryEntry] = []
+    for name, is_out, idxs in history:
+        indices = [int(getattr(i, "idx", i)) for i in idxs]
+        plain.append([str(name), bool(is_out), indices])
+    return plain
+
+
+def out_channels(model: nn.Module, skip: Sequence[nn.Module] = ()) -> dict[str, int]:
+    """Output channels of every Conv/Linear by name (the layers pruning can shrink)."""
+    channels: dict[str, int] = {}
+    for name, module in model.named_modules():
+        if any(module is s for s in skip):
+            continue
+        if isinstance(module, nn.modules.conv._ConvNd):
+            channels[name] = int(module.out_channels)
+        elif isinstance(module, nn.Linear):
+            channels[name] = int(module.out_features)
+    return channels

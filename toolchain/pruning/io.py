@@ -1,0 +1,122 @@
+"""Save and load pruned models without pickling code.
+
+A pruned model is stored as: the spec the dense model is built from, the pruning history, and
+the state_dict. Loading builds the dense model, replays the history through a fresh dependency
+graph (which shrinks the layers), then loads the weights; ``torch.load(weights_only=True)``
+means a checkpoint can carry tensors and plain data only, never code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from toolchain.errors import CheckpointError, UserError
+from toolchain.pruning.graph import build_graph, plain_history
+
+FORMAT = "robustprune.pruned/1"
+
+
+def _check_json(what: str, value: Any) -> None:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError) as exc:
+        raise UserError(
+            f"{what} must be JSON-serialisable (str, int, float, bool, list, dict): {exc}"
+        ) from None
+
+
+def save_pruned(
+    path: str | os.PathLike[str],
+    *,
+    spec: dict[str, Any],
+    history: list[Any],
+    state_dict: dict[str, torch.Tensor],
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Write a pruned model atomically (a temporary file renamed into place).
+
+    Args:
+        path: destination file (parent folders are created).
+        spec: what ``build`` needs to rebuild the dense model, e.g. ``{"arch": "resnet20"}``.
+        history: ``PruneResult.history``.
+        state_dict: the pruned model's ``state_dict()``.
+        extra: any JSON-serialisable metadata (MACs, criterion, ...).
+
+    Raises:
+        UserError: ``spec``, ``history`` or ``extra`` is not JSON-serialisable.
+    """
+    history = plain_history(history)
+    _check_json("spec", spec)
+    _check_json("extra", extra)
+    payload = {
+        "format": FORMAT,
+        "spec": spec,
+        "history": history,
+        "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
+        "extra": extra or {},
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_pruned(
+    path: str | os.PathLike[str],
+    build: Callable[[dict[str, Any]], nn.Module],
+    example_inputs: Any,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a model saved by :func:`save_pruned`.
+
+    Args:
+        path: the checkpoint.
+        build: returns the *dense* model for a spec (e.g. the model zoo's builder).
+        example_inputs: inputs to trace the dependency graph (any batch size).
+
+    Returns:
+        ``(model, meta)``: the pruned model in eval mode, and ``{"spec", "extra", "history"}``.
+
+    Raises:
+        CheckpointError: missing or unreadable file, wrong format, a history that does not fit
+            the built architecture, or weights that do not match it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"pruned checkpoint {str(path)!r} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read pruned checkpoint {str(path)!r}: {exc}") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{str(path)!r} is not a pruned model saved by save_pruned ({FORMAT})")
+    model = build(payload["spec"])
+    model.eval()
+    try:
+        build_graph(model, example_inputs).load_pruning_history(payload["history"])
+    except (AttributeError, IndexError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"the pruning history in {str(path)!r} does not fit the model built from its spec "
+            f"{payload['spec']}: {exc}"
+        ) from None
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"weights in {str(path)!r} do not match the pruned architecture: {exc}"
+        ) from None
+    meta = {"spec": payload["spec"], "extra": payload.get("extra", {}), "history": payload["history"]}
+    return model, meta
