@@ -1,0 +1,80 @@
+"""Common corruptions (ImageNet-C + driving conditions) as batched, seeded torch ops.
+
+Public API::
+
+    corrupt(name, x, severity, seed=0) -> Tensor       # one corruption at one severity
+    list_corruptions(family=None) -> list[str]         # registered names, sorted
+    CORRUPTIONS                                         # the registry (name -> Corruption)
+    save_corruption_grid(image, path, ...)              # PNG contact sheet for a human check
+
+Every corruption takes a float batch ``(N, C, H, W)`` in [0, 1] (1 or 3 channels, 28-224 px)
+on any device and returns the same shape, dtype and device, clamped to [0, 1]. Randomness comes
+from a CPU ``torch.Generator`` seeded with ``seed`` and is moved to the input's device, so a
+seed fixes the pixels on CPU and GPU alike. Parameter tables: see ``base.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from toolchain.errors import UserError
+from toolchain.robustness.corruptions import blur, digital, driving, noise, weather  # noqa: F401  (register)
+from toolchain.robustness.corruptions.base import CORRUPTIONS, FAMILIES, SEVERITIES, Corruption
+from toolchain.robustness.corruptions.grid import save_corruption_grid
+
+__all__ = [
+    "CORRUPTIONS",
+    "FAMILIES",
+    "SEVERITIES",
+    "Corruption",
+    "corrupt",
+    "list_corruptions",
+    "save_corruption_grid",
+]
+
+
+def list_corruptions(family: str | None = None) -> list[str]:
+    """Registered corruption names, sorted; only those of ``family`` when given.
+
+    Raises:
+        UserError: ``family`` is not one of ``FAMILIES``.
+    """
+    if family is None:
+        return CORRUPTIONS.names()
+    if family not in FAMILIES:
+        raise UserError(f"unknown corruption family {family!r}; known: {', '.join(FAMILIES)}")
+    return [name for name in CORRUPTIONS.names() if CORRUPTIONS.get(name).family == family]
+
+
+def corrupt(name: str, x: torch.Tensor, severity: int, seed: int = 0) -> torch.Tensor:
+    """Apply corruption ``name`` at ``severity`` to a batch of images.
+
+    Args:
+        name: a registered corruption (see :func:`list_corruptions`).
+        x: float tensor ``(N, C, H, W)`` (or one image ``(C, H, W)``) with values in [0, 1].
+        severity: 1 (mild) .. 5 (severe).
+        seed: fixes every random draw; the same seed gives the same pixels on any device.
+
+    Returns:
+        The corrupted batch: same shape, dtype and device as ``x``, values in [0, 1].
+
+    Raises:
+        UnknownNameError: ``name`` is not registered (the message lists the known names).
+        UserError: bad severity, non-float tensor, or wrong number of dimensions.
+    """
+    corruption = CORRUPTIONS.get(name)
+    if isinstance(severity, bool) or not isinstance(severity, int) or severity not in SEVERITIES:
+        raise UserError(f"corruption severity must be an integer 1..5, got {severity!r}")
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        kind = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+        raise UserError(
+            f"corrupt() needs a float tensor in [0, 1], got {kind}; use x.float() / 255 for uint8"
+        )
+    if x.dim() not in (3, 4):
+        raise UserError(f"corrupt() needs (N, C, H, W) or (C, H, W), got shape {tuple(x.shape)}")
+    batch = x.unsqueeze(0) if x.dim() == 3 else x
+    generator = torch.Generator(device="cpu").manual_seed(int(seed))
+    with torch.no_grad():
+        out = corruption(batch.detach().to(torch.float32), severity, generator)
+    out = out.to(x.dtype)
+    return out.squeeze(0) if x.dim() == 3 else out
