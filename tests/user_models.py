@@ -1,0 +1,39 @@
+"""User-style model factories for the ``package.module:callable`` tests (``tests.user_models:make``)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+NOT_CALLABLE = 42
+calls: list[dict[str, int]] = []  # what each factory was called with, for the tests to check
+
+
+def _net(in_channels: int, num_classes: int) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, num_classes),
+    )
+
+
+def make(num_classes: int, in_channels: int = 3) -> nn.Module:
+    """Accepts both arguments the toolchain offers."""
+    calls.append({"num_classes": num_classes, "in_channels": in_channels})
+    return _net(in_channels, num_classes)
+
+
+def make_rgb10() -> nn.Module:
+    """Accepts nothing: always 3 channels in, 10 classes out."""
+    return _net(3, 10)
+
+
+def make_wrong_head(num_classes: int) -> nn.Module:
+    """Ignores ``num_classes`` (a classic user bug): always 7 outputs."""
+    return _net(3, 7)
+
+
+def not_a_module() -> object:
+    return "not a model"

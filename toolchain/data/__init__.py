@@ -1,0 +1,51 @@
+"""Datasets: every loader returns a :class:`DataBundle` of two uint8-backed splits.
+
+Registered names: ``signs`` (procedural, zero setup), ``fashion-mnist`` (IDX files from the
+Debian package), ``image-folder`` (your own class folders) and ``cifar10`` (torchvision's
+on-disk batches). Nothing is ever downloaded.
+
+Items are ``(float32 C x H x W in [0, 1], int label)``; normalisation is not applied here
+but by the ``Normalize`` layer inside the model, using ``bundle.mean``/``bundle.std``.
+"""
+
+from __future__ import annotations
+
+# Importing the loader modules registers them in DATASETS.
+from toolchain.data import cifar10, fashion_mnist, image_folder, signs
+from toolchain.data.base import DATASETS, DataBundle, ImageTensorDataset
+
+__all__ = ["DATASETS", "DataBundle", "ImageTensorDataset", "load_data"]
+_LOADERS = (cifar10, fashion_mnist, image_folder, signs)
+
+
+def load_data(
+    name: str,
+    *,
+    root: str | None = None,
+    image_size: int | None = None,
+    train_samples: int | None = None,
+    val_samples: int | None = None,
+    seed: int = 0,
+) -> DataBundle:
+    """Load the dataset registered as ``name``.
+
+    Args:
+        name: a registered dataset name (see ``DATASETS.names()``).
+        root: where its files are (ignored by ``signs``; each loader documents its default).
+        image_size: square side to resize to; each dataset has its own default.
+        train_samples, val_samples: cap the splits to a seeded random subset (for ``signs``:
+            how many images to generate; defaults 4000 and 1000).
+        seed: fixes subsets, order and generated images.
+
+    Returns:
+        The :class:`DataBundle`.
+
+    Raises:
+        UnknownNameError: ``name`` is not registered; the message lists the known names.
+        DataNotFoundError: the dataset's files are missing; the message says how to get them.
+        UserError: the files exist but cannot be read.
+    """
+    loader = DATASETS.get(name)
+    return loader(
+        root=root, image_size=image_size, train_samples=train_samples, val_samples=val_samples, seed=seed
+    )

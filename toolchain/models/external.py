@@ -1,0 +1,108 @@
+"""Networks from outside the zoo: ``torchvision:<name>`` and ``package.module:callable``.
+
+The ``module:callable`` form is the one place in robustprune that imports code named by a
+recipe, and only because the user asked for exactly that module. torchvision is imported
+here, lazily, so ``import toolchain.models`` stays light.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from toolchain.errors import UnknownNameError, UserError
+
+TORCHVISION_PREFIX = "torchvision:"
+
+
+def torchvision_net(name: str, *, num_classes: int) -> nn.Module:
+    """``torchvision.models.get_model(name, weights=None, num_classes=num_classes)``.
+
+    torchvision classifiers expect 3 input channels; the caller adapts gray input.
+
+    Raises:
+        UnknownNameError: ``name`` is not a torchvision classification model; lists them.
+    """
+    import torchvision.models  # lazy: costs ~1 s and is only needed for this form
+
+    known = torchvision.models.list_models(module=torchvision.models)
+    if name not in known:
+        raise UnknownNameError("torchvision model", name, known)
+    return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+
+
+def _resolve(target: str) -> Any:
+    module_name, _, attr_path = target.partition(":")
+    if not module_name or not attr_path:
+        raise UserError(f"model {target!r} must look like 'package.module:callable'")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            raise UserError(f"model {target!r}: no module named {exc.name!r} (is it installed?)") from None
+        raise UserError(f"model {target!r}: importing {module_name!r} failed: {exc}") from None
+    for attr in attr_path.split("."):
+        if not hasattr(obj, attr):
+            raise UserError(f"model {target!r}: {obj.__name__!r} has no attribute {attr!r}")
+        obj = getattr(obj, attr)
+    if not callable(obj):
+        raise UserError(f"model {target!r}: {attr_path!r} is a {type(obj).__name__}, not callable")
+    return obj
+
+
+def user_net(target: str, *, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    """Call the factory named ``target = "package.module:callable"`` and check what it returns.
+
+    The factory gets ``num_classes=`` and ``in_channels=`` for each of them that its signature
+    names explicitly (so a factory that accepts neither is called with no arguments). Its
+    own exceptions propagate with their traceback: they are bugs in the user's code.
+
+    Args:
+        target: ``package.module:callable`` (the callable may be dotted, ``mod:Class.create``).
+        num_classes, in_channels: what the data needs.
+        image_size: used for one dry-run forward pass that checks the output shape.
+
+    Returns:
+        The bare network (it gets normalised input).
+
+    Raises:
+        UserError: the module cannot be imported, the attribute is missing or not callable,
+            the result is not an ``nn.Module``, or it does not map a
+            (1, in_channels, image_size, image_size) batch to (1, num_classes) logits.
+    """
+    factory = _resolve(target)
+    params: Mapping[str, inspect.Parameter]
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # some builtins and C extensions have no signature
+        params = {}
+    offered = {"num_classes": num_classes, "in_channels": in_channels}
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    kwargs = {k: v for k, v in offered.items() if k in params and params[k].kind in kinds}
+    net = factory(**kwargs)
+    if not isinstance(net, nn.Module):
+        raise UserError(f"model {target!r} returned a {type(net).__name__}, not a torch.nn.Module")
+    _check_output(net, target, num_classes, in_channels, image_size)
+    return net
+
+
+def _check_output(net: nn.Module, target: str, num_classes: int, in_channels: int, image_size: int) -> None:
+    """One forward pass on zeros, so a wrong head or channel count fails here with a clear line."""
+    shape = (1, in_channels, image_size, image_size)
+    was_training = net.training
+    net.eval()  # BN in train mode refuses a batch of one
+    try:
+        with torch.no_grad():
+            out = net(torch.zeros(shape))
+    except Exception as exc:  # any failure here means "this model does not fit the data"
+        raise UserError(f"model {target!r} fails on a {shape} input: {type(exc).__name__}: {exc}") from exc
+    finally:
+        net.train(was_training)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (1, num_classes):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise UserError(f"model {target!r} maps a {shape} input to {got}; expected (1, {num_classes}) logits")

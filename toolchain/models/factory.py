@@ -1,0 +1,142 @@
+"""Building a model from an architecture name, and rebuilding it from its spec dict."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from toolchain.errors import UserError
+from toolchain.models.base import MODELS, Normalize, NormalizedClassifier
+from toolchain.models.external import TORCHVISION_PREFIX, torchvision_net, user_net
+
+log = logging.getLogger(__name__)
+
+SPEC_KEYS = ("arch", "num_classes", "in_channels", "mean", "std", "image_size", "width")
+_RGB = 3  # what torchvision classifiers take
+
+
+def model_spec(
+    arch: str,
+    *,
+    num_classes: int,
+    in_channels: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    image_size: int = 32,
+    width: float = 1.0,
+) -> dict[str, Any]:
+    """The validated, JSON-serialisable description that :func:`build_from_spec` rebuilds.
+
+    Args: as :func:`build_model`.
+
+    Returns:
+        ``{"arch", "num_classes", "in_channels", "mean", "std", "image_size", "width"}``.
+
+    Raises:
+        UserError: a value is out of range or mean/std do not have one value per channel.
+    """
+    if not isinstance(arch, str) or not arch:
+        raise UserError(f"model arch must be a non-empty string, got {arch!r}")
+    counts = {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size}
+    for key, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserError(f"model {key} must be a positive integer, got {value!r}")
+    if not (isinstance(width, int | float) and math.isfinite(width) and width > 0):
+        raise UserError(f"model width must be a positive number, got {width!r}")
+    mean, std = [float(m) for m in mean], [float(s) for s in std]
+    if len(mean) != in_channels or len(std) != in_channels:
+        raise UserError(
+            f"mean and std need one value per input channel ({in_channels}); got {len(mean)} and {len(std)}"
+        )
+    if not all(math.isfinite(s) and s > 0 for s in std) or not all(math.isfinite(m) for m in mean):
+        raise UserError(f"std must be positive and mean finite; got mean={mean}, std={std}")
+    return {
+        "arch": arch,
+        "num_classes": num_classes,
+        "in_channels": in_channels,
+        "mean": mean,
+        "std": std,
+        "image_size": image_size,
+        "width": float(width),
+    }
+
+
+def build_model(
+    arch: str,
+    *,
+    num_classes: int,
+    in_channels: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    image_size: int = 32,
+    width: float = 1.0,
+) -> NormalizedClassifier:
+    """Build ``net(normalize(x))`` for [0, 1] pixel input; weights follow the global torch seed.
+
+    Args:
+        arch: a zoo name (``MODELS.names()``), ``torchvision:<name>`` (random init) or
+            ``package.module:callable`` (a factory you wrote; see ``external.user_net``).
+        num_classes: logits per image.
+        in_channels: image channels. Gray input to a torchvision model is repeated to 3
+            channels inside the ``Normalize`` layer, so exports still take 1 channel.
+        mean, std: per-channel input statistics in [0, 1] units (``DataBundle.mean/std``).
+        image_size: input side; zoo models accept any size >= 8 (global pooling), but user
+            factories are checked with one forward pass at this size.
+        width: channel multiplier; only zoo models use it.
+
+    Returns:
+        A :class:`NormalizedClassifier` with ``.normalize``, ``.net`` and ``.spec``.
+
+    Raises:
+        UnknownNameError: unknown zoo or torchvision name; the message lists the known ones.
+        UserError: bad arguments, or a user factory that cannot be imported or does not fit.
+    """
+    spec = model_spec(
+        arch,
+        num_classes=num_classes,
+        in_channels=in_channels,
+        mean=mean,
+        std=std,
+        image_size=image_size,
+        width=width,
+    )
+    return build_from_spec(spec)
+
+
+def build_from_spec(spec: Mapping[str, Any]) -> NormalizedClassifier:
+    """Rebuild the architecture ``spec`` describes (fresh weights; load a state_dict after).
+
+    Args:
+        spec: a dict from :func:`model_spec` or ``model.spec`` (for example read from JSON).
+
+    Returns:
+        The model; its state_dict has the same keys and shapes as the one ``spec`` came from.
+
+    Raises:
+        UserError: a key is missing or unknown, or a value is invalid.
+        UnknownNameError: as :func:`build_model`.
+    """
+    missing = [k for k in SPEC_KEYS if k not in spec]
+    unknown = sorted(set(spec) - set(SPEC_KEYS))
+    if missing or unknown:
+        raise UserError(
+            f"model spec: missing keys {missing}, unknown keys {unknown}; expected {list(SPEC_KEYS)}"
+        )
+    spec = model_spec(spec["arch"], **{k: spec[k] for k in SPEC_KEYS[1:]})
+    arch, num_classes, in_channels = spec["arch"], spec["num_classes"], spec["in_channels"]
+    repeat = 1
+    if arch.startswith(TORCHVISION_PREFIX):
+        net = torchvision_net(arch.removeprefix(TORCHVISION_PREFIX), num_classes=num_classes)
+        if in_channels == 1:
+            repeat = _RGB
+        elif in_channels != _RGB:
+            raise UserError(f"{arch} takes 3-channel (or gray) images; the data has {in_channels} channels")
+    elif ":" in arch:
+        net = user_net(arch, num_classes=num_classes, in_channels=in_channels, image_size=spec["image_size"])
+    else:
+        net = MODELS.get(arch)(num_classes=num_classes, in_channels=in_channels, width=spec["width"])
+    if spec["width"] != 1.0 and arch not in MODELS:
+        log.warning("model width=%s is ignored by %s (only zoo models scale channels)", spec["width"], arch)
+    return NormalizedClassifier(Normalize(spec["mean"], spec["std"], repeat=repeat), net, spec)
