@@ -1,0 +1,75 @@
+"""Adversarial attacks in [0, 1] pixel space, one per file, behind the ``ATTACKS`` registry.
+
+White-box: ``fgsm``, ``pgd`` (L-inf, L2), ``apgd`` (APGD-CE, L-inf, L2). Black-box: ``square``
+(L-inf). Transfer (white-box examples replayed on an engine) is :func:`transfer_attack`.
+"""
+
+from __future__ import annotations
+
+from toolchain.robustness.attacks.apgd import APGD
+from toolchain.robustness.attacks.base import (
+    ATTACKS,
+    Attack,
+    AttackResult,
+    Classifier,
+    parse_eps,
+    predict,
+    robust_accuracy,
+)
+from toolchain.robustness.attacks.fgsm import FGSM
+from toolchain.robustness.attacks.pgd import PGD, pgd_attack
+from toolchain.robustness.attacks.square import Square
+from toolchain.robustness.attacks.transfer import TRANSFER_MODE, TransferResult, transfer_attack
+
+__all__ = [
+    "APGD",
+    "ATTACKS",
+    "FGSM",
+    "PGD",
+    "TRANSFER_MODE",
+    "Attack",
+    "AttackResult",
+    "Classifier",
+    "Square",
+    "TransferResult",
+    "build_attack",
+    "parse_eps",
+    "pgd_attack",
+    "predict",
+    "robust_accuracy",
+    "transfer_attack",
+]
+
+
+def build_attack(
+    name: str,
+    *,
+    eps: float | str,
+    norm: str = "linf",
+    steps: int,
+    step_size: float | None = None,
+    restarts: int = 1,
+    queries: int = 1000,
+    seed: int = 0,
+) -> Attack:
+    """Build the attack registered as ``name`` from the recipe's common options.
+
+    ``eps`` may be a number or a string such as ``"8/255"`` (see :func:`parse_eps`).
+    Each attack uses the options that apply to it: ``steps``/``step_size`` for PGD,
+    ``steps``/``restarts`` for APGD, ``queries`` for Square; FGSM uses only ``eps``.
+
+    Raises:
+        UnknownNameError: ``name`` is not registered (the message lists the known names).
+        UserError: an invalid combination, e.g. ``square`` or ``fgsm`` with ``norm="l2"``,
+            a negative ``eps`` or ``steps``, ``queries < 1``.
+    """
+    cls = ATTACKS.get(name)
+    return cls.from_options(
+        eps=parse_eps(eps),
+        norm=norm,
+        steps=steps,
+        step_size=step_size,
+        restarts=restarts,
+        queries=queries,
+        seed=seed,
+    )

@@ -6,6 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from toolchain.errors import UserError
+from toolchain.robustness.attacks.base import ATTACKS, Attack, AttackResult
+
 
 def _l2_normalise(t: torch.Tensor) -> torch.Tensor:
     norms = t.flatten(1).norm(dim=1).clamp_min(1e-12)
@@ -93,3 +96,72 @@ def pgd_attack(
         for p, flag in zip(model.parameters(), requires_grad):
             p.requires_grad_(flag)
     return best
+
+
+@ATTACKS.register("pgd")
+class PGD(Attack):
+    """PGD on the cross-entropy loss, L-inf or L2, with random start and restarts.
+
+    A thin class around :func:`pgd_attack` (which training and pruning call directly).
+
+    Args:
+        eps: ball radius; norm: ``"linf"`` or ``"l2"``; steps: iterations.
+        step_size: step length; default ``2.5 * eps / steps`` (Madry et al.), so the walk can
+            cross the ball and come back.
+        restarts: independent random starts; each sample keeps the first that fools the model.
+        random_start: start at a uniform point in the ball (else at ``x``).
+        seed: seeds the random starts; re-applied at every call.
+    """
+
+    name = "pgd"
+    mode = "white-box"
+
+    def __init__(
+        self,
+        *,
+        eps: float,
+        norm: str = "linf",
+        steps: int = 20,
+        step_size: float | None = None,
+        restarts: int = 1,
+        random_start: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(eps=eps, norm=norm, steps=steps, seed=seed)
+        if restarts < 1:
+            raise UserError(f"attack 'pgd': restarts must be >= 1, got {restarts}")
+        if step_size is not None and step_size <= 0:
+            raise UserError(f"attack 'pgd': step_size must be > 0, got {step_size}")
+        self.step_size = step_size if step_size is not None else 2.5 * self.eps / max(self.steps, 1)
+        self.restarts, self.random_start = restarts, random_start
+
+    @classmethod
+    def from_options(
+        cls,
+        *,
+        eps: float,
+        norm: str,
+        steps: int,
+        step_size: float | None,
+        restarts: int,
+        queries: int,
+        seed: int,
+    ) -> PGD:
+        return cls(eps=eps, norm=norm, steps=steps, step_size=step_size, restarts=restarts, seed=seed)
+
+    def _run(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
+    ) -> AttackResult:
+        x_adv = pgd_attack(
+            model,
+            x,
+            y,
+            eps=self.eps,
+            step_size=self.step_size,
+            steps=self.steps,
+            norm=self.norm,
+            random_start=self.random_start,
+            restarts=self.restarts,
+            generator=generator,
+        )
+        return AttackResult(x_adv)

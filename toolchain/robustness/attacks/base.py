@@ -1,0 +1,209 @@
+"""What every attack shares: the ``Attack`` template, its result, and accuracy helpers.
+
+Attacks work in [0, 1] pixel space; normalisation lives inside the model. White-box attacks
+need a differentiable ``nn.Module``; black-box attacks need only a callable that maps a batch
+to logits (a :class:`exporters.base.Runner` or a module, called under ``no_grad``).
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from toolchain.errors import UserError
+from toolchain.registry import Registry
+
+__all__ = [
+    "ATTACKS",
+    "Attack",
+    "AttackResult",
+    "Classifier",
+    "margin",
+    "parse_eps",
+    "predict",
+    "robust_accuracy",
+]
+
+#: Anything that maps a float32 NCHW batch in [0, 1] to logits: a Runner or an ``nn.Module``.
+Classifier = Callable[[torch.Tensor], torch.Tensor]
+
+_NORMS = ("linf", "l2")
+
+
+@dataclass(frozen=True)
+class AttackResult:
+    """The outcome of one attack on one batch.
+
+    Attributes:
+        x_adv: adversarial batch, detached, same shape and device as the input, in [0, 1].
+        queries: per-sample number of model queries (int64, CPU) for black-box attacks;
+            ``None`` for white-box attacks, whose cost is their step count.
+    """
+
+    x_adv: torch.Tensor
+    queries: torch.Tensor | None = None
+
+    @property
+    def mean_queries(self) -> float | None:
+        """Mean queries per sample, or ``None`` for white-box attacks."""
+        if self.queries is None or self.queries.numel() == 0:
+            return None
+        return float(self.queries.float().mean())
+
+
+class Attack(ABC):
+    """An untargeted evasion attack with a fixed budget.
+
+    ``__call__`` validates the batch, answers ``eps == 0`` with the clean batch, and delegates
+    to ``_run``. Each call re-seeds its own CPU generator from ``seed``, so attacking the same
+    batch twice (e.g. a PyTorch model and an engine of it) draws the same random numbers.
+
+    Attributes:
+        name: registry name.
+        mode: ``"white-box"`` (needs gradients) or ``"black-box"`` (needs logits only).
+        norm: ``"linf"`` or ``"l2"``.
+        eps: radius of the norm ball in pixel units.
+        steps: iterations (white-box); black-box attacks use ``queries`` instead.
+        seed: seed of the generator re-created at every call.
+    """
+
+    name: ClassVar[str]
+    mode: ClassVar[str]
+    norms: ClassVar[tuple[str, ...]] = _NORMS
+
+    def __init__(self, *, eps: float, norm: str = "linf", steps: int = 0, seed: int = 0) -> None:
+        if norm not in self.norms:
+            raise UserError(f"attack {self.name!r} supports norm {' or '.join(self.norms)}, got {norm!r}")
+        if not math.isfinite(eps) or eps < 0:
+            raise UserError(f"attack {self.name!r}: eps must be a finite number >= 0, got {eps}")
+        if steps < 0:
+            raise UserError(f"attack {self.name!r}: steps must be >= 0, got {steps}")
+        self.eps, self.norm, self.steps, self.seed = float(eps), norm, int(steps), int(seed)
+
+    def __call__(self, model: Classifier, x: torch.Tensor, y: torch.Tensor) -> AttackResult:
+        """Attack ``model`` on the batch ``(x, y)``.
+
+        Args:
+            model: an ``nn.Module`` (white-box) or any logits callable (black-box).
+            x: float32 batch ``(N, C, H, W)`` in [0, 1].
+            y: integer labels ``(N,)``.
+
+        Returns:
+            The adversarial batch (and query counts for black-box attacks).
+
+        Raises:
+            UserError: bad batch, or a white-box attack given something that is not a module.
+        """
+        _check_batch(x, y, self.name)
+        if self.mode == "white-box" and not isinstance(model, nn.Module):
+            raise UserError(
+                f"attack {self.name!r} is white-box and needs the PyTorch model, got "
+                f"{type(model).__name__}; replay its examples on an engine (transfer) or use 'square'"
+            )
+        x, y = x.detach(), y.detach()
+        if self.eps == 0 or len(x) == 0:
+            zero = torch.zeros(len(x), dtype=torch.long) if self.mode == "black-box" else None
+            return AttackResult(x.clone(), zero)
+        return self._run(model, x, y, torch.Generator(device="cpu").manual_seed(self.seed))
+
+    @abstractmethod
+    def _run(self, model: Any, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> AttackResult:
+        """Attack a validated, detached, non-empty batch with ``eps > 0``.
+
+        ``model`` is an ``nn.Module`` for white-box attacks (checked by ``__call__``) and a
+        :data:`Classifier` for black-box ones; subclasses annotate the one they get.
+        """
+
+    @classmethod
+    def from_options(
+        cls,
+        *,
+        eps: float,
+        norm: str,
+        steps: int,
+        step_size: float | None,
+        restarts: int,
+        queries: int,
+        seed: int,
+    ) -> Attack:
+        """Build from the recipe's common attack options; each attack takes the ones it uses
+        and ignores the rest (a recipe lists ``steps`` for Square too)."""
+        return cls(eps=eps, norm=norm, steps=steps, seed=seed)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(eps={self.eps:.5g}, norm={self.norm}, steps={self.steps})"
+
+
+#: name → attack class; filled by the ``@ATTACKS.register`` decorators of the attack modules.
+ATTACKS: Registry[type[Attack]] = Registry("attack")
+
+
+def _check_batch(x: torch.Tensor, y: torch.Tensor, name: str) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
+        raise UserError(f"attack {name!r}: x must be a float NCHW tensor, got {getattr(x, 'shape', x)!r}")
+    if not isinstance(y, torch.Tensor) or y.dim() != 1 or len(y) != len(x) or y.is_floating_point():
+        raise UserError(f"attack {name!r}: y must be {len(x)} integer labels, got {getattr(y, 'shape', y)!r}")
+    # Attacks clamp to [0, 1]; normalised inputs would be silently destroyed.
+    if len(x) and (float(x.min()) < 0 or float(x.max()) > 1):
+        raise UserError(f"attack {name!r}: pixels must be in [0, 1]; put normalisation inside the model")
+
+
+def parse_eps(value: float | int | str) -> float:
+    """A perturbation radius from a number or a string such as ``"8/255"`` or ``"0.03"``.
+
+    Raises:
+        UserError: not a number or fraction, not finite, or negative.
+    """
+    try:
+        eps = float(Fraction(value.strip())) if isinstance(value, str) else float(value)
+    except (ValueError, ZeroDivisionError, TypeError):
+        raise UserError(f"eps must be a number or a fraction like '8/255', got {value!r}") from None
+    if not math.isfinite(eps) or eps < 0:
+        raise UserError(f"eps must be a finite number >= 0, got {value!r}")
+    return eps
+
+
+def predict(model: Classifier, x: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+    """Logits of ``model`` on ``x`` without gradients, in chunks of ``batch_size``, on ``x``'s device."""
+    chunks = [x] if batch_size is None else list(x.split(batch_size))
+    with torch.no_grad():
+        return torch.cat([model(c).detach().to(x.device, torch.float32) for c in chunks])
+
+
+def robust_accuracy(
+    model: Classifier, x_adv: torch.Tensor, y: torch.Tensor, batch_size: int | None = None
+) -> float:
+    """Top-1 accuracy of ``model`` (runner or module) on ``x_adv``; 0.0 for an empty batch."""
+    if len(y) == 0:
+        return 0.0
+    correct = int((predict(model, x_adv, batch_size).argmax(1).cpu() == y.cpu()).sum())
+    return correct / len(y)
+
+
+def margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``logit[y] - max_{j != y} logit[j]`` per sample: positive while correctly classified."""
+    true = logits.gather(1, y.view(-1, 1)).squeeze(1)
+    other = logits.scatter(1, y.view(-1, 1), float("-inf")).amax(1)
+    return true - other
+
+
+@contextmanager
+def input_gradients_only(model: nn.Module) -> Iterator[None]:
+    """Freeze the parameters while attacking: saves the backward pass through the weights and
+    leaves their ``.grad`` untouched, so attacks are safe to call inside a training step."""
+    flags = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)

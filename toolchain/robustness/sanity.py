@@ -1,0 +1,187 @@
+"""Evaluation sanity flags, in the spirit of AutoAttack's checks.
+
+A flag does not fail a run: it says that an accuracy under attack is probably too optimistic
+(gradient masking, randomness) or that an engine is not the model it came from. Each check is
+a small function on tensors or floats that returns the flag's name or ``None``; ``FLAGS``
+describes every name (the README lists them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from toolchain.errors import UserError
+from toolchain.robustness.attacks.base import Classifier, predict
+
+__all__ = [
+    "DEFAULT_MIN_AGREEMENT",
+    "FLAGS",
+    "check_black_box_stronger",
+    "check_engine_agreement",
+    "check_probabilities",
+    "check_randomised_outputs",
+    "check_transfer_stronger",
+    "check_zero_gradients",
+    "output_flags",
+]
+
+PROBABILITIES = "probabilities-not-logits"
+ZERO_GRADIENTS = "zero-gradients"
+RANDOMISED = "randomised-outputs"
+BLACK_BOX_STRONGER = "black-box-stronger-than-white-box"
+TRANSFER_STRONGER = "transfer-stronger-than-white-box"
+ENGINE_DISAGREES = "engine-disagrees-with-torch"
+
+FLAGS: dict[str, str] = {
+    PROBABILITIES: "outputs lie in [0, 1] and each row sums to 1: the model applies softmax, "
+    "which saturates gradients and weakens white-box attacks; return logits",
+    ZERO_GRADIENTS: "the loss gradient w.r.t. the input is exactly zero for at least 10% of a batch "
+    "(non-differentiable or saturated layers): white-box accuracy is not trustworthy",
+    RANDOMISED: "the same input gives different outputs on two calls (dropout or noise at inference): "
+    "attacks see a moving target; evaluate in eval mode or use expectation over transformation",
+    BLACK_BOX_STRONGER: "the black-box attack (Square) leaves lower accuracy than the white-box ones at "
+    "the same budget by more than 2 points: suspected gradient masking",
+    TRANSFER_STRONGER: "examples crafted on another model fool this one more than white-box attacks on "
+    "itself, by more than 2 points: suspected gradient masking",
+    ENGINE_DISAGREES: "the engine's top-1 predictions on clean inputs disagree with PyTorch's more than "
+    "allowed for its precision (fp32: any; fp16/int8: over 1%)",
+}
+
+#: Minimum clean top-1 agreement with PyTorch, per engine precision. fp32 engines compute the
+#: same function up to rounding, so any flip is suspicious; reduced precision may flip near-ties.
+DEFAULT_MIN_AGREEMENT: dict[str, float] = {"fp32": 1.0, "fp16": 0.99, "int8": 0.99}
+
+
+def check_probabilities(logits: torch.Tensor, atol: float = 1e-3) -> str | None:
+    """Flag outputs that look like probabilities: all in [0, 1], rows summing to 1 ± ``atol``."""
+    out = logits.detach().float()
+    if out.numel() == 0 or out.dim() != 2:
+        return None
+    in_unit = bool(((out >= 0) & (out <= 1)).all())
+    sums_to_one = bool(((out.sum(1) - 1).abs() <= atol).all())
+    return PROBABILITIES if in_unit and sums_to_one else None
+
+
+def check_zero_gradients(
+    model: nn.Module | None, x: torch.Tensor, y: torch.Tensor, min_share: float = 0.1
+) -> str | None:
+    """Flag when the input gradient of the cross-entropy is exactly zero for many samples.
+
+    Exact zeros come from non-differentiable steps (rounding, argmax, thresholds) or from
+    saturation; a healthy float32 model gives tiny but non-zero gradients even to confidently
+    classified samples, so exact zeros on a share of ``min_share`` (10%) or more of the batch
+    are flagged. AutoAttack flags any zero; the share tolerates the odd sample whose logit
+    margin is so large (about 100) that its softmax underflows.
+
+    Args:
+        model: the PyTorch model (``None``, e.g. for a bare engine, gives ``None``).
+        x: clean batch in [0, 1]; y: integer labels.
+        min_share: share of samples with all-zero gradients that raises the flag.
+    """
+    if model is None or len(x) == 0:
+        return None
+    flags = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        x_in = x.detach().clone().requires_grad_(True)
+        # Summed so each sample's gradient is its own loss's, not divided by the batch size.
+        loss = F.cross_entropy(model(x_in), y, reduction="sum")
+        if not loss.requires_grad:  # the graph is cut (e.g. .detach() inside forward)
+            return ZERO_GRADIENTS
+        (grad,) = torch.autograd.grad(loss, x_in, allow_unused=True)
+    finally:
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
+    if grad is None:
+        return ZERO_GRADIENTS
+    zero = (grad.flatten(1).abs().amax(1) == 0).float().mean()
+    return ZERO_GRADIENTS if float(zero) >= min_share else None
+
+
+def check_randomised_outputs(
+    model: Classifier,
+    x: torch.Tensor,
+    reference: torch.Tensor | None = None,
+    atol: float = 1e-4,
+    rtol: float = 1e-4,
+) -> str | None:
+    """Flag when two evaluations of the same batch differ beyond ``atol + rtol * max|logit|``.
+
+    The tolerance absorbs non-deterministic GPU reductions (about 1e-6 relative); dropout or
+    input noise left on at inference differs by orders of magnitude more.
+
+    Args:
+        model: runner or module.
+        x: a batch; reference: logits of a previous call on ``x`` (saves one call).
+    """
+    first = predict(model, x) if reference is None else reference.detach().float().to(x.device)
+    second = predict(model, x)
+    if first.numel() == 0:
+        return None
+    limit = atol + rtol * float(first.abs().max())
+    return RANDOMISED if float((first - second).abs().max()) > limit else None
+
+
+def output_flags(model: Classifier, x: torch.Tensor, logits: torch.Tensor | None = None) -> list[str]:
+    """The checks that need only outputs (probabilities, randomness), for runners and modules.
+
+    Args:
+        model: runner or module; x: a clean batch; logits: ``model(x)`` if already computed.
+
+    Returns:
+        The names of the raised flags (possibly empty).
+    """
+    logits = predict(model, x) if logits is None else logits
+    found = [check_probabilities(logits), check_randomised_outputs(model, x, reference=logits)]
+    return [f for f in found if f]
+
+
+def _stronger(strong: float | None, weak: float | None, tolerance: float, flag: str) -> str | None:
+    if strong is None or weak is None:
+        return None
+    return flag if strong < weak - tolerance else None
+
+
+def check_black_box_stronger(
+    white_box_accuracy: float | None, black_box_accuracy: float | None, tolerance: float = 0.02
+) -> str | None:
+    """Flag black-box accuracy below white-box accuracy by more than ``tolerance``.
+
+    A black-box attack has strictly less information than a white-box one at the same eps;
+    when it does better, the gradients are misleading (AutoAttack's argument). The default
+    two points tolerate sampling noise on a few hundred images. ``None`` inputs (an attack
+    not run) give ``None``.
+    """
+    return _stronger(black_box_accuracy, white_box_accuracy, tolerance, BLACK_BOX_STRONGER)
+
+
+def check_transfer_stronger(
+    white_box_accuracy: float | None, transfer_accuracy: float | None, tolerance: float = 0.02
+) -> str | None:
+    """Flag transfer accuracy (examples crafted on another model) below this model's
+    white-box accuracy by more than ``tolerance``: its own gradients are misleading."""
+    return _stronger(transfer_accuracy, white_box_accuracy, tolerance, TRANSFER_STRONGER)
+
+
+def check_engine_agreement(
+    agreement: float, precision: str, min_agreement: Mapping[str, float] | None = None
+) -> str | None:
+    """Flag an engine whose clean top-1 agreement with PyTorch is below its precision's minimum.
+
+    Args:
+        agreement: share of samples where engine and PyTorch predict the same class, in [0, 1].
+        precision: the engine's precision, a key of ``min_agreement``.
+        min_agreement: precision → minimum agreement; default :data:`DEFAULT_MIN_AGREEMENT`.
+
+    Raises:
+        UserError: ``precision`` has no threshold.
+    """
+    limits = DEFAULT_MIN_AGREEMENT if min_agreement is None else min_agreement
+    if precision not in limits:
+        raise UserError(f"no agreement threshold for precision {precision!r}; known: {', '.join(limits)}")
+    return ENGINE_DISAGREES if agreement < limits[precision] else None
