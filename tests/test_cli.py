@@ -34,7 +34,7 @@ def _patched(**sections: Any) -> dict[str, Any]:
     [
         (dict(TINY_RECIPE, trian={}), "unknown key 'trian'"),
         (_patched(model__arch="resnet9000"), "unknown model 'resnet9000'; known: "),
-        (_patched(prune__criterion="vibes"), "unknown criterion 'vibes'; known: "),
+        (_patched(prune__criterion="vibes"), "unknown pruning criterion 'vibes'; known: "),
         (_patched(data__dataset="imagenet-on-a-floppy"), "unknown dataset"),
         (_patched(model__checkpoint="/nonexistent/weights.pt"), "weights.pt"),
     ],

@@ -118,7 +118,7 @@ def run_pipeline(recipe: Recipe, out: str | Path | None = None, *, progress: boo
     models = {"dense": dense, "pruned": pruned}
     _stage(ctx, "export", lambda: _export(ctx, models), lambda: None)
     _stage(ctx, "validate", lambda: _validate(ctx, models), lambda: None)
-    _stage(ctx, "bench", lambda: _bench(ctx), lambda: None)
+    _stage(ctx, "bench", lambda: _bench(ctx, models), lambda: None)
 
     report = assemble_report(ctx.run.root, recipe, data_name=data.name)
     write_report(ctx.run.root, report)
@@ -305,16 +305,18 @@ def onnx_path(run_root: Path, model_name: str) -> Path:
 
 
 def _runners(
-    ctx: Context, model_name: str, model: nn.Module, runtimes: list[str], threads: int
+    ctx: Context, model_name: str, model: nn.Module, runtimes: list[str], threads: int, *, bench: bool = False
 ) -> dict[str, Runner]:
     runners: dict[str, Runner] = {}
+    path = onnx_path(ctx.run.root, model_name)
     for runtime in runtimes:
         if runtime == "torch":
             runners[runtime] = TorchRunner(model, ctx.input_spec)
+        elif runtime == "onnxruntime":
+            # Spinning threads help latency but starve interleaved PyTorch work in validation.
+            runners[runtime] = build_runner(runtime, path=path, threads=threads, spinning=bench)
         else:
-            runners[runtime] = build_runner(
-                runtime, path=onnx_path(ctx.run.root, model_name), threads=threads
-            )
+            runners[runtime] = build_runner(runtime, path=path, threads=threads)
     return runners
 
 
@@ -335,25 +337,28 @@ def _validate(ctx: Context, models: dict[str, nn.Module]) -> tuple[None, list[st
     return None, ["evaluations.json"], {"count": len(evaluations)}
 
 
-def _bench(ctx: Context) -> tuple[None, list[str], dict[str, Any]]:
+def _bench(ctx: Context, models: dict[str, nn.Module]) -> tuple[None, list[str], dict[str, Any]]:
     from exporters.latency import measure_latency
 
     cfg = ctx.recipe.bench
     rows: list[dict[str, Any]] = []
     if cfg.enabled:
-        for name in ("dense", "pruned"):
-            runner = build_runner("onnxruntime", path=onnx_path(ctx.run.root, name), threads=cfg.threads)
-            for batch in cfg.batch_sizes:
-                stats = measure_latency(runner, batch=batch, warmup=cfg.warmup, iterations=cfg.iterations)
-                rows.append(
-                    {
-                        "model": name,
-                        "runtime": "onnxruntime",
-                        "precision": runner.precision,
-                        "batch": batch,
-                        "threads": cfg.threads,
-                        **stats,
-                    }
-                )
+        for name, model in models.items():
+            for runtime, runner in _runners(
+                ctx, name, model, list(cfg.runtimes), cfg.threads, bench=True
+            ).items():
+                for batch in cfg.batch_sizes:
+                    stats = measure_latency(runner, batch=batch, warmup=cfg.warmup, iterations=cfg.iterations)
+                    rows.append(
+                        {
+                            "model": name,
+                            "runtime": runtime,
+                            "precision": runner.precision,
+                            "device": runner.device,
+                            "batch": batch,
+                            "threads": cfg.threads,
+                            **stats,
+                        }
+                    )
     write_json(ctx.run.stage_dir("bench") / "latency.json", rows)
     return None, ["latency.json"], {"rows": len(rows)}

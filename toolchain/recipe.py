@@ -162,6 +162,7 @@ class BenchConfig(Section):
     """Latency measurement on each exported runtime."""
 
     enabled: bool = True
+    runtimes: list[Literal["torch", "onnxruntime", "tensorrt"]] = ["onnxruntime"]
     batch_sizes: list[int] = Field(default_factory=lambda: [1])
     warmup: int = Field(10, ge=0)
     iterations: int = Field(50, ge=1)

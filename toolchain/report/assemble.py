@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import torch
 from toolchain.recipe import Recipe
 from toolchain.report import SCHEMA
 from toolchain.report.gates import evaluate_gates
-from toolchain.robustness.corruptions.metrics import corruption_summary
+from toolchain.robustness.corruptions.metrics import summarize
 from toolchain.rundir import atomic_path, read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -76,14 +77,27 @@ def add_corruption_errors(evaluations: list[dict[str, Any]]) -> None:
         base = dense.get((ev["runtime"], ev["precision"])) or dense.get(("torch", "fp32"))
         if base is None or not base.get("corruptions", {}).get("per_corruption"):
             continue
-        ev["corruptions"].update(
-            corruption_summary(
-                ev["corruptions"]["per_corruption"],
-                ev["clean_accuracy"],
-                base["corruptions"]["per_corruption"],
-                base["clean_accuracy"],
-            )
+        summary = summarize(
+            ev["corruptions"]["per_corruption"],
+            base["corruptions"]["per_corruption"],
+            ev["clean_accuracy"],
+            base["clean_accuracy"],
         )
+        ev["corruptions"].update(
+            mce=_finite(summary["mce"]),
+            relative_mce=_finite(summary["relative_mce"]),
+            baseline={"model": base["model"], "runtime": base["runtime"], "precision": base["precision"]},
+            errors={
+                name: {k: _finite(v) for k, v in row.items() if k in ("ce", "relative_ce")}
+                for name, row in summary["per_corruption"].items()  # type: ignore[union-attr]
+            },
+        )
+
+
+def _finite(value: Any) -> float | None:
+    """report.json is strict JSON: an infinite ratio (dense made no error) is written as null."""
+    value = float(value)
+    return value if math.isfinite(value) else None
 
 
 def assemble_report(root: Path, recipe: Recipe, data_name: str) -> dict[str, Any]:
