@@ -22,7 +22,7 @@ TINY_RECIPE: dict[str, Any] = {
     },
     "model": {"arch": "convnet"},
     "train": {
-        "epochs": 3,
+        "epochs": 6,
         "lr": 0.05,
         "loss": "pgd",
         "warmup_epochs": 1,

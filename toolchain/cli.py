@@ -11,6 +11,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from toolchain.errors import UserError
 
@@ -18,7 +19,7 @@ EXIT_OK, EXIT_GATE_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse's default exit code is also 2; keep one line
+    def error(self, message: str) -> NoReturn:  # argparse's default exit code is also 2; keep one line
         self.exit(EXIT_USAGE, f"robustprune: error: {message} (see robustprune --help)\n")
 
 
@@ -58,12 +59,15 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script and ``python -m toolchain``."""
     args = _parser().parse_args(argv)
+    # Libraries (onnxscript, torch.export) log a great deal at INFO; show ours only.
     logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.INFO,
+        level=logging.DEBUG if args.debug else logging.WARNING,
         format="%(asctime)s %(levelname).1s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
+    for package in ("toolchain", "exporters", "calibration"):
+        logging.getLogger(package).setLevel(logging.DEBUG if args.debug else logging.INFO)
     try:
         return _dispatch(args)
     except UserError as exc:

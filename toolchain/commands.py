@@ -57,10 +57,9 @@ def corruptions(show_list: bool, grid: str | None, dataset: str, index: int, see
         from toolchain.data import load_data
 
         data = load_data(dataset, val_samples=max(index + 1, 1), train_samples=1, seed=seed)
-        if not 0 <= index < len(data.val):  # type: ignore[arg-type]
-            raise UserError(
-                f"--index {index} is out of range; the validation split has {len(data.val)} images"
-            )  # type: ignore[arg-type]
+        available = len(data.val)  # type: ignore[arg-type]
+        if not 0 <= index < available:
+            raise UserError(f"--index {index} is out of range; the validation split has {available} images")
         image, _ = data.val[index]
         save_corruption_grid(image, grid, seed=seed)
         sys.stdout.write(f"wrote {grid}\n")

@@ -18,7 +18,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from toolchain.errors import RecipeError
 
-RECIPE_VERSION = 1
+RECIPE_VERSION: Literal[1] = 1
 
 
 def _parse_number(value: Any) -> Any:
@@ -197,7 +197,7 @@ class Recipe(Section):
     prune: PruneConfig = PruneConfig()
     finetune: TrainConfig = TrainConfig(epochs=3, lr=0.01)
     export: ExportConfig = ExportConfig()
-    validate: ValidateConfig = ValidateConfig()
+    validate: ValidateConfig = ValidateConfig()  # type: ignore[assignment]  # see the filter above
     bench: BenchConfig = BenchConfig()
     gates: list[Gate] = Field(default_factory=list)
 

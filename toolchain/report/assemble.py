@@ -89,7 +89,7 @@ def add_corruption_errors(evaluations: list[dict[str, Any]]) -> None:
             baseline={"model": base["model"], "runtime": base["runtime"], "precision": base["precision"]},
             errors={
                 name: {k: _finite(v) for k, v in row.items() if k in ("ce", "relative_ce")}
-                for name, row in summary["per_corruption"].items()  # type: ignore[union-attr]
+                for name, row in summary["per_corruption"].items()  # type: ignore[attr-defined]
             },
         )
 

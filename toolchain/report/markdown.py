@@ -10,10 +10,20 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
+def format_eps(eps: float) -> str:
+    """``0.0156862...`` → ``4/255``: budgets are usually stated in 255ths of the pixel range."""
+    in_255ths = eps * 255
+    if eps > 0 and abs(in_255ths - round(in_255ths)) < 1e-6:
+        return f"{round(in_255ths)}/255"
+    return f"{eps:.4g}"
+
+
 def _attack_label(attack: dict[str, Any]) -> str:
-    eps = attack.get("eps")
-    budget = f"{attack['queries']}q" if attack.get("queries") else f"{attack.get('steps', 0)} steps"
-    return f"{attack['name']} {attack['mode']} eps={eps:.4g} {budget}"
+    if attack["mode"] == "black-box":
+        budget = f"{attack['queries']:.0f} queries avg"
+    else:
+        budget = f"{attack.get('steps', 0)} steps"
+    return f"{attack['name']} {attack['mode']} eps={format_eps(attack['eps'])} ({budget})"
 
 
 def evaluation_rows(report: dict[str, Any]) -> list[list[str]]:

@@ -42,6 +42,12 @@ class _Tally:
         self.correct[key] = self.correct.get(key, 0) + int((logits.argmax(1) == y).sum())
         self.seen[key] = self.seen.get(key, 0) + len(y)
 
+    def compare(self, logits: torch.Tensor, reference: torch.Tensor) -> None:
+        """Parity against the PyTorch model on the same clean batch."""
+        self.max_abs_diff = max(self.max_abs_diff, float((logits - reference).abs().max()))
+        self.agree += int((logits.argmax(1) == reference.argmax(1)).sum())
+        self.compared += len(logits)
+
     def accuracy(self, key: str) -> float:
         return self.correct.get(key, 0) / max(self.seen.get(key, 0), 1)
 
@@ -102,17 +108,18 @@ def evaluate_model(
     for batch_index, (x, y) in enumerate(
         tqdm(batches, desc=f"validate {model_name}", leave=False, disable=not progress)
     ):
-        with torch.no_grad():
-            reference = model(x)
+        reference = None
+        if model is not None:
+            with torch.no_grad():
+                reference = model(x)
         for name, runner in runners.items():
             logits = runner(x)
-            tally = tallies[name]
-            tally.add("clean", logits, y)
-            tally.max_abs_diff = max(tally.max_abs_diff, float((logits - reference).abs().max()))
-            tally.agree += int((logits.argmax(1) == reference.argmax(1)).sum())
-            tally.compared += len(y)
+            tallies[name].add("clean", logits, y)
+            if reference is not None:
+                tallies[name].compare(logits, reference)
             if first:
                 flags[name].update(sanity.output_flags(runner, x, logits))
+        if first and model is not None:
             # Masked gradients weaken white-box and transfer attacks on every runner alike.
             grad_flag = sanity.check_zero_gradients(model, x, y)
             for name in runners:
@@ -132,7 +139,8 @@ def evaluate_model(
                 for name, runner in runners.items():
                     result = attack(runner, x_a, y_a)
                     tallies[name].add(key, runner(result.x_adv), y_a)
-                    tallies[name].queries[key] = tallies[name].queries.get(key, 0) + int(result.queries.sum())
+                    used = int(result.queries.sum()) if result.queries is not None else 0
+                    tallies[name].queries[key] = tallies[name].queries.get(key, 0) + used
 
         for cname in corruption.names:
             for severity in corruption.severities:

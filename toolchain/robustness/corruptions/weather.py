@@ -86,7 +86,7 @@ class Frost(Corruption):
 
     def _apply(self, x: torch.Tensor, severity: int, generator: torch.Generator) -> torch.Tensor:
         a, b = pick(x, severity, self.SMALL, self.LARGE)
-        ice = frost_texture(x.shape[0], tuple(x.shape[-2:]), generator, x) * ops.tint(self.ICE, x)
+        ice = frost_texture(x.shape[0], (x.shape[-2], x.shape[-1]), generator, x) * ops.tint(self.ICE, x)
         return a * x + b * ice
 
 
