@@ -1,8 +1,15 @@
-"""Latency of any Runner: percentiles over timed single calls, after warm-up."""
+"""Latency of Runners: percentiles over timed single calls, after warm-up.
+
+Comparisons (dense vs pruned, FP32 vs INT8) are only honest when every runner meets the same
+machine conditions, so :func:`compare_latency` interleaves the runners in rounds instead of
+timing one after the other: drift (thermal, other processes, threads still spinning from a
+previous session) then lands on all of them alike.
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -10,31 +17,7 @@ import torch
 from exporters.base import Runner
 
 
-def measure_latency(
-    runner: Runner, *, batch: int = 1, warmup: int = 10, iterations: int = 50
-) -> dict[str, float]:
-    """Time ``iterations`` calls of ``runner`` on a random batch after ``warmup`` untimed calls.
-
-    The batch is fixed (random pixels) so only the runtime is measured, not data loading.
-    On CUDA runners the call already returns host tensors, so each timing includes the
-    device synchronisation.
-
-    Returns:
-        ``{"p50_ms", "p90_ms", "p99_ms", "mean_ms", "throughput"}``; throughput in images/s
-        from the median.
-    """
-    if iterations < 1:
-        raise ValueError("iterations must be >= 1")
-    spec = runner.input_spec
-    x = torch.rand(spec.shape(batch), generator=torch.Generator().manual_seed(0))
-    for _ in range(warmup):
-        runner(x)
-    times = np.empty(iterations)
-    for i in range(iterations):
-        start = time.perf_counter()
-        runner(x)
-        times[i] = time.perf_counter() - start
-    ms = times * 1e3
+def _stats(ms: np.ndarray, batch: int) -> dict[str, float]:
     p50 = float(np.percentile(ms, 50))
     return {
         "p50_ms": p50,
@@ -43,3 +26,48 @@ def measure_latency(
         "mean_ms": float(ms.mean()),
         "throughput": batch / (p50 / 1e3) if p50 > 0 else 0.0,
     }
+
+
+def compare_latency(
+    runners: Mapping[str, Runner], *, batch: int = 1, warmup: int = 10, iterations: int = 50, rounds: int = 5
+) -> dict[str, dict[str, float]]:
+    """Time each runner ``iterations`` times on one random batch, interleaved in ``rounds``.
+
+    Every runner gets ``warmup`` untimed calls first. The batch is fixed (random pixels), so
+    only the runtime is measured, not data loading. Runners return host tensors, so each
+    timing of a CUDA runner includes the device synchronisation.
+
+    Returns:
+        Per runner key: ``{"p50_ms", "p90_ms", "p99_ms", "mean_ms", "throughput"}``, with
+        throughput in images/s from the median.
+
+    Raises:
+        ValueError: ``iterations`` or ``rounds`` < 1, or runners with different input specs.
+    """
+    if iterations < 1 or rounds < 1:
+        raise ValueError("iterations and rounds must be >= 1")
+    specs = {r.input_spec.shape(batch) for r in runners.values()}
+    if len(specs) != 1:
+        raise ValueError(f"runners take different inputs {sorted(specs)}; compare like with like")
+    x = torch.rand(specs.pop(), generator=torch.Generator().manual_seed(0))
+    for runner in runners.values():
+        for _ in range(warmup):
+            runner(x)
+    times: dict[str, list[float]] = {key: [] for key in runners}
+    per_round = [iterations // rounds + (i < iterations % rounds) for i in range(rounds)]
+    for count in per_round:
+        for key, runner in runners.items():
+            for _ in range(count):
+                start = time.perf_counter()
+                runner(x)
+                times[key].append(time.perf_counter() - start)
+    return {key: _stats(np.asarray(t) * 1e3, batch) for key, t in times.items()}
+
+
+def measure_latency(
+    runner: Runner, *, batch: int = 1, warmup: int = 10, iterations: int = 50
+) -> dict[str, float]:
+    """Latency of one runner (see :func:`compare_latency`)."""
+    return compare_latency({"runner": runner}, batch=batch, warmup=warmup, iterations=iterations, rounds=1)[
+        "runner"
+    ]

@@ -19,6 +19,7 @@ from torch import nn
 
 from calibration.bn import recalibrate_bn
 from exporters.base import InputSpec, Runner
+from exporters.latency import compare_latency
 from exporters.onnx import check_parity, export_onnx
 from exporters.runtimes import build_runner
 from exporters.torch_runner import TorchRunner
@@ -338,17 +339,19 @@ def _validate(ctx: Context, models: dict[str, nn.Module]) -> tuple[None, list[st
 
 
 def _bench(ctx: Context, models: dict[str, nn.Module]) -> tuple[None, list[str], dict[str, Any]]:
-    from exporters.latency import measure_latency
-
     cfg = ctx.recipe.bench
     rows: list[dict[str, Any]] = []
     if cfg.enabled:
-        for name, model in models.items():
-            for runtime, runner in _runners(
-                ctx, name, model, list(cfg.runtimes), cfg.threads, bench=True
-            ).items():
-                for batch in cfg.batch_sizes:
-                    stats = measure_latency(runner, batch=batch, warmup=cfg.warmup, iterations=cfg.iterations)
+        # Dense and pruned are timed interleaved, per runtime, so the ratio is not skewed by drift.
+        by_model = {
+            name: _runners(ctx, name, m, list(cfg.runtimes), cfg.threads, bench=True)
+            for name, m in models.items()
+        }
+        for runtime in cfg.runtimes:
+            runners = {name: by_model[name][runtime] for name in models}
+            for batch in cfg.batch_sizes:
+                stats = compare_latency(runners, batch=batch, warmup=cfg.warmup, iterations=cfg.iterations)
+                for name, runner in runners.items():
                     rows.append(
                         {
                             "model": name,
@@ -357,7 +360,7 @@ def _bench(ctx: Context, models: dict[str, nn.Module]) -> tuple[None, list[str],
                             "device": runner.device,
                             "batch": batch,
                             "threads": cfg.threads,
-                            **stats,
+                            **stats[name],
                         }
                     )
     write_json(ctx.run.stage_dir("bench") / "latency.json", rows)

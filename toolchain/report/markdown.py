@@ -75,13 +75,12 @@ def render_summary(report: dict[str, Any], run_dir: str | Path) -> str:
         lines.append(f"  {model:6} {runtime:11} {precision}: clean {clean}, corruptions {corr}; {attacks}")
         if flags != "-":
             lines.append(f"         flags: {flags}")
-    by_model = {(r["model"], r["batch"]): r for r in report.get("latency", [])}
-    for batch in sorted({b for _, b in by_model}):
-        d, p = by_model.get(("dense", batch)), by_model.get(("pruned", batch))
-        if d and p:
+    latency = {(r["model"], r["runtime"], r["batch"]): r for r in report.get("latency", [])}
+    for _, runtime, batch in sorted(k for k in latency if k[0] == "pruned"):
+        d, p = latency.get(("dense", runtime, batch)), latency[("pruned", runtime, batch)]
+        if d:
             lines.append(
-                f"  latency onnxruntime batch {batch}: dense {d['p50_ms']:.3f} ms, "
-                f"pruned {p['p50_ms']:.3f} ms "
+                f"  latency {runtime} batch {batch}: dense {d['p50_ms']:.3f} ms, pruned {p['p50_ms']:.3f} ms "
                 f"(p50, {d['p50_ms'] / p['p50_ms']:.2f}x faster)"
             )
     for gate in report.get("gates", []):
