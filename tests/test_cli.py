@@ -115,3 +115,19 @@ def test_python_dash_m_and_lean_import() -> None:
         [sys.executable, "-m", "toolchain", "--help"], capture_output=True, text=True, check=True
     ).stdout
     assert "run" in help_out and "validate" in help_out and "gate" in help_out
+
+
+def test_corruptions_list_and_grid(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from PIL import Image
+
+    from toolchain.robustness.corruptions import CORRUPTIONS
+
+    assert main(["corruptions", "--list"]) == 0
+    listed = [line.split("\t")[0] for line in capsys.readouterr().out.strip().splitlines()]
+    assert listed == CORRUPTIONS.names() and len(listed) >= 22
+    grid = tmp_path / "grid.png"
+    assert main(["corruptions", "--grid", str(grid), "--index", "3"]) == 0
+    with Image.open(grid) as image:
+        assert image.width > 400 and image.height > 22 * 40  # a row per corruption
+    assert main(["corruptions"]) == 2
+    assert main(["corruptions", "--grid", str(tmp_path / "g.png"), "--dataset", "nope"]) == 2

@@ -99,3 +99,76 @@ def test_resume_skips_finished_stages_and_reruns_only_downstream(
     after = _mtimes(out)
     assert after["train"] == before["train"] and after["prune"] == before["prune"]
     assert all(after[s] != before[s] for s in ("finetune", "export", "validate", "bench"))
+
+
+def test_validate_command_on_run_engine_and_on_a_bare_onnx_file(
+    tiny_run: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
+    import shutil
+
+    import yaml
+
+    from toolchain.cli import main
+
+    out, _ = tiny_run
+    recipe_path = tmp_path / "tiny.yaml"
+    recipe_path.write_text(yaml.safe_dump(TINY_RECIPE))
+
+    # Inside the run directory: the PyTorch model is found, so PGD is replayed as transfer.
+    code = main(
+        [
+            "validate",
+            "--engine",
+            str(out / "export" / "pruned.onnx"),
+            "--recipe",
+            str(recipe_path),
+            "--out",
+            str(tmp_path / "v1"),
+            "--no-progress",
+        ]
+    )
+    report = json.loads((tmp_path / "v1" / "report.json").read_text())
+    assert code == 0 and report["passed"]
+    (ev,) = report["evaluations"]
+    assert report["engine"]["pytorch_reference"] is True
+    assert ev["runtime"] == "onnxruntime" and ev["parity"]["top1_agreement"] == 1.0
+    assert {a["mode"] for a in ev["attacks"]} == {"transfer", "black-box"}
+    assert ev["clean_accuracy"] > 0.2 and "per_corruption" in ev["corruptions"]
+
+    # A user's own ONNX file: no PyTorch model, so white-box attacks are skipped and said so.
+    bare = tmp_path / "mine.onnx"
+    shutil.copy(out / "export" / "pruned.onnx", bare)
+    code = main(
+        [
+            "validate",
+            "--engine",
+            str(bare),
+            "--recipe",
+            str(recipe_path),
+            "--out",
+            str(tmp_path / "v2"),
+            "--no-progress",
+        ]
+    )
+    report = json.loads((tmp_path / "v2" / "report.json").read_text())
+    (ev,) = report["evaluations"]
+    assert report["engine"]["pytorch_reference"] is False
+    assert [a["mode"] for a in ev["attacks"]] == ["black-box"]
+    assert [s["name"] for s in ev["skipped"]] == ["pgd"] and ev["parity"] is None
+    # The recipe's parity gate cannot be evaluated without a reference: it fails closed.
+    assert code == 1 and not report["passed"]
+
+
+def test_validate_command_rejects_bad_engines(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import yaml
+
+    from toolchain.cli import main
+
+    recipe_path = tmp_path / "tiny.yaml"
+    recipe_path.write_text(yaml.safe_dump(TINY_RECIPE))
+    assert main(["validate", "--engine", str(tmp_path / "none.onnx"), "--recipe", str(recipe_path)]) == 2
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not a model")
+    assert main(["validate", "--engine", str(junk), "--recipe", str(recipe_path)]) == 2
+    err = capsys.readouterr().err
+    assert "not found" in err and "junk.onnx" in err

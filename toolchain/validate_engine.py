@@ -24,7 +24,7 @@ from toolchain.models import build_from_spec
 from toolchain.pruning import load_pruned
 from toolchain.recipe import Recipe
 from toolchain.report import SCHEMA
-from toolchain.report.assemble import environment
+from toolchain.report.assemble import environment, models_section
 from toolchain.report.gates import evaluate_gates
 from toolchain.robustness.suite import evaluate_model
 from toolchain.rundir import MARKER, RunDir, write_json
@@ -100,7 +100,8 @@ def validate_engine(engine: Path, recipe: Recipe, out: Path, *, progress: bool =
         "dataset": data.name,
         "engine": {"path": str(engine), "metadata": metadata, "pytorch_reference": model is not None},
         "environment": environment(cfg.threads),
-        "models": {},
+        # An engine from a run directory keeps its run's sizes, so MACs gates still apply.
+        "models": models_section(engine.parent.parent) if model is not None else {},
         "evaluations": evaluations,
         "latency": [],
     }

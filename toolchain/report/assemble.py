@@ -49,7 +49,8 @@ def _stage_result(root: Path, stage: str) -> dict[str, Any]:
     return read_json(path)["result"] if path.is_file() else {}
 
 
-def _models(root: Path) -> dict[str, Any]:
+def models_section(root: Path) -> dict[str, Any]:
+    """report.json's ``models``: dense and pruned sizes from a run directory's stage records."""
     prune = _stage_result(root, "prune")
     dense = _stage_result(root, "train")
     final = _stage_result(root, "finetune")
@@ -113,7 +114,7 @@ def assemble_report(root: Path, recipe: Recipe, data_name: str) -> dict[str, Any
         "arch": recipe.model.arch,
         "criterion": recipe.prune.criterion,
         "environment": environment(recipe.validate.threads),
-        "models": _models(root),
+        "models": models_section(root),
         "parity": _stage_result(root, "export").get("parity", {}),
         "evaluations": evaluations,
         "latency": read_json(latency_path) if latency_path.is_file() else [],
