@@ -104,6 +104,18 @@ def cap_indices(total: int, cap: int | None, seed: int, split: str) -> torch.Ten
     return torch.randperm(total, generator=generator)[:cap].sort().values
 
 
+def capped_split(
+    images: torch.Tensor, labels: torch.Tensor, cap: int | None, seed: int, split: str, size: int | None
+) -> ImageTensorDataset:
+    """A split from whole uint8 arrays: a seeded subset of ``cap`` images, resized to ``size``."""
+    keep = cap_indices(images.shape[0], cap, seed, split)
+    if keep is not None:
+        images, labels = images[keep], labels[keep]
+    if size is not None:
+        images = resize_uint8(images, size)
+    return ImageTensorDataset(images, labels)
+
+
 def resize_uint8(images: torch.Tensor, size: int, chunk: int = 1024) -> torch.Tensor:
     """Resize a uint8 (N, C, H, W) tensor to ``size`` x ``size`` (bilinear, antialiased)."""
     if images.shape[-2:] == (size, size):

@@ -26,9 +26,8 @@ from toolchain.data.base import (
     DATASETS,
     DataBundle,
     ImageTensorDataset,
-    cap_indices,
+    capped_split,
     make_bundle,
-    resize_uint8,
 )
 from toolchain.errors import DataNotFoundError, UserError
 
@@ -118,12 +117,7 @@ def _split(
     folder: Path, names: tuple[str, ...], cap: int | None, seed: int, size: int | None, split: str
 ) -> ImageTensorDataset:
     images, labels = _read_batches(folder, names)
-    keep = cap_indices(images.shape[0], cap, seed, split)
-    if keep is not None:
-        images, labels = images[keep], labels[keep]
-    if size is not None:
-        images = resize_uint8(images, size)
-    return ImageTensorDataset(images, labels)
+    return capped_split(images, labels, cap, seed, split, size)
 
 
 @DATASETS.register("cifar10")

@@ -18,9 +18,8 @@ from toolchain.data.base import (
     DATASETS,
     DataBundle,
     ImageTensorDataset,
-    cap_indices,
+    capped_split,
     make_bundle,
-    resize_uint8,
 )
 from toolchain.errors import DataNotFoundError, UserError
 
@@ -78,12 +77,7 @@ def _split(root: Path, split: str, cap: int | None, seed: int, size: int | None)
     labels = torch.from_numpy(read_idx(label_file, _LABELS_MAGIC).astype(np.int64))
     if images.shape[0] != labels.shape[0]:
         raise UserError(f"{image_file} has {images.shape[0]} images, {label_file} {labels.shape[0]} labels")
-    keep = cap_indices(images.shape[0], cap, seed, split)
-    if keep is not None:
-        images, labels = images[keep], labels[keep]
-    if size is not None:
-        images = resize_uint8(images, size)
-    return ImageTensorDataset(images, labels)
+    return capped_split(images, labels, cap, seed, split, size)
 
 
 @DATASETS.register("fashion-mnist")
