@@ -22,7 +22,8 @@ def _attack_label(attack: dict[str, Any]) -> str:
     if attack["mode"] == "black-box":
         budget = f"{attack['queries']:.0f} queries avg"
     else:
-        budget = f"{attack.get('steps', 0)} steps"
+        steps = attack.get("steps", 0)
+        budget = f"{steps} step" if steps == 1 else f"{steps} steps"
     return f"{attack['name']} {attack['mode']} eps={format_eps(attack['eps'])} ({budget})"
 
 
