@@ -22,10 +22,10 @@ TINY_RECIPE: dict[str, Any] = {
     },
     "model": {"arch": "convnet"},
     "train": {
-        "epochs": 6,
-        "lr": 0.05,
+        "epochs": 8,
+        "lr": 0.1,
         "loss": "pgd",
-        "warmup_epochs": 1,
+        "warmup_epochs": 2,
         "attack": {"eps": "2/255", "step_size": "1/255", "steps": 1},
     },
     "prune": {

@@ -31,6 +31,7 @@ def test_report_skeleton_and_numbers(tiny_run: tuple[Path, dict[str, Any]]) -> N
 
     pruned = report["models"]["pruned"]
     assert pruned["macs_reduction"] == pytest.approx(2.0, rel=0.05)
+    assert pruned["target"] == {"macs_reduction": 2.0} and len(pruned["steps"]) == 2
     assert pruned["macs"] < report["models"]["dense"]["macs"]
     assert pruned["params"] < report["models"]["dense"]["params"]
 
@@ -42,7 +43,7 @@ def test_report_skeleton_and_numbers(tiny_run: tuple[Path, dict[str, Any]]) -> N
     }
     for ev in report["evaluations"]:
         assert ev["samples"] == 60
-        assert ev["clean_accuracy"] > 0.2, ev  # 10 classes: chance is 0.1
+        assert ev["clean_accuracy"] > 0.25, ev  # 12 classes: chance is 0.083
         assert set(ev["corruptions"]["per_corruption"]) == {"gaussian_noise", "fog"}
         assert 0.0 <= ev["corruptions"]["mean_accuracy"] <= 1.0
         pgd = next(a for a in ev["attacks"] if a["name"] == "pgd")

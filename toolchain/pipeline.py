@@ -230,6 +230,7 @@ def _prune(ctx: Context) -> tuple[nn.Module, list[str], dict[str, Any]]:
         recalibrate_bn(result.model, loader, batches=cfg.bn_recalibration_batches)
     _save_model(ctx, "prune", result.model, result.history)
     summary = {
+        "target": cfg.target.model_dump(exclude_none=True),
         "dense_macs": result.dense_macs,
         "dense_params": result.dense_params,
         "macs": result.macs,
