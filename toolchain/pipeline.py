@@ -165,14 +165,12 @@ def _save_model(ctx: Context, stage: str, model: nn.Module, history: list[Any]) 
 
 
 def _load_model(ctx: Context, stage: str) -> nn.Module:
-    model, _ = load_pruned(ctx.run.root / stage / MODEL_FILE, build_from_spec, ctx.example_inputs)
-    model.eval()
-    return model
+    return _load_with_history(ctx, stage)[0]
 
 
-def _history(ctx: Context, stage: str) -> list[Any]:
-    payload = torch.load(ctx.run.root / stage / MODEL_FILE, map_location="cpu", weights_only=True)
-    return list(payload.get("history", []))
+def _load_with_history(ctx: Context, stage: str) -> tuple[nn.Module, list[Any]]:
+    model, info = load_pruned(ctx.run.root / stage / MODEL_FILE, build_from_spec, ctx.example_inputs)
+    return model.eval(), list(info["history"])
 
 
 def _train(ctx: Context) -> tuple[nn.Module, list[str], dict[str, Any]]:
@@ -243,7 +241,7 @@ def _prune(ctx: Context) -> tuple[nn.Module, list[str], dict[str, Any]]:
 
 
 def _finetune(ctx: Context) -> tuple[nn.Module, list[str], dict[str, Any]]:
-    model = _load_model(ctx, "prune")
+    model, pruning_history = _load_with_history(ctx, "prune")
     history = train_model(
         model,
         ctx.train_loader(seed_offset=2),
@@ -253,7 +251,7 @@ def _finetune(ctx: Context) -> tuple[nn.Module, list[str], dict[str, Any]]:
         progress=ctx.progress,
     )
     macs, params = count_macs_params(model, ctx.example_inputs)
-    _save_model(ctx, "finetune", model, _history(ctx, "prune"))
+    _save_model(ctx, "finetune", model, pruning_history)
     return model, [MODEL_FILE], {"epochs": history, "macs": macs, "params": params}
 
 

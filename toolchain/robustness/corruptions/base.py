@@ -18,6 +18,7 @@ image sees the same *relative* effect the table intended for 32x32.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import ClassVar, TypeVar
 
@@ -32,7 +33,7 @@ SEVERITIES = (1, 2, 3, 4, 5)
 P = TypeVar("P")
 
 
-class Corruption:
+class Corruption(ABC):
     """Base class: subclasses set ``name``/``family`` and implement ``_apply``.
 
     ``__call__`` is the template method: it hands ``_apply`` a float32 view of the batch and
@@ -53,8 +54,9 @@ class Corruption:
         """Corrupt a validated float batch ``(N, C, H, W)`` in [0, 1]; returns same shape/device."""
         return self._apply(x, severity, generator).clamp_(0.0, 1.0)
 
+    @abstractmethod
     def _apply(self, x: torch.Tensor, severity: int, generator: torch.Generator) -> torch.Tensor:
-        raise NotImplementedError
+        """The corruption itself, on a batch; the result is clamped to [0, 1] by ``__call__``."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, family={self.family!r})"
