@@ -173,3 +173,35 @@ def test_validate_command_rejects_bad_engines(tmp_path: Path, capsys: pytest.Cap
     assert main(["validate", "--engine", str(junk), "--recipe", str(recipe_path)]) == 2
     err = capsys.readouterr().err
     assert "not found" in err and "junk.onnx" in err
+
+
+def test_an_interrupted_run_resumes_without_redoing_finished_stages(
+    tiny_run: tuple[Path, dict[str, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    import toolchain.pipeline as pipeline
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run[0], out)
+    before = _mtimes(out)
+    changed = json.loads(json.dumps(TINY_RECIPE))
+    changed["finetune"]["lr"] = 0.03
+    real_train = pipeline.train_model
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("desc") == "finetune":
+            raise KeyboardInterrupt  # the user pressed Ctrl-C during fine-tuning
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "train_model", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(recipe_from_dict(changed), out, progress=False)
+    monkeypatch.setattr(pipeline, "train_model", real_train)
+    assert _mtimes(out) == before  # nothing was recorded as finished by the interrupted stage
+
+    report = run_pipeline(recipe_from_dict(changed), out, progress=False)
+    after = _mtimes(out)
+    assert after["train"] == before["train"] and after["prune"] == before["prune"]
+    assert after["finetune"] != before["finetune"]
+    assert report["models"]["pruned"]["macs_reduction"] == pytest.approx(2.0, rel=0.05)
