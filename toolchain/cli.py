@@ -24,7 +24,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="robustprune", description=__doc__.splitlines()[0])
+    parser = _Parser(
+        prog="robustprune",
+        description="Prune PyTorch vision models while keeping them robust, export them to ONNX, "
+        "and validate robustness on the exported engine itself.",
+        epilog="Exit codes: 0 success, 1 a gate failed, 2 bad input.",
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser)
 
