@@ -71,7 +71,9 @@ def recalibrate_bn(
             norm.momentum = None
             norm.train()
         with torch.no_grad():
-            for batch in tqdm(loader, total=batches, desc="BN recalibration", disable=not progress):
+            for batch in tqdm(
+                loader, total=batches, desc="BN recalibration", disable=None if progress else True
+            ):
                 if used >= batches:
                     break
                 model(_images(batch).to(device))

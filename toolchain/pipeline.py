@@ -99,7 +99,8 @@ def run_pipeline(recipe: Recipe, out: str | Path | None = None, *, progress: boo
     Args:
         recipe: a validated recipe.
         out: the run directory; default ``runs/<recipe.name>``.
-        progress: show progress bars.
+        progress: show progress bars (they switch themselves off when stderr is not a terminal,
+            so CI logs keep only the per-epoch and per-stage lines).
 
     Returns:
         The report (also written to ``<out>/report.json``).

@@ -154,7 +154,9 @@ def prune_to_target(
     }
     history: list[HistoryEntry] = []
     records: list[dict[str, Any]] = []
-    for i in tqdm(range(1, steps + 1), desc=f"prune {criterion}", disable=not progress or steps == 1):
+    for i in tqdm(
+        range(1, steps + 1), desc=f"prune {criterion}", disable=None if progress and steps > 1 else True
+    ):
         started = time.perf_counter()
         step_reduction = reduction ** (i / steps)
         target = dense / step_reduction

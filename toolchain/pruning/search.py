@@ -177,7 +177,7 @@ def search_ratio(
     if best.value(metric) <= target:
         return best, evals
     lo, hi = 0.0, 1.0
-    with tqdm(total=max_evals, desc=desc, disable=not progress, leave=False) as bar:
+    with tqdm(total=max_evals, desc=desc, disable=None if progress else True, leave=False) as bar:
         smallest = evaluate(hi)  # ratio 1: every group at its floor
         bar.update()
         if smallest.value(metric) > target:

@@ -106,7 +106,7 @@ def evaluate_model(
     corruption = cfg.corruptions
     first = True
     for batch_index, (x, y) in enumerate(
-        tqdm(batches, desc=f"validate {model_name}", leave=False, disable=not progress)
+        tqdm(batches, desc=f"validate {model_name}", leave=False, disable=None if progress else True)
     ):
         reference = None
         if model is not None:

@@ -78,7 +78,9 @@ def train_model(
         model.train()
         seen = correct = 0
         loss_sum = 0.0
-        bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{cfg.epochs}", leave=False, disable=not progress)
+        bar = tqdm(
+            loader, desc=f"{desc} {epoch + 1}/{cfg.epochs}", leave=False, disable=None if progress else True
+        )
         for x, y in bar:
             x, y = x.to(device), y.to(device)
             for group in optimizer.param_groups:
