@@ -223,3 +223,14 @@ def test_metrics_division_by_zero_and_mismatch() -> None:
         summarize({"fog": {1: 0.5}}, {"snow": {1: 0.5}}, 0.9, 0.9)
     with pytest.raises(UserError, match="not in"):
         summarize({"fog": {1: 1.5}}, {"fog": {1: 0.5}}, 0.9, 0.9)
+
+
+@pytest.mark.parametrize("name", CORRUPTIONS.names())
+def test_imagenet_sized_rgb_works(name: str) -> None:
+    """224x224 uses the ImageNet-C table: every corruption runs, changes the image, keeps the contract."""
+    x = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    for severity in (1, 5):
+        out = corrupt(name, x, severity, seed=1)
+        assert out.shape == x.shape and out.dtype == x.dtype
+        assert 0.0 <= float(out.min()) and float(out.max()) <= 1.0
+        assert not torch.equal(out, x)
