@@ -103,31 +103,17 @@ def test_gate_command_exit_codes_and_junit(tmp_path: Path, capsys: pytest.Captur
 
 
 def test_python_dash_m_and_lean_import() -> None:
-    # `import toolchain` and the CLI's --help must not import TensorRT or initialise CUDA.
-    code = (
-        "import sys, toolchain, toolchain.cli, toolchain.recipe, exporters;"
-        "bad = [m for m in ('tensorrt', 'torch', 'onnxruntime') if m in sys.modules];"
-        "print(bad)"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "['torch']" or out.strip() == "[]"
+    def imported_after(statement: str) -> list[str]:
+        heavy = "('torch', 'onnxruntime', 'tensorrt')"
+        code = f"import json, sys; {statement}; print(json.dumps([m for m in {heavy} if m in sys.modules]))"
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        return json.loads(out)
+
+    # The recipe and the CLI front end stay light: validating a recipe or --help loads no torch.
+    assert imported_after("import toolchain, toolchain.recipe, toolchain.cli") == []
+    # The libraries never import TensorRT (nor initialise CUDA) just by being imported.
+    assert "tensorrt" not in imported_after("import exporters, exporters.runtimes, toolchain.pipeline")
     help_out = subprocess.run(
         [sys.executable, "-m", "toolchain", "--help"], capture_output=True, text=True, check=True
     ).stdout
     assert "run" in help_out and "validate" in help_out and "gate" in help_out
-
-
-def test_corruptions_list_and_grid(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from PIL import Image
-
-    from toolchain.robustness.corruptions import CORRUPTIONS
-
-    assert main(["corruptions", "--list"]) == 0
-    listed = [line.split("\t")[0] for line in capsys.readouterr().out.strip().splitlines()]
-    assert listed == CORRUPTIONS.names() and len(listed) >= 22
-    grid = tmp_path / "grid.png"
-    assert main(["corruptions", "--grid", str(grid), "--index", "3"]) == 0
-    with Image.open(grid) as image:
-        assert image.width > 400 and image.height > 22 * 40  # a row per corruption
-    assert main(["corruptions"]) == 2
-    assert main(["corruptions", "--grid", str(tmp_path / "g.png"), "--dataset", "nope"]) == 2

@@ -232,5 +232,5 @@ def test_imagenet_sized_rgb_works(name: str) -> None:
     for severity in (1, 5):
         out = corrupt(name, x, severity, seed=1)
         assert out.shape == x.shape and out.dtype == x.dtype
-        assert 0.0 <= float(out.min()) and float(out.max()) <= 1.0
+        assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
         assert not torch.equal(out, x)
