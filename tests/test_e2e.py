@@ -205,3 +205,49 @@ def test_an_interrupted_run_resumes_without_redoing_finished_stages(
     assert after["train"] == before["train"] and after["prune"] == before["prune"]
     assert after["finetune"] != before["finetune"]
     assert report["models"]["pruned"]["macs_reduction"] == pytest.approx(2.0, rel=0.05)
+
+
+def test_validate_a_foreign_fixed_batch_onnx_without_metadata(tmp_path: Path) -> None:
+    import warnings
+
+    import yaml
+    from torch import nn
+
+    from toolchain.cli import main
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 12)
+    )
+    path = tmp_path / "theirs.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice
+        torch.onnx.export(
+            net.eval(), (torch.rand(1, 3, 32, 32),), str(path), input_names=["image"], dynamo=False
+        )
+    recipe = json.loads(json.dumps(TINY_RECIPE))
+    recipe["validate"]["samples"] = 20
+    recipe["gates"] = [{"metric": "evaluations[runtime=onnxruntime].clean_accuracy", "threshold": 0.0}]
+    recipe_path = tmp_path / "r.yaml"
+    recipe_path.write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "v"
+    assert (
+        main(
+            [
+                "validate",
+                "--engine",
+                str(path),
+                "--recipe",
+                str(recipe_path),
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    report = json.loads((out / "report.json").read_text())
+    (ev,) = report["evaluations"]
+    assert ev["samples"] == 20 and ev["model"] == "engine"
+    assert [a["mode"] for a in ev["attacks"]] == ["black-box"] and ev["attacks"][0]["samples"] == 20
+    assert set(ev["corruptions"]["per_corruption"]) == {"gaussian_noise", "fog"}

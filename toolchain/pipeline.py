@@ -19,6 +19,7 @@ from torch import nn
 
 from calibration.bn import recalibrate_bn
 from exporters.base import InputSpec, Runner
+from exporters.batching import any_batch
 from exporters.latency import compare_latency
 from exporters.onnx import check_parity, export_onnx
 from exporters.runtimes import build_runner
@@ -318,6 +319,8 @@ def _runners(
             runners[runtime] = build_runner(runtime, path=path, threads=threads, spinning=bench)
         else:
             runners[runtime] = build_runner(runtime, path=path, threads=threads)
+        if not bench:  # the suites feed any batch size; latency is measured at the engine's own
+            runners[runtime] = any_batch(runners[runtime])
     return runners
 
 
@@ -349,7 +352,13 @@ def _bench(ctx: Context, models: dict[str, nn.Module]) -> tuple[None, list[str],
         }
         for runtime in cfg.runtimes:
             runners = {name: by_model[name][runtime] for name in models}
-            for batch in cfg.batch_sizes:
+            fixed = {r.input_spec.batch for r in runners.values()} - {None}
+            batches = sorted(fixed) if fixed else cfg.batch_sizes
+            if fixed and set(cfg.batch_sizes) != fixed:
+                log.warning(
+                    "%s engines have a fixed batch of %s: latency measured at that size only", runtime, fixed
+                )
+            for batch in batches:
                 stats = compare_latency(runners, batch=batch, warmup=cfg.warmup, iterations=cfg.iterations)
                 for name, runner in runners.items():
                     rows.append(

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from exporters.batching import any_batch
 from exporters.onnx import read_onnx_metadata
 from exporters.runtimes import build_runner
 from toolchain import preflight
@@ -60,7 +61,7 @@ def validate_engine(engine: Path, recipe: Recipe, out: Path, *, progress: bool =
     if engine.suffix != ".onnx":
         raise UserError(f"engine {str(engine)!r}: only ONNX files are validated here (got {engine.suffix!r})")
     preflight.check_names(recipe)
-    runner = build_runner("onnxruntime", path=engine, threads=recipe.validate.threads)
+    runner = any_batch(build_runner("onnxruntime", path=engine, threads=recipe.validate.threads))
     metadata = read_onnx_metadata(engine)
     d = recipe.data
     data = load_data(
