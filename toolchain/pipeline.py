@@ -352,7 +352,7 @@ def _bench(ctx: Context, models: dict[str, nn.Module]) -> tuple[None, list[str],
         }
         for runtime in cfg.runtimes:
             runners = {name: by_model[name][runtime] for name in models}
-            fixed = {r.input_spec.batch for r in runners.values()} - {None}
+            fixed = {r.input_spec.batch for r in runners.values() if r.input_spec.batch is not None}
             batches = sorted(fixed) if fixed else cfg.batch_sizes
             if fixed and set(cfg.batch_sizes) != fixed:
                 log.warning(
