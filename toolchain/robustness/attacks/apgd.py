@@ -67,21 +67,6 @@ class APGD(Attack):
             raise UserError(f"attack 'apgd': restarts must be >= 1, got {restarts}")
         self.restarts = restarts
 
-    @classmethod
-    def from_options(
-        cls,
-        *,
-        eps: float,
-        norm: str,
-        steps: int,
-        step_size: float | None,
-        restarts: int,
-        queries: int,
-        seed: int,
-    ) -> APGD:
-        # step_size is ignored on purpose: APGD adapts its own, starting from 2 * eps.
-        return cls(eps=eps, norm=norm, steps=steps, restarts=restarts, seed=seed)
-
     def _run(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
     ) -> AttackResult:

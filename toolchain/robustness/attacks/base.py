@@ -7,6 +7,7 @@ to logits (a :class:`exporters.base.Runner` or a module, called under ``no_grad`
 
 from __future__ import annotations
 
+import inspect
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
@@ -123,20 +124,13 @@ class Attack(ABC):
         """
 
     @classmethod
-    def from_options(
-        cls,
-        *,
-        eps: float,
-        norm: str,
-        steps: int,
-        step_size: float | None,
-        restarts: int,
-        queries: int,
-        seed: int,
-    ) -> Attack:
-        """Build from the recipe's common attack options; each attack takes the ones it uses
-        and ignores the rest (a recipe lists ``steps`` for Square too)."""
-        return cls(eps=eps, norm=norm, steps=steps, seed=seed)
+    def from_options(cls, **options: object) -> Attack:
+        """Build from the recipe's common attack options (eps, norm, steps, step_size, restarts,
+        queries, seed): each attack takes the ones its constructor names and ignores the rest,
+        since a recipe lists ``steps`` for Square too and ``step_size`` for APGD, which adapts its
+        own step from 2 * eps."""
+        accepted = inspect.signature(cls.__init__).parameters
+        return cls(**{k: v for k, v in options.items() if k in accepted})  # type: ignore[arg-type]
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(eps={self.eps:.5g}, norm={self.norm}, steps={self.steps})"

@@ -135,20 +135,6 @@ class PGD(Attack):
         self.step_size = step_size if step_size is not None else 2.5 * self.eps / max(self.steps, 1)
         self.restarts, self.random_start = restarts, random_start
 
-    @classmethod
-    def from_options(
-        cls,
-        *,
-        eps: float,
-        norm: str,
-        steps: int,
-        step_size: float | None,
-        restarts: int,
-        queries: int,
-        seed: int,
-    ) -> PGD:
-        return cls(eps=eps, norm=norm, steps=steps, step_size=step_size, restarts=restarts, seed=seed)
-
     def _run(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
     ) -> AttackResult:

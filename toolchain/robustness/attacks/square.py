@@ -80,20 +80,6 @@ class Square(Attack):
         self.queries, self.p_init = int(queries), float(p_init)
         self.rtol = float(rtol)
 
-    @classmethod
-    def from_options(
-        cls,
-        *,
-        eps: float,
-        norm: str,
-        steps: int,
-        step_size: float | None,
-        restarts: int,
-        queries: int,
-        seed: int,
-    ) -> Square:
-        return cls(eps=eps, norm=norm, queries=queries, seed=seed)
-
     def _run(
         self, model: Classifier, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
     ) -> AttackResult:
