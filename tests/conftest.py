@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 # Small enough to run the whole pipeline in well under a minute on 2 cores, large enough that
 # the models learn something (accuracy is asserted above chance).
@@ -59,6 +62,28 @@ TINY_RECIPE: dict[str, Any] = {
         {"metric": "evaluations[model=pruned,runtime=onnxruntime].parity.top1_agreement", "threshold": 1.0},
     ],
 }
+
+
+@contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Run on one torch thread, then restore the count.
+
+    Unit tests work on tiny tensors that gain nothing from a second thread, and on a busy
+    2-core machine two OpenMP threads wait on each other and ran 10-50x slower (measured).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Module-wide :func:`one_torch_thread`: ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 
 from exporters.base import Runner
+from tests.conftest import one_torch_thread
 from toolchain.errors import UnknownNameError, UserError
 from toolchain.robustness.attacks import (
     APGD,
@@ -64,9 +64,7 @@ def make_cnn() -> nn.Module:
 @functools.lru_cache(maxsize=1)
 def trained_cnn() -> nn.Module:
     """Train once per session (shared with test_sanity.py): under a second on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # see one_thread()
-    try:
+    with one_torch_thread():
         torch.manual_seed(0)
         model = make_cnn()
         x, y = make_data(512, seed=1)
@@ -76,19 +74,10 @@ def trained_cnn() -> nn.Module:
                 opt.zero_grad()
                 nn.functional.cross_entropy(model(xb), yb).backward()
                 opt.step()
-    finally:
-        torch.set_num_threads(threads)
     return model.eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny batches gain nothing from two threads, and on a loaded 2-core machine OpenMP's
-    spinning threads made training 40x slower (0.6 s vs 24 s measured)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="session")
@@ -280,7 +269,7 @@ def onnx_runner(model: nn.Module, path: Path) -> Runner:
             dynamic_axes={"pixels": {0: "batch"}, "logits": {0: "batch"}},
             dynamo=False,
         )
-    return OnnxRuntimeRunner(path, threads=1)  # one thread: see one_thread()
+    return OnnxRuntimeRunner(path, threads=1)  # one thread: see tests/conftest.py::one_torch_thread
 
 
 def test_square_same_on_torch_and_onnxruntime(

@@ -6,7 +6,6 @@ import gzip
 import os
 import pickle
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,14 +26,7 @@ needs_fashion = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # These tensors are tiny: on a busy 2-core machine two torch threads wait on each other
-    # and run 10-50x slower than one (measured), which would dominate the test time.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_registry_has_the_four_datasets_and_rejects_unknown_names() -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,14 +30,7 @@ GRAY = {"in_channels": 1, "mean": [0.3], "std": [0.35]}
 RGB = {"in_channels": 3, "mean": [0.4, 0.45, 0.5], "std": [0.2, 0.25, 0.3]}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # These tensors are tiny: on a busy 2-core machine two torch threads wait on each other
-    # and run 10-50x slower than one (measured), which would dominate the test time.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _same_architecture(a: nn.Module, b: nn.Module) -> bool:

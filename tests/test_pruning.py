@@ -124,13 +124,7 @@ class ConvHeadNet(nn.Module):
 X16 = torch.rand(1, 3, 16, 16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convs run faster on one thread, and OpenMP spinning on a busy machine is ruinous."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_loader(batches: int = 2, size: int = 16, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -26,7 +26,7 @@ from exporters.runtimes import build_runner
 from exporters.torch_runner import TorchRunner
 from toolchain import preflight
 from toolchain.data import DataBundle
-from toolchain.models import build_from_spec, build_model, load_state_dict_file
+from toolchain.models import build_from_spec
 from toolchain.pruning import (
     classifier_layers,
     count_macs_params,
@@ -144,22 +144,6 @@ def _stage(ctx: Context, name: str, compute: Callable[[], Any], load: Callable[[
 # --- stages -----------------------------------------------------------------------------------
 
 
-def _new_model(ctx: Context) -> nn.Module:
-    m = ctx.recipe.model
-    model = build_model(
-        m.arch,
-        num_classes=ctx.data.num_classes,
-        in_channels=ctx.data.channels,
-        mean=ctx.data.mean,
-        std=ctx.data.std,
-        image_size=ctx.data.image_size,
-        width=m.width,
-    )
-    if m.checkpoint:
-        load_state_dict_file(model, m.checkpoint)
-    return model
-
-
 def _save_model(ctx: Context, stage: str, model: nn.Module, history: list[Any]) -> None:
     path = ctx.run.stage_dir(stage) / MODEL_FILE
     with atomic_path(path) as tmp:
@@ -177,7 +161,7 @@ def _load_with_history(ctx: Context, stage: str) -> tuple[nn.Module, list[Any]]:
 
 def _train(ctx: Context) -> tuple[nn.Module, list[str], dict[str, Any]]:
     torch.manual_seed(ctx.recipe.seed)
-    model = _new_model(ctx)
+    model = preflight.recipe_model(ctx.recipe, ctx.data)
     history = train_model(
         model, ctx.train_loader(), ctx.recipe.train, seed=ctx.recipe.seed, desc="train", progress=ctx.progress
     )

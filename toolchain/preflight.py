@@ -6,6 +6,8 @@ overwritten) a run directory.
 
 from __future__ import annotations
 
+from torch import nn
+
 from toolchain.data import DATASETS, DataBundle, load_data
 from toolchain.errors import UserError
 from toolchain.models import build_model, load_state_dict_file
@@ -53,15 +55,27 @@ def check(recipe: Recipe) -> DataBundle:
         val_samples=d.val_samples,
         seed=recipe.seed,
     )
+    recipe_model(recipe, data)
+    return data
+
+
+def recipe_model(recipe: Recipe, data: DataBundle) -> nn.Module:
+    """The recipe's model for this data, with its checkpoint loaded if the recipe names one.
+
+    Raises:
+        UnknownNameError: the architecture is unknown.
+        CheckpointError: the checkpoint is missing or does not fit the architecture.
+    """
+    m = recipe.model
     model = build_model(
-        recipe.model.arch,
+        m.arch,
         num_classes=data.num_classes,
         in_channels=data.channels,
         mean=data.mean,
         std=data.std,
         image_size=data.image_size,
-        width=recipe.model.width,
+        width=m.width,
     )
-    if recipe.model.checkpoint:
-        load_state_dict_file(model, recipe.model.checkpoint)
-    return data
+    if m.checkpoint:
+        load_state_dict_file(model, m.checkpoint)
+    return model
