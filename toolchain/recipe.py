@@ -9,34 +9,41 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
-from fractions import Fraction
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from toolchain.errors import RecipeError
+from toolchain.recipe_prune import (
+    BapConfig,
+    DnrConfig,
+    GatedConfig,
+    HydraConfig,
+    PruneConfig,
+    PruneTarget,
+)
+from toolchain.recipe_train import AttackConfig, MixedNoiseConfig, Number, Section, TrainConfig
+
+__all__ = [
+    "AttackConfig",
+    "BapConfig",
+    "DnrConfig",
+    "GatedConfig",
+    "HydraConfig",
+    "MixedNoiseConfig",
+    "Number",
+    "PruneConfig",
+    "PruneTarget",
+    "Recipe",
+    "Section",
+    "TrainConfig",
+    "load_recipe",
+    "recipe_from_dict",
+]
 
 RECIPE_VERSION: Literal[1] = 1
-
-
-def _parse_number(value: Any) -> Any:
-    """Accept ``8/255`` style fractions for eps and step sizes (YAML reads them as strings)."""
-    if isinstance(value, str):
-        text = value.strip()
-        try:
-            return float(Fraction(text)) if "/" in text else float(text)
-        except (ValueError, ZeroDivisionError):
-            raise ValueError(f"{value!r} is not a number or a fraction like 8/255") from None
-    return value
-
-
-Number = Annotated[float, BeforeValidator(_parse_number)]
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class DataConfig(Section):
@@ -57,58 +64,6 @@ class ModelConfig(Section):
     arch: str = "resnet20"
     width: float = Field(1.0, gt=0, description="channel multiplier for zoo models")
     checkpoint: str | None = Field(None, description="state_dict to start from (weights_only)")
-
-
-class AttackConfig(Section):
-    """An L-inf (or L2) PGD-style perturbation used for training or evaluation."""
-
-    eps: Number = 8 / 255
-    step_size: Number = 2 / 255
-    steps: int = Field(10, ge=0)
-    norm: Literal["linf", "l2"] = "linf"
-    random_start: bool = True
-
-
-class TrainConfig(Section):
-    """A training loop; also the shape of ``finetune``."""
-
-    epochs: int = Field(5, ge=0)
-    lr: Number = Field(0.05, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: Number = Field(5e-4, ge=0)
-    loss: Literal["clean", "pgd", "trades"] = "pgd"
-    trades_beta: float = Field(6.0, ge=0)
-    attack: AttackConfig = AttackConfig()
-    schedule: Literal["cosine", "constant"] = "cosine"
-    warmup_epochs: int = Field(0, ge=0, description="clean epochs before adversarial ones")
-
-
-class PruneTarget(Section):
-    """The budget, as a reduction factor (4.0 means a quarter of the dense MACs)."""
-
-    macs_reduction: float | None = Field(None, gt=1.0)
-    params_reduction: float | None = Field(None, gt=1.0)
-
-    @model_validator(mode="after")
-    def _exactly_one(self) -> PruneTarget:
-        if (self.macs_reduction is None) == (self.params_reduction is None):
-            raise ValueError("set exactly one of macs_reduction or params_reduction")
-        return self
-
-
-class PruneConfig(Section):
-    """Structured (channel) pruning with torch-pruning's dependency graph."""
-
-    criterion: str = "adv-taylor"
-    target: PruneTarget = PruneTarget(macs_reduction=4.0)
-    tolerance: float = Field(0.05, gt=0, lt=1, description="relative error allowed on target")
-    steps: int = Field(3, ge=1, description="iterative pruning steps")
-    round_to: int | None = Field(None, ge=1, description="keep channel counts multiples of this")
-    importance_batches: int = Field(4, ge=1, description="batches to score channels on")
-    attack: AttackConfig = AttackConfig(steps=3, step_size=3 / 255)
-    finetune_between: TrainConfig = TrainConfig(epochs=1, lr=0.01, loss="pgd")
-    bn_recalibration_batches: int = Field(20, ge=0)
-    max_layer_pruning: float = Field(0.9, gt=0, lt=1, description="never remove more of a layer")
 
 
 class ExportConfig(Section):
@@ -152,7 +107,7 @@ class ValidateConfig(Section):
 
     samples: int = Field(500, ge=1)
     batch_size: int = Field(100, ge=1)
-    runtimes: list[Literal["torch", "onnxruntime", "tensorrt"]] = ["torch", "onnxruntime"]
+    runtimes: list[Literal["torch", "onnxruntime", "tensorrt"]] = ["torch", "onnxruntime"]  # noqa: RUF012
     threads: int = Field(2, ge=1)
     attacks: list[EvalAttackConfig] = Field(default_factory=lambda: [EvalAttackConfig()])
     corruptions: CorruptionSuiteConfig = CorruptionSuiteConfig()
@@ -162,7 +117,7 @@ class BenchConfig(Section):
     """Latency measurement on each exported runtime."""
 
     enabled: bool = True
-    runtimes: list[Literal["torch", "onnxruntime", "tensorrt"]] = ["onnxruntime"]
+    runtimes: list[Literal["torch", "onnxruntime", "tensorrt"]] = ["onnxruntime"]  # noqa: RUF012
     batch_sizes: list[int] = Field(default_factory=lambda: [1])
     warmup: int = Field(10, ge=0)
     iterations: int = Field(50, ge=1)

@@ -1,5 +1,5 @@
-"""Training loops: clean, PGD adversarial training (Madry) and TRADES."""
+"""Training: one loop (with hooks for pruning methods) and its losses."""
 
-from toolchain.training.loops import evaluate_accuracy, make_loader, train_model
+from toolchain.training.loops import Step, TrainHooks, evaluate_accuracy, make_loader, train_model
 
-__all__ = ["evaluate_accuracy", "make_loader", "train_model"]
+__all__ = ["Step", "TrainHooks", "evaluate_accuracy", "make_loader", "train_model"]

@@ -1,20 +1,73 @@
-"""The training loop shared by dense training, fine-tuning between pruning steps and fine-tuning."""
+"""The one training loop: dense training, fine-tuning, and every method's in-the-loop training.
+
+Methods never copy the loop; they change it through :class:`TrainHooks`: parameter groups
+(scores or gates with their own learning rate and weight decay, frozen weights), an extra loss
+term, a per-batch perturbation that replaces the recipe's attack, and a callback after every
+optimiser step (mask updates, rewiring, schedules).
+"""
 
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from toolchain.recipe import TrainConfig
-from toolchain.training.losses import batch_loss
+from toolchain.recipe_train import TrainConfig
+from toolchain.training.losses import BatchLoss, Perturbation
+from toolchain.training.schedule import lr_factor
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Step:
+    """What a hook sees of the current optimisation step.
+
+    Attributes:
+        model, optimizer: the model being trained and its optimiser.
+        x, y: the clean batch; logits: the logits the loss's accuracy is read from.
+        loss: the loss of this step so far (the main loss, plus extra terms once added).
+        step, total: 0-based step index and total steps of the run; epoch: 0-based epoch.
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    x: torch.Tensor
+    y: torch.Tensor
+    logits: torch.Tensor
+    loss: torch.Tensor
+    step: int
+    total: int
+    epoch: int
+
+
+@dataclass
+class TrainHooks:
+    """How a pruning method changes the training loop (every field optional).
+
+    Attributes:
+        param_groups: ``model -> optimiser param groups``; a group may set its own ``lr``
+            (scaled by the schedule like the base lr) and ``weight_decay``. Default: every
+            parameter that requires grad, with the config's lr and weight decay.
+        extra_loss: ``step -> tensor`` added to the loss before ``backward`` (L1 on gates, a
+            contribution-difference term); may return None.
+        perturb: ``(model, x, y) -> x_adv`` replacing the recipe's attack for ``pgd`` and
+            ``hybrid`` losses, called in eval mode.
+        after_step: ``step -> None`` after every optimiser step (gradients still present).
+        metrics: ``() -> dict`` merged into each epoch's record (e.g. live channels).
+    """
+
+    param_groups: Callable[[nn.Module], list[dict[str, Any]]] | None = None
+    extra_loss: Callable[[Step], torch.Tensor | None] | None = None
+    perturb: Perturbation | None = None
+    after_step: Callable[[Step], None] | None = None
+    metrics: Callable[[], dict[str, float]] | None = None
 
 
 def make_loader(
@@ -32,10 +85,17 @@ def make_loader(
     )
 
 
-def _lr_at(cfg: TrainConfig, step: int, total: int) -> float:
-    if cfg.schedule == "constant" or total <= 1:
-        return cfg.lr
-    return 0.5 * cfg.lr * (1 + math.cos(math.pi * step / total))
+def _optimizer(model: nn.Module, cfg: TrainConfig, hooks: TrainHooks) -> torch.optim.Optimizer:
+    if hooks.param_groups is not None:
+        groups = hooks.param_groups(model)
+    else:
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    for group in groups:
+        group.setdefault("lr", cfg.lr)
+        group["base_lr"] = group["lr"]
+    return torch.optim.SGD(
+        groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay
+    )
 
 
 def train_model(
@@ -47,30 +107,35 @@ def train_model(
     desc: str = "train",
     progress: bool = True,
     device: str | torch.device = "cpu",
+    hooks: TrainHooks | None = None,
 ) -> list[dict[str, float]]:
-    """Train ``model`` in place with SGD and a cosine (or constant) learning rate.
+    """Train ``model`` in place with SGD on ``cfg.loss`` under ``cfg.schedule``.
 
-    Clean warm-up epochs come first (``cfg.warmup_epochs``), then ``cfg.loss`` (clean, PGD-AT
-    or TRADES). Adversarial examples are crafted with the model in eval mode.
+    Clean warm-up epochs come first (``cfg.warmup_epochs``), then ``cfg.loss``. Adversarial
+    examples are crafted with the model in eval mode.
 
     Args:
         model: the classifier, taking [0, 1] pixels.
         loader: training batches ``(x, y)``.
-        cfg: epochs, lr, loss and attack settings.
-        seed: seeds the attacks' random starts (shuffling is the loader's own generator).
+        cfg: epochs, optimiser, schedule, loss and attack settings.
+        seed: seeds the attacks' random starts and mixed-noise draws (shuffling is the
+            loader's own generator).
         desc: label for the progress bar and the log.
+        hooks: a pruning method's changes to the loop.
 
     Returns:
-        One dict per epoch: ``{"epoch", "loss", "accuracy", "adversarial"}`` (accuracy on the
-        inputs the loss saw: adversarial ones for PGD-AT).
+        One dict per epoch: ``{"epoch", "loss", "accuracy", "adversarial", "lr"}`` plus the
+        hooks' metrics (accuracy on the inputs the loss reads: adversarial ones for PGD-AT).
     """
+    hooks = hooks or TrainHooks()
     model.to(device)
     if cfg.epochs == 0:
         return []
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    optimizer = _optimizer(model, cfg, hooks)
+    batch_loss = BatchLoss(cfg, perturb=hooks.perturb)
     generator = torch.Generator().manual_seed(seed)
-    total = cfg.epochs * max(len(loader), 1)
+    per_epoch = max(len(loader), 1)
+    total = cfg.epochs * per_epoch
     step = 0
     history: list[dict[str, float]] = []
     for epoch in range(cfg.epochs):
@@ -83,12 +148,20 @@ def train_model(
         )
         for x, y in bar:
             x, y = x.to(device), y.to(device)
+            factor = lr_factor(cfg, step, total, per_epoch)
             for group in optimizer.param_groups:
-                group["lr"] = _lr_at(cfg, step, total)
-            loss, logits = batch_loss(model, x, y, cfg, adversarial=adversarial, generator=generator)
+                group["lr"] = group["base_lr"] * factor
+            loss, logits = batch_loss(model, x, y, adversarial=adversarial, generator=generator)
+            state = Step(model, optimizer, x, y, logits, loss, step, total, epoch)
+            if hooks.extra_loss is not None:
+                extra = hooks.extra_loss(state)
+                if extra is not None:
+                    loss = state.loss = loss + extra
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if hooks.after_step is not None:
+                hooks.after_step(state)
             step += 1
             seen += len(y)
             correct += int((logits.argmax(1) == y).sum())
@@ -99,7 +172,10 @@ def train_model(
             "loss": loss_sum / max(seen, 1),
             "accuracy": correct / max(seen, 1),
             "adversarial": float(adversarial and cfg.loss != "clean"),
+            "lr": cfg.lr * factor,
         }
+        if hooks.metrics is not None:
+            record.update(hooks.metrics())
         history.append(record)
         log.info(
             "%s epoch %d/%d: loss %.4f acc %.4f",

@@ -1,8 +1,8 @@
-"""Per-batch training losses: clean cross-entropy, PGD-AT (Madry et al.) and TRADES (Zhang et al.)."""
+"""Per-batch training losses: clean, PGD-AT (Madry et al.), TRADES (Zhang et al.), hybrid, mixed noise."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -11,6 +11,7 @@ from torch import nn
 
 from toolchain.recipe import AttackConfig, TrainConfig
 from toolchain.robustness.attacks.pgd import pgd_attack
+from toolchain.training.mixed import MixedNoise
 
 
 @contextmanager
@@ -74,31 +75,70 @@ def trades_examples(
     return x_adv
 
 
-def batch_loss(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    cfg: TrainConfig,
-    *,
-    adversarial: bool,
-    generator: torch.Generator,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The training loss for one batch and the logits the accuracy is read from.
+#: A per-batch perturbation a method supplies instead of the recipe's attack (BAP's
+#: cutoff-scaled DeepFool): ``perturb(model, x, y) -> x_adv``, called with the model in eval mode.
+Perturbation = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
-    Args:
-        adversarial: False during clean warm-up epochs, whatever ``cfg.loss`` says.
 
-    Returns:
-        ``(loss, logits)``; logits are on the adversarial inputs for PGD-AT, clean otherwise.
+class BatchLoss:
+    """The training loss of one batch, as ``TrainConfig.loss`` names it.
+
+    * ``clean``: CE(f(x), y).
+    * ``pgd``: Madry PGD-AT, CE(f(x_adv), y).
+    * ``trades``: CE(f(x), y) + beta * KL(f(x) || f(x')) (Zhang et al. 2019).
+    * ``hybrid``: (1 - w) * CE(f(x), y) + w * CE(f(x_adv), y), one forward pass over both halves
+      (the loss of DNR and BAP; ``w = adv_weight``).
+    * ``mixed``: CE on a mixed-noise batch (:mod:`toolchain.training.mixed`).
+
+    Adversarial inputs are crafted in eval mode; ``perturb`` replaces the recipe's PGD for
+    ``pgd`` and ``hybrid``. The object keeps state across batches (the mixed-noise generator).
     """
-    if not adversarial or cfg.loss == "clean" or cfg.attack.eps <= 0:
+
+    def __init__(self, cfg: TrainConfig, perturb: Perturbation | None = None) -> None:
+        self.cfg = cfg
+        self.perturb = perturb
+        self.mixed = MixedNoise(cfg.mixed, cfg.attack) if cfg.loss == "mixed" else None
+
+    def _adversarial(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, rng: torch.Generator
+    ) -> torch.Tensor:
+        if self.perturb is None:
+            return pgd_examples(model, x, y, self.cfg.attack, rng)
+        with _in_eval_mode(model):
+            return self.perturb(model, x, y).detach()
+
+    def __call__(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        *,
+        adversarial: bool,
+        generator: torch.Generator,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(loss, logits)``; logits are those accuracy is read from (the adversarial ones for
+        PGD-AT and mixed batches, the clean ones otherwise).
+
+        Args:
+            adversarial: False during clean warm-up epochs, whatever ``cfg.loss`` says.
+        """
+        cfg = self.cfg
+        if not adversarial or cfg.loss == "clean" or (cfg.attack.eps <= 0 and self.perturb is None):
+            logits = model(x)
+            return F.cross_entropy(logits, y), logits
+        if cfg.loss == "pgd":
+            logits = model(self._adversarial(model, x, y, generator))
+            return F.cross_entropy(logits, y), logits
+        if cfg.loss == "hybrid":
+            x_adv = self._adversarial(model, x, y, generator)
+            clean, adv = model(torch.cat([x, x_adv])).split(len(x))
+            w = cfg.adv_weight
+            return (1 - w) * F.cross_entropy(clean, y) + w * F.cross_entropy(adv, y), clean
+        if cfg.loss == "mixed":
+            assert self.mixed is not None
+            logits = model(self.mixed.compose(model, x, y, generator).x)
+            return F.cross_entropy(logits, y), logits
+        x_adv = trades_examples(model, x, cfg.attack, generator)
         logits = model(x)
-        return F.cross_entropy(logits, y), logits
-    if cfg.loss == "pgd":
-        x_adv = pgd_examples(model, x, y, cfg.attack, generator)
-        logits = model(x_adv)
-        return F.cross_entropy(logits, y), logits
-    x_adv = trades_examples(model, x, cfg.attack, generator)
-    logits = model(x)
-    robust = F.kl_div(F.log_softmax(model(x_adv), dim=1), F.softmax(logits, dim=1), reduction="batchmean")
-    return F.cross_entropy(logits, y) + cfg.trades_beta * robust, logits
+        robust = F.kl_div(F.log_softmax(model(x_adv), dim=1), F.softmax(logits, dim=1), reduction="batchmean")
+        return F.cross_entropy(logits, y) + cfg.trades_beta * robust, logits

@@ -1,0 +1,192 @@
+"""The recipe's ``prune`` section: the budget, the method, and one typed section per method.
+
+``prune.method`` names a registered pruning method (``toolchain.pruning.methods``); each method
+reads its own sub-section (``prune.hydra``, ``prune.bap``, ...), and setting the section of a
+method that is not selected is an error, so a typo in ``method`` cannot silently train the
+wrong thing. A recipe that only sets ``prune.criterion`` keeps the iterative method, as
+before. Light to import: pydantic only, no torch.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from toolchain.recipe_train import AttackConfig, Number, Section, TrainConfig
+
+Allocation = Literal["layer", "block", "global"]
+
+#: In-the-loop adversarial training defaults to a cheap PGD-3 (the iterative method's scoring
+#: attack); set a method's ``train.attack`` to change it.
+PGD3 = AttackConfig(steps=3, step_size=3 / 255)
+
+
+class PruneTarget(Section):
+    """The budget, as a reduction factor (4.0 means a quarter of the dense MACs)."""
+
+    macs_reduction: float | None = Field(None, gt=1.0)
+    params_reduction: float | None = Field(None, gt=1.0)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> PruneTarget:
+        if (self.macs_reduction is None) == (self.params_reduction is None):
+            raise ValueError("set exactly one of macs_reduction or params_reduction")
+        return self
+
+    @property
+    def metric(self) -> Literal["macs", "params"]:
+        return "macs" if self.macs_reduction is not None else "params"
+
+    @property
+    def reduction(self) -> float:
+        value = self.macs_reduction if self.macs_reduction is not None else self.params_reduction
+        assert value is not None  # the validator guarantees exactly one
+        return float(value)
+
+
+class MethodSection(Section):
+    """A method's own settings; ``train`` is its in-the-loop training (epochs, lr, loss, attack)."""
+
+    train: TrainConfig = TrainConfig()
+
+
+class HydraConfig(MethodSection):
+    """HYDRA (Sehwag et al. 2020): train one importance score per channel, weights frozen.
+
+    ``train`` is the score-training phase: its ``lr`` is the scores' learning rate (no weight
+    decay on scores), its ``loss`` the robust loss (TRADES in the paper). The kept weights are
+    fine-tuned afterwards by the recipe's ``finetune`` section.
+    """
+
+    train: TrainConfig = TrainConfig(epochs=5, lr=0.1, loss="trades", weight_decay=1e-4, attack=PGD3)
+    train_bn: bool = Field(True, description="BatchNorm affine parameters train with the scores")
+    allocation: Allocation = Field("layer", description="how the budget is split among groups")
+
+
+class BapConfig(MethodSection):
+    """BAP (Xie et al. 2020): gradual pruning trained on cutoff-scaled DeepFool perturbations.
+
+    The channel ratio follows the cubic schedule from ``initial_sparsity`` of the final ratio at
+    ``begin`` to the final ratio at ``end`` (fractions of the training steps), masks updated
+    every ``update_every`` steps; ``train.loss`` is normally ``hybrid`` (0.5 clean + 0.5
+    adversarial). Perturbations: DeepFool (``deepfool_steps``, ``overshoot``, ``candidates``)
+    cut to ``cutoff`` (``batch-mean`` of the per-sample RMS norms, or a number) and scaled by
+    ``scale``.
+    """
+
+    train: TrainConfig = TrainConfig(epochs=5, lr=0.01, loss="hybrid", attack=PGD3)
+    begin: float = Field(0.0, ge=0, lt=1, description="fraction of steps where pruning starts")
+    end: float = Field(0.7, gt=0, le=1, description="fraction of steps where the final ratio is reached")
+    update_every: int = Field(20, ge=1, description="steps between mask updates")
+    initial_sparsity: float = Field(0.0, ge=0, lt=1, description="ratio at `begin` (fraction of the final)")
+    deepfool_steps: int = Field(5, ge=1)
+    overshoot: float = Field(0.02, ge=0)
+    candidates: int = Field(3, ge=1, description="classes DeepFool considers besides the true one")
+    cutoff: Literal["batch-mean"] | Number = "batch-mean"
+    scale: float = Field(1.0, gt=0, description="rho: perturbations are multiplied by this after the cutoff")
+
+    @model_validator(mode="after")
+    def _check(self) -> BapConfig:
+        if self.end <= self.begin:
+            raise ValueError(f"end ({self.end}) must come after begin ({self.begin})")
+        if isinstance(self.cutoff, float) and self.cutoff <= 0:
+            raise ValueError(f"cutoff must be 'batch-mean' or a positive RMS norm, got {self.cutoff}")
+        return self
+
+
+class DnrConfig(MethodSection):
+    """DNR (Kundu et al. 2021): one training run to the budget, dropping and regrowing channels.
+
+    Every ``update_every`` steps until ``rewire_until`` (fraction of the steps), each group
+    drops ``drop_fraction`` (cosine-decayed) of its live channels with the smallest weight
+    norm; the freed budget is regrown where the momentum of the mask gradient is largest,
+    layers sharing in proportion to their normalised mean momentum. No fine-tune phase is
+    needed after it (set the recipe's ``finetune.epochs`` to 0 to spend the budget here).
+    """
+
+    train: TrainConfig = TrainConfig(epochs=5, lr=0.02, loss="hybrid", attack=PGD3)
+    update_every: int = Field(20, ge=1, description="steps between rewiring")
+    drop_fraction: float = Field(0.3, gt=0, lt=1, description="fraction of live channels dropped at first")
+    rewire_until: float = Field(0.75, gt=0, le=1, description="fraction of steps; the mask is fixed after")
+    momentum: float = Field(0.9, ge=0, lt=1, description="decay of the mask-gradient momentum")
+    allocation: Allocation = Field("layer", description="the starting mask's split of the budget")
+
+
+class GatedConfig(MethodSection):
+    """Gated mixed-noise pruning (our design from Luo et al. 2023's abstract).
+
+    Per-channel gates ``sigmoid(a)`` train with the weights on ``train`` (``loss: mixed``
+    normally), pulled down by ``l1`` and by the contribution-difference loss (weight
+    ``contribution_weight``), which penalises gates on channels whose contribution changes
+    most between clean and perturbed inputs. At the end the top channels by gate times
+    feature stability are kept under the budget (``allocation``) and the rest removed.
+    """
+
+    train: TrainConfig = TrainConfig(epochs=5, lr=0.01, loss="mixed", attack=PGD3)
+    gate_lr: Number = Field(0.05, gt=0, description="Adam learning rate of the gate logits")
+    gate_init: float = Field(3.0, description="initial gate logit (sigmoid(3) = 0.95)")
+    l1: Number = Field(5e-4, ge=0, description="weight of the L1 pull on the gates (per channel)")
+    contribution_weight: Number = Field(0.1, ge=0, description="weight of the contribution-difference loss")
+    allocation: Allocation = Field("layer", description="layer-wise, block-wise or global competition")
+    block_depth: int = Field(3, ge=1, description="'block': groups whose root names share this many parts")
+
+
+class PruneConfig(Section):
+    """Structured (channel) pruning with torch-pruning's dependency graph.
+
+    The budget (``target``, ``tolerance``, ``round_to``, ``max_layer_pruning``) applies to every
+    method; ``criterion``, ``steps``, ``importance_batches`` and ``finetune_between`` configure
+    the ``iterative`` method, and ``attack`` is the perturbation its ``adv-taylor`` criterion
+    scores on. Methods that train inside pruning take everything, attack included, from their
+    own ``train`` sub-section.
+    """
+
+    method: str = "iterative"
+    criterion: str = "adv-taylor"
+    target: PruneTarget = PruneTarget(macs_reduction=4.0)
+    tolerance: float = Field(0.05, gt=0, lt=1, description="relative error allowed on target")
+    steps: int = Field(3, ge=1, description="iterative pruning steps")
+    round_to: int | None = Field(None, ge=1, description="keep channel counts multiples of this")
+    importance_batches: int = Field(4, ge=1, description="batches to score channels on")
+    attack: AttackConfig = PGD3
+    finetune_between: TrainConfig = TrainConfig(epochs=1, lr=0.01, loss="pgd")
+    bn_recalibration_batches: int = Field(20, ge=0)
+    max_layer_pruning: float = Field(0.9, gt=0, lt=1, description="never remove more of a layer")
+    hydra: HydraConfig | None = None
+    bap: BapConfig | None = None
+    dnr: DnrConfig | None = None
+    gated: GatedConfig | None = None
+
+    @model_validator(mode="after")
+    def _sections_match_method(self) -> PruneConfig:
+        for name in METHOD_SECTIONS:
+            if getattr(self, name) is not None and name != self.method:
+                raise ValueError(
+                    f"prune.{name} is set but prune.method is {self.method!r}; "
+                    f"set prune.method: {name} or remove the prune.{name} section"
+                )
+        if self.method != "iterative":
+            stray = sorted(ITERATIVE_KEYS & self.model_fields_set)
+            if stray:
+                raise ValueError(
+                    f"prune.{stray[0]} configures the iterative method, not {self.method!r}; remove it"
+                )
+        return self
+
+    def section(self) -> MethodSection | None:
+        """The selected method's own settings (its defaults when the recipe leaves them out)."""
+        if self.method not in METHOD_SECTIONS:
+            return None
+        value = getattr(self, self.method)
+        return value if value is not None else METHOD_SECTIONS[self.method]()
+
+
+#: Methods with a typed sub-section of ``prune``; the key is the method's registered name.
+METHOD_SECTIONS: dict[str, type[MethodSection]] = {
+    "hydra": HydraConfig,
+    "bap": BapConfig,
+    "dnr": DnrConfig,
+    "gated": GatedConfig,
+}
+ITERATIVE_KEYS = frozenset({"criterion", "steps", "importance_batches", "finetune_between"})

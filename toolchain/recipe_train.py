@@ -1,0 +1,144 @@
+"""Recipe sections shared by training and pruning: the perturbation and the training loop.
+
+Split from :mod:`toolchain.recipe` so the pruning sections (:mod:`toolchain.recipe_prune`) can
+use them without an import cycle; :mod:`toolchain.recipe` re-exports everything here. Light to
+import: pydantic only, no torch.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+
+def _parse_number(value: Any) -> Any:
+    """Accept ``8/255`` style fractions for eps and step sizes (YAML reads them as strings)."""
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            return float(Fraction(text)) if "/" in text else float(text)
+        except (ValueError, ZeroDivisionError):
+            raise ValueError(f"{value!r} is not a number or a fraction like 8/255") from None
+    return value
+
+
+Number = Annotated[float, BeforeValidator(_parse_number)]
+
+
+class Section(BaseModel):
+    """A recipe section: unknown keys are errors, values are immutable.
+
+    A partly written sub-section keeps the parent's defaults for the keys it leaves out:
+    ``finetune: {epochs: 5}`` keeps fine-tuning's own ``lr: 0.01`` rather than falling back to
+    the generic training default, and ``prune.attack: {eps: 0.1}`` keeps PGD-3.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _inherit_nested_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        merged = dict(data)
+        for name, field in cls.model_fields.items():
+            default, value = field.default, data.get(name)
+            if isinstance(default, BaseModel) and isinstance(value, dict):
+                merged[name] = _deep_merge(default.model_dump(exclude_defaults=True), value)
+        return merged
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+class AttackConfig(Section):
+    """An L-inf (or L2) PGD-style perturbation used for training or evaluation."""
+
+    eps: Number = 8 / 255
+    step_size: Number = 2 / 255
+    steps: int = Field(10, ge=0)
+    norm: Literal["linf", "l2"] = "linf"
+    random_start: bool = True
+
+
+#: Corruptions the mixed-noise loss draws from by default: the road conditions a driving model
+#: meets (weather, glare, night, motion, sensor noise), one or two per family.
+DEFAULT_MIXED_CORRUPTIONS = (
+    "fog",
+    "rain",
+    "snow",
+    "sun_glare",
+    "low_light",
+    "motion_blur",
+    "defocus_blur",
+    "gaussian_noise",
+    "jpeg_compression",
+    "contrast",
+)
+
+
+class MixedNoiseConfig(Section):
+    """How a ``loss: mixed`` batch is split among kinds of samples (fractions summing to 1).
+
+    ``fgsm`` and ``pgd`` use the train section's ``attack``; ``corruption`` draws a random
+    corruption from ``corruptions`` at a random severity from ``severities`` for each image;
+    ``generator`` uses a small convolutional network trained alongside the model to maximise
+    its loss under the attack's L-inf budget (Luo et al. 2023's learned perturbation).
+    """
+
+    clean: float = Field(0.25, ge=0, le=1)
+    fgsm: float = Field(0.0, ge=0, le=1)
+    pgd: float = Field(0.25, ge=0, le=1)
+    corruption: float = Field(0.25, ge=0, le=1)
+    generator: float = Field(0.25, ge=0, le=1)
+    corruptions: list[str] = Field(default_factory=lambda: list(DEFAULT_MIXED_CORRUPTIONS))
+    severities: list[int] = Field(default_factory=lambda: [1, 2, 3, 4, 5])
+    generator_lr: Number = Field(1e-3, gt=0, description="Adam learning rate of the perturbation generator")
+    generator_width: int = Field(16, ge=1, description="channels of the generator's hidden layers")
+
+    @model_validator(mode="after")
+    def _check(self) -> MixedNoiseConfig:
+        total = self.clean + self.fgsm + self.pgd + self.corruption + self.generator
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"clean + fgsm + pgd + corruption + generator must sum to 1, got {total:g}")
+        if self.corruption > 0 and not self.corruptions:
+            raise ValueError("corruption > 0 needs at least one name in corruptions")
+        bad = [s for s in self.severities if not 1 <= s <= 5]
+        if bad or not self.severities:
+            raise ValueError(f"severities must be a non-empty list of 1..5, got {self.severities}")
+        return self
+
+
+class TrainConfig(Section):
+    """A training loop; also the shape of ``finetune`` and of in-the-loop method training."""
+
+    epochs: int = Field(5, ge=0)
+    lr: Number = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: Number = Field(5e-4, ge=0)
+    loss: Literal["clean", "pgd", "trades", "hybrid", "mixed"] = "pgd"
+    trades_beta: float = Field(6.0, ge=0)
+    adv_weight: float = Field(
+        0.5, ge=0, le=1, description="hybrid loss: (1 - w) * CE(clean) + w * CE(adversarial)"
+    )
+    mixed: MixedNoiseConfig = MixedNoiseConfig()
+    attack: AttackConfig = AttackConfig()
+    schedule: Literal["cosine", "constant", "onecycle"] = "cosine"
+    lr_warmup_epochs: float = Field(0, ge=0, description="linear learning-rate warm-up (cosine/constant)")
+    warmup_epochs: int = Field(0, ge=0, description="clean epochs before adversarial ones")
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.nesterov and self.momentum == 0:
+            raise ValueError("nesterov needs momentum > 0")
+        return self
