@@ -6,7 +6,6 @@ Models are tiny and inputs 16x16 (32x32 for torchvision), so the whole file runs
 from __future__ import annotations
 
 import json
-import logging
 import math
 
 import pytest
@@ -15,6 +14,14 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from tests.tiny_models import (
+    NUM_CLASSES,
+    ConcatNet,
+    ConvHeadNet,
+    DepthwiseNet,
+    GroupedNet,
+    ResidualNet,
+)
 from toolchain.errors import CheckpointError, UnknownNameError, UserError
 from toolchain.pruning import (
     CRITERIA,
@@ -25,101 +32,8 @@ from toolchain.pruning import (
     prune_to_target,
     save_pruned,
 )
+from toolchain.pruning.budget import BudgetError
 from toolchain.robustness.attacks import pgd as pgd_module
-
-NUM_CLASSES = 10
-
-
-def conv_bn(cin: int, cout: int, stride: int = 1, groups: int = 1) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, stride, 1, groups=groups, bias=False), nn.BatchNorm2d(cout), nn.ReLU()
-    )
-
-
-class Block(nn.Module):
-    """Basic residual block; a 1x1 projection when the shape changes."""
-
-    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
-        super().__init__()
-        self.body = nn.Sequential(conv_bn(cin, cout, stride), nn.Conv2d(cout, cout, 3, 1, 1, bias=False))
-        self.bn = nn.BatchNorm2d(cout)
-        self.short = (
-            nn.Identity() if stride == 1 and cin == cout else nn.Conv2d(cin, cout, 1, stride, bias=False)
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.bn(self.body(x)) + self.short(x))
-
-
-class ResidualNet(nn.Module):
-    """Residual additions couple the stem, both blocks of a stage and the shortcut."""
-
-    def __init__(self, width: int = 16) -> None:
-        super().__init__()
-        self.stem = conv_bn(3, width)
-        self.stage1 = nn.Sequential(Block(width, width), Block(width, width))
-        self.stage2 = nn.Sequential(Block(width, 2 * width, 2), Block(2 * width, 2 * width))
-        self.fc = nn.Linear(2 * width, NUM_CLASSES)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stage2(self.stage1(self.stem(x)))
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
-
-
-class ConcatNet(nn.Module):
-    """torch.cat of two branches of different widths feeds one conv."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = conv_bn(3, 16)
-        self.left = conv_bn(16, 12)
-        self.right = conv_bn(16, 20)
-        self.merge = conv_bn(32, 24)
-        self.fc = nn.Linear(24, NUM_CLASSES)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        x = self.merge(torch.cat([self.left(x), self.right(x)], dim=1))
-        return self.fc(x.mean(dim=(2, 3)))
-
-
-class DepthwiseNet(nn.Module):
-    """MobileNet-style: a depthwise conv ties its input and output channels."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            conv_bn(3, 16), conv_bn(16, 16, groups=16), nn.Conv2d(16, 32, 1), nn.BatchNorm2d(32), nn.ReLU()
-        )
-        self.fc = nn.Linear(32, NUM_CLASSES)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.features(x).mean(dim=(2, 3)))
-
-
-class GroupedNet(nn.Module):
-    """A grouped conv (4 groups of 8) must lose the same positions in every group."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.features = nn.Sequential(conv_bn(3, 32), conv_bn(32, 32, groups=4), conv_bn(32, 24))
-        self.fc = nn.Linear(24, NUM_CLASSES)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.features(x).mean(dim=(2, 3)))
-
-
-class ConvHeadNet(nn.Module):
-    """All-conv classifier: a 1x1 conv to the classes, then global pooling."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.features = conv_bn(3, 16)
-        self.head = nn.Conv2d(16, NUM_CLASSES, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x)).mean(dim=(2, 3))
-
 
 X16 = torch.rand(1, 3, 16, 16)
 
@@ -209,20 +123,28 @@ def test_params_target_and_round_to() -> None:
     assert all(w % 8 == 0 for w in widths), widths
 
 
-def test_unreachable_target_keeps_floor_and_warns(caplog: pytest.LogCaptureFixture) -> None:
+def test_unreachable_target_is_refused_before_pruning() -> None:
     model = built(ConcatNet)
     dense = {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
-    with caplog.at_level(logging.WARNING, logger="toolchain.pruning"):
-        result = prune_to_target(
-            model,
-            example_inputs=X16,
-            criterion="magnitude",
-            macs_reduction=1000.0,
-            max_layer_pruning=0.5,
-            progress=False,
+    with pytest.raises(BudgetError, match=r"out of reach: .* smallest model has 3\.\d\dx fewer macs"):
+        prune_to_target(
+            model, example_inputs=X16, criterion="magnitude", macs_reduction=1000.0, max_layer_pruning=0.5
         )
-    assert "misses the target" in caplog.text
-    assert 1.5 < result.macs_reduction < 1000.0
+    assert {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)} == dense
+
+
+def test_max_layer_pruning_floor_holds_near_the_limit() -> None:
+    model = built(ConcatNet)
+    dense = {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    result = prune_to_target(
+        model,
+        example_inputs=X16,
+        criterion="magnitude",
+        macs_reduction=3.6,
+        max_layer_pruning=0.5,
+        progress=False,
+    )
+    assert result.target_met and abs(result.macs_reduction / 3.6 - 1) <= 0.05
     for name, module in model.named_modules():
         if isinstance(module, nn.Conv2d):
             assert module.out_channels >= math.ceil(dense[name] * 0.5), name

@@ -27,13 +27,8 @@ from exporters.torch_runner import TorchRunner
 from toolchain import preflight
 from toolchain.data import DataBundle
 from toolchain.models import build_from_spec
-from toolchain.pruning import (
-    classifier_layers,
-    count_macs_params,
-    load_pruned,
-    prune_to_target,
-    save_pruned,
-)
+from toolchain.preflight import prune_job
+from toolchain.pruning import count_macs_params, load_pruned, prune_model, save_pruned
 from toolchain.recipe import Recipe
 from toolchain.report.assemble import assemble_report, write_report
 from toolchain.robustness.suite import evaluate_model
@@ -174,47 +169,17 @@ def _prune(ctx: Context) -> tuple[nn.Module, list[str], dict[str, Any]]:
     cfg = ctx.recipe.prune
     # A fresh copy from disk: the dense model in memory stays intact for validation.
     model = _load_model(ctx, "train")
-    loader = ctx.train_loader(seed_offset=1)
-
-    def between_steps(m: nn.Module, step: int) -> None:
-        train_model(
-            m,
-            loader,
-            cfg.finetune_between,
-            seed=ctx.recipe.seed + step,
-            desc=f"recover {step}",
-            progress=ctx.progress,
-        )
-
-    attack = cfg.attack
-    result = prune_to_target(
-        model,
-        example_inputs=ctx.example_inputs,
-        criterion=cfg.criterion,
-        macs_reduction=cfg.target.macs_reduction,
-        params_reduction=cfg.target.params_reduction,
-        steps=cfg.steps,
-        tolerance=cfg.tolerance,
-        round_to=cfg.round_to,
-        max_layer_pruning=cfg.max_layer_pruning,
-        ignored_layers=classifier_layers(model, ctx.example_inputs),
-        importance_loader=loader,
-        importance_batches=cfg.importance_batches,
-        attack={
-            "eps": attack.eps,
-            "step_size": attack.step_size,
-            "steps": attack.steps,
-            "norm": attack.norm,
-            "random_start": attack.random_start,
-        },
-        between_steps=between_steps,
-        progress=ctx.progress,
+    result = prune_model(
+        model, prune_job(ctx.recipe, model, ctx.example_inputs, ctx.train_loader, ctx.progress), cfg
     )
     if cfg.bn_recalibration_batches:
-        recalibrate_bn(result.model, loader, batches=cfg.bn_recalibration_batches)
+        recalibrate_bn(result.model, ctx.train_loader(seed_offset=1), batches=cfg.bn_recalibration_batches)
     _save_model(ctx, "prune", result.model, result.history)
     summary = {
+        "method": result.method,
         "target": cfg.target.model_dump(exclude_none=True),
+        "tolerance": cfg.tolerance,
+        "target_met": result.target_met,
         "dense_macs": result.dense_macs,
         "dense_params": result.dense_params,
         "macs": result.macs,
@@ -222,6 +187,7 @@ def _prune(ctx: Context) -> tuple[nn.Module, list[str], dict[str, Any]]:
         "macs_reduction": result.macs_reduction,
         "params_reduction": result.params_reduction,
         "steps": result.steps,
+        "info": result.info,
     }
     return result.model, [MODEL_FILE], summary
 

@@ -6,12 +6,21 @@ overwritten) a run directory.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from toolchain.data import DATASETS, DataBundle, load_data
 from toolchain.errors import UserError
 from toolchain.models import build_model, load_state_dict_file
-from toolchain.recipe import Recipe
+from toolchain.pruning.budget import Budget, check_reachable
+from toolchain.pruning.graph import classifier_layers
+from toolchain.pruning.masks import ChannelMasks
+from toolchain.pruning.methods import METHODS, PruneJob
+from toolchain.recipe import PruneConfig, Recipe, TrainConfig
+from toolchain.robustness.corruptions import CORRUPTIONS
 
 
 def check_names(recipe: Recipe) -> None:
@@ -22,12 +31,13 @@ def check_names(recipe: Recipe) -> None:
         UserError: a runtime is requested whose library is not installed.
     """
     from exporters.runtimes import RUNTIMES, runtime_available
-    from toolchain.pruning import CRITERIA
+    from toolchain.pruning import CRITERIA, METHODS
     from toolchain.robustness.attacks import ATTACKS
     from toolchain.robustness.corruptions import CORRUPTIONS
 
     DATASETS.get(recipe.data.dataset)
     CRITERIA.get(recipe.prune.criterion)
+    METHODS.get(recipe.prune.method)
     for attack in recipe.validate.attacks:
         ATTACKS.get(attack.name)
     for name in recipe.validate.corruptions.names:
@@ -46,6 +56,9 @@ def check(recipe: Recipe) -> DataBundle:
         The loaded data (so the pipeline does not load it twice).
     """
     check_names(recipe)
+    for section in train_sections(recipe):
+        for name in section.mixed.corruptions if section.loss == "mixed" else []:
+            CORRUPTIONS.get(name)
     d = recipe.data
     data = load_data(
         d.dataset,
@@ -55,8 +68,62 @@ def check(recipe: Recipe) -> DataBundle:
         val_samples=d.val_samples,
         seed=recipe.seed,
     )
-    recipe_model(recipe, data)
+    model = recipe_model(recipe, data)
+    check_prunable(recipe, model, data)
     return data
+
+
+def train_sections(recipe: Recipe) -> list[TrainConfig]:
+    """Every training loop the recipe configures (dense, between steps, in-loop, fine-tune)."""
+    sections = [recipe.train, recipe.prune.finetune_between, recipe.finetune]
+    own = recipe.prune.section()
+    return sections if own is None else [*sections, own.train]
+
+
+def _example(data: DataBundle) -> torch.Tensor:
+    return torch.zeros(1, data.channels, data.image_size, data.image_size)
+
+
+def check_prunable(recipe: Recipe, model: nn.Module, data: DataBundle) -> None:
+    """The model's groups can be masked and the budget is reachable: checked before training.
+
+    Raises:
+        BudgetError: even every layer at its ``max_layer_pruning`` floor misses the target.
+        UserError: a layer consumes channels in a way masks cannot express (it is named).
+    """
+    example = _example(data)
+    masks = ChannelMasks(
+        model,
+        example,
+        classifier_layers(model, example),
+        max_layer_pruning=recipe.prune.max_layer_pruning,
+        strict=METHODS.get(recipe.prune.method).uses_masks,
+    )
+    check_reachable(masks, budget_of(recipe.prune))
+
+
+def budget_of(cfg: PruneConfig) -> Budget:
+    """The recipe's budget as the pruning library takes it."""
+    return Budget(cfg.target.metric, cfg.target.reduction, cfg.tolerance, cfg.round_to, cfg.max_layer_pruning)
+
+
+def prune_job(
+    recipe: Recipe,
+    model: nn.Module,
+    example_inputs: torch.Tensor,
+    loader: Callable[[int], DataLoader],
+    progress: bool,
+) -> PruneJob:
+    """What the prune stage hands to the method (the head of ``model`` is kept)."""
+    return PruneJob(
+        example_inputs=example_inputs,
+        budget=budget_of(recipe.prune),
+        ignored_layers=classifier_layers(model, example_inputs),
+        loader=loader,
+        attack=recipe.prune.attack,
+        seed=recipe.seed,
+        progress=progress,
+    )
 
 
 def recipe_model(recipe: Recipe, data: DataBundle) -> nn.Module:

@@ -11,13 +11,16 @@ Typical use::
 from toolchain.pruning.criteria import CRITERIA, CriterionInfo, SeededRandomImportance, TaylorImportance
 from toolchain.pruning.graph import classifier_layers, count_macs_params
 from toolchain.pruning.io import load_pruned, save_pruned
-from toolchain.pruning.prune import PruneResult, prune_to_target
+from toolchain.pruning.methods import METHODS, PruneJob, PruneResult, prune_model
+from toolchain.pruning.prune import prune_to_target
 from toolchain.pruning.scores import DEFAULT_ATTACK, accumulate_gradients, compute_scores
 
 __all__ = [
     "CRITERIA",
     "DEFAULT_ATTACK",
+    "METHODS",
     "CriterionInfo",
+    "PruneJob",
     "PruneResult",
     "SeededRandomImportance",
     "TaylorImportance",
@@ -26,6 +29,7 @@ __all__ = [
     "compute_scores",
     "count_macs_params",
     "load_pruned",
+    "prune_model",
     "prune_to_target",
     "save_pruned",
 ]

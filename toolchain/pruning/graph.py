@@ -141,8 +141,15 @@ def expand_ignored(layers: Sequence[nn.Module]) -> list[nn.Module]:
 
 
 def build_graph(model: nn.Module, example_inputs: Any) -> tp.DependencyGraph:
-    """Trace ``model`` into a dependency graph without moving its BatchNorm statistics."""
-    with eval_mode(model):
+    """Trace ``model`` into a dependency graph without moving its BatchNorm statistics.
+
+    A single tensor is passed as a one-tuple: torch-pruning first tries ``model(*inputs)``,
+    which for a bare ``1xCxHxW`` tensor would trace an *unbatched* ``CxHxW`` forward whenever
+    the model happens to accept one.
+    """
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    with eval_mode(model), torch.enable_grad():  # tracing needs autograd, even under no_grad
         return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
 
 

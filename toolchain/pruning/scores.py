@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel
 from torch import Tensor, nn
 
 from toolchain.errors import UserError
@@ -35,9 +36,11 @@ _ATTACK_KEYS = frozenset({"eps", "step_size", "steps", "norm", "random_start", "
 ScoreTable = dict[tuple[str, str], Tensor]
 
 
-def _attack_kwargs(attack: Mapping[str, Any] | None) -> dict[str, Any]:
+def _attack_kwargs(attack: Mapping[str, Any] | BaseModel | None) -> dict[str, Any]:
     if attack is None:
         return dict(DEFAULT_ATTACK)
+    if isinstance(attack, BaseModel):  # a validated AttackConfig
+        return attack.model_dump()
     unknown = sorted(set(attack) - _ATTACK_KEYS)
     if unknown:
         raise UserError(
@@ -52,7 +55,7 @@ def accumulate_gradients(
     *,
     batches: int,
     loss: str,
-    attack: Mapping[str, Any] | None = None,
+    attack: Mapping[str, Any] | BaseModel | None = None,
     seed: int = 0,
 ) -> int:
     """Fill ``param.grad`` with the mean cross-entropy gradient over ``batches`` batches.
@@ -109,7 +112,7 @@ def compute_scores(
     ignored_layers: Sequence[nn.Module] = (),
     loader: Iterable[tuple[Tensor, Tensor]] | None = None,
     batches: int = 4,
-    attack: Mapping[str, Any] | None = None,
+    attack: Mapping[str, Any] | BaseModel | None = None,
 ) -> ScoreTable:
     """Score every prunable channel group of ``model`` with ``criterion``.
 

@@ -59,6 +59,7 @@ def models_section(root: Path) -> dict[str, Any]:
     return {
         "dense": {"macs": dense_macs, "params": dense_params},
         "pruned": {
+            "method": prune.get("method", "iterative"),
             "macs": macs,
             "params": params,
             "macs_reduction": dense_macs / macs if macs else 0.0,

@@ -1,0 +1,101 @@
+"""Tiny models with the structures pruning must handle: residual sums, concatenation,
+depthwise and grouped convolutions, a convolutional head. Shared by the pruning tests."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NUM_CLASSES = 10
+
+
+def conv_bn(cin: int, cout: int, stride: int = 1, groups: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, stride, 1, groups=groups, bias=False), nn.BatchNorm2d(cout), nn.ReLU()
+    )
+
+
+class Block(nn.Module):
+    """Basic residual block; a 1x1 projection when the shape changes."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.body = nn.Sequential(conv_bn(cin, cout, stride), nn.Conv2d(cout, cout, 3, 1, 1, bias=False))
+        self.bn = nn.BatchNorm2d(cout)
+        self.short = (
+            nn.Identity() if stride == 1 and cin == cout else nn.Conv2d(cin, cout, 1, stride, bias=False)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.bn(self.body(x)) + self.short(x))
+
+
+class ResidualNet(nn.Module):
+    """Residual additions couple the stem, both blocks of a stage and the shortcut."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.stem = conv_bn(3, width)
+        self.stage1 = nn.Sequential(Block(width, width), Block(width, width))
+        self.stage2 = nn.Sequential(Block(width, 2 * width, 2), Block(2 * width, 2 * width))
+        self.fc = nn.Linear(2 * width, NUM_CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stage2(self.stage1(self.stem(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class ConcatNet(nn.Module):
+    """torch.cat of two branches of different widths feeds one conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = conv_bn(3, 16)
+        self.left = conv_bn(16, 12)
+        self.right = conv_bn(16, 20)
+        self.merge = conv_bn(32, 24)
+        self.fc = nn.Linear(24, NUM_CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = self.merge(torch.cat([self.left(x), self.right(x)], dim=1))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+class DepthwiseNet(nn.Module):
+    """MobileNet-style: a depthwise conv ties its input and output channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            conv_bn(3, 16), conv_bn(16, 16, groups=16), nn.Conv2d(16, 32, 1), nn.BatchNorm2d(32), nn.ReLU()
+        )
+        self.fc = nn.Linear(32, NUM_CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x).mean(dim=(2, 3)))
+
+
+class GroupedNet(nn.Module):
+    """A grouped conv (4 groups of 8) must lose the same positions in every group."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(conv_bn(3, 32), conv_bn(32, 32, groups=4), conv_bn(32, 24))
+        self.fc = nn.Linear(24, NUM_CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x).mean(dim=(2, 3)))
+
+
+class ConvHeadNet(nn.Module):
+    """All-conv classifier: a 1x1 conv to the classes, then global pooling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = conv_bn(3, 16)
+        self.head = nn.Conv2d(16, NUM_CLASSES, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x)).mean(dim=(2, 3))

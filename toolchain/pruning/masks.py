@@ -1,0 +1,466 @@
+"""Channel masks over torch-pruning dependency groups: train with them, then remove for real.
+
+Methods that prune *while* training (HYDRA scores, BAP's gradual schedule, DNR's rewiring,
+gates) share this mechanism. A :class:`ChannelMasks` holds one mask value per *position* of
+every prunable dependency group (a position is a root channel; grouped convolutions tie the
+same position across their channel groups, since they must lose the same positions in every
+group). The mask multiplies the input of every layer that consumes the group's channels (the
+next convolutions, the linear head, both sides of a residual sum or a concatenation), so a
+zero mask value makes the network compute exactly what the physically pruned network
+computes: nothing downstream ever sees the channel. BatchNorm and activations in between are
+left alone (they act per channel).
+
+The mask values come from a *source* the method owns (scores through a straight-through
+top-k, sigmoid gates, a fixed binary buffer); the source is evaluated once per forward pass.
+
+MACs and parameters of the masked model are computed from the masks by a cost model
+calibrated on torch-pruning's own layer-wise counter: every counted layer costs
+``a * in_live * out_live + b * out_live`` (convolutions, linear layers) or scales with the live
+channels of its output (BatchNorm, activations, pooling), so a method can hold a budget while
+it trains without copying the model. ``remove`` then turns the mask into a physical removal
+by channel indices through torch-pruning.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import Tensor, nn
+
+from toolchain.errors import UserError
+from toolchain.pruning.graph import (
+    ROOT_TYPES,
+    HistoryEntry,
+    build_graph,
+    expand_ignored,
+    group_key,
+    plain_history,
+)
+
+logger = logging.getLogger(__name__)
+
+GroupKey = tuple[str, str]
+MaskSource = Callable[[], Tensor]
+
+_CONSUMERS = (nn.modules.conv._ConvNd, nn.Linear)
+_PER_CHANNEL = (nn.modules.batchnorm._BatchNorm, nn.PReLU)
+# Normalisation over several channels: a masked channel still enters their statistics, so
+# the masked model only approximates the pruned one until it is fine-tuned.
+_CROSS_CHANNEL = (nn.LayerNorm, nn.GroupNorm)
+
+
+@dataclass(frozen=True)
+class MaskGroup:
+    """One prunable dependency group.
+
+    Attributes:
+        key: ``(root layer name, pruning function name)``, as :func:`group_key`.
+        root: the root layer's qualified name.
+        size: channels of the root layer.
+        ch_groups: channel groups tied together (grouped convolutions); 1 otherwise.
+        offset: where the group's positions start in the flat mask vector.
+        floor: positions that must stay (``max_layer_pruning``, at least one).
+    """
+
+    key: GroupKey
+    root: str
+    size: int
+    ch_groups: int
+    offset: int
+    floor: int
+
+    @property
+    def positions(self) -> int:
+        return self.size // self.ch_groups
+
+    @property
+    def span(self) -> slice:
+        return slice(self.offset, self.offset + self.positions)
+
+    def channels(self, positions: Sequence[int]) -> list[int]:
+        """Root channel indices of ``positions`` in every tied channel group."""
+        return sorted(p + g * self.positions for g in range(self.ch_groups) for p in positions)
+
+
+@dataclass
+class _Cost:
+    """One counted layer: ``a * in_live * out_live + b * out_live + c * live + d``."""
+
+    a: float
+    b: float
+    c: float
+    d: float
+    in_index: Tensor | None  # flat position per input channel (total = always live)
+    out_index: Tensor | None  # flat position per output channel
+
+    def value(self, ext: Tensor, in_total: int, out_total: int) -> Tensor:
+        in_live = ext[self.in_index].sum() if self.in_index is not None else ext.new_tensor(float(in_total))
+        out_live = (
+            ext[self.out_index].sum() if self.out_index is not None else ext.new_tensor(float(out_total))
+        )
+        return self.a * in_live * out_live + self.b * out_live + self.c * out_live + self.d
+
+
+def _tied_channel_groups(group: Any) -> int:
+    """Channel grouping a group must respect (grouped convs, GroupNorm); depthwise is one-to-one."""
+    groups = 1
+    for item in group:
+        layer = item.dep.target.module
+        if isinstance(layer, nn.modules.conv._ConvNd) and layer.groups > 1:
+            if layer.groups != layer.out_channels:
+                groups = max(groups, layer.groups)
+        elif isinstance(layer, nn.GroupNorm):
+            groups = max(groups, layer.num_groups)
+    return groups
+
+
+def _trace(
+    model: nn.Module, example_inputs: Tensor
+) -> tuple[tp.DependencyGraph, dict[nn.Module, list[tuple[Any, int, int]]]]:
+    """Build the dependency graph and remember, per call of each leaf layer, its output's
+    autograd node, channel width and size.
+
+    Both come from the same traced forward pass, so a layer can be matched to the graph node
+    torch-pruning made for it even where tp wraps the op in a placeholder (activations). A
+    layer called twice (torchvision's ResNet reuses one ReLU) is counted per call.
+    """
+    calls: dict[nn.Module, list[tuple[Any, int, int]]] = {}
+
+    def remember(module: nn.Module, _inputs: Any, output: Any) -> None:
+        if isinstance(output, Tensor) and output.dim() >= 2:
+            calls.setdefault(module, []).append((output.grad_fn, int(output.shape[1]), output.numel()))
+
+    handles = [
+        m.register_forward_hook(remember) for m in model.modules() if not any(True for _ in m.children())
+    ]
+    try:
+        graph = build_graph(model, example_inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return graph, calls
+
+
+def _consumes(graph: tp.DependencyGraph, item: Any) -> bool:
+    """The item prunes a layer's *input* channels (per-channel layers prune both at once)."""
+    handler = item.dep.handler
+    return graph.is_in_channel_pruning_fn(handler) and not graph.is_out_channel_pruning_fn(handler)
+
+
+def _plain(idxs: Any) -> list[int]:
+    return [int(getattr(i, "idx", i)) for i in idxs]
+
+
+class ChannelMasks:
+    """Masks over every prunable group of ``model`` (the classifier head and ``ignored_layers`` stay).
+
+    Args:
+        model: the dense model; it is not modified until :meth:`attach` or :meth:`remove`.
+        example_inputs: one batch (usually ``1xCxHxW``) to trace the graph and count MACs on.
+        ignored_layers: layers whose output channels must stay (the head at least).
+        max_layer_pruning: never remove more than this fraction of a group.
+        strict: refuse groups whose channels a non per-channel layer mixes (attention,
+            recurrent or custom layers); ``False`` keeps them, for the cost model only (the
+            iterative method prunes physically and never applies masks).
+
+    Raises:
+        UserError: a group's channels are consumed by a layer masks cannot express (the message
+            names it and suggests ``ignored_layers``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example_inputs: Tensor,
+        ignored_layers: Sequence[nn.Module],
+        *,
+        max_layer_pruning: float = 0.9,
+        strict: bool = True,
+    ) -> None:
+        self.model = model
+        self.example_inputs = example_inputs
+        self.ignored = list(ignored_layers)
+        names = {module: name for name, module in model.named_modules()}
+        graph, calls = _trace(model, example_inputs)
+        self.groups: list[MaskGroup] = []
+        consumers: dict[nn.Module, list[tuple[list[int], list[int]]]] = {}
+        producers: dict[Any, list[tuple[list[int], list[int]]]] = {}
+        offset = 0
+        for group in graph.get_all_groups(
+            ignored_layers=expand_ignored(self.ignored), root_module_types=ROOT_TYPES
+        ):
+            size = len(group[0].idxs)
+            ch_groups = _tied_channel_groups(group)
+            if size % ch_groups:
+                continue
+            positions = size // ch_groups
+            key = group_key(group, names)
+            floor = max(1, math.ceil(positions * (1.0 - max_layer_pruning) - 1e-9))
+            if floor >= positions:
+                continue
+            entry = MaskGroup(key, key[0], size, ch_groups, offset, floor)
+            if strict:
+                self._check_maskable(graph, group, names, entry)
+            for item in group:
+                if item.root_idxs is None:
+                    continue
+                local, root = _plain(item.idxs), _plain(item.root_idxs)
+                flat = [offset + r % positions for r in root]
+                module = item.dep.target.module
+                if _consumes(graph, item):
+                    consumers.setdefault(module, []).append((local, flat))
+                else:
+                    # Layers are found by identity; activations and other ops tp wraps in its own
+                    # placeholder nodes are found by the autograd node of their output.
+                    producers.setdefault(module, []).append((local, flat))
+                    if item.dep.target.grad_fn is not None:
+                        producers.setdefault(item.dep.target.grad_fn, []).append((local, flat))
+            self.groups.append(entry)
+            offset += positions
+        self.total = offset
+        self._by_key = {g.key: g for g in self.groups}
+        self._consumer_index = {
+            module: self._index(module, _in_width(module), maps) for module, maps in consumers.items()
+        }
+        self._costs, self._macs_const, self._params_const = self._cost_model(producers, calls)
+        self._source: MaskSource | None = None
+        self._ext: Tensor | None = None
+        self._handles: list[Any] = []
+
+    # --- construction ------------------------------------------------------------------------
+
+    def _check_maskable(
+        self, graph: tp.DependencyGraph, group: Any, names: dict[nn.Module, str], entry: MaskGroup
+    ) -> None:
+        """Masks at consumers' inputs equal removal only if every other layer acts per channel."""
+        for item in group:
+            module = item.dep.target.module
+            if not isinstance(module, nn.Module) or not any(True for _ in module.parameters(recurse=False)):
+                continue
+            if isinstance(module, _CONSUMERS + _PER_CHANNEL):
+                continue
+            name = names.get(module, type(module).__name__)
+            if isinstance(module, _CROSS_CHANNEL):
+                logger.warning(
+                    "%s (%s) normalises across channels of group %r: the masked model only "
+                    "approximates the pruned one until fine-tuning",
+                    name,
+                    type(module).__name__,
+                    entry.root,
+                )
+                continue
+            raise UserError(
+                f"cannot mask the channels of {entry.root!r}: {name!r} ({type(module).__name__}) "
+                "mixes them in a way channel masks cannot express; add it (or the layer feeding it) "
+                "to the model's ignored_layers, or use prune.method: iterative"
+            )
+
+    def _index(self, module: nn.Module, width: int, maps: list[tuple[list[int], list[int]]]) -> Tensor:
+        index = torch.full((width,), self.total, dtype=torch.long)
+        for local, flat in maps:
+            index[local] = torch.tensor(flat, dtype=torch.long)
+        return index
+
+    def _cost_model(
+        self,
+        producers: dict[Any, list[tuple[list[int], list[int]]]],
+        calls: dict[nn.Module, list[tuple[Any, int, int]]],
+    ) -> tuple[list[tuple[str, _Cost, _Cost, int, int]], float, float]:
+        """Per counted layer, MACs and params as functions of its live input/output channels."""
+        leaves = [m for m in self.model.modules() if not any(True for _ in m.children())]
+        total_macs, total_params, layer_macs, layer_params = tp.utils.count_ops_and_params(
+            self.model, self.example_inputs, layer_wise=True
+        )
+        costs = []
+        counted_macs = counted_params = 0.0
+        for module in leaves:
+            macs = float(layer_macs.get(module) or 0)
+            params = float(layer_params.get(module) or 0)
+            if not macs and not params:
+                continue
+            in_index = self._consumer_index.get(module)
+            seen = calls.get(module) or [(None, _out_width(module), 1)]
+            if isinstance(module, _CONSUMERS):
+                seen = seen[:1]  # a reused conv/linear has one set of channels
+            size = sum(numel for _, _, numel in seen)
+            for grad_fn, out_width, numel in seen:
+                share = numel / size
+                out_maps = producers.get(module) or producers.get(grad_fn)
+                out_index = self._index(module, out_width, out_maps) if out_maps and out_width else None
+                mac_cost, param_cost = _layer_costs(
+                    module, macs * share, params * share, in_index, out_index, out_width
+                )
+                in_width = _in_width(module) or out_width
+                costs.append((type(module).__name__, mac_cost, param_cost, in_width, out_width))
+            counted_macs += macs
+            counted_params += params
+        # Whatever torch-pruning counts outside leaf layers (unwrapped parameters) stays fixed.
+        return costs, float(total_macs) - counted_macs, float(total_params) - counted_params
+
+    # --- mask values ---------------------------------------------------------------------------
+
+    def ones(self) -> Tensor:
+        """A mask keeping every position."""
+        return torch.ones(self.total)
+
+    def group(self, key: GroupKey) -> MaskGroup:
+        return self._by_key[key]
+
+    def per_group(self, flat: Tensor) -> Iterator[tuple[MaskGroup, Tensor]]:
+        """``(group, that group's slice of flat)`` for every group."""
+        for g in self.groups:
+            yield g, flat[g.span]
+
+    def cost(self, mask: Tensor) -> tuple[float, float]:
+        """MACs and parameters of the model with ``mask`` applied (0/1 values; soft ones give
+        the expected cost)."""
+        ext = torch.cat([mask.detach().float().cpu(), torch.ones(1)])
+        macs, params = self._macs_const, self._params_const
+        for _, mac_cost, param_cost, in_total, out_total in self._costs:
+            macs += float(mac_cost.value(ext, in_total, out_total))
+            params += float(param_cost.value(ext, in_total, out_total))
+        return macs, params
+
+    # --- applying masks during training ---------------------------------------------------------
+
+    def attach(self, source: MaskSource) -> None:
+        """Multiply every consumer's input by the mask ``source()`` gives, once per forward pass."""
+        self.detach()
+        self._source = source
+        self._handles.append(self.model.register_forward_pre_hook(self._refresh))
+        for module, index in self._consumer_index.items():
+            self._handles.append(module.register_forward_pre_hook(self._masker(index)))
+
+    def detach(self) -> None:
+        """Remove the hooks; the model computes its dense function again."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._source = None
+        self._ext = None
+
+    @contextmanager
+    def attached(self, source: MaskSource) -> Iterator[ChannelMasks]:
+        self.attach(source)
+        try:
+            yield self
+        finally:
+            self.detach()
+
+    def _refresh(self, _module: nn.Module, _inputs: Any) -> None:
+        assert self._source is not None
+        mask = self._source()
+        self._ext = torch.cat([mask, mask.new_ones(1)])
+
+    def _masker(self, index: Tensor) -> Callable[[nn.Module, Any], Any]:
+        def apply(module: nn.Module, inputs: Any) -> Any:
+            if self._ext is None:  # called outside the root model's forward
+                return None
+            x = inputs[0]
+            scale = self._ext[index.to(self._ext.device)]
+            if isinstance(module, nn.Linear):
+                return (x * scale, *inputs[1:])
+            shape = [1, -1] + [1] * (x.dim() - 2)
+            return (x * scale.view(shape), *inputs[1:])
+
+        return apply
+
+    # --- physical removal -------------------------------------------------------------------------
+
+    def removal_plan(self, mask: Tensor) -> dict[GroupKey, list[int]]:
+        """Root channel indices to remove per group: the positions whose mask value is 0."""
+        plan: dict[GroupKey, list[int]] = {}
+        for g, values in self.per_group(mask):
+            dead = torch.nonzero(values <= 0).flatten().tolist()
+            if len(dead) > g.positions - g.floor:
+                raise ValueError(f"mask removes {len(dead)} of {g.positions} positions of {g.root!r}")
+            if dead:
+                plan[g.key] = g.channels(dead)
+        return plan
+
+    def remove(self, mask: Tensor) -> list[HistoryEntry]:
+        """Physically remove the channels ``mask`` zeroes (hooks detached first).
+
+        Returns:
+            The torch-pruning history of the removal (JSON types), for ``save_pruned``.
+        """
+        self.detach()
+        plan = self.removal_plan(mask)
+        graph = build_graph(self.model, self.example_inputs)
+        modules = dict(self.model.named_modules())
+        for (root, _), idxs in plan.items():
+            layer = modules[root]
+            group = graph.get_pruning_group(layer, graph.get_pruner_of_module(layer).prune_out_channels, idxs)
+            group.prune()
+        return plain_history(graph.pruning_history())
+
+
+def _in_width(module: nn.Module) -> int:
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return int(module.in_channels)
+    if isinstance(module, nn.Linear):
+        return int(module.in_features)
+    return _out_width(module)
+
+
+def _out_width(module: nn.Module) -> int:
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return int(module.out_channels)
+    if isinstance(module, nn.Linear):
+        return int(module.out_features)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return int(module.num_features)
+    if isinstance(module, nn.GroupNorm):
+        return int(module.num_channels)
+    if isinstance(module, nn.LayerNorm):
+        return int(module.normalized_shape[-1])
+    return 0  # unknown width: the layer's cost is treated as fixed
+
+
+def _layer_costs(
+    module: nn.Module,
+    macs: float,
+    params: float,
+    in_index: Tensor | None,
+    out_index: Tensor | None,
+    width: int,
+) -> tuple[_Cost, _Cost]:
+    """Split a layer's dense MACs/params into the terms that scale with live channels."""
+    if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
+        depthwise = isinstance(module, nn.modules.conv._ConvNd) and module.groups == module.out_channels > 1
+        out_total, in_total = _out_width(module), _in_width(module)
+        if depthwise:
+            # groups, input and output shrink together: cost is linear in the live channels.
+            return (
+                _Cost(0, 0, macs / out_total, 0, None, out_index),
+                _Cost(0, 0, params / out_total, 0, None, out_index),
+            )
+        bias = module.bias is not None
+        spatial = _bias_macs_per_channel(module, macs, in_total, out_total) if bias else 0.0
+        mac_a = (macs - spatial * out_total) / (in_total * out_total)
+        param_b = 1.0 if bias else 0.0
+        param_a = (params - param_b * out_total) / (in_total * out_total)
+        return (
+            _Cost(mac_a, spatial, 0, 0, in_index, out_index),
+            _Cost(param_a, param_b, 0, 0, in_index, out_index),
+        )
+    if out_index is None or not width:
+        return _Cost(0, 0, 0, macs, None, None), _Cost(0, 0, 0, params, None, None)
+    return _Cost(0, 0, macs / width, 0, None, out_index), _Cost(0, 0, params / width, 0, None, out_index)
+
+
+def _bias_macs_per_channel(module: nn.Module, macs: float, in_total: int, out_total: int) -> float:
+    """torch-pruning counts one MAC per output element for a bias: the output's spatial size."""
+    if isinstance(module, nn.Linear):
+        return 1.0
+    assert isinstance(module, nn.modules.conv._ConvNd)
+    kernel = math.prod(module.kernel_size)
+    per_position = kernel * in_total * (out_total // module.groups) + out_total
+    return macs / per_position  # = batch * output positions

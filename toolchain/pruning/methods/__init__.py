@@ -1,0 +1,25 @@
+"""Pruning methods behind one registry: ``METHODS.get(name)(prune_config).run(model, job)``.
+
+Importing this package registers every method (one file each).
+"""
+
+from toolchain.pruning.methods import iterative  # noqa: F401  (registers the method)
+from toolchain.pruning.methods.base import (
+    METHODS,
+    PruneJob,
+    PruneOutcome,
+    PruneResult,
+    PruningMethod,
+    prune_model,
+    run_method,
+)
+
+__all__ = [
+    "METHODS",
+    "PruneJob",
+    "PruneOutcome",
+    "PruneResult",
+    "PruningMethod",
+    "prune_model",
+    "run_method",
+]

@@ -1,0 +1,178 @@
+"""The pruning-method interface: a registry of methods, the job they get, what they return.
+
+A method turns a dense model, training data, a budget and training settings into a physically
+pruned model plus its torch-pruning history. The pipeline calls :func:`prune_model` and never
+branches on a method's name; a new method is one file with one registered class.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from toolchain.pruning.budget import Budget
+from toolchain.pruning.graph import HistoryEntry, count_macs_params
+from toolchain.recipe_prune import PGD3, PruneConfig
+from toolchain.recipe_train import AttackConfig, Section
+from toolchain.registry import Registry
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PruneJob:
+    """Everything a method is given besides the model and its own settings.
+
+    Attributes:
+        example_inputs: one batch (``1xCxHxW``) to trace and count MACs on.
+        budget: the target and its constraints.
+        ignored_layers: layers whose output channels stay (the classifier head at least).
+        loader: ``seed_offset -> DataLoader`` of training batches (a fresh shuffle per call).
+        attack: ``prune.attack``, the perturbation criteria score on.
+        seed: the run's seed; methods derive their own seeds from it.
+        progress: show progress bars.
+        device: where training runs.
+    """
+
+    example_inputs: Tensor
+    budget: Budget
+    ignored_layers: list[nn.Module]
+    loader: Callable[[int], DataLoader]
+    attack: AttackConfig = PGD3
+    seed: int = 0
+    progress: bool = True
+    device: str = "cpu"
+
+
+@dataclass
+class PruneOutcome:
+    """What a method returns.
+
+    Attributes:
+        model: the physically pruned model (the one passed in, changed in place, or a new one).
+        history: JSON torch-pruning history; replaying it on the dense model rebuilds the shapes.
+        steps: one record per pruning step, mask update or epoch, as the method defines.
+        info: method-specific results worth keeping (budgets used, rewiring counts, gates).
+    """
+
+    model: nn.Module
+    history: list[HistoryEntry]
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class PruningMethod(ABC):
+    """One registered method. Subclasses set ``name``, ``settings`` and implement :meth:`run`.
+
+    Attributes:
+        name: the registry name (``prune.method``).
+        settings: the type of the method's recipe sub-section (``prune.<name>``), or None.
+        trains: whether the method trains inside pruning (its epochs count as training).
+        uses_masks: whether it trains through channel masks (every group must be maskable).
+        description: one line for listings.
+    """
+
+    name: ClassVar[str]
+    settings: ClassVar[type[Section] | None] = None
+    trains: ClassVar[bool] = False
+    uses_masks: ClassVar[bool] = False
+    description: ClassVar[str] = ""
+
+    def __init__(self, cfg: PruneConfig) -> None:
+        self.cfg = cfg
+
+    @property
+    def own(self) -> Any:
+        """This method's sub-section of the recipe (defaults filled in)."""
+        return self.cfg.section()
+
+    @abstractmethod
+    def run(self, model: nn.Module, job: PruneJob) -> PruneOutcome:
+        """Prune ``model`` to ``job.budget``; see :class:`PruneOutcome`."""
+
+
+METHODS: Registry[type[PruningMethod]] = Registry("pruning method")
+
+
+@dataclass
+class PruneResult:
+    """What pruning did, as the pipeline records it.
+
+    Attributes:
+        model: the pruned model.
+        history: torch-pruning history (JSON types) for ``save_pruned``.
+        method: the method's name.
+        dense_macs, dense_params, macs, params: sizes before and after (torch-pruning's count).
+        macs_reduction, params_reduction: ``dense / pruned``.
+        target_met: the budget's reduction is met within its tolerance.
+        steps, info: the method's records.
+        seconds: wall time.
+    """
+
+    model: nn.Module
+    history: list[HistoryEntry]
+    method: str
+    dense_macs: int
+    dense_params: int
+    macs: int
+    params: int
+    macs_reduction: float
+    params_reduction: float
+    target_met: bool
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def prune_model(model: nn.Module, job: PruneJob, cfg: PruneConfig) -> PruneResult:
+    """Prune ``model`` with the method ``cfg.method`` names (the pipeline's one verb).
+
+    Raises:
+        UnknownNameError: unknown method.
+        BudgetError: the budget cannot be reached under ``round_to``/``max_layer_pruning``.
+        UserError: a model whose groups cannot be masked, bad settings.
+    """
+    return run_method(METHODS.get(cfg.method)(cfg), model, job)
+
+
+def run_method(method: PruningMethod, model: nn.Module, job: PruneJob) -> PruneResult:
+    """Run one method instance and measure what it achieved (see :func:`prune_model`)."""
+    started = time.perf_counter()
+    dense_macs, dense_params = count_macs_params(model, job.example_inputs)
+    outcome = method.run(model, job)
+    macs, params = count_macs_params(outcome.model, job.example_inputs)
+    budget = job.budget
+    dense = budget.pick(dense_macs, dense_params)
+    achieved = budget.pick(macs, params)
+    met = budget.met(dense, achieved)
+    if not met:
+        logger.warning(
+            "%s: %s reduction %.3f misses the target %.3f by more than %.0f%%",
+            method.name,
+            budget.metric,
+            dense / achieved,
+            budget.reduction,
+            budget.tolerance * 100,
+        )
+    return PruneResult(
+        model=outcome.model,
+        history=outcome.history,
+        method=method.name,
+        dense_macs=dense_macs,
+        dense_params=dense_params,
+        macs=macs,
+        params=params,
+        macs_reduction=dense_macs / macs,
+        params_reduction=dense_params / params,
+        target_met=met,
+        steps=outcome.steps,
+        info=outcome.info,
+        seconds=time.perf_counter() - started,
+    )
