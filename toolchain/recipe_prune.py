@@ -124,10 +124,10 @@ class GatedConfig(MethodSection):
     """
 
     train: TrainConfig = TrainConfig(epochs=5, lr=0.01, loss="mixed", attack=PGD3)
-    gate_lr: Number = Field(0.05, gt=0, description="Adam learning rate of the gate logits")
+    gate_lr: Number = Field(0.02, gt=0, description="Adam learning rate of the gate logits")
     gate_init: float = Field(3.0, description="initial gate logit (sigmoid(3) = 0.95)")
     l1: Number = Field(5e-4, ge=0, description="weight of the L1 pull on the gates (per channel)")
-    contribution_weight: Number = Field(0.1, ge=0, description="weight of the contribution-difference loss")
+    contribution_weight: Number = Field(1.0, ge=0, description="weight of the contribution-difference loss")
     allocation: Allocation = Field("layer", description="layer-wise, block-wise or global competition")
     block_depth: int = Field(3, ge=1, description="'block': groups whose root names share this many parts")
 

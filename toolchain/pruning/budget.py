@@ -22,7 +22,6 @@ from torch import Tensor
 
 from toolchain.errors import UserError
 from toolchain.pruning.masks import ChannelMasks, MaskGroup
-from toolchain.pruning.search import channels_to_keep
 
 Metric = Literal["macs", "params"]
 
@@ -73,17 +72,34 @@ class Budget:
         return self.error(dense, achieved) <= self.tolerance
 
 
-def pools_for(masks: ChannelMasks, allocation: str, block_depth: int = 3) -> list[list[int]]:
+def channels_to_keep(size: int, ratio: float, *, round_to: int | None, floor: int) -> int:
+    """Positions a group of ``size`` keeps at ``ratio``; non-increasing in ``ratio``.
+
+    ``floor`` (at least 1) wins over the ratio; with ``round_to`` the count is rounded to the
+    nearest multiple and the floor up to one, and a group narrower than ``round_to`` is kept.
+    """
+    keep = math.floor(size * (1.0 - ratio) + 1e-9)
+    floor = max(floor, 1)
+    if round_to:
+        keep = round_to * int(keep / round_to + 0.5)
+        floor = round_to * math.ceil(floor / round_to)
+    return min(max(keep, floor), size)
+
+
+def pools_for(
+    masks: ChannelMasks, allocation: str, block_depth: int = 3, *, exclude: frozenset[int] = frozenset()
+) -> list[list[int]]:
     """Partition the groups (by index) into pools for :func:`allocate`.
 
     ``block`` puts together groups whose root layer names share their first ``block_depth``
-    dotted parts (``net.stages.1.conv1`` and ``net.stages.1.conv2`` at depth 3).
+    dotted parts (``net.stages.1.conv1`` and ``net.stages.1.conv2`` at depth 3). Groups in
+    ``exclude`` are in no pool: they keep every channel.
     """
-    indices = range(len(masks.groups))
+    indices = [i for i in range(len(masks.groups)) if i not in exclude]
     if allocation == "layer":
         return [[i] for i in indices]
     if allocation == "global":
-        return [list(indices)]
+        return [indices]
     if allocation == "block":
         blocks: dict[str, list[int]] = {}
         for i, g in enumerate(masks.groups):
@@ -108,11 +124,12 @@ def mask_for_fraction(
     """The 0/1 mask removing ``fraction`` of every pool's positions, lowest scores first.
 
     Each group keeps at least its floor (its own highest-scored positions); in a pool of one
-    group the count follows :func:`~toolchain.pruning.search.channels_to_keep`, as the
-    iterative method does.
+    group the count follows :func:`channels_to_keep`. Groups in no pool keep every position.
     """
-    mask = torch.zeros(masks.total)
+    mask = torch.ones(masks.total)
     for pool in pools:
+        for i in pool:
+            mask[masks.groups[i].span] = 0.0
         groups = [masks.groups[i] for i in pool]
         if len(groups) == 1:
             g = groups[0]
@@ -209,7 +226,44 @@ def allocate(
             lo = mid
         else:
             hi = mid
+    if error(best) > budget.tolerance / 4:
+        mask = _refine(masks, scores, best.mask, budget, dense / target_reduction)
+        refined = Allocation(mask, best.fraction, *masks.cost(mask), evaluations=evals)
+        best = min(best, refined, key=error)
     return Allocation(best.mask, best.fraction, best.macs, best.params, evals)
+
+
+def _refine(masks: ChannelMasks, scores: Tensor, start: Tensor, budget: Budget, target: float) -> Tensor:
+    """Move a few positions at a time towards ``target`` cost when one common fraction cannot
+    hit it (narrow layers change in coarse steps): add back the best removed positions of the
+    groups that kept least, or remove the worst kept positions of the groups that kept most,
+    and stop at the mask closest to the target."""
+    step = budget.round_to or 1
+    mask = start.clone()
+    cost = budget.pick(*masks.cost(mask))
+    grow = cost < target
+    while True:
+        options = []
+        for g, values in masks.per_group(mask):
+            kept = int(values.sum())
+            if (grow and kept + step <= g.positions) or (
+                not grow and kept - step >= _floor(g, budget.round_to)
+            ):
+                options.append((kept / g.positions, g))
+        if not options:
+            return mask
+        _, g = min(options, key=lambda o: o[0]) if grow else max(options, key=lambda o: o[0])
+        values = scores[g.span].clone()
+        alive = mask[g.span] > 0
+        values[alive if grow else ~alive] = float("-inf") if grow else float("inf")
+        picked = torch.topk(values, step, largest=grow).indices
+        trial = mask.clone()
+        trial[g.offset + picked] = 1.0 if grow else 0.0
+        new = budget.pick(*masks.cost(trial))
+        crossed = new > target if grow else new <= target
+        if crossed:
+            return trial if abs(new - target) < abs(cost - target) else mask
+        mask, cost = trial, new
 
 
 def unreachable(budget: Budget, dense: float, smallest: float) -> BudgetError:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -183,6 +183,7 @@ class ChannelMasks:
         *,
         max_layer_pruning: float = 0.9,
         strict: bool = True,
+        floors: Mapping[str, int] | None = None,
     ) -> None:
         self.model = model
         self.example_inputs = example_inputs
@@ -203,6 +204,8 @@ class ChannelMasks:
             positions = size // ch_groups
             key = group_key(group, names)
             floor = max(1, math.ceil(positions * (1.0 - max_layer_pruning) - 1e-9))
+            if floors is not None and key[0] in floors:
+                floor = max(1, math.ceil(floors[key[0]] / ch_groups))
             if floor >= positions:
                 continue
             entry = MaskGroup(key, key[0], size, ch_groups, offset, floor)
@@ -233,6 +236,7 @@ class ChannelMasks:
         self._source: MaskSource | None = None
         self._ext: Tensor | None = None
         self._handles: list[Any] = []
+        self._capture: list[tuple[Tensor, Tensor]] | None = None
 
     # --- construction ------------------------------------------------------------------------
 
@@ -364,13 +368,58 @@ class ChannelMasks:
             if self._ext is None:  # called outside the root model's forward
                 return None
             x = inputs[0]
-            scale = self._ext[index.to(self._ext.device)]
+            where = index.to(self._ext.device)
+            scale = self._ext[where]
             if isinstance(module, nn.Linear):
-                return (x * scale, *inputs[1:])
-            shape = [1, -1] + [1] * (x.dim() - 2)
-            return (x * scale.view(shape), *inputs[1:])
+                out = x * scale
+            else:
+                out = x * scale.view([1, -1] + [1] * (x.dim() - 2))
+            if self._capture is not None:
+                self._capture.append((where, out))
+            return (out, *inputs[1:])
 
         return apply
+
+    @contextmanager
+    def capture(self) -> Iterator[list[tuple[Tensor, Tensor]]]:
+        """Record, for every consumer layer called inside the block, ``(position index per
+        channel, masked input)``; the inputs keep their autograd graph."""
+        self._capture = []
+        try:
+            yield self._capture
+        finally:
+            self._capture = None
+
+    def per_position(self, values: list[tuple[Tensor, Tensor]]) -> Tensor:
+        """Average per-channel values ``(position index, value per channel)`` into one value per
+        position (over the layers consuming it); differentiable."""
+        total = torch.zeros(self.total + 1)
+        count = torch.zeros(self.total + 1)
+        for where, value in values:
+            total = total.index_add(0, where.cpu(), value.float().cpu())
+            count = count.index_add(0, where.cpu(), torch.ones(len(where)))
+        return (total / count.clamp_min(1.0))[: self.total]
+
+    @torch.no_grad()
+    def fold(self, scale: Tensor) -> None:
+        """Multiply each consumer's weights by ``scale`` per input position, so the model with
+        no mask computes what it computed with the (soft) mask ``scale``."""
+        ext = torch.cat([scale.detach().float().cpu(), torch.ones(1)])
+        for module, index in self._consumer_index.items():
+            s = ext[index]
+            weight = module.weight  # type: ignore[union-attr]
+            assert isinstance(weight, Tensor)
+            if isinstance(module, nn.Linear):
+                weight.mul_(s.to(weight).view(1, -1))
+                continue
+            assert isinstance(module, nn.modules.conv._ConvNd)
+            groups = module.groups
+            if module.transposed:  # (in, out / groups, *k)
+                weight.mul_(s.to(weight).view(-1, *([1] * (weight.dim() - 1))))
+                continue
+            per_group = s.to(weight).view(groups, 1, -1, *([1] * (weight.dim() - 2)))
+            shaped = weight.view(groups, weight.shape[0] // groups, *weight.shape[1:])
+            shaped.mul_(per_group)
 
     # --- physical removal -------------------------------------------------------------------------
 

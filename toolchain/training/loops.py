@@ -61,6 +61,8 @@ class TrainHooks:
             ``hybrid`` losses, called in eval mode.
         after_step: ``step -> None`` after every optimiser step (gradients still present).
         metrics: ``() -> dict`` merged into each epoch's record (e.g. live channels).
+        side_optimizer: ``() -> optimiser`` for parameters outside the model (gates with Adam),
+            stepped with the main one; its learning rates follow the same schedule.
     """
 
     param_groups: Callable[[nn.Module], list[dict[str, Any]]] | None = None
@@ -68,6 +70,7 @@ class TrainHooks:
     perturb: Perturbation | None = None
     after_step: Callable[[Step], None] | None = None
     metrics: Callable[[], dict[str, float]] | None = None
+    side_optimizer: Callable[[], torch.optim.Optimizer] | None = None
 
 
 def make_loader(
@@ -132,6 +135,11 @@ def train_model(
     if cfg.epochs == 0:
         return []
     optimizer = _optimizer(model, cfg, hooks)
+    optimizers = [optimizer]
+    if hooks.side_optimizer is not None:
+        optimizers.append(hooks.side_optimizer())
+        for group in optimizers[-1].param_groups:
+            group["base_lr"] = group["lr"]
     batch_loss = BatchLoss(cfg, perturb=hooks.perturb)
     generator = torch.Generator().manual_seed(seed)
     per_epoch = max(len(loader), 1)
@@ -149,17 +157,20 @@ def train_model(
         for x, y in bar:
             x, y = x.to(device), y.to(device)
             factor = lr_factor(cfg, step, total, per_epoch)
-            for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * factor
+            for opt in optimizers:
+                for group in opt.param_groups:
+                    group["lr"] = group["base_lr"] * factor
             loss, logits = batch_loss(model, x, y, adversarial=adversarial, generator=generator)
             state = Step(model, optimizer, x, y, logits, loss, step, total, epoch)
             if hooks.extra_loss is not None:
                 extra = hooks.extra_loss(state)
                 if extra is not None:
                     loss = state.loss = loss + extra
-            optimizer.zero_grad(set_to_none=True)
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
+            for opt in optimizers:
+                opt.step()
             if hooks.after_step is not None:
                 hooks.after_step(state)
             step += 1
@@ -184,7 +195,8 @@ def train_model(
             cfg.epochs,
             *map(record.get, ("loss", "accuracy")),
         )
-    optimizer.zero_grad(set_to_none=True)
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
     model.eval()
     return history
 

@@ -2,31 +2,33 @@
 
 The classic structured-pruning loop (Molchanov et al. 2017/2019; torch-pruning's
 ``MetaPruner``), with our budget search: step ``i`` of ``steps`` rescores the current model
-with the criterion (``magnitude``, ``taylor``, ``adv-taylor``, ``random``), bisects the channel
-ratio whose pruned copy is closest to ``dense / reduction ** (i / steps)`` MACs (or params),
+with the criterion (``magnitude``, ``taylor``, ``adv-taylor``, ``random``), finds on the
+channel masks' cost model the uniform ratio (refined a few channels at a time for narrow
+layers) whose mask is closest to ``dense / reduction ** (i / steps)`` MACs (or params),
 removes those channels physically, and recovers with ``finetune_between`` before the next step.
-The classifier head is never pruned.
+The classifier head is never pruned; no group goes below ``max_layer_pruning`` of its dense
+width.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from toolchain.errors import UserError
-from toolchain.pruning.budget import check_reachable
+from toolchain.pruning.budget import allocate, check_reachable, pools_for
 from toolchain.pruning.criteria import CRITERIA
-from toolchain.pruning.graph import HistoryEntry, count_macs_params, out_channels
+from toolchain.pruning.graph import HistoryEntry, count_macs_params
 from toolchain.pruning.masks import ChannelMasks
 from toolchain.pruning.methods.base import METHODS, PruneJob, PruneOutcome, PruningMethod
-from toolchain.pruning.scores import compute_scores
-from toolchain.pruning.search import prune_groups, search_ratio
+from toolchain.pruning.scores import ScoreTable, compute_scores
 from toolchain.recipe_train import AttackConfig
 from toolchain.training import train_model
 
@@ -108,28 +110,23 @@ def iterative_prune(
         raise UserError(f"steps must be >= 1, got {steps}")
     if info.needs_gradients and loader is None:
         raise UserError(f"criterion {criterion!r} needs gradients: pass importance_loader")
-    budget, x = job.budget, job.example_inputs
-    ignored = job.ignored_layers
+    budget, x, ignored = job.budget, job.example_inputs, job.ignored_layers
     masks = ChannelMasks(model, x, ignored, max_layer_pruning=budget.max_layer_pruning, strict=False)
     check_reachable(masks, budget)
-    names = {module: name for name, module in model.named_modules()}
-    ignored_names = [names[m] for m in ignored]
-    logger.info("pruning with %r; head(s) kept: %s", criterion, ", ".join(ignored_names))
-
+    # Floors are fractions of the *dense* widths, whatever earlier steps removed.
+    floors = {g.root: g.floor * g.ch_groups for g in masks.groups}
+    logger.info("pruning with %r; head(s) kept: %s", criterion, ", ".join(_names(model, ignored)))
     modes = [(m, m.training) for m in model.modules()]
-    dense_macs, dense_params = count_macs_params(model, x)
+    dense_macs, dense_params = (int(v) for v in masks.cost(masks.ones()))
     dense = budget.pick(dense_macs, dense_params)
-    floors = {
-        name: max(1, math.ceil(width * (1.0 - budget.max_layer_pruning) - 1e-9))
-        for name, width in out_channels(model, skip=ignored).items()
-    }
     history: list[HistoryEntry] = []
     records: list[dict[str, Any]] = []
     show = job.progress and steps > 1
     for i in tqdm(range(1, steps + 1), desc=f"prune {criterion}", disable=None if show else True):
         started = time.perf_counter()
-        step_reduction = budget.reduction ** (i / steps)
-        target = dense / step_reduction
+        step = replace(budget, reduction=budget.reduction ** (i / steps))
+        if i > 1:
+            masks = ChannelMasks(model, x, ignored, strict=False, floors=floors)
         table = compute_scores(
             model,
             x,
@@ -139,38 +136,23 @@ def iterative_prune(
             batches=importance_batches,
             attack=attack,
         )
+        scores, unscored = _position_scores(masks, table)
         scored = time.perf_counter()
-        best, evals = search_ratio(
-            model,
-            x,
-            table,
-            metric=budget.metric,
-            target=target,
-            floors=floors,
-            round_to=budget.round_to,
-            ignored_names=ignored_names,
-            tolerance=budget.tolerance,
-            progress=job.progress,
-            desc=f"step {i}/{steps} ratio search",
-        )
-        searched = time.perf_counter()
-        history += prune_groups(
-            model, x, table, best.ratio, floors=floors, round_to=budget.round_to, ignored_layers=ignored
-        )
+        chosen = allocate(masks, scores, step, pools_for(masks, "layer", exclude=unscored), dense=dense)
+        history += masks.remove(chosen.mask)
         macs, params = count_macs_params(model, x)
         records.append(
             {
                 "step": i,
-                "target_reduction": step_reduction,
-                f"target_{budget.metric}": round(target),
-                "ratio": best.ratio,
+                "target_reduction": step.reduction,
+                f"target_{budget.metric}": round(dense / step.reduction),
+                "ratio": chosen.fraction,
                 "macs": macs,
                 "params": params,
                 "macs_reduction": dense_macs / macs,
                 "params_reduction": dense_params / params,
-                "evaluations": evals,
+                "evaluations": chosen.evaluations,
                 "score_seconds": scored - started,
-                "search_seconds": searched - scored,
                 "seconds": time.perf_counter() - started,
             }
         )
@@ -178,15 +160,34 @@ def iterative_prune(
             "step %d/%d: ratio %.4f -> %d MACs, %d params (%s reduction %.3f, target %.3f)",
             i,
             steps,
-            best.ratio,
+            chosen.fraction,
             macs,
             params,
             budget.metric,
             dense / budget.pick(macs, params),
-            step_reduction,
+            step.reduction,
         )
         if between_steps is not None and i < steps:
             between_steps(model, i)
     for module, training in modes:
         module.training = training
     return history, records
+
+
+def _names(model: nn.Module, layers: Iterable[nn.Module]) -> list[str]:
+    names = {module: name for name, module in model.named_modules()}
+    return [names[m] for m in layers]
+
+
+def _position_scores(masks: ChannelMasks, table: ScoreTable) -> tuple[Tensor, frozenset[int]]:
+    """The criterion's channel scores per mask position (mean over tied channel groups), and
+    the groups the criterion could not score (they keep every channel)."""
+    scores = torch.zeros(masks.total)
+    unscored = set()
+    for i, group in enumerate(masks.groups):
+        channel = table.get(group.key)
+        if channel is None or len(channel) != group.size:
+            unscored.add(i)
+            continue
+        scores[group.span] = channel.float().view(group.ch_groups, group.positions).mean(0)
+    return scores, frozenset(unscored)

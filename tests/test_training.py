@@ -1,0 +1,147 @@
+"""The training loop's hooks, schedules and losses (hybrid, mixed noise)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from toolchain.recipe import MixedNoiseConfig, TrainConfig, recipe_from_dict
+from toolchain.training import Step, TrainHooks, train_model
+from toolchain.training.losses import BatchLoss
+from toolchain.training.mixed import KINDS, MixedNoise, split_counts
+from toolchain.training.schedule import lr_factor
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def tiny_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)
+    )
+
+
+def batches(n: int = 4, size: int = 12) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    return [
+        (torch.rand(8, 3, size, size, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(n)
+    ]
+
+
+def test_split_counts_follow_the_proportions_and_fill_the_batch() -> None:
+    cfg = MixedNoiseConfig(clean=0.4, fgsm=0.1, pgd=0.2, corruption=0.2, generator=0.1)
+    counts = split_counts(20, cfg)
+    assert counts == {"clean": 8, "fgsm": 2, "pgd": 4, "corruption": 4, "generator": 2}
+    odd = split_counts(7, cfg)
+    assert sum(odd.values()) == 7 and all(abs(odd[k] - getattr(cfg, k) * 7) < 1 for k in KINDS)
+
+
+def test_mixed_batch_holds_each_kind_in_proportion_and_within_budget() -> None:
+    cfg = MixedNoiseConfig(
+        clean=0.25, fgsm=0.25, pgd=0.25, corruption=0.125, generator=0.125, corruptions=["fog"]
+    )
+    attack = TrainConfig().attack.model_copy(update={"eps": 8 / 255, "steps": 2})
+    mixer = MixedNoise(cfg, attack)
+    model = tiny_net().train()
+    x, y = torch.rand(16, 3, 12, 12), torch.randint(0, 4, (16,))
+    batch = mixer.compose(model, x, y, torch.Generator().manual_seed(0))
+    counts = {kind: int((batch.kinds == i).sum()) for i, kind in enumerate(KINDS)}
+    assert counts == {"clean": 4, "fgsm": 4, "pgd": 4, "corruption": 2, "generator": 2}
+    assert model.training  # restored after crafting in eval mode
+    delta = (batch.x - x).flatten(1).abs().amax(1)
+    for i, kind in enumerate(KINDS):
+        rows = delta[batch.kinds == i]
+        if kind == "clean":
+            assert torch.all(rows == 0)
+        elif kind == "corruption":
+            assert torch.all(rows > 0.01)  # fog is not an L-inf ball
+        elif kind != "generator":  # the generator starts at zero: its first step barely moves
+            assert torch.all(rows > 0) and torch.all(rows <= 8 / 255 + 1e-6)
+    assert torch.all(delta[batch.kinds == KINDS.index("generator")] <= 8 / 255 + 1e-6)
+    assert mixer.generator is not None and any(
+        p.abs().sum() > 0 for p in mixer.generator.net[-1].parameters()
+    )
+
+
+def test_mixed_config_rejects_bad_proportions() -> None:
+    with pytest.raises(ValueError, match="must sum to 1"):
+        MixedNoiseConfig(clean=0.5, pgd=0.25, corruption=0.25, generator=0.25)
+
+
+def test_hybrid_loss_weights_clean_and_adversarial_cross_entropy() -> None:
+    model = tiny_net().eval()
+    x, y = batches(1)[0]
+    cfg = TrainConfig(loss="hybrid", adv_weight=0.25)
+    adv = x.flip(0)  # any fixed "perturbation" makes the two halves distinguishable
+    loss, logits = BatchLoss(cfg, perturb=lambda m, a, b: adv)(
+        model, x, y, adversarial=True, generator=torch.Generator()
+    )
+    ce = nn.functional.cross_entropy
+    expected = 0.75 * ce(model(x), y) + 0.25 * ce(model(adv), y)
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(logits, model(x))
+
+
+@pytest.mark.parametrize("loss", ["clean", "pgd", "trades", "hybrid", "mixed"])
+def test_every_loss_trains(loss: str) -> None:
+    cfg = recipe_from_dict(
+        {"train": {"epochs": 1, "loss": loss, "attack": {"steps": 1}, "mixed": {"corruptions": ["rain"]}}}
+    ).train
+    history = train_model(tiny_net(), batches(), cfg, progress=False)
+    assert (
+        len(history) == 1
+        and math.isfinite(history[0]["loss"])
+        and history[0]["adversarial"] == (loss != "clean")
+    )
+
+
+def test_onecycle_and_warmup_schedules() -> None:
+    one = TrainConfig(schedule="onecycle")
+    assert lr_factor(one, 0, 100, 10) == pytest.approx(1 / 25)
+    assert lr_factor(one, 30, 100, 10) == pytest.approx(1.0)
+    assert lr_factor(one, 99, 100, 10) < 1e-3
+    warm = TrainConfig(schedule="cosine", lr_warmup_epochs=1)
+    assert [round(lr_factor(warm, s, 100, 10), 3) for s in (0, 4, 9)] == [
+        round(k / 11, 3) for k in (1, 5, 10)
+    ]
+    assert lr_factor(warm, 10, 100, 10) == pytest.approx(1.0)
+    plain = TrainConfig(schedule="cosine")
+    assert lr_factor(plain, 50, 100, 10) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+
+
+def test_hooks_change_the_loop_without_copying_it() -> None:
+    model = tiny_net()
+    gate = torch.zeros(1, requires_grad=True)
+    steps: list[int] = []
+    frozen = list(model[0].parameters())
+    for p in frozen:
+        p.requires_grad_(False)
+    before = [p.clone() for p in frozen]
+
+    def groups(m: nn.Module) -> list[dict]:
+        return [{"params": [p for p in m.parameters() if p.requires_grad], "lr": 0.5, "weight_decay": 0.0}]
+
+    def extra(state: Step) -> torch.Tensor:
+        return (gate - 1.0).pow(2).sum()
+
+    seen_lrs: list[float] = []
+
+    def after(state: Step) -> None:
+        steps.append(state.step)
+        seen_lrs.append(state.optimizer.param_groups[0]["lr"])
+
+    hooks = TrainHooks(
+        param_groups=groups,
+        extra_loss=extra,
+        after_step=after,
+        metrics=lambda: {"gate": float(gate.detach())},
+        side_optimizer=lambda: torch.optim.SGD([gate], lr=0.1),
+    )
+    cfg = TrainConfig(epochs=2, lr=0.01, loss="clean", schedule="constant")
+    history = train_model(model, batches(), cfg, progress=False, hooks=hooks)
+    assert steps == list(range(8)) and seen_lrs == [0.5] * 8  # the group's own lr, scheduled
+    assert all(torch.equal(a, b) for a, b in zip(before, frozen))  # frozen stayed frozen
+    assert 0.0 < float(gate.detach()) < 1.0 and history[-1]["gate"] == pytest.approx(float(gate.detach()))
