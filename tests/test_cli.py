@@ -29,6 +29,9 @@ def _patched(**sections: Any) -> dict[str, Any]:
     return recipe
 
 
+GATED_BAD_CORRUPTION = {"method": "gated", "gated": {"train": {"mixed": {"corruptions": ["x"]}}}}
+
+
 @pytest.mark.parametrize(
     ("recipe", "expected"),
     [
@@ -37,6 +40,16 @@ def _patched(**sections: Any) -> dict[str, Any]:
         (_patched(prune__criterion="vibes"), "unknown pruning criterion 'vibes'; known: "),
         (_patched(data__dataset="imagenet-on-a-floppy"), "unknown dataset"),
         (_patched(model__checkpoint="/nonexistent/weights.pt"), "weights.pt"),
+        (_patched(prune__method="hydr"), "unknown pruning method 'hydr'; known: bap, dnr, gated, hydra"),
+        (
+            dict(TINY_RECIPE, prune={"method": "hydra", "hydra": {"train": {"epoch": 1}}}),
+            "unknown key 'prune.hydra.train.epoch'",
+        ),
+        (_patched(prune__target={"macs_reduction": 500.0}), "macs_reduction 500 is out of reach"),
+        (
+            dict(TINY_RECIPE, prune=GATED_BAD_CORRUPTION),
+            "unknown corruption 'x'",
+        ),
     ],
 )
 def test_bad_input_exits_2_with_one_line(

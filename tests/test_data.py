@@ -284,3 +284,17 @@ def test_cifar10_missing_names_the_expected_path(tmp_path: Path) -> None:
     assert "data_batch_1" in str(info.value) and "nothing is downloaded" in str(info.value)
     with pytest.raises(DataNotFoundError, match=r"needs data\.root"):
         load_data("cifar10")
+
+
+def test_holdout_is_carved_from_train_and_disjoint_from_it() -> None:
+    from toolchain.data import load_data
+
+    whole = load_data("signs", train_samples=150, val_samples=10, seed=3)
+    split = load_data("signs", train_samples=120, holdout=30, seed=3)
+    assert (len(split.train), len(split.val)) == (120, 30)
+    assert torch.equal(split.train.images, whole.train.images[:120])
+    assert torch.equal(split.val.images, whole.train.images[120:])
+    from toolchain.data import _hold_out
+
+    with pytest.raises(UserError, match="leaves no training image"):
+        _hold_out(whole, 150)

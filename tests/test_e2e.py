@@ -251,3 +251,29 @@ def test_validate_a_foreign_fixed_batch_onnx_without_metadata(tmp_path: Path) ->
     assert ev["samples"] == 20 and ev["model"] == "engine"
     assert [a["mode"] for a in ev["attacks"]] == ["black-box"] and ev["attacks"][0]["samples"] == 20
     assert set(ev["corruptions"]["per_corruption"]) == {"gaussian_noise", "fog"}
+
+
+def test_a_method_that_trains_inside_pruning_runs_through_the_pipeline(
+    tiny_run: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
+    import shutil
+
+    out, _ = tiny_run
+    copy = tmp_path / "dnr"
+    shutil.copytree(out, copy)
+    before = _mtimes(copy)
+    recipe = json.loads(json.dumps(TINY_RECIPE))
+    recipe["prune"] = {
+        "method": "dnr",
+        "target": {"macs_reduction": 2.0},
+        "dnr": {"train": {"epochs": 2, "attack": {"eps": "2/255", "steps": 1}}, "update_every": 4},
+        "bn_recalibration_batches": 4,
+    }
+    recipe["finetune"]["epochs"] = 0  # DNR ends at the budget, trained: no fine-tune stage work
+    report = run_pipeline(recipe_from_dict(recipe), copy, progress=False)
+    assert _mtimes(copy)["train"] == before["train"]  # the same dense model, not retrained
+    pruned = report["models"]["pruned"]
+    assert pruned["method"] == "dnr" and abs(pruned["macs_reduction"] / 2.0 - 1) <= 0.05
+    record = json.loads((copy / "prune" / "stage.json").read_text())["result"]
+    assert record["target_met"] and record["info"]["regrown_total"] > 0
+    assert _eval(report, "pruned", "onnxruntime")["parity"]["top1_agreement"] == 1.0

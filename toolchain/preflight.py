@@ -67,6 +67,7 @@ def check(recipe: Recipe) -> DataBundle:
         train_samples=d.train_samples,
         val_samples=d.val_samples,
         seed=recipe.seed,
+        holdout=d.holdout,
     )
     model = recipe_model(recipe, data)
     check_prunable(recipe, model, data)

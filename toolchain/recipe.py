@@ -54,6 +54,9 @@ class DataConfig(Section):
     image_size: int | None = Field(None, ge=8, description="resize to this square size")
     train_samples: int | None = Field(None, ge=1, description="cap (or, for signs, generate)")
     val_samples: int | None = Field(None, ge=1)
+    holdout: int | None = Field(
+        None, ge=1, description="validate on images held out from train instead of the test split"
+    )
     batch_size: int = Field(64, ge=1)
     num_workers: int = Field(0, ge=0)
 

@@ -166,7 +166,7 @@ class PruneConfig(Section):
                     f"prune.{name} is set but prune.method is {self.method!r}; "
                     f"set prune.method: {name} or remove the prune.{name} section"
                 )
-        if self.method != "iterative":
+        if self.method in METHOD_SECTIONS:  # an unknown name is reported with the known ones later
             stray = sorted(ITERATIVE_KEYS & self.model_fields_set)
             if stray:
                 raise ValueError(

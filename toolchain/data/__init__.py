@@ -10,9 +10,14 @@ but by the ``Normalize`` layer inside the model, using ``bundle.mean``/``bundle.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+from torch.utils.data import Dataset, Subset
+
 # Importing the loader modules registers them in DATASETS.
 from toolchain.data import cifar10, fashion_mnist, image_folder, signs
 from toolchain.data.base import DATASETS, DataBundle, ImageTensorDataset
+from toolchain.errors import UserError
 
 __all__ = ["DATASETS", "DataBundle", "ImageTensorDataset", "load_data"]
 _LOADERS = (cifar10, fashion_mnist, image_folder, signs)
@@ -26,6 +31,7 @@ def load_data(
     train_samples: int | None = None,
     val_samples: int | None = None,
     seed: int = 0,
+    holdout: int | None = None,
 ) -> DataBundle:
     """Load the dataset registered as ``name``.
 
@@ -36,6 +42,9 @@ def load_data(
         train_samples, val_samples: cap the splits to a seeded random subset (for ``signs``:
             how many images to generate; defaults 4000 and 1000).
         seed: fixes subsets, order and generated images.
+        holdout: evaluate on this many images held out from the *training* split (disjoint
+            from the ``train_samples`` kept for training) instead of the test split, so
+            settings can be chosen without looking at the test set.
 
     Returns:
         The :class:`DataBundle`.
@@ -43,9 +52,30 @@ def load_data(
     Raises:
         UnknownNameError: ``name`` is not registered; the message lists the known names.
         DataNotFoundError: the dataset's files are missing; the message says how to get them.
-        UserError: the files exist but cannot be read.
+        UserError: the files exist but cannot be read, or the holdout leaves no training image.
     """
     loader = DATASETS.get(name)
-    return loader(
-        root=root, image_size=image_size, train_samples=train_samples, val_samples=val_samples, seed=seed
-    )
+    if holdout is None:
+        return loader(
+            root=root, image_size=image_size, train_samples=train_samples, val_samples=val_samples, seed=seed
+        )
+    wanted = None if train_samples is None else train_samples + holdout
+    bundle = loader(root=root, image_size=image_size, train_samples=wanted, val_samples=1, seed=seed)
+    return _hold_out(bundle, holdout)
+
+
+def _hold_out(bundle: DataBundle, holdout: int) -> DataBundle:
+    """The last ``holdout`` training images become the validation split."""
+    size = len(bundle.train)  # type: ignore[arg-type]
+    if holdout >= size:
+        raise UserError(
+            f"data.holdout {holdout} leaves no training image ({bundle.name} train split: {size}); lower it"
+        )
+    cut = size - holdout
+    whole = bundle.train
+    if isinstance(whole, ImageTensorDataset):
+        train: Dataset = ImageTensorDataset(whole.images[:cut], whole.labels[:cut])
+        val: Dataset = ImageTensorDataset(whole.images[cut:], whole.labels[cut:])
+    else:
+        train, val = Subset(whole, range(cut)), Subset(whole, range(cut, size))
+    return replace(bundle, train=train, val=val)
