@@ -1,0 +1,348 @@
+"""Accuracy-efficiency-robustness of every pruning method, on the same dense model and images.
+
+    python bench/aer.py [--dataset fashion-mnist|signs] [--setting reduced|full]
+                        [--methods magnitude hydra ...] [--budgets 2 4 8 16] [--seeds 0 1 2]
+                        [--seeds-at 4] [--split test|holdout] [--work runs/aer] [--out FILE]
+
+For each seed one dense model is adversarially trained (the recipe's ``train`` stage); every
+(method, budget) run then starts from a copy of that run directory, so the dense weights are
+the very same, and goes through the real pipeline: prune with the method, fine-tune, export,
+validate (clean, PGD-20 and APGD-CE white-box, Square, corruptions) and bench (ONNX Runtime
+latency at batch 1 and 32). Every method gets the same training after the dense model: its
+in-the-loop epochs plus fine-tuning epochs add up to ``after_epochs``, with the same attack.
+
+Runs write their own run directory under ``--work``; a finished run (its report.json) is never
+redone, so an interrupted benchmark continues where it stopped. ``--split holdout`` evaluates
+on images held out from the training split (``data.holdout``), for choosing settings; the
+numbers to report come from ``--split test``. Results: JSON (``--out``) and plots beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import shutil
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+
+log = logging.getLogger("aer")
+
+CORRUPTIONS = [
+    "gaussian_noise",
+    "shot_noise",
+    "impulse_noise",
+    "defocus_blur",
+    "motion_blur",
+    "zoom_blur",
+    "brightness",
+    "contrast",
+    "fog",
+    "jpeg_compression",
+    "pixelate",
+    "low_light",
+]
+
+
+def _attacks(eps: float, square_samples: int, square_queries: int) -> list[dict[str, Any]]:
+    return [
+        {"name": "pgd", "eps": eps, "steps": 20, "step_size": eps / 4},
+        {"name": "apgd", "eps": eps, "steps": 20},
+        {"name": "square", "eps": eps, "queries": square_queries, "samples": square_samples},
+    ]
+
+
+def base_recipe(dataset: str, setting: str) -> dict[str, Any]:
+    """The dense training and evaluation shared by every run of a (dataset, setting)."""
+    if dataset == "fashion-mnist":
+        eps, size = 0.1, {"full": (20000, 2000), "reduced": (6000, 1000)}[setting]
+        attack = {"eps": eps, "step_size": 0.025, "steps": 5}
+        model = {"arch": "convnet", "width": 1.0}
+        data = {"dataset": dataset, "batch_size": 128}
+    elif dataset == "signs":
+        eps, size = 4 / 255, {"full": (4000, 1000), "reduced": (2000, 500)}[setting]
+        attack = {"eps": eps, "step_size": 2 / 255, "steps": 3}
+        model = {"arch": "resnet20", "width": 0.5}
+        data = {"dataset": dataset, "image_size": 32, "batch_size": 64}
+    else:
+        raise SystemExit(f"unknown dataset {dataset!r}; use fashion-mnist or signs")
+    train_samples, val_samples = size
+    return {
+        "version": 1,
+        "data": {**data, "train_samples": train_samples, "val_samples": val_samples},
+        "model": model,
+        "train": {
+            "epochs": {"full": 8, "reduced": 4}[setting],
+            "lr": 0.05,
+            "loss": "pgd",
+            "schedule": "onecycle",
+            "nesterov": True,
+            "attack": attack,
+        },
+        "finetune": {"lr": 0.01, "loss": "pgd", "attack": attack},
+        "validate": {
+            "samples": val_samples,
+            "batch_size": 250,
+            "runtimes": ["torch"],
+            "attacks": _attacks(eps, min(200, val_samples), 500 if setting == "full" else 200),
+            "corruptions": {
+                "names": CORRUPTIONS if setting == "full" else CORRUPTIONS[::2],
+                "severities": [1, 3, 5],
+            },
+        },
+        "bench": {"runtimes": ["onnxruntime"], "batch_sizes": [1, 32], "iterations": 100},
+        "export": {"parity_samples": 128},
+    }
+
+
+def _in_loop(train: dict[str, Any], epochs: int, **extra: Any) -> dict[str, Any]:
+    return {"epochs": epochs, "attack": train["attack"], **extra}
+
+
+def method_patch(method: str, budget: float, after: int, base: dict[str, Any]) -> dict[str, Any]:
+    """The prune and finetune sections of one run: ``after`` training epochs in all."""
+    attack = base["train"]["attack"]
+    target = {"macs_reduction": budget}
+    half = max(1, after // 2)
+    scoring = {**attack, "steps": min(attack["steps"], 3)}
+    if method in ("magnitude", "taylor", "adv-taylor", "random"):
+        prune = {"method": "iterative", "criterion": method, "steps": 1, "attack": scoring}
+        return {"prune": {**prune, "target": target}, "finetune": {"epochs": after}}
+    sections: dict[str, Callable[[], dict[str, Any]]] = {
+        "hydra": lambda: {"train": _in_loop(base["train"], half, loss="trades", lr=0.1, weight_decay=1e-4)},
+        "bap": lambda: {"train": _in_loop(base["train"], half, loss="hybrid", lr=0.01), "update_every": 20},
+        "dnr": lambda: {"train": _in_loop(base["train"], after, loss="hybrid", lr=0.01), "update_every": 20},
+        "gated": lambda: {"train": _in_loop(base["train"], half, loss="mixed", lr=0.01)},
+    }
+    if method not in sections:
+        raise SystemExit(f"unknown method {method!r}; known: {', '.join(METHOD_NAMES)}")
+    in_loop = sections[method]()
+    epochs = in_loop["train"]["epochs"]
+    return {
+        "prune": {"method": method, "target": target, method: in_loop},
+        "finetune": {"epochs": after - epochs},
+    }
+
+
+METHOD_NAMES = ["magnitude", "taylor", "adv-taylor", "random", "hydra", "bap", "dnr", "gated"]
+
+
+def _merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    out = json.loads(json.dumps(base))
+    for key, value in patch.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _run(recipe: dict[str, Any], out: Path, dense_from: Path | None) -> dict[str, Any]:
+    """One pipeline run (or its finished report), starting from ``dense_from``'s train stage."""
+    from toolchain.pipeline import run_pipeline
+    from toolchain.recipe import recipe_from_dict
+
+    report_path = out / "report.json"
+    if report_path.is_file() and (out / "aer.done").is_file():
+        return json.loads(report_path.read_text())
+    if dense_from is not None and not (out / "train").exists():
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(dense_from / "run.json", out / "run.json")
+        shutil.copytree(dense_from / "train", out / "train")
+    report = run_pipeline(recipe_from_dict(recipe), out, progress=False)
+    (out / "aer.done").write_text("ok\n")
+    return report
+
+
+def summarize(report: dict[str, Any], model: str) -> dict[str, Any]:
+    """The numbers the table shows, from one report."""
+    (ev,) = [e for e in report["evaluations"] if e["model"] == model and e["runtime"] == "torch"]
+    attacks = {a["name"]: a["accuracy"] for a in ev["attacks"]}
+    row: dict[str, Any] = {
+        "clean": ev["clean_accuracy"],
+        "pgd20": attacks.get("pgd"),
+        "apgd_ce": attacks.get("apgd"),
+        "square": attacks.get("square"),
+        "corruptions_mean": ev.get("corruptions", {}).get("mean_accuracy"),
+        "relative_mce": ev.get("corruptions", {}).get("relative_mce"),
+        "macs": report["models"][model]["macs"],
+        "params": report["models"][model]["params"],
+    }
+    for entry in report.get("latency", []):
+        if entry["model"] == model and entry["runtime"] == "onnxruntime":
+            row[f"ort_p50_ms_b{entry['batch']}"] = entry["p50_ms"]
+    return row
+
+
+def _mean_std(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in rows[0]:
+        values = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+        if len(values) == len(rows):
+            out[key] = statistics.fmean(values)
+            out[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="fashion-mnist", choices=["fashion-mnist", "signs"])
+    parser.add_argument("--setting", default="full", choices=["full", "reduced"])
+    parser.add_argument(
+        "--methods", nargs="+", default=["magnitude", "adv-taylor", "hydra", "bap", "dnr", "gated"]
+    )
+    parser.add_argument("--budgets", nargs="+", type=float, default=[2.0, 4.0, 8.0, 16.0])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument(
+        "--seeds-at", type=float, default=4.0, help="budget run with every seed (others: first)"
+    )
+    parser.add_argument(
+        "--after-epochs", type=int, default=None, help="training epochs after the dense model"
+    )
+    parser.add_argument("--split", default="test", choices=["test", "holdout"])
+    parser.add_argument("--work", default=str(REPO / "runs" / "aer"))
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    log.setLevel(logging.INFO)
+
+    base = base_recipe(args.dataset, args.setting)
+    after = args.after_epochs or {"full": 4, "reduced": 2}[args.setting]
+    if args.split == "holdout":
+        base["data"]["holdout"] = base["data"].pop("val_samples")
+        base["data"]["val_samples"] = None
+    tag = f"{args.dataset}-{args.setting}-{args.split}"
+    work = Path(args.work) / tag
+    out_path = Path(args.out or REPO / "bench" / "results" / f"aer-{tag}.json")
+    started = time.perf_counter()
+    runs: list[dict[str, Any]] = []
+    dense_rows: dict[int, dict[str, Any]] = {}
+    for seed in args.seeds:
+        dense_dir: Path | None = None
+        for budget in args.budgets:
+            if seed != args.seeds[0] and not math.isclose(budget, args.seeds_at):
+                continue
+            for method in args.methods:
+                recipe = _merge(base, method_patch(method, budget, after, base))
+                recipe.update(name=f"{method}-x{budget:g}-s{seed}", seed=seed)
+                out = work / recipe["name"]
+                t0 = time.perf_counter()
+                report = _run(recipe, out, dense_dir)
+                log.info("%s done in %.0f s", recipe["name"], time.perf_counter() - t0)
+                dense_dir = dense_dir or out
+                dense_rows.setdefault(seed, summarize(report, "dense"))
+                stages = report.get("stage_seconds", {})
+                runs.append(
+                    {
+                        "method": method,
+                        "budget": budget,
+                        "seed": seed,
+                        "macs_reduction": report["models"]["pruned"]["macs_reduction"],
+                        "target_met": abs(report["models"]["pruned"]["macs_reduction"] / budget - 1) <= 0.05,
+                        "prune_seconds": stages.get("prune"),
+                        "finetune_seconds": stages.get("finetune"),
+                        **summarize(report, "pruned"),
+                    }
+                )
+                _write(out_path, args, base, after, dense_rows, runs, time.perf_counter() - started)
+    _write(out_path, args, base, after, dense_rows, runs, time.perf_counter() - started)
+    write_plots(out_path)
+    sys.stdout.write(f"wrote {out_path} and its plots\n")
+    return 0
+
+
+def _write(
+    out_path: Path,
+    args: argparse.Namespace,
+    base: dict[str, Any],
+    after: int,
+    dense: dict[int, dict[str, Any]],
+    runs: list[dict[str, Any]],
+    seconds: float,
+) -> None:
+    table: dict[str, dict[str, Any]] = {}
+    for run in runs:
+        key = f"{run['method']}@{run['budget']:g}"
+        table.setdefault(key, {"method": run["method"], "budget": run["budget"], "rows": []})["rows"].append(
+            run
+        )
+    summary = {
+        key: {"method": v["method"], "budget": v["budget"], "seeds": len(v["rows"]), **_mean_std(v["rows"])}
+        for key, v in table.items()
+    }
+    payload = {
+        "benchmark": "aer",
+        "dataset": args.dataset,
+        "setting": args.setting,
+        "split": args.split,
+        "after_epochs": after,
+        "base_recipe": base,
+        "wall_seconds": round(seconds, 1),
+        "dense": {str(seed): row for seed, row in dense.items()},
+        "dense_summary": _mean_std(list(dense.values())) if dense else {},
+        "summary": summary,
+        "runs": runs,
+    }
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+PLOTTED = (
+    ("clean", "clean accuracy"),
+    ("pgd20", "PGD-20 accuracy"),
+    ("corruptions_mean", "corruption accuracy"),
+)
+
+
+def write_plots(json_path: Path) -> list[Path]:
+    """Clean, PGD-20 and corruption accuracy against MACs, one line per method (PNG beside the JSON)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    payload = json.loads(json_path.read_text())
+    dense = payload["dense_summary"]
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for row in payload["summary"].values():
+        by_method.setdefault(row["method"], []).append(row)
+    written = []
+    for key, label in PLOTTED:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for method, rows in sorted(by_method.items()):
+            rows = sorted((r for r in rows if r.get(key) is not None), key=lambda r: r["macs"])
+            if not rows:
+                continue
+            ax.errorbar(
+                [r["macs"] / 1e6 for r in rows],
+                [100 * r[key] for r in rows],
+                yerr=[100 * r.get(f"{key}_std", 0.0) for r in rows],
+                marker="o",
+                capsize=3,
+                label=method,
+            )
+        if dense.get(key) is not None:
+            ax.axhline(100 * dense[key], color="gray", linestyle="--", label="dense")
+        ax.set_xscale("log")
+        ax.set_xlabel("MMACs per image (log)")
+        ax.set_ylabel(f"{label} (%)")
+        ax.set_title(f"{payload['dataset']} ({payload['setting']}, {payload['split']} split): {label}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        path = json_path.with_name(f"{json_path.stem}-{key}.png")
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+if __name__ == "__main__":
+    sys.exit(main())
