@@ -67,6 +67,8 @@ def method_recipe(method: str, **section: Any) -> Any:
     prune: dict[str, Any] = {"method": method, "target": {"macs_reduction": 2.0}}
     if method == "iterative":
         prune.update(criterion="adv-taylor", steps=2, importance_batches=2, finetune_between={"epochs": 1})
+    elif method == "mrs":
+        prune.update(criterion="adv-taylor", importance_batches=2, mrs=section)
     else:
         prune[method] = {"train": {"epochs": 2, "lr": 0.05}, **section}
     return recipe_from_dict({"prune": prune}).prune
@@ -78,12 +80,13 @@ SECTIONS: dict[str, dict[str, Any]] = {
     "bap": {"update_every": 2},
     "dnr": {"update_every": 2},
     "gated": {"train": {"epochs": 2, "lr": 0.05, "mixed": {"corruptions": ["fog", "gaussian_noise"]}}},
+    "mrs": {"probe_batches": 1},
 }
 
 
 def test_registry_lists_every_method() -> None:
-    assert set(METHODS.names()) >= {"iterative", "hydra", "bap", "dnr", "gated"}
-    with pytest.raises(UnknownNameError, match="known: bap, dnr, gated, hydra, iterative"):
+    assert set(METHODS.names()) >= {"iterative", "hydra", "bap", "dnr", "gated", "mrs"}
+    with pytest.raises(UnknownNameError, match="known: bap, dnr, gated, hydra, iterative, mrs"):
         METHODS.get("hydr")
 
 
@@ -265,3 +268,46 @@ def test_gates_close_on_channels_that_carry_only_noise() -> None:
     assert stability["noise"] < 0.6 < 0.8 < stability["signal"]
     # The noise branch lost channels, the signal branch kept all of its own.
     assert model.signal.out_channels == 8 and model.noise.out_channels < 8
+
+
+# --- MRS ---------------------------------------------------------------------------------------
+
+
+class SensitiveNet(nn.Module):
+    """Two branches concatenated: ``seen`` reads the image, ``blind`` reads a constant grey
+    image, so after training only ``seen`` carries the label: it is the sensitive group."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = nn.Sequential(nn.Conv2d(3, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU())
+        self.blind = nn.Sequential(nn.Conv2d(3, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU())
+        self.fc = nn.Linear(24, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        grey = x * 0 + 0.5
+        return self.fc(torch.cat([self.seen(x), self.blind(grey)], dim=1).mean(dim=(2, 3)))
+
+
+def test_mrs_spares_the_sensitive_group_and_meets_the_budget() -> None:
+    from toolchain.recipe import TrainConfig
+    from toolchain.training import train_model
+
+    torch.manual_seed(0)
+    model, data = SensitiveNet(), dataset(batches=8)
+    train_model(model, data, TrainConfig(epochs=6, lr=0.1, loss="clean"), progress=False)
+    cfg = recipe_from_dict(
+        {
+            "prune": {
+                "method": "mrs",
+                "criterion": "magnitude",
+                "target": {"macs_reduction": 1.6},
+                "mrs": {"probe_ratio": 0.5, "probe_attack": {"eps": "4/255", "steps": 2}},
+            }
+        }
+    ).prune
+    result = prune_model(model, job_for(model, data, reduction=1.6), cfg)
+    groups = result.info["groups"]
+    seen, blind = groups["seen.0"], groups["blind.0"]
+    assert seen["sensitivity"] == 1.0 and blind["sensitivity"] < 0.2
+    assert seen["keep_ratio"] > blind["keep_ratio"]
+    assert result.target_met

@@ -77,8 +77,8 @@ def check(recipe: Recipe) -> DataBundle:
 def train_sections(recipe: Recipe) -> list[TrainConfig]:
     """Every training loop the recipe configures (dense, between steps, in-loop, fine-tune)."""
     sections = [recipe.train, recipe.prune.finetune_between, recipe.finetune]
-    own = recipe.prune.section()
-    return sections if own is None else [*sections, own.train]
+    own = getattr(recipe.prune.section(), "train", None)
+    return sections if own is None else [*sections, own]
 
 
 def _example(data: DataBundle) -> torch.Tensor:

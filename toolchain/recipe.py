@@ -21,6 +21,7 @@ from toolchain.recipe_prune import (
     DnrConfig,
     GatedConfig,
     HydraConfig,
+    MrsConfig,
     PruneConfig,
     PruneTarget,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "GatedConfig",
     "HydraConfig",
     "MixedNoiseConfig",
+    "MrsConfig",
     "Number",
     "PruneConfig",
     "PruneTarget",

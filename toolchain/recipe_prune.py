@@ -46,12 +46,16 @@ class PruneTarget(Section):
 
 
 class MethodSection(Section):
-    """A method's own settings; ``train`` is its in-the-loop training (epochs, lr, loss, attack)."""
+    """A method's own settings."""
+
+
+class TrainingSection(MethodSection):
+    """A method that trains inside pruning; ``train`` is that training (epochs, lr, loss, attack)."""
 
     train: TrainConfig = TrainConfig()
 
 
-class HydraConfig(MethodSection):
+class HydraConfig(TrainingSection):
     """HYDRA (Sehwag et al. 2020): train one importance score per channel, weights frozen.
 
     ``train`` is the score-training phase: its ``lr`` is the scores' learning rate (no weight
@@ -64,7 +68,7 @@ class HydraConfig(MethodSection):
     allocation: Allocation = Field("layer", description="how the budget is split among groups")
 
 
-class BapConfig(MethodSection):
+class BapConfig(TrainingSection):
     """BAP (Xie et al. 2020): gradual pruning trained on cutoff-scaled DeepFool perturbations.
 
     The channel ratio follows the cubic schedule from ``initial_sparsity`` of the final ratio at
@@ -95,7 +99,7 @@ class BapConfig(MethodSection):
         return self
 
 
-class DnrConfig(MethodSection):
+class DnrConfig(TrainingSection):
     """DNR (Kundu et al. 2021): one training run to the budget, dropping and regrowing channels.
 
     Every ``update_every`` steps until ``rewire_until`` (fraction of the steps), each group
@@ -113,7 +117,7 @@ class DnrConfig(MethodSection):
     allocation: Allocation = Field("layer", description="the starting mask's split of the budget")
 
 
-class GatedConfig(MethodSection):
+class GatedConfig(TrainingSection):
     """Gated mixed-noise pruning (our design from Luo et al. 2023's abstract).
 
     Per-channel gates ``sigmoid(a)`` train with the weights on ``train`` (``loss: mixed``
@@ -132,14 +136,32 @@ class GatedConfig(MethodSection):
     block_depth: int = Field(3, ge=1, description="'block': groups whose root names share this many parts")
 
 
+class MrsConfig(MethodSection):
+    """MRPF's module robustness sensitivity (our design from the abstract).
+
+    Each group is probed by removing ``probe_ratio`` of its channels (lowest by
+    ``prune.criterion``) and measuring the rise of the adversarial loss (``probe_attack``
+    crafted against the probed model, on ``probe_batches`` batches). The most sensitive group
+    then loses ``1 - protection`` times the fraction the least sensitive one loses; one common
+    scale is bisected to meet the budget. Adversarial fine-tuning is the recipe's ``finetune``.
+    """
+
+    probe_ratio: float = Field(
+        0.3, gt=0, lt=1, description="fraction of a group's channels removed to probe it"
+    )
+    probe_batches: int = Field(2, ge=1, description="batches the adversarial loss is measured on")
+    probe_attack: AttackConfig = PGD3
+    protection: float = Field(0.8, ge=0, lt=1, description="how much the most sensitive group is spared")
+
+
 class PruneConfig(Section):
     """Structured (channel) pruning with torch-pruning's dependency graph.
 
     The budget (``target``, ``tolerance``, ``round_to``, ``max_layer_pruning``) applies to every
     method; ``criterion``, ``steps``, ``importance_batches`` and ``finetune_between`` configure
-    the ``iterative`` method, and ``attack`` is the perturbation its ``adv-taylor`` criterion
-    scores on. Methods that train inside pruning take everything, attack included, from their
-    own ``train`` sub-section.
+    the ``iterative`` method (``mrs`` uses the criterion too), and ``attack`` is the
+    perturbation ``adv-taylor`` scores on. Methods that train inside pruning take everything,
+    attack included, from their own ``train`` sub-section.
     """
 
     method: str = "iterative"
@@ -157,6 +179,7 @@ class PruneConfig(Section):
     bap: BapConfig | None = None
     dnr: DnrConfig | None = None
     gated: GatedConfig | None = None
+    mrs: MrsConfig | None = None
 
     @model_validator(mode="after")
     def _sections_match_method(self) -> PruneConfig:
@@ -167,7 +190,7 @@ class PruneConfig(Section):
                     f"set prune.method: {name} or remove the prune.{name} section"
                 )
         if self.method in METHOD_SECTIONS:  # an unknown name is reported with the known ones later
-            stray = sorted(ITERATIVE_KEYS & self.model_fields_set)
+            stray = sorted((ITERATIVE_KEYS - CRITERION_KEYS.get(self.method, set())) & self.model_fields_set)
             if stray:
                 raise ValueError(
                     f"prune.{stray[0]} configures the iterative method, not {self.method!r}; remove it"
@@ -188,5 +211,8 @@ METHOD_SECTIONS: dict[str, type[MethodSection]] = {
     "bap": BapConfig,
     "dnr": DnrConfig,
     "gated": GatedConfig,
+    "mrs": MrsConfig,
 }
-ITERATIVE_KEYS = frozenset({"criterion", "steps", "importance_batches", "finetune_between"})
+ITERATIVE_KEYS = frozenset({"criterion", "steps", "importance_batches", "finetune_between", "attack"})
+#: Methods that rank channels inside a group with ``prune.criterion`` (and its scoring keys).
+CRITERION_KEYS: dict[str, set[str]] = {"mrs": {"criterion", "importance_batches", "attack"}}

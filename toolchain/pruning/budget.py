@@ -119,12 +119,19 @@ def _rounded(group: MaskGroup, keep: int, round_to: int | None) -> int:
 
 
 def mask_for_fraction(
-    masks: ChannelMasks, scores: Tensor, pools: Sequence[Sequence[int]], fraction: float, round_to: int | None
+    masks: ChannelMasks,
+    scores: Tensor,
+    pools: Sequence[Sequence[int]],
+    fraction: float,
+    round_to: int | None,
+    weights: Sequence[float] | None = None,
 ) -> Tensor:
     """The 0/1 mask removing ``fraction`` of every pool's positions, lowest scores first.
 
     Each group keeps at least its floor (its own highest-scored positions); in a pool of one
     group the count follows :func:`channels_to_keep`. Groups in no pool keep every position.
+    ``weights`` (one per group, layer pools only) scale the fraction per group, capped at 1:
+    non-uniform per-layer ratios with one knob to bisect.
     """
     mask = torch.ones(masks.total)
     for pool in pools:
@@ -133,7 +140,8 @@ def mask_for_fraction(
         groups = [masks.groups[i] for i in pool]
         if len(groups) == 1:
             g = groups[0]
-            keep = {0: channels_to_keep(g.positions, fraction, round_to=round_to, floor=g.floor)}
+            own = min(1.0, fraction * (weights[pool[0]] if weights is not None else 1.0))
+            keep = {0: channels_to_keep(g.positions, own, round_to=round_to, floor=g.floor)}
         else:
             keep = _pool_counts(groups, scores, fraction, round_to)
         for j, g in enumerate(groups):
@@ -180,6 +188,7 @@ def allocate(
     *,
     dense: float | None = None,
     max_evals: int = 40,
+    weights: Sequence[float] | None = None,
 ) -> Allocation:
     """Bisect the pruned fraction whose mask meets ``budget`` on the masks' cost model.
 
@@ -190,6 +199,7 @@ def allocate(
         pools: from :func:`pools_for`.
         dense: the dense cost (default: the cost with every position kept).
         max_evals: cost evaluations at most.
+        weights: per-group multipliers of the pruned fraction (see :func:`mask_for_fraction`).
 
     Returns:
         The mask closest to the target (relative error on the reduction factor).
@@ -206,18 +216,19 @@ def allocate(
     def evaluate(fraction: float) -> Allocation:
         nonlocal evals
         evals += 1
-        mask = mask_for_fraction(masks, scores, pools, fraction, budget.round_to)
+        mask = mask_for_fraction(masks, scores, pools, fraction, budget.round_to, weights)
         return Allocation(mask, fraction, *masks.cost(mask), evaluations=evals)
 
     def error(a: Allocation) -> float:
         return budget.error(dense, budget.pick(a.macs, a.params), target_reduction)
 
-    smallest = evaluate(1.0)
+    top = 1.0 / max(min(weights), 1e-6) if weights is not None else 1.0  # every group at its floor
+    smallest = evaluate(top)
     if dense / max(budget.pick(smallest.macs, smallest.params), 1.0) < target_reduction * (
         1 - budget.tolerance
     ):
         raise unreachable(budget, dense, budget.pick(smallest.macs, smallest.params))
-    best, lo, hi = smallest, 0.0, 1.0
+    best, lo, hi = smallest, 0.0, top
     while evals < max_evals and error(best) > budget.tolerance / 4 and hi - lo > 1e-5:
         mid = (lo + hi) / 2
         candidate = evaluate(mid)

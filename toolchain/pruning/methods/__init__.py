@@ -3,7 +3,7 @@
 Importing this package registers every method (one file each).
 """
 
-from toolchain.pruning.methods import bap, dnr, gated, hydra, iterative  # noqa: F401  (registers them)
+from toolchain.pruning.methods import bap, dnr, gated, hydra, iterative, mrs  # noqa: F401  (registers them)
 from toolchain.pruning.methods.base import (
     METHODS,
     PruneJob,

@@ -136,7 +136,7 @@ def iterative_prune(
             batches=importance_batches,
             attack=attack,
         )
-        scores, unscored = _position_scores(masks, table)
+        scores, unscored = position_scores(masks, table)
         scored = time.perf_counter()
         chosen = allocate(masks, scores, step, pools_for(masks, "layer", exclude=unscored), dense=dense)
         history += masks.remove(chosen.mask)
@@ -179,7 +179,7 @@ def _names(model: nn.Module, layers: Iterable[nn.Module]) -> list[str]:
     return [names[m] for m in layers]
 
 
-def _position_scores(masks: ChannelMasks, table: ScoreTable) -> tuple[Tensor, frozenset[int]]:
+def position_scores(masks: ChannelMasks, table: ScoreTable) -> tuple[Tensor, frozenset[int]]:
     """The criterion's channel scores per mask position (mean over tied channel groups), and
     the groups the criterion could not score (they keep every channel)."""
     scores = torch.zeros(masks.total)
