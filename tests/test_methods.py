@@ -67,8 +67,8 @@ def method_recipe(method: str, **section: Any) -> Any:
     prune: dict[str, Any] = {"method": method, "target": {"macs_reduction": 2.0}}
     if method == "iterative":
         prune.update(criterion="adv-taylor", steps=2, importance_batches=2, finetune_between={"epochs": 1})
-    elif method == "mrs":
-        prune.update(criterion="adv-taylor", importance_batches=2, mrs=section)
+    elif method in ("mrs", "lowrank"):
+        prune.update(criterion="adv-taylor", importance_batches=2, **{method: section})
     else:
         prune[method] = {"train": {"epochs": 2, "lr": 0.05}, **section}
     return recipe_from_dict({"prune": prune}).prune
@@ -81,12 +81,13 @@ SECTIONS: dict[str, dict[str, Any]] = {
     "dnr": {"update_every": 2},
     "gated": {"train": {"epochs": 2, "lr": 0.05, "mixed": {"corruptions": ["fog", "gaussian_noise"]}}},
     "mrs": {"probe_batches": 1},
+    "lowrank": {},
 }
 
 
 def test_registry_lists_every_method() -> None:
-    assert set(METHODS.names()) >= {"iterative", "hydra", "bap", "dnr", "gated", "mrs"}
-    with pytest.raises(UnknownNameError, match="known: bap, dnr, gated, hydra, iterative, mrs"):
+    assert set(METHODS.names()) >= {"iterative", "hydra", "bap", "dnr", "gated", "mrs", "lowrank"}
+    with pytest.raises(UnknownNameError, match="known: bap, dnr, gated, hydra, iterative, lowrank, mrs"):
         METHODS.get("hydr")
 
 
@@ -101,7 +102,13 @@ def test_method_meets_budget_reloads_and_exports(method: str, tmp_path: Path) ->
     with torch.no_grad():
         out = model(batch)
     assert out.shape == (16, CLASSES) and torch.isfinite(out).all()
-    save_pruned(tmp_path / "m.pt", spec=model.spec, history=result.history, state_dict=model.state_dict())
+    save_pruned(
+        tmp_path / "m.pt",
+        spec=model.spec,
+        history=result.history,
+        state_dict=model.state_dict(),
+        structure=result.structure,
+    )
     reloaded, _ = load_pruned(tmp_path / "m.pt", build_from_spec, X)
     with torch.no_grad():
         assert torch.equal(reloaded(batch), out)
@@ -209,7 +216,8 @@ def test_bap_follows_the_cubic_schedule_and_logs_budgets() -> None:
     assert shares[-1] == 1.0
     macs = [u["macs"] for u in result.info["updates"]]
     assert macs == sorted(macs, reverse=True) and macs[-1] == result.macs
-    budgets = result.info["budgets"]
+    budgets = result.trace["budgets"]
+    assert result.info["budget_rms"]["batches"] == 12
     assert len(budgets) == 12 and all(lo <= mean <= hi for mean, lo, hi in budgets)
     assert any(hi > lo for _, lo, hi in budgets)
 

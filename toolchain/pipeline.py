@@ -139,19 +139,28 @@ def _stage(ctx: Context, name: str, compute: Callable[[], Any], load: Callable[[
 # --- stages -----------------------------------------------------------------------------------
 
 
-def _save_model(ctx: Context, stage: str, model: nn.Module, history: list[Any]) -> None:
+def _save_model(
+    ctx: Context, stage: str, model: nn.Module, history: list[Any], structure: list[Any] | None = None
+) -> None:
     path = ctx.run.stage_dir(stage) / MODEL_FILE
     with atomic_path(path) as tmp:
-        save_pruned(tmp, spec=model.spec, history=history, state_dict=model.state_dict())  # type: ignore[arg-type]
+        save_pruned(
+            tmp,
+            spec=model.spec,  # type: ignore[arg-type]
+            history=history,
+            state_dict=model.state_dict(),
+            structure=structure,
+        )
 
 
 def _load_model(ctx: Context, stage: str) -> nn.Module:
     return _load_with_history(ctx, stage)[0]
 
 
-def _load_with_history(ctx: Context, stage: str) -> tuple[nn.Module, list[Any]]:
+def _load_with_history(ctx: Context, stage: str) -> tuple[nn.Module, dict[str, Any]]:
+    """The stage's model and what rebuilds its shape (``history``, ``structure``)."""
     model, info = load_pruned(ctx.run.root / stage / MODEL_FILE, build_from_spec, ctx.example_inputs)
-    return model.eval(), list(info["history"])
+    return model.eval(), info
 
 
 def _train(ctx: Context) -> tuple[nn.Module, list[str], dict[str, Any]]:
@@ -174,7 +183,7 @@ def _prune(ctx: Context) -> tuple[nn.Module, list[str], dict[str, Any]]:
     )
     if cfg.bn_recalibration_batches:
         recalibrate_bn(result.model, ctx.train_loader(seed_offset=1), batches=cfg.bn_recalibration_batches)
-    _save_model(ctx, "prune", result.model, result.history)
+    _save_model(ctx, "prune", result.model, result.history, result.structure)
     summary = {
         "method": result.method,
         "target": cfg.target.model_dump(exclude_none=True),
@@ -188,12 +197,14 @@ def _prune(ctx: Context) -> tuple[nn.Module, list[str], dict[str, Any]]:
         "params_reduction": result.params_reduction,
         "steps": result.steps,
         "info": result.info,
+        "trace": result.trace,
+        "structure": result.structure,
     }
     return result.model, [MODEL_FILE], summary
 
 
 def _finetune(ctx: Context) -> tuple[nn.Module, list[str], dict[str, Any]]:
-    model, pruning_history = _load_with_history(ctx, "prune")
+    model, shape = _load_with_history(ctx, "prune")
     history = train_model(
         model,
         ctx.train_loader(seed_offset=2),
@@ -203,7 +214,7 @@ def _finetune(ctx: Context) -> tuple[nn.Module, list[str], dict[str, Any]]:
         progress=ctx.progress,
     )
     macs, params = count_macs_params(model, ctx.example_inputs)
-    _save_model(ctx, "finetune", model, pruning_history)
+    _save_model(ctx, "finetune", model, shape["history"], shape["structure"])
     return model, [MODEL_FILE], {"epochs": history, "macs": macs, "params": params}
 
 

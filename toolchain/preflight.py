@@ -15,9 +15,8 @@ from torch.utils.data import DataLoader
 from toolchain.data import DATASETS, DataBundle, load_data
 from toolchain.errors import UserError
 from toolchain.models import build_model, load_state_dict_file
-from toolchain.pruning.budget import Budget, check_reachable
+from toolchain.pruning.budget import Budget
 from toolchain.pruning.graph import classifier_layers
-from toolchain.pruning.masks import ChannelMasks
 from toolchain.pruning.methods import METHODS, PruneJob
 from toolchain.recipe import PruneConfig, Recipe, TrainConfig
 from toolchain.robustness.corruptions import CORRUPTIONS
@@ -93,14 +92,8 @@ def check_prunable(recipe: Recipe, model: nn.Module, data: DataBundle) -> None:
         UserError: a layer consumes channels in a way masks cannot express (it is named).
     """
     example = _example(data)
-    masks = ChannelMasks(
-        model,
-        example,
-        classifier_layers(model, example),
-        max_layer_pruning=recipe.prune.max_layer_pruning,
-        strict=METHODS.get(recipe.prune.method).uses_masks,
-    )
-    check_reachable(masks, budget_of(recipe.prune))
+    method = METHODS.get(recipe.prune.method)(recipe.prune)
+    method.check(model, example, classifier_layers(model, example), budget_of(recipe.prune))
 
 
 def budget_of(cfg: PruneConfig) -> Budget:

@@ -154,6 +154,29 @@ class MrsConfig(MethodSection):
     protection: float = Field(0.8, ge=0, lt=1, description="how much the most sensitive group is spared")
 
 
+class LowrankConfig(MethodSection):
+    """CSTAR-style low-rank factorisation with globally chosen ranks (our design from the abstract).
+
+    Convolutions become Tucker-2 chains (1x1, k x k core, 1x1), 1x1 convolutions and linear
+    layers SVD pairs; every layer keeps the ranks that retain a share of its singular-value
+    energy, the share being one global value bisected to meet the budget (``scoring: energy``)
+    or lowered less for layers whose truncation raises the adversarial loss most
+    (``scoring: robust``: each layer alone truncated to ``probe_energy``, loss measured with
+    ``probe_attack`` on ``probe_batches`` batches; ``protection`` as in ``mrs``). With
+    ``channel_reduction`` channels are first pruned to that reduction (one step of
+    ``prune.criterion``), and the factorisation brings the whole model to the target.
+    """
+
+    scoring: Literal["energy", "robust"] = "energy"
+    channel_reduction: float | None = Field(None, gt=1.0, description="prune channels to this first")
+    probe_energy: float = Field(0.9, gt=0, lt=1, description="robust scoring: energy kept when probing")
+    probe_batches: int = Field(2, ge=1)
+    probe_attack: AttackConfig = PGD3
+    protection: float = Field(
+        0.8, ge=0, lt=1, description="robust scoring: how much sensitive layers are spared"
+    )
+
+
 class PruneConfig(Section):
     """Structured (channel) pruning with torch-pruning's dependency graph.
 
@@ -180,6 +203,7 @@ class PruneConfig(Section):
     dnr: DnrConfig | None = None
     gated: GatedConfig | None = None
     mrs: MrsConfig | None = None
+    lowrank: LowrankConfig | None = None
 
     @model_validator(mode="after")
     def _sections_match_method(self) -> PruneConfig:
@@ -212,7 +236,11 @@ METHOD_SECTIONS: dict[str, type[MethodSection]] = {
     "dnr": DnrConfig,
     "gated": GatedConfig,
     "mrs": MrsConfig,
+    "lowrank": LowrankConfig,
 }
 ITERATIVE_KEYS = frozenset({"criterion", "steps", "importance_batches", "finetune_between", "attack"})
 #: Methods that rank channels inside a group with ``prune.criterion`` (and its scoring keys).
-CRITERION_KEYS: dict[str, set[str]] = {"mrs": {"criterion", "importance_batches", "attack"}}
+CRITERION_KEYS: dict[str, set[str]] = {
+    "mrs": {"criterion", "importance_batches", "attack"},
+    "lowrank": {"criterion", "importance_batches", "attack"},
+}

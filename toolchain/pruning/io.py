@@ -20,6 +20,7 @@ from torch import nn
 
 from toolchain.errors import CheckpointError, UserError
 from toolchain.pruning.graph import build_graph, plain_history
+from toolchain.pruning.lowrank import apply_structure
 
 FORMAT = "robustprune.pruned/1"
 
@@ -40,6 +41,7 @@ def save_pruned(
     history: list[Any],
     state_dict: dict[str, torch.Tensor],
     extra: dict[str, Any] | None = None,
+    structure: list[dict[str, Any]] | None = None,
 ) -> None:
     """Write a pruned model atomically (a temporary file renamed into place).
 
@@ -49,6 +51,8 @@ def save_pruned(
         history: ``PruneResult.history``.
         state_dict: the pruned model's ``state_dict()``.
         extra: any JSON-serialisable metadata (MACs, criterion, ...).
+        structure: low-rank factorisation records (:mod:`toolchain.pruning.lowrank`), applied
+            after the pruning history when loading.
 
     Raises:
         UserError: ``spec``, ``history`` or ``extra`` is not JSON-serialisable.
@@ -56,12 +60,14 @@ def save_pruned(
     history = plain_history(history)
     _check_json("spec", spec)
     _check_json("extra", extra)
+    _check_json("structure", structure)
     payload = {
         "format": FORMAT,
         "spec": spec,
         "history": history,
         "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
         "extra": extra or {},
+        "structure": list(structure or []),
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -88,7 +94,8 @@ def load_pruned(
         example_inputs: inputs to trace the dependency graph (any batch size).
 
     Returns:
-        ``(model, meta)``: the pruned model in eval mode, and ``{"spec", "extra", "history"}``.
+        ``(model, meta)``: the pruned model in eval mode, and ``{"spec", "extra", "history",
+        "structure"}``.
 
     Raises:
         CheckpointError: missing or unreadable file, wrong format, a history that does not fit
@@ -112,11 +119,23 @@ def load_pruned(
             f"the pruning history in {str(path)!r} does not fit the model built from its spec "
             f"{payload['spec']}: {exc}"
         ) from None
+    structure = payload.get("structure", [])
+    try:
+        apply_structure(model, structure)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(
+            f"the factorisation recorded in {str(path)!r} does not fit the model: {exc}"
+        ) from None
     try:
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as exc:
         raise CheckpointError(
             f"weights in {str(path)!r} do not match the pruned architecture: {exc}"
         ) from None
-    meta = {"spec": payload["spec"], "extra": payload.get("extra", {}), "history": payload["history"]}
+    meta = {
+        "spec": payload["spec"],
+        "extra": payload.get("extra", {}),
+        "history": payload["history"],
+        "structure": structure,
+    }
     return model, meta

@@ -3,7 +3,15 @@
 Importing this package registers every method (one file each).
 """
 
-from toolchain.pruning.methods import bap, dnr, gated, hydra, iterative, mrs  # noqa: F401  (registers them)
+from toolchain.pruning.methods import (  # noqa: F401  (importing registers them)
+    bap,
+    dnr,
+    gated,
+    hydra,
+    iterative,
+    lowrank,
+    mrs,
+)
 from toolchain.pruning.methods.base import (
     METHODS,
     PruneJob,

@@ -132,6 +132,18 @@ class Bap(MaskedMethod):
         if not updates or updates[-1]["share"] < 1.0:
             update(1.0, -1)
         masks.detach()
-        info = {"updates": updates, "budgets": budgets}
+        info = {"updates": updates, "budget_rms": _summary(budgets)}
         history = self.remove(model, masks, mask, job)
-        return PruneOutcome(model, history, epochs, info)
+        return PruneOutcome(model, history, epochs, info, trace={"budgets": budgets})
+
+
+def _summary(budgets: list[list[float]]) -> dict[str, float]:
+    """Mean, smallest and largest per-sample RMS budget over all batches."""
+    if not budgets:
+        return {}
+    return {
+        "mean": sum(b[0] for b in budgets) / len(budgets),
+        "min": min(b[1] for b in budgets),
+        "max": max(b[2] for b in budgets),
+        "batches": len(budgets),
+    }

@@ -17,8 +17,9 @@ from typing import Any, ClassVar
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from toolchain.pruning.budget import Budget
+from toolchain.pruning.budget import Budget, check_reachable
 from toolchain.pruning.graph import HistoryEntry, count_macs_params
+from toolchain.pruning.masks import ChannelMasks
 from toolchain.recipe_prune import PGD3, PruneConfig
 from toolchain.recipe_train import AttackConfig, Section
 from toolchain.registry import Registry
@@ -59,13 +60,18 @@ class PruneOutcome:
         model: the physically pruned model (the one passed in, changed in place, or a new one).
         history: JSON torch-pruning history; replaying it on the dense model rebuilds the shapes.
         steps: one record per pruning step, mask update or epoch, as the method defines.
-        info: method-specific results worth keeping (budgets used, rewiring counts, gates).
+        info: method-specific results worth keeping (budgets used, rewiring counts, gates);
+            small, it goes into the report.
+        trace: bulky per-batch records; kept in the prune stage's record only.
+        structure: low-rank factorisation records applied after the history (``lowrank``).
     """
 
     model: nn.Module
     history: list[HistoryEntry]
     steps: list[dict[str, Any]] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
+    trace: dict[str, Any] = field(default_factory=dict)
+    structure: list[dict[str, Any]] = field(default_factory=list)
 
 
 class PruningMethod(ABC):
@@ -97,6 +103,20 @@ class PruningMethod(ABC):
     def run(self, model: nn.Module, job: PruneJob) -> PruneOutcome:
         """Prune ``model`` to ``job.budget``; see :class:`PruneOutcome`."""
 
+    def check(
+        self, model: nn.Module, example_inputs: Tensor, ignored: list[nn.Module], budget: Budget
+    ) -> None:
+        """Refuse, before any training, a model or budget this method cannot handle.
+
+        Raises:
+            BudgetError: the budget is out of reach under ``round_to``/``max_layer_pruning``.
+            UserError: a group cannot be masked (methods that train through masks).
+        """
+        masks = ChannelMasks(
+            model, example_inputs, ignored, max_layer_pruning=budget.max_layer_pruning, strict=self.uses_masks
+        )
+        check_reachable(masks, budget)
+
 
 METHODS: Registry[type[PruningMethod]] = Registry("pruning method")
 
@@ -112,7 +132,7 @@ class PruneResult:
         dense_macs, dense_params, macs, params: sizes before and after (torch-pruning's count).
         macs_reduction, params_reduction: ``dense / pruned``.
         target_met: the budget's reduction is met within its tolerance.
-        steps, info: the method's records.
+        steps, info, trace, structure: the method's records (see :class:`PruneOutcome`).
         seconds: wall time.
     """
 
@@ -128,6 +148,8 @@ class PruneResult:
     target_met: bool
     steps: list[dict[str, Any]] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
+    trace: dict[str, Any] = field(default_factory=dict)
+    structure: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
 
 
@@ -174,5 +196,7 @@ def run_method(method: PruningMethod, model: nn.Module, job: PruneJob) -> PruneR
         target_met=met,
         steps=outcome.steps,
         info=outcome.info,
+        trace=outcome.trace,
+        structure=outcome.structure,
         seconds=time.perf_counter() - started,
     )

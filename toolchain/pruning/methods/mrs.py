@@ -20,48 +20,29 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from toolchain.pruning.budget import allocate, check_reachable, pools_for
 from toolchain.pruning.criteria import CRITERIA
-from toolchain.pruning.graph import eval_mode
 from toolchain.pruning.masks import ChannelMasks
 from toolchain.pruning.methods.base import METHODS, PruneJob, PruneOutcome, PruningMethod
 from toolchain.pruning.methods.iterative import position_scores
+from toolchain.pruning.methods.probe import adversarial_loss, take
 from toolchain.pruning.scores import compute_scores
 from toolchain.recipe_prune import MrsConfig
 from toolchain.recipe_train import AttackConfig
-from toolchain.robustness.attacks.pgd import pgd_attack
 
 
-def adversarial_loss(
+def masked_loss(
     model: nn.Module,
     masks: ChannelMasks,
     mask: Tensor,
     batches: list[tuple[Tensor, Tensor]],
     attack: AttackConfig,
 ) -> float:
-    """Mean cross-entropy on PGD examples crafted against the model with ``mask`` applied."""
-    total, seen = 0.0, 0
-    generator = torch.Generator().manual_seed(0)  # the same random starts for every probe
-    with masks.attached(lambda: mask), eval_mode(model):
-        for x, y in batches:
-            x_adv = pgd_attack(
-                model,
-                x,
-                y,
-                eps=attack.eps,
-                step_size=attack.step_size,
-                steps=attack.steps,
-                norm=attack.norm,
-                random_start=attack.random_start,
-                generator=generator,
-            )
-            with torch.no_grad():
-                total += float(F.cross_entropy(model(x_adv), y, reduction="sum"))
-            seen += len(y)
-    return total / max(seen, 1)
+    """:func:`adversarial_loss` of the model with ``mask`` applied (attacks see the mask too)."""
+    with masks.attached(lambda: mask):
+        return adversarial_loss(model, batches, attack)
 
 
 @METHODS.register("mrs")
@@ -90,8 +71,8 @@ class Mrs(PruningMethod):
             attack=job.attack,
         )
         scores, unscored = position_scores(masks, table)
-        batches = _take(job.loader(5), own.probe_batches)
-        base = adversarial_loss(model, masks, masks.ones(), batches, own.probe_attack)
+        batches = take(job.loader(5), own.probe_batches)
+        base = masked_loss(model, masks, masks.ones(), batches, own.probe_attack)
         rises = []
         for i, group in enumerate(masks.groups):
             if i in unscored:
@@ -101,7 +82,7 @@ class Mrs(PruningMethod):
             drop = max(1, min(round(own.probe_ratio * group.positions), group.positions - group.floor))
             weakest = torch.topk(scores[group.span], drop, largest=False).indices
             probe[group.offset + weakest] = 0.0
-            rises.append(adversarial_loss(model, masks, probe, batches, own.probe_attack) - base)
+            rises.append(masked_loss(model, masks, probe, batches, own.probe_attack) - base)
         top = max(max(rises), 1e-12)
         sensitivity = [max(r, 0.0) / top for r in rises]
         weights = [1.0 - own.protection * s for s in sensitivity]
@@ -119,12 +100,3 @@ class Mrs(PruningMethod):
         history = masks.remove(chosen.mask)
         info = {"criterion": cfg.criterion, "base_adversarial_loss": base, "groups": groups}
         return PruneOutcome(model, history, [], info)
-
-
-def _take(loader: Any, count: int) -> list[tuple[Tensor, Tensor]]:
-    batches = []
-    for x, y in loader:
-        batches.append((x, y))
-        if len(batches) >= count:
-            break
-    return batches
