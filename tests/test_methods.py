@@ -319,3 +319,36 @@ def test_mrs_spares_the_sensitive_group_and_meets_the_budget() -> None:
     assert seen["sensitivity"] == 1.0 and blind["sensitivity"] < 0.2
     assert seen["keep_ratio"] > blind["keep_ratio"]
     assert result.target_met
+
+
+# --- resuming in-the-loop training ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["hydra", "bap", "dnr", "gated"])
+def test_in_loop_training_resumes_to_the_same_pruned_model(
+    method: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dataclasses import replace
+
+    from tests.test_training import Interrupt, _interrupt_at
+    from toolchain.training import TrainCheckpoint
+
+    cfg = method_recipe(method, **SECTIONS[method])
+    batch = dataset(batches=1, seed=9)[0][0]
+
+    def run(checkpoint: TrainCheckpoint | None) -> tuple[torch.Tensor, Any]:
+        model, data = zoo_model(), dataset()
+        result = prune_model(model, replace(job_for(model, data), checkpoint=checkpoint), cfg)
+        with torch.no_grad():
+            return model.eval()(batch), result
+
+    expected, reference = run(None)
+    checkpoint = TrainCheckpoint(tmp_path / "ckpt.pt", "prune-key")
+    with monkeypatch.context() as patch:
+        _interrupt_at(patch, at_step=8)  # second epoch of two (6 batches each)
+        with pytest.raises(Interrupt):
+            run(checkpoint)
+    assert checkpoint.path.is_file()
+    got, result = run(checkpoint)
+    assert torch.equal(got, expected)
+    assert result.steps == reference.steps and result.info == reference.info

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -145,3 +146,65 @@ def test_hooks_change_the_loop_without_copying_it() -> None:
     assert steps == list(range(8)) and seen_lrs == [0.5] * 8  # the group's own lr, scheduled
     assert all(torch.equal(a, b) for a, b in zip(before, frozen))  # frozen stayed frozen
     assert 0.0 < float(gate.detach()) < 1.0 and history[-1]["gate"] == pytest.approx(float(gate.detach()))
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _interrupt_at(monkeypatch: pytest.MonkeyPatch, at_step: int) -> None:
+    """Make the loop die at global step ``at_step`` (mid-epoch), as a kill would."""
+    import toolchain.training.loops as loops
+
+    real = loops.lr_factor
+
+    def dying(cfg: TrainConfig, step: int, total: int, per_epoch: int) -> float:
+        if step == at_step:
+            raise Interrupt
+        return real(cfg, step, total, per_epoch)
+
+    monkeypatch.setattr(loops, "lr_factor", dying)
+
+
+def _fresh(loss: str) -> tuple[nn.Module, object, TrainConfig]:
+    from toolchain.training import make_loader
+
+    data = torch.utils.data.TensorDataset(*[torch.cat(t) for t in zip(*batches(4))])
+    cfg = recipe_from_dict(
+        {"train": {"epochs": 3, "loss": loss, "attack": {"steps": 1}, "mixed": {"corruptions": ["rain"]}}}
+    ).train
+    return tiny_net(), make_loader(data, 8, shuffle=True, seed=5), cfg
+
+
+@pytest.mark.parametrize("loss", ["pgd", "mixed"])
+def test_interrupted_training_resumes_bit_for_bit(
+    loss: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from toolchain.training import TrainCheckpoint
+
+    model, loader, cfg = _fresh(loss)
+    reference = train_model(model, loader, cfg, seed=1, progress=False)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+
+    checkpoint = TrainCheckpoint(tmp_path / "ckpt.pt", "key-1")
+    with monkeypatch.context() as patch:
+        _interrupt_at(patch, at_step=6)  # epoch 2 of 3 (4 batches per epoch), half way
+        model, loader, cfg = _fresh(loss)
+        with pytest.raises(Interrupt):
+            train_model(model, loader, cfg, seed=1, progress=False, checkpoint=checkpoint)
+    assert checkpoint.path.is_file()
+    model, loader, cfg = _fresh(loss)  # a new process: fresh model and loader
+    resumed = train_model(model, loader, cfg, seed=1, progress=False, checkpoint=checkpoint)
+    assert resumed == reference
+    assert all(torch.equal(expected[k], v) for k, v in model.state_dict().items())
+    assert not checkpoint.path.exists()  # removed once training completed
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_a_checkpoint_of_another_run_is_ignored(tmp_path: Path) -> None:
+    from toolchain.training import TrainCheckpoint
+
+    TrainCheckpoint(tmp_path / "c.pt", "old").save({"epoch": 2})
+    assert TrainCheckpoint(tmp_path / "c.pt", "new").load() is None
+    (tmp_path / "torn.pt").write_bytes(b"\x80\x04 not a checkpoint")
+    assert TrainCheckpoint(tmp_path / "torn.pt", "new").load() is None

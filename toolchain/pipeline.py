@@ -33,7 +33,7 @@ from toolchain.recipe import Recipe
 from toolchain.report.assemble import assemble_report, write_report
 from toolchain.robustness.suite import evaluate_model
 from toolchain.rundir import RunDir, atomic_path, chain_key, write_json
-from toolchain.training import make_loader, train_model
+from toolchain.training import TrainCheckpoint, make_loader, train_model
 
 log = logging.getLogger(__name__)
 
@@ -163,11 +163,25 @@ def _load_with_history(ctx: Context, stage: str) -> tuple[nn.Module, dict[str, A
     return model.eval(), info
 
 
+CHECKPOINT_FILE = ".checkpoint.pt"
+
+
+def _checkpoint(ctx: Context, stage: str) -> TrainCheckpoint:
+    """A stage's per-epoch training checkpoint; only a run with the same stage key resumes from it."""
+    return TrainCheckpoint(ctx.run.root / stage / CHECKPOINT_FILE, ctx.keys[stage])
+
+
 def _train(ctx: Context) -> tuple[nn.Module, list[str], dict[str, Any]]:
     torch.manual_seed(ctx.recipe.seed)
     model = preflight.recipe_model(ctx.recipe, ctx.data)
     history = train_model(
-        model, ctx.train_loader(), ctx.recipe.train, seed=ctx.recipe.seed, desc="train", progress=ctx.progress
+        model,
+        ctx.train_loader(),
+        ctx.recipe.train,
+        seed=ctx.recipe.seed,
+        desc="train",
+        progress=ctx.progress,
+        checkpoint=_checkpoint(ctx, "train"),
     )
     macs, params = count_macs_params(model, ctx.example_inputs)
     _save_model(ctx, "train", model, [])
@@ -178,9 +192,9 @@ def _prune(ctx: Context) -> tuple[nn.Module, list[str], dict[str, Any]]:
     cfg = ctx.recipe.prune
     # A fresh copy from disk: the dense model in memory stays intact for validation.
     model = _load_model(ctx, "train")
-    result = prune_model(
-        model, prune_job(ctx.recipe, model, ctx.example_inputs, ctx.train_loader, ctx.progress), cfg
-    )
+    job = prune_job(ctx.recipe, model, ctx.example_inputs, ctx.train_loader, ctx.progress)
+    job.checkpoint = _checkpoint(ctx, "prune")
+    result = prune_model(model, job, cfg)
     if cfg.bn_recalibration_batches:
         recalibrate_bn(result.model, ctx.train_loader(seed_offset=1), batches=cfg.bn_recalibration_batches)
     _save_model(ctx, "prune", result.model, result.history, result.structure)
@@ -212,6 +226,7 @@ def _finetune(ctx: Context) -> tuple[nn.Module, list[str], dict[str, Any]]:
         seed=ctx.recipe.seed + 100,
         desc="finetune",
         progress=ctx.progress,
+        checkpoint=_checkpoint(ctx, "finetune"),
     )
     macs, params = count_macs_params(model, ctx.example_inputs)
     _save_model(ctx, "finetune", model, shape["history"], shape["structure"])

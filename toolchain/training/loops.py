@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from toolchain.recipe_train import TrainConfig
+from toolchain.training.checkpoint import TrainCheckpoint, restore_rng, rng_states
 from toolchain.training.losses import BatchLoss, Perturbation
 from toolchain.training.schedule import lr_factor
 
@@ -63,6 +64,8 @@ class TrainHooks:
         metrics: ``() -> dict`` merged into each epoch's record (e.g. live channels).
         side_optimizer: ``() -> optimiser`` for parameters outside the model (gates with Adam),
             stepped with the main one; its learning rates follow the same schedule.
+        state, load_state: the method's own state (masks, scores, momentum, RNG), saved in
+            per-epoch checkpoints and restored when a run resumes.
     """
 
     param_groups: Callable[[nn.Module], list[dict[str, Any]]] | None = None
@@ -71,6 +74,8 @@ class TrainHooks:
     after_step: Callable[[Step], None] | None = None
     metrics: Callable[[], dict[str, float]] | None = None
     side_optimizer: Callable[[], torch.optim.Optimizer] | None = None
+    state: Callable[[], dict[str, Any]] | None = None
+    load_state: Callable[[dict[str, Any]], None] | None = None
 
 
 def make_loader(
@@ -111,6 +116,7 @@ def train_model(
     progress: bool = True,
     device: str | torch.device = "cpu",
     hooks: TrainHooks | None = None,
+    checkpoint: TrainCheckpoint | None = None,
 ) -> list[dict[str, float]]:
     """Train ``model`` in place with SGD on ``cfg.loss`` under ``cfg.schedule``.
 
@@ -125,6 +131,9 @@ def train_model(
             loader's own generator).
         desc: label for the progress bar and the log.
         hooks: a pruning method's changes to the loop.
+        checkpoint: save the whole training state after every epoch and, if a checkpoint with
+            the same key exists, resume after its epoch (bit-identical on CPU); removed once
+            training completes.
 
     Returns:
         One dict per epoch: ``{"epoch", "loss", "accuracy", "adversarial", "lr"}`` plus the
@@ -142,11 +151,26 @@ def train_model(
             group["base_lr"] = group["lr"]
     batch_loss = BatchLoss(cfg, perturb=hooks.perturb)
     generator = torch.Generator().manual_seed(seed)
+    shuffle = getattr(loader, "generator", None)
     per_epoch = max(len(loader), 1)
     total = cfg.epochs * per_epoch
     step = 0
     history: list[dict[str, float]] = []
-    for epoch in range(cfg.epochs):
+    start = 0
+    saved = checkpoint.load() if checkpoint is not None else None
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        for opt, opt_state in zip(optimizers, saved["optimizers"]):
+            opt.load_state_dict(opt_state)
+        batch_loss.load_state_dict(saved["loss"])
+        if hooks.load_state is not None:
+            hooks.load_state(saved["method"])
+        restore_rng(saved["rng"], generator, shuffle)
+        start, history = int(saved["epoch"]), list(saved["history"])
+        step = start * per_epoch
+        assert checkpoint is not None
+        log.info("%s: resuming after epoch %d/%d from %s", desc, start, cfg.epochs, checkpoint.path)
+    for epoch in range(start, cfg.epochs):
         adversarial = epoch >= cfg.warmup_epochs
         model.train()
         seen = correct = 0
@@ -188,6 +212,18 @@ def train_model(
         if hooks.metrics is not None:
             record.update(hooks.metrics())
         history.append(record)
+        if checkpoint is not None and epoch + 1 < cfg.epochs:
+            checkpoint.save(
+                {
+                    "epoch": epoch + 1,
+                    "history": history,
+                    "model": model.state_dict(),
+                    "optimizers": [opt.state_dict() for opt in optimizers],
+                    "loss": batch_loss.state_dict(),
+                    "method": hooks.state() if hooks.state is not None else {},
+                    "rng": rng_states(generator, shuffle),
+                }
+            )
         log.info(
             "%s epoch %d/%d: loss %.4f acc %.4f",
             desc,
@@ -197,6 +233,8 @@ def train_model(
         )
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
+    if checkpoint is not None:
+        checkpoint.clear()
     model.eval()
     return history
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -98,6 +99,14 @@ class BatchLoss:
         self.cfg = cfg
         self.perturb = perturb
         self.mixed = MixedNoise(cfg.mixed, cfg.attack) if cfg.loss == "mixed" else None
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs: the mixed-noise generator and its optimiser, if any."""
+        return self.mixed.state_dict() if self.mixed is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.mixed is not None and state:
+            self.mixed.load_state_dict(state)
 
     def _adversarial(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, rng: torch.Generator

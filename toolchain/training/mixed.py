@@ -11,6 +11,7 @@ from the training generator, so a seeded run is reproducible.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -85,6 +86,26 @@ class MixedNoise:
             self.generator = PerturbationGenerator(x.shape[1], self.cfg.generator_width).to(x.device)
             self.optimizer = torch.optim.Adam(self.generator.parameters(), lr=self.cfg.generator_lr)
         return self.generator
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.generator is None or self.optimizer is None:
+            return {}
+        first = self.generator.net[0]
+        assert isinstance(first, nn.Conv2d)
+        return {
+            "channels": first.in_channels,
+            "generator": self.generator.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state:
+            return
+        device = next(iter(state["generator"].values())).device
+        self._ensure_generator(torch.empty(1, int(state["channels"]), 1, 1, device=device))
+        assert self.generator is not None and self.optimizer is not None
+        self.generator.load_state_dict(state["generator"])
+        self.optimizer.load_state_dict(state["optimizer"])
 
     def compose(self, model: nn.Module, x: Tensor, y: Tensor, rng: torch.Generator) -> MixedBatch:
         """Perturb parts of ``(x, y)`` in place of the clean images; the model is used in eval mode.

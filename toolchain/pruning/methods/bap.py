@@ -125,10 +125,19 @@ class Bap(MaskedMethod):
                 "live_positions": float(mask.sum()),
             }
 
+        def state() -> dict[str, Any]:
+            return {"mask": mask.clone(), "updates": list(updates), "budgets": list(budgets)}
+
+        def load_state(saved: dict[str, Any]) -> None:
+            nonlocal mask
+            mask = saved["mask"]
+            updates[:], budgets[:] = saved["updates"], saved["budgets"]
+
+        hooks = TrainHooks(
+            perturb=perturb, after_step=after_step, metrics=metrics, state=state, load_state=load_state
+        )
         with masks.attached(lambda: mask):
-            epochs = self.train(
-                model, job, TrainHooks(perturb=perturb, after_step=after_step, metrics=metrics)
-            )
+            epochs = self.train(model, job, hooks)
         if not updates or updates[-1]["share"] < 1.0:
             update(1.0, -1)
         masks.detach()

@@ -23,6 +23,7 @@ from toolchain.pruning.masks import ChannelMasks
 from toolchain.recipe_prune import PGD3, PruneConfig
 from toolchain.recipe_train import AttackConfig, Section
 from toolchain.registry import Registry
+from toolchain.training.checkpoint import TrainCheckpoint
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ class PruneJob:
         seed: the run's seed; methods derive their own seeds from it.
         progress: show progress bars.
         device: where training runs.
+        checkpoint: where in-the-loop training saves its state every epoch and resumes from.
     """
 
     example_inputs: Tensor
@@ -50,6 +52,7 @@ class PruneJob:
     seed: int = 0
     progress: bool = True
     device: str = "cpu"
+    checkpoint: TrainCheckpoint | None = None
 
 
 @dataclass

@@ -168,8 +168,24 @@ class Dnr(MaskedMethod):
         def metrics() -> dict[str, float]:
             return {"live_positions": float(mask.detach().sum()), "rewirings": float(len(updates))}
 
+        def state() -> dict[str, Any]:
+            return {
+                "mask": mask.detach().clone(),
+                "momentum": momentum.clone(),
+                "ever_dropped": sorted(ever_dropped),
+                "updates": list(updates),
+            }
+
+        def load_state(saved: dict[str, Any]) -> None:
+            nonlocal mask, momentum
+            mask = saved["mask"].clone().requires_grad_(True)
+            momentum = saved["momentum"]
+            ever_dropped.update(saved["ever_dropped"])
+            updates[:] = saved["updates"]
+
+        hooks = TrainHooks(after_step=after_step, metrics=metrics, state=state, load_state=load_state)
         with masks.attached(lambda: mask):
-            epochs = self.train(model, job, TrainHooks(after_step=after_step, metrics=metrics))
+            epochs = self.train(model, job, hooks)
         final = mask.detach()
         revived = sorted(p for p in ever_dropped if final[p] > 0)
         info = {

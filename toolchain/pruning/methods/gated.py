@@ -123,10 +123,24 @@ class Gated(MaskedMethod):
             g = gates().detach()
             return {"gate_mean": float(g.mean()), "gates_below_half": float((g < 0.5).sum())}
 
+        def state() -> dict[str, Any]:
+            return {"logits": logits.detach().clone(), "stability": stability.clone(), "rng": rng.get_state()}
+
+        def load_state(saved: dict[str, Any]) -> None:
+            nonlocal stability
+            logits.data.copy_(saved["logits"])
+            stability = saved["stability"]
+            rng.set_state(saved["rng"])
+
+        hooks = TrainHooks(
+            side_optimizer=gate_optimizer,
+            extra_loss=extra_loss,
+            metrics=metrics,
+            state=state,
+            load_state=load_state,
+        )
         with masks.attached(gates):
-            epochs = self.train(
-                model, job, TrainHooks(side_optimizer=gate_optimizer, extra_loss=extra_loss, metrics=metrics)
-            )
+            epochs = self.train(model, job, hooks)
         g = gates().detach()
         score = g * stability
         chosen = self.allocate(masks, score, job, own.allocation)

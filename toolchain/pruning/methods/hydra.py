@@ -51,6 +51,11 @@ def scaled_scores(magnitude: Tensor, fan_in: Tensor, masks: Any) -> Tensor:
     return scores
 
 
+def _copy(target: Tensor, value: Tensor) -> None:
+    with torch.no_grad():
+        target.copy_(value)
+
+
 @METHODS.register("hydra")
 class Hydra(MaskedMethod):
     """Channel scores trained with frozen weights under TRADES; top-k per group kept."""
@@ -100,7 +105,13 @@ class Hydra(MaskedMethod):
 
         try:
             with masks.attached(mask):
-                epochs = self.train(model, job, TrainHooks(param_groups=groups, metrics=moved))
+                hooks = TrainHooks(
+                    param_groups=groups,
+                    metrics=moved,
+                    state=lambda: {"scores": scores.detach().clone()},
+                    load_state=lambda saved: _copy(scores, saved["scores"]),
+                )
+                epochs = self.train(model, job, hooks)
         finally:
             for p, flag in flags:
                 p.requires_grad_(flag)

@@ -51,6 +51,7 @@ class MaskedMethod(PruningMethod):
             progress=job.progress,
             device=job.device,
             hooks=hooks,
+            checkpoint=job.checkpoint,
         )
 
     def remove(
