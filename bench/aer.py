@@ -51,35 +51,46 @@ CORRUPTIONS = [
 ]
 
 
-def _attacks(eps: float, square_samples: int, square_queries: int) -> list[dict[str, Any]]:
-    return [
-        {"name": "pgd", "eps": eps, "steps": 20, "step_size": eps / 4},
-        {"name": "apgd", "eps": eps, "steps": 20},
-        {"name": "square", "eps": eps, "queries": square_queries, "samples": square_samples},
-    ]
+#: Per setting: images (train, test), dense epochs, training epochs after the dense model,
+#: attack steps (PGD, APGD), Square (images, queries), corruptions, latency iterations.
+SETTINGS: dict[str, dict[str, Any]] = {
+    "full": {"epochs": 8, "after": 4, "steps": 20, "square": (200, 500), "corruptions": CORRUPTIONS},
+    "reduced": {"epochs": 4, "after": 2, "steps": 20, "square": (200, 200), "corruptions": CORRUPTIONS[::2]},
+    "tiny": {"epochs": 2, "after": 2, "steps": 2, "square": (20, 10), "corruptions": CORRUPTIONS[:2]},
+}
+SIZES = {
+    "fashion-mnist": {"full": (20000, 2000), "reduced": (6000, 1000), "tiny": (256, 64)},
+    "signs": {"full": (4000, 1000), "reduced": (2000, 500), "tiny": (256, 64)},
+}
 
 
 def base_recipe(dataset: str, setting: str) -> dict[str, Any]:
     """The dense training and evaluation shared by every run of a (dataset, setting)."""
     if dataset == "fashion-mnist":
-        eps, size = 0.1, {"full": (20000, 2000), "reduced": (6000, 1000)}[setting]
+        eps = 0.1
         attack = {"eps": eps, "step_size": 0.025, "steps": 5}
         model = {"arch": "convnet", "width": 1.0}
-        data = {"dataset": dataset, "batch_size": 128}
+        data: dict[str, Any] = {"dataset": dataset, "batch_size": 128}
     elif dataset == "signs":
-        eps, size = 4 / 255, {"full": (4000, 1000), "reduced": (2000, 500)}[setting]
+        eps = 4 / 255
         attack = {"eps": eps, "step_size": 2 / 255, "steps": 3}
         model = {"arch": "resnet20", "width": 0.5}
         data = {"dataset": dataset, "image_size": 32, "batch_size": 64}
     else:
         raise SystemExit(f"unknown dataset {dataset!r}; use fashion-mnist or signs")
-    train_samples, val_samples = size
+    s = SETTINGS[setting]
+    if setting == "tiny":  # the test suite's end-to-end check of the benchmark itself
+        model = {"arch": "convnet", "width": 0.5}
+        data.update(image_size=16, batch_size=64)
+        attack = {**attack, "steps": 1}
+    train_samples, val_samples = SIZES[dataset][setting]
+    square_samples, queries = s["square"]
     return {
         "version": 1,
         "data": {**data, "train_samples": train_samples, "val_samples": val_samples},
         "model": model,
         "train": {
-            "epochs": {"full": 8, "reduced": 4}[setting],
+            "epochs": s["epochs"],
             "lr": 0.05,
             "loss": "pgd",
             "schedule": "onecycle",
@@ -91,13 +102,23 @@ def base_recipe(dataset: str, setting: str) -> dict[str, Any]:
             "samples": val_samples,
             "batch_size": 250,
             "runtimes": ["torch"],
-            "attacks": _attacks(eps, min(200, val_samples), 500 if setting == "full" else 200),
-            "corruptions": {
-                "names": CORRUPTIONS if setting == "full" else CORRUPTIONS[::2],
-                "severities": [1, 3, 5],
-            },
+            "attacks": [
+                {"name": "pgd", "eps": eps, "steps": s["steps"], "step_size": eps / 4},
+                {"name": "apgd", "eps": eps, "steps": s["steps"]},
+                {
+                    "name": "square",
+                    "eps": eps,
+                    "queries": queries,
+                    "samples": min(square_samples, val_samples),
+                },
+            ],
+            "corruptions": {"names": s["corruptions"], "severities": [1, 3, 5]},
         },
-        "bench": {"runtimes": ["onnxruntime"], "batch_sizes": [1, 32], "iterations": 100},
+        "bench": {
+            "runtimes": ["onnxruntime"],
+            "batch_sizes": [1, 32],
+            "iterations": 100 if setting != "tiny" else 3,
+        },
         "export": {"parity_samples": 128},
     }
 
@@ -115,6 +136,14 @@ def method_patch(method: str, budget: float, after: int, base: dict[str, Any]) -
     if method in ("magnitude", "taylor", "adv-taylor", "random"):
         prune = {"method": "iterative", "criterion": method, "steps": 1, "attack": scoring}
         return {"prune": {**prune, "target": target}, "finetune": {"epochs": after}}
+    if method == "mrs":
+        probe = {"probe_attack": scoring}
+        prune = {"method": "mrs", "criterion": "magnitude", "target": target, "mrs": probe}
+        return {"prune": prune, "finetune": {"epochs": after}}
+    if method in ("lowrank", "channels+lowrank"):
+        section: dict[str, Any] = {"channel_reduction": math.sqrt(budget)} if method != "lowrank" else {}
+        prune = {"method": "lowrank", "criterion": "magnitude", "target": target, "lowrank": section}
+        return {"prune": prune, "finetune": {"epochs": after}}
     sections: dict[str, Callable[[], dict[str, Any]]] = {
         "hydra": lambda: {"train": _in_loop(base["train"], half, loss="trades", lr=0.1, weight_decay=1e-4)},
         "bap": lambda: {"train": _in_loop(base["train"], half, loss="hybrid", lr=0.01), "update_every": 20},
@@ -131,7 +160,19 @@ def method_patch(method: str, budget: float, after: int, base: dict[str, Any]) -
     }
 
 
-METHOD_NAMES = ["magnitude", "taylor", "adv-taylor", "random", "hydra", "bap", "dnr", "gated"]
+METHOD_NAMES = [
+    "magnitude",
+    "taylor",
+    "adv-taylor",
+    "random",
+    "hydra",
+    "bap",
+    "dnr",
+    "gated",
+    "mrs",
+    "lowrank",
+    "channels+lowrank",
+]
 
 
 def _merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
@@ -194,9 +235,9 @@ def _mean_std(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="fashion-mnist", choices=["fashion-mnist", "signs"])
-    parser.add_argument("--setting", default="full", choices=["full", "reduced"])
+    parser.add_argument("--setting", default="full", choices=sorted(SETTINGS))
     parser.add_argument(
-        "--methods", nargs="+", default=["magnitude", "adv-taylor", "hydra", "bap", "dnr", "gated"]
+        "--methods", nargs="+", default=[m for m in METHOD_NAMES if m != "random"], choices=METHOD_NAMES
     )
     parser.add_argument("--budgets", nargs="+", type=float, default=[2.0, 4.0, 8.0, 16.0])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
@@ -214,7 +255,7 @@ def main() -> int:
     log.setLevel(logging.INFO)
 
     base = base_recipe(args.dataset, args.setting)
-    after = args.after_epochs or {"full": 4, "reduced": 2}[args.setting]
+    after = args.after_epochs or SETTINGS[args.setting]["after"]
     if args.split == "holdout":
         base["data"]["holdout"] = base["data"].pop("val_samples")
         base["data"]["val_samples"] = None
@@ -231,7 +272,7 @@ def main() -> int:
                 continue
             for method in args.methods:
                 recipe = _merge(base, method_patch(method, budget, after, base))
-                recipe.update(name=f"{method}-x{budget:g}-s{seed}", seed=seed)
+                recipe.update(name=f"{method.replace('+', '_')}-x{budget:g}-s{seed}", seed=seed)
                 out = work / recipe["name"]
                 t0 = time.perf_counter()
                 report = _run(recipe, out, dense_dir)

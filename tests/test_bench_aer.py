@@ -1,0 +1,39 @@
+"""bench/aer.py end to end on a tiny setting: every method present in its JSON, plots written."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.e2e
+
+
+def test_aer_benchmark_runs_every_method_and_resumes(tmp_path: Path) -> None:
+    out = tmp_path / "aer.json"
+    cmd = [sys.executable, str(REPO / "bench" / "aer.py"), "--dataset", "signs", "--setting", "tiny"]
+    cmd += ["--budgets", "2", "--work", str(tmp_path / "work"), "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    payload = json.loads(out.read_text())
+    methods = {run["method"] for run in payload["runs"]}
+    criteria = {"magnitude", "taylor", "adv-taylor"}
+    assert methods == criteria | {"hydra", "bap", "dnr", "gated", "mrs", "lowrank", "channels+lowrank"}
+    for run in payload["runs"]:
+        assert run["target_met"], run
+        assert 0.0 <= run["pgd20"] <= run["clean"] <= 1.0
+        assert run["ort_p50_ms_b1"] > 0 and run["macs"] < payload["dense"]["0"]["macs"]
+    for key in ("clean", "pgd20", "corruptions_mean"):
+        assert (tmp_path / f"aer-{key}.png").stat().st_size > 1000
+    # A second invocation finds every run finished and redoes none of them.
+    stamps = {p: p.stat().st_mtime for p in (tmp_path / "work").rglob("report.json")}
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 0 and json.loads(out.read_text())["runs"] == payload["runs"]
+    assert {p: p.stat().st_mtime for p in stamps} == stamps
