@@ -40,6 +40,7 @@ GATED_BAD_CORRUPTION = {"method": "gated", "gated": {"train": {"mixed": {"corrup
         (_patched(prune__criterion="vibes"), "unknown pruning criterion 'vibes'; known: "),
         (_patched(data__dataset="imagenet-on-a-floppy"), "unknown dataset"),
         (_patched(model__checkpoint="/nonexistent/weights.pt"), "weights.pt"),
+        (dict(TINY_RECIPE, device="cuda:0"), "CUDA is not available here; set device: cpu"),
         (_patched(prune__method="hydr"), "unknown pruning method 'hydr'; known: bap, dnr, gated, hydra"),
         (
             dict(TINY_RECIPE, prune={"method": "hydra", "hydra": {"train": {"epoch": 1}}}),

@@ -26,6 +26,7 @@ from exporters.runtimes import build_runner
 from exporters.torch_runner import TorchRunner
 from toolchain import preflight
 from toolchain.data import DataBundle
+from toolchain.device import resolve_device
 from toolchain.models import build_from_spec
 from toolchain.preflight import prune_job
 from toolchain.pruning import count_macs_params, load_pruned, prune_model, save_pruned
@@ -49,6 +50,7 @@ class Context:
     data: DataBundle
     progress: bool = True
     keys: dict[str, str] = field(default_factory=dict)
+    device: str = "cpu"
 
     @property
     def example_inputs(self) -> torch.Tensor:
@@ -107,7 +109,14 @@ def run_pipeline(recipe: Recipe, out: str | Path | None = None, *, progress: boo
     """
     data = preflight.check(recipe)
     run = RunDir.open(out or Path("runs") / recipe.name, recipe.model_dump(mode="json"))
-    ctx = Context(recipe=recipe, run=run, data=data, progress=progress, keys=stage_keys(recipe))
+    ctx = Context(
+        recipe=recipe,
+        run=run,
+        data=data,
+        progress=progress,
+        keys=stage_keys(recipe),
+        device=resolve_device(recipe.device),
+    )
     torch.manual_seed(recipe.seed)
 
     dense = _stage(ctx, "train", lambda: _train(ctx), lambda: _load_model(ctx, "train"))
@@ -181,8 +190,10 @@ def _train(ctx: Context) -> tuple[nn.Module, list[str], dict[str, Any]]:
         seed=ctx.recipe.seed,
         desc="train",
         progress=ctx.progress,
+        device=ctx.device,
         checkpoint=_checkpoint(ctx, "train"),
     )
+    model.cpu()
     macs, params = count_macs_params(model, ctx.example_inputs)
     _save_model(ctx, "train", model, [])
     return model, [MODEL_FILE], {"epochs": history, "macs": macs, "params": params}
@@ -194,6 +205,7 @@ def _prune(ctx: Context) -> tuple[nn.Module, list[str], dict[str, Any]]:
     model = _load_model(ctx, "train")
     job = prune_job(ctx.recipe, model, ctx.example_inputs, ctx.train_loader, ctx.progress)
     job.checkpoint = _checkpoint(ctx, "prune")
+    job.device = ctx.device  # methods train there; pruning itself works on the CPU copy
     result = prune_model(model, job, cfg)
     if cfg.bn_recalibration_batches:
         recalibrate_bn(result.model, ctx.train_loader(seed_offset=1), batches=cfg.bn_recalibration_batches)
@@ -226,8 +238,10 @@ def _finetune(ctx: Context) -> tuple[nn.Module, list[str], dict[str, Any]]:
         seed=ctx.recipe.seed + 100,
         desc="finetune",
         progress=ctx.progress,
+        device=ctx.device,
         checkpoint=_checkpoint(ctx, "finetune"),
     )
+    model.cpu()
     macs, params = count_macs_params(model, ctx.example_inputs)
     _save_model(ctx, "finetune", model, shape["history"], shape["structure"])
     return model, [MODEL_FILE], {"epochs": history, "macs": macs, "params": params}

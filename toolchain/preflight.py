@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from toolchain.data import DATASETS, DataBundle, load_data
+from toolchain.device import resolve_device
 from toolchain.errors import UserError
 from toolchain.models import build_model, load_state_dict_file
 from toolchain.pruning.budget import Budget
@@ -55,6 +56,7 @@ def check(recipe: Recipe) -> DataBundle:
         The loaded data (so the pipeline does not load it twice).
     """
     check_names(recipe)
+    resolve_device(recipe.device)
     for section in train_sections(recipe):
         for name in section.mixed.corruptions if section.loss == "mixed" else []:
             CORRUPTIONS.get(name)

@@ -136,6 +136,7 @@ class TrainConfig(Section):
     schedule: Literal["cosine", "constant", "onecycle"] = "cosine"
     lr_warmup_epochs: float = Field(0, ge=0, description="linear learning-rate warm-up (cosine/constant)")
     warmup_epochs: int = Field(0, ge=0, description="clean epochs before adversarial ones")
+    amp: Literal["off", "bf16", "fp16"] = Field("off", description="mixed precision on CUDA (ignored on CPU)")
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

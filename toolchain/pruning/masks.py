@@ -358,9 +358,12 @@ class ChannelMasks:
         finally:
             self.detach()
 
-    def _refresh(self, _module: nn.Module, _inputs: Any) -> None:
+    def _refresh(self, _module: nn.Module, inputs: Any) -> None:
         assert self._source is not None
         mask = self._source()
+        first = inputs[0] if inputs and isinstance(inputs[0], Tensor) else None
+        if first is not None and first.device != mask.device:
+            mask = mask.to(first.device)  # sources live on the CPU; gradients flow back through .to
         self._ext = torch.cat([mask, mask.new_ones(1)])
 
     def _masker(self, index: Tensor) -> Callable[[nn.Module, Any], Any]:

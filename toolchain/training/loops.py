@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,6 +107,21 @@ def _optimizer(model: nn.Module, cfg: TrainConfig, hooks: TrainHooks) -> torch.o
     )
 
 
+def _mixed_precision(
+    cfg: TrainConfig, device: torch.device
+) -> tuple[Callable[[], AbstractContextManager[Any]], torch.amp.GradScaler]:
+    """Autocast for ``cfg.amp`` on CUDA (fp16 with a gradient scaler); plain fp32 elsewhere."""
+    if cfg.amp == "off" or device.type != "cuda":
+        if cfg.amp != "off":
+            log.warning("train.amp=%s is for CUDA; training in fp32 on %s", cfg.amp, device)
+        return nullcontext, torch.amp.GradScaler(enabled=False)
+    dtype = torch.bfloat16 if cfg.amp == "bf16" else torch.float16
+    return (
+        lambda: torch.autocast(device_type="cuda", dtype=dtype),
+        torch.amp.GradScaler("cuda", enabled=cfg.amp == "fp16"),
+    )
+
+
 def train_model(
     model: nn.Module,
     loader: DataLoader,
@@ -150,6 +166,7 @@ def train_model(
         for group in optimizers[-1].param_groups:
             group["base_lr"] = group["lr"]
     batch_loss = BatchLoss(cfg, perturb=hooks.perturb)
+    autocast, scaler = _mixed_precision(cfg, torch.device(device))
     generator = torch.Generator().manual_seed(seed)
     shuffle = getattr(loader, "generator", None)
     per_epoch = max(len(loader), 1)
@@ -184,17 +201,19 @@ def train_model(
             for opt in optimizers:
                 for group in opt.param_groups:
                     group["lr"] = group["base_lr"] * factor
-            loss, logits = batch_loss(model, x, y, adversarial=adversarial, generator=generator)
-            state = Step(model, optimizer, x, y, logits, loss, step, total, epoch)
-            if hooks.extra_loss is not None:
-                extra = hooks.extra_loss(state)
-                if extra is not None:
-                    loss = state.loss = loss + extra
+            with autocast():
+                loss, logits = batch_loss(model, x, y, adversarial=adversarial, generator=generator)
+                state = Step(model, optimizer, x, y, logits, loss, step, total, epoch)
+                if hooks.extra_loss is not None:
+                    extra = hooks.extra_loss(state)
+                    if extra is not None:
+                        loss = state.loss = loss + extra
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
             for opt in optimizers:
-                opt.step()
+                scaler.step(opt)
+            scaler.update()
             if hooks.after_step is not None:
                 hooks.after_step(state)
             step += 1

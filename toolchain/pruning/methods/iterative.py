@@ -80,6 +80,7 @@ class Iterative(PruningMethod):
                 progress=job.progress,
                 device=job.device,
             )
+            model.cpu()  # the next step traces and prunes on the CPU
 
         return recover
 

@@ -41,18 +41,22 @@ class MaskedMethod(PruningMethod):
     def train(
         self, model: nn.Module, job: PruneJob, hooks: TrainHooks, cfg: TrainConfig | None = None
     ) -> list[dict[str, Any]]:
-        """The method's in-the-loop training (its ``train`` section) with ``hooks``."""
-        return train_model(
-            model,
-            job.loader(3),
-            cfg or self.own.train,
-            seed=job.seed + 3,
-            desc=self.name,
-            progress=job.progress,
-            device=job.device,
-            hooks=hooks,
-            checkpoint=job.checkpoint,
-        )
+        """The method's in-the-loop training (its ``train`` section) with ``hooks``, on
+        ``job.device``; the model comes back to the CPU, where masks and pruning work."""
+        try:
+            return train_model(
+                model,
+                job.loader(3),
+                cfg or self.own.train,
+                seed=job.seed + 3,
+                desc=self.name,
+                progress=job.progress,
+                device=job.device,
+                hooks=hooks,
+                checkpoint=job.checkpoint,
+            )
+        finally:
+            model.cpu()
 
     def remove(
         self, model: nn.Module, masks: ChannelMasks, mask: Tensor, job: PruneJob
@@ -73,7 +77,9 @@ class MaskedMethod(PruningMethod):
 
 def magnitude_positions(model: nn.Module, masks: ChannelMasks, job: PruneJob) -> Tensor:
     """The magnitude criterion per position (L2 norm over coupled layers, mean over tied groups)."""
-    table = compute_scores(model, job.example_inputs, "magnitude", ignored_layers=job.ignored_layers)
+    # During training the model may live on the GPU: trace it with inputs where it is.
+    example = job.example_inputs.to(next(model.parameters()).device)
+    table = compute_scores(model, example, "magnitude", ignored_layers=job.ignored_layers)
     scores = torch.zeros(masks.total)
     for group in masks.groups:
         channel = table[group.key].float()
