@@ -277,3 +277,30 @@ def test_a_method_that_trains_inside_pruning_runs_through_the_pipeline(
     record = json.loads((copy / "prune" / "stage.json").read_text())["result"]
     assert record["target_met"] and record["info"]["regrown_total"] > 0
     assert _eval(report, "pruned", "onnxruntime")["parity"]["top1_agreement"] == 1.0
+
+
+def test_a_crafted_model_file_cannot_make_validate_import_code(
+    tiny_run: tuple[Path, dict[str, Any]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Someone else's run directory whose model file names a factory: refused, nothing imported."""
+    import shutil
+    import sys
+
+    import yaml
+
+    from toolchain.cli import main
+
+    out, _ = tiny_run
+    theirs = tmp_path / "theirs"
+    shutil.copytree(out, theirs)
+    model_file = theirs / "finetune" / "model.pt"
+    payload = torch.load(model_file, weights_only=True)
+    payload["spec"]["arch"] = "tests.planted_factory:evil"  # a module that must never be imported
+    torch.save(payload, model_file)
+    recipe_path = tmp_path / "tiny.yaml"
+    recipe_path.write_text(yaml.safe_dump(TINY_RECIPE))
+    engine = str(theirs / "export" / "pruned.onnx")
+    code = main(["validate", "--engine", engine, "--recipe", str(recipe_path), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "names the factory 'tests.planted_factory:evil'" in err
+    assert "tests.planted_factory" not in sys.modules

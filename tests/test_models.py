@@ -216,7 +216,7 @@ def test_user_factory_gets_the_arguments_it_names() -> None:
     assert user_models.calls == [{"num_classes": 7, "in_channels": 1}]
     assert model(torch.rand(2, 1, 28, 28)).shape == (2, 7)
     assert model.spec["arch"] == "tests.user_models:make"
-    assert _same_architecture(model, build_from_spec(model.spec))
+    assert _same_architecture(model, build_from_spec(model.spec, trusted=["tests.user_models:make"]))
     no_args = build_model("tests.user_models:make_rgb10", num_classes=10, **RGB)
     assert no_args(torch.rand(1, 3, 32, 32)).shape == (1, 10)
 
@@ -262,3 +262,16 @@ def test_zoo_models_are_prunable_with_torch_pruning(arch: str) -> None:
     pruner.step()
     assert model(example).shape == (1, 10)
     assert sum(p.numel() for p in model.parameters()) < 0.6 * before
+
+
+def test_a_spec_never_imports_a_factory_the_user_did_not_name() -> None:
+    import tests.user_models as factories
+
+    factories.calls.clear()
+    spec = build_model("tests.user_models:make", num_classes=3, image_size=16, **RGB).spec
+    factories.calls.clear()
+    with pytest.raises(UserError, match=r"names the factory 'tests\.user_models:make'.*never imported"):
+        build_from_spec(spec)
+    with pytest.raises(UserError, match="did not ask for"):
+        build_from_spec({**spec, "arch": "os:system"}, trusted=["tests.user_models:make"])
+    assert factories.calls == []  # nothing was called

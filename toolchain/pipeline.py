@@ -27,7 +27,7 @@ from exporters.torch_runner import TorchRunner
 from toolchain import preflight
 from toolchain.data import DataBundle
 from toolchain.device import resolve_device
-from toolchain.models import build_from_spec
+from toolchain.models import trusted_builder
 from toolchain.preflight import prune_job
 from toolchain.pruning import count_macs_params, load_pruned, prune_model, save_pruned
 from toolchain.recipe import Recipe
@@ -168,7 +168,9 @@ def _load_model(ctx: Context, stage: str) -> nn.Module:
 
 def _load_with_history(ctx: Context, stage: str) -> tuple[nn.Module, dict[str, Any]]:
     """The stage's model and what rebuilds its shape (``history``, ``structure``)."""
-    model, info = load_pruned(ctx.run.root / stage / MODEL_FILE, build_from_spec, ctx.example_inputs)
+    model, info = load_pruned(
+        ctx.run.root / stage / MODEL_FILE, trusted_builder(ctx.recipe), ctx.example_inputs
+    )
     return model.eval(), info
 
 

@@ -21,7 +21,7 @@ from exporters.runtimes import build_runner
 from toolchain import preflight
 from toolchain.data import load_data
 from toolchain.errors import UserError
-from toolchain.models import build_from_spec
+from toolchain.models import trusted_builder
 from toolchain.pruning import load_pruned
 from toolchain.recipe import Recipe
 from toolchain.report import SCHEMA
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 _STAGE_OF = {"dense": "train", "pruned": "finetune"}
 
 
-def _torch_model(engine: Path, metadata: dict[str, str], example: Any) -> nn.Module | None:
+def _torch_model(engine: Path, metadata: dict[str, str], example: Any, recipe: Recipe) -> nn.Module | None:
     run_root = engine.parent.parent
     stage = _STAGE_OF.get(metadata.get("model", ""))
     if engine.parent.name != "export" or not (run_root / MARKER).is_file() or stage is None:
@@ -45,7 +45,7 @@ def _torch_model(engine: Path, metadata: dict[str, str], example: Any) -> nn.Mod
     checkpoint = run_root / stage / "model.pt"
     if not checkpoint.is_file():
         return None
-    model, _ = load_pruned(checkpoint, build_from_spec, example)
+    model, _ = load_pruned(checkpoint, trusted_builder(recipe), example)
     return model.eval()
 
 
@@ -79,7 +79,7 @@ def validate_engine(engine: Path, recipe: Recipe, out: Path, *, progress: bool =
             f"{data.channels}x{data.image_size}x{data.image_size}; "
             "set data.image_size or use the matching dataset"
         )
-    model = _torch_model(engine, metadata, torch.zeros(spec.shape(1)))
+    model = _torch_model(engine, metadata, torch.zeros(spec.shape(1)), recipe)
     if model is None:
         log.info("no PyTorch model beside %s: white-box and transfer attacks are skipped", engine)
     cfg = recipe.validate

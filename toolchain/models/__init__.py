@@ -18,7 +18,7 @@ from __future__ import annotations
 from toolchain.models import convnet, mobilenet, resnet, vgg
 from toolchain.models.base import MODELS, Normalize, NormalizedClassifier
 from toolchain.models.checkpoint import load_state_dict_file
-from toolchain.models.factory import SPEC_KEYS, build_from_spec, build_model, model_spec
+from toolchain.models.factory import SPEC_KEYS, build_from_spec, build_model, model_spec, trusted_builder
 
 __all__ = [
     "MODELS",
@@ -29,5 +29,6 @@ __all__ = [
     "build_model",
     "load_state_dict_file",
     "model_spec",
+    "trusted_builder",
 ]
 _ZOO = (convnet, mobilenet, resnet, vgg)

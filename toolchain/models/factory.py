@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 from toolchain.errors import UserError
@@ -102,20 +102,26 @@ def build_model(
         image_size=image_size,
         width=width,
     )
-    return build_from_spec(spec)
+    return build_from_spec(spec, trusted=(arch,))
 
 
-def build_from_spec(spec: Mapping[str, Any]) -> NormalizedClassifier:
+def build_from_spec(spec: Mapping[str, Any], *, trusted: Collection[str] = ()) -> NormalizedClassifier:
     """Rebuild the architecture ``spec`` describes (fresh weights; load a state_dict after).
+
+    A spec read from a file is data, not an instruction to run code: a ``module:callable``
+    architecture is imported only if the caller names it in ``trusted`` (the factory the user
+    put in the recipe or on the command line). Zoo and ``torchvision:`` names are always built.
 
     Args:
         spec: a dict from :func:`model_spec` or ``model.spec`` (for example read from JSON).
+        trusted: ``module:callable`` factories the user asked for.
 
     Returns:
         The model; its state_dict has the same keys and shapes as the one ``spec`` came from.
 
     Raises:
-        UserError: a key is missing or unknown, or a value is invalid.
+        UserError: a key is missing or unknown, a value is invalid, or the spec names a
+            factory that is not trusted.
         UnknownNameError: as :func:`build_model`.
     """
     missing = [k for k in SPEC_KEYS if k not in spec]
@@ -134,9 +140,21 @@ def build_from_spec(spec: Mapping[str, Any]) -> NormalizedClassifier:
         elif in_channels != _RGB:
             raise UserError(f"{arch} takes 3-channel (or gray) images; the data has {in_channels} channels")
     elif ":" in arch:
+        if arch not in trusted:
+            raise UserError(
+                f"the model file names the factory {arch!r}, which this run did not ask for; only zoo, "
+                "torchvision: and the recipe's own model.arch are built (code a file names is never imported)"
+            )
         net = user_net(arch, num_classes=num_classes, in_channels=in_channels, image_size=spec["image_size"])
     else:
         net = MODELS.get(arch)(num_classes=num_classes, in_channels=in_channels, width=spec["width"])
     if spec["width"] != 1.0 and arch not in MODELS:
         log.warning("model width=%s is ignored by %s (only zoo models scale channels)", spec["width"], arch)
     return NormalizedClassifier(Normalize(spec["mean"], spec["std"], repeat=repeat), net, spec)
+
+
+def trusted_builder(recipe: Any) -> Callable[[Mapping[str, Any]], NormalizedClassifier]:
+    """``build_from_spec`` that trusts only the factory ``recipe.model.arch`` names, for loading
+    model files (yours or someone else's run directory)."""
+    trusted = (recipe.model.arch,)
+    return lambda spec: build_from_spec(spec, trusted=trusted)
