@@ -17,7 +17,7 @@ from toolchain.device import resolve_device
 from toolchain.errors import UserError
 from toolchain.models import build_model, load_state_dict_file
 from toolchain.pruning.budget import Budget
-from toolchain.pruning.graph import classifier_layers
+from toolchain.pruning.graph import protected_layers
 from toolchain.pruning.methods import METHODS, PruneJob
 from toolchain.recipe import PruneConfig, Recipe, TrainConfig
 from toolchain.robustness.corruptions import CORRUPTIONS
@@ -95,7 +95,7 @@ def check_prunable(recipe: Recipe, model: nn.Module, data: DataBundle) -> None:
     """
     example = _example(data)
     method = METHODS.get(recipe.prune.method)(recipe.prune)
-    method.check(model, example, classifier_layers(model, example), budget_of(recipe.prune))
+    method.check(model, example, protected_layers(model, example), budget_of(recipe.prune))
 
 
 def budget_of(cfg: PruneConfig) -> Budget:
@@ -110,11 +110,12 @@ def prune_job(
     loader: Callable[[int], DataLoader],
     progress: bool,
 ) -> PruneJob:
-    """What the prune stage hands to the method (the head of ``model`` is kept)."""
+    """What the prune stage hands to the method (the head of ``model`` and its training-only
+    modules keep their output channels)."""
     return PruneJob(
         example_inputs=example_inputs,
         budget=budget_of(recipe.prune),
-        ignored_layers=classifier_layers(model, example_inputs),
+        ignored_layers=protected_layers(model, example_inputs),
         loader=loader,
         attack=recipe.prune.attack,
         seed=recipe.seed,

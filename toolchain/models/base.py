@@ -10,6 +10,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from toolchain.errors import UserError
 from toolchain.registry import Registry
 
 
@@ -71,7 +72,30 @@ class NormalizedClassifier(nn.Module):
         self.spec = dict(spec)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(self.normalize(x))
+        return main_logits(self.net(self.normalize(x)))
+
+
+def main_logits(output: Any) -> torch.Tensor:
+    """The classifier's logits from whatever the network returns.
+
+    Networks with auxiliary heads (torchvision's GoogLeNet and Inception v3) return
+    ``(logits, aux_logits, ...)`` in train mode: training, attacks and scoring use the main
+    logits only, so the auxiliary heads get no gradient and play no part in the result.
+
+    Raises:
+        UserError: the output holds no tensor.
+    """
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)  # torchvision's GoogLeNetOutputs / InceptionOutputs
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise UserError(
+        f"the model returned a {type(output).__name__}; a classifier must return logits "
+        "(or a tuple whose first element is the logits)"
+    )
 
 
 def scaled(channels: int, width: float, divisor: int = 4) -> int:

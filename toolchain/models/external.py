@@ -20,19 +20,36 @@ from toolchain.errors import UnknownNameError, UserError
 TORCHVISION_PREFIX = "torchvision:"
 
 
-def torchvision_net(name: str, *, num_classes: int) -> nn.Module:
+#: torchvision classifiers built for one input size: the keyword that sets it, and which sizes work.
+_FIXED_SIZE = {"vit_": ("image_size", "a multiple of the patch size"), "maxvit_": ("input_size", "a multiple of 224")}
+
+
+def torchvision_net(name: str, *, num_classes: int, image_size: int | None = None) -> nn.Module:
     """``torchvision.models.get_model(name, weights=None, num_classes=num_classes)``.
 
-    torchvision classifiers expect 3 input channels; the caller adapts gray input.
+    torchvision classifiers expect 3 input channels; the caller adapts gray input. Models built
+    for one input size (ViT, MaxViT) are built for ``image_size``.
 
     Raises:
         UnknownNameError: ``name`` is not a torchvision classification model; lists them.
+        UserError: ``image_size`` does not suit a fixed-size model.
     """
     import torchvision.models  # lazy: costs ~1 s and is only needed for this form
 
     known = torchvision.models.list_models(module=torchvision.models)
     if name not in known:
         raise UnknownNameError("torchvision model", name, known)
+    kwargs: dict[str, Any] = {}
+    for prefix, (keyword, sizes) in _FIXED_SIZE.items():
+        if name.startswith(prefix) and image_size is not None:
+            kwargs[keyword] = image_size if keyword == "image_size" else (image_size, image_size)
+            try:
+                return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+            except (AssertionError, ValueError, RuntimeError) as exc:
+                raise UserError(
+                    f"torchvision:{name} cannot be built for {image_size}x{image_size} images "
+                    f"(it needs {sizes}): {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                ) from None
     return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
 
 

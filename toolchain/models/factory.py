@@ -134,7 +134,8 @@ def build_from_spec(spec: Mapping[str, Any], *, trusted: Collection[str] = ()) -
     arch, num_classes, in_channels = spec["arch"], spec["num_classes"], spec["in_channels"]
     repeat = 1
     if arch.startswith(TORCHVISION_PREFIX):
-        net = torchvision_net(arch.removeprefix(TORCHVISION_PREFIX), num_classes=num_classes)
+        name = arch.removeprefix(TORCHVISION_PREFIX)
+        net = torchvision_net(name, num_classes=num_classes, image_size=spec["image_size"])
         if in_channels == 1:
             repeat = _RGB
         elif in_channels != _RGB:

@@ -1,19 +1,32 @@
-"""Glue around torch-pruning's dependency graph: MACs counting, the classifier head, history.
+"""Glue around torch-pruning's dependency graph: tracing, MACs counting, the classifier head,
+which groups can be pruned, history.
 
-Everything here traces the model with ``example_inputs``. Tracing runs a forward pass, so it is
-done in eval mode: a forward in train mode would move BatchNorm running statistics on the
-(random) example inputs and silently change the model.
+Everything here traces the model with ``example_inputs``. Tracing runs a forward pass, so it
+never leaves a trace in the model: a forward in train mode would move BatchNorm running
+statistics on the (random) example inputs and silently change the model, so graphs are traced
+in eval mode, or in train mode with the state restored when the model has training-only heads.
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 import torch_pruning as tp
 from torch import nn
+
+from toolchain.pruning.depgraph import PruningGraph
+from toolchain.pruning.structure import (
+    TRAIN_TRACE_BATCH,
+    Structure,
+    analyse,
+    batched,
+    state_restored,
+    traced_as_nodes,
+)
 
 # Layers that can root a pruning group (tp's default minus LSTM, which vision models lack).
 ROOT_TYPES: tuple[type[nn.Module], ...] = (nn.modules.conv._ConvNd, nn.Linear)
@@ -140,17 +153,87 @@ def expand_ignored(layers: Sequence[nn.Module]) -> list[nn.Module]:
     return expanded
 
 
-def build_graph(model: nn.Module, example_inputs: Any) -> tp.DependencyGraph:
-    """Trace ``model`` into a dependency graph without moving its BatchNorm statistics.
+def build_graph(model: nn.Module, example_inputs: Any, structure: Structure | None = None) -> PruningGraph:
+    """Trace ``model`` into a dependency graph without changing its state.
+
+    Modules using their layers' weights directly are traced as one node each, reshapes that
+    split the channel axis become barriers, and a model with training-only modules (auxiliary
+    heads) is traced in train mode with their outputs, so the channels they consume are in the
+    graph; BatchNorm statistics, modes and the RNG are restored (see :mod:`.structure`).
 
     A single tensor is passed as a one-tuple: torch-pruning first tries ``model(*inputs)``,
     which for a bare ``1xCxHxW`` tensor would trace an *unbatched* ``CxHxW`` forward whenever
     the model happens to accept one.
+
+    Args:
+        model: the model; its parameters and buffers are not changed.
+        example_inputs: a batch to trace with.
+        structure: :func:`~toolchain.pruning.structure.analyse` of this model, if already known.
     """
+    structure = structure if structure is not None else analyse(model, example_inputs)
+    train = bool(structure.training_only)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
-    with eval_mode(model), torch.enable_grad():  # tracing needs autograd, even under no_grad
-        return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
+    if train:
+        example_inputs = batched(example_inputs, TRAIN_TRACE_BATCH)
+
+    def forward(module: nn.Module, inputs: Any) -> Any:
+        module.train(train)  # torch-pruning switches to eval mode first
+        return _forward_collecting(module, inputs, structure.training_only)
+
+    graph = PruningGraph()
+    graph.structure = structure
+    with (
+        state_restored(model),
+        torch.enable_grad(),  # tracing needs autograd, even under no_grad
+        traced_as_nodes(model, structure) as pruners,
+        warnings.catch_warnings(),
+    ):
+        warnings.filterwarnings("ignore", message="Maximum recursive depth reached")
+        graph.build_dependency(
+            model,
+            example_inputs=example_inputs,
+            forward_fn=forward,
+            customized_pruners=pruners,
+            verbose=False,
+        )
+    return graph
+
+
+def _forward_collecting(model: nn.Module, inputs: Any, extra: Sequence[nn.Module]) -> Any:
+    """The model's output plus the outputs of ``extra`` modules (train-only heads the model
+    computes but may not return), so a trace from the output reaches them."""
+    outputs: list[Any] = []
+    handles = [m.register_forward_hook(lambda _m, _i, out: outputs.append(out)) for m in extra]
+    try:
+        result = _forward(model, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return (result, *outputs) if outputs else result
+
+
+def protected_layers(
+    model: nn.Module, example_inputs: Any, structure: Structure | None = None
+) -> list[nn.Module]:
+    """Layers whose output channels pruning must keep: the classifier head(s) and modules that
+    run only in train mode (auxiliary heads: their inputs still follow the features they read).
+    """
+    structure = structure if structure is not None else analyse(model, example_inputs)
+    return [*classifier_layers(model, example_inputs), *structure.training_only]
+
+
+def resync(model: nn.Module) -> None:
+    """Update attributes that copy a layer width after pruning changed it.
+
+    torchvision's ViT reshapes the patch embedding with ``self.hidden_dim``; once its width is
+    pruned the attribute must follow, or the forward pass asks for the old width.
+    """
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    for module in model.modules():
+        if isinstance(module, VisionTransformer):
+            module.hidden_dim = int(module.conv_proj.out_channels)
 
 
 def group_key(group: Any, names: dict[nn.Module, str]) -> tuple[str, str]:

@@ -1,9 +1,12 @@
 """Save and load pruned models without pickling code.
 
 A pruned model is stored as: the spec the dense model is built from, the pruning history, and
-the state_dict. Loading builds the dense model, replays the history through a fresh dependency
-graph (which shrinks the layers), then loads the weights; ``torch.load(weights_only=True)``
-means a checkpoint can carry tensors and plain data only, never code.
+the state_dict with its metadata. Loading builds the dense model, replays the history through a
+fresh dependency graph (which shrinks the layers), then loads the weights; ``torch.load(
+weights_only=True)`` means a checkpoint can carry tensors and plain data only, never code.
+
+The state_dict's metadata (``state_dict._metadata``: each module's ``version``) is kept as a
+plain dict beside it: modules such as torchvision's MNASNet refuse weights without it.
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +23,7 @@ import torch
 from torch import nn
 
 from toolchain.errors import CheckpointError, UserError
-from toolchain.pruning.graph import build_graph, plain_history
+from toolchain.pruning.graph import build_graph, plain_history, resync
 from toolchain.pruning.lowrank import apply_structure
 
 FORMAT = "robustprune.pruned/1"
@@ -61,11 +65,13 @@ def save_pruned(
     _check_json("spec", spec)
     _check_json("extra", extra)
     _check_json("structure", structure)
+    metadata = _plain_metadata(getattr(state_dict, "_metadata", None))
     payload = {
         "format": FORMAT,
         "spec": spec,
         "history": history,
         "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
+        "state_dict_metadata": metadata,
         "extra": extra or {},
         "structure": list(structure or []),
     }
@@ -79,6 +85,17 @@ def save_pruned(
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _plain_metadata(metadata: Mapping[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """``state_dict._metadata`` as JSON types (``{module prefix: {"version": 2}}``); entries
+    that are not plain data are dropped rather than pickled."""
+    plain: dict[str, dict[str, Any]] = {}
+    for prefix, entry in (metadata or {}).items():
+        values = {k: v for k, v in dict(entry).items() if isinstance(v, (bool, int, float, str))}
+        if values:
+            plain[str(prefix)] = values
+    return plain
 
 
 def load_pruned(
@@ -119,6 +136,7 @@ def load_pruned(
             f"the pruning history in {str(path)!r} does not fit the model built from its spec "
             f"{payload['spec']}: {exc}"
         ) from None
+    resync(model)
     structure = payload.get("structure", [])
     try:
         apply_structure(model, structure)
@@ -126,9 +144,11 @@ def load_pruned(
         raise CheckpointError(
             f"the factorisation recorded in {str(path)!r} does not fit the model: {exc}"
         ) from None
+    state = OrderedDict(payload["state_dict"])
+    state._metadata = OrderedDict(payload.get("state_dict_metadata") or {})  # type: ignore[attr-defined]
     try:
-        model.load_state_dict(payload["state_dict"])
-    except RuntimeError as exc:
+        model.load_state_dict(state)
+    except (RuntimeError, ValueError) as exc:
         raise CheckpointError(
             f"weights in {str(path)!r} do not match the pruned architecture: {exc}"
         ) from None

@@ -35,6 +35,17 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from toolchain.errors import UserError
+from toolchain.pruning.costs import (
+    Call,
+    CallRecorder,
+    Cost,
+    LayerCost,
+    counted_units,
+    in_width,
+    layer_costs,
+    out_width,
+)
+from toolchain.pruning.depgraph import PruningGraph, group_problem
 from toolchain.pruning.graph import (
     ROOT_TYPES,
     HistoryEntry,
@@ -42,7 +53,9 @@ from toolchain.pruning.graph import (
     expand_ignored,
     group_key,
     plain_history,
+    resync,
 )
+from toolchain.pruning.structure import analyse
 
 logger = logging.getLogger(__name__)
 
@@ -89,66 +102,47 @@ class MaskGroup:
         return sorted(p + g * self.positions for g in range(self.ch_groups) for p in positions)
 
 
-@dataclass
-class _Cost:
-    """One counted layer: ``a * in_live * out_live + b * out_live + c * live + d``."""
+@dataclass(frozen=True)
+class SkippedGroup:
+    """A dependency group pruning leaves alone: its root layer, width, and why."""
 
-    a: float
-    b: float
-    c: float
-    d: float
-    in_index: Tensor | None  # flat position per input channel (total = always live)
-    out_index: Tensor | None  # flat position per output channel
-
-    def value(self, ext: Tensor, in_total: int, out_total: int) -> Tensor:
-        in_live = ext[self.in_index].sum() if self.in_index is not None else ext.new_tensor(float(in_total))
-        out_live = (
-            ext[self.out_index].sum() if self.out_index is not None else ext.new_tensor(float(out_total))
-        )
-        return self.a * in_live * out_live + self.b * out_live + self.c * out_live + self.d
+    root: str
+    size: int
+    reason: str
 
 
 def _tied_channel_groups(group: Any) -> int:
-    """Channel grouping a group must respect (grouped convs, GroupNorm); depthwise is one-to-one."""
+    """Channel grouping a group must respect (grouped convs, GroupNorm, attention heads: every
+    head keeps the same width); depthwise is one-to-one."""
     groups = 1
     for item in group:
         layer = item.dep.target.module
         if isinstance(layer, nn.modules.conv._ConvNd) and layer.groups > 1:
             if layer.groups != layer.out_channels:
-                groups = max(groups, layer.groups)
+                groups = math.lcm(groups, layer.groups)
         elif isinstance(layer, nn.GroupNorm):
-            groups = max(groups, layer.num_groups)
+            groups = math.lcm(groups, layer.num_groups)
+        elif isinstance(layer, nn.MultiheadAttention):
+            groups = math.lcm(groups, layer.num_heads)
     return groups
 
 
-def _trace(
-    model: nn.Module, example_inputs: Tensor
-) -> tuple[tp.DependencyGraph, dict[nn.Module, list[tuple[Any, int, int]]]]:
-    """Build the dependency graph and remember, per call of each leaf layer, its output's
-    autograd node, channel width and size.
+def _trace(model: nn.Module, example_inputs: Tensor) -> tuple[PruningGraph, dict[nn.Module, list[Call]]]:
+    """Build the dependency graph and remember, per call of each counted layer, its output's
+    autograd node, channel width and shape.
 
     Both come from the same traced forward pass, so a layer can be matched to the graph node
     torch-pruning made for it even where tp wraps the op in a placeholder (activations). A
     layer called twice (torchvision's ResNet reuses one ReLU) is counted per call.
     """
-    calls: dict[nn.Module, list[tuple[Any, int, int]]] = {}
-
-    def remember(module: nn.Module, _inputs: Any, output: Any) -> None:
-        if isinstance(output, Tensor) and output.dim() >= 2:
-            calls.setdefault(module, []).append((output.grad_fn, int(output.shape[1]), output.numel()))
-
-    handles = [
-        m.register_forward_hook(remember) for m in model.modules() if not any(True for _ in m.children())
-    ]
-    try:
-        graph = build_graph(model, example_inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    structure = analyse(model, example_inputs)  # its own forward passes are not recorded
+    recorder = CallRecorder()
+    with recorder.recording(model) as calls:
+        graph = build_graph(model, example_inputs, structure)
     return graph, calls
 
 
-def _consumes(graph: tp.DependencyGraph, item: Any) -> bool:
+def _consumes(graph: PruningGraph, item: Any) -> bool:
     """The item prunes a layer's *input* channels (per-channel layers prune both at once)."""
     handler = item.dep.handler
     return graph.is_in_channel_pruning_fn(handler) and not graph.is_out_channel_pruning_fn(handler)
@@ -191,26 +185,48 @@ class ChannelMasks:
         names = {module: name for name, module in model.named_modules()}
         graph, calls = _trace(model, example_inputs)
         self.groups: list[MaskGroup] = []
+        self.skipped: list[SkippedGroup] = []
+        #: why methods that train through masks cannot handle a group (``strict`` raises the first)
+        self.unmaskable: list[str] = []
+        #: the named layers each prunable group touches
+        self.members: dict[GroupKey, list[str]] = {}
         consumers: dict[nn.Module, list[tuple[list[int], list[int]]]] = {}
         producers: dict[Any, list[tuple[list[int], list[int]]]] = {}
+        unwrapped: dict[nn.Parameter, int] = {}  # parameter -> the axis torch-pruning prunes
         offset = 0
         for group in graph.get_all_groups(
             ignored_layers=expand_ignored(self.ignored), root_module_types=ROOT_TYPES
         ):
             size = len(group[0].idxs)
+            key = group_key(group, names)
+            problem = group_problem(graph, group, names)
+            if problem:
+                self.skipped.append(SkippedGroup(key[0], size, problem))
+                continue
             ch_groups = _tied_channel_groups(group)
             if size % ch_groups:
+                reason = (
+                    f"its {size} channels do not split into the {ch_groups} channel groups its layers tie"
+                )
+                self.skipped.append(SkippedGroup(key[0], size, reason))
                 continue
             positions = size // ch_groups
-            key = group_key(group, names)
             floor = max(1, math.ceil(positions * (1.0 - max_layer_pruning) - 1e-9))
             if floors is not None and key[0] in floors:
                 floor = max(1, math.ceil(floors[key[0]] / ch_groups))
             if floor >= positions:
+                reason = f"too narrow: it must keep all {positions} of its positions"
+                self.skipped.append(SkippedGroup(key[0], size, reason))
                 continue
             entry = MaskGroup(key, key[0], size, ch_groups, offset, floor)
-            if strict:
-                self._check_maskable(graph, group, names, entry)
+            problem = self._mask_problem(group, names, entry)
+            if problem and strict:
+                raise UserError(problem)
+            if problem:
+                self.unmaskable.append(problem)
+            self.members[key] = sorted(
+                {names[i.dep.target.module] for i in group if i.dep.target.module in names}
+            )
             for item in group:
                 if item.root_idxs is None:
                     continue
@@ -223,16 +239,17 @@ class ChannelMasks:
                     # Layers are found by identity; activations and other ops tp wraps in its own
                     # placeholder nodes are found by the autograd node of their output.
                     producers.setdefault(module, []).append((local, flat))
+                    if isinstance(module, nn.Parameter):
+                        unwrapped[module] = int(getattr(item.dep.target, "pruning_dim", -1))
                     if item.dep.target.grad_fn is not None:
                         producers.setdefault(item.dep.target.grad_fn, []).append((local, flat))
             self.groups.append(entry)
             offset += positions
         self.total = offset
         self._by_key = {g.key: g for g in self.groups}
-        self._consumer_index = {
-            module: self._index(module, _in_width(module), maps) for module, maps in consumers.items()
-        }
-        self._costs, self._macs_const, self._params_const = self._cost_model(producers, calls)
+        indices = {module: self._index(module, in_width(module), maps) for module, maps in consumers.items()}
+        self._consumer_index = {module: index for module, index in indices.items() if index is not None}
+        self._costs, self._macs_const, self._params_const = self._cost_model(producers, calls, unwrapped)
         self._source: MaskSource | None = None
         self._ext: Tensor | None = None
         self._handles: list[Any] = []
@@ -240,9 +257,7 @@ class ChannelMasks:
 
     # --- construction ------------------------------------------------------------------------
 
-    def _check_maskable(
-        self, graph: tp.DependencyGraph, group: Any, names: dict[nn.Module, str], entry: MaskGroup
-    ) -> None:
+    def _mask_problem(self, group: Any, names: dict[nn.Module, str], entry: MaskGroup) -> str | None:
         """Masks at consumers' inputs equal removal only if every other layer acts per channel."""
         for item in group:
             module = item.dep.target.module
@@ -252,7 +267,7 @@ class ChannelMasks:
                 continue
             name = names.get(module, type(module).__name__)
             if isinstance(module, _CROSS_CHANNEL):
-                logger.warning(
+                logger.debug(
                     "%s (%s) normalises across channels of group %r: the masked model only "
                     "approximates the pruned one until fine-tuning",
                     name,
@@ -260,13 +275,19 @@ class ChannelMasks:
                     entry.root,
                 )
                 continue
-            raise UserError(
+            return (
                 f"cannot mask the channels of {entry.root!r}: {name!r} ({type(module).__name__}) "
                 "mixes them in a way channel masks cannot express; add it (or the layer feeding it) "
                 "to the model's ignored_layers, or use prune.method: iterative"
             )
+        return None
 
-    def _index(self, module: nn.Module, width: int, maps: list[tuple[list[int], list[int]]]) -> Tensor:
+    def _index(self, module: nn.Module, width: int, maps: list[tuple[list[int], list[int]]]) -> Tensor | None:
+        """Flat position of each of the layer's ``width`` channels (``total``: never masked);
+        None if torch-pruning's channel indices do not fit the width seen (the cost stays fixed)."""
+        if any(max(local, default=-1) >= width for local, _ in maps):
+            logger.debug("%s: channel indices exceed its width %d; cost kept fixed", module, width)
+            return None
         index = torch.full((width,), self.total, dtype=torch.long)
         for local, flat in maps:
             index[local] = torch.tensor(flat, dtype=torch.long)
@@ -275,38 +296,78 @@ class ChannelMasks:
     def _cost_model(
         self,
         producers: dict[Any, list[tuple[list[int], list[int]]]],
-        calls: dict[nn.Module, list[tuple[Any, int, int]]],
-    ) -> tuple[list[tuple[str, _Cost, _Cost, int, int]], float, float]:
+        calls: dict[nn.Module, list[Call]],
+        unwrapped: dict[nn.Parameter, int],
+    ) -> tuple[list[LayerCost], float, float]:
         """Per counted layer, MACs and params as functions of its live input/output channels."""
-        leaves = [m for m in self.model.modules() if not any(True for _ in m.children())]
+        names: dict[Any, str] = {module: name for name, module in self.model.named_modules()}
+        names.update({param: name for name, param in self.model.named_parameters()})
         total_macs, total_params, layer_macs, layer_params = tp.utils.count_ops_and_params(
             self.model, self.example_inputs, layer_wise=True
         )
         costs = []
         counted_macs = counted_params = 0.0
-        for module in leaves:
+        for module in counted_units(self.model):
             macs = float(layer_macs.get(module) or 0)
             params = float(layer_params.get(module) or 0)
             if not macs and not params:
                 continue
             in_index = self._consumer_index.get(module)
-            seen = calls.get(module) or [(None, _out_width(module), 1)]
+            seen = calls.get(module) or [(None, out_width(module), (1,))]
             if isinstance(module, _CONSUMERS):
                 seen = seen[:1]  # a reused conv/linear has one set of channels
-            size = sum(numel for _, _, numel in seen)
-            for grad_fn, out_width, numel in seen:
-                share = numel / size
+            size = sum(math.prod(shape) for _, _, shape in seen)
+            for grad_fn, width, shape in seen:
+                share = math.prod(shape) / size
                 out_maps = producers.get(module) or producers.get(grad_fn)
-                out_index = self._index(module, out_width, out_maps) if out_maps and out_width else None
-                mac_cost, param_cost = _layer_costs(
-                    module, macs * share, params * share, in_index, out_index, out_width
+                out_index = self._index(module, width, out_maps) if out_maps and width else None
+                mac_cost, param_cost = layer_costs(
+                    module, macs * share, params * share, in_index, out_index, width, shape
                 )
-                in_width = _in_width(module) or out_width
-                costs.append((type(module).__name__, mac_cost, param_cost, in_width, out_width))
+                costs.append(
+                    LayerCost(
+                        names.get(module, type(module).__name__),
+                        type(module).__name__,
+                        mac_cost,
+                        param_cost,
+                        in_width(module) or width,
+                        width,
+                        macs * share,
+                        params * share,
+                    )
+                )
             counted_macs += macs
             counted_params += params
-        # Whatever torch-pruning counts outside leaf layers (unwrapped parameters) stays fixed.
+        for param, axis in unwrapped.items():
+            # A parameter used outside any layer (ViT's class token and position embedding)
+            # loses one slice per removed channel.
+            width = int(param.shape[axis])
+            index = self._index(self.model, width, producers[param])
+            if index is None:
+                continue
+            slice_size = param.numel() / width
+            name = names.get(param, "parameter")
+            fixed = Cost(0, 0, 0, 0, None, None)
+            costs.append(
+                LayerCost(
+                    name,
+                    "Parameter",
+                    fixed,
+                    Cost(0, 0, slice_size, 0, None, index),
+                    width,
+                    width,
+                    0.0,
+                    float(param.numel()),
+                )
+            )
+            counted_params += param.numel()
+        # Whatever else torch-pruning counts stays fixed.
         return costs, float(total_macs) - counted_macs, float(total_params) - counted_params
+
+    @property
+    def layers(self) -> list[LayerCost]:
+        """Every counted layer (per call) with its dense cost and its cost model."""
+        return list(self._costs)
 
     # --- mask values ---------------------------------------------------------------------------
 
@@ -327,9 +388,9 @@ class ChannelMasks:
         the expected cost)."""
         ext = torch.cat([mask.detach().float().cpu(), torch.ones(1)])
         macs, params = self._macs_const, self._params_const
-        for _, mac_cost, param_cost, in_total, out_total in self._costs:
-            macs += float(mac_cost.value(ext, in_total, out_total))
-            params += float(param_cost.value(ext, in_total, out_total))
+        for layer in self._costs:
+            macs += float(layer.macs.value(ext, layer.in_width, layer.out_width))
+            params += float(layer.params.value(ext, layer.in_width, layer.out_width))
         return macs, params
 
     # --- applying masks during training ---------------------------------------------------------
@@ -444,75 +505,26 @@ class ChannelMasks:
             The torch-pruning history of the removal (JSON types), for ``save_pruned``.
         """
         self.detach()
-        plan = self.removal_plan(mask)
-        graph = build_graph(self.model, self.example_inputs)
-        modules = dict(self.model.named_modules())
-        for (root, _), idxs in plan.items():
-            layer = modules[root]
-            group = graph.get_pruning_group(layer, graph.get_pruner_of_module(layer).prune_out_channels, idxs)
-            group.prune()
-        return plain_history(graph.pruning_history())
+        return remove_channels(self.model, self.example_inputs, self.removal_plan(mask))
 
 
-def _in_width(module: nn.Module) -> int:
-    if isinstance(module, nn.modules.conv._ConvNd):
-        return int(module.in_channels)
-    if isinstance(module, nn.Linear):
-        return int(module.in_features)
-    return _out_width(module)
+def remove_channels(
+    model: nn.Module, example_inputs: Tensor, plan: Mapping[GroupKey, Sequence[int]]
+) -> list[HistoryEntry]:
+    """Remove, with torch-pruning, the root channels ``plan`` names per group (by root layer name).
 
+    Works on any model with the same layer names as the one the plan was made on (a copy).
 
-def _out_width(module: nn.Module) -> int:
-    if isinstance(module, nn.modules.conv._ConvNd):
-        return int(module.out_channels)
-    if isinstance(module, nn.Linear):
-        return int(module.out_features)
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        return int(module.num_features)
-    if isinstance(module, nn.GroupNorm):
-        return int(module.num_channels)
-    if isinstance(module, nn.LayerNorm):
-        return int(module.normalized_shape[-1])
-    return 0  # unknown width: the layer's cost is treated as fixed
-
-
-def _layer_costs(
-    module: nn.Module,
-    macs: float,
-    params: float,
-    in_index: Tensor | None,
-    out_index: Tensor | None,
-    width: int,
-) -> tuple[_Cost, _Cost]:
-    """Split a layer's dense MACs/params into the terms that scale with live channels."""
-    if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
-        depthwise = isinstance(module, nn.modules.conv._ConvNd) and module.groups == module.out_channels > 1
-        out_total, in_total = _out_width(module), _in_width(module)
-        if depthwise:
-            # groups, input and output shrink together: cost is linear in the live channels.
-            return (
-                _Cost(0, 0, macs / out_total, 0, None, out_index),
-                _Cost(0, 0, params / out_total, 0, None, out_index),
-            )
-        bias = module.bias is not None
-        spatial = _bias_macs_per_channel(module, macs, in_total, out_total) if bias else 0.0
-        mac_a = (macs - spatial * out_total) / (in_total * out_total)
-        param_b = 1.0 if bias else 0.0
-        param_a = (params - param_b * out_total) / (in_total * out_total)
-        return (
-            _Cost(mac_a, spatial, 0, 0, in_index, out_index),
-            _Cost(param_a, param_b, 0, 0, in_index, out_index),
+    Returns:
+        The torch-pruning history of the removal (JSON types).
+    """
+    graph = build_graph(model, example_inputs)
+    modules = dict(model.named_modules())
+    for (root, _), idxs in plan.items():
+        layer = modules[root]
+        group = graph.get_pruning_group(
+            layer, graph.get_pruner_of_module(layer).prune_out_channels, list(idxs)
         )
-    if out_index is None or not width:
-        return _Cost(0, 0, 0, macs, None, None), _Cost(0, 0, 0, params, None, None)
-    return _Cost(0, 0, macs / width, 0, None, out_index), _Cost(0, 0, params / width, 0, None, out_index)
-
-
-def _bias_macs_per_channel(module: nn.Module, macs: float, in_total: int, out_total: int) -> float:
-    """torch-pruning counts one MAC per output element for a bias: the output's spatial size."""
-    if isinstance(module, nn.Linear):
-        return 1.0
-    assert isinstance(module, nn.modules.conv._ConvNd)
-    kernel = math.prod(module.kernel_size)
-    per_position = kernel * in_total * (out_total // module.groups) + out_total
-    return macs / per_position  # = batch * output positions
+        group.prune()
+    resync(model)
+    return plain_history(graph.pruning_history())
