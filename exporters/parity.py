@@ -23,6 +23,8 @@ class ParityResult:
         top1_agreement: the fraction of samples whose arg-max class is the same.
         samples: the number of images compared.
         disagreements: the number of images whose arg-max class differs.
+        reference_max_abs: the largest ``|reference|`` logit, the scale ``max_abs_diff`` is
+            relative to (an untrained network's logits can reach thousands).
     """
 
     max_abs_diff: float
@@ -30,6 +32,7 @@ class ParityResult:
     top1_agreement: float
     samples: int
     disagreements: int
+    reference_max_abs: float = 0.0
 
     def as_dict(self) -> dict[str, float | int]:
         return asdict(self)
@@ -77,7 +80,7 @@ def check_parity(
         UserError: no batch was given, or the two models return logits of different shapes.
         InputSpecError: a batch does not fit the candidate's input spec.
     """
-    max_diff, abs_sum, elements, samples, disagreements = 0.0, 0.0, 0, 0, 0
+    max_diff, abs_sum, elements, samples, disagreements, scale = 0.0, 0.0, 0, 0, 0, 0.0
     for x in batches:
         with torch.no_grad():  # the reference may be a raw module with gradients enabled
             expected = _logits(reference(x))
@@ -90,6 +93,7 @@ def check_parity(
         # A NaN must fail parity, but max() would silently skip it: count it as infinitely far.
         diff = torch.nan_to_num((expected - got).abs(), nan=float("inf"))
         max_diff = max(max_diff, float(diff.max()) if diff.numel() else 0.0)
+        scale = max(scale, float(expected.abs().max()) if expected.numel() else 0.0)
         abs_sum += float(diff.double().sum())
         elements += diff.numel()
         samples += expected.shape[0]
@@ -102,6 +106,7 @@ def check_parity(
         top1_agreement=(samples - disagreements) / samples,
         samples=samples,
         disagreements=disagreements,
+        reference_max_abs=scale,
     )
 
 

@@ -280,6 +280,7 @@ def _export(ctx: Context, models: dict[str, nn.Module]) -> tuple[None, list[str]
             "mean_abs_diff": result.mean_abs_diff,
             "top1_agreement": result.top1_agreement,
             "samples": result.samples,
+            "reference_max_abs": result.reference_max_abs,
             "within_atol": result.max_abs_diff <= cfg.parity_atol,
         }
         if result.top1_agreement < 1.0 or result.max_abs_diff > cfg.parity_atol:

@@ -6,6 +6,7 @@ overwritten) a run directory.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
@@ -17,10 +18,15 @@ from toolchain.device import resolve_device
 from toolchain.errors import UserError
 from toolchain.models import build_model, load_state_dict_file
 from toolchain.pruning.budget import Budget
-from toolchain.pruning.graph import protected_layers
+from toolchain.pruning.graph import classifier_layers, protected_layers
+from toolchain.pruning.masks import ChannelMasks
 from toolchain.pruning.methods import METHODS, PruneJob
+from toolchain.pruning.prunability import check_forward, check_removal, report
+from toolchain.pruning.structure import analyse
 from toolchain.recipe import PruneConfig, Recipe, TrainConfig
 from toolchain.robustness.corruptions import CORRUPTIONS
+
+log = logging.getLogger(__name__)
 
 
 def check_names(recipe: Recipe) -> None:
@@ -87,15 +93,29 @@ def _example(data: DataBundle) -> torch.Tensor:
 
 
 def check_prunable(recipe: Recipe, model: nn.Module, data: DataBundle) -> None:
-    """The model's groups can be masked and the budget is reachable: checked before training.
+    """Before training: the model runs, the method accepts it (masks, reachable budget), and
+    the model still runs with every group pruned to its floor. What pruning will leave alone is
+    logged as warnings.
 
     Raises:
         BudgetError: even every layer at its ``max_layer_pruning`` floor misses the target.
-        UserError: a layer consumes channels in a way masks cannot express (it is named).
+        UserError: the model fails a forward pass (before or after pruning; the module is named),
+            or a layer consumes channels in a way masks cannot express (it is named).
     """
     example = _example(data)
+    check_forward(model, example, what=f"model {recipe.model.arch}")
+    structure = analyse(model, example)
+    heads = classifier_layers(model, example)
+    protected = [*heads, *structure.training_only]
+    masks = ChannelMasks(
+        model, example, protected, max_layer_pruning=recipe.prune.max_layer_pruning, strict=False
+    )
+    for line in report(masks, heads, recipe.prune.round_to).warnings():
+        log.warning("%s: %s", recipe.model.arch, line)
     method = METHODS.get(recipe.prune.method)(recipe.prune)
-    method.check(model, example, protected_layers(model, example), budget_of(recipe.prune))
+    method.check(model, example, protected, budget_of(recipe.prune))
+    if method.prunes_channels:
+        check_removal(masks, recipe.prune.round_to)
 
 
 def budget_of(cfg: PruneConfig) -> Budget:

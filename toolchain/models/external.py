@@ -21,7 +21,10 @@ TORCHVISION_PREFIX = "torchvision:"
 
 
 #: torchvision classifiers built for one input size: the keyword that sets it, and which sizes work.
-_FIXED_SIZE = {"vit_": ("image_size", "a multiple of the patch size"), "maxvit_": ("input_size", "a multiple of 224")}
+_FIXED_SIZE = {
+    "vit_": ("image_size", "a multiple of the patch size"),
+    "maxvit_": ("input_size", "a multiple of 224"),
+}
 
 
 def torchvision_net(name: str, *, num_classes: int, image_size: int | None = None) -> nn.Module:

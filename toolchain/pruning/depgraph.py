@@ -132,25 +132,30 @@ def _read_chunk_sizes(node: Any) -> None:
     node.outputs.sort(key=chunk_of)
 
 
-def group_problem(graph: PruningGraph, group: Any, names: dict[Any, str]) -> str | None:
-    """Why a dependency group must be left alone, or None if it can be pruned.
+#: The kinds of :func:`group_problem`.
+RESHAPE, UNSUPPORTED, UNWRAPPED = "channel-splitting reshape", "unsupported module", "unwrapped parameter"
 
-    A group is left alone when it reaches a channel-splitting reshape, a frozen module, or an
-    unwrapped parameter whose pruned axis does not have the group's width.
+
+def group_problem(graph: PruningGraph, group: Any, names: dict[Any, str]) -> tuple[str, str] | None:
+    """Why a dependency group must be left alone, as ``(kind, detail)``, or None if it can be pruned.
+
+    A group is left alone when it reaches a channel-splitting reshape (:data:`RESHAPE`), a frozen
+    module (:data:`UNSUPPORTED`), or an unwrapped parameter whose pruned axis does not have the
+    group's width (:data:`UNWRAPPED`).
     """
     size = len(group[0].idxs)
     for item in group:
         node = item.dep.target
         if node in graph.barriers:
-            return f"{graph.barriers[node]} after {_upstream_name(node, names)!r}"
+            return RESHAPE, f"{graph.barriers[node]} after {_upstream_name(node, names)!r}"
         module = node.module
         if type(module) in graph.structure.frozen:
             name = names.get(module, type(module).__name__)
-            return f"{name!r} ({type(module).__name__}) {graph.structure.frozen[type(module)]}"
+            return UNSUPPORTED, f"{name!r} ({type(module).__name__}) {graph.structure.frozen[type(module)]}"
         if isinstance(module, nn.Parameter):
             dim = getattr(node, "pruning_dim", -1)
             if max(_plain_idxs(item.idxs), default=-1) >= module.shape[dim]:
-                return (
+                return UNWRAPPED, (
                     f"unwrapped parameter {names.get(module, 'parameter')!r} {tuple(module.shape)} "
                     f"does not have the group's {size} channels on axis {dim}"
                 )

@@ -104,10 +104,13 @@ class MaskGroup:
 
 @dataclass(frozen=True)
 class SkippedGroup:
-    """A dependency group pruning leaves alone: its root layer, width, and why."""
+    """A dependency group pruning leaves alone: its root layer, width, what kind of obstacle
+    (``depgraph.RESHAPE``, ``UNSUPPORTED``, ``UNWRAPPED``, ``tied channel groups``, ``too
+    narrow``) and the detail."""
 
     root: str
     size: int
+    kind: str
     reason: str
 
 
@@ -182,6 +185,7 @@ class ChannelMasks:
         self.model = model
         self.example_inputs = example_inputs
         self.ignored = list(ignored_layers)
+        self.max_layer_pruning = max_layer_pruning
         names = {module: name for name, module in model.named_modules()}
         graph, calls = _trace(model, example_inputs)
         self.groups: list[MaskGroup] = []
@@ -201,22 +205,22 @@ class ChannelMasks:
             key = group_key(group, names)
             problem = group_problem(graph, group, names)
             if problem:
-                self.skipped.append(SkippedGroup(key[0], size, problem))
+                self.skipped.append(SkippedGroup(key[0], size, *problem))
                 continue
             ch_groups = _tied_channel_groups(group)
             if size % ch_groups:
                 reason = (
                     f"its {size} channels do not split into the {ch_groups} channel groups its layers tie"
                 )
-                self.skipped.append(SkippedGroup(key[0], size, reason))
+                self.skipped.append(SkippedGroup(key[0], size, "tied channel groups", reason))
                 continue
             positions = size // ch_groups
             floor = max(1, math.ceil(positions * (1.0 - max_layer_pruning) - 1e-9))
             if floors is not None and key[0] in floors:
                 floor = max(1, math.ceil(floors[key[0]] / ch_groups))
             if floor >= positions:
-                reason = f"too narrow: it must keep all {positions} of its positions"
-                self.skipped.append(SkippedGroup(key[0], size, reason))
+                reason = f"it must keep all {positions} of its positions"
+                self.skipped.append(SkippedGroup(key[0], size, "too narrow", reason))
                 continue
             entry = MaskGroup(key, key[0], size, ch_groups, offset, floor)
             problem = self._mask_problem(group, names, entry)

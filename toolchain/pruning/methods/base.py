@@ -102,6 +102,11 @@ class PruningMethod(ABC):
         """This method's sub-section of the recipe (defaults filled in)."""
         return self.cfg.section()
 
+    @property
+    def prunes_channels(self) -> bool:
+        """Whether the method removes channels (the pre-flight check then prunes a copy)."""
+        return True
+
     @abstractmethod
     def run(self, model: nn.Module, job: PruneJob) -> PruneOutcome:
         """Prune ``model`` to ``job.budget``; see :class:`PruneOutcome`."""

@@ -90,6 +90,10 @@ class Lowrank(PruningMethod):
     settings = LowrankConfig
     description = "CSTAR-style low-rank factorisation, ranks chosen globally under the budget"
 
+    @property
+    def prunes_channels(self) -> bool:
+        return self.own.channel_reduction is not None
+
     def check(
         self, model: nn.Module, example_inputs: Tensor, ignored: list[nn.Module], budget: Budget
     ) -> None:

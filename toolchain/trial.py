@@ -1,0 +1,170 @@
+"""A trial run: the whole pipeline with tiny settings on one architecture, to learn in a minute
+whether a model goes through robustprune (``robustprune inspect MODEL --trial``, and what
+``bench/zoo.py`` runs for every torchvision classifier).
+
+The trial builds the model for the procedural ``signs`` data at the given image size, does no
+dense training, prunes it with the default ``iterative`` method and the ``magnitude`` criterion
+to the MACs target in one step, fine-tunes for one epoch on a few images (so training a pruned
+model is exercised too: auxiliary heads, BatchNorm), saves and reloads it between stages,
+exports both models to ONNX, checks parity, and validates clean accuracy on PyTorch and ONNX
+Runtime. Its outcome is one of:
+
+* ``works``: every stage ran, the pruned model meets the MACs target, and ONNX Runtime agrees
+  with PyTorch: the same top-1 class on every image, and logits within ``export.parity_atol``
+  or, for the large logits of an untrained network, within :data:`PARITY_RTOL` of the largest
+  logit (float32 rounding grows with the values);
+* ``refused``: robustprune stopped before training with a one-line reason (exit code 2);
+* ``failed``: anything else (an exception after training started, a missed target, parity).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from toolchain.errors import UserError
+from toolchain.recipe import Recipe, recipe_from_dict
+
+log = logging.getLogger(__name__)
+
+Outcome = Literal["works", "refused", "failed"]
+#: Logit differences allowed relative to the largest logit (float32 keeps about 7 digits).
+PARITY_RTOL = 1e-5
+_STAGES = ("train", "prune", "finetune", "export", "validate")
+
+
+def trial_recipe(arch: str, image_size: int, reduction: float = 2.0) -> Recipe:
+    """The tiny recipe of a trial (see the module docstring)."""
+    return recipe_from_dict(
+        {
+            "version": 1,
+            "name": "trial",
+            "seed": 0,
+            "data": {"dataset": "signs", "image_size": image_size, "train_samples": 8, "val_samples": 8},
+            "model": {"arch": arch},
+            "train": {"epochs": 0},
+            "prune": {
+                "method": "iterative",
+                "criterion": "magnitude",
+                "target": {"macs_reduction": reduction},
+                "steps": 1,
+                "finetune_between": {"epochs": 0},
+                "bn_recalibration_batches": 1,
+            },
+            "finetune": {"epochs": 1, "lr": 0.001, "loss": "clean", "schedule": "constant"},
+            "export": {"parity_samples": 8},
+            "validate": {"samples": 8, "batch_size": 8, "attacks": []},
+            "bench": {"enabled": False},
+        }
+    )
+
+
+@dataclass
+class TrialResult:
+    """What a trial found (``asdict`` is its JSON form).
+
+    Attributes:
+        arch, image_size: what was tried.
+        outcome: ``works``, ``refused`` or ``failed``.
+        stage: the stage that failed (``preflight`` for a refusal), or None.
+        reason: one line: the refusal or failure, or None.
+        dense_macs, macs, macs_reduction, target_met: from the prune stage.
+        parity_max_abs_diff, logit_scale, top1_agreement: pruned model, PyTorch vs ONNX
+            Runtime (``logit_scale``: the largest |logit|).
+        seconds: wall time of the trial.
+    """
+
+    arch: str
+    image_size: int
+    outcome: Outcome
+    stage: str | None = None
+    reason: str | None = None
+    dense_macs: int | None = None
+    macs: int | None = None
+    macs_reduction: float | None = None
+    target_met: bool | None = None
+    parity_max_abs_diff: float | None = None
+    logit_scale: float | None = None
+    top1_agreement: float | None = None
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def run_trial(arch: str, image_size: int, workdir: str | Path, *, reduction: float = 2.0) -> TrialResult:
+    """Run the trial of ``arch`` at ``image_size`` in ``workdir`` (see the module docstring).
+
+    Args:
+        arch: ``model.arch`` (zoo name, ``torchvision:<name>`` or ``package.module:callable``).
+        image_size: square input side.
+        workdir: an empty or missing folder for the run directory.
+        reduction: the MACs target.
+
+    Returns:
+        The result; exceptions from the pipeline become a ``failed`` outcome with their type and
+        first line (the traceback is logged at debug level).
+    """
+    from toolchain.pipeline import run_pipeline
+
+    started = time.perf_counter()
+    run_dir = Path(workdir) / "run"
+    result = TrialResult(arch, image_size, "works")
+    recipe = trial_recipe(arch, image_size, reduction)
+    try:
+        report = run_pipeline(recipe, run_dir, progress=False)
+    except UserError as exc:
+        stage = _failed_stage(run_dir)
+        result.outcome, result.stage = ("refused" if stage == "preflight" else "failed"), stage
+        result.reason = _first_line(exc)
+    except Exception as exc:  # a trial reports any failure instead of stopping the sweep
+        log.debug("trial of %s failed:\n%s", arch, traceback.format_exc())
+        result.outcome, result.stage = "failed", _failed_stage(run_dir)
+        result.reason = f"{type(exc).__name__}: {_first_line(exc)}"
+    else:
+        _read_report(result, report, run_dir, recipe.export.parity_atol)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _failed_stage(run_dir: Path) -> str:
+    """The first stage without a record (``preflight`` when the run directory was never made)."""
+    if not run_dir.is_dir():
+        return "preflight"
+    for stage in _STAGES:
+        if not (run_dir / stage / "stage.json").is_file():
+            return stage
+    return "report"
+
+
+def _read_report(result: TrialResult, report: dict[str, Any], run_dir: Path, atol: float) -> None:
+    prune = json.loads((run_dir / "prune" / "stage.json").read_text())["result"]
+    parity = report.get("parity", {}).get("pruned", {})
+    result.dense_macs, result.macs = int(prune["dense_macs"]), int(prune["macs"])
+    result.macs_reduction = float(prune["macs_reduction"])
+    result.target_met = bool(prune["target_met"])
+    result.parity_max_abs_diff = parity.get("max_abs_diff")
+    result.logit_scale = parity.get("reference_max_abs")
+    result.top1_agreement = parity.get("top1_agreement")
+    allowed = max(atol, PARITY_RTOL * (result.logit_scale or 0.0))
+    problems = []
+    if not result.target_met:
+        problems.append(f"MACs reduction {result.macs_reduction:.3f} misses the target")
+    diff = result.parity_max_abs_diff
+    if diff is None or diff > allowed or result.top1_agreement != 1.0:
+        problems.append(
+            f"ONNX Runtime differs from PyTorch (max |dlogit| {result.parity_max_abs_diff}, "
+            f"top-1 agreement {result.top1_agreement})"
+        )
+    if problems:
+        result.outcome, result.stage, result.reason = "failed", "report", "; ".join(problems)
