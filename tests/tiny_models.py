@@ -99,3 +99,66 @@ class ConvHeadNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x)).mean(dim=(2, 3))
+
+
+class AuxNet(nn.Module):
+    """GoogLeNet-style: an auxiliary head reads mid-network features and runs in train mode only,
+    when the model returns ``(logits, aux_logits)``."""
+
+    def __init__(self, num_classes: int = NUM_CLASSES) -> None:
+        super().__init__()
+        self.stem = conv_bn(3, 16)
+        self.body = conv_bn(16, 24, stride=2)
+        self.aux = nn.Sequential(
+            nn.Conv2d(16, 8, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes)
+        )
+        self.fc = nn.Linear(24, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        features = self.stem(x)
+        logits = self.fc(self.body(features).mean(dim=(2, 3)))
+        if self.training:
+            return logits, self.aux(features)
+        return logits
+
+
+class VersionedNet(nn.Module):
+    """Like torchvision's MNASNet: refuses weights whose state_dict metadata lacks its version."""
+
+    _version = 2
+
+    def __init__(self, num_classes: int = NUM_CLASSES) -> None:
+        super().__init__()
+        self.features = nn.Sequential(conv_bn(3, 16), conv_bn(16, 16))
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x).mean(dim=(2, 3)))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if local_metadata.get("version") != 2:
+            raise ValueError(f"version should be 2, got {local_metadata.get('version')}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
+
+
+def tiny_shufflenet(num_classes: int = NUM_CLASSES) -> nn.Module:
+    """torchvision's ShuffleNetV2 (channel shuffles, chunks) with one block per stage."""
+    from torchvision.models import ShuffleNetV2
+
+    return ShuffleNetV2([1, 1, 1], [8, 16, 32, 64, 64], num_classes=num_classes)
+
+
+def tiny_vit(num_classes: int = NUM_CLASSES) -> nn.Module:
+    """torchvision's VisionTransformer for 16x16 images: 16 tokens of width 16, two heads."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(
+        16, 4, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=num_classes
+    )
+
+
+def tiny_swin(num_classes: int = NUM_CLASSES) -> nn.Module:
+    """torchvision's Swin Transformer (attention that calls F.linear on its layers' weights)."""
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    return SwinTransformer([2, 2], 8, [1, 1], [2, 2], [2, 2], num_classes=num_classes)

@@ -53,6 +53,31 @@ def _parser() -> argparse.ArgumentParser:
     cor.add_argument("--index", type=int, default=0, help="which validation image")
     cor.add_argument("--seed", type=int, default=0)
 
+    ins = sub.add_parser(
+        "inspect",
+        help="before pruning: dependency groups, what is left alone and why, the largest reachable reduction",
+    )
+    ins.add_argument(
+        "target",
+        metavar="MODEL_OR_RECIPE",
+        help="a recipe file, or a model.arch such as torchvision:resnet18",
+    )
+    ins.add_argument(
+        "--input-size", type=int, help="square input side for a model name (default 224 torchvision, 32 zoo)"
+    )
+    ins.add_argument("--channels", type=int, default=3, help="input channels for a model name")
+    ins.add_argument("--classes", type=int, default=10, help="classes for a model name")
+    ins.add_argument("--max-layer-pruning", type=float, help="default: the recipe's, or 0.9")
+    ins.add_argument("--round-to", type=int, help="default: the recipe's, or none")
+    ins.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    ins.add_argument("--json", dest="json_out", metavar="FILE", help="also write the report as JSON")
+    ins.add_argument("--layers", action="store_true", help="list MACs and params per layer")
+    ins.add_argument(
+        "--trial",
+        action="store_true",
+        help="also run the pipeline with tiny settings (signs data, 2x MACs, ONNX parity); exit 1 on failure",
+    )
+
     gate = sub.add_parser("gate", help="check a report.json against gates; exit 1 if one fails")
     gate.add_argument("report", help="report.json")
     gate.add_argument("--policy", help="YAML with a 'gates' list (default: the report's own gates)")
@@ -98,6 +123,19 @@ def _dispatch(args: argparse.Namespace) -> int:
         return commands.corruptions(args.list, args.grid, args.dataset, args.index, args.seed)
     if args.verb == "gate":
         return commands.gate(Path(args.report), args.policy, args.baseline, args.junit)
+    if args.verb == "inspect":
+        return commands.inspect(
+            args.target,
+            input_size=args.input_size,
+            channels=args.channels,
+            classes=args.classes,
+            max_layer_pruning=args.max_layer_pruning,
+            round_to=args.round_to,
+            overrides=args.overrides,
+            json_out=args.json_out,
+            layers=args.layers,
+            trial=args.trial,
+        )
     raise AssertionError(args.verb)  # argparse only accepts the verbs above
 
 

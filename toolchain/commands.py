@@ -114,3 +114,92 @@ def gate(report_path: Path, policy: str | None, baseline: str | None, junit: str
     if junit:
         write_junit(Path(junit), results)
     return 0 if all(r["passed"] for r in results) else 1
+
+
+def inspect(
+    target: str,
+    *,
+    input_size: int | None,
+    channels: int,
+    classes: int,
+    max_layer_pruning: float | None,
+    round_to: int | None,
+    overrides: list[str],
+    json_out: str | None,
+    layers: bool,
+    trial: bool,
+) -> int:
+    """``robustprune inspect``: what pruning can do to a model (a recipe's, or one named), before
+    any training; with ``trial``, also run the pipeline on it with tiny settings."""
+    import json
+    import tempfile
+
+    from toolchain.pruning.prunability import assess
+
+    model, example, recipe, title = _inspected_model(target, input_size, channels, classes, overrides)
+    mlp = (
+        max_layer_pruning
+        if max_layer_pruning is not None
+        else (recipe.prune.max_layer_pruning if recipe else 0.9)
+    )
+    rounding = round_to if round_to is not None else (recipe.prune.round_to if recipe else None)
+    report = assess(model, example, max_layer_pruning=mlp, round_to=rounding)
+    sys.stdout.write(report.render(title, layers=layers) + "\n")
+    if recipe is not None:
+        target_reduction = recipe.prune.target.macs_reduction or recipe.prune.target.params_reduction
+        reachable = (
+            report.max_macs_reduction if recipe.prune.target.macs_reduction else report.max_params_reduction
+        )
+        verdict = (
+            "reachable" if reachable >= target_reduction * (1 - recipe.prune.tolerance) else "OUT OF REACH"
+        )
+        sys.stdout.write(
+            f"recipe target {recipe.prune.target.metric}_reduction {target_reduction:g}: {verdict}\n"
+        )
+    if json_out:
+        Path(json_out).write_text(json.dumps({"model": title, **report.to_dict()}, indent=1))
+    if trial:
+        from toolchain.trial import run_trial
+
+        arch = recipe.model.arch if recipe else target
+        size = int(example.shape[-1])
+        with tempfile.TemporaryDirectory(prefix="robustprune-trial-") as work:
+            result = run_trial(arch, size, work)
+        details = ", ".join(f"{k}={v}" for k, v in result.to_dict().items() if v is not None and k != "arch")
+        sys.stdout.write(f"trial: {result.outcome} ({details})\n")
+        return 0 if result.outcome == "works" else 1
+    return 0
+
+
+def _inspected_model(
+    target: str, input_size: int | None, channels: int, classes: int, overrides: list[str]
+) -> tuple[Any, Any, Any, str]:
+    """(model, example input, recipe or None, title) for a recipe file or a model name."""
+    import torch
+
+    from toolchain.models import build_model
+
+    if Path(target).is_file():
+        from toolchain.data import load_data
+        from toolchain.preflight import recipe_model
+
+        recipe = load_recipe(target, overrides)
+        d = recipe.data
+        data = load_data(d.dataset, root=d.root, image_size=d.image_size, train_samples=1, val_samples=1)
+        torch.manual_seed(recipe.seed)
+        model = recipe_model(recipe, data)
+        example = torch.zeros(1, data.channels, data.image_size, data.image_size)
+        return model, example, recipe, f"{recipe.model.arch} ({target})"
+    if overrides:
+        raise UserError("--set applies to a recipe; pass a recipe file, or --input-size/--channels/--classes")
+    size = input_size or (224 if target.startswith("torchvision:") else 32)
+    torch.manual_seed(0)
+    model = build_model(
+        target,
+        num_classes=classes,
+        in_channels=channels,
+        mean=[0.5] * channels,
+        std=[0.25] * channels,
+        image_size=size,
+    )
+    return model, torch.zeros(1, channels, size, size), None, target

@@ -16,11 +16,12 @@ and for parameter-free layers (activations) from the layer that produced their i
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import torch_pruning as tp
 from torch import Tensor, nn
 
 
@@ -66,6 +67,12 @@ class LayerCost:
 
 #: One call of a layer: (its output's autograd node, channel width, output shape).
 Call = tuple[Any, int, tuple[int, ...]]
+#: Per layer (or autograd node, or parameter): ``(its channel indices, their flat mask positions)``.
+Maps = dict[Any, list[tuple[list[int], list[int]]]]
+#: ``(layer, width, maps) -> flat position per channel`` (None: the maps do not fit the width).
+IndexOf = Callable[[Any, int, list[tuple[list[int], list[int]]]], Tensor | None]
+
+_CONSUMERS = (nn.modules.conv._ConvNd, nn.Linear)
 
 
 def counted_units(model: nn.Module) -> list[nn.Module]:
@@ -119,6 +126,82 @@ class CallRecorder:
         if isinstance(dims, (list, tuple)) and len(dims) == output.dim() and axis < source.dim():
             return list(dims).index(axis % source.dim())
         return 1
+
+
+def cost_model(
+    model: nn.Module,
+    example_inputs: Tensor,
+    calls: dict[nn.Module, list[Call]],
+    consumer_index: dict[nn.Module, Tensor],
+    producers: Maps,
+    unwrapped: dict[nn.Parameter, int],
+    index_of: IndexOf,
+) -> tuple[list[LayerCost], float, float]:
+    """Every counted layer's cost as a function of the mask, and the fixed MACs and params.
+
+    Args:
+        model, example_inputs: the model and the batch torch-pruning counts on.
+        calls: from :class:`CallRecorder` (the same trace the groups came from).
+        consumer_index: flat mask position per input channel of each consuming layer.
+        producers: channel maps of layers (and activations, by autograd node) whose outputs
+            belong to groups.
+        unwrapped: parameters torch-pruning prunes outside any layer, with their axis.
+        index_of: builds a flat position index from maps.
+    """
+    names: dict[Any, str] = {module: name for name, module in model.named_modules()}
+    names.update({param: name for name, param in model.named_parameters()})
+    total_macs, total_params, layer_macs, layer_params = tp.utils.count_ops_and_params(
+        model, example_inputs, layer_wise=True
+    )
+    costs = []
+    counted_macs = counted_params = 0.0
+    for module in counted_units(model):
+        macs = float(layer_macs.get(module) or 0)
+        params = float(layer_params.get(module) or 0)
+        if not macs and not params:
+            continue
+        seen = calls.get(module) or [(None, out_width(module), (1,))]
+        if isinstance(module, _CONSUMERS):
+            seen = seen[:1]  # a reused conv/linear has one set of channels
+        size = sum(math.prod(shape) for _, _, shape in seen)
+        for grad_fn, width, shape in seen:
+            share = math.prod(shape) / size
+            out_maps = producers.get(module) or producers.get(grad_fn)
+            out_index = index_of(module, width, out_maps) if out_maps and width else None
+            mac_cost, param_cost = layer_costs(
+                module, macs * share, params * share, consumer_index.get(module), out_index, width, shape
+            )
+            name = names.get(module, type(module).__name__)
+            in_total = in_width(module) or width
+            costs.append(
+                LayerCost(
+                    name,
+                    type(module).__name__,
+                    mac_cost,
+                    param_cost,
+                    in_total,
+                    width,
+                    macs * share,
+                    params * share,
+                )
+            )
+        counted_macs += macs
+        counted_params += params
+    for param, axis in unwrapped.items():
+        # A parameter used outside any layer (ViT's class token and position embedding) loses
+        # one slice per removed channel.
+        width = int(param.shape[axis])
+        index = index_of(param, width, producers[param])
+        if index is None:
+            continue
+        fixed, per_channel = Cost(0, 0, 0, 0, None, None), Cost(0, 0, param.numel() / width, 0, None, index)
+        name = names.get(param, "parameter")
+        costs.append(
+            LayerCost(name, "Parameter", fixed, per_channel, width, width, 0.0, float(param.numel()))
+        )
+        counted_params += param.numel()
+    # Whatever else torch-pruning counts stays fixed.
+    return costs, float(total_macs) - counted_macs, float(total_params) - counted_params
 
 
 def in_width(module: nn.Module) -> int:

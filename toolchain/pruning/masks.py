@@ -31,20 +31,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch_pruning as tp
 from torch import Tensor, nn
 
 from toolchain.errors import UserError
-from toolchain.pruning.costs import (
-    Call,
-    CallRecorder,
-    Cost,
-    LayerCost,
-    counted_units,
-    in_width,
-    layer_costs,
-    out_width,
-)
+from toolchain.pruning.costs import Call, CallRecorder, LayerCost, Maps, cost_model, in_width
 from toolchain.pruning.depgraph import PruningGraph, group_problem
 from toolchain.pruning.graph import (
     ROOT_TYPES,
@@ -194,8 +184,8 @@ class ChannelMasks:
         self.unmaskable: list[str] = []
         #: the named layers each prunable group touches
         self.members: dict[GroupKey, list[str]] = {}
-        consumers: dict[nn.Module, list[tuple[list[int], list[int]]]] = {}
-        producers: dict[Any, list[tuple[list[int], list[int]]]] = {}
+        consumers: Maps = {}
+        producers: Maps = {}
         unwrapped: dict[nn.Parameter, int] = {}  # parameter -> the axis torch-pruning prunes
         offset = 0
         for group in graph.get_all_groups(
@@ -223,11 +213,11 @@ class ChannelMasks:
                 self.skipped.append(SkippedGroup(key[0], size, "too narrow", reason))
                 continue
             entry = MaskGroup(key, key[0], size, ch_groups, offset, floor)
-            problem = self._mask_problem(group, names, entry)
-            if problem and strict:
-                raise UserError(problem)
-            if problem:
-                self.unmaskable.append(problem)
+            unmaskable = self._mask_problem(group, names, entry)
+            if unmaskable and strict:
+                raise UserError(unmaskable)
+            if unmaskable:
+                self.unmaskable.append(unmaskable)
             self.members[key] = sorted(
                 {names[i.dep.target.module] for i in group if i.dep.target.module in names}
             )
@@ -299,74 +289,14 @@ class ChannelMasks:
 
     def _cost_model(
         self,
-        producers: dict[Any, list[tuple[list[int], list[int]]]],
+        producers: Maps,
         calls: dict[nn.Module, list[Call]],
         unwrapped: dict[nn.Parameter, int],
     ) -> tuple[list[LayerCost], float, float]:
         """Per counted layer, MACs and params as functions of its live input/output channels."""
-        names: dict[Any, str] = {module: name for name, module in self.model.named_modules()}
-        names.update({param: name for name, param in self.model.named_parameters()})
-        total_macs, total_params, layer_macs, layer_params = tp.utils.count_ops_and_params(
-            self.model, self.example_inputs, layer_wise=True
+        return cost_model(
+            self.model, self.example_inputs, calls, self._consumer_index, producers, unwrapped, self._index
         )
-        costs = []
-        counted_macs = counted_params = 0.0
-        for module in counted_units(self.model):
-            macs = float(layer_macs.get(module) or 0)
-            params = float(layer_params.get(module) or 0)
-            if not macs and not params:
-                continue
-            in_index = self._consumer_index.get(module)
-            seen = calls.get(module) or [(None, out_width(module), (1,))]
-            if isinstance(module, _CONSUMERS):
-                seen = seen[:1]  # a reused conv/linear has one set of channels
-            size = sum(math.prod(shape) for _, _, shape in seen)
-            for grad_fn, width, shape in seen:
-                share = math.prod(shape) / size
-                out_maps = producers.get(module) or producers.get(grad_fn)
-                out_index = self._index(module, width, out_maps) if out_maps and width else None
-                mac_cost, param_cost = layer_costs(
-                    module, macs * share, params * share, in_index, out_index, width, shape
-                )
-                costs.append(
-                    LayerCost(
-                        names.get(module, type(module).__name__),
-                        type(module).__name__,
-                        mac_cost,
-                        param_cost,
-                        in_width(module) or width,
-                        width,
-                        macs * share,
-                        params * share,
-                    )
-                )
-            counted_macs += macs
-            counted_params += params
-        for param, axis in unwrapped.items():
-            # A parameter used outside any layer (ViT's class token and position embedding)
-            # loses one slice per removed channel.
-            width = int(param.shape[axis])
-            index = self._index(self.model, width, producers[param])
-            if index is None:
-                continue
-            slice_size = param.numel() / width
-            name = names.get(param, "parameter")
-            fixed = Cost(0, 0, 0, 0, None, None)
-            costs.append(
-                LayerCost(
-                    name,
-                    "Parameter",
-                    fixed,
-                    Cost(0, 0, slice_size, 0, None, index),
-                    width,
-                    width,
-                    0.0,
-                    float(param.numel()),
-                )
-            )
-            counted_params += param.numel()
-        # Whatever else torch-pruning counts stays fixed.
-        return costs, float(total_macs) - counted_macs, float(total_params) - counted_params
 
     @property
     def layers(self) -> list[LayerCost]:

@@ -100,6 +100,42 @@ class Prunability:
             "max_params_reduction": self.max_params_reduction,
         }
 
+    def render(self, title: str, *, layers: bool = False) -> str:
+        """The plain-text report ``robustprune inspect`` prints (per-layer costs with ``layers``)."""
+        shape = "x".join(map(str, self.input_shape))
+        lines = [
+            f"{title} at {shape}: {_si(self.dense_macs)}MACs, {_si(self.dense_params)}params",
+            "",
+            f"prunable groups: {len(self.groups)} (root layer, channels, positions = channels / tied "
+            "channel groups, positions it keeps at least, layers it touches)",
+        ]
+        for g in self.groups:
+            touched = ", ".join(g.layers[:4]) + (f" +{len(g.layers) - 4}" if len(g.layers) > 4 else "")
+            lines.append(f"  {g.root:<44} {g.channels:>6} {g.positions:>6} {g.floor:>6}  {touched}")
+        lines += ["", f"left alone: {len(self.left_alone)} (layer, channels, why)"]
+        for entry in self.left_alone:
+            lines.append(f"  {entry.layer:<44} {entry.channels:>6}  {entry.kind}: {entry.reason}")
+        if self.mask_methods:
+            lines += ["", f"hydra, bap, dnr, gated: not for this model: {self.mask_methods}"]
+        if layers:
+            lines += [
+                "",
+                "per layer: name, kind, in, out, MACs, params, MACs and params with every group at its floor",
+            ]
+            for r in self.layers:
+                lines.append(
+                    f"  {r.name:<44} {r.kind:<18} {r.in_channels:>6} {r.out_channels:>6} {_si(r.macs):>9} "
+                    f"{_si(r.params):>9} {_si(r.floor_macs):>9} {_si(r.floor_params):>9}"
+                )
+        rounding = f", round_to={self.round_to}" if self.round_to else ""
+        lines += [
+            "",
+            f"largest reduction reachable (max_layer_pruning={self.max_layer_pruning}{rounding}, every group "
+            f"at its floor): {self.max_macs_reduction:.2f}x fewer MACs ({_si(self.floor_macs)}MACs), "
+            f"{self.max_params_reduction:.2f}x fewer params ({_si(self.floor_params)}params)",
+        ]
+        return "\n".join(lines)
+
     def warnings(self) -> list[str]:
         """One line per kind of obstacle (with up to three of its layers)."""
         by_kind: dict[str, list[LeftAlone]] = {}
@@ -115,6 +151,13 @@ class Prunability:
         if self.mask_methods:
             lines.append(f"methods that train through masks cannot prune this model: {self.mask_methods}")
         return lines
+
+
+def _si(value: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.2f} {unit}"
+    return f"{value:.0f} "
 
 
 def assess(

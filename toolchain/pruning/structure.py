@@ -96,7 +96,7 @@ def _used_parameters(output: Any) -> set[int]:
     """ids of the parameters the output's autograd graph reaches."""
     used: set[int] = set()
     seen: set[Any] = set()
-    stack = [t.grad_fn for t in _tensors(output) if t.grad_fn is not None]
+    stack: list[Any] = [t.grad_fn for t in _tensors(output) if t.grad_fn is not None]
     while stack:
         node = stack.pop()
         if node is None or node in seen:
