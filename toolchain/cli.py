@@ -1,7 +1,8 @@
 """The ``robustprune`` command: parse, load the recipe, call one verb. No logic lives here.
 
-Exit codes: 0 success; 1 a gate failed (``run``, ``validate``, ``gate``); 2 a usage or input
-error, reported as one line on stderr (``--debug`` shows the traceback).
+Exit codes: 0 success; 1 a gate failed (``run``, ``validate``, ``gate``) or a model did not go
+through ``inspect --trial``; 2 a usage or input error, reported as one line on stderr
+(``--debug`` shows the traceback).
 """
 
 from __future__ import annotations

@@ -169,6 +169,9 @@ def build_graph(model: nn.Module, example_inputs: Any, structure: Structure | No
         model: the model; its parameters and buffers are not changed.
         example_inputs: a batch to trace with.
         structure: :func:`~toolchain.pruning.structure.analyse` of this model, if already known.
+
+    Returns:
+        The graph; ``graph.barriers`` and ``graph.structure`` say what it cannot follow.
     """
     structure = structure if structure is not None else analyse(model, example_inputs)
     train = bool(structure.training_only)
