@@ -75,7 +75,10 @@ def test_reachable_reduction_is_what_pruning_achieves(case: str, max_layer_pruni
 
 def test_inspect_names_training_only_heads_and_tied_attention_heads() -> None:
     aux = assess(_built(AuxNet), X16)
-    assert [(e.layer, e.kind) for e in aux.left_alone] == [("fc", "classifier head"), ("aux", "training-only head")]
+    assert [(e.layer, e.kind) for e in aux.left_alone] == [
+        ("fc", "classifier head"),
+        ("aux", "training-only head"),
+    ]
     assert "aux.0" in next(g.layers for g in aux.groups if g.root == "stem.0")  # its input follows
     vit = assess(tiny_vit().eval(), X16)
     assert sorted(g.tied for g in vit.groups) == [1, 1, 2]  # the residual width: two heads
