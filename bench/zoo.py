@@ -141,7 +141,7 @@ def summary(results: list[dict[str, Any]]) -> dict[str, Any]:
 def table(results: list[dict[str, Any]]) -> str:
     """The README's Markdown table."""
     header = ["model", "input", "works", "MACs reduction", "parity: max abs diff (max abs logit)"]
-    header += ["seconds", "peak RSS", "reason"]
+    header += ["seconds", "peak RSS (x fp32 weights)", "reason"]
     rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in sorted(results, key=lambda r: r["model"]):
         reduction = f"{r['macs_reduction']:.2f}x" if r.get("macs_reduction") else ""
@@ -150,9 +150,11 @@ def table(results: list[dict[str, Any]]) -> str:
         reason = (r.get("reason") or "").replace("|", "/")
         if len(reason) > 160:
             reason = reason[:157] + "..."
+        weights = 4 * r["dense_params"] if r.get("dense_params") else 0
+        copies = f" ({r['peak_rss_bytes'] / weights:.1f}x)" if weights else ""
         rows.append(
             f"| {r['model']} | {r['image_size']} | {r['outcome']} | {reduction} | {parity} | "
-            f"{r['seconds']:.0f} | {r['peak_rss_bytes'] / 2**30:.2f} GiB | {reason} |"
+            f"{r['seconds']:.0f} | {r['peak_rss_bytes'] / 2**30:.2f} GiB{copies} | {reason} |"
         )
     s = summary(results)
     rows.append("")

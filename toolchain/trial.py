@@ -73,7 +73,7 @@ class TrialResult:
         outcome: ``works``, ``refused`` or ``failed``.
         stage: the stage that failed (``preflight`` for a refusal), or None.
         reason: one line: the refusal or failure, or None.
-        dense_macs, macs, macs_reduction, target_met: from the prune stage.
+        dense_macs, macs, macs_reduction, target_met, dense_params: from the prune stage.
         parity_max_abs_diff, logit_scale, top1_agreement: pruned model, PyTorch vs ONNX
             Runtime (``logit_scale``: the largest |logit|).
         seconds: wall time of the trial.
@@ -88,6 +88,7 @@ class TrialResult:
     macs: int | None = None
     macs_reduction: float | None = None
     target_met: bool | None = None
+    dense_params: int | None = None
     parity_max_abs_diff: float | None = None
     logit_scale: float | None = None
     top1_agreement: float | None = None
@@ -153,6 +154,7 @@ def _read_report(result: TrialResult, report: dict[str, Any], run_dir: Path, ato
     result.dense_macs, result.macs = int(prune["dense_macs"]), int(prune["macs"])
     result.macs_reduction = float(prune["macs_reduction"])
     result.target_met = bool(prune["target_met"])
+    result.dense_params = int(prune["dense_params"])
     result.parity_max_abs_diff = parity.get("max_abs_diff")
     result.logit_scale = parity.get("reference_max_abs")
     result.top1_agreement = parity.get("top1_agreement")

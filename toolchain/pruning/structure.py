@@ -71,6 +71,7 @@ def _tensors(output: Any) -> list[Tensor]:
 
 
 def batched(example_inputs: Any, batch: int) -> Any:
+    """``example_inputs`` with every tensor of fewer than ``batch`` samples repeated to ``batch``."""
     if isinstance(example_inputs, Tensor) and example_inputs.dim() >= 1 and len(example_inputs) < batch:
         return example_inputs.expand(batch, *example_inputs.shape[1:]).clone()
     if isinstance(example_inputs, (tuple, list)):
