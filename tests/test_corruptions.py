@@ -215,10 +215,16 @@ def test_metrics_hand_computed() -> None:
 def test_metrics_division_by_zero_and_mismatch() -> None:
     perfect = {"fog": {1: 1.0}}
     assert corruption_errors(perfect, perfect, 1.0, 1.0)["fog"] == {
-        "ce": 1.0, "relative_ce": 1.0, "mean_accuracy": 1.0,
+        "ce": 1.0, "relative_ce": None, "mean_accuracy": 1.0,
     }  # fmt: skip
     worse = corruption_errors({"fog": {1: 0.5}}, perfect, 1.0, 1.0)["fog"]
-    assert worse["ce"] == math.inf and worse["relative_ce"] == math.inf
+    assert worse["ce"] == math.inf and worse["relative_ce"] is None
+    # A corruption that does not degrade the baseline leaves relative mCE to the others.
+    model = {"fog": {1: 0.6}, "brightness": {1: 0.9}}
+    dense = {"fog": {1: 0.7}, "brightness": {1: 0.95}}
+    out = summarize(model, dense, model_clean=0.9, dense_clean=0.9)
+    assert out["relative_excluded"] == ["brightness"]
+    assert out["relative_mce"] == pytest.approx((0.4 - 0.1) / (0.3 - 0.1))
     with pytest.raises(UserError, match="different corruptions"):
         summarize({"fog": {1: 0.5}}, {"snow": {1: 0.5}}, 0.9, 0.9)
     with pytest.raises(UserError, match="not in"):

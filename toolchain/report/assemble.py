@@ -88,6 +88,7 @@ def add_corruption_errors(evaluations: list[dict[str, Any]]) -> None:
         ev["corruptions"].update(
             mce=_finite(summary["mce"]),
             relative_mce=_finite(summary["relative_mce"]),
+            relative_excluded=summary["relative_excluded"],
             baseline={"model": base["model"], "runtime": base["runtime"], "precision": base["precision"]},
             errors={
                 name: {k: _finite(v) for k, v in row.items() if k in ("ce", "relative_ce")}
@@ -97,7 +98,9 @@ def add_corruption_errors(evaluations: list[dict[str, Any]]) -> None:
 
 
 def _finite(value: Any) -> float | None:
-    """report.json is strict JSON: an infinite ratio (dense made no error) is written as null."""
+    """report.json is strict JSON: an infinite or undefined ratio is written as null."""
+    if value is None:
+        return None
     value = float(value)
     return value if math.isfinite(value) else None
 
