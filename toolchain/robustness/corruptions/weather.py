@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from toolchain.robustness.corruptions import ops
+from toolchain.robustness.corruptions import filters, ops
 from toolchain.robustness.corruptions.base import (
     Corruption,
     pick,
@@ -51,7 +51,7 @@ class Snow(Corruption):
         flakes = F.interpolate(flakes, size=(h, w), mode="bilinear", align_corners=False)
         flakes = torch.where(flakes < thresh, torch.zeros_like(flakes), flakes).clamp_(0, 1)
         angle = uniform((n,), -135.0, -45.0, generator, x)
-        flakes = ops.motion_blur(flakes, radius * s, sigma * s, angle)
+        flakes = filters.motion_blur(flakes, radius * s, sigma * s, angle)
         grey = ops.luminance(x)
         x = blend * x + (1 - blend) * torch.maximum(x, grey * 1.5 + 0.5)
         return x + flakes + flakes.flip(-1, -2)
