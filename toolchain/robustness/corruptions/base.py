@@ -29,6 +29,7 @@ from toolchain.registry import Registry
 FAMILIES = ("noise", "blur", "weather", "digital", "driving")
 SMALL_IMAGE_MAX_SIDE = 64  # <= this: CIFAR-10-C table (32 px reference); above: ImageNet-C (224 px)
 SEVERITIES = (1, 2, 3, 4, 5)
+CHUNK_BYTES = 1 << 20  # input bytes per chunk, see Corruption.__call__
 
 P = TypeVar("P")
 
@@ -50,9 +51,24 @@ class Corruption(ABC):
     family: ClassVar[str] = "?"
     needs_color: ClassVar[bool] = False
 
+    chunk_bytes: ClassVar[int] = CHUNK_BYTES
+
     def __call__(self, x: torch.Tensor, severity: int, generator: torch.Generator) -> torch.Tensor:
-        """Corrupt a validated float batch ``(N, C, H, W)`` in [0, 1]; returns same shape/device."""
-        return self._apply(x, severity, generator).clamp_(0.0, 1.0)
+        """Corrupt a validated float batch ``(N, C, H, W)`` in [0, 1]; returns same shape/device.
+
+        The batch is processed in chunks of about ``chunk_bytes`` of input: every corruption
+        makes several passes over its data, and a chunk whose temporaries stay in the CPU cache
+        runs up to twice as fast per image as a large batch streaming through memory; it also
+        bounds the temporary memory of a huge batch to a few chunks. The chunking depends only
+        on the image shape, so the same seed still gives the same pixels on any device.
+        """
+        step = max(1, self.chunk_bytes // max(1, x[0].numel() * x.element_size()))
+        if step >= x.shape[0]:
+            return self._apply(x, severity, generator).clamp_(0.0, 1.0)
+        out = torch.empty_like(x)
+        for start in range(0, x.shape[0], step):
+            out[start : start + step] = self._apply(x[start : start + step], severity, generator).clamp_(0.0, 1.0)
+        return out
 
     @abstractmethod
     def _apply(self, x: torch.Tensor, severity: int, generator: torch.Generator) -> torch.Tensor:

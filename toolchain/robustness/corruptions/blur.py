@@ -150,9 +150,10 @@ class ZoomBlur(Corruption):
     """Forward motion: the mean of the image and its centre zooms (factors from the table)."""
 
     name, family = "zoom_blur", "blur"
-    # (step, count): factors 1, 1+step, ..., as np.arange(1, end, step) yields in the reference.
-    SMALL = ((0.01, 6), (0.01, 11), (0.01, 16), (0.01, 21), (0.01, 26))
-    LARGE = ((0.01, 11), (0.01, 16), (0.02, 11), (0.02, 13), (0.03, 11))
+    # (step, count): factors 1, 1+step, ..., exactly as many as the reference's
+    # np.arange(1, end, step) yields, float rounding included (arange(1, 1.11, 0.01) has 12).
+    SMALL = ((0.01, 7), (0.01, 12), (0.01, 16), (0.01, 21), (0.01, 26))
+    LARGE = ((0.01, 12), (0.01, 16), (0.02, 11), (0.02, 13), (0.03, 11))
 
     def _apply(self, x: torch.Tensor, severity: int, generator: torch.Generator) -> torch.Tensor:
         step, count = pick(x, severity, self.SMALL, self.LARGE)

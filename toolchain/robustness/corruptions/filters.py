@@ -46,6 +46,9 @@ def pad(x: torch.Tensor, top: int, bottom: int, left: int, right: int, mode: str
         flat = x.reshape(-1, 1, h, w)
         out = F.pad(flat, (left, right, top, bottom), mode=torch_mode)
         return out.reshape(*x.shape[:-2], h + top + bottom, w + left + right)
+    if mode == "symmetric" and fits:  # mirrored edge strips: cheaper than gathering every pixel
+        x = torch.cat([x[..., :top, :].flip(-2), x, x[..., h - bottom :, :].flip(-2)], -2)
+        return torch.cat([x[..., :left].flip(-1), x, x[..., w - right :].flip(-1)], -1)
     rows = fold(torch.arange(-top, h + bottom, device=x.device), h, mode)
     cols = fold(torch.arange(-left, w + right, device=x.device), w, mode)
     return x.index_select(-2, rows).index_select(-1, cols)
