@@ -67,7 +67,8 @@ class Corruption(ABC):
             return self._apply(x, severity, generator).clamp_(0.0, 1.0)
         out = torch.empty_like(x)
         for start in range(0, x.shape[0], step):
-            out[start : start + step] = self._apply(x[start : start + step], severity, generator).clamp_(0.0, 1.0)
+            chunk = self._apply(x[start : start + step], severity, generator)
+            out[start : start + step] = chunk.clamp_(0.0, 1.0)
         return out
 
     @abstractmethod
