@@ -13,8 +13,8 @@ Parts (``--parts``, default all):
 - ``throughput``: images/s per corruption (mean over severities) at 32x32, 224x224 and 512x256
   (W x H), ours and the reference.
 - ``memory``: peak resident memory while corrupting a batch of 64 frames at 512x256, per
-  corruption at severity 5, measured as VmHWM - VmRSS after resetting the high-water mark
-  (Linux ``/proc/self/clear_refs``): the extra memory one call needs beyond its input.
+  corruption at severity 5, each in a fresh process: ``ru_maxrss`` minus the resident set once
+  the input exists, i.e. everything one call needs beyond its input (output included).
 
 Run it on one core, alone, so the numbers mean something::
 
@@ -30,6 +30,8 @@ import logging
 import os
 import platform
 import resource
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -79,7 +81,7 @@ def photos(n: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
         top, left = rng.integers(0, sh - ch + 1), rng.integers(0, sw - cw + 1)
         crop = Image.fromarray(src[top : top + ch, left : left + cw])
         out.append(np.asarray(crop.resize((width, height), Image.Resampling.BICUBIC)))
-    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float() / 255
+    return (torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float() / 255).contiguous()
 
 
 def _synthetic(rng: np.random.Generator) -> np.ndarray:
@@ -205,34 +207,56 @@ def throughput(sizes: list[tuple[int, int]], batch: dict, ref: Callable[..., np.
     return result
 
 
-def _rss_kib(field: str) -> int:
+def _rss_mib() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("VmRSS not in /proc/self/status")
+
+
+def memory_child(name: str, batch: int, height: int, width: int) -> None:
+    """In a fresh process: RSS with the input ready, then peak RSS after one corruption call."""
+    torch.set_num_threads(1)
+    x = photos(batch, height, width, seed=7)
+    base = _rss_mib()
+    corrupt(name, x, 5, seed=1)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    print(json.dumps({"base_mib": round(base, 1), "peak_mib": round(peak, 1)}))
 
 
 def memory(batch: int, height: int, width: int) -> dict:
-    """Extra peak RSS (MiB) per corruption at severity 5 for one ``batch`` at ``height x width``."""
-    if not Path("/proc/self/clear_refs").exists():
-        return {"skipped": "needs Linux /proc/self/clear_refs to reset the peak-RSS mark"}
-    x = photos(batch, height, width, seed=7)
-    input_mib = x.numel() * x.element_size() / 2**20
-    per: dict[str, float] = {}
+    """Peak RSS per corruption at severity 5 for one ``batch`` at ``height x width``.
+
+    Each corruption runs in a fresh interpreter, so nothing another one left in the allocator
+    hides its peak: ``extra = ru_maxrss - VmRSS once the input exists``, which counts the
+    output, every temporary and the cached tables the call builds.
+    """
+    if not Path("/proc/self/status").exists():
+        return {"skipped": "needs Linux /proc/self/status for the resident set size"}
+    per: dict[str, dict] = {}
     for name in list_corruptions():
-        corrupt(name, x[:2], 5)  # warm caches (filter matrices) so they are not counted as peak
-        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-        base = _rss_kib("VmRSS")
-        out = corrupt(name, x, 5, seed=1)
-        per[name] = round((_rss_kib("VmHWM") - base) / 1024, 1)
-        del out
-    worst = max(per, key=per.__getitem__)
-    log.info("memory (MiB over input, batch %d at %dx%d): %s", batch, width, height, per)
+        cmd = [
+            sys.executable,
+            __file__,
+            "--memory-child",
+            name,
+            "--memory-shape",
+            f"{batch},{height},{width}",
+        ]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        row = json.loads(done.stdout.strip().splitlines()[-1])
+        row["extra_mib"] = round(row["peak_mib"] - row["base_mib"], 1)
+        per[name] = row
+    worst = max(per, key=lambda n: per[n]["extra_mib"])
+    output_mib = batch * 3 * height * width * 4 / 2**20
+    log.info("memory extra MiB (batch %d at %dx%d): %s", batch, width, height,
+             {n: r["extra_mib"] for n, r in per.items()})  # fmt: skip
     return {
         "batch": batch, "height": height, "width": width, "severity": 5,
-        "input_mib": round(input_mib, 1), "extra_peak_mib": per, "worst": [worst, per[worst]],
-        "process_max_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "method": "VmHWM - VmRSS after writing 5 to /proc/self/clear_refs; output included",
+        "input_mib": round(output_mib, 1), "output_mib": round(output_mib, 1),
+        "per_corruption": per, "worst": [worst, per[worst]["extra_mib"]],
+        "method": "fresh process per corruption; extra = ru_maxrss - VmRSS with the input ready "
+                  "(includes the output, temporaries and cached tables)",
     }  # fmt: skip
 
 
@@ -261,7 +285,12 @@ def main() -> None:
     parser.add_argument("--ref-images", type=int, default=8, help="of those, how many the reference gets")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("bench/results/corruptions.json"))
+    parser.add_argument("--memory-child", help=argparse.SUPPRESS)  # internal: one memory probe
+    parser.add_argument("--memory-shape", default="64,256,512", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory_child:
+        memory_child(args.memory_child, *(int(v) for v in args.memory_shape.split(",")))
+        return
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
     parts = set(args.parts.split(","))

@@ -121,8 +121,8 @@ class GlassBlur(Corruption):
         table_dy, table_dx = _swap_displacements(delta, iters)
         x = filters.gaussian_blur(x, sigma * s)
         j = (rand((n, h * w), generator, x) * _GUIDE).long().clamp_(max=_GUIDE - 1)
-        dy = torch.round(table_dy.to(x.device)[j] * s).long()
-        dx = torch.round(table_dx.to(x.device)[j] * s).long()
+        dy = torch.round(table_dy.to(x.device).index_select(0, j.flatten()).view(n, h * w) * s).long()
+        dx = torch.round(table_dx.to(x.device).index_select(0, j.flatten()).view(n, h * w) * s).long()
         yy = torch.arange(h, device=x.device).repeat_interleave(w)
         xx = torch.arange(w, device=x.device).repeat(h)
         src = (yy + dy).clamp_(0, h - 1) * w + (xx + dx).clamp_(0, w - 1)
@@ -150,6 +150,7 @@ class ZoomBlur(Corruption):
     """Forward motion: the mean of the image and its centre zooms (factors from the table)."""
 
     name, family = "zoom_blur", "blur"
+    chunk_bytes = 1 << 20  # ~40 passes per zoom factor: the smaller the chunk, the more stays cached
     # (step, count): factors 1, 1+step, ..., exactly as many as the reference's
     # np.arange(1, end, step) yields, float rounding included (arange(1, 1.11, 0.01) has 12).
     SMALL = ((0.01, 7), (0.01, 12), (0.01, 16), (0.01, 21), (0.01, 26))

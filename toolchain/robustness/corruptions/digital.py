@@ -137,4 +137,4 @@ class Saturate(Corruption):
         sat = (v - x.min(dim=1, keepdim=True).values) / v.clamp_min(1e-6)
         new_sat = (sat * a + b).clamp(0, 1)
         ratio = torch.where(sat > 1e-6, new_sat / sat.clamp_min(1e-6), torch.zeros_like(sat))
-        return v - (v - x) * ratio
+        return torch.addcmul(v * (1 - ratio), x, ratio)  # v - (v - x) * ratio in one full-size pass

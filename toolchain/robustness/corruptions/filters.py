@@ -247,8 +247,5 @@ def pixelate(x: torch.Tensor, factor: float) -> torch.Tensor:
     sh, sw = max(1, int(h * factor)), max(1, int(w * factor))
     small = _box_down(x, sh)  # rows
     small_t = _box_down(small.transpose(-1, -2).contiguous(), sw)  # columns, transposed
-    # NEAREST upsampling (PIL): source = floor((j + 0.5) * n_small / n).
-    up_rows = ((torch.arange(h, device=x.device) + 0.5) * (sh / h)).long().clamp(max=sh - 1)
-    up_cols = ((torch.arange(w, device=x.device) + 0.5) * (sw / w)).long().clamp(max=sw - 1)
-    wide_t = small_t.index_select(-2, up_cols)  # (.., W, sh)
-    return wide_t.transpose(-1, -2).index_select(-2, up_rows).contiguous()
+    # PIL's NEAREST upsampling takes source floor((j + 0.5) * n_small / n): torch's "nearest-exact".
+    return F.interpolate(small_t.transpose(-1, -2), size=(h, w), mode="nearest-exact")

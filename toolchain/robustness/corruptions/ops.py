@@ -9,7 +9,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from toolchain.robustness.corruptions.base import rand, uniform
+from toolchain.robustness.corruptions.base import rand
 
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601, as cv2.COLOR_RGB2GRAY and JPEG use
 
@@ -127,18 +127,22 @@ def plasma_fractal(
     """
     m = torch.zeros(n, mapsize, mapsize, device=like.device)
     step, wibble = mapsize, 100.0
+
+    def wibbled(total: torch.Tensor) -> torch.Tensor:  # total / 4 + wibble^2 * U(-1, 1), in place
+        w2 = wibble**2
+        return rand(total.shape, generator, like).mul_(2 * w2).sub_(w2).add_(total, alpha=0.25)
+
     while step >= 2:
         half = step // 2
         corners = m[:, 0::step, 0::step]
         sq = corners + corners.roll(-1, 1)
-        sq = sq + sq.roll(-1, 2)
-        m[:, half::step, half::step] = sq / 4 + wibble**2 * uniform(sq.shape, -1, 1, generator, like)
+        m[:, half::step, half::step] = wibbled(sq.add_(sq.roll(-1, 2)))
         centres = m[:, half::step, half::step]
         corners = m[:, 0::step, 0::step]
-        lt = centres + centres.roll(1, 1) + corners + corners.roll(-1, 2)
-        m[:, 0::step, half::step] = lt / 4 + wibble**2 * uniform(lt.shape, -1, 1, generator, like)
-        tt = centres + centres.roll(1, 2) + corners + corners.roll(-1, 1)
-        m[:, half::step, 0::step] = tt / 4 + wibble**2 * uniform(tt.shape, -1, 1, generator, like)
+        lt = centres + centres.roll(1, 1)
+        m[:, 0::step, half::step] = wibbled(lt.add_(corners).add_(corners.roll(-1, 2)))
+        tt = centres + centres.roll(1, 2)
+        m[:, half::step, 0::step] = wibbled(tt.add_(corners).add_(corners.roll(-1, 1)))
         step, wibble = half, wibble / decay
     return normalise(m)
 

@@ -107,7 +107,7 @@ class Fog(Corruption):
         n, _, h, w = x.shape
         cloud = ops.plasma_fractal(n, ops.next_pow2(max(h, w)), decay, generator, x)[:, None, :h, :w]
         peak = x.flatten(1).max(dim=1).values.view(n, 1, 1, 1)
-        return (x + strength * cloud) * peak / (peak + strength)
+        return (x + strength * cloud).mul_(peak / (peak + strength))
 
 
 @register
@@ -125,5 +125,8 @@ class Brightness(Corruption):
     def _apply(self, x: torch.Tensor, severity: int, generator: torch.Generator) -> torch.Tensor:
         c = pick(x, severity, self.SMALL, self.LARGE)
         v = x.max(dim=1, keepdim=True).values
-        v_new = (v + c).clamp(max=1.0)
-        return torch.where(v > 1e-6, x * v_new / v.clamp_min(1e-6), v_new.expand_as(x))
+        v_new = (v + c).clamp_(max=1.0)
+        black = v <= 1e-6  # hue undefined: black becomes grey V' (all channels equal)
+        ratio = torch.where(black, torch.zeros_like(v), v_new / v.clamp_min(1e-6))
+        # One full-size pass: x * ratio, plus V' where the pixel was black (x is 0 there).
+        return torch.addcmul(v_new * black, x, ratio)
