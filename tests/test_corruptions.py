@@ -298,3 +298,39 @@ def test_strength_matches_reference_at_224(name: str, photos224: tuple[torch.Ten
             ref.append(reference_corrupt(image, severity=severity, corruption_name=name, **kwargs))
         ratios.append(np.abs(ours - u8).mean() / np.abs(np.stack(ref).astype(np.float64) - u8).mean())
     assert all(abs(r - 1) <= tol for r in ratios), f"{name}: ours / reference = {np.round(ratios, 3)}"
+
+
+# --------------------------------------------------------------------------- fast paths, exactly
+
+
+def test_poisson_sampler_is_poisson() -> None:
+    """The guide-table sampler reproduces Poisson(lam): mean, variance and P(0) at several means."""
+    from toolchain.robustness.corruptions.ops import poisson_levels
+
+    levels = torch.tensor([0, 3, 51, 128, 255], dtype=torch.float32) / 255
+    x = levels.repeat_interleave(40_000)
+    counts = poisson_levels(x, 60.0, torch.Generator().manual_seed(0)).view(5, -1)
+    lam = (levels * 60).double()
+    mean, var = counts.double().mean(1), counts.double().var(1)
+    assert torch.equal(counts[0], torch.zeros_like(counts[0]))  # black stays black
+    assert torch.allclose(mean[1:], lam[1:], rtol=0.02) and torch.allclose(var[1:], lam[1:], rtol=0.04)
+    p0 = (counts[1] == 0).double().mean()
+    assert abs(p0 - math.exp(-lam[1])) < 0.01  # exp(-0.706) = 0.49
+
+
+def test_fancy_upsampling_equals_half_pixel_bilinear() -> None:
+    from toolchain.robustness.corruptions.jpeg import _fancy_upsample
+
+    c = torch.rand(2, 2, 9, 13, generator=torch.Generator().manual_seed(0))
+    expected = torch.nn.functional.interpolate(c, scale_factor=2, mode="bilinear", align_corners=False)
+    assert torch.allclose(_fancy_upsample(c), expected, atol=1e-6)
+
+
+def test_chunked_batch_equals_its_images_in_one_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch bigger than one chunk is processed in pieces: the same pixels as one image at a time."""
+    zoom = CORRUPTIONS.get("zoom_blur")
+    monkeypatch.setattr(zoom, "chunk_bytes", 2 * 3 * 96 * 96 * 4)  # two images per chunk
+    x = torch.rand(5, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    out = corrupt("zoom_blur", x, 3)  # deterministic, so chunks must equal image-by-image calls
+    single = torch.cat([corrupt("zoom_blur", x[i : i + 1], 3) for i in range(5)])
+    assert torch.allclose(out, single, atol=1e-6) and l1(out, x) > 0.01
