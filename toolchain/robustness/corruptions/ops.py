@@ -180,10 +180,3 @@ def soft_disc(
     xs = torch.arange(w, device=like.device, dtype=torch.float32).view(1, 1, 1, w)
     d2 = (xs - cx.view(-1, 1, 1, 1)) ** 2 + (ys - cy.view(-1, 1, 1, 1)) ** 2
     return torch.exp(-d2 / (2 * radius.view(-1, 1, 1, 1) ** 2))
-
-
-def sparse_points(
-    n: int, size: tuple[int, int], density: float, generator: torch.Generator, like: torch.Tensor
-) -> torch.Tensor:
-    """``(N, 1, H, W)`` binary map where each pixel is on with probability ``density``."""
-    return (rand((n, 1, *size), generator, like) < density).float()
