@@ -266,9 +266,10 @@ except ImportError as err:  # part of the [dev] extra; a bare install skips with
 # (README, Corruptions): frost uses a procedural texture instead of the reference's six
 # photographs, fog's plasma cloud varies a lot between draws, glass blur samples the swap
 # process's displacement instead of running it, and motion blur and snow draw their random
-# angle per image differently (on three images the angle alone moves the strength by ~5 %).
+# angle per image differently, and elastic_transform's random field (on three images the draws
+# alone move the strength by ~5 %; on the benchmark's 16 they agree within 1 %).
 STRENGTH_TOL = {"frost": 0.35, "fog": 0.25, "glass_blur": 0.15, "snow": 0.12, "motion_blur": 0.08,
-                "impulse_noise": 0.06}  # fmt: skip
+                "elastic_transform": 0.08, "impulse_noise": 0.06}  # fmt: skip
 SEEDED_BY_KEYWORD = {"glass_blur", "impulse_noise"}
 
 
