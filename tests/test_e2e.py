@@ -147,9 +147,12 @@ def test_validate_command_on_run_engine_and_on_a_bare_onnx_file(
         ]
     )
     report = json.loads((tmp_path / "v1" / "report.json").read_text())
-    assert code == 0 and report["passed"]
+    assert code == 0 and report["passed"] and report["status"] == "completed"
+    assert (tmp_path / "v1" / "report.html").is_file()
     (ev,) = report["evaluations"]
     assert report["engine"]["pytorch_reference"] is True
+    # The engine's own run: its budget check applies to the engine's report too.
+    assert [g["name"] for g in report["intrinsic_gates"]] == ["budget-met", "engine-parity", "finite-logits"]
     assert ev["runtime"] == "onnxruntime" and ev["parity"]["top1_agreement"] == 1.0
     assert {a["mode"] for a in ev["attacks"]} == {"transfer", "black-box"}
     assert ev["clean_accuracy"] > 0.2 and "per_corruption" in ev["corruptions"]
@@ -176,6 +179,8 @@ def test_validate_command_on_run_engine_and_on_a_bare_onnx_file(
     assert [s["name"] for s in ev["skipped"]] == ["pgd"] and ev["parity"] is None
     # The recipe's parity gate cannot be evaluated without a reference: it fails closed.
     assert code == 1 and not report["passed"]
+    # No pruning target and no PyTorch reference: only the NaN/Inf check applies.
+    assert [(g["name"], g["passed"]) for g in report["intrinsic_gates"]] == [("finite-logits", True)]
 
 
 def test_validate_command_rejects_bad_engines(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
