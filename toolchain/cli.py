@@ -1,7 +1,8 @@
 """The ``robustprune`` command: parse, load the recipe, call one verb. No logic lives here.
 
-Exit codes: 0 success; 1 a gate failed (``run``, ``validate``, ``gate``); 2 a usage or input
-error, reported as one line on stderr (``--debug`` shows the traceback).
+Exit codes, for every verb: 0 success; 1 a gate failed (``run``, ``validate``, ``gate``); 2 a
+usage or input error; 3 an internal error (a bug). Errors are one line on stderr;
+``--debug`` also prints the traceback (the exit code stays the same).
 """
 
 from __future__ import annotations
@@ -9,13 +10,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
 from toolchain.errors import UserError
 
-EXIT_OK, EXIT_GATE_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_GATE_FAILED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 
 
 class _Parser(argparse.ArgumentParser):
@@ -28,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="robustprune",
         description="Prune PyTorch vision models while keeping them robust, export them to ONNX, "
         "and validate robustness on the exported engine itself.",
-        epilog="Exit codes: 0 success, 1 a gate failed, 2 bad input.",
+        epilog="Exit codes: 0 success, 1 a gate failed, 2 bad input, 3 internal error (a bug).",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser)
@@ -58,6 +60,12 @@ def _parser() -> argparse.ArgumentParser:
     gate.add_argument("--policy", help="YAML with a 'gates' list (default: the report's own gates)")
     gate.add_argument("--baseline", help="baseline report.json for relative gates")
     gate.add_argument("--junit", help="also write the result as JUnit XML here")
+    gate.add_argument("--recipe", help="refuse the report unless this recipe produced it (same sha256)")
+
+    cmp = sub.add_parser("compare", help="two report.json files side by side (two releases or methods)")
+    cmp.add_argument("report_a", help="report.json (A)")
+    cmp.add_argument("report_b", help="report.json (B)")
+    cmp.add_argument("--format", choices=("text", "md"), default="text", help="terminal table or Markdown")
     return parser
 
 
@@ -77,12 +85,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _dispatch(args)
     except UserError as exc:
         if args.debug:
-            raise
-        sys.stderr.write(f"robustprune: error: {exc}\n")
+            traceback.print_exc()
+        sys.stderr.write(f"robustprune: error: {_one_line(exc)}\n")
         return EXIT_USAGE
     except KeyboardInterrupt:
         sys.stderr.write("robustprune: interrupted; re-run the same command to resume\n")
         return 130
+    except Exception as exc:  # anything else is a bug: say so, never as "a gate failed"
+        if args.debug:
+            traceback.print_exc()
+        sys.stderr.write(
+            f"robustprune: internal error: {type(exc).__name__}: {_one_line(exc)}. This is a bug; "
+            "re-run with --debug for the traceback\n"
+        )
+        return EXIT_INTERNAL
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -97,7 +118,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.verb == "corruptions":
         return commands.corruptions(args.list, args.grid, args.dataset, args.index, args.seed)
     if args.verb == "gate":
-        return commands.gate(Path(args.report), args.policy, args.baseline, args.junit)
+        return commands.gate(Path(args.report), args.policy, args.baseline, args.junit, args.recipe)
+    if args.verb == "compare":
+        return commands.compare(args.report_a, args.report_b, args.format)
     raise AssertionError(args.verb)  # argparse only accepts the verbs above
 
 

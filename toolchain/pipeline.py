@@ -8,6 +8,7 @@ interrupted run resumes, and editing ``finetune`` re-runs fine-tuning and what f
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,7 +32,9 @@ from toolchain.models import trusted_builder
 from toolchain.preflight import prune_job
 from toolchain.pruning import count_macs_params, load_pruned, prune_model, save_pruned
 from toolchain.recipe import Recipe
-from toolchain.report.assemble import assemble_report, write_report
+from toolchain.report.assemble import assemble_report
+from toolchain.report.schema import Evaluation, Report
+from toolchain.report.writer import mark_stale, write_report
 from toolchain.robustness.suite import evaluate_model
 from toolchain.rundir import RunDir, atomic_path, chain_key, write_json
 from toolchain.training import TrainCheckpoint, make_loader, train_model
@@ -91,7 +94,7 @@ def stage_keys(recipe: Recipe) -> dict[str, str]:
     return keys
 
 
-def run_pipeline(recipe: Recipe, out: str | Path | None = None, *, progress: bool = True) -> dict[str, Any]:
+def run_pipeline(recipe: Recipe, out: str | Path | None = None, *, progress: bool = True) -> Report:
     """Run (or resume) every stage of ``recipe`` and write the report.
 
     Args:
@@ -101,7 +104,8 @@ def run_pipeline(recipe: Recipe, out: str | Path | None = None, *, progress: boo
             so CI logs keep only the per-epoch and per-stage lines).
 
     Returns:
-        The report (also written to ``<out>/report.json``).
+        The report (also written to ``<out>/report.json``, last, with status ``completed``;
+        the previous report is marked stale before the first stage runs).
 
     Raises:
         UserError: bad names, missing data or checkpoints, or an unusable run directory; raised
@@ -109,6 +113,7 @@ def run_pipeline(recipe: Recipe, out: str | Path | None = None, *, progress: boo
     """
     data = preflight.check(recipe)
     run = RunDir.open(out or Path("runs") / recipe.name, recipe.model_dump(mode="json"))
+    mark_stale(run.root)
     ctx = Context(
         recipe=recipe,
         run=run,
@@ -127,7 +132,7 @@ def run_pipeline(recipe: Recipe, out: str | Path | None = None, *, progress: boo
     _stage(ctx, "validate", lambda: _validate(ctx, models), lambda: None)
     _stage(ctx, "bench", lambda: _bench(ctx, models), lambda: None)
 
-    report = assemble_report(ctx.run.root, recipe, data_name=data.name)
+    report = assemble_report(ctx.run.root, recipe, data_name=data.name, example_inputs=ctx.example_inputs)
     write_report(ctx.run.root, report)
     return report
 
@@ -276,8 +281,9 @@ def _export(ctx: Context, models: dict[str, nn.Module]) -> tuple[None, list[str]
         images = (x for x, _ in ctx.val_loader(batch_size=batch, samples=cfg.parity_samples))
         result = check_parity(TorchRunner(model, ctx.input_spec), runner, images)
         parity[name] = {
-            "max_abs_diff": result.max_abs_diff,
-            "mean_abs_diff": result.mean_abs_diff,
+            # NaN/Inf logits make the difference infinite; strict JSON records it as null.
+            "max_abs_diff": result.max_abs_diff if math.isfinite(result.max_abs_diff) else None,
+            "mean_abs_diff": result.mean_abs_diff if math.isfinite(result.mean_abs_diff) else None,
             "top1_agreement": result.top1_agreement,
             "samples": result.samples,
             "within_atol": result.max_abs_diff <= cfg.parity_atol,
@@ -318,7 +324,7 @@ def _runners(
 
 def _validate(ctx: Context, models: dict[str, nn.Module]) -> tuple[None, list[str], dict[str, Any]]:
     cfg = ctx.recipe.validate
-    evaluations: list[dict[str, Any]] = []
+    evaluations: list[Evaluation] = []
     for name, model in models.items():
         runners = _runners(ctx, name, model, list(cfg.runtimes), cfg.threads)
         evaluations += evaluate_model(
@@ -329,7 +335,7 @@ def _validate(ctx: Context, models: dict[str, nn.Module]) -> tuple[None, list[st
             model_name=name,
             progress=ctx.progress,
         )
-    write_json(ctx.run.stage_dir("validate") / "evaluations.json", evaluations)
+    write_json(ctx.run.stage_dir("validate") / "evaluations.json", [e.to_json() for e in evaluations])
     return None, ["evaluations.json"], {"count": len(evaluations)}
 
 

@@ -28,18 +28,19 @@ def check_names(recipe: Recipe) -> None:
 
     Raises:
         UnknownNameError: a name is not registered; the message lists the known ones.
-        UserError: a runtime is requested whose library is not installed.
+        UserError: a runtime or attack is requested whose library is not installed, or an
+            attack's options are invalid.
     """
     from exporters.runtimes import RUNTIMES, runtime_available
     from toolchain.pruning import CRITERIA, METHODS
-    from toolchain.robustness.attacks import ATTACKS
     from toolchain.robustness.corruptions import CORRUPTIONS
+    from toolchain.robustness.suite import build_suite_attacks
 
     DATASETS.get(recipe.data.dataset)
     CRITERIA.get(recipe.prune.criterion)
     METHODS.get(recipe.prune.method)
-    for attack in recipe.validate.attacks:
-        ATTACKS.get(attack.name)
+    # Built, not only looked up: bad options or a missing optional package fail here.
+    build_suite_attacks(list(recipe.validate.attacks))
     for name in recipe.validate.corruptions.names:
         CORRUPTIONS.get(name)
     for runtime in recipe.validate.runtimes:

@@ -96,15 +96,16 @@ class CorruptionSuiteConfig(Section):
 
 
 class EvalAttackConfig(Section):
-    """One attack of the validation suite."""
+    """One attack of the validation suite; an unset option keeps the attack's own default."""
 
     name: str = "pgd"
     eps: Number = 8 / 255
     norm: Literal["linf", "l2"] = "linf"
-    steps: int = Field(20, ge=0)
+    steps: int | None = Field(None, ge=0, description="pgd 20, apgd/apgd-t/autoattack-lite 100")
     step_size: Number | None = None
     restarts: int = Field(1, ge=1)
-    queries: int = Field(1000, ge=1, description="black-box query budget (square)")
+    queries: int | None = Field(None, ge=1, description="square 1000, autoattack-lite 5000")
+    targets: int | None = Field(None, ge=1, description="apgd-t/autoattack-lite target classes (9)")
     samples: int | None = Field(None, ge=1, description="cap on images attacked")
     seed: int = 0
 
