@@ -278,7 +278,7 @@ def test_validate_a_foreign_fixed_batch_onnx_without_metadata(tmp_path: Path) ->
 
 
 def test_a_method_that_trains_inside_pruning_runs_through_the_pipeline(
-    tiny_run: tuple[Path, dict[str, Any]], tmp_path: Path
+    tiny_run: tuple[Path, Report], tmp_path: Path
 ) -> None:
     import shutil
 
@@ -294,7 +294,7 @@ def test_a_method_that_trains_inside_pruning_runs_through_the_pipeline(
         "bn_recalibration_batches": 4,
     }
     recipe["finetune"]["epochs"] = 0  # DNR ends at the budget, trained: no fine-tune stage work
-    report = run_pipeline(recipe_from_dict(recipe), copy, progress=False)
+    report = run_pipeline(recipe_from_dict(recipe), copy, progress=False).to_json()
     assert _mtimes(copy)["train"] == before["train"]  # the same dense model, not retrained
     pruned = report["models"]["pruned"]
     assert pruned["method"] == "dnr" and abs(pruned["macs_reduction"] / 2.0 - 1) <= 0.05
