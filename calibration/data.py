@@ -49,7 +49,9 @@ class CalibrationMix:
         norm = sum(shares.values())
         exact = {k: total * v / norm for k, v in shares.items()}
         counts = {k: int(v) for k, v in exact.items()}
-        for k in sorted(exact, key=lambda k: exact[k] - counts[k], reverse=True)[: total - sum(counts.values())]:
+        for k in sorted(exact, key=lambda k: exact[k] - counts[k], reverse=True)[
+            : total - sum(counts.values())
+        ]:
             counts[k] += 1
         return counts
 
@@ -128,7 +130,9 @@ def build_calibration_set(
     return out.contiguous(), counts
 
 
-def _take(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _take(
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]], samples: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     xs: list[torch.Tensor] = []
     ys: list[torch.Tensor] = []
     have = 0
@@ -139,5 +143,7 @@ def _take(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], samples: int) ->
         if have >= samples:
             break
     if have < samples:
-        raise UserError(f"calibration needs {samples} images but the data gave only {have}; lower the samples")
+        raise UserError(
+            f"calibration needs {samples} images but the data gave only {have}; lower the samples"
+        )
     return torch.cat(xs), torch.cat(ys)

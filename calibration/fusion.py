@@ -23,7 +23,13 @@ __all__ = ["INTEGER_CONV_OPS", "count_fused_kernels"]
 
 # Integer convolution kernels of ONNX Runtime's CPU provider (NHWC variants included).
 INTEGER_CONV_OPS = ("QLinearConv", "ConvInteger", "NhwcQLinearConv")
-INTEGER_MATMUL_OPS = ("QLinearMatMul", "MatMulInteger", "QGemm", "MatMulIntegerToFloat", "DynamicQuantizeMatMul")
+INTEGER_MATMUL_OPS = (
+    "QLinearMatMul",
+    "MatMulInteger",
+    "QGemm",
+    "MatMulIntegerToFloat",
+    "DynamicQuantizeMatMul",
+)
 FLOAT_CONV_OPS = ("Conv", "FusedConv", "NchwcConv", "NhwcFusedConv")
 
 

@@ -30,7 +30,12 @@ __all__ = ["METHODS", "QuantizeResult", "quantize_onnx"]
 log = logging.getLogger(__name__)
 
 # Calibration methods by recipe name -> onnxruntime.quantization.CalibrationMethod member.
-METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile", "distribution": "Distribution"}
+METHODS = {
+    "minmax": "MinMax",
+    "entropy": "Entropy",
+    "percentile": "Percentile",
+    "distribution": "Distribution",
+}
 _QUANT_TYPES = {"uint8": "QUInt8", "int8": "QInt8"}
 
 

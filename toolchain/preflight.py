@@ -42,11 +42,14 @@ def check_names(recipe: Recipe) -> None:
         ATTACKS.get(attack.name)
     for name in recipe.validate.corruptions.names:
         CORRUPTIONS.get(name)
-    for runtime in recipe.validate.runtimes:
-        RUNTIMES.get(runtime)
-        reason = runtime_available(runtime)
-        if reason:
-            raise UserError(f"validate.runtimes lists {runtime!r} but {reason}")
+    for section, runtimes in (("validate", recipe.validate.runtimes), ("bench", recipe.bench.runtimes)):
+        if section == "bench" and not recipe.bench.enabled:
+            continue
+        for runtime in runtimes:
+            RUNTIMES.get(runtime)
+            reason = runtime_available(runtime)
+            if reason:
+                raise UserError(f"{section}.runtimes lists {runtime!r} but {reason}")
 
 
 def check(recipe: Recipe) -> DataBundle:
