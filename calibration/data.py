@@ -9,8 +9,9 @@ and reports both, so the user sees which keeps robustness at INT8.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -68,7 +69,7 @@ def build_calibration_set(
     model: nn.Module | None = None,
     corruptions: Sequence[str] = (),
     severities: Sequence[int] = (3,),
-    attack: dict[str, float | int | str] | None = None,
+    attack: Mapping[str, Any] | None = None,
     seed: int = 0,
 ) -> tuple[torch.Tensor, dict[str, int]]:
     """Draw ``samples`` images from ``batches`` and perturb the mix's shares of them.

@@ -31,7 +31,7 @@ from exporters.latency import compare_latency
 from exporters.onnx import export_onnx
 from exporters.ort_runner import OnnxRuntimeRunner
 from toolchain.errors import UserError
-from toolchain.machine import cpu_flags
+from toolchain.machine import OtherLoad, cpu_flags
 from toolchain.models import build_model
 from toolchain.pruning import count_macs_params, prune_to_target
 
@@ -193,10 +193,16 @@ def run_latency_study(study: LatencyStudy, work_dir: str | Path | None = None) -
     for batch in study.batches:
         iterations = max(study.min_iterations, study.iterations // batch)
         log.info("timing %d models at batch %d, %d calls each", len(runners), batch, iterations)
+        load = OtherLoad()
         stats = compare_latency(
             runners, batch=batch, warmup=study.warmup, iterations=iterations, rounds=study.rounds
         )
-        rows += _rows(stats, runners, models_info, batch)
+        other = load.share()
+        if other is not None and other > 0.05:
+            log.warning(
+                "other processes used %.0f%% of the CPUs during the batch-%d timings", 100 * other, batch
+            )
+        rows += [{**row, "other_cpu_share": other} for row in _rows(stats, runners, models_info, batch)]
     return {
         "benchmark": "latency",
         "settings": dict(study.__dict__),

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["INT8_FLAGS", "cpu_flags", "cpu_int8_support", "package_version", "probe"]
+__all__ = ["INT8_FLAGS", "OtherLoad", "cpu_flags", "cpu_int8_support", "package_version", "probe"]
 
 # CPU flags (Linux /proc/cpuinfo names) of instructions that make INT8 convolutions fast.
 INT8_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")
@@ -79,3 +81,36 @@ def probe() -> dict[str, Any]:
         "trtexec": shutil.which("trtexec"),
         "cpu": {**cpu_int8_support(flags), "threads_available": torch.get_num_threads()},
     }
+
+
+class OtherLoad:
+    """How much CPU *other* processes used while a measurement ran (Linux ``/proc/stat``).
+
+    Timings on a shared machine are only worth reporting when nothing else competed for the
+    cores: ``share()`` is other processes' busy CPU time divided by the wall time times the
+    CPU count (0.0 = the machine was ours alone, 1.0 = every core was busy elsewhere); None
+    where ``/proc/stat`` is unreadable.
+    """
+
+    def __init__(self) -> None:
+        self._start = self._sample()
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float] | None:
+        try:
+            fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+        except (OSError, IndexError):
+            return None
+        jiffies = [int(v) for v in fields]
+        idle = jiffies[3] + (jiffies[4] if len(jiffies) > 4 else 0)
+        busy = (sum(jiffies[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+        own = os.times()
+        return busy, own.user + own.system, time.monotonic()
+
+    def share(self) -> float | None:
+        end = self._sample()
+        if self._start is None or end is None:
+            return None
+        busy, own, wall = (b - a for a, b in zip(self._start, end))
+        cpus = os.cpu_count() or 1
+        return max(0.0, busy - own) / (wall * cpus) if wall > 0 else None

@@ -100,7 +100,7 @@ def validate_engine(engine: Path, recipe: Recipe, out: Path, *, progress: bool =
         "name": recipe.name,
         "dataset": data.name,
         "engine": {"path": str(engine), "metadata": metadata, "pytorch_reference": model is not None},
-        "environment": environment(cfg.threads),
+        "environment": environment(cfg.threads, evaluations),
         # An engine from a run directory keeps its run's sizes, so MACs gates still apply.
         "models": models_section(engine.parent.parent) if model is not None else {},
         "evaluations": evaluations,

@@ -6,6 +6,7 @@ import importlib.metadata
 import json
 import logging
 import math
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import torch
 from toolchain.recipe import Recipe
 from toolchain.report import SCHEMA
 from toolchain.report.gates import evaluate_gates
+from toolchain.report.quantization import engines_section, quantization_gates, quantization_section
 from toolchain.robustness.corruptions.metrics import summarize
 from toolchain.rundir import atomic_path, read_json, write_json
 
@@ -30,8 +32,15 @@ def _version(package: str) -> str | None:
     return None
 
 
-def environment(threads: int) -> dict[str, Any]:
-    """Versions and the device the numbers were measured on."""
+def environment(threads: int, rows: Iterable[dict[str, Any]] = ()) -> dict[str, Any]:
+    """Versions, and the devices the numbers were measured on.
+
+    Args:
+        threads: the recipe's CPU thread count.
+        rows: evaluations and latency rows; ``device`` lists the devices they really ran on
+            (``"cpu"``, ``"cuda:0"``, ...; ``"cpu"`` when there are none).
+    """
+    devices = sorted({str(r["device"]) for r in rows if r.get("device")}) or ["cpu"]
     return {
         "torch": torch.__version__,
         "torch_pruning": _version("torch-pruning"),
@@ -39,7 +48,8 @@ def environment(threads: int) -> dict[str, Any]:
         "onnxruntime": _version("onnxruntime"),
         "tensorrt": _version("tensorrt"),
         "robustprune": _version("robustprune"),
-        "device": "cpu",
+        "device": ", ".join(devices),
+        "devices": devices,
         "threads": threads,
     }
 
@@ -110,6 +120,7 @@ def assemble_report(root: Path, recipe: Recipe, data_name: str) -> dict[str, Any
     evaluations = read_json(root / "validate" / "evaluations.json")
     add_corruption_errors(evaluations)
     latency_path = root / "bench" / "latency.json"
+    latency = read_json(latency_path) if latency_path.is_file() else []
     report: dict[str, Any] = {
         "schema": SCHEMA,
         "recipe_sha256": recipe.sha256(),
@@ -117,18 +128,20 @@ def assemble_report(root: Path, recipe: Recipe, data_name: str) -> dict[str, Any
         "dataset": data_name,
         "arch": recipe.model.arch,
         "criterion": recipe.prune.criterion,
-        "environment": environment(recipe.validate.threads),
+        "environment": environment(recipe.validate.threads, [*evaluations, *latency]),
         "models": models_section(root),
         "parity": _stage_result(root, "export").get("parity", {}),
         "evaluations": evaluations,
-        "latency": read_json(latency_path) if latency_path.is_file() else [],
+        "latency": latency,
+        "quantization": quantization_section(root, evaluations, latency),
+        "engines": engines_section(root),
         "stage_seconds": {
             stage: read_json(root / stage / "stage.json").get("seconds")
-            for stage in ("train", "prune", "finetune", "export", "validate", "bench")
+            for stage in ("train", "prune", "finetune", "export", "quantize", "engine", "validate", "bench")
             if (root / stage / "stage.json").is_file()
         },
     }
-    report["gates"] = evaluate_gates(report, recipe.gates)
+    report["gates"] = evaluate_gates(report, [*recipe.gates, *quantization_gates(recipe)])
     report["passed"] = all(g["passed"] for g in report["gates"])
     return report
 

@@ -27,6 +27,11 @@ def _attack_label(attack: dict[str, Any]) -> str:
     return f"{attack['name']} {attack['mode']} eps={format_eps(attack['eps'])} ({budget})"
 
 
+def _precision_label(row: dict[str, Any]) -> str:
+    """``int8 (mixed cal.)`` for an INT8 file, else the precision."""
+    return row["precision"] + (f" ({row['calibration']} cal.)" if row.get("calibration") else "")
+
+
 def evaluation_rows(report: dict[str, Any]) -> list[list[str]]:
     """One row per evaluation: model, runtime, precision, clean, mean corruption, attacks."""
     rows = []
@@ -37,7 +42,7 @@ def evaluation_rows(report: dict[str, Any]) -> list[list[str]]:
             [
                 ev["model"],
                 ev["runtime"],
-                ev["precision"],
+                _precision_label(ev),
                 _pct(ev["clean_accuracy"]),
                 _pct(corr) if corr is not None else "-",
                 attacks or "-",
@@ -76,13 +81,26 @@ def render_summary(report: dict[str, Any], run_dir: str | Path) -> str:
         lines.append(f"  {model:6} {runtime:11} {precision}: clean {clean}, corruptions {corr}; {attacks}")
         if flags != "-":
             lines.append(f"         flags: {flags}")
-    latency = {(r["model"], r["runtime"], r["batch"]): r for r in report.get("latency", [])}
-    for _, runtime, batch in sorted(k for k in latency if k[0] == "pruned"):
-        d, p = latency.get(("dense", runtime, batch)), latency[("pruned", runtime, batch)]
+    fp32 = {
+        (r["model"], r["runtime"], r["batch"]): r
+        for r in report.get("latency", [])
+        if r["precision"] == "fp32"
+    }
+    for _, runtime, batch in sorted(k for k in fp32 if k[0] == "pruned"):
+        d, p = fp32.get(("dense", runtime, batch)), fp32[("pruned", runtime, batch)]
         if d:
             lines.append(
                 f"  latency {runtime} batch {batch}: dense {d['p50_ms']:.3f} ms, pruned {p['p50_ms']:.3f} ms "
                 f"(p50, {d['p50_ms'] / p['p50_ms']:.2f}x faster)"
+            )
+    for r in report.get("latency", []):
+        d, p = fp32.get(("dense", r["runtime"], r["batch"])), fp32.get((r["model"], r["runtime"], r["batch"]))
+        if r["precision"] != "fp32" and d and p:
+            label = _precision_label(r)
+            lines.append(
+                f"  latency {r['runtime']} batch {r['batch']}: {r['model']} {label} {r['p50_ms']:.3f} ms "
+                f"({p['p50_ms'] / r['p50_ms']:.2f}x vs its fp32, "
+                f"{d['p50_ms'] / r['p50_ms']:.2f}x vs dense fp32)"
             )
     for gate in report.get("gates", []):
         value = "missing" if gate["value"] is None else f"{gate['value']:.4g}"
@@ -117,7 +135,7 @@ def render_markdown(report: dict[str, Any], plots: list[Path]) -> str:
             [
                 r["model"],
                 r["runtime"],
-                r["precision"],
+                _precision_label(r),
                 str(r["batch"]),
                 f"{r['p50_ms']:.3f}",
                 f"{r['p90_ms']:.3f}",
