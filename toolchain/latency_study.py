@@ -166,7 +166,17 @@ def run_latency_study(study: LatencyStudy, work_dir: str | Path | None = None) -
     if work_dir is None:
         with tempfile.TemporaryDirectory(prefix="robustprune-bench-") as tmp:
             return run_latency_study(study, tmp)
-    work = Path(work_dir)
+    affinity = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    torch_threads = torch.get_num_threads()
+    try:
+        return _run(study, Path(work_dir))
+    finally:  # the pinning is for the measurement only
+        if affinity is not None:
+            os.sched_setaffinity(0, affinity)
+        torch.set_num_threads(torch_threads)
+
+
+def _run(study: LatencyStudy, work: Path) -> dict[str, Any]:
     cpus = _pin(study.threads)
     torch.set_num_threads(study.threads)
     spec = InputSpec(3, study.image_size, study.image_size)
