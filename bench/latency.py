@@ -1,7 +1,7 @@
 """Latency that tracks MACs, and INT8 that keeps accuracy: the README's latency tables, as JSON.
 
     flock /tmp/cpu.lock python bench/latency.py [--out bench/results/latency.json]
-                                                      [--skip-accuracy] [--epochs 3]
+        [--skip-accuracy] [--epochs 8] [--methods minmax,percentile,entropy] [--model-cache FILE]
 
 Part 1 (speed, ``robustprune bench`` on each model): dense FP32, magnitude-pruned FP32 at 2x,
 4x and 8x fewer MACs and the 4x model in INT8 (both schemes), at batch 1 and 32, ONNX Runtime
@@ -11,8 +11,9 @@ counts rounded to 16 (the fix) and, for comparison, unrounded.
 Part 2 (accuracy of the CPU INT8 scheme, needs a trained model): the 4x ResNet-18 (magnitude,
 round_to 16) trained briefly with single-step PGD-AT on the procedural ``signs`` data (32 px,
 ``--epochs`` epochs over 4,000 images), exported, quantised with the CPU scheme on clean-only
-and on mixed (clean/corrupted/adversarial) calibration, and validated on ONNX Runtime FP32 and
-INT8: clean, PGD-10 transfer, corruptions, and INT8-vs-FP32 parity.
+and on mixed (clean/corrupted/adversarial) calibration with each calibration method, and
+validated on ONNX Runtime FP32 and INT8: clean, PGD-10 transfer, corruptions, and
+INT8-vs-FP32 parity.
 """
 
 from __future__ import annotations
@@ -56,8 +57,8 @@ def accuracy(args: argparse.Namespace) -> dict[str, Any]:
     from exporters.onnx import export_onnx
     from exporters.ort_runner import OnnxRuntimeRunner
     from toolchain.data import load_data
-    from toolchain.models import build_model
-    from toolchain.pruning import count_macs_params, prune_to_target
+    from toolchain.models import build_from_spec, build_model
+    from toolchain.pruning import count_macs_params, load_pruned, prune_to_target, save_pruned
     from toolchain.recipe import (
         AttackConfig,
         CorruptionSuiteConfig,
@@ -72,18 +73,33 @@ def accuracy(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(0)
     data = load_data("signs", image_size=32, train_samples=4000, val_samples=500, seed=0)
     spec = InputSpec(3, 32, 32)
-    model = build_model(
+    example = torch.zeros(1, 3, 32, 32)
+    cache = Path(args.model_cache) if args.model_cache else None
+    history: list[dict[str, float]] = []
+    train_seconds = None
+    dense = build_model(
         "resnet18", num_classes=data.num_classes, in_channels=3, mean=data.mean, std=data.std, image_size=32
     )
-    example = torch.zeros(1, 3, 32, 32)
-    dense_macs, _ = count_macs_params(model, example)
-    prune_to_target(model, example_inputs=example, criterion="magnitude", macs_reduction=4.0, round_to=16)
+    dense_macs, _ = count_macs_params(dense, example)
+    if cache is not None and cache.is_file():
+        model, info = load_pruned(cache, build_from_spec, example)
+        history, train_seconds = info["extra"]["history"], info["extra"]["train_seconds"]
+    else:
+        model = dense
+        pruned = prune_to_target(
+            model, example_inputs=example, criterion="magnitude", macs_reduction=4.0, round_to=16
+        )
+        attack = AttackConfig(eps=4 / 255, step_size=5 / 255, steps=1)
+        cfg = TrainConfig(epochs=args.epochs, lr=0.05, loss="pgd", warmup_epochs=1, attack=attack)
+        started = time.perf_counter()
+        history = train_model(model, make_loader(data.train, 64, shuffle=True, seed=0), cfg, progress=False)
+        train_seconds = time.perf_counter() - started
+        if cache is not None:
+            extra = {"history": history, "train_seconds": train_seconds}
+            save_pruned(
+                cache, spec=model.spec, history=pruned.history, state_dict=model.state_dict(), extra=extra
+            )
     macs, params = count_macs_params(model, example)
-    attack = AttackConfig(eps=4 / 255, step_size=5 / 255, steps=1)
-    cfg = TrainConfig(epochs=args.epochs, lr=0.05, loss="pgd", warmup_epochs=1, attack=attack)
-    started = time.perf_counter()
-    history = train_model(model, make_loader(data.train, 64, shuffle=True, seed=0), cfg, progress=False)
-    train_seconds = time.perf_counter() - started
     model.eval()
     validate = ValidateConfig(
         samples=500,
@@ -98,7 +114,7 @@ def accuracy(args: argparse.Namespace) -> dict[str, Any]:
         fp32 = export_onnx(model, Path(tmp) / "fp32.onnx", input_spec=spec)
         runners = {"fp32": OnnxRuntimeRunner(fp32, threads=2)}
         calibrations = {}
-        for name, mix in (("clean", CalibrationMix()), ("mixed", CalibrationMix(0.5, 0.25, 0.25))):
+        for calibration, mix in (("clean", CalibrationMix()), ("mixed", CalibrationMix(0.5, 0.25, 0.25))):
             images, counts = build_calibration_set(
                 make_loader(data.train, 64, shuffle=True, seed=7),
                 256,
@@ -107,9 +123,13 @@ def accuracy(args: argparse.Namespace) -> dict[str, Any]:
                 corruptions=["gaussian_noise", "motion_blur", "fog", "low_light"],
                 attack={"eps": 4 / 255, "steps": 5, "step_size": 1 / 255},
             )
-            result = quantize_onnx(fp32, Path(tmp) / f"int8-{name}.onnx", images.numpy(), scheme="u8s8")
-            runners[f"int8-{name}"] = OnnxRuntimeRunner(result.path, threads=2)
-            calibrations[name] = {"counts": counts, **result.as_dict()}
+            for method in args.methods.split(","):
+                name = f"int8-{calibration}-{method}"
+                result = quantize_onnx(
+                    fp32, Path(tmp) / f"{name}.onnx", images.numpy(), scheme="u8s8", method=method
+                )
+                runners[name] = OnnxRuntimeRunner(result.path, threads=2)
+                calibrations[name] = {"counts": counts, **result.as_dict()}
         val = make_loader(torch.utils.data.Subset(data.val, range(500)), 100, shuffle=False)
         evaluations = evaluate_model(model, runners, val, validate, model_name="pruned", progress=False)
         parity = compare_precisions(
@@ -122,11 +142,12 @@ def accuracy(args: argparse.Namespace) -> dict[str, Any]:
         )
     by_name = dict(zip(runners, evaluations))
     summary = {}
-    for name in ("int8-clean", "int8-mixed"):
+    for name in calibrations:
         e, f = by_name[name], by_name["fp32"]
         pgd = lambda ev: next(a["accuracy"] for a in ev["attacks"] if a["name"] == "pgd")  # noqa: E731
         summary[name] = {
             "top1_agreement_clean": parity[name]["clean"]["top1_agreement"],
+            "top1_agreement_all_inputs": parity[name]["all"]["top1_agreement"],
             "clean_drop_points": 100 * (f["clean_accuracy"] - e["clean_accuracy"]),
             "pgd_drop_points": 100 * (pgd(f) - pgd(e)),
             "corruption_drop_points": 100
@@ -138,7 +159,7 @@ def accuracy(args: argparse.Namespace) -> dict[str, Any]:
             "pruning": "magnitude, 4x MACs, round_to 16, from random initialisation",
             "macs_reduction": dense_macs / macs,
             "params": params,
-            "training": f"{args.epochs} epochs single-step PGD-AT (eps 4/255, step 5/255, "
+            "training": f"{len(history)} epochs single-step PGD-AT (eps 4/255, step 5/255, "
             "1 clean warm-up epoch), "
             "SGD lr 0.05 cosine, signs 32 px, 4,000 images",
             "train_seconds": round(train_seconds, 1),
@@ -155,13 +176,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "latency.json"))
     parser.add_argument("--iterations", type=int, default=600)
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument(
+        "--methods", default="minmax,percentile,entropy", help="calibration methods to compare"
+    )
+    parser.add_argument("--model-cache", help="save the trained model here, or load it if it exists")
     parser.add_argument("--skip-accuracy", action="store_true")
+    parser.add_argument("--skip-speed", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("onnxscript", "torch", "onnx_ir"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    result: dict[str, Any] = {"benchmark": "latency", "speed": speed(args)}
+    result: dict[str, Any] = {"benchmark": "latency", "speed": [] if args.skip_speed else speed(args)}
     if not args.skip_accuracy:
         result["int8_accuracy"] = accuracy(args)
         sys.stdout.write(json.dumps(result["int8_accuracy"]["summary"], indent=2) + "\n")

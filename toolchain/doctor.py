@@ -30,9 +30,6 @@ def recipe_needs(recipe: Recipe, machine: dict[str, Any]) -> list[dict[str, Any]
     runtimes = {("validate", r) for r in recipe.validate.runtimes}
     if recipe.bench.enabled:
         runtimes |= {("bench", r) for r in recipe.bench.runtimes}
-    engine = recipe.engine
-    if engine.precisions:
-        runtimes.add(("engine", "tensorrt"))
     for section, runtime in sorted(runtimes):
         reason = runtime_available(runtime)
         needs.append(_need(f"{section}: runtime {runtime}", reason is None, reason or "available"))
