@@ -8,7 +8,11 @@ Part 1 (speed, ``robustprune bench`` on each model): dense FP32, magnitude-prune
 CPU with 2 pinned intra-op threads; CIFAR ResNet-18 and MobileNetV2 at 32 px, with channel
 counts rounded to 16 (the fix) and, for comparison, unrounded.
 
-Part 2 (accuracy of the CPU INT8 scheme, needs a trained model): the 4x ResNet-18 (magnitude,
+Part 2 (knobs, MobileNetV2 dense vs 4x pruned FP32): ONNX Runtime's graph optimisation level
+(basic / extended / all, which adds the NCHWc layout), channel rounding (none / 8 / 16) and
+intra-op threads (1 / 2), to find where batch 1 loses the MACs gain.
+
+Part 3 (accuracy of the CPU INT8 scheme, needs a trained model): the 4x ResNet-18 (magnitude,
 round_to 16) trained briefly with single-step PGD-AT on the procedural ``signs`` data (32 px,
 ``--epochs`` epochs over 4,000 images), exported, quantised with the CPU scheme on clean-only
 and on mixed (clean/corrupted/adversarial) calibration with each calibration method, and
@@ -45,6 +49,50 @@ def speed(args: argparse.Namespace) -> list[dict[str, Any]]:
             sys.stdout.write(render_latency_study(result) + "\n\n")
             studies.append(result)
     return studies
+
+
+def knobs(args: argparse.Namespace, arch: str = "mobilenetv2") -> list[dict[str, Any]]:
+    """Where batch 1 loses the MACs gain: graph optimisation level x channel rounding x threads,
+    dense vs 4x pruned FP32 only (one interleaved run per setting)."""
+    from toolchain.latency_study import LatencyStudy, run_latency_study
+
+    out = []
+    for optimization in ("basic", "extended", "all"):
+        for round_to in (None, 8, 16):
+            for threads in (1, 2):
+                if threads == 1 and (optimization != "all" or round_to == 8):
+                    continue
+                study = LatencyStudy(
+                    arch=arch,
+                    reductions=(4.0,),
+                    int8_reductions=(),
+                    round_to=round_to,
+                    optimization=optimization,
+                    threads=threads,
+                    iterations=args.knob_iterations,
+                    min_iterations=100,
+                )
+                result = run_latency_study(study)
+                summary = {
+                    f"batch_{r['batch']}": {"p50_ms": r["p50_ms"], "speedup": r["speedup_vs_dense"]}
+                    for r in result["rows"]
+                    if r["model"] == "pruned-4x"
+                }
+                dense = {f"batch_{r['batch']}": r["p50_ms"] for r in result["rows"] if r["model"] == "dense"}
+                macs = next(m["macs_reduction"] for m in result["models"] if m["model"] == "pruned-4x")
+                row = {
+                    "arch": arch,
+                    "optimization": optimization,
+                    "round_to": round_to,
+                    "threads": threads,
+                    "macs_reduction": macs,
+                    "dense_p50_ms": dense,
+                    "pruned": summary,
+                    "other_cpu_share": max(r["other_cpu_share"] or 0.0 for r in result["rows"]),
+                }
+                log.info("knobs %s", row)
+                out.append(row)
+    return out
 
 
 def accuracy(args: argparse.Namespace) -> dict[str, Any]:
@@ -183,11 +231,15 @@ def main() -> int:
     parser.add_argument("--model-cache", help="save the trained model here, or load it if it exists")
     parser.add_argument("--skip-accuracy", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--skip-knobs", action="store_true")
+    parser.add_argument("--knob-iterations", type=int, default=300)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("onnxscript", "torch", "onnx_ir"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     result: dict[str, Any] = {"benchmark": "latency", "speed": [] if args.skip_speed else speed(args)}
+    if not args.skip_knobs:
+        result["knobs"] = knobs(args)
     if not args.skip_accuracy:
         result["int8_accuracy"] = accuracy(args)
         sys.stdout.write(json.dumps(result["int8_accuracy"]["summary"], indent=2) + "\n")
