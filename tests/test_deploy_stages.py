@@ -214,3 +214,17 @@ def test_tensorrt_in_bench_without_tensorrt_stops_before_writing(
     assert main(["run", str(path), "--out", str(out)]) == 2
     assert "bench.runtimes lists 'tensorrt' but TensorRT is not installed" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_validate_command_on_an_int8_file_finds_its_pytorch_model(
+    int8_run: tuple[Path, dict], tmp_path: Path
+) -> None:
+    from toolchain.validate_engine import validate_engine
+
+    out, _ = int8_run
+    engine = out / "quantize" / "pruned.int8-u8s8-mixed.onnx"
+    report = validate_engine(engine, recipe_from_dict(_recipe()), tmp_path / "v", progress=False)
+    (ev,) = report["evaluations"]
+    assert (ev["runtime"], ev["precision"]) == ("onnxruntime", "int8")
+    assert report["engine"]["pytorch_reference"] and report["engine"]["metadata"]["quant_scheme"] == "u8s8"
+    assert next(a for a in ev["attacks"] if a["name"] == "pgd")["mode"] == "transfer"
