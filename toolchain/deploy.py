@@ -23,7 +23,7 @@ from exporters.base import Runner
 from exporters.engine import EngineProfile, ensure_engine
 from exporters.ort_runner import OnnxRuntimeRunner
 from exporters.tensorrt_runner import TensorRTRunner
-from toolchain.machine import package_version
+from toolchain.machine import tensorrt_version
 from toolchain.recipe import Recipe
 
 __all__ = [
@@ -40,11 +40,6 @@ log = logging.getLogger(__name__)
 
 QUANTIZE_RECORD = "quantize.json"
 ENGINE_RECORD = "engines.json"
-
-
-def tensorrt_version() -> str | None:
-    """The installed TensorRT version, from package metadata (TensorRT is not imported)."""
-    return package_version("tensorrt") or package_version("tensorrt-cu12") or package_version("tensorrt-cu13")
 
 
 def engine_stage_needed(recipe: Recipe) -> bool:

@@ -15,7 +15,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["INT8_FLAGS", "OtherLoad", "cpu_flags", "cpu_int8_support", "package_version", "probe"]
+__all__ = [
+    "INT8_FLAGS",
+    "OtherLoad",
+    "cpu_flags",
+    "cpu_int8_support",
+    "package_version",
+    "probe",
+    "tensorrt_version",
+]
 
 # CPU flags (Linux /proc/cpuinfo names) of instructions that make INT8 convolutions fast.
 INT8_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")
@@ -55,6 +63,15 @@ def package_version(name: str) -> str | None:
             return importlib.metadata.version(candidate)
         except importlib.metadata.PackageNotFoundError:
             continue
+    return None
+
+
+def tensorrt_version() -> str | None:
+    """The installed TensorRT's version from package metadata (the import would load CUDA)."""
+    for name in ("tensorrt", "tensorrt-cu12", "tensorrt-cu13"):
+        version = package_version(name)
+        if version:
+            return version
     return None
 
 
