@@ -164,7 +164,11 @@ def test_bench_command_writes_json_and_prints_the_table(
 
 
 def _machine(vnni: bool = True, block: int | None = 16) -> dict[str, Any]:
-    return {"cpu": {"vnni": vnni, "int8_instructions": ["avx512_vnni"] if vnni else [], "nchwc_block": block}}
+    return {
+        "cuda_available": False,
+        "gpus": [],
+        "cpu": {"vnni": vnni, "int8_instructions": ["avx512_vnni"] if vnni else [], "nchwc_block": block},
+    }
 
 
 def test_recipe_needs_name_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -175,7 +179,9 @@ def test_recipe_needs_name_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> N
     raw["validate"]["runtimes"] = ["onnxruntime", "tensorrt"]
     raw["quantize"] = {"enabled": True}
     raw["prune"]["round_to"] = 4
+    raw["device"] = "cuda:0"
     needs = {n["need"]: n for n in recipe_needs(recipe_from_dict(raw), _machine(vnni=False))}
+    assert not needs["device: cuda:0"]["ok"] and needs["device: cuda:0"]["required"]
     assert not needs["validate: runtime tensorrt"]["ok"] and needs["validate: runtime tensorrt"]["required"]
     assert needs["validate: runtime onnxruntime"]["ok"]
     assert not any(n.startswith("engine") for n in needs)  # the runtime lists say it once

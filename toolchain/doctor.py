@@ -27,6 +27,12 @@ def recipe_needs(recipe: Recipe, machine: dict[str, Any]) -> list[dict[str, Any]
     from exporters.runtimes import runtime_available
 
     needs = []
+    if recipe.device != "cpu":
+        cuda = bool(machine.get("cuda_available"))
+        detail = f"{len(machine.get('gpus', []))} GPU(s)" if cuda else "CUDA is not available"
+        if recipe.device == "auto":
+            detail += "; device auto trains on the CPU without it"
+        needs.append(_need(f"device: {recipe.device}", cuda, detail, required=recipe.device != "auto"))
     runtimes = {("validate", r) for r in recipe.validate.runtimes}
     if recipe.bench.enabled:
         runtimes |= {("bench", r) for r in recipe.bench.runtimes}
