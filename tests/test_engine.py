@@ -153,3 +153,23 @@ def test_no_tensorrt_module_is_imported_by_the_engine_library() -> None:
         or sys.modules["tensorrt"] is None
         or hasattr(sys.modules["tensorrt"], "rec")
     )  # only ever the fake, installed per test
+
+
+def test_fp16_conversion_refuses_what_it_would_convert_wrongly(tmp_path: Path) -> None:
+    from onnx import TensorProto, helper
+
+    from exporters.errors import ExportError
+
+    scales = helper.make_tensor("scales", TensorProto.FLOAT, [4], [1.0, 1.0, 2.0, 2.0])
+    graph = helper.make_graph(
+        [helper.make_node("Resize", ["pixels", "", "scales"], ["logits"], mode="nearest")],
+        "resize",
+        [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, [1, 3, 4, 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [scales],
+    )
+    path = tmp_path / "r.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    with pytest.raises(ExportError, match="Resize"):
+        convert_to_fp16(path, tmp_path / "r.fp16.onnx")
+    assert not (tmp_path / "r.fp16.onnx").exists()
