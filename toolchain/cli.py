@@ -55,6 +55,28 @@ def _parser() -> argparse.ArgumentParser:
     cor.add_argument("--index", type=int, default=0, help="which validation image")
     cor.add_argument("--seed", type=int, default=0)
 
+    bench = sub.add_parser(
+        "bench", help="latency of dense FP32, pruned FP32 and pruned INT8 side by side (ONNX Runtime CPU)"
+    )
+    bench.add_argument("--arch", default="resnet18", help="zoo architecture (default resnet18)")
+    bench.add_argument("--image-size", type=int, default=32)
+    bench.add_argument("--classes", type=int, default=10)
+    bench.add_argument("--width", type=float, default=1.0)
+    bench.add_argument("--reductions", default="2,4,8", help="MACs reductions of the pruned models")
+    bench.add_argument("--int8", default="4", help="which reductions also run in INT8 ('' for none)")
+    bench.add_argument("--schemes", default="u8s8,s8s8", help="INT8 schemes to time")
+    bench.add_argument("--batches", default="1,32")
+    bench.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads (pinned)")
+    bench.add_argument("--round-to", default="16", help="channel multiple, or 'none'")
+    bench.add_argument("--optimization", default="all", choices=["disable", "basic", "extended", "all"])
+    bench.add_argument("--iterations", type=int, default=600, help="timed calls at batch 1 (fewer per batch)")
+    bench.add_argument("--min-iterations", type=int, default=200)
+    bench.add_argument("--out", help="write the JSON result here")
+
+    doctor = sub.add_parser("doctor", help="what this machine can run, and what a recipe needs")
+    doctor.add_argument("--recipe", help="also check what this recipe needs")
+    doctor.add_argument("--json", action="store_true", help="print JSON instead of text")
+
     gate = sub.add_parser("gate", help="check a report.json against gates; exit 1 if one fails")
     gate.add_argument("report", help="report.json")
     gate.add_argument("--policy", help="YAML with a 'gates' list (default: the report's own gates)")
@@ -117,6 +139,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         )
     if args.verb == "corruptions":
         return commands.corruptions(args.list, args.grid, args.dataset, args.index, args.seed)
+    if args.verb == "bench":
+        return commands.bench(args)
+    if args.verb == "doctor":
+        return commands.doctor(args.recipe, as_json=args.json)
     if args.verb == "gate":
         return commands.gate(Path(args.report), args.policy, args.baseline, args.junit, args.recipe)
     if args.verb == "compare":

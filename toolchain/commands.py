@@ -6,6 +6,8 @@ Each returns the process exit code: 0 pass, 1 a gate failed; bad input raises a
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
 import os
 import sys
@@ -82,6 +84,58 @@ def corruptions(show_list: bool, grid: str | None, dataset: str, index: int, see
         save_corruption_grid(image, grid, seed=seed)
         sys.stdout.write(f"wrote {grid}\n")
     return EXIT_OK
+
+
+def _numbers(text: str, what: str, kind: type = float) -> tuple[Any, ...]:
+    try:
+        return tuple(kind(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UserError(f"--{what} must be comma-separated numbers, got {text!r}") from None
+
+
+def bench(args: argparse.Namespace) -> int:
+    """``robustprune bench``: the latency study; prints a table, optionally writes JSON."""
+    from toolchain.latency_study import LatencyStudy, render_latency_study, run_latency_study
+
+    round_to = None if args.round_to.lower() == "none" else _numbers(args.round_to, "round-to", int)[0]
+    study = LatencyStudy(
+        arch=args.arch,
+        image_size=args.image_size,
+        num_classes=args.classes,
+        width=args.width,
+        reductions=_numbers(args.reductions, "reductions"),
+        int8_reductions=_numbers(args.int8, "int8"),
+        int8_schemes=tuple(s for s in args.schemes.split(",") if s),
+        batches=_numbers(args.batches, "batches", int),
+        threads=args.threads,
+        round_to=round_to,
+        optimization=args.optimization,
+        iterations=args.iterations,
+        min_iterations=args.min_iterations,
+    )
+    if args.out and Path(args.out).is_dir():
+        raise UserError(f"--out {args.out!r} is a folder; pass a .json file path")
+    result = run_latency_study(study)
+    if args.out:
+        from toolchain.rundir import write_json
+
+        write_json(Path(args.out), result)
+    sys.stdout.write(render_latency_study(result) + "\n")
+    return 0
+
+
+def doctor(recipe_path: str | None, *, as_json: bool = False) -> int:
+    """``robustprune doctor``: exit 0, or 1 when the recipe needs something this machine lacks."""
+    from toolchain.doctor import recipe_needs, render_doctor
+    from toolchain.machine import probe
+
+    machine = probe()
+    needs = recipe_needs(load_recipe(recipe_path), machine) if recipe_path else None
+    if as_json:
+        sys.stdout.write(json.dumps({"machine": machine, "needs": needs}, indent=2) + "\n")
+    else:
+        sys.stdout.write(render_doctor(machine, needs) + "\n")
+    return 1 if needs and any(n["required"] and not n["ok"] for n in needs) else 0
 
 
 def _read_yaml(path: str, what: str) -> Any:

@@ -43,11 +43,27 @@ def check_names(recipe: Recipe) -> None:
     build_suite_attacks(list(recipe.validate.attacks))
     for name in recipe.validate.corruptions.names:
         CORRUPTIONS.get(name)
-    for runtime in recipe.validate.runtimes:
-        RUNTIMES.get(runtime)
-        reason = runtime_available(runtime)
-        if reason:
-            raise UserError(f"validate.runtimes lists {runtime!r} but {reason}")
+    quantize = recipe.quantize
+    if quantize.enabled:
+        for name in quantize.corruptions:
+            CORRUPTIONS.get(name)
+    wants_tensorrt = "tensorrt" in recipe.validate.runtimes or (
+        recipe.bench.enabled and "tensorrt" in recipe.bench.runtimes
+    )
+    int8_source = quantize.enabled and "tensorrt" in quantize.targets
+    if wants_tensorrt and "int8" in recipe.engine.precisions and not int8_source:
+        raise UserError(
+            "engine.precisions lists int8, which TensorRT builds from a Q/DQ file: "
+            "set quantize.enabled: true and add tensorrt to quantize.targets"
+        )
+    for section, runtimes in (("validate", recipe.validate.runtimes), ("bench", recipe.bench.runtimes)):
+        if section == "bench" and not recipe.bench.enabled:
+            continue
+        for runtime in runtimes:
+            RUNTIMES.get(runtime)
+            reason = runtime_available(runtime)
+            if reason:
+                raise UserError(f"{section}.runtimes lists {runtime!r} but {reason}")
 
 
 def check(recipe: Recipe) -> DataBundle:

@@ -1,6 +1,7 @@
 """``robustprune validate``: the validate section of a recipe on one exported ONNX file.
 
-The file may come from a run directory (``runs/<name>/export/pruned.onnx``): then its PyTorch
+The file may come from a run directory (``runs/<name>/export/pruned.onnx``, or an INT8 file in
+``runs/<name>/quantize/``): then its PyTorch
 model is found beside it and white-box attacks are crafted on it and replayed on the engine
 (mode ``transfer``). A user's own ONNX file gets the clean, corruption and black-box parts
 only; the skipped attacks are listed in the report.
@@ -41,7 +42,7 @@ _STAGE_OF = {"dense": "train", "pruned": "finetune"}
 def _torch_model(engine: Path, metadata: dict[str, str], example: Any, recipe: Recipe) -> nn.Module | None:
     run_root = engine.parent.parent
     stage = _STAGE_OF.get(metadata.get("model", ""))
-    if engine.parent.name != "export" or not (run_root / MARKER).is_file() or stage is None:
+    if engine.parent.name not in ("export", "quantize") or not (run_root / MARKER).is_file() or stage is None:
         return None
     checkpoint = run_root / stage / "model.pt"
     if not checkpoint.is_file():
@@ -112,7 +113,7 @@ def validate_engine(engine: Path, recipe: Recipe, out: Path, *, progress: bool =
         name=recipe.name,
         dataset=data.name,
         engine=EngineInfo(path=str(engine), metadata=metadata, pytorch_reference=model is not None),
-        environment=environment(cfg.threads),
+        environment=environment(cfg.threads, [e.device for e in evaluations]),
         # An engine from a run directory keeps its run's sizes, so MACs gates still apply.
         models=models_section(run_root, _run_tolerance(run_root, recipe)) if model is not None else Models(),
         evaluations=evaluations,

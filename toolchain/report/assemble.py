@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ from torch import nn
 from toolchain.models import trusted_builder
 from toolchain.recipe import Recipe
 from toolchain.report.gates import evaluate_gates, intrinsic_gates, verdict
+from toolchain.report.quantization import engines_section, quantization_gates, quantization_section
 from toolchain.report.schema import (
     COMPLETED,
     DenseModel,
@@ -31,7 +32,7 @@ from toolchain.rundir import read_json
 
 log = logging.getLogger(__name__)
 
-STAGES = ("train", "prune", "finetune", "export", "validate", "bench")
+STAGES = ("train", "prune", "finetune", "export", "quantize", "engine", "validate", "bench")
 
 
 def _version(package: str) -> str | None:
@@ -44,8 +45,15 @@ def _version(package: str) -> str | None:
     return None
 
 
-def environment(threads: int) -> Environment:
-    """Versions and the device the numbers were measured on."""
+def environment(threads: int, devices_used: Iterable[str] = ()) -> Environment:
+    """Versions, and the devices the numbers were measured on.
+
+    Args:
+        threads: the recipe's CPU thread count.
+        devices_used: the ``device`` of every evaluation and latency row (``"cpu"``,
+            ``"cuda:0"``, ...); ``device`` joins them (``"cpu"`` when there are none).
+    """
+    devices = sorted({d for d in devices_used if d}) or ["cpu"]
     return Environment(
         torch=torch.__version__,
         torch_pruning=_version("torch-pruning"),
@@ -53,7 +61,8 @@ def environment(threads: int) -> Environment:
         onnxruntime=_version("onnxruntime"),
         tensorrt=_version("tensorrt"),
         robustprune=_version("robustprune"),
-        device="cpu",
+        device=", ".join(devices),
+        devices=devices,
         threads=threads,
     )
 
@@ -178,24 +187,31 @@ def assemble_report(
     evaluations = [Evaluation.model_validate(e) for e in read_json(root / "validate" / "evaluations.json")]
     add_corruption_errors(evaluations)
     latency_path = root / "bench" / "latency.json"
+    latency = (
+        [LatencyRow.model_validate(r) for r in read_json(latency_path)] if latency_path.is_file() else []
+    )
     parity = _stage_result(root, "export").get("parity", {})
+    as_json = [e.to_json() for e in evaluations]
+    latency_json = [r.to_json() for r in latency]
     report = Report(
         recipe_sha256=recipe.sha256(),
         name=recipe.name,
         dataset=data_name,
         arch=recipe.model.arch,
         criterion=recipe.prune.criterion,
-        environment=environment(recipe.validate.threads),
+        environment=environment(
+            recipe.validate.threads, [str(r.get("device", "")) for r in [*as_json, *latency_json]]
+        ),
         models=models_section(root, recipe.prune.tolerance, example_inputs, trusted_builder(recipe)),
         parity={name: ExportParity.model_validate(p) for name, p in parity.items()},
         evaluations=evaluations,
-        latency=[LatencyRow.model_validate(r) for r in read_json(latency_path)]
-        if latency_path.is_file()
-        else [],
+        latency=latency,
+        quantization=quantization_section(root, as_json, latency_json),
+        engines=engines_section(root),
         stage_seconds={
             stage: read_json(root / stage / "stage.json").get("seconds")
             for stage in STAGES
             if (root / stage / "stage.json").is_file()
         },
     )
-    return finish(report, recipe.gates)
+    return finish(report, [*recipe.gates, *quantization_gates(recipe)])

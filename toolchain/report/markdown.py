@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from toolchain.report.schema import AttackRow, Evaluation, Report
 
@@ -29,6 +30,12 @@ def attack_label(attack: AttackRow) -> str:
     return f"{attack.name} {attack.mode} eps={format_eps(attack.eps)} ({budget})"
 
 
+def precision_label(row: Any) -> str:
+    """``int8 (mixed cal.)`` for an INT8 file, else the precision."""
+    calibration = getattr(row, "calibration", None)
+    return row.precision + (f" ({calibration} cal.)" if calibration else "")
+
+
 def robust_label(ev: Evaluation) -> str:
     """Robust accuracy per budget: ``linf 4/255: 55.0% (pgd+square, 100 images)``."""
     return "; ".join(
@@ -47,7 +54,7 @@ def evaluation_rows(report: Report) -> list[list[str]]:
             [
                 ev.model,
                 ev.runtime,
-                ev.precision,
+                precision_label(ev),
                 pct(ev.clean_accuracy),
                 pct(corr) if corr is not None else "-",
                 attacks or "-",
@@ -67,7 +74,7 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 
 def speedups(report: Report) -> list[tuple[str, int, float, float]]:
     """``(runtime, batch, dense p50 ms, pruned p50 ms)`` wherever both were measured."""
-    latency = {(r.model, r.runtime, r.batch): r for r in report.latency}
+    latency = {(r.model, r.runtime, r.batch): r for r in report.latency if r.precision == "fp32"}
     rows = []
     for _, runtime, batch in sorted(k for k in latency if k[0] == "pruned"):
         dense = latency.get(("dense", runtime, batch))
@@ -112,6 +119,15 @@ def render_summary(report: Report, run_dir: str | Path) -> str:
             f"  latency {runtime} batch {batch}: dense {dense_ms:.3f} ms, pruned {pruned_ms:.3f} ms "
             f"(p50, {speed_change(dense_ms, pruned_ms)})"
         )
+    fp32 = {(r.model, r.runtime, r.batch): r for r in report.latency if r.precision == "fp32"}
+    for r in report.latency:
+        dense_row, own = fp32.get(("dense", r.runtime, r.batch)), fp32.get((r.model, r.runtime, r.batch))
+        if r.precision != "fp32" and dense_row and own:
+            lines.append(
+                f"  latency {r.runtime} batch {r.batch}: {r.model} {precision_label(r)} {r.p50_ms:.3f} ms "
+                f"({own.p50_ms / r.p50_ms:.2f}x vs its fp32, "
+                f"{dense_row.p50_ms / r.p50_ms:.2f}x vs dense fp32)"
+            )
     for intrinsic in report.intrinsic_gates:
         status = "PASS" if intrinsic.passed else "FAIL"
         lines.append(f"  check {status}: {intrinsic.name} ({intrinsic.detail})")
@@ -153,7 +169,7 @@ def render_markdown(report: Report, plots: list[Path]) -> str:
             [
                 r.model,
                 r.runtime,
-                r.precision,
+                precision_label(r),
                 str(r.batch),
                 f"{r.p50_ms:.3f}",
                 f"{r.p90_ms or 0:.3f}",

@@ -199,10 +199,11 @@ class Evaluation(Record):
     the intrinsic gate fails closed.
     """
 
-    omit_if_none = frozenset({"skipped"})
+    omit_if_none = frozenset({"skipped", "calibration", "parity_fp32"})
     model: str
     runtime: str
     precision: str = "fp32"
+    calibration: str | None = None
     device: str = "cpu"
     samples: int = 0
     clean_accuracy: float = 0.0
@@ -213,10 +214,11 @@ class Evaluation(Record):
     nonfinite_logits: int | None = None
     flags: list[str] = Field(default_factory=list)
     skipped: list[Skipped] | None = None
+    parity_fp32: dict[str, Any] | None = None
 
     @property
-    def key(self) -> tuple[str, str, str]:
-        return (self.model, self.runtime, self.precision)
+    def key(self) -> tuple[str, str, str, str | None]:
+        return (self.model, self.runtime, self.precision, self.calibration)
 
 
 class LatencyRow(Record):
