@@ -42,11 +42,19 @@ def main() -> int:
             return proc.returncode
         report = json.loads((run_dir / "report.json").read_text())
 
-    latency = {(r["model"], r["batch"]): r for r in report["latency"]}
+    fp32 = {(r["model"], r["batch"]): r for r in report["latency"] if r["precision"] == "fp32"}
     speedups = {
-        f"batch_{b}": latency[("dense", b)]["p50_ms"] / latency[("pruned", b)]["p50_ms"]
-        for (m, b) in latency
-        if m == "pruned" and ("dense", b) in latency
+        f"batch_{b}": fp32[("dense", b)]["p50_ms"] / fp32[("pruned", b)]["p50_ms"]
+        for (m, b) in fp32
+        if m == "pruned" and ("dense", b) in fp32
+    }
+    int8 = {
+        f"{r['calibration']}/batch_{r['batch']}": {
+            "vs_pruned_fp32": fp32[("pruned", r["batch"])]["p50_ms"] / r["p50_ms"],
+            "vs_dense_fp32": fp32[("dense", r["batch"])]["p50_ms"] / r["p50_ms"],
+        }
+        for r in report["latency"]
+        if r["precision"] == "int8" and r["runtime"] == "onnxruntime"
     }
     result = {
         "benchmark": "quickstart",
@@ -59,8 +67,14 @@ def main() -> int:
         "macs_reduction": report["models"]["pruned"]["macs_reduction"],
         "params_reduction": report["models"]["pruned"]["params_reduction"],
         "onnxruntime_p50_speedup_pruned_vs_dense": speedups,
+        "onnxruntime_p50_speedup_int8": int8,
+        "quantization": [
+            {k: q[k] for k in ("calibration", "scheme", "counts", "fusion", "vs_fp32")}
+            for q in report["quantization"]
+        ],
         "accuracy": {
-            f"{e['model']}/{e['runtime']}": {
+            f"{e['model']}/{e['runtime']}/{e['precision']}"
+            + (f"/{e['calibration']}" if e.get("calibration") else ""): {
                 "clean": e["clean_accuracy"],
                 "corruptions_mean": e.get("corruptions", {}).get("mean_accuracy"),
                 **{f"{a['name']}/{a['mode']}": a["accuracy"] for a in e["attacks"]},

@@ -1,6 +1,11 @@
-"""Calibration after compression: BatchNorm re-estimation (and, later, INT8 calibration data).
+"""Calibration after compression: BatchNorm re-estimation and static INT8 (Q/DQ) quantisation.
 
-A standalone library: it depends on torch only, never on ``toolchain.pipeline``.
+Modules: ``bn`` (BatchNorm re-estimation after pruning), ``schemes`` (the INT8 scheme of each
+target runtime), ``data`` (robustness-aware calibration sets: clean, corrupted, adversarial),
+``qdq`` (ONNX Runtime static quantisation into a Q/DQ file), ``fusion`` (how many convolutions
+ONNX Runtime really runs as integer kernels), ``parity`` (INT8 against FP32 on clean and
+perturbed inputs). A standalone library: it never imports ``toolchain.pipeline``, and
+ONNX Runtime's quantisation tools load only when a file is quantised.
 """
 
 from calibration.bn import recalibrate_bn

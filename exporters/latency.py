@@ -17,20 +17,22 @@ import torch
 from exporters.base import Runner
 
 
-def _stats(ms: np.ndarray, batch: int) -> dict[str, float]:
+def _stats(ms: np.ndarray, batch: int) -> dict[str, float | int]:
     p50 = float(np.percentile(ms, 50))
     return {
         "p50_ms": p50,
         "p90_ms": float(np.percentile(ms, 90)),
         "p99_ms": float(np.percentile(ms, 99)),
         "mean_ms": float(ms.mean()),
+        "max_ms": float(ms.max()),
+        "samples": len(ms),
         "throughput": batch / (p50 / 1e3) if p50 > 0 else 0.0,
     }
 
 
 def compare_latency(
     runners: Mapping[str, Runner], *, batch: int = 1, warmup: int = 10, iterations: int = 50, rounds: int = 5
-) -> dict[str, dict[str, float]]:
+) -> dict[str, dict[str, float | int]]:
     """Time each runner ``iterations`` times on one random batch, interleaved in ``rounds``.
 
     Every runner gets ``warmup`` untimed calls first. The batch is fixed (random pixels), so
@@ -38,8 +40,9 @@ def compare_latency(
     timing of a CUDA runner includes the device synchronisation.
 
     Returns:
-        Per runner key: ``{"p50_ms", "p90_ms", "p99_ms", "mean_ms", "throughput"}``, with
-        throughput in images/s from the median.
+        Per runner key: ``{"p50_ms", "p90_ms", "p99_ms", "mean_ms", "max_ms", "samples",
+        "throughput"}``, with throughput in images/s from the median; ``samples`` is the number
+        of timed calls (with fewer than about 200, p99 is little more than the maximum).
 
     Raises:
         ValueError: ``iterations`` or ``rounds`` < 1, or runners with different input specs.
@@ -66,7 +69,7 @@ def compare_latency(
 
 def measure_latency(
     runner: Runner, *, batch: int = 1, warmup: int = 10, iterations: int = 50
-) -> dict[str, float]:
+) -> dict[str, float | int]:
     """Latency of one runner (see :func:`compare_latency`)."""
     return compare_latency({"runner": runner}, batch=batch, warmup=warmup, iterations=iterations, rounds=1)[
         "runner"

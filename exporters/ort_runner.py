@@ -18,7 +18,10 @@ __all__ = ["OnnxRuntimeRunner"]
 log = logging.getLogger(__name__)
 
 _PRECISIONS = ("fp32", "fp16", "int8")
-_CPU, _CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
+_CPU, _CUDA, _TRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
+_GPU_PROVIDERS = (_CUDA, _TRT)
+# Recipe names of ONNX Runtime's graph optimisation levels.
+OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 # ONNX Runtime reports element types as strings; float16 inputs come from fully-cast fp16 files.
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
@@ -31,6 +34,9 @@ class OnnxRuntimeRunner(Runner):
         session: the ONNX Runtime session (its options record the thread counts).
         metadata: the file's ``metadata_props`` (see :func:`exporters.onnx.export_onnx`).
         threads: the intra-op thread count the session was created with.
+        provider: the execution provider that runs the graph (the session's first one after
+            creation: a provider that failed to initialise is not there).
+        optimization: the graph optimisation level.
     """
 
     runtime = "onnxruntime"
@@ -42,6 +48,9 @@ class OnnxRuntimeRunner(Runner):
         providers: list[str] | None = None,
         precision: str | None = None,
         spinning: bool = False,
+        optimization: str = "all",
+        provider_options: list[dict[str, str]] | None = None,
+        runtime: str = "onnxruntime",
     ) -> None:
         """Open ``path`` in a new session.
 
@@ -58,22 +67,36 @@ class OnnxRuntimeRunner(Runner):
                 default). Off by default: the suites interleave ONNX Runtime calls with PyTorch
                 work in one process, and spinning threads slow that work down many times over
                 on a 2-core machine. Latency benchmarks turn it on, as a deployment would.
+            optimization: graph optimisation level (``disable``, ``basic``, ``extended``,
+                ``all``); ``all`` includes the CPU layout transform (NCHWc).
+            provider_options: one options dict per provider (ONNX Runtime's own keys).
+            runtime: the name results are reported under (``onnxruntime-cuda`` and
+                ``onnxruntime-tensorrt`` for the GPU execution providers).
 
         Raises:
             UserError: the file is missing or unreadable, a provider is unknown, ``threads`` is
-                negative, or ``precision`` is not fp32/fp16/int8.
+                negative, ``optimization`` is unknown, or ``precision`` is not fp32/fp16/int8.
         """
         self.path = Path(path)
         if threads < 0:
             raise UserError(f"threads must be >= 0 (0 = all cores), got {threads}")
+        if optimization not in OPTIMIZATION_LEVELS:
+            raise UserError(f"optimization must be one of {list(OPTIMIZATION_LEVELS)}, got {optimization!r}")
+        self.runtime = runtime
         self.threads = threads
         self.spinning = spinning
-        self.session = self._open(self._providers(providers))
+        self.optimization = optimization
+        requested = self._providers(providers)
+        self.session = self._open(requested, provider_options)
+        self.provider = self.session.get_providers()[0]
+        if self.provider != requested[0]:
+            # ONNX Runtime falls back to the next provider when one fails to initialise.
+            log.warning("%s: %s did not start; running on %s", self.path.name, requested[0], self.provider)
         self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
         first_input, first_output = self.session.get_inputs()[0], self.session.get_outputs()[0]
         self._input_name, self._output_name = first_input.name, first_output.name
         self._input_type = _NUMPY_TYPES.get(first_input.type, np.float32)
-        device = "cuda" if self.session.get_providers()[0] == _CUDA else "cpu"
+        device = "cuda" if self.provider in _GPU_PROVIDERS else "cpu"
         super().__init__(
             input_spec=_spec_from_shape(first_input.shape, self.path),
             precision=self._precision(precision),
@@ -96,7 +119,9 @@ class OnnxRuntimeRunner(Runner):
             )
         return list(requested)
 
-    def _open(self, providers: list[str]) -> ort.InferenceSession:
+    def _open(
+        self, providers: list[str], provider_options: list[dict[str, str]] | None
+    ) -> ort.InferenceSession:
         if not self.path.is_file():
             raise UserError(f"ONNX file not found: {self.path}; run the export stage first")
         options = ort.SessionOptions()
@@ -104,9 +129,11 @@ class OnnxRuntimeRunner(Runner):
         options.inter_op_num_threads = 1
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spinning else "0")
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.graph_optimization_level = _LEVELS[self.optimization]
         try:
-            return ort.InferenceSession(str(self.path), sess_options=options, providers=providers)
+            return ort.InferenceSession(
+                str(self.path), sess_options=options, providers=providers, provider_options=provider_options
+            )
         except Exception as exc:  # onnxruntime raises its own pybind exception types
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UserError(f"ONNX Runtime cannot load {self.path}: {first_line}") from exc
@@ -120,6 +147,14 @@ class OnnxRuntimeRunner(Runner):
             # Reported results would carry the wrong label; say so, but trust the caller.
             log.warning("%s: precision %r requested but the file says %r", self.path.name, requested, stored)
         return precision
+
+
+_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
 
 
 def _spec_from_shape(shape: list[int | str | None], path: Path) -> InputSpec:

@@ -17,6 +17,7 @@ import torch
 
 from exporters.base import Runner
 from exporters.errors import UserError
+from exporters.ort_gpu import ort_cuda_runner, ort_provider_missing, ort_tensorrt_runner
 from exporters.ort_runner import OnnxRuntimeRunner
 from exporters.tensorrt import INSTALL_HINT, tensorrt_runner
 from exporters.torch_runner import TorchRunner
@@ -28,6 +29,8 @@ RUNTIMES: Registry[Callable[..., Runner]] = Registry("runtime")
 RUNTIMES.register("torch")(TorchRunner)
 RUNTIMES.register("onnxruntime")(OnnxRuntimeRunner)
 RUNTIMES.register("tensorrt")(tensorrt_runner)
+RUNTIMES.register("onnxruntime-cuda")(ort_cuda_runner)
+RUNTIMES.register("onnxruntime-tensorrt")(ort_tensorrt_runner)
 
 
 def _tensorrt_missing() -> str | None:
@@ -43,14 +46,19 @@ def _tensorrt_missing() -> str | None:
 
 
 # Runtimes whose optional dependencies may be missing; the others ship with the package.
-_MISSING: dict[str, Callable[[], str | None]] = {"tensorrt": _tensorrt_missing}
+_MISSING: dict[str, Callable[[], str | None]] = {
+    "tensorrt": _tensorrt_missing,
+    "onnxruntime-cuda": lambda: ort_provider_missing("CUDAExecutionProvider"),
+    "onnxruntime-tensorrt": lambda: ort_provider_missing("TensorrtExecutionProvider"),
+}
 
 
 def runtime_available(runtime: str) -> str | None:
     """Why ``runtime`` cannot run on this machine, or None if it can.
 
-    Cheap and side-effect free: nothing is imported and CUDA is not initialised, so recipe
-    checks can call it before any work starts.
+    Cheap and side-effect free: TensorRT is not imported and CUDA is not initialised (the
+    ONNX Runtime providers are read from ``onnxruntime``, a core dependency), so recipe checks
+    can call it before any work starts.
 
     Raises:
         UnknownNameError: ``runtime`` is not registered.
@@ -66,7 +74,9 @@ def build_runner(runtime: str, **kwargs: Any) -> Runner:
     Args:
         runtime: a registered name: ``"torch"`` (``model``, ``input_spec``, ``device``,
             ``precision``), ``"onnxruntime"`` (``path``, ``threads``, ``providers``,
-            ``precision``) or ``"tensorrt"`` (``path`` to an ``.onnx`` or engine file,
+            ``precision``), ``"onnxruntime-cuda"`` / ``"onnxruntime-tensorrt"`` (``path``,
+            ``threads``, ``precision``, ``device``) or ``"tensorrt"`` (``path`` to an ``.onnx``
+            or engine file,
             ``precision``, ``device``, build options).
         **kwargs: passed to the runtime's factory.
 

@@ -85,6 +85,7 @@ def build_engine(
     min_batch: int = 1,
     opt_batch: int | None = None,
     max_batch: int = 32,
+    extra_sidecar: dict[str, Any] | None = None,
 ) -> Path:
     """Build a serialised TensorRT engine from an ONNX file, written atomically.
 
@@ -99,6 +100,7 @@ def build_engine(
         min_batch: smallest batch of the optimisation profile (dynamic-batch files only).
         opt_batch: batch size TensorRT tunes kernels for; default 8, clamped to [min_batch, max_batch].
         max_batch: largest batch the engine accepts.
+        extra_sidecar: more facts for the sidecar (the cache key of :mod:`exporters.engine`).
 
     Returns:
         The engine path.
@@ -146,8 +148,8 @@ def build_engine(
         "opt_batch": batches[1],
         "max_batch": batches[2],
         "onnx": onnx_path.name,
-        "onnx_mtime_ns": onnx_path.stat().st_mtime_ns,
         "onnx_metadata": read_onnx_metadata(onnx_path),
+        **(extra_sidecar or {}),
     }
     _write_atomic(sidecar_path(engine_path), json.dumps(sidecar, indent=2).encode())
     log.info(
@@ -175,15 +177,16 @@ def tensorrt_runner(
 ) -> TensorRTRunner:
     """A :class:`~exporters.tensorrt_runner.TensorRTRunner` for an engine, or for an ONNX file.
 
-    Given an ONNX file, the engine (default ``<stem>.<precision>.engine`` beside it) is built
-    when missing, older than the file, made by another TensorRT version or for another
-    precision, or when ``rebuild`` is set.
+    Given an ONNX file, the engine ``<stem>.<precision>.engine`` (beside the file, or in the
+    folder of ``engine_path``) is built when its cache key changed (file contents, TensorRT
+    version, precision, batch profile, workspace: see :mod:`exporters.engine`), or when
+    ``rebuild`` is set.
 
     Args:
         path: a ``.onnx`` file, or an engine built by :func:`build_engine`.
         precision: engine precision when building (an existing engine reports its own).
         device: the CUDA device to run on.
-        engine_path: where to keep the built engine.
+        engine_path: an engine path whose folder keeps the built engine.
         rebuild: build even if an up-to-date engine exists.
         threads: ignored (a GPU runtime); accepted so every runtime takes the same arguments.
         workspace_mb: see :func:`build_engine` (used only when building).
@@ -199,18 +202,17 @@ def tensorrt_runner(
     path = Path(path)
     if path.suffix != ".onnx":
         return TensorRTRunner(path, device=device)
-    engine = Path(engine_path) if engine_path else path.with_name(f"{path.stem}.{precision}.engine")
-    if rebuild or _stale(engine, path, precision):
-        build_engine(
-            path,
-            engine,
-            precision=precision,
-            workspace_mb=workspace_mb,
-            min_batch=min_batch,
-            opt_batch=opt_batch,
-            max_batch=max_batch,
-        )
-    return TensorRTRunner(engine, device=device)
+    from exporters.engine import EngineProfile, ensure_engine
+
+    if opt_batch is None:
+        opt_batch = max(min_batch, min(8, max_batch))
+    profile = EngineProfile(min_batch, opt_batch, max_batch, workspace_mb)
+    out_dir = Path(engine_path).parent if engine_path else path.parent
+    if rebuild:
+        target = out_dir / f"{path.stem}.{precision}.engine"
+        target.with_name(target.name + ".json").unlink(missing_ok=True)
+    record = ensure_engine(path, out_dir, precision, profile)
+    return TensorRTRunner(record.path, device=device)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -223,11 +225,15 @@ def _check_precision_source(requested: str, carried: str, major: int) -> None:
     if major == 10 and requested == "fp16" and carried == "fp32":
         return  # the FP16 builder flag lowers an fp32 file
     if requested == "int8":
-        fix = "quantize it first (robustprune calibration writes a Q/DQ file); calibrators are not supported"
+        fix = (
+            "quantize it first (the quantize stage writes a Q/DQ file with the tensorrt scheme); "
+            "calibrators are not supported"
+        )
     elif requested == "fp16":
         fix = (
             f"TensorRT {major} takes precision from the file: convert it first "
-            "(python -m modelopt.onnx.autocast --onnx_path FILE) or build with precision='fp32'"
+            "(exporters.fp16.convert_to_fp16, which exporters.engine.ensure_engine does for you) "
+            "or build with precision='fp32'"
         )
     else:
         fix = f"build with precision={carried!r} to match the file"
@@ -267,18 +273,6 @@ def _add_batch_profile(
     profile.set_shape(tensor.name, *((b, *shape[1:]) for b in batches))
     config.add_optimization_profile(profile)
     return batches
-
-
-def _stale(engine: Path, onnx_path: Path, precision: str) -> bool:
-    if not engine.is_file():
-        return True
-    sidecar = read_engine_sidecar(engine)
-    trt = import_tensorrt()
-    return (
-        sidecar.get("precision") != precision
-        or sidecar.get("tensorrt_version") != str(trt.__version__)
-        or sidecar.get("onnx_mtime_ns") != onnx_path.stat().st_mtime_ns
-    )
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 import torch
 
+from toolchain.report.schema import Report
+
 # Small enough to run the whole pipeline in well under a minute on 2 cores, large enough that
 # the models learn something (accuracy is asserted above chance).
 TINY_RECIPE: dict[str, Any] = {
@@ -87,7 +89,7 @@ def one_thread() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Report]:
     """Run the tiny recipe once; tests read its run directory and report."""
     from toolchain.pipeline import run_pipeline
     from toolchain.recipe import recipe_from_dict

@@ -8,6 +8,7 @@ something to break and every check below can fail.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import warnings
 from pathlib import Path
 
@@ -101,7 +102,9 @@ def test_trained_model_is_accurate(model: nn.Module, batch: tuple[torch.Tensor, 
 
 def test_registry_and_build_errors() -> None:
     assert {"fgsm", "pgd", "apgd", "square"} <= set(ATTACKS.names())
-    with pytest.raises(UnknownNameError, match="known: apgd, fgsm, pgd, square"):
+    with pytest.raises(
+        UnknownNameError, match="known: apgd, apgd-t, autoattack, autoattack-lite, fgsm, pgd, square"
+    ):
         build_attack("cw", eps=EPS, steps=10)
     with pytest.raises(UserError, match="supports norm linf"):
         build_attack("square", eps=EPS, norm="l2", steps=0)
@@ -129,7 +132,16 @@ def test_default_pgd_step_size() -> None:
     assert build_attack("pgd", eps=EPS, steps=10, step_size=0.01).step_size == 0.01
 
 
-@pytest.mark.parametrize("name", ATTACKS.names())
+HAS_REFERENCE = importlib.util.find_spec("pyautoattack") is not None
+ALL_ATTACKS = [
+    pytest.param(n, marks=pytest.mark.skipif(not HAS_REFERENCE, reason="pyautoattack not installed"))
+    if n == "autoattack"
+    else n
+    for n in ATTACKS.names()
+]
+
+
+@pytest.mark.parametrize("name", ALL_ATTACKS)
 def test_eps_zero_is_clean(name: str, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
     x, y = batch
     result = _attack(name, 0.0)(model, x, y)
@@ -139,7 +151,7 @@ def test_eps_zero_is_clean(name: str, model: nn.Module, batch: tuple[torch.Tenso
         assert int(result.queries.sum()) == 0
 
 
-@pytest.mark.parametrize("name", ["fgsm", "pgd", "apgd", "square"])
+@pytest.mark.parametrize("name", ["fgsm", "pgd", "apgd", "apgd-t", "square"])
 def test_accuracy_falls_as_eps_grows(
     name: str, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
 ) -> None:
@@ -167,6 +179,9 @@ def test_accuracy_falls_as_eps_grows(
         ("pgd", "l2", 0.5),
         ("apgd", "linf", EPS),
         ("apgd", "l2", 0.5),
+        ("apgd-t", "linf", EPS),
+        ("apgd-t", "l2", 0.5),
+        ("autoattack-lite", "linf", EPS),
         ("square", "linf", EPS),
     ],
 )

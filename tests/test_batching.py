@@ -69,5 +69,5 @@ def test_suite_runs_square_on_a_fixed_batch_engine(fixed_engine: tuple[nn.Module
     (ev,) = evaluate_model(
         model, {"onnxruntime": any_batch(engine)}, data, cfg, model_name="pruned", progress=False
     )
-    assert ev["samples"] == 6 and ev["parity"]["top1_agreement"] == 1.0
-    assert ev["attacks"][0]["mode"] == "black-box" and ev["attacks"][0]["samples"] == 6
+    assert ev.samples == 6 and ev.parity is not None and ev.parity.top1_agreement == 1.0
+    assert ev.attacks[0].mode == "black-box" and ev.attacks[0].samples == 6

@@ -99,7 +99,12 @@ def test_usage_errors_are_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_gate_command_exit_codes_and_junit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    report = {"schema": "robustprune.report/1", "models": {"pruned": {"macs_reduction": 3.0}}, "gates": []}
+    report = {
+        "schema": "robustprune.report/1",
+        "status": "completed",
+        "models": {"pruned": {"macs_reduction": 3.0, "target": {"macs_reduction": 3.0}, "target_met": True}},
+        "gates": [],
+    }
     path = tmp_path / "report.json"
     path.write_text(json.dumps(report))
     ok = tmp_path / "ok.yaml"
@@ -113,7 +118,12 @@ def test_gate_command_exit_codes_and_junit(tmp_path: Path, capsys: pytest.Captur
     typo.write_text(yaml.safe_dump({"gates": [{"metrc": "x", "threshold": 1}]}))
     assert main(["gate", str(path), "--policy", str(typo)]) == 2
     assert main(["gate", str(tmp_path / "missing.json")]) == 2
-    capsys.readouterr()
+    # Only the report of a completed run is a verdict: stale or unknown status is refused.
+    for status in ("stale", None):
+        path.write_text(json.dumps(dict(report, status=status)))
+        capsys.readouterr()
+        assert main(["gate", str(path), "--policy", str(ok)]) == 2
+        assert "not the report of a completed run" in capsys.readouterr().err
 
 
 def test_python_dash_m_and_lean_import() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -13,6 +14,7 @@ from toolchain.errors import UnknownNameError, UserError
 from toolchain.robustness.corruptions import (
     CORRUPTIONS,
     FAMILIES,
+    SEVERITIES,
     corrupt,
     list_corruptions,
     save_corruption_grid,
@@ -83,19 +85,24 @@ def test_registry_has_every_required_corruption() -> None:
 
 
 # Where strict L1 monotonicity does not hold on 32x32 with the CIFAR-10-C table, and why:
-# - glass_blur: sigmas 0.05/0.25 (sev 1/2) and 0.25/0.4 (sev 4/5) are all near-identity 3-tap
-#   blurs, so those pairs differ by a hair -> non-decreasing within a tolerance.
+# - glass_blur: the table scrambles with one pass at severities 1-3 and two at 4-5, and only
+#   grows a near-identity blur (sigma 0.05 -> 0.4) within each group; the scramble (a random
+#   walk several pixels wide, like the reference's sequential swaps) dominates, and the wider
+#   blur even pulls a scrambled image slightly back towards the clean one. Checked separately.
 # - motion_blur: sev 3 and 4 share sigma=2; the larger radius only adds taps weighing < 1e-3.
 # - pixelate: BOX resampling to 30 vs 28 px (and 24 vs 20 px) - the error depends on how the
 #   grids align as much as on the factor -> non-decreasing within a tolerance.
-TOLERANT = {"glass_blur", "motion_blur", "pixelate"}
+TOLERANT = {"motion_blur", "pixelate"}
 
 
 @pytest.mark.parametrize("name", ALL)
 def test_severity_increases_distortion(name: str, rgb32: torch.Tensor, distances: dict) -> None:
     d = distances[name]
     assert d[0] > 1e-3, f"{name} severity 1 leaves the image unchanged: {d}"
-    if name in TOLERANT:
+    if name == "glass_blur":
+        assert min(d[3:]) > 1.2 * max(d[:3]), d  # two scrambling passes clearly beat one
+        assert max(d[:3]) < 1.05 * min(d[:3]) and max(d[3:]) < 1.1 * min(d[3:]), d
+    elif name in TOLERANT:
         assert all(b >= a - 1e-3 for a, b in itertools.pairwise(d)), d
         assert d[4] > d[0], d
     elif name == "frost":
@@ -215,10 +222,16 @@ def test_metrics_hand_computed() -> None:
 def test_metrics_division_by_zero_and_mismatch() -> None:
     perfect = {"fog": {1: 1.0}}
     assert corruption_errors(perfect, perfect, 1.0, 1.0)["fog"] == {
-        "ce": 1.0, "relative_ce": 1.0, "mean_accuracy": 1.0,
+        "ce": 1.0, "relative_ce": None, "mean_accuracy": 1.0,
     }  # fmt: skip
     worse = corruption_errors({"fog": {1: 0.5}}, perfect, 1.0, 1.0)["fog"]
-    assert worse["ce"] == math.inf and worse["relative_ce"] == math.inf
+    assert worse["ce"] == math.inf and worse["relative_ce"] is None
+    # A corruption that does not degrade the baseline leaves relative mCE to the others.
+    model = {"fog": {1: 0.6}, "brightness": {1: 0.9}}
+    dense = {"fog": {1: 0.7}, "brightness": {1: 0.95}}
+    out = summarize(model, dense, model_clean=0.9, dense_clean=0.9)
+    assert out["relative_excluded"] == ["brightness"]
+    assert out["relative_mce"] == pytest.approx((0.4 - 0.1) / (0.3 - 0.1))
     with pytest.raises(UserError, match="different corruptions"):
         summarize({"fog": {1: 0.5}}, {"snow": {1: 0.5}}, 0.9, 0.9)
     with pytest.raises(UserError, match="not in"):
@@ -234,3 +247,91 @@ def test_imagenet_sized_rgb_works(name: str) -> None:
         assert out.shape == x.shape and out.dtype == x.dtype
         assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
         assert not torch.equal(out, x)
+
+
+# --------------------------------------------------------------------------- against the reference
+
+REFERENCE = "imagecorruptions-imaug"
+try:
+    import cv2
+    import skimage.data
+    from imagecorruptions import corrupt as reference_corrupt
+except ImportError as err:  # part of the [dev] extra; a bare install skips with the reason
+    reference_corrupt = None
+    _MISSING = f"{REFERENCE} (the [dev] extra) not importable: {err}"
+
+# Mean |corrupted - clean| ours / reference at 224x224, per severity, must lie in 1 +- TOL.
+# Most corruptions reproduce the reference's algorithm and match within a few percent (8-bit
+# rounding and random draws); the wider tolerances are the documented, measured deviations
+# (README, Corruptions): frost uses a procedural texture instead of the reference's six
+# photographs, fog's plasma cloud varies a lot between draws, glass blur samples the swap
+# process's displacement instead of running it, and motion blur and snow draw their random
+# angle per image differently, and elastic_transform's random field (on three images the draws
+# alone move the strength by ~5 %; on the benchmark's 16 they agree within 1 %).
+STRENGTH_TOL = {"frost": 0.35, "fog": 0.25, "glass_blur": 0.15, "snow": 0.12, "motion_blur": 0.08,
+                "elastic_transform": 0.08, "impulse_noise": 0.06}  # fmt: skip
+SEEDED_BY_KEYWORD = {"glass_blur", "impulse_noise"}
+
+
+@pytest.fixture(scope="module")
+def photos224() -> tuple[torch.Tensor, np.ndarray]:
+    """Three 224x224 crops of real photographs: ours as floats, the reference's as uint8 HWC."""
+    images = [skimage.data.astronaut()[:448:2, 32:480:2], skimage.data.coffee()[64:288, 100:324],
+              skimage.data.chelsea()[40:264, 120:344]]  # fmt: skip
+    u8 = np.stack(images)
+    return torch.from_numpy(u8).permute(0, 3, 1, 2).float() / 255, u8
+
+
+@pytest.mark.skipif(reference_corrupt is None, reason=_MISSING if reference_corrupt is None else "")
+@pytest.mark.parametrize("name", [n for n in ALL if n not in {"rain", "sun_glare", "low_light", "shadow",
+                                                              "dirty_lens"}])  # fmt: skip
+def test_strength_matches_reference_at_224(name: str, photos224: tuple[torch.Tensor, np.ndarray]) -> None:
+    x, u8 = photos224
+    cv2.setNumThreads(1)
+    tol = STRENGTH_TOL.get(name, 0.04)
+    ratios = []
+    for severity in SEVERITIES:
+        ours = np.floor(corrupt(name, x, severity, seed=severity).permute(0, 2, 3, 1).numpy() * 255)
+        ref = []
+        for i, image in enumerate(u8):
+            np.random.seed(10 * severity + i)
+            kwargs = {"seed": 10 * severity + i} if name in SEEDED_BY_KEYWORD else {}
+            ref.append(reference_corrupt(image, severity=severity, corruption_name=name, **kwargs))
+        ratios.append(np.abs(ours - u8).mean() / np.abs(np.stack(ref).astype(np.float64) - u8).mean())
+    assert all(abs(r - 1) <= tol for r in ratios), f"{name}: ours / reference = {np.round(ratios, 3)}"
+
+
+# --------------------------------------------------------------------------- fast paths, exactly
+
+
+def test_poisson_sampler_is_poisson() -> None:
+    """The guide-table sampler reproduces Poisson(lam): mean, variance and P(0) at several means."""
+    from toolchain.robustness.corruptions.ops import poisson_levels
+
+    levels = torch.tensor([0, 3, 51, 128, 255], dtype=torch.float32) / 255
+    x = levels.repeat_interleave(40_000)
+    counts = poisson_levels(x, 60.0, torch.Generator().manual_seed(0)).view(5, -1)
+    lam = (levels * 60).double()
+    mean, var = counts.double().mean(1), counts.double().var(1)
+    assert torch.equal(counts[0], torch.zeros_like(counts[0]))  # black stays black
+    assert torch.allclose(mean[1:], lam[1:], rtol=0.02) and torch.allclose(var[1:], lam[1:], rtol=0.04)
+    p0 = (counts[1] == 0).double().mean()
+    assert abs(p0 - math.exp(-lam[1])) < 0.01  # exp(-0.706) = 0.49
+
+
+def test_fancy_upsampling_equals_half_pixel_bilinear() -> None:
+    from toolchain.robustness.corruptions.jpeg import _fancy_upsample
+
+    c = torch.rand(2, 2, 9, 13, generator=torch.Generator().manual_seed(0))
+    expected = torch.nn.functional.interpolate(c, scale_factor=2, mode="bilinear", align_corners=False)
+    assert torch.allclose(_fancy_upsample(c), expected, atol=1e-6)
+
+
+def test_chunked_batch_equals_its_images_in_one_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch bigger than one chunk is processed in pieces: the same pixels as one image at a time."""
+    zoom = CORRUPTIONS.get("zoom_blur")
+    monkeypatch.setattr(zoom, "chunk_bytes", 2 * 3 * 96 * 96 * 4)  # two images per chunk
+    x = torch.rand(5, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    out = corrupt("zoom_blur", x, 3)  # deterministic, so chunks must equal image-by-image calls
+    single = torch.cat([corrupt("zoom_blur", x[i : i + 1], 3) for i in range(5)])
+    assert torch.allclose(out, single, atol=1e-6) and l1(out, x) > 0.01

@@ -12,6 +12,7 @@ import torch
 from tests.conftest import TINY_RECIPE
 from toolchain.pipeline import run_pipeline
 from toolchain.recipe import recipe_from_dict
+from toolchain.report.schema import Report
 
 pytestmark = pytest.mark.e2e
 
@@ -21,17 +22,23 @@ def _eval(report: dict[str, Any], model: str, runtime: str) -> dict[str, Any]:
     return match
 
 
-def test_report_skeleton_and_numbers(tiny_run: tuple[Path, dict[str, Any]]) -> None:
-    out, report = tiny_run
-    on_disk = json.loads((out / "report.json").read_text())
-    assert on_disk == report
+def test_report_skeleton_and_numbers(tiny_run: tuple[Path, Report]) -> None:
+    out, typed = tiny_run
+    report = json.loads((out / "report.json").read_text())
+    assert report == typed.to_json()
     assert report["schema"] == "robustprune.report/1"
+    assert report["status"] == "completed"
     assert len(report["recipe_sha256"]) == 64
     assert report["environment"]["onnxruntime"] and report["environment"]["threads"] == 2
 
     pruned = report["models"]["pruned"]
     assert pruned["macs_reduction"] == pytest.approx(2.0, rel=0.05)
     assert pruned["target"] == {"macs_reduction": 2.0} and len(pruned["steps"]) == 2
+    assert pruned["target_met"] is True and pruned["tolerance"] == 0.05
+    # Channels per layer, counted on the saved models: pruning removed some in each conv.
+    dense_channels = report["models"]["dense"]["channels"]
+    assert set(pruned["channels"]) == set(dense_channels)
+    assert sum(pruned["channels"].values()) < sum(dense_channels.values())
     assert pruned["macs"] < report["models"]["dense"]["macs"]
     assert pruned["params"] < report["models"]["dense"]["params"]
 
@@ -50,6 +57,10 @@ def test_report_skeleton_and_numbers(tiny_run: tuple[Path, dict[str, Any]]) -> N
         assert pgd["accuracy"] <= ev["clean_accuracy"]
         square = next(a for a in ev["attacks"] if a["name"] == "square")
         assert square["mode"] == "black-box" and 0 < square["queries"] <= 10 and square["samples"] == 20
+        (robust,) = ev["robust_accuracy"]  # one budget: 4/255 L-inf
+        assert robust["attacks"] == ["pgd", "square"] and robust["samples"] == 20
+        assert robust["accuracy"] <= square["accuracy"]  # the same 20 images: never above either
+        assert ev["nonfinite_logits"] == 0
 
     ort = _eval(report, "pruned", "onnxruntime")
     assert next(a for a in ort["attacks"] if a["name"] == "pgd")["mode"] == "transfer"
@@ -65,10 +76,17 @@ def test_report_skeleton_and_numbers(tiny_run: tuple[Path, dict[str, Any]]) -> N
     assert {(r["model"], r["batch"]) for r in report["latency"]} == {("dense", 1), ("pruned", 1)}
     assert all(r["p50_ms"] > 0 for r in report["latency"])
     assert [g["passed"] for g in report["gates"]] == [True, True] and report["passed"]
-    assert (out / "report.md").is_file() and (out / "plots" / "accuracy.png").is_file()
+    assert {g["name"]: g["passed"] for g in report["intrinsic_gates"]} == {
+        "budget-met": True,
+        "engine-parity": True,
+        "finite-logits": True,
+    }
+    assert (out / "report.md").is_file() and (out / "report.html").is_file()
+    plots = {p.name for p in (out / "plots").iterdir()}
+    assert plots == {"accuracy.png", "corruptions.png", "robust_eps.png", "tradeoff.png", "channels.png"}
 
 
-def test_artifacts_reload_and_onnx_metadata(tiny_run: tuple[Path, dict[str, Any]]) -> None:
+def test_artifacts_reload_and_onnx_metadata(tiny_run: tuple[Path, Report]) -> None:
     from exporters.onnx import read_onnx_metadata
     from toolchain.models import build_from_spec
     from toolchain.pruning import load_pruned
@@ -86,13 +104,13 @@ def _mtimes(out: Path) -> dict[str, float]:
 
 
 def test_resume_skips_finished_stages_and_reruns_only_downstream(
-    tiny_run: tuple[Path, dict[str, Any]],
+    tiny_run: tuple[Path, Report],
 ) -> None:
     out, report = tiny_run
     before = _mtimes(out)
     again = run_pipeline(recipe_from_dict(TINY_RECIPE), out, progress=False)
     assert _mtimes(out) == before  # nothing re-ran
-    assert again["models"] == report["models"]
+    assert again.models == report.models
 
     changed = json.loads(json.dumps(TINY_RECIPE))
     changed["finetune"]["epochs"] = 2
@@ -103,7 +121,7 @@ def test_resume_skips_finished_stages_and_reruns_only_downstream(
 
 
 def test_validate_command_on_run_engine_and_on_a_bare_onnx_file(
-    tiny_run: tuple[Path, dict[str, Any]], tmp_path: Path
+    tiny_run: tuple[Path, Report], tmp_path: Path
 ) -> None:
     import shutil
 
@@ -129,9 +147,12 @@ def test_validate_command_on_run_engine_and_on_a_bare_onnx_file(
         ]
     )
     report = json.loads((tmp_path / "v1" / "report.json").read_text())
-    assert code == 0 and report["passed"]
+    assert code == 0 and report["passed"] and report["status"] == "completed"
+    assert (tmp_path / "v1" / "report.html").is_file()
     (ev,) = report["evaluations"]
     assert report["engine"]["pytorch_reference"] is True
+    # The engine's own run: its budget check applies to the engine's report too.
+    assert [g["name"] for g in report["intrinsic_gates"]] == ["budget-met", "engine-parity", "finite-logits"]
     assert ev["runtime"] == "onnxruntime" and ev["parity"]["top1_agreement"] == 1.0
     assert {a["mode"] for a in ev["attacks"]} == {"transfer", "black-box"}
     assert ev["clean_accuracy"] > 0.2 and "per_corruption" in ev["corruptions"]
@@ -158,6 +179,8 @@ def test_validate_command_on_run_engine_and_on_a_bare_onnx_file(
     assert [s["name"] for s in ev["skipped"]] == ["pgd"] and ev["parity"] is None
     # The recipe's parity gate cannot be evaluated without a reference: it fails closed.
     assert code == 1 and not report["passed"]
+    # No pruning target and no PyTorch reference: only the NaN/Inf check applies.
+    assert [(g["name"], g["passed"]) for g in report["intrinsic_gates"]] == [("finite-logits", True)]
 
 
 def test_validate_command_rejects_bad_engines(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -176,7 +199,7 @@ def test_validate_command_rejects_bad_engines(tmp_path: Path, capsys: pytest.Cap
 
 
 def test_an_interrupted_run_resumes_without_redoing_finished_stages(
-    tiny_run: tuple[Path, dict[str, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_run: tuple[Path, Report], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import shutil
 
@@ -204,7 +227,8 @@ def test_an_interrupted_run_resumes_without_redoing_finished_stages(
     after = _mtimes(out)
     assert after["train"] == before["train"] and after["prune"] == before["prune"]
     assert after["finetune"] != before["finetune"]
-    assert report["models"]["pruned"]["macs_reduction"] == pytest.approx(2.0, rel=0.05)
+    assert report.models.pruned is not None
+    assert report.models.pruned.macs_reduction == pytest.approx(2.0, rel=0.05)
 
 
 def test_validate_a_foreign_fixed_batch_onnx_without_metadata(tmp_path: Path) -> None:
@@ -254,7 +278,7 @@ def test_validate_a_foreign_fixed_batch_onnx_without_metadata(tmp_path: Path) ->
 
 
 def test_a_method_that_trains_inside_pruning_runs_through_the_pipeline(
-    tiny_run: tuple[Path, dict[str, Any]], tmp_path: Path
+    tiny_run: tuple[Path, Report], tmp_path: Path
 ) -> None:
     import shutil
 
@@ -270,7 +294,7 @@ def test_a_method_that_trains_inside_pruning_runs_through_the_pipeline(
         "bn_recalibration_batches": 4,
     }
     recipe["finetune"]["epochs"] = 0  # DNR ends at the budget, trained: no fine-tune stage work
-    report = run_pipeline(recipe_from_dict(recipe), copy, progress=False)
+    report = run_pipeline(recipe_from_dict(recipe), copy, progress=False).to_json()
     assert _mtimes(copy)["train"] == before["train"]  # the same dense model, not retrained
     pruned = report["models"]["pruned"]
     assert pruned["method"] == "dnr" and abs(pruned["macs_reduction"] / 2.0 - 1) <= 0.05

@@ -332,7 +332,8 @@ def test_build_runner_uses_the_registry(exported: dict) -> None:
     torch_runner = build_runner("torch", model=model, input_spec=SPEC)
     assert isinstance(ort_runner, OnnxRuntimeRunner) and isinstance(torch_runner, TorchRunner)
     assert check_parity(torch_runner, ort_runner, [images(3)]).max_abs_diff < 1e-4
-    with pytest.raises(UnknownNameError, match="known: onnxruntime, tensorrt, torch"):
+    known = "known: onnxruntime, onnxruntime-cuda, onnxruntime-tensorrt, tensorrt, torch"
+    with pytest.raises(UnknownNameError, match=known):
         build_runner("openvino", path=path)
     with pytest.raises(UserError, match="it takes: path, threads, providers, precision"):
         build_runner("onnxruntime", path=path, thread=2)

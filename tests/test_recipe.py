@@ -20,7 +20,8 @@ def test_defaults_validate_and_fraction_eps_is_parsed() -> None:
 
 
 def test_every_shipped_recipe_validates() -> None:
-    paths = sorted((REPO / "deploy_examples").glob("*.yaml"))
+    examples = REPO / "deploy_examples"
+    paths = sorted([*examples.glob("*.yaml"), *examples.glob("*/recipe.yaml")])
     assert paths, "deploy_examples has no recipes"
     for path in paths:
         assert isinstance(load_recipe(path), Recipe)

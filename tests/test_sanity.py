@@ -10,7 +10,7 @@ from torch import nn
 from tests.test_attacks import EPS, make_data, trained_cnn
 from toolchain.errors import UserError
 from toolchain.robustness import sanity
-from toolchain.robustness.attacks import PGD, Square, robust_accuracy
+from toolchain.robustness.attacks import PGD, Square
 
 
 class Softmaxed(nn.Module):
@@ -120,14 +120,19 @@ def test_masked_gradients_are_caught_by_black_box_vs_white_box(
     x, y = x[:32], y[:32]
     masked = Quantised(model)
     eps = 16 / 255
-    white = robust_accuracy(masked, PGD(eps=eps, steps=10)(masked, x, y).x_adv, y)
-    black = robust_accuracy(masked, Square(eps=eps, queries=300)(masked, x, y).x_adv, y)
-    assert black < white - 0.1, (white, black)
+    white = _survivors(masked, PGD(eps=eps, steps=10)(masked, x, y).x_adv, y)
+    black = _survivors(masked, Square(eps=eps, queries=300)(masked, x, y).x_adv, y)
+    assert black.float().mean() < white.float().mean() - 0.1, (white.float().mean(), black.float().mean())
     assert sanity.check_black_box_stronger(white, black) == "black-box-stronger-than-white-box"
     # On the healthy model, PGD is at least as strong as Square: no flag.
-    white = robust_accuracy(model, PGD(eps=EPS, steps=10)(model, x, y).x_adv, y)
-    black = robust_accuracy(model, Square(eps=EPS, queries=100)(model, x, y).x_adv, y)
+    white = _survivors(model, PGD(eps=EPS, steps=10)(model, x, y).x_adv, y)
+    black = _survivors(model, Square(eps=EPS, queries=100)(model, x, y).x_adv, y)
     assert sanity.check_black_box_stronger(white, black) is None
+
+
+def _survivors(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x_adv).argmax(1) == y
 
 
 def test_randomised_outputs(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
@@ -142,32 +147,52 @@ def test_randomised_outputs(model: nn.Module, batch: tuple[torch.Tensor, torch.T
     assert sanity.check_randomised_outputs(model, x, reference=logits + 0.1) == "randomised-outputs"
 
 
+def _outcomes(robust: int, n: int = 100) -> torch.Tensor:
+    """The first ``robust`` of ``n`` images survived."""
+    return torch.arange(n) < robust
+
+
 @pytest.mark.parametrize(
-    ("white", "black", "expected"),
+    ("white_robust", "black_robust", "expected"),
     [
-        (0.50, 0.30, "black-box-stronger-than-white-box"),
-        (0.50, 0.47, "black-box-stronger-than-white-box"),
-        (0.50, 0.49, None),  # within the 2-point tolerance
-        (0.30, 0.50, None),  # the usual case: white-box is stronger
-        (0.30, 0.30, None),
-        (None, 0.10, None),  # an attack not run: nothing to compare
-        (0.50, None, None),
+        # Same 100 images; black-box fools images 30..49 on top of white-box's: 20 > 2 * sqrt(20).
+        (50, 30, "black-box-stronger-than-white-box"),
+        # 5 more images fooled, none the other way: 5 > 2 * sqrt(5) = 4.47.
+        (50, 45, "black-box-stronger-than-white-box"),
+        # 4 more: 4 > 2 * sqrt(4) = 4 is false; within two standard errors of noise.
+        (50, 46, None),
+        (30, 50, None),  # the usual case: white-box is stronger
+        (30, 30, None),
     ],
 )
-def test_black_box_stronger_logic(white: float | None, black: float | None, expected: str | None) -> None:
+def test_black_box_stronger_is_a_paired_test(
+    white_robust: int, black_robust: int, expected: str | None
+) -> None:
+    white, black = _outcomes(white_robust), _outcomes(black_robust)
     assert sanity.check_black_box_stronger(white, black) == expected
 
 
-def test_black_box_tolerance_is_a_parameter() -> None:
-    assert sanity.check_black_box_stronger(0.50, 0.40, tolerance=0.2) is None
-    assert sanity.check_black_box_stronger(0.50, 0.499, tolerance=0.0) == "black-box-stronger-than-white-box"
+def test_paired_test_counts_disagreements_both_ways() -> None:
+    # Black-box is 6 points lower (34% vs 40%), but the two disagree on 34 images both ways:
+    # white-box survivors are images 0..39, black-box survivors 20..53.
+    white = torch.zeros(100, dtype=torch.bool)
+    black = torch.zeros(100, dtype=torch.bool)
+    white[:40], black[20:54] = True, True
+    excess, se = sanity.paired_difference(white, black)
+    only_black = int((white & ~black).sum())  # images 0..19: fooled by the black-box attack only
+    only_white = int((~white & black).sum())  # images 40..53: fooled by white-box only
+    assert (only_black, only_white) == (20, 14)
+    assert excess == 6 and se == pytest.approx(34**0.5)
+    assert sanity.check_black_box_stronger(white, black) is None  # 6 < 2 * 5.83
+    assert sanity.check_black_box_stronger(white, black, z=1.0) == "black-box-stronger-than-white-box"
+    with pytest.raises(ValueError, match="same images"):
+        sanity.paired_difference(white, black[:50])
 
 
 def test_transfer_stronger_logic() -> None:
-    assert sanity.check_transfer_stronger(0.6, 0.4) == "transfer-stronger-than-white-box"
-    assert sanity.check_transfer_stronger(0.4, 0.6) is None
-    assert sanity.check_transfer_stronger(0.4, 0.39) is None
-    assert sanity.check_transfer_stronger(None, 0.1) is None
+    assert sanity.check_transfer_stronger(_outcomes(60), _outcomes(40)) == "transfer-stronger-than-white-box"
+    assert sanity.check_transfer_stronger(_outcomes(40), _outcomes(60)) is None
+    assert sanity.check_transfer_stronger(_outcomes(40), _outcomes(39)) is None
 
 
 @pytest.mark.parametrize(

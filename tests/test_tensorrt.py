@@ -298,7 +298,7 @@ def test_fixed_batch_needs_no_profile(tmp_path: Path, monkeypatch: Any) -> None:
     [
         ("10.3.0", "fp32", "int8", "calibrators are not supported"),
         ("11.1.0", "fp32", "int8", "Q/DQ file"),
-        ("11.1.0", "fp32", "fp16", "modelopt.onnx.autocast"),
+        ("11.1.0", "fp32", "fp16", "convert_to_fp16"),
         ("10.3.0", "int8", "fp32", "precision='int8'"),
         ("11.1.0", "fp16", "fp32", "precision='fp16'"),
     ],
@@ -409,13 +409,17 @@ def test_runner_from_onnx_builds_once_and_rebuilds_when_stale(tmp_path: Path, ho
     onnx_path = write_onnx(tmp_path / "m.onnx")
     runner = build_runner("tensorrt", path=onnx_path, threads=2, device="cpu", max_batch=4)
     assert runner.engine_path == tmp_path / "m.fp32.engine"  # type: ignore[attr-defined]
-    tensorrt_runner(onnx_path, device="cpu")
-    assert len(named(host_runner, "build_serialized_network")) == 1  # up to date: reused
+    tensorrt_runner(onnx_path, device="cpu", max_batch=4)
+    assert len(named(host_runner, "build_serialized_network")) == 1  # same key: reused
     stat = onnx_path.stat()
-    os.utime(onnx_path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the ONNX file changed
-    tensorrt_runner(onnx_path, device="cpu")
-    tensorrt_runner(onnx_path, device="cpu", precision="fp16")  # another precision: another engine
-    assert len(named(host_runner, "build_serialized_network")) == 3
+    os.utime(onnx_path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched, same bytes
+    tensorrt_runner(onnx_path, device="cpu", max_batch=4)
+    assert len(named(host_runner, "build_serialized_network")) == 1
+    tensorrt_runner(onnx_path, device="cpu", max_batch=8)  # another profile: rebuilt
+    write_onnx(onnx_path, batch="n")  # new contents: rebuilt
+    tensorrt_runner(onnx_path, device="cpu", max_batch=8)
+    tensorrt_runner(onnx_path, device="cpu", precision="fp16", max_batch=8)  # another precision
+    assert len(named(host_runner, "build_serialized_network")) == 4
     assert json.loads((tmp_path / "m.fp16.engine.json").read_text())["precision"] == "fp16"
 
 

@@ -1,8 +1,9 @@
 """The ``robustprune`` command: parse, load the recipe, call one verb. No logic lives here.
 
-Exit codes: 0 success; 1 a gate failed (``run``, ``validate``, ``gate``) or a model did not go
-through ``inspect --trial``; 2 a usage or input error, reported as one line on stderr
-(``--debug`` shows the traceback).
+Exit codes, for every verb: 0 success; 1 a gate failed (``run``, ``validate``, ``gate``) or a
+model did not go through ``inspect --trial``; 2 a usage or input error; 3 an internal error (a
+bug). Errors are one line on stderr; ``--debug`` also prints the traceback (the exit code stays
+the same).
 """
 
 from __future__ import annotations
@@ -10,13 +11,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
 from toolchain.errors import UserError
 
-EXIT_OK, EXIT_GATE_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_GATE_FAILED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 
 
 class _Parser(argparse.ArgumentParser):
@@ -29,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="robustprune",
         description="Prune PyTorch vision models while keeping them robust, export them to ONNX, "
         "and validate robustness on the exported engine itself.",
-        epilog="Exit codes: 0 success, 1 a gate failed, 2 bad input.",
+        epilog="Exit codes: 0 success, 1 a gate failed, 2 bad input, 3 internal error (a bug).",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser)
@@ -79,11 +81,39 @@ def _parser() -> argparse.ArgumentParser:
         help="also run the pipeline with tiny settings (signs data, 2x MACs, ONNX parity); exit 1 on failure",
     )
 
+    bench = sub.add_parser(
+        "bench", help="latency of dense FP32, pruned FP32 and pruned INT8 side by side (ONNX Runtime CPU)"
+    )
+    bench.add_argument("--arch", default="resnet18", help="zoo architecture (default resnet18)")
+    bench.add_argument("--image-size", type=int, default=32)
+    bench.add_argument("--classes", type=int, default=10)
+    bench.add_argument("--width", type=float, default=1.0)
+    bench.add_argument("--reductions", default="2,4,8", help="MACs reductions of the pruned models")
+    bench.add_argument("--int8", default="4", help="which reductions also run in INT8 ('' for none)")
+    bench.add_argument("--schemes", default="u8s8,s8s8", help="INT8 schemes to time")
+    bench.add_argument("--batches", default="1,32")
+    bench.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads (pinned)")
+    bench.add_argument("--round-to", default="16", help="channel multiple, or 'none'")
+    bench.add_argument("--optimization", default="all", choices=["disable", "basic", "extended", "all"])
+    bench.add_argument("--iterations", type=int, default=600, help="timed calls at batch 1 (fewer per batch)")
+    bench.add_argument("--min-iterations", type=int, default=200)
+    bench.add_argument("--out", help="write the JSON result here")
+
+    doctor = sub.add_parser("doctor", help="what this machine can run, and what a recipe needs")
+    doctor.add_argument("--recipe", help="also check what this recipe needs")
+    doctor.add_argument("--json", action="store_true", help="print JSON instead of text")
+
     gate = sub.add_parser("gate", help="check a report.json against gates; exit 1 if one fails")
     gate.add_argument("report", help="report.json")
     gate.add_argument("--policy", help="YAML with a 'gates' list (default: the report's own gates)")
     gate.add_argument("--baseline", help="baseline report.json for relative gates")
     gate.add_argument("--junit", help="also write the result as JUnit XML here")
+    gate.add_argument("--recipe", help="refuse the report unless this recipe produced it (same sha256)")
+
+    cmp = sub.add_parser("compare", help="two report.json files side by side (two releases or methods)")
+    cmp.add_argument("report_a", help="report.json (A)")
+    cmp.add_argument("report_b", help="report.json (B)")
+    cmp.add_argument("--format", choices=("text", "md"), default="text", help="terminal table or Markdown")
     return parser
 
 
@@ -103,12 +133,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _dispatch(args)
     except UserError as exc:
         if args.debug:
-            raise
-        sys.stderr.write(f"robustprune: error: {exc}\n")
+            traceback.print_exc()
+        sys.stderr.write(f"robustprune: error: {_one_line(exc)}\n")
         return EXIT_USAGE
     except KeyboardInterrupt:
         sys.stderr.write("robustprune: interrupted; re-run the same command to resume\n")
         return 130
+    except Exception as exc:  # anything else is a bug: say so, never as "a gate failed"
+        if args.debug:
+            traceback.print_exc()
+        sys.stderr.write(
+            f"robustprune: internal error: {type(exc).__name__}: {_one_line(exc)}. This is a bug; "
+            "re-run with --debug for the traceback\n"
+        )
+        return EXIT_INTERNAL
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -122,8 +165,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         )
     if args.verb == "corruptions":
         return commands.corruptions(args.list, args.grid, args.dataset, args.index, args.seed)
+    if args.verb == "bench":
+        return commands.bench(args)
+    if args.verb == "doctor":
+        return commands.doctor(args.recipe, as_json=args.json)
     if args.verb == "gate":
-        return commands.gate(Path(args.report), args.policy, args.baseline, args.junit)
+        return commands.gate(Path(args.report), args.policy, args.baseline, args.junit, args.recipe)
+    if args.verb == "compare":
+        return commands.compare(args.report_a, args.report_b, args.format)
     if args.verb == "inspect":
         return commands.inspect(
             args.target,

@@ -1,8 +1,15 @@
-"""What each CLI verb does, as plain functions (the CLI only parses arguments)."""
+"""What each CLI verb does, as plain functions (the CLI only parses arguments).
+
+Each returns the process exit code: 0 pass, 1 a gate failed; bad input raises a
+:class:`~toolchain.errors.UserError` (exit 2).
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,6 +22,17 @@ from toolchain.recipe import Gate, load_recipe
 
 log = logging.getLogger(__name__)
 
+EXIT_OK, EXIT_GATE_FAILED = 0, 1
+
+
+def _announce_failures(gates: list[Any], intrinsic: list[Any], where: str) -> None:
+    """Under GitHub Actions, a failed gate is also an ``::error::`` annotation on stdout."""
+    from toolchain.report.junit import github_annotations
+
+    if os.environ.get("GITHUB_ACTIONS") == "true":
+        for line in github_annotations(gates, intrinsic, where):
+            sys.stdout.write(line + "\n")
+
 
 def run(recipe_path: str, out: str | None, overrides: list[str], *, progress: bool = True) -> int:
     """``robustprune run``: the whole pipeline; exit 1 if a gate failed."""
@@ -25,7 +43,8 @@ def run(recipe_path: str, out: str | None, overrides: list[str], *, progress: bo
     run_dir = Path(out) if out else Path("runs") / recipe.name
     report = run_pipeline(recipe, run_dir, progress=progress)
     sys.stdout.write(render_summary(report, run_dir) + "\n")
-    return 0 if report["passed"] else 1
+    _announce_failures(report.gates, report.intrinsic_gates, str(run_dir / "report.json"))
+    return EXIT_OK if report.passed else EXIT_GATE_FAILED
 
 
 def validate(
@@ -40,7 +59,8 @@ def validate(
     out_dir = Path(out) if out else engine_path.parent / f"validate-{engine_path.stem}"
     report = validate_engine(engine_path, recipe, out_dir, progress=progress)
     sys.stdout.write(render_summary(report, out_dir) + "\n")
-    return 0 if report["passed"] else 1
+    _announce_failures(report.gates, report.intrinsic_gates, str(out_dir / "report.json"))
+    return EXIT_OK if report.passed else EXIT_GATE_FAILED
 
 
 def corruptions(show_list: bool, grid: str | None, dataset: str, index: int, seed: int) -> int:
@@ -63,7 +83,59 @@ def corruptions(show_list: bool, grid: str | None, dataset: str, index: int, see
         image, _ = data.val[index]
         save_corruption_grid(image, grid, seed=seed)
         sys.stdout.write(f"wrote {grid}\n")
+    return EXIT_OK
+
+
+def _numbers(text: str, what: str, kind: type = float) -> tuple[Any, ...]:
+    try:
+        return tuple(kind(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UserError(f"--{what} must be comma-separated numbers, got {text!r}") from None
+
+
+def bench(args: argparse.Namespace) -> int:
+    """``robustprune bench``: the latency study; prints a table, optionally writes JSON."""
+    from toolchain.latency_study import LatencyStudy, render_latency_study, run_latency_study
+
+    round_to = None if args.round_to.lower() == "none" else _numbers(args.round_to, "round-to", int)[0]
+    study = LatencyStudy(
+        arch=args.arch,
+        image_size=args.image_size,
+        num_classes=args.classes,
+        width=args.width,
+        reductions=_numbers(args.reductions, "reductions"),
+        int8_reductions=_numbers(args.int8, "int8"),
+        int8_schemes=tuple(s for s in args.schemes.split(",") if s),
+        batches=_numbers(args.batches, "batches", int),
+        threads=args.threads,
+        round_to=round_to,
+        optimization=args.optimization,
+        iterations=args.iterations,
+        min_iterations=args.min_iterations,
+    )
+    if args.out and Path(args.out).is_dir():
+        raise UserError(f"--out {args.out!r} is a folder; pass a .json file path")
+    result = run_latency_study(study)
+    if args.out:
+        from toolchain.rundir import write_json
+
+        write_json(Path(args.out), result)
+    sys.stdout.write(render_latency_study(result) + "\n")
     return 0
+
+
+def doctor(recipe_path: str | None, *, as_json: bool = False) -> int:
+    """``robustprune doctor``: exit 0, or 1 when the recipe needs something this machine lacks."""
+    from toolchain.doctor import recipe_needs, render_doctor
+    from toolchain.machine import probe
+
+    machine = probe()
+    needs = recipe_needs(load_recipe(recipe_path), machine) if recipe_path else None
+    if as_json:
+        sys.stdout.write(json.dumps({"machine": machine, "needs": needs}, indent=2) + "\n")
+    else:
+        sys.stdout.write(render_doctor(machine, needs) + "\n")
+    return 1 if needs and any(n["required"] and not n["ok"] for n in needs) else 0
 
 
 def _read_yaml(path: str, what: str) -> Any:
@@ -76,44 +148,82 @@ def _read_yaml(path: str, what: str) -> Any:
         raise UserError(f"{what} {path!r} is not valid YAML/JSON: {str(exc).splitlines()[0]}") from None
 
 
-def gate(report_path: Path, policy: str | None, baseline: str | None, junit: str | None) -> int:
-    """``robustprune gate``: exit 0 if every gate passes, 1 if one fails (missing metrics fail)."""
-    from toolchain.report.gates import evaluate_gates
-    from toolchain.report.junit import write_junit
+def _policy_gates(policy: str) -> list[Gate]:
+    raw = _read_yaml(policy, "policy")
+    raw_gates = raw.get("gates") if isinstance(raw, dict) else raw
+    try:
+        return TypeAdapter(list[Gate]).validate_python(raw_gates)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise RecipeError(f"policy {policy}: gates.{where}: {err['msg']}") from None
 
-    report = _read_yaml(str(report_path), "report")
-    if not isinstance(report, dict) or not str(report.get("schema", "")).startswith("robustprune.report/"):
-        raise UserError(f"{report_path} is not a robustprune report.json (no 'schema' key)")
-    if policy:
-        raw = _read_yaml(policy, "policy")
-        raw_gates = raw.get("gates") if isinstance(raw, dict) else raw
-        try:
-            gates = TypeAdapter(list[Gate]).validate_python(raw_gates)
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            where = ".".join(str(p) for p in err["loc"])
-            raise RecipeError(f"policy {policy}: gates.{where}: {err['msg']}") from None
-    else:
-        gates = [
-            Gate.model_validate({k: v for k, v in g.items() if k in Gate.model_fields})
-            for g in report.get("gates", [])
-        ]
-    if not gates:
-        raise UserError(
-            "no gates to check: pass --policy FILE with a 'gates' list, or put gates in the recipe"
+
+def gate(
+    report_path: Path,
+    policy: str | None,
+    baseline: str | None,
+    junit: str | None,
+    recipe_path: str | None = None,
+) -> int:
+    """``robustprune gate``: exit 0 if every gate passes, 1 if one fails (missing metrics fail).
+
+    The intrinsic gates are re-checked from the report's numbers, whatever it says it passed.
+
+    Raises:
+        UserError: the report is missing or not a report, is not from a completed run
+            (``status`` not ``completed``: the run crashed, or a later run started), or was
+            not produced by ``recipe_path``; a bad policy or baseline.
+    """
+    from toolchain.report.gates import evaluate_gates, intrinsic_gates, verdict
+    from toolchain.report.junit import write_junit
+    from toolchain.report.schema import COMPLETED, read_report
+
+    report = read_report(report_path)
+    if report.status != COMPLETED:
+        said = (
+            "no status (written before reports recorded completion)"
+            if report.status is None
+            else report.status
         )
-    base = _read_yaml(baseline, "baseline report") if baseline else None
+        raise UserError(
+            f"{report_path} is not the report of a completed run ({said}): the run that should have "
+            "written it crashed or is still running; re-run it and gate the new report"
+        )
+    if recipe_path:
+        expected = load_recipe(recipe_path).sha256()
+        if report.recipe_sha256 != expected:
+            raise UserError(
+                f"{report_path} was produced by another recipe (sha256 {report.recipe_sha256[:12]}), "
+                f"not by {recipe_path} ({expected[:12]}); run that recipe and gate its report"
+            )
+    gates: list[Any] = _policy_gates(policy) if policy else [g.model_dump() for g in report.gates]
+    base = read_report(baseline, "baseline report") if baseline else None
     results = evaluate_gates(report, gates, base)
+    intrinsic = intrinsic_gates(report)
+    for check in intrinsic:
+        sys.stdout.write(f"{'PASS' if check.passed else 'FAIL'} intrinsic {check.name}: {check.detail}\n")
     for row in results:
-        status = "PASS" if row["passed"] else "FAIL"
-        value = "missing" if row["value"] is None else f"{row['value']:.6g}"
-        rel = f" ({row['relative']} vs baseline)" if row.get("relative") else ""
-        sys.stdout.write(f"{status} {row['metric']}{rel} {row['op']} {row['threshold']:g}: {value}\n")
-        if row.get("error"):
-            sys.stdout.write(f"     {row['error']}\n")
+        status = "PASS" if row.passed else "FAIL"
+        value = "missing" if row.value is None else f"{row.value:.6g}"
+        rel = f" ({row.relative} vs baseline)" if row.relative else ""
+        sys.stdout.write(f"{status} {row.metric}{rel} {row.op} {row.threshold:g}: {value}\n")
+        if row.error:
+            sys.stdout.write(f"     {row.error}\n")
+    _announce_failures(results, intrinsic, str(report_path))
     if junit:
-        write_junit(Path(junit), results)
-    return 0 if all(r["passed"] for r in results) else 1
+        write_junit(Path(junit), results, intrinsic)
+    return EXIT_OK if verdict(results, intrinsic) else EXIT_GATE_FAILED
+
+
+def compare(report_a: str, report_b: str, fmt: str) -> int:
+    """``robustprune compare A B``: the two reports side by side, on stdout."""
+    from toolchain.report.compare import render_comparison
+    from toolchain.report.schema import read_report
+
+    a, b = read_report(report_a, "report A"), read_report(report_b, "report B")
+    sys.stdout.write(render_comparison(a, b, (f"A: {report_a}", f"B: {report_b}"), fmt) + "\n")
+    return EXIT_OK
 
 
 def inspect(
@@ -131,7 +241,6 @@ def inspect(
 ) -> int:
     """``robustprune inspect``: what pruning can do to a model (a recipe's, or one named), before
     any training; with ``trial``, also run the pipeline on it with tiny settings."""
-    import json
     import tempfile
 
     from toolchain.pruning.prunability import assess
@@ -167,8 +276,8 @@ def inspect(
             result = run_trial(arch, size, work)
         details = ", ".join(f"{k}={v}" for k, v in result.to_dict().items() if v is not None and k != "arch")
         sys.stdout.write(f"trial: {result.outcome} ({details})\n")
-        return 0 if result.outcome == "works" else 1
-    return 0
+        return EXIT_OK if result.outcome == "works" else EXIT_GATE_FAILED
+    return EXIT_OK
 
 
 def _inspected_model(

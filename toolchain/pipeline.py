@@ -1,4 +1,5 @@
-"""The pipeline: recipe → data+model → train → prune → fine-tune → export → validate → bench → report.
+"""The pipeline: recipe → data+model → train → prune → fine-tune → export → quantize → engine →
+validate → bench → report.
 
 Each stage writes its artifacts into the run directory with a key chained from the recipe
 sections it depends on; a stage whose key did not change is loaded instead of re-run, so an
@@ -8,6 +9,7 @@ interrupted run resumes, and editing ``finetune`` re-runs fine-tuning and what f
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,16 +26,18 @@ from exporters.latency import compare_latency
 from exporters.onnx import check_parity, export_onnx
 from exporters.runtimes import build_runner
 from exporters.torch_runner import TorchRunner
-from toolchain import preflight
+from toolchain import deploy, preflight
 from toolchain.data import DataBundle
 from toolchain.device import resolve_device
 from toolchain.models import trusted_builder
 from toolchain.preflight import prune_job
 from toolchain.pruning import count_macs_params, load_pruned, prune_model, save_pruned
 from toolchain.recipe import Recipe
-from toolchain.report.assemble import assemble_report, write_report
+from toolchain.report.assemble import assemble_report
+from toolchain.report.schema import Evaluation, Report
+from toolchain.report.writer import mark_stale, write_report
 from toolchain.robustness.suite import evaluate_model
-from toolchain.rundir import RunDir, atomic_path, chain_key, write_json
+from toolchain.rundir import RunDir, atomic_path, chain_key, read_json, write_json
 from toolchain.training import TrainCheckpoint, make_loader, train_model
 
 log = logging.getLogger(__name__)
@@ -86,12 +90,16 @@ def stage_keys(recipe: Recipe) -> dict[str, str]:
     keys["prune"] = chain_key(keys["train"], recipe.section_hash("prune"))
     keys["finetune"] = chain_key(keys["prune"], recipe.section_hash("finetune"))
     keys["export"] = chain_key(keys["finetune"], recipe.section_hash("export"))
-    keys["validate"] = chain_key(keys["export"], recipe.section_hash("validate"))
-    keys["bench"] = chain_key(keys["export"], recipe.section_hash("bench"))
+    keys["quantize"] = chain_key(keys["export"], recipe.section_hash("quantize"))
+    # An engine is only valid for the TensorRT that built it: a copied run directory rebuilds.
+    trt = deploy.tensorrt_version() or "none"
+    keys["engine"] = chain_key(keys["quantize"], recipe.section_hash("engine"), f"tensorrt={trt}")
+    keys["validate"] = chain_key(keys["engine"], recipe.section_hash("validate"))
+    keys["bench"] = chain_key(keys["engine"], recipe.section_hash("bench"))
     return keys
 
 
-def run_pipeline(recipe: Recipe, out: str | Path | None = None, *, progress: bool = True) -> dict[str, Any]:
+def run_pipeline(recipe: Recipe, out: str | Path | None = None, *, progress: bool = True) -> Report:
     """Run (or resume) every stage of ``recipe`` and write the report.
 
     Args:
@@ -101,7 +109,8 @@ def run_pipeline(recipe: Recipe, out: str | Path | None = None, *, progress: boo
             so CI logs keep only the per-epoch and per-stage lines).
 
     Returns:
-        The report (also written to ``<out>/report.json``).
+        The report (also written to ``<out>/report.json``, last, with status ``completed``;
+        the previous report is marked stale before the first stage runs).
 
     Raises:
         UserError: bad names, missing data or checkpoints, or an unusable run directory; raised
@@ -109,6 +118,7 @@ def run_pipeline(recipe: Recipe, out: str | Path | None = None, *, progress: boo
     """
     data = preflight.check(recipe)
     run = RunDir.open(out or Path("runs") / recipe.name, recipe.model_dump(mode="json"))
+    mark_stale(run.root)
     ctx = Context(
         recipe=recipe,
         run=run,
@@ -124,10 +134,12 @@ def run_pipeline(recipe: Recipe, out: str | Path | None = None, *, progress: boo
     pruned = _stage(ctx, "finetune", lambda: _finetune(ctx), lambda: _load_model(ctx, "finetune"))
     models = {"dense": dense, "pruned": pruned}
     _stage(ctx, "export", lambda: _export(ctx, models), lambda: None)
+    _stage(ctx, "quantize", lambda: _quantize(ctx, models), lambda: None)
+    _stage(ctx, "engine", lambda: _engine(ctx), lambda: None)
     _stage(ctx, "validate", lambda: _validate(ctx, models), lambda: None)
     _stage(ctx, "bench", lambda: _bench(ctx, models), lambda: None)
 
-    report = assemble_report(ctx.run.root, recipe, data_name=data.name)
+    report = assemble_report(ctx.run.root, recipe, data_name=data.name, example_inputs=ctx.example_inputs)
     write_report(ctx.run.root, report)
     return report
 
@@ -276,11 +288,14 @@ def _export(ctx: Context, models: dict[str, nn.Module]) -> tuple[None, list[str]
         images = (x for x, _ in ctx.val_loader(batch_size=batch, samples=cfg.parity_samples))
         result = check_parity(TorchRunner(model, ctx.input_spec), runner, images)
         parity[name] = {
-            "max_abs_diff": result.max_abs_diff,
-            "mean_abs_diff": result.mean_abs_diff,
+            # NaN/Inf logits make the difference infinite; strict JSON records it as null.
+            "max_abs_diff": result.max_abs_diff if math.isfinite(result.max_abs_diff) else None,
+            "mean_abs_diff": result.mean_abs_diff if math.isfinite(result.mean_abs_diff) else None,
             "top1_agreement": result.top1_agreement,
             "samples": result.samples,
-            "reference_max_abs": result.reference_max_abs,
+            "reference_max_abs": (
+                result.reference_max_abs if math.isfinite(result.reference_max_abs) else None
+            ),
             "within_atol": result.max_abs_diff <= cfg.parity_atol,
         }
         if result.top1_agreement < 1.0 or result.max_abs_diff > cfg.parity_atol:
@@ -295,6 +310,41 @@ def _export(ctx: Context, models: dict[str, nn.Module]) -> tuple[None, list[str]
     return None, [*artifacts, "parity.json"], {"parity": parity}
 
 
+def _quantize(ctx: Context, models: dict[str, nn.Module]) -> tuple[None, list[str], dict[str, Any]]:
+    out = ctx.run.stage_dir("quantize")
+    records: list[dict[str, Any]] = []
+    if ctx.recipe.quantize.enabled:
+        records = deploy.quantize_models(
+            ctx.recipe, models, ctx.run.root / "export", out, lambda: ctx.train_loader(seed_offset=3)
+        )
+    write_json(out / deploy.QUANTIZE_RECORD, records)
+    return None, [*(r["file"] for r in records), deploy.QUANTIZE_RECORD], {"files": records}
+
+
+def _engine(ctx: Context) -> tuple[None, list[str], dict[str, Any]]:
+    out = ctx.run.stage_dir("engine")
+    records: list[dict[str, Any]] = []
+    if deploy.engine_stage_needed(ctx.recipe):
+        quantized = _stage_records(ctx, "quantize")
+        records = deploy.build_engines(
+            ctx.recipe, ctx.run.root / "export", ctx.run.root / "quantize", quantized, out
+        )
+    write_json(out / deploy.ENGINE_RECORD, records)
+    return None, [*(r["path"] for r in records), deploy.ENGINE_RECORD], {"engines": records}
+
+
+def _stage_records(ctx: Context, stage: str) -> list[dict[str, Any]]:
+    record = {"quantize": deploy.QUANTIZE_RECORD, "engine": deploy.ENGINE_RECORD}[stage]
+    path = ctx.run.root / stage / record
+    return list(read_json(path)) if path.is_file() else []
+
+
+def _labels(ctx: Context, model_name: str, runtimes: list[str]) -> dict[str, dict[str, Any]]:
+    return deploy.variant_labels(
+        model_name, runtimes, _stage_records(ctx, "quantize"), _stage_records(ctx, "engine")
+    )
+
+
 def onnx_path(run_root: Path, model_name: str) -> Path:
     return run_root / "export" / f"{model_name}.onnx"
 
@@ -307,30 +357,44 @@ def _runners(
     for runtime in runtimes:
         if runtime == "torch":
             runners[runtime] = TorchRunner(model, ctx.input_spec)
+        elif runtime == "tensorrt":
+            continue  # the engine stage's engines, below
         elif runtime == "onnxruntime":
             # Spinning threads help latency but starve interleaved PyTorch work in validation.
             runners[runtime] = build_runner(runtime, path=path, threads=threads, spinning=bench)
         else:
             runners[runtime] = build_runner(runtime, path=path, threads=threads)
-        if not bench:  # the suites feed any batch size; latency is measured at the engine's own
-            runners[runtime] = any_batch(runners[runtime])
+    runners.update(
+        deploy.variant_runners(
+            _labels(ctx, model_name, runtimes),
+            quantize_dir=ctx.run.root / "quantize",
+            engine_dir=ctx.run.root / "engine",
+            threads=threads,
+            spinning=bench,
+        )
+    )
+    if not bench:  # the suites feed any batch size; latency is measured at the engine's own
+        runners = {key: any_batch(r) for key, r in runners.items()}
     return runners
 
 
 def _validate(ctx: Context, models: dict[str, nn.Module]) -> tuple[None, list[str], dict[str, Any]]:
     cfg = ctx.recipe.validate
-    evaluations: list[dict[str, Any]] = []
+    evaluations: list[Evaluation] = []
     for name, model in models.items():
         runners = _runners(ctx, name, model, list(cfg.runtimes), cfg.threads)
-        evaluations += evaluate_model(
-            model,
-            runners,
-            ctx.val_loader(batch_size=cfg.batch_size, samples=cfg.samples),
-            cfg,
-            model_name=name,
-            progress=ctx.progress,
-        )
-    write_json(ctx.run.stage_dir("validate") / "evaluations.json", evaluations)
+        labels = _labels(ctx, name, list(cfg.runtimes))
+        batches = ctx.val_loader(batch_size=cfg.batch_size, samples=cfg.samples)
+        rows = evaluate_model(model, runners, batches, cfg, model_name=name, progress=ctx.progress)
+        int8 = {k: r for k, r in runners.items() if k.startswith("onnxruntime/int8/")}
+        parity = deploy.int8_parity(ctx.recipe, model, runners["onnxruntime"], int8, batches) if int8 else {}
+        for key, row in zip(runners, rows):
+            for field_name, value in labels.get(key, {}).items():
+                setattr(row, field_name, value)  # typed fields, or extra keys the schema keeps
+            if key in parity:
+                row.parity_fp32 = parity[key]
+        evaluations += rows
+    write_json(ctx.run.stage_dir("validate") / "evaluations.json", [e.to_json() for e in evaluations])
     return None, ["evaluations.json"], {"count": len(evaluations)}
 
 
@@ -338,32 +402,62 @@ def _bench(ctx: Context, models: dict[str, nn.Module]) -> tuple[None, list[str],
     cfg = ctx.recipe.bench
     rows: list[dict[str, Any]] = []
     if cfg.enabled:
-        # Dense and pruned are timed interleaved, per runtime, so the ratio is not skewed by drift.
         by_model = {
             name: _runners(ctx, name, m, list(cfg.runtimes), cfg.threads, bench=True)
             for name, m in models.items()
         }
-        for runtime in cfg.runtimes:
-            runners = {name: by_model[name][runtime] for name in models}
-            fixed = {r.input_spec.batch for r in runners.values() if r.input_spec.batch is not None}
-            batches = sorted(fixed) if fixed else cfg.batch_sizes
-            if fixed and set(cfg.batch_sizes) != fixed:
-                log.warning(
-                    "%s engines have a fixed batch of %s: latency measured at that size only", runtime, fixed
-                )
-            for batch in batches:
-                stats = compare_latency(runners, batch=batch, warmup=cfg.warmup, iterations=cfg.iterations)
-                for name, runner in runners.items():
-                    rows.append(
-                        {
-                            "model": name,
-                            "runtime": runtime,
-                            "precision": runner.precision,
-                            "device": runner.device,
-                            "batch": batch,
-                            "threads": cfg.threads,
-                            **stats[name],
-                        }
+        labels = {name: _labels(ctx, name, list(cfg.runtimes)) for name in models}
+        # Torch is timed with the recipe's thread count, and rows say the count each runtime had.
+        torch_threads = torch.get_num_threads()
+        if "torch" in cfg.runtimes:
+            torch.set_num_threads(cfg.threads)
+        try:
+            for runtime in cfg.runtimes:
+                # Every model and variant of one runtime is timed interleaved, so ratios are not
+                # skewed by drift.
+                runners = {
+                    f"{name}:{key}": runner
+                    for name, group in by_model.items()
+                    for key, runner in group.items()
+                    if key.split("/")[0] == runtime
+                }
+                for batch in _bench_batches(runtime, runners, cfg.batch_sizes):
+                    stats = compare_latency(
+                        runners, batch=batch, warmup=cfg.warmup, iterations=cfg.iterations
                     )
+                    for full_key, runner in runners.items():
+                        name, _, key = full_key.partition(":")
+                        rows.append(
+                            {
+                                "model": name,
+                                "runtime": runner.runtime,
+                                "precision": runner.precision,
+                                "device": runner.device,
+                                "provider": getattr(runner, "provider", None),
+                                **{k: v for k, v in labels[name].get(key, {}).items() if k != "precision"},
+                                "batch": batch,
+                                "threads": _threads_of(runner),
+                                **stats[full_key],
+                            }
+                        )
+        finally:
+            torch.set_num_threads(torch_threads)
     write_json(ctx.run.stage_dir("bench") / "latency.json", rows)
     return None, ["latency.json"], {"rows": len(rows)}
+
+
+def _bench_batches(runtime: str, runners: dict[str, Runner], batch_sizes: list[int]) -> list[int]:
+    fixed = {r.input_spec.batch for r in runners.values() if r.input_spec.batch is not None}
+    if fixed and set(batch_sizes) != fixed:
+        log.warning("%s engines have a fixed batch of %s: latency measured at that size only", runtime, fixed)
+    return sorted(b for b in fixed if b is not None) if fixed else list(batch_sizes)
+
+
+def _threads_of(runner: Runner) -> int | None:
+    """The CPU threads a runner computes with: its session's intra-op count, torch's own count
+    for a PyTorch model on the CPU, none for a GPU engine."""
+    if runner.device != "cpu":
+        return None
+    if runner.runtime == "torch":
+        return torch.get_num_threads()
+    return getattr(runner, "threads", None)

@@ -34,25 +34,42 @@ def check_names(recipe: Recipe) -> None:
 
     Raises:
         UnknownNameError: a name is not registered; the message lists the known ones.
-        UserError: a runtime is requested whose library is not installed.
+        UserError: a runtime or attack is requested whose library is not installed, or an
+            attack's options are invalid.
     """
     from exporters.runtimes import RUNTIMES, runtime_available
     from toolchain.pruning import CRITERIA, METHODS
-    from toolchain.robustness.attacks import ATTACKS
     from toolchain.robustness.corruptions import CORRUPTIONS
+    from toolchain.robustness.suite import build_suite_attacks
 
     DATASETS.get(recipe.data.dataset)
     CRITERIA.get(recipe.prune.criterion)
     METHODS.get(recipe.prune.method)
-    for attack in recipe.validate.attacks:
-        ATTACKS.get(attack.name)
+    # Built, not only looked up: bad options or a missing optional package fail here.
+    build_suite_attacks(list(recipe.validate.attacks))
     for name in recipe.validate.corruptions.names:
         CORRUPTIONS.get(name)
-    for runtime in recipe.validate.runtimes:
-        RUNTIMES.get(runtime)
-        reason = runtime_available(runtime)
-        if reason:
-            raise UserError(f"validate.runtimes lists {runtime!r} but {reason}")
+    quantize = recipe.quantize
+    if quantize.enabled:
+        for name in quantize.corruptions:
+            CORRUPTIONS.get(name)
+    wants_tensorrt = "tensorrt" in recipe.validate.runtimes or (
+        recipe.bench.enabled and "tensorrt" in recipe.bench.runtimes
+    )
+    int8_source = quantize.enabled and "tensorrt" in quantize.targets
+    if wants_tensorrt and "int8" in recipe.engine.precisions and not int8_source:
+        raise UserError(
+            "engine.precisions lists int8, which TensorRT builds from a Q/DQ file: "
+            "set quantize.enabled: true and add tensorrt to quantize.targets"
+        )
+    for section, runtimes in (("validate", recipe.validate.runtimes), ("bench", recipe.bench.runtimes)):
+        if section == "bench" and not recipe.bench.enabled:
+            continue
+        for runtime in runtimes:
+            RUNTIMES.get(runtime)
+            reason = runtime_available(runtime)
+            if reason:
+                raise UserError(f"{section}.runtimes lists {runtime!r} but {reason}")
 
 
 def check(recipe: Recipe) -> DataBundle:

@@ -50,6 +50,9 @@ __all__ = [
 RECIPE_VERSION: Literal[1] = 1
 
 
+Runtime = Literal["torch", "onnxruntime", "tensorrt", "onnxruntime-cuda", "onnxruntime-tensorrt"]
+
+
 class DataConfig(Section):
     """Where the images come from."""
 
@@ -82,6 +85,84 @@ class ExportConfig(Section):
     parity_atol: float = Field(1e-3, gt=0, description="max |delta logit| allowed for fp32")
 
 
+class CalibrationMixConfig(Section):
+    """Shares of clean, corrupted and adversarial images in the mixed INT8 calibration set."""
+
+    clean: float = Field(0.5, ge=0)
+    corrupted: float = Field(0.25, ge=0)
+    adversarial: float = Field(0.25, ge=0)
+
+    @model_validator(mode="after")
+    def _not_all_zero(self) -> CalibrationMixConfig:
+        if self.clean + self.corrupted + self.adversarial <= 0:
+            raise ValueError("at least one share must be > 0")
+        return self
+
+
+class QuantizeGate(Section):
+    """Refuse an INT8 model that is slower than its FP32 file or loses too much accuracy.
+
+    Drops are in accuracy (0.01 = one point) against the FP32 file on ONNX Runtime; the
+    slowdown is INT8 p50 / FP32 p50 at every benchmarked batch size. Unset limits are not
+    checked.
+    """
+
+    calibration: Literal["clean", "mixed"] = "mixed"
+    max_slowdown: float | None = Field(1.0, gt=0)
+    max_clean_drop: float | None = Field(0.01, ge=0)
+    max_pgd_drop: float | None = Field(0.01, ge=0)
+    max_corruption_drop: float | None = Field(0.01, ge=0)
+
+
+class QuantizeConfig(Section):
+    """Static INT8 (Q/DQ) quantisation of the exported ONNX files."""
+
+    enabled: bool = False
+    models: list[Literal["dense", "pruned"]] = ["pruned"]  # noqa: RUF012
+    # One Q/DQ file per target runtime's scheme, and per calibration set (clean and/or the mix).
+    targets: list[Literal["onnxruntime", "tensorrt"]] = ["onnxruntime"]  # noqa: RUF012
+    calibrations: list[Literal["clean", "mixed"]] = ["clean", "mixed"]  # noqa: RUF012
+    samples: int = Field(256, ge=1, description="calibration images, from the training split")
+    method: Literal["minmax", "entropy", "percentile", "distribution"] = "minmax"
+    percentile: float = Field(99.999, gt=0, le=100)
+    per_channel: bool = True
+    preprocess: bool = True
+    exclude_nodes: list[str] = Field(default_factory=list)
+    mix: CalibrationMixConfig = CalibrationMixConfig()
+    corruptions: list[str] = Field(
+        default_factory=lambda: ["gaussian_noise", "motion_blur", "fog", "low_light"]
+    )
+    severities: list[int] = Field(default_factory=lambda: [3])
+    attack: AttackConfig = AttackConfig(steps=5, step_size=2 / 255)
+    gate: QuantizeGate | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> QuantizeConfig:
+        if not self.calibrations or not self.targets or not self.models:
+            raise ValueError("models, targets and calibrations must not be empty")
+        if self.gate is not None and self.gate.calibration not in self.calibrations:
+            raise ValueError(f"gate.calibration {self.gate.calibration!r} is not in calibrations")
+        if any(not 1 <= s <= 5 for s in self.severities):
+            raise ValueError(f"severities must be 1..5, got {self.severities}")
+        return self
+
+
+class EngineConfig(Section):
+    """TensorRT engine builds (the ``engine`` stage runs when a runtime list names ``tensorrt``)."""
+
+    precisions: list[Literal["fp32", "fp16", "int8"]] = ["fp32"]  # noqa: RUF012
+    min_batch: int = Field(1, ge=1)
+    opt_batch: int = Field(8, ge=1)
+    max_batch: int = Field(32, ge=1)
+    workspace_mb: int = Field(1024, ge=1)
+
+    @model_validator(mode="after")
+    def _batch_range(self) -> EngineConfig:
+        if not self.min_batch <= self.opt_batch <= self.max_batch:
+            raise ValueError("need min_batch <= opt_batch <= max_batch")
+        return self
+
+
 class CorruptionSuiteConfig(Section):
     names: list[str] = Field(default_factory=list, description="empty: no corruption suite")
     severities: list[int] = Field(default_factory=lambda: [1, 2, 3, 4, 5])
@@ -96,15 +177,16 @@ class CorruptionSuiteConfig(Section):
 
 
 class EvalAttackConfig(Section):
-    """One attack of the validation suite."""
+    """One attack of the validation suite; an unset option keeps the attack's own default."""
 
     name: str = "pgd"
     eps: Number = 8 / 255
     norm: Literal["linf", "l2"] = "linf"
-    steps: int = Field(20, ge=0)
+    steps: int | None = Field(None, ge=0, description="pgd 20, apgd/apgd-t/autoattack-lite 100")
     step_size: Number | None = None
     restarts: int = Field(1, ge=1)
-    queries: int = Field(1000, ge=1, description="black-box query budget (square)")
+    queries: int | None = Field(None, ge=1, description="square 1000, autoattack-lite 5000")
+    targets: int | None = Field(None, ge=1, description="apgd-t/autoattack-lite target classes (9)")
     samples: int | None = Field(None, ge=1, description="cap on images attacked")
     seed: int = 0
 
@@ -114,7 +196,7 @@ class ValidateConfig(Section):
 
     samples: int = Field(500, ge=1)
     batch_size: int = Field(100, ge=1)
-    runtimes: list[Literal["torch", "onnxruntime", "tensorrt"]] = ["torch", "onnxruntime"]  # noqa: RUF012
+    runtimes: list[Runtime] = ["torch", "onnxruntime"]  # noqa: RUF012
     threads: int = Field(2, ge=1)
     attacks: list[EvalAttackConfig] = Field(default_factory=lambda: [EvalAttackConfig()])
     corruptions: CorruptionSuiteConfig = CorruptionSuiteConfig()
@@ -124,7 +206,7 @@ class BenchConfig(Section):
     """Latency measurement on each exported runtime."""
 
     enabled: bool = True
-    runtimes: list[Literal["torch", "onnxruntime", "tensorrt"]] = ["onnxruntime"]  # noqa: RUF012
+    runtimes: list[Runtime] = ["onnxruntime"]  # noqa: RUF012
     batch_sizes: list[int] = Field(default_factory=lambda: [1])
     warmup: int = Field(10, ge=0)
     iterations: int = Field(50, ge=1)
@@ -148,7 +230,8 @@ warnings.filterwarnings("ignore", message='Field name "validate"', category=User
 
 
 class Recipe(Section):
-    """A whole run: ``recipe -> data+model -> train -> prune -> finetune -> export -> validate``."""
+    """A whole run: ``data+model -> train -> prune -> finetune -> export -> quantize -> engine ->
+    validate -> bench``."""
 
     version: Literal[1] = RECIPE_VERSION
     name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -162,6 +245,8 @@ class Recipe(Section):
     prune: PruneConfig = PruneConfig()
     finetune: TrainConfig = TrainConfig(epochs=3, lr=0.01)
     export: ExportConfig = ExportConfig()
+    quantize: QuantizeConfig = QuantizeConfig()
+    engine: EngineConfig = EngineConfig()
     validate: ValidateConfig = ValidateConfig()  # type: ignore[assignment]  # see the filter above
     bench: BenchConfig = BenchConfig()
     gates: list[Gate] = Field(default_factory=list)

@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 from toolchain.errors import UserError
 from toolchain.recipe import Recipe, recipe_from_dict
+from toolchain.report.schema import Report
 
 log = logging.getLogger(__name__)
 
@@ -152,16 +153,17 @@ def _failed_stage(run_dir: Path) -> str:
     return "report"
 
 
-def _read_report(result: TrialResult, report: dict[str, Any], run_dir: Path, atol: float) -> None:
+def _read_report(result: TrialResult, report: Report, run_dir: Path, atol: float) -> None:
     prune = json.loads((run_dir / "prune" / "stage.json").read_text())["result"]
-    parity = report.get("parity", {}).get("pruned", {})
+    parity = (report.parity or {}).get("pruned")
     result.dense_macs, result.macs = int(prune["dense_macs"]), int(prune["macs"])
     result.macs_reduction = float(prune["macs_reduction"])
     result.target_met = bool(prune["target_met"])
     result.dense_params = int(prune["dense_params"])
-    result.parity_max_abs_diff = parity.get("max_abs_diff")
-    result.logit_scale = parity.get("reference_max_abs")
-    result.top1_agreement = parity.get("top1_agreement")
+    if parity is not None:
+        result.parity_max_abs_diff = parity.max_abs_diff
+        result.logit_scale = parity.reference_max_abs
+        result.top1_agreement = parity.top1_agreement
     allowed = max(atol, PARITY_RTOL * (result.logit_scale or 0.0))
     problems = []
     if not result.target_met:

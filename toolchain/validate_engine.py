@@ -1,6 +1,7 @@
 """``robustprune validate``: the validate section of a recipe on one exported ONNX file.
 
-The file may come from a run directory (``runs/<name>/export/pruned.onnx``): then its PyTorch
+The file may come from a run directory (``runs/<name>/export/pruned.onnx``, or an INT8 file in
+``runs/<name>/quantize/``): then its PyTorch
 model is found beside it and white-box attacks are crafted on it and replayed on the engine
 (mode ``transfer``). A user's own ONNX file gets the clean, corruption and black-box parts
 only; the skipped attacks are listed in the report.
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import nn
 
 from exporters.batching import any_batch
@@ -24,11 +26,11 @@ from toolchain.errors import UserError
 from toolchain.models import trusted_builder
 from toolchain.pruning import load_pruned
 from toolchain.recipe import Recipe
-from toolchain.report import SCHEMA
-from toolchain.report.assemble import environment, models_section
-from toolchain.report.gates import evaluate_gates
+from toolchain.report.assemble import environment, finish, models_section
+from toolchain.report.schema import EngineInfo, Models, Report
+from toolchain.report.writer import mark_stale, write_report
 from toolchain.robustness.suite import evaluate_model
-from toolchain.rundir import MARKER, RunDir, write_json
+from toolchain.rundir import MARKER, RunDir
 from toolchain.training import make_loader
 
 log = logging.getLogger(__name__)
@@ -40,7 +42,7 @@ _STAGE_OF = {"dense": "train", "pruned": "finetune"}
 def _torch_model(engine: Path, metadata: dict[str, str], example: Any, recipe: Recipe) -> nn.Module | None:
     run_root = engine.parent.parent
     stage = _STAGE_OF.get(metadata.get("model", ""))
-    if engine.parent.name != "export" or not (run_root / MARKER).is_file() or stage is None:
+    if engine.parent.name not in ("export", "quantize") or not (run_root / MARKER).is_file() or stage is None:
         return None
     checkpoint = run_root / stage / "model.pt"
     if not checkpoint.is_file():
@@ -49,8 +51,18 @@ def _torch_model(engine: Path, metadata: dict[str, str], example: Any, recipe: R
     return model.eval()
 
 
-def validate_engine(engine: Path, recipe: Recipe, out: Path, *, progress: bool = True) -> dict[str, Any]:
-    """Evaluate ``engine`` with ``recipe.validate`` on ``recipe.data`` and write ``out/report.json``.
+def _run_tolerance(run_root: Path, recipe: Recipe) -> float:
+    """The pruning tolerance the engine's own run used (its recipe.yaml), else ``recipe``'s."""
+    try:
+        return float(yaml.safe_load((run_root / "recipe.yaml").read_text())["prune"]["tolerance"])
+    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError):
+        return recipe.prune.tolerance
+
+
+def validate_engine(engine: Path, recipe: Recipe, out: Path, *, progress: bool = True) -> Report:
+    """Evaluate ``engine`` with ``recipe.validate`` on ``recipe.data`` and write the reports into ``out``.
+
+    The previous report in ``out`` is marked stale first; report.json is written last.
 
     Raises:
         UserError: the file is missing or not ONNX, its input does not match the data, or a
@@ -86,6 +98,7 @@ def validate_engine(engine: Path, recipe: Recipe, out: Path, *, progress: bool =
     samples = min(cfg.samples, len(data.val))  # type: ignore[arg-type]
     loader = make_loader(torch.utils.data.Subset(data.val, range(samples)), cfg.batch_size, shuffle=False)
     run = RunDir.open(out, recipe.model_dump(mode="json"))
+    mark_stale(run.root)
     evaluations = evaluate_model(
         model,
         {"onnxruntime": runner},
@@ -94,19 +107,17 @@ def validate_engine(engine: Path, recipe: Recipe, out: Path, *, progress: bool =
         model_name=metadata.get("model", "engine"),
         progress=progress,
     )
-    report: dict[str, Any] = {
-        "schema": SCHEMA,
-        "recipe_sha256": recipe.sha256(),
-        "name": recipe.name,
-        "dataset": data.name,
-        "engine": {"path": str(engine), "metadata": metadata, "pytorch_reference": model is not None},
-        "environment": environment(cfg.threads),
+    run_root = engine.parent.parent
+    report = Report(
+        recipe_sha256=recipe.sha256(),
+        name=recipe.name,
+        dataset=data.name,
+        engine=EngineInfo(path=str(engine), metadata=metadata, pytorch_reference=model is not None),
+        environment=environment(cfg.threads, [e.device for e in evaluations]),
         # An engine from a run directory keeps its run's sizes, so MACs gates still apply.
-        "models": models_section(engine.parent.parent) if model is not None else {},
-        "evaluations": evaluations,
-        "latency": [],
-    }
-    report["gates"] = evaluate_gates(report, recipe.gates)
-    report["passed"] = all(g["passed"] for g in report["gates"])
-    write_json(run.root / "report.json", report)
+        models=models_section(run_root, _run_tolerance(run_root, recipe)) if model is not None else Models(),
+        evaluations=evaluations,
+    )
+    finish(report, recipe.gates)
+    write_report(run.root, report)
     return report

@@ -3,17 +3,28 @@
 #
 #   deploy_examples/ci_gate/gate.sh RECIPE BASELINE_REPORT [RUN_DIR]
 #
-# Runs (or resumes) the recipe, then checks its report against policy.yaml, absolute floors
+# Runs (or resumes) the recipe, then checks its report against policy.yaml: absolute floors
 # and regressions relative to BASELINE_REPORT (the last release's report.json). Writes JUnit
 # XML beside the report so the CI system shows one test case per gate.
-# Exit codes: 0 every gate passed, 1 a gate failed, 2 bad input.
-set -euo pipefail
-recipe=${1:?usage: gate.sh RECIPE BASELINE_REPORT [RUN_DIR]}
-baseline=${2:?usage: gate.sh RECIPE BASELINE_REPORT [RUN_DIR]}
+#
+# A crashed run can never pass: `robustprune run` exits 0 (its recipe's gates passed) or 1 (one
+# failed) only after writing a completed report; any other code (2 bad input, 3 internal error,
+# a kill) stops here with that code. `robustprune gate` then refuses a report that is not
+# from a completed run, or that another recipe produced (--recipe).
+# Exit codes: 0 every gate passed, 1 a gate failed, 2 bad input, 3 internal error.
+set -uo pipefail
+usage="usage: gate.sh RECIPE BASELINE_REPORT [RUN_DIR]"
+recipe=${1:?$usage}
+baseline=${2:?$usage}
 run_dir=${3:-runs/release-candidate}
 here=$(cd "$(dirname "$0")" && pwd)
 
-# The recipe's own gates decide `run`'s exit code; the policy below is the release decision.
-robustprune run "$recipe" --out "$run_dir" --no-progress || [ $? -eq 1 ]
-robustprune gate "$run_dir/report.json" --policy "$here/policy.yaml" --baseline "$baseline" \
-  --junit "$run_dir/gates.junit.xml"
+robustprune run "$recipe" --out "$run_dir" --no-progress
+status=$?
+# The recipe's own gates decide 0 or 1; the policy below is the release decision.
+if [ "$status" -ne 0 ] && [ "$status" -ne 1 ]; then
+  echo "gate.sh: robustprune run exited $status (not a gate result): no release" >&2
+  exit "$status"
+fi
+robustprune gate "$run_dir/report.json" --recipe "$recipe" --policy "$here/policy.yaml" \
+  --baseline "$baseline" --junit "$run_dir/gates.junit.xml"

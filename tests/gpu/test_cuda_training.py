@@ -34,7 +34,7 @@ def test_tiny_run_trains_on_cuda_exports_and_validates(method: str, amp: str, tm
                 "update_every": 4,
             },
         }
-    report = run_pipeline(recipe_from_dict(recipe), tmp_path / "run", progress=False)
+    report = run_pipeline(recipe_from_dict(recipe), tmp_path / "run", progress=False).to_json()
     pruned = report["models"]["pruned"]
     assert abs(pruned["macs_reduction"] / 2.0 - 1) <= 0.05
     (ort,) = [e for e in report["evaluations"] if e["model"] == "pruned" and e["runtime"] == "onnxruntime"]

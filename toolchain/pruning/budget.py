@@ -69,7 +69,8 @@ class Budget:
         return abs(dense / max(achieved, 1.0) / wanted - 1.0)
 
     def met(self, dense: float, achieved: float) -> bool:
-        return self.error(dense, achieved) <= self.tolerance
+        """At least ``reduction * (1 - tolerance)``: more reduction than asked is within budget."""
+        return dense / max(achieved, 1.0) >= self.reduction * (1 - self.tolerance)
 
 
 def channels_to_keep(size: int, ratio: float, *, round_to: int | None, floor: int) -> int:

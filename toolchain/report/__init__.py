@@ -1,3 +1,5 @@
-"""report.json (the stable output CI reads), the human report, plots and gates."""
+"""report.json (the stable output CI reads), the human reports, plots, gates and comparisons."""
 
-SCHEMA = "robustprune.report/1"
+from toolchain.report.schema import SCHEMA
+
+__all__ = ["SCHEMA"]

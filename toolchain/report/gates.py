@@ -10,6 +10,9 @@ exactly one element, e.g.::
     latency[model=pruned,batch=1].p50_ms
 
 A path that resolves to nothing (or to several things, or to a non-number) fails its gate.
+
+Besides the recipe's (or a policy's) gates, every report is held to the intrinsic gates
+(:func:`intrinsic_gates`), whatever the recipe says.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import operator
 import re
 from collections.abc import Callable, Iterable
 from typing import Any
+
+from toolchain.report.schema import GateResult, IntrinsicGate, Report
 
 _OPS: dict[str, Callable[[float, float], bool]] = {
     ">=": operator.ge,
@@ -104,17 +109,20 @@ def _value(report: dict[str, Any], gate: dict[str, Any], baseline: dict[str, Any
 
 
 def evaluate_gates(
-    report: dict[str, Any], gates: Iterable[Any], baseline: dict[str, Any] | None = None
-) -> list[dict[str, Any]]:
+    report: dict[str, Any] | Report, gates: Iterable[Any], baseline: dict[str, Any] | Report | None = None
+) -> list[GateResult]:
     """Check each gate (objects or dicts with metric, op, threshold[, relative]) against ``report``.
 
     A relative gate compares ``value - baseline`` (``delta``) or ``value / baseline``
-    (``ratio``) with the threshold, for regression gates between releases.
+    (``ratio``) with the threshold, for regression gates between releases. Metric paths are
+    resolved in the report's JSON form.
 
     Returns:
-        One dict per gate: ``metric, op, threshold, relative, value, passed`` and, when the
-        metric is missing (here or in the baseline), ``error`` (``value`` None, ``passed`` False).
+        One result per gate; when the metric is missing (here or in the baseline) its
+        ``value`` is None, ``passed`` False and ``error`` says why.
     """
+    data = report.to_json() if isinstance(report, Report) else report
+    base = baseline.to_json() if isinstance(baseline, Report) else baseline
     results = []
     for gate in gates:
         g = gate if isinstance(gate, dict) else gate.model_dump()
@@ -125,10 +133,86 @@ def evaluate_gates(
             "relative": g.get("relative"),
         }
         try:
-            value = _value(report, g, baseline)
+            value = _value(data, g, base)
         except MetricNotFound as exc:
             row.update(value=None, passed=False, error=str(exc))
         else:
             row.update(value=value, passed=bool(_OPS[row["op"]](value, row["threshold"])))
-        results.append(row)
+        results.append(GateResult(**row))
     return results
+
+
+def intrinsic_gates(report: Report) -> list[IntrinsicGate]:
+    """The gates every run must pass, whatever its recipe says; each fails closed.
+
+    * ``budget-met``: the pruned model met its target reduction within the tolerance
+      (``models.pruned.target_met``); applies when the report has a pruned model.
+    * ``engine-parity``: every FP32 engine agrees with PyTorch on every image (top-1 agreement
+      1.0 in each evaluation's ``parity`` and in the export-time ``parity``, no NaN/Inf there);
+      applies when an engine was compared with its PyTorch model.
+    * ``finite-logits``: no runtime returned a NaN or Inf logit on any image
+      (``nonfinite_logits`` 0 in every evaluation; a missing count fails).
+    """
+    gates = []
+    pruned = report.models.pruned
+    if pruned is not None:
+        gates.append(
+            _budget_gate(pruned.target_met, pruned.target, pruned.macs_reduction, pruned.params_reduction)
+        )
+    parity = _parity_gate(report)
+    if parity is not None:
+        gates.append(parity)
+    bad = [
+        f"{e.model}/{e.runtime}/{e.precision}: {e.nonfinite_logits}"
+        for e in report.evaluations
+        if e.nonfinite_logits
+    ]
+    unknown = [
+        f"{e.model}/{e.runtime}/{e.precision}" for e in report.evaluations if e.nonfinite_logits is None
+    ]
+    if bad:
+        detail = "images with NaN/Inf logits: " + ", ".join(bad)
+    elif unknown:
+        detail = "no NaN/Inf count recorded for " + ", ".join(unknown)
+    else:
+        detail = f"every logit finite in {len(report.evaluations)} evaluations"
+    gates.append(IntrinsicGate(name="finite-logits", passed=not bad and not unknown, detail=detail))
+    return gates
+
+
+def _budget_gate(
+    met: bool | None, target: dict[str, float] | None, macs_reduction: float, params_reduction: float
+) -> IntrinsicGate:
+    if met is None or not target:
+        return IntrinsicGate(
+            name="budget-met", passed=False, detail="no pruning target recorded in models.pruned"
+        )
+    achieved = {"macs_reduction": macs_reduction, "params_reduction": params_reduction}
+    said = ", ".join(f"{k} {achieved.get(k, float('nan')):.3f} (target {v:g})" for k, v in target.items())
+    return IntrinsicGate(name="budget-met", passed=bool(met), detail=("met: " if met else "missed: ") + said)
+
+
+def _parity_gate(report: Report) -> IntrinsicGate | None:
+    checked, problems = 0, []
+    for ev in report.evaluations:
+        if ev.runtime == "torch" or ev.precision != "fp32" or ev.parity is None:
+            continue
+        checked += 1
+        p = ev.parity
+        if p.top1_agreement < 1.0 or p.nonfinite or p.max_abs_diff is None:
+            agreement = f"top-1 agreement {p.top1_agreement:.4f}"
+            problems.append(f"{ev.model}/{ev.runtime}: {agreement}, {p.nonfinite} NaN/Inf images")
+    for name, export in (report.parity or {}).items():
+        checked += 1
+        if export.top1_agreement < 1.0 or export.max_abs_diff is None:
+            agreement = f"top-1 agreement {export.top1_agreement:.4f}"
+            problems.append(f"export {name}: {agreement}, max |dlogit| {export.max_abs_diff}")
+    if not checked:
+        return None
+    detail = "; ".join(problems) if problems else f"every FP32 engine agrees with PyTorch ({checked} checks)"
+    return IntrinsicGate(name="engine-parity", passed=not problems, detail=detail)
+
+
+def verdict(gates: list[GateResult], intrinsic: list[IntrinsicGate]) -> bool:
+    """``passed``: every recipe gate and every intrinsic gate passed."""
+    return all(g.passed for g in gates) and all(g.passed for g in intrinsic)

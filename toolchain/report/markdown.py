@@ -5,8 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from toolchain.report.schema import AttackRow, Evaluation, Report
 
-def _pct(value: float | None) -> str:
+
+def pct(value: float | None) -> str:
+    """``0.731`` → ``73.1%``; ``None`` → ``n/a``."""
     return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
@@ -18,121 +21,168 @@ def format_eps(eps: float) -> str:
     return f"{eps:.4g}"
 
 
-def _attack_label(attack: dict[str, Any]) -> str:
-    if attack["mode"] == "black-box":
-        budget = f"{attack['queries']:.0f} queries avg"
+def attack_label(attack: AttackRow) -> str:
+    """``pgd transfer eps=4/255 (10 steps)``."""
+    if attack.mode == "black-box":
+        budget = f"{attack.queries:.0f} queries avg"
     else:
-        steps = attack.get("steps", 0)
-        budget = f"{steps} step" if steps == 1 else f"{steps} steps"
-    return f"{attack['name']} {attack['mode']} eps={format_eps(attack['eps'])} ({budget})"
+        budget = f"{attack.steps} step" if attack.steps == 1 else f"{attack.steps} steps"
+    return f"{attack.name} {attack.mode} eps={format_eps(attack.eps)} ({budget})"
 
 
-def evaluation_rows(report: dict[str, Any]) -> list[list[str]]:
-    """One row per evaluation: model, runtime, precision, clean, mean corruption, attacks."""
+def precision_label(row: Any) -> str:
+    """``int8 (mixed cal.)`` for an INT8 file, else the precision."""
+    calibration = getattr(row, "calibration", None)
+    return row.precision + (f" ({calibration} cal.)" if calibration else "")
+
+
+def robust_label(ev: Evaluation) -> str:
+    """Robust accuracy per budget: ``linf 4/255: 55.0% (pgd+square, 100 images)``."""
+    return "; ".join(
+        f"{r.norm} {format_eps(r.eps)}: {pct(r.accuracy)} ({'+'.join(r.attacks)}, {r.samples} images)"
+        for r in ev.robust_accuracy
+    )
+
+
+def evaluation_rows(report: Report) -> list[list[str]]:
+    """One row per evaluation: model, runtime, precision, clean, corruptions, attacks, robust, flags."""
     rows = []
-    for ev in report.get("evaluations", []):
-        attacks = "; ".join(f"{_attack_label(a)}: {_pct(a['accuracy'])}" for a in ev.get("attacks", []))
-        corr = ev.get("corruptions", {}).get("mean_accuracy")
+    for ev in report.evaluations:
+        attacks = "; ".join(f"{attack_label(a)}: {pct(a.accuracy)}" for a in ev.attacks)
+        corr = ev.corruptions.mean_accuracy
         rows.append(
             [
-                ev["model"],
-                ev["runtime"],
-                ev["precision"],
-                _pct(ev["clean_accuracy"]),
-                _pct(corr) if corr is not None else "-",
+                ev.model,
+                ev.runtime,
+                precision_label(ev),
+                pct(ev.clean_accuracy),
+                pct(corr) if corr is not None else "-",
                 attacks or "-",
-                ", ".join(ev.get("flags", [])) or "-",
+                robust_label(ev) or "-",
+                ", ".join(ev.flags) or "-",
             ]
         )
     return rows
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
+def table(header: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
 
 
-def render_summary(report: dict[str, Any], run_dir: str | Path) -> str:
+def speedups(report: Report) -> list[tuple[str, int, float, float]]:
+    """``(runtime, batch, dense p50 ms, pruned p50 ms)`` wherever both were measured."""
+    latency = {(r.model, r.runtime, r.batch): r for r in report.latency if r.precision == "fp32"}
+    rows = []
+    for _, runtime, batch in sorted(k for k in latency if k[0] == "pruned"):
+        dense = latency.get(("dense", runtime, batch))
+        if dense:
+            rows.append((runtime, batch, dense.p50_ms, latency[("pruned", runtime, batch)].p50_ms))
+    return rows
+
+
+def speed_change(dense_ms: float, pruned_ms: float) -> str:
+    """``1.41x faster`` or, when pruning did not pay, ``1.25x slower``."""
+    if pruned_ms <= dense_ms:
+        return f"{dense_ms / pruned_ms:.2f}x faster" if pruned_ms > 0 else "n/a"
+    return f"{pruned_ms / dense_ms:.2f}x slower"
+
+
+def render_summary(report: Report, run_dir: str | Path) -> str:
     """A few lines for the terminal: reduction, accuracies, latency, gates, where things are."""
-    models = report.get("models", {})
-    if "engine" in report:
-        lines = [f"robustprune validate: {report['engine']['path']} on {report.get('dataset')}"]
+    models = report.models
+    if report.engine is not None:
+        lines = [f"robustprune validate: {report.engine.path} on {report.dataset}"]
     else:
         lines = [
-            f"robustprune: {report.get('name')} ({report.get('arch')} on {report.get('dataset')}, "
-            f"criterion {report.get('criterion')})"
+            f"robustprune: {report.name} ({report.arch} on {report.dataset}, criterion {report.criterion})"
         ]
-    if "dense" in models and "pruned" in models:
-        dense, pruned = models["dense"], models["pruned"]
+    if models.dense and models.pruned:
+        dense, pruned = models.dense, models.pruned
         lines += [
-            f"  MACs   {dense['macs'] / 1e6:8.2f} M -> {pruned['macs'] / 1e6:8.2f} M  "
-            f"({pruned['macs_reduction']:.2f}x fewer)",
-            f"  params {dense['params'] / 1e3:8.1f} k -> {pruned['params'] / 1e3:8.1f} k  "
-            f"({pruned['params_reduction']:.2f}x fewer)",
+            f"  MACs   {dense.macs / 1e6:8.2f} M -> {pruned.macs / 1e6:8.2f} M  "
+            f"({pruned.macs_reduction:.2f}x fewer)",
+            f"  params {dense.params / 1e3:8.1f} k -> {pruned.params / 1e3:8.1f} k  "
+            f"({pruned.params_reduction:.2f}x fewer)",
         ]
     for row in evaluation_rows(report):
-        model, runtime, precision, clean, corr, attacks, flags = row
+        model, runtime, precision, clean, corr, attacks, robust, flags = row
         lines.append(f"  {model:6} {runtime:11} {precision}: clean {clean}, corruptions {corr}; {attacks}")
+        if robust != "-":
+            lines.append(f"         robust accuracy: {robust}")
         if flags != "-":
             lines.append(f"         flags: {flags}")
-    latency = {(r["model"], r["runtime"], r["batch"]): r for r in report.get("latency", [])}
-    for _, runtime, batch in sorted(k for k in latency if k[0] == "pruned"):
-        d, p = latency.get(("dense", runtime, batch)), latency[("pruned", runtime, batch)]
-        if d:
+    for runtime, batch, dense_ms, pruned_ms in speedups(report):
+        lines.append(
+            f"  latency {runtime} batch {batch}: dense {dense_ms:.3f} ms, pruned {pruned_ms:.3f} ms "
+            f"(p50, {speed_change(dense_ms, pruned_ms)})"
+        )
+    fp32 = {(r.model, r.runtime, r.batch): r for r in report.latency if r.precision == "fp32"}
+    for r in report.latency:
+        dense_row, own = fp32.get(("dense", r.runtime, r.batch)), fp32.get((r.model, r.runtime, r.batch))
+        if r.precision != "fp32" and dense_row and own:
             lines.append(
-                f"  latency {runtime} batch {batch}: dense {d['p50_ms']:.3f} ms, pruned {p['p50_ms']:.3f} ms "
-                f"(p50, {d['p50_ms'] / p['p50_ms']:.2f}x faster)"
+                f"  latency {r.runtime} batch {r.batch}: {r.model} {precision_label(r)} {r.p50_ms:.3f} ms "
+                f"({own.p50_ms / r.p50_ms:.2f}x vs its fp32, "
+                f"{dense_row.p50_ms / r.p50_ms:.2f}x vs dense fp32)"
             )
-    for gate in report.get("gates", []):
-        value = "missing" if gate["value"] is None else f"{gate['value']:.4g}"
-        status = "PASS" if gate["passed"] else "FAIL"
-        lines.append(f"  gate {status}: {gate['metric']} {gate['op']} {gate['threshold']:g} (got {value})")
-    lines.append(f"  report: {Path(run_dir) / 'report.json'}  ({'passed' if report['passed'] else 'FAILED'})")
+    for intrinsic in report.intrinsic_gates:
+        status = "PASS" if intrinsic.passed else "FAIL"
+        lines.append(f"  check {status}: {intrinsic.name} ({intrinsic.detail})")
+    for gate in report.gates:
+        value = "missing" if gate.value is None else f"{gate.value:.4g}"
+        status = "PASS" if gate.passed else "FAIL"
+        lines.append(f"  gate {status}: {gate.metric} {gate.op} {gate.threshold:g} (got {value})")
+    verdict = "passed" if report.passed else "FAILED"
+    lines.append(f"  report: {Path(run_dir) / 'report.html'}  ({verdict}; report.json beside it)")
     return "\n".join(lines)
 
 
-def render_markdown(report: dict[str, Any], plots: list[Path]) -> str:
+def render_markdown(report: Report, plots: list[Path]) -> str:
     """report.md: the same facts as report.json, for people."""
-    parts = [f"# robustprune report: {report.get('name')}", ""]
+    parts = [f"# robustprune report: {report.name}", ""]
     parts.append(render_summary(report, ".").replace("\n", "  \n"))
     parts += ["", "## Evaluations", ""]
-    header = ["model", "runtime", "precision", "clean", "corruptions (mean)", "attacks", "flags"]
-    parts.append(_table(header, evaluation_rows(report)))
+    header = [
+        "model",
+        "runtime",
+        "precision",
+        "clean",
+        "corruptions (mean)",
+        "attacks",
+        "robust accuracy",
+        "flags",
+    ]
+    parts.append(table(header, evaluation_rows(report)))
     corr_rows = []
-    for ev in report.get("evaluations", []):
-        c = ev.get("corruptions", {})
-        for name, by_sev in c.get("per_corruption", {}).items():
-            sev = ", ".join(f"{s}: {_pct(a)}" for s, a in by_sev.items())
-            corr_rows.append([ev["model"], ev["runtime"], name, sev])
+    for ev in report.evaluations:
+        for name, by_sev in (ev.corruptions.per_corruption or {}).items():
+            sev = ", ".join(f"{s}: {pct(a)}" for s, a in by_sev.items())
+            corr_rows.append([ev.model, ev.runtime, name, sev])
     if corr_rows:
-        parts += [
-            "",
-            "## Corruptions (accuracy by severity)",
-            "",
-            _table(["model", "runtime", "corruption", "accuracy"], corr_rows),
-        ]
-    if report.get("latency"):
+        parts += ["", "## Corruptions (accuracy by severity)", ""]
+        parts.append(table(["model", "runtime", "corruption", "accuracy"], corr_rows))
+    if report.latency:
         lat = [
             [
-                r["model"],
-                r["runtime"],
-                r["precision"],
-                str(r["batch"]),
-                f"{r['p50_ms']:.3f}",
-                f"{r['p90_ms']:.3f}",
-                f"{r['p99_ms']:.3f}",
-                f"{r['throughput']:.1f}",
+                r.model,
+                r.runtime,
+                precision_label(r),
+                str(r.batch),
+                f"{r.p50_ms:.3f}",
+                f"{r.p90_ms or 0:.3f}",
+                f"{r.p99_ms or 0:.3f}",
+                f"{r.throughput or 0:.1f}",
             ]
-            for r in report["latency"]
+            for r in report.latency
         ]
-        parts += [
-            "",
-            "## Latency",
-            "",
-            _table(["model", "runtime", "precision", "batch", "p50 ms", "p90 ms", "p99 ms", "img/s"], lat),
-        ]
+        parts += ["", "## Latency", ""]
+        parts.append(
+            table(["model", "runtime", "precision", "batch", "p50 ms", "p90 ms", "p99 ms", "img/s"], lat)
+        )
     if plots:
         parts += ["", "## Plots", ""] + [f"![{p.stem}]({p.as_posix()})" for p in plots]
-    parts += ["", f"Environment: `{report.get('environment')}`", ""]
+    parts += ["", f"Environment: `{report.environment.to_json()}`", ""]
     return "\n".join(parts)

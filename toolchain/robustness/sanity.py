@@ -27,6 +27,7 @@ __all__ = [
     "check_transfer_stronger",
     "check_zero_gradients",
     "output_flags",
+    "paired_difference",
 ]
 
 PROBABILITIES = "probabilities-not-logits"
@@ -44,9 +45,10 @@ FLAGS: dict[str, str] = {
     RANDOMISED: "the same input gives different outputs on two calls (dropout or noise at inference): "
     "attacks see a moving target; evaluate in eval mode or use expectation over transformation",
     BLACK_BOX_STRONGER: "the black-box attack (Square) leaves lower accuracy than the white-box ones at "
-    "the same budget by more than 2 points: suspected gradient masking",
+    "the same norm and eps on the same images, by more than two standard errors of the paired "
+    "difference: suspected gradient masking",
     TRANSFER_STRONGER: "examples crafted on another model fool this one more than white-box attacks on "
-    "itself, by more than 2 points: suspected gradient masking",
+    "itself at the same budget on the same images, beyond two standard errors: suspected gradient masking",
     ENGINE_DISAGREES: "the engine's top-1 predictions on clean inputs disagree with PyTorch's more than "
     "allowed for its precision (fp32: any; fp16/int8: over 1%)",
 }
@@ -141,31 +143,56 @@ def output_flags(model: Classifier, x: torch.Tensor, logits: torch.Tensor | None
     return [f for f in found if f]
 
 
-def _stronger(strong: float | None, weak: float | None, tolerance: float, flag: str) -> str | None:
-    if strong is None or weak is None:
-        return None
-    return flag if strong < weak - tolerance else None
+def paired_difference(weak_robust: torch.Tensor, strong_robust: torch.Tensor) -> tuple[int, float]:
+    """How many more images the ``strong`` attack fooled than the ``weak`` one, on the same
+    images, and the standard error of that count.
+
+    Args:
+        weak_robust, strong_robust: per image, whether it survived each attack (same images,
+            same order).
+
+    Returns:
+        ``(b - c, sqrt(b + c))`` with ``b`` the images only the strong attack fooled and
+        ``c`` those only the weak one fooled (McNemar's test for paired outcomes).
+    """
+    if weak_robust.shape != strong_robust.shape:
+        raise ValueError(
+            f"compare the same images: got {tuple(weak_robust.shape)} and {tuple(strong_robust.shape)}"
+        )
+    only_strong = int((weak_robust & ~strong_robust).sum())
+    only_weak = int((~weak_robust & strong_robust).sum())
+    return only_strong - only_weak, (only_strong + only_weak) ** 0.5
+
+
+def _stronger(weak_robust: torch.Tensor, strong_robust: torch.Tensor, z: float, flag: str) -> str | None:
+    excess, standard_error = paired_difference(weak_robust.bool(), strong_robust.bool())
+    return flag if excess > 0 and excess > z * standard_error else None
 
 
 def check_black_box_stronger(
-    white_box_accuracy: float | None, black_box_accuracy: float | None, tolerance: float = 0.02
+    white_box_robust: torch.Tensor, black_box_robust: torch.Tensor, z: float = 2.0
 ) -> str | None:
-    """Flag black-box accuracy below white-box accuracy by more than ``tolerance``.
+    """Flag a black-box attack that fools more images than the white-box ones, beyond noise.
 
-    A black-box attack has strictly less information than a white-box one at the same eps;
-    when it does better, the gradients are misleading (AutoAttack's argument). The default
-    two points tolerate sampling noise on a few hundred images. ``None`` inputs (an attack
-    not run) give ``None``.
+    A black-box attack has strictly less information than a white-box one at the same norm
+    and eps; when it does better, the gradients are misleading (AutoAttack's argument). The
+    comparison is like with like: both arguments are per-image outcomes at the same budget on
+    the same images (``white_box_robust`` the worst case over the white-box attacks). It fires
+    when the black-box accuracy is lower by more than ``z`` (2) standard errors of the paired
+    difference: ``b - c > z * sqrt(b + c)``, ``b`` the images only the black-box attack fooled,
+    ``c`` those only the white-box ones fooled. On n images that is a tolerance of
+    ``z * sqrt(b + c) / n`` points of accuracy, which shrinks as the images grow.
     """
-    return _stronger(black_box_accuracy, white_box_accuracy, tolerance, BLACK_BOX_STRONGER)
+    return _stronger(white_box_robust, black_box_robust, z, BLACK_BOX_STRONGER)
 
 
 def check_transfer_stronger(
-    white_box_accuracy: float | None, transfer_accuracy: float | None, tolerance: float = 0.02
+    white_box_robust: torch.Tensor, transfer_robust: torch.Tensor, z: float = 2.0
 ) -> str | None:
-    """Flag transfer accuracy (examples crafted on another model) below this model's
-    white-box accuracy by more than ``tolerance``: its own gradients are misleading."""
-    return _stronger(transfer_accuracy, white_box_accuracy, tolerance, TRANSFER_STRONGER)
+    """Flag examples crafted on another model that fool this one more than white-box attacks
+    on itself (same images, same budget), beyond ``z`` paired standard errors as in
+    :func:`check_black_box_stronger`: its own gradients are misleading."""
+    return _stronger(white_box_robust, transfer_robust, z, TRANSFER_STRONGER)
 
 
 def check_engine_agreement(

@@ -3,16 +3,16 @@
 One pass over the validation batches evaluates a model on all its runners at once, so work is
 shared: corrupted images are generated once per batch and fed to every runner; white-box
 adversarial examples are crafted once on the PyTorch model and replayed on every exported
-engine (mode ``transfer``); black-box attacks run against each runner itself. Only counters
-are kept between batches, so memory does not grow with the number of samples.
+engine (mode ``transfer``); black-box attacks run against each runner itself. Attacks run
+only on correctly classified images; per image, only booleans and counters are kept, so
+memory does not grow with the images (see :mod:`toolchain.robustness.outcomes` for how robust
+accuracy is counted).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
@@ -20,53 +20,60 @@ from tqdm.auto import tqdm
 
 from exporters.base import Runner
 from toolchain.recipe import EvalAttackConfig, ValidateConfig
+from toolchain.report.schema import Evaluation, Skipped
 from toolchain.robustness import sanity
-from toolchain.robustness.attacks import build_attack
+from toolchain.robustness.attacks import Attack, build_attack
 from toolchain.robustness.corruptions import corrupt
+from toolchain.robustness.outcomes import (
+    AttackSpec,
+    RunnerOutcomes,
+    attack_rows,
+    black_box_flags,
+    correct,
+    corruption_summary,
+    robust_accuracy,
+    share,
+)
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class _Tally:
-    """Counters for one runner: correct / seen per metric, and parity statistics."""
+def build_suite_attacks(cfgs: list[EvalAttackConfig]) -> list[tuple[AttackSpec, Attack, int | None]]:
+    """The attacks of a validate section, ensembles expanded into their parts.
 
-    correct: dict[str, int] = field(default_factory=dict)
-    seen: dict[str, int] = field(default_factory=dict)
-    queries: dict[str, int] = field(default_factory=dict)
-    max_abs_diff: float = 0.0
-    agree: int = 0
-    compared: int = 0
+    Returns:
+        ``(spec, attack, samples cap)`` per attack the suite runs.
 
-    def add(self, key: str, logits: torch.Tensor, y: torch.Tensor) -> None:
-        self.correct[key] = self.correct.get(key, 0) + int((logits.argmax(1) == y).sum())
-        self.seen[key] = self.seen.get(key, 0) + len(y)
-
-    def compare(self, logits: torch.Tensor, reference: torch.Tensor) -> None:
-        """Parity against the PyTorch model on the same clean batch."""
-        self.max_abs_diff = max(self.max_abs_diff, float((logits - reference).abs().max()))
-        self.agree += int((logits.argmax(1) == reference.argmax(1)).sum())
-        self.compared += len(logits)
-
-    def accuracy(self, key: str) -> float:
-        return self.correct.get(key, 0) / max(self.seen.get(key, 0), 1)
-
-
-def _attack_key(cfg: EvalAttackConfig, index: int) -> str:
-    return f"attack{index}:{cfg.name}"
-
-
-def _build(cfg: EvalAttackConfig) -> Any:
-    return build_attack(
-        cfg.name,
-        eps=cfg.eps,
-        norm=cfg.norm,
-        steps=cfg.steps,
-        step_size=cfg.step_size,
-        restarts=cfg.restarts,
-        queries=cfg.queries,
-        seed=cfg.seed,
-    )
+    Raises:
+        UnknownNameError, UserError: an unknown name or invalid options.
+    """
+    built = []
+    for i, cfg in enumerate(cfgs):
+        attack = build_attack(
+            cfg.name,
+            eps=cfg.eps,
+            norm=cfg.norm,
+            steps=cfg.steps,
+            step_size=cfg.step_size,
+            restarts=cfg.restarts,
+            queries=cfg.queries,
+            targets=cfg.targets,
+            seed=cfg.seed,
+        )
+        parts = attack.components()
+        ensemble = cfg.name if parts != [attack] else None
+        for j, part in enumerate(parts):
+            spec = AttackSpec(
+                key=f"attack{i}.{j}:{part.name}",
+                name=part.name,
+                norm=part.norm,
+                eps=part.eps,
+                mode=part.mode,
+                steps=part.steps,
+                ensemble=ensemble,
+            )
+            built.append((spec, part, cfg.samples))
+    return built
 
 
 def evaluate_model(
@@ -77,157 +84,175 @@ def evaluate_model(
     *,
     model_name: str,
     progress: bool = True,
-) -> list[dict[str, Any]]:
+) -> list[Evaluation]:
     """Run the validate section on one model and each of its runners.
 
     Args:
         model: the PyTorch model the runners were made from: white-box attacks are crafted on
             it, and it is the parity reference. ``None`` for a bare engine (a user's own ONNX
             file): white-box and transfer attacks are then skipped and listed as such.
-        runners: runtime name → runner; ``"torch"`` is the reference for parity if present.
+        runners: runtime name → runner; parity is measured against ``model`` on each.
         batches: validation ``(x, y)`` batches in [0, 1].
         cfg: the recipe's validate section.
         model_name: ``"dense"`` or ``"pruned"`` (written into each evaluation).
 
     Returns:
-        One evaluation dict per runner, in the report.json layout (see README).
+        One evaluation per runner (report.json's ``evaluations[]`` records).
     """
     if model is not None:
         model.eval()
-    attacks = [(_attack_key(a, i), a, _build(a)) for i, a in enumerate(cfg.attacks)]
+    attacks = build_suite_attacks(list(cfg.attacks))
     skipped = [
-        {"name": a.name, "reason": "white-box attacks need the PyTorch model; only black-box ones run"}
-        for _, a, attack in attacks
-        if attack.mode == "white-box" and model is None
+        Skipped(name=spec.name, reason="white-box attacks need the PyTorch model; only black-box ones run")
+        for spec, _, _ in attacks
+        if spec.mode == "white-box" and model is None
     ]
-    attacks = [item for item in attacks if not (item[2].mode == "white-box" and model is None)]
-    tallies = {name: _Tally() for name in runners}
+    attacks = [item for item in attacks if not (item[0].mode == "white-box" and model is None)]
+    outcomes = {name: RunnerOutcomes() for name in runners}
     flags: dict[str, set[str]] = {name: set() for name in runners}
-    corruption = cfg.corruptions
-    first = True
+    seen = 0
     for batch_index, (x, y) in enumerate(
         tqdm(batches, desc=f"validate {model_name}", leave=False, disable=None if progress else True)
     ):
-        reference = None
-        if model is not None:
-            with torch.no_grad():
-                reference = model(x)
-        for name, runner in runners.items():
-            logits = runner(x)
-            tallies[name].add("clean", logits, y)
-            if reference is not None:
-                tallies[name].compare(logits, reference)
-            if first:
-                flags[name].update(sanity.output_flags(runner, x, logits))
-        if first and model is not None:
-            # Masked gradients weaken white-box and transfer attacks on every runner alike.
-            grad_flag = sanity.check_zero_gradients(model, x, y)
-            for name in runners:
-                flags[name].update([grad_flag] if grad_flag else [])
-        first = False
+        clean = _clean(model, runners, outcomes, flags, x, y, first=batch_index == 0)
+        for spec, attack, cap in attacks:
+            upto = len(x) if cap is None else max(min(cap - seen, len(x)), 0)
+            if upto:
+                _attack(spec, attack, model, runners, outcomes, clean, x[:upto], y[:upto])
+        _corruptions(cfg, runners, outcomes, x, y, batch_index)
+        seen += len(x)
 
-        for key, acfg, attack in attacks:
-            x_a, y_a = _cap(x, y, tallies, key, acfg.samples)
-            if x_a is None:
-                continue
-            if attack.mode == "white-box":
-                assert model is not None  # white-box attacks were dropped above without a model
-                x_adv = attack(model, x_a, y_a).x_adv
-                for name, runner in runners.items():
-                    tallies[name].add(key, runner(x_adv), y_a)
-            else:
-                for name, runner in runners.items():
-                    result = attack(runner, x_a, y_a)
-                    tallies[name].add(key, runner(result.x_adv), y_a)
-                    used = int(result.queries.sum()) if result.queries is not None else 0
-                    tallies[name].queries[key] = tallies[name].queries.get(key, 0) + used
-
-        for cname in corruption.names:
-            for severity in corruption.severities:
-                seed = corruption.seed * 1_000_003 + batch_index
-                xc = corrupt(cname, x, severity, seed=seed)
-                for name, runner in runners.items():
-                    tallies[name].add(f"corruption:{cname}:{severity}", runner(xc), y)
-
-    evaluations = [
-        _evaluation(model_name, runner, tallies[name], flags[name], attacks, cfg)
-        for name, runner in runners.items()
-    ]
-    for ev in evaluations:
-        if skipped:
-            ev["skipped"] = skipped
-        if model is None:
-            ev["parity"] = None
+    evaluations = []
+    for name, runner in runners.items():
+        specs = [spec for spec, _, _ in attacks]
+        ev = _evaluation(model_name, runner, outcomes[name], flags[name], specs, cfg, model is not None)
+        ev.skipped = skipped or None
+        evaluations.append(ev)
     return evaluations
 
 
-def _cap(
-    x: torch.Tensor, y: torch.Tensor, tallies: dict[str, _Tally], key: str, samples: int | None
-) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """The part of this batch still within the attack's sample cap (None if the cap is reached)."""
-    if samples is None:
-        return x, y
-    seen = next(iter(tallies.values())).seen.get(key, 0)
-    left = samples - seen
-    if left <= 0:
-        return None, y
-    return x[:left], y[:left]
+def _clean(
+    model: nn.Module | None,
+    runners: dict[str, Runner],
+    outcomes: dict[str, RunnerOutcomes],
+    flags: dict[str, set[str]],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    first: bool,
+) -> dict[str | None, torch.Tensor]:
+    """Clean predictions of every runner (parity against the model).
+
+    Returns:
+        Runtime name → which images it classifies correctly, and under ``None`` which ones
+        the PyTorch model does (the images white-box attacks are crafted on).
+    """
+    reference = None
+    clean: dict[str | None, torch.Tensor] = {}
+    if model is not None:
+        with torch.no_grad():
+            reference = model(x).detach().float()
+        clean[None] = correct(reference, y).cpu()
+    for name, runner in runners.items():
+        logits = runner(x)
+        outcomes[name].outputs(logits)
+        clean[name] = correct(logits, y).cpu()
+        outcomes[name].clean.append(clean[name])
+        if reference is not None:
+            outcomes[name].compare(logits, reference)
+        if first:
+            flags[name].update(sanity.output_flags(runner, x, logits))
+    if first and model is not None:
+        # Masked gradients weaken white-box and transfer attacks on every runner alike.
+        grad_flag = sanity.check_zero_gradients(model, x, y)
+        for name in runners:
+            flags[name].update([grad_flag] if grad_flag else [])
+    return clean
+
+
+def _attack(
+    spec: AttackSpec,
+    attack: Attack,
+    model: nn.Module | None,
+    runners: dict[str, Runner],
+    outcomes: dict[str, RunnerOutcomes],
+    clean: dict[str | None, torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+) -> None:
+    """Run one attack on the first ``len(x)`` images of the batch and record who survived."""
+    n = len(x)
+    if spec.mode == "white-box":
+        assert model is not None  # white-box attacks were dropped above without a model
+        x_adv = attack(model, x, y).x_adv
+        # Crafted on PyTorch's correctly classified images only: an image PyTorch gets wrong
+        # was not attacked, so it never counts as robust on an engine either.
+        attacked = clean[None][:n]
+        for name, runner in runners.items():
+            logits = runner(x_adv)
+            outcomes[name].outputs(logits)
+            robust = clean[name][:n] & attacked & correct(logits, y).cpu()
+            outcomes[name].robust[spec.key].append(robust)
+        return
+    for name, runner in runners.items():
+        result = attack(runner, x, y)
+        logits = runner(result.x_adv)
+        outcomes[name].outputs(logits)
+        outcomes[name].robust[spec.key].append(clean[name][:n] & correct(logits, y).cpu())
+        outcomes[name].queries[spec.key] += int(result.queries.sum()) if result.queries is not None else 0
+
+
+def _corruptions(
+    cfg: ValidateConfig,
+    runners: dict[str, Runner],
+    outcomes: dict[str, RunnerOutcomes],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_index: int,
+) -> None:
+    corruption = cfg.corruptions
+    for cname in corruption.names:
+        for severity in corruption.severities:
+            seed = corruption.seed * 1_000_003 + batch_index
+            xc = corrupt(cname, x, severity, seed=seed)
+            for name, runner in runners.items():
+                logits = runner(xc)
+                outcomes[name].outputs(logits)
+                key = f"{cname}:{severity}"
+                outcomes[name].corruption_correct[key] += int(correct(logits, y).sum())
+                outcomes[name].corruption_seen[key] += len(y)
 
 
 def _evaluation(
     model_name: str,
     runner: Runner,
-    tally: _Tally,
+    outcomes: RunnerOutcomes,
     flags: set[str],
-    attacks: list[tuple[str, EvalAttackConfig, Any]],
+    specs: list[AttackSpec],
     cfg: ValidateConfig,
-) -> dict[str, Any]:
+    has_reference: bool,
+) -> Evaluation:
     is_reference = runner.runtime == "torch"
-    attack_rows = []
-    for key, acfg, attack in attacks:
-        if key not in tally.seen:
-            continue
-        mode = ("white-box" if is_reference else "transfer") if attack.mode == "white-box" else "black-box"
-        row: dict[str, Any] = {
-            "name": acfg.name,
-            "mode": mode,
-            "norm": acfg.norm,
-            "eps": acfg.eps,
-            "steps": acfg.steps if attack.mode == "white-box" else 0,
-            "queries": round(tally.queries[key] / tally.seen[key], 2) if key in tally.queries else 0,
-            "samples": tally.seen[key],
-            "accuracy": tally.accuracy(key),
-        }
-        attack_rows.append(row)
-    white = [r["accuracy"] for r in attack_rows if r["mode"] in ("white-box", "transfer")]
-    black = [r["accuracy"] for r in attack_rows if r["mode"] == "black-box"]
-    flag = sanity.check_black_box_stronger(min(white) if white else None, min(black) if black else None)
-    if flag:
-        flags.add(flag)
-    per_corruption: dict[str, dict[str, float]] = {}
-    for cname in cfg.corruptions.names:
-        per_corruption[cname] = {
-            str(s): tally.accuracy(f"corruption:{cname}:{s}") for s in cfg.corruptions.severities
-        }
-    corruptions: dict[str, Any] = {}
-    if per_corruption:
-        values = [a for by_sev in per_corruption.values() for a in by_sev.values()]
-        corruptions = {"per_corruption": per_corruption, "mean_accuracy": sum(values) / len(values)}
-    agreement = tally.agree / max(tally.compared, 1)
-    parity = {"reference": "torch", "max_abs_diff": tally.max_abs_diff, "top1_agreement": agreement}
-    if not is_reference and tally.compared:
-        flag = sanity.check_engine_agreement(agreement, runner.precision)
+    parity = outcomes.parity() if has_reference else None
+    if parity is not None and not is_reference and parity.compared:
+        flag = sanity.check_engine_agreement(parity.top1_agreement, runner.precision)
         if flag:
             flags.add(flag)
-    return {
-        "model": model_name,
-        "runtime": runner.runtime,
-        "precision": runner.precision,
-        "device": runner.device,
-        "samples": tally.seen.get("clean", 0),
-        "clean_accuracy": tally.accuracy("clean"),
-        "corruptions": corruptions,
-        "attacks": attack_rows,
-        "parity": parity,
-        "flags": sorted(flags),
-    }
+    flags |= black_box_flags(outcomes, specs)
+    clean = outcomes.clean_correct()
+    return Evaluation(
+        model=model_name,
+        runtime=runner.runtime,
+        precision=runner.precision,
+        device=runner.device,
+        samples=len(clean),
+        clean_accuracy=share(clean),
+        corruptions=corruption_summary(
+            outcomes, list(cfg.corruptions.names), list(cfg.corruptions.severities)
+        ),
+        attacks=attack_rows(outcomes, specs, is_reference),
+        robust_accuracy=robust_accuracy(outcomes, specs),
+        parity=parity,
+        nonfinite_logits=outcomes.nonfinite_logits,
+        flags=sorted(flags),
+    )

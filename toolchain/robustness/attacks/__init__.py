@@ -1,12 +1,15 @@
 """Adversarial attacks in [0, 1] pixel space, one per file, behind the ``ATTACKS`` registry.
 
-White-box: ``fgsm``, ``pgd`` (L-inf, L2), ``apgd`` (APGD-CE, L-inf, L2). Black-box: ``square``
-(L-inf). Transfer (white-box examples replayed on an engine) is :func:`transfer_attack`.
+White-box: ``fgsm``, ``pgd`` (L-inf, L2), ``apgd`` (APGD-CE, L-inf, L2), ``apgd-t`` (targeted
+DLR, L-inf, L2). Black-box: ``square`` (L-inf). Ensembles: ``autoattack-lite`` (APGD-CE, APGD-T,
+Square with AutoAttack's standard settings) and ``autoattack`` (the reference code, optional
+extra). Transfer (white-box examples replayed on an engine) is :func:`transfer_attack`.
 """
 
 from __future__ import annotations
 
 from toolchain.robustness.attacks.apgd import APGD
+from toolchain.robustness.attacks.apgd_t import APGDT
 from toolchain.robustness.attacks.base import (
     ATTACKS,
     Attack,
@@ -16,20 +19,25 @@ from toolchain.robustness.attacks.base import (
     predict,
     robust_accuracy,
 )
+from toolchain.robustness.attacks.ensemble import AutoAttackLite
 from toolchain.robustness.attacks.fgsm import FGSM
 from toolchain.robustness.attacks.pgd import PGD, pgd_attack
+from toolchain.robustness.attacks.reference import ReferenceAutoAttack
 from toolchain.robustness.attacks.square import Square
 from toolchain.robustness.attacks.transfer import TRANSFER_MODE, TransferResult, transfer_attack
 
 __all__ = [
     "APGD",
+    "APGDT",
     "ATTACKS",
     "FGSM",
     "PGD",
     "TRANSFER_MODE",
     "Attack",
     "AttackResult",
+    "AutoAttackLite",
     "Classifier",
+    "ReferenceAutoAttack",
     "Square",
     "TransferResult",
     "build_attack",
@@ -46,17 +54,20 @@ def build_attack(
     *,
     eps: float | str,
     norm: str = "linf",
-    steps: int,
+    steps: int | None = None,
     step_size: float | None = None,
-    restarts: int = 1,
-    queries: int = 1000,
+    restarts: int | None = None,
+    queries: int | None = None,
+    targets: int | None = None,
     seed: int = 0,
 ) -> Attack:
     """Build the attack registered as ``name`` from the recipe's common options.
 
     ``eps`` may be a number or a string such as ``"8/255"`` (see :func:`parse_eps`).
     Each attack uses the options that apply to it: ``steps``/``step_size`` for PGD,
-    ``steps``/``restarts`` for APGD, ``queries`` for Square; FGSM uses only ``eps``.
+    ``steps``/``restarts`` for APGD, ``steps``/``targets`` for APGD-T, ``queries`` for
+    Square, all three for ``autoattack-lite``; FGSM uses only ``eps``. ``None`` keeps the
+    attack's own default.
 
     Raises:
         UnknownNameError: ``name`` is not registered (the message lists the known names).
@@ -71,5 +82,6 @@ def build_attack(
         step_size=step_size,
         restarts=restarts,
         queries=queries,
+        targets=targets,
         seed=seed,
     )

@@ -1,6 +1,7 @@
 """APGD-CE (Croce & Hein, ICML 2020): step-size-free PGD with momentum and checkpoints.
 
-Written from the paper and the facts of its official code (fra31/auto-attack):
+Written from the paper and the facts of its official code (fra31/auto-attack,
+``autopgd_base.py``):
 
 * step size starts at ``2 * eps`` (per sample);
 * checkpoints ``w_j = ceil(p_j * N)`` with ``p_0 = 0``, ``p_1 = 0.22`` and
@@ -9,13 +10,19 @@ Written from the paper and the facts of its official code (fra31/auto-attack):
 * at a checkpoint a sample's step is halved when (1) the share of steps since the last
   checkpoint that increased its loss is at most ``rho = 0.75``, or (2) its step was not
   halved at the previous checkpoint and its best loss did not improve since then; a halved
-  sample restarts from its best point;
+  sample restarts from its best point. Condition (2) is off at the first checkpoint: the
+  reference starts as if every step had just been halved (``reduced_last_check = 1``);
 * momentum ``alpha = 0.75`` (none on the first step).
 
 ``steps`` counts iterations; like the official code, one extra gradient is taken at the start.
+Deviation: a sample's result is its *first* fooling point (the reference keeps the last), and
+a sample never fooled returns its highest-loss point (the reference returns the clean image),
+which transfers better to an engine.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +34,9 @@ from toolchain.robustness.attacks.pgd import _l2_normalise, _project, _random_st
 
 RHO = 0.75
 ALPHA = 0.75
+
+#: A per-sample loss to maximise: ``(logits, labels) -> (N,)``.
+Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def checkpoint_intervals(steps: int) -> list[int]:
@@ -42,6 +52,52 @@ def checkpoint_intervals(steps: int) -> list[int]:
         total += k
         k = max(k - shrink, shortest)
     return intervals
+
+
+class StepSizeSchedule:
+    """APGD's checkpoint rule for one batch: which samples halve their step, and when.
+
+    Feed it every iteration's loss and best loss with :meth:`observe`; at a checkpoint it
+    returns the samples whose step is halved (otherwise ``None``).
+
+    As in the reference, the first iteration's loss is compared with 0 (the reference's
+    loss history starts as zeros), so for the cross-entropy the first step always counts as
+    an increase; and no sample counts as "not halved last time" at the first checkpoint.
+    """
+
+    def __init__(self, n: int, steps: int, loss_best: torch.Tensor) -> None:
+        self._intervals = iter(checkpoint_intervals(steps))
+        self._steps = steps
+        self.interval = next(self._intervals, steps + 1)
+        self._since = 0
+        self._increases = torch.zeros(n, device=loss_best.device)
+        self._prev_loss = torch.zeros(n, device=loss_best.device)
+        self._halved_last = torch.ones(n, dtype=torch.bool, device=loss_best.device)
+        self._best_at_check = loss_best.clone()
+
+    def observe(self, loss: torch.Tensor, loss_best: torch.Tensor) -> torch.Tensor | None:
+        """Record one iteration. Returns the mask of samples to halve at a checkpoint, else None.
+
+        Args:
+            loss: this iteration's per-sample loss.
+            loss_best: the best loss so far per sample, this iteration included.
+        """
+        self._increases += (loss > self._prev_loss).float()
+        self._prev_loss = loss
+        self._since += 1
+        if self._since < self.interval:
+            return None
+        halve = self._increases <= RHO * self.interval
+        halve |= ~self._halved_last & (loss_best <= self._best_at_check)
+        self._halved_last, self._best_at_check = halve, loss_best.clone()
+        self._increases.zero_()
+        self.interval, self._since = next(self._intervals, self._steps + 1), 0
+        return halve
+
+
+def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-sample cross-entropy (APGD-CE's loss)."""
+    return F.cross_entropy(logits, y, reduction="none")
 
 
 @ATTACKS.register("apgd")
@@ -64,7 +120,7 @@ class APGD(Attack):
     ) -> None:
         super().__init__(eps=eps, norm=norm, steps=steps, seed=seed)
         if restarts < 1:
-            raise UserError(f"attack 'apgd': restarts must be >= 1, got {restarts}")
+            raise UserError(f"attack {self.name!r}: restarts must be >= 1, got {restarts}")
         self.restarts = restarts
 
     def _run(
@@ -73,60 +129,66 @@ class APGD(Attack):
         best = x.clone()
         todo = torch.ones(len(x), dtype=torch.bool, device=x.device)
         with input_gradients_only(model):
-            for _ in range(self.restarts):
-                idx = todo.nonzero().squeeze(1)
-                x_adv, fooled = self._attack_once(model, x[idx], y[idx], generator)
-                best[idx] = x_adv
-                todo[idx[fooled]] = False
-                if not todo.any():
-                    break
+            self._restarts(model, x, y, lambda _: cross_entropy, best, todo, generator)
         return AttackResult(best)
 
+    def _restarts(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        loss_for: Callable[[torch.Tensor], Loss],
+        best: torch.Tensor,
+        todo: torch.Tensor,
+        generator: torch.Generator,
+    ) -> None:
+        """Run the restarts on the samples still in ``todo``, updating ``best`` and ``todo``.
+
+        ``loss_for(indices)`` gives the loss for those samples (APGD-T's loss depends on each
+        sample's target class).
+        """
+        for _ in range(self.restarts):
+            idx = todo.nonzero().squeeze(1)
+            if len(idx) == 0:
+                return
+            x_adv, fooled = self._attack_once(model, x[idx], y[idx], loss_for(idx), generator)
+            best[idx] = x_adv
+            todo[idx[fooled]] = False
+
     def _attack_once(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Loss, generator: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One run from a random start; returns (result per sample, fooled mask)."""
         view = (-1,) + (1,) * (x.dim() - 1)
         x_cur = self._clip(x, x + _random_start(x, self.eps, self.norm, generator))
-        loss, grad, fooled = self._loss_grad(model, x_cur, y)
+        loss, grad, fooled = self._loss_grad(model, x_cur, y, loss_fn)
         x_best, loss_best, grad_best = x_cur.clone(), loss.clone(), grad.clone()
         x_fool = torch.where(fooled.view(view), x_cur, x)
         ever_fooled = fooled.clone()
 
         step = torch.full((len(x),), 2 * self.eps, device=x.device)
-        x_prev, prev_loss = x_cur.clone(), loss
-        increases = torch.zeros(len(x), device=x.device)
-        loss_best_at_check = loss_best.clone()
-        halved_last = torch.zeros(len(x), dtype=torch.bool, device=x.device)
-        checkpoints = iter(checkpoint_intervals(self.steps))
-        interval, since_check = next(checkpoints, self.steps + 1), 0
+        x_prev = x_cur.clone()
+        schedule = StepSizeSchedule(len(x), self.steps, loss_best)
 
         for i in range(self.steps):
             alpha = ALPHA if i > 0 else 1.0
             z = self._clip(x, x_cur + step.view(view) * self._direction(grad))
             x_next = self._clip(x, x_cur + alpha * (z - x_cur) + (1 - alpha) * (x_cur - x_prev))
             x_prev, x_cur = x_cur, x_next
-            loss, grad, fooled = self._loss_grad(model, x_cur, y)
+            loss, grad, fooled = self._loss_grad(model, x_cur, y, loss_fn)
 
             new_fool = fooled & ~ever_fooled
             x_fool[new_fool] = x_cur[new_fool]
             ever_fooled |= fooled
-            increases += (loss > prev_loss).float()
-            prev_loss = loss
             better = loss > loss_best
             x_best[better], grad_best[better], loss_best[better] = x_cur[better], grad[better], loss[better]
 
-            since_check += 1
-            if since_check == interval:
-                halve = increases <= RHO * interval
-                halve |= ~halved_last & (loss_best <= loss_best_at_check)
+            halve = schedule.observe(loss, loss_best)
+            if halve is not None:
                 step[halve] /= 2
                 # Restart halved samples from their best point (the official code keeps the
                 # momentum term, i.e. x_prev, as it is).
                 x_cur[halve], grad[halve] = x_best[halve], grad_best[halve]
-                halved_last, loss_best_at_check = halve, loss_best.clone()
-                increases.zero_()
-                interval, since_check = next(checkpoints, self.steps + 1), 0
 
         result = torch.where(ever_fooled.view(view), x_fool, x_best)
         return result.detach(), ever_fooled
@@ -139,11 +201,11 @@ class APGD(Attack):
 
     @staticmethod
     def _loss_grad(
-        model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor
+        model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, loss_fn: Loss
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-sample CE loss, its input gradient, and which samples are misclassified."""
+        """Per-sample loss, its input gradient, and which samples are misclassified."""
         x_in = x_adv.detach().requires_grad_(True)
         logits = model(x_in)
-        loss = F.cross_entropy(logits, y, reduction="none")
+        loss = loss_fn(logits, y)
         (grad,) = torch.autograd.grad(loss.sum(), x_in)
         return loss.detach(), grad.detach(), (logits.argmax(1) != y).detach()

@@ -90,7 +90,7 @@ class Attack(ABC):
         self.eps, self.norm, self.steps, self.seed = float(eps), norm, int(steps), int(seed)
 
     def __call__(self, model: Classifier, x: torch.Tensor, y: torch.Tensor) -> AttackResult:
-        """Attack ``model`` on the batch ``(x, y)``.
+        """Attack ``model`` on the batch ``(x, y)``, on the images it classifies correctly.
 
         Args:
             model: an ``nn.Module`` (white-box) or any logits callable (black-box).
@@ -98,7 +98,8 @@ class Attack(ABC):
             y: integer labels ``(N,)``.
 
         Returns:
-            The adversarial batch (and query counts for black-box attacks).
+            The adversarial batch (and query counts for black-box attacks). Images the model
+            misclassifies clean are returned unchanged, with 0 queries.
 
         Raises:
             UserError: bad batch, or a white-box attack given something that is not a module.
@@ -110,27 +111,46 @@ class Attack(ABC):
                 f"{type(model).__name__}; replay its examples on an engine (transfer) or use 'square'"
             )
         x, y = x.detach(), y.detach()
+        x_adv = x.clone()
+        queries = torch.zeros(len(x), dtype=torch.long) if self.mode == "black-box" else None
         if self.eps == 0 or len(x) == 0:
-            zero = torch.zeros(len(x), dtype=torch.long) if self.mode == "black-box" else None
-            return AttackResult(x.clone(), zero)
-        return self._run(model, x, y, torch.Generator(device="cpu").manual_seed(self.seed))
+            return AttackResult(x_adv, queries)
+        # Only correctly classified images are attacked (AutoAttack's rule): a misclassified
+        # image is not robust already, and an attack's iterate that happens to land on its
+        # label must never make it count as robust. Misclassified images come back unchanged.
+        correct = (predict(model, x).argmax(1) == y).nonzero().squeeze(1)
+        if len(correct):
+            generator = torch.Generator(device="cpu").manual_seed(self.seed)
+            result = self._run(model, x[correct], y[correct], generator)
+            x_adv[correct] = result.x_adv
+            if queries is not None and result.queries is not None:
+                queries[correct.cpu()] = result.queries
+        return AttackResult(x_adv, queries)
 
     @abstractmethod
     def _run(self, model: Any, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> AttackResult:
-        """Attack a validated, detached, non-empty batch with ``eps > 0``.
+        """Attack a validated, detached, non-empty batch with ``eps > 0`` that the model
+        classifies correctly.
 
         ``model`` is an ``nn.Module`` for white-box attacks (checked by ``__call__``) and a
         :data:`Classifier` for black-box ones; subclasses annotate the one they get.
         """
 
+    def components(self) -> list[Attack]:
+        """The attacks the validation suite runs and reports for this one: itself, or an
+        ensemble's parts (each scored per runtime, then combined per image)."""
+        return [self]
+
     @classmethod
     def from_options(cls, **options: object) -> Attack:
         """Build from the recipe's common attack options (eps, norm, steps, step_size, restarts,
-        queries, seed): each attack takes the ones its constructor names and ignores the rest,
-        since a recipe lists ``steps`` for Square too and ``step_size`` for APGD, which adapts its
-        own step from 2 * eps."""
+        queries, targets, seed): each attack takes the ones its constructor names and ignores
+        the rest, since a recipe lists ``steps`` for Square too and ``step_size`` for APGD, which
+        adapts its own step from 2 * eps. An option given as ``None`` keeps the attack's own
+        default (PGD 20 steps, APGD 100, Square 1,000 queries)."""
         accepted = inspect.signature(cls.__init__).parameters
-        return cls(**{k: v for k, v in options.items() if k in accepted})  # type: ignore[arg-type]
+        chosen = {k: v for k, v in options.items() if k in accepted and v is not None}
+        return cls(**chosen)  # type: ignore[arg-type]
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(eps={self.eps:.5g}, norm={self.norm}, steps={self.steps})"

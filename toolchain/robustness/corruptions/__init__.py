@@ -75,6 +75,8 @@ def corrupt(name: str, x: torch.Tensor, severity: int, seed: int = 0) -> torch.T
     batch = x.unsqueeze(0) if x.dim() == 3 else x
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
     with torch.no_grad():
-        out = corruption(batch.detach().to(torch.float32), severity, generator)
+        # Contiguous NCHW: the filters slice planes and rows; a channels-last or permuted input
+        # (a decoded HWC photo) would make every pass strided and several times slower.
+        out = corruption(batch.detach().to(torch.float32).contiguous(), severity, generator)
     out = out.to(x.dtype)
     return out.squeeze(0) if x.dim() == 3 else out

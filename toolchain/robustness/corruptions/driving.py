@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from toolchain.robustness.corruptions import ops
+from toolchain.robustness.corruptions import filters, ops
 from toolchain.robustness.corruptions.base import Corruption, rand, randn, register, uniform
 
 
@@ -46,14 +46,14 @@ class Rain(Corruption):
         side = _side(x)
         # The same uniform field thresholded higher/lower: each severity's drops are a superset.
         drops = (rand((n, 1, h, w), generator, x) < self.DROPS[i] / side).float()
-        drops = ops.gaussian_blur(drops, 0.003 * side)  # drops ~1 px wide at 32 px, ~2 px at 224
+        drops = filters.gaussian_blur(drops, 0.003 * side)  # drops ~1 px wide at 32 px, ~2 px at 224
         drops = drops / drops.amax(dim=(2, 3), keepdim=True).clamp_min(1e-6)
         angle = uniform((n,), -100.0, -80.0, generator, x)
         length = max(2.0, self.LENGTH[i] * side)
         taps = 2 * math.ceil(length / 2) + 1
         # Huge sigma = flat weights: a streak of even brightness; rescale so one drop reaches 1.
-        streaks = ops.motion_blur(drops, length / 2, 1e6, angle) * taps
-        scene = ops.gaussian_blur(x, self.HAZE[i] * side) * (1 - self.DIM[i])
+        streaks = filters.motion_blur(drops, length / 2, 1e6, angle) * taps
+        scene = filters.gaussian_blur(x, self.HAZE[i] * side) * (1 - self.DIM[i])
         return _screen(scene, self.STREAK[i] * streaks * ops.tint((0.9, 0.92, 1.0), x))
 
 
@@ -154,8 +154,8 @@ class DirtyLens(Corruption):
         side = _side(x)
         field = ops.fractal_noise(n, (h, w), generator, x, base_cells=3, octaves=3)
         mask = ((field - self.THRESHOLD[i]) / 0.12).clamp(0, 1)
-        mask = ops.gaussian_blur(mask, 0.02 * side) * self.OPACITY[i]  # dirt is out of focus
-        smear = ops.gaussian_blur(x, 0.04 * side)
+        mask = filters.gaussian_blur(mask, 0.02 * side) * self.OPACITY[i]  # dirt is out of focus
+        smear = filters.gaussian_blur(x, 0.04 * side)
         dirt = 0.6 * ops.tint(self.DIRT, x) + 0.4 * smear
         hazy = x * (1 - self.HAZE[i]) + self.HAZE[i] * smear.mean(dim=(2, 3), keepdim=True)
         return hazy * (1 - mask) + dirt * mask

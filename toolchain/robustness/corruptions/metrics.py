@@ -9,11 +9,14 @@ the dense baseline it is compared against, plus both clean accuracies. Errors ar
   ``relative mCE`` is its mean. It measures degradation *under corruption* relative to the
   baseline's, separately from clean accuracy.
 
-Division by zero: a ratio whose denominator is <= 1e-12 is 1.0 when its numerator is also
-<= 1e-12 (both models equally unaffected: no worse than the baseline) and ``math.inf`` otherwise
-(the model degrades where the baseline does not; a ``<=`` gate on it then fails, i.e. fails
-closed). A negative relative denominator (the baseline does better corrupted than clean, only
-seen with tiny samples) is treated the same way. JSON writers should map ``inf`` to a string.
+Division by zero: a CE whose denominator is <= 1e-12 (the baseline makes no error) is 1.0
+when its numerator is also <= 1e-12 and ``math.inf`` otherwise (a ``<=`` gate on it then
+fails, i.e. fails closed). A relative CE is *undefined* (None) for a corruption that does not
+degrade the baseline (its corrupted error is not above its clean error: mild brightness, or
+low light on a dataset of dark images): there is no degradation to compare with, and one such
+corruption would otherwise make the whole relative mCE infinite. Relative mCE is the mean over
+the corruptions where it is defined; the others are listed in ``relative_excluded`` (and
+still count in mCE). JSON writers should map ``inf`` to null or a string.
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ def mean_corruption_accuracy(acc: Accuracies) -> float:
 
 def corruption_errors(
     model: Accuracies, dense: Accuracies, model_clean: float, dense_clean: float
-) -> dict[str, dict[str, float]]:
+) -> dict[str, dict[str, float | None]]:
     """Per corruption: ``{"ce", "relative_ce", "mean_accuracy"}`` for the model vs the dense baseline.
 
     Raises:
@@ -81,7 +84,7 @@ def corruption_errors(
         raise UserError(
             f"model and dense accuracies cover different corruptions: {sorted(m.keys() ^ d.keys())}"
         )
-    result: dict[str, dict[str, float]] = {}
+    result: dict[str, dict[str, float | None]] = {}
     for name in sorted(m):
         if m[name].keys() != d[name].keys():
             raise UserError(f"model and dense accuracies for {name!r} cover different severities")
@@ -92,7 +95,7 @@ def corruption_errors(
         rel_d = sum((1 - d[name][s]) - (1 - dc) for s in sevs)
         result[name] = {
             "ce": _ratio(err_m, err_d),
-            "relative_ce": _ratio(rel_m, rel_d),
+            "relative_ce": rel_m / rel_d if rel_d > _EPS else None,
             "mean_accuracy": sum(m[name].values()) / len(sevs),
         }
     return result
@@ -104,9 +107,10 @@ def summarize(
     """All corruption metrics as a plain dict (the shape ``report.json`` stores).
 
     Returns:
-        ``{"mean_accuracy", "mce", "relative_mce", "per_corruption": {name: {...}}}`` with
-        ``mce``/``relative_mce`` the means of the per-corruption ``ce``/``relative_ce``
-        (``inf`` if any is ``inf``, see the module docstring).
+        ``{"mean_accuracy", "mce", "relative_mce", "relative_excluded", "per_corruption":
+        {name: {...}}}`` with ``mce`` the mean of the per-corruption ``ce`` (``inf`` if any is)
+        and ``relative_mce`` the mean of the defined ``relative_ce`` (None if none is), see the
+        module docstring.
 
     Raises:
         UserError: mismatched or out-of-range inputs.
@@ -114,9 +118,11 @@ def summarize(
     per = corruption_errors(model, dense, model_clean, dense_clean)
     if not per:
         raise UserError("no corruption accuracies to summarise")
+    relative = [p["relative_ce"] for p in per.values() if p["relative_ce"] is not None]
     return {
         "mean_accuracy": mean_corruption_accuracy(model),
-        "mce": sum(p["ce"] for p in per.values()) / len(per),
-        "relative_mce": sum(p["relative_ce"] for p in per.values()) / len(per),
+        "mce": sum(float(p["ce"] or 0.0) for p in per.values()) / len(per),
+        "relative_mce": sum(relative) / len(relative) if relative else None,
+        "relative_excluded": sorted(name for name, p in per.items() if p["relative_ce"] is None),
         "per_corruption": per,
     }

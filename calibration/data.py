@@ -1,0 +1,164 @@
+"""Robustness-aware INT8 calibration data: clean, corrupted and adversarial images, mixed.
+
+Activation ranges calibrated on clean images only can clip the larger activations that
+corrupted or adversarial inputs produce, so INT8 may lose more robustness than clean accuracy.
+A mixed calibration set lets the ranges see such inputs; the pipeline calibrates both ways
+and reports both, so the user sees which keeps robustness at INT8.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from exporters.errors import UserError
+
+__all__ = ["CalibrationMix", "build_calibration_set"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CalibrationMix:
+    """Shares of each kind of image in the calibration set (normalised to sum to 1).
+
+    Attributes:
+        clean: share of unmodified images.
+        corrupted: share of images under a corruption (cycling through ``corruptions`` and
+            ``severities``).
+        adversarial: share of PGD examples crafted on the PyTorch model.
+    """
+
+    clean: float = 1.0
+    corrupted: float = 0.0
+    adversarial: float = 0.0
+
+    def counts(self, total: int) -> dict[str, int]:
+        """Images of each kind out of ``total`` (largest remainders, so they add up exactly).
+
+        Raises:
+            UserError: a negative share, or all shares zero.
+        """
+        shares = {"clean": self.clean, "corrupted": self.corrupted, "adversarial": self.adversarial}
+        if any(v < 0 for v in shares.values()) or sum(shares.values()) <= 0:
+            raise UserError(f"calibration mix shares must be >= 0 and not all zero, got {shares}")
+        norm = sum(shares.values())
+        exact = {k: total * v / norm for k, v in shares.items()}
+        counts = {k: int(v) for k, v in exact.items()}
+        for k in sorted(exact, key=lambda k: exact[k] - counts[k], reverse=True)[
+            : total - sum(counts.values())
+        ]:
+            counts[k] += 1
+        return counts
+
+    @property
+    def is_clean(self) -> bool:
+        return self.corrupted == 0 and self.adversarial == 0
+
+
+def build_calibration_set(
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    samples: int,
+    mix: CalibrationMix,
+    *,
+    model: nn.Module | None = None,
+    corruptions: Sequence[str] = (),
+    severities: Sequence[int] = (3,),
+    attack: Mapping[str, Any] | None = None,
+    seed: int = 0,
+) -> tuple[torch.Tensor, dict[str, int]]:
+    """Draw ``samples`` images from ``batches`` and perturb the mix's shares of them.
+
+    The first images of the stream become the calibration set (the loader decides their
+    order); each is used once, as clean, corrupted or adversarial, in that order.
+
+    Args:
+        batches: ``(x, y)`` batches of float32 pixels in [0, 1] (training data, ideally).
+        samples: images in the calibration set.
+        mix: the shares of clean, corrupted and adversarial images.
+        model: the PyTorch model adversarial examples are crafted on (needed if
+            ``mix.adversarial > 0``).
+        corruptions: corruption names to cycle through (needed if ``mix.corrupted > 0``).
+        severities: severities to cycle through.
+        attack: PGD settings (``eps``, ``steps``, ``step_size``, ``norm``) for the adversarial
+            share; default L-inf 8/255, 5 steps.
+        seed: seeds corruptions and the attack's random start.
+
+    Returns:
+        ``(images, counts)``: a float32 CPU tensor ``(samples, C, H, W)`` and the number of
+        images of each kind.
+
+    Raises:
+        UserError: fewer images than ``samples``, or a share that needs a missing ingredient.
+    """
+    from toolchain.robustness.attacks.pgd import pgd_attack
+    from toolchain.robustness.corruptions import corrupt
+
+    if samples < 1:
+        raise UserError(f"calibration samples must be >= 1, got {samples}")
+    counts = mix.counts(samples)
+    if counts["corrupted"] and not corruptions:
+        raise UserError("the calibration mix has corrupted images but no corruptions are named")
+    if counts["adversarial"] and model is None:
+        raise UserError("the calibration mix has adversarial images but no PyTorch model to craft them on")
+    xs, ys = _take(batches, samples)
+    kinds = ["clean"] * counts["clean"] + ["corrupted"] * counts["corrupted"]
+    kinds += ["adversarial"] * counts["adversarial"]
+    out = xs.clone()
+    corrupted = [i for i, k in enumerate(kinds) if k == "corrupted"]
+    for j, index in enumerate(corrupted):
+        name = corruptions[j % len(corruptions)]
+        severity = int(severities[(j // len(corruptions)) % len(severities)])
+        out[index] = corrupt(name, xs[index], severity, seed=seed * 1_000_003 + index)
+    adversarial = torch.tensor([i for i, k in enumerate(kinds) if k == "adversarial"], dtype=torch.long)
+    if len(adversarial):
+        assert model is not None  # checked above
+        options = {"eps": 8 / 255, "steps": 5, "norm": "linf", **(attack or {})}
+        eps, steps = float(options["eps"]), int(options["steps"])
+        step_size = float(options.get("step_size") or 2.5 * eps / max(steps, 1))
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        was_training = model.training
+        model.eval()
+        try:
+            # Every image of the adversarial share is perturbed, misclassified ones too: the
+            # calibration set wants the activation ranges attacks produce, not a robustness
+            # verdict (so the Attack class, which leaves misclassified images alone, is not used).
+            for chunk in adversarial.split(128):
+                out[chunk] = pgd_attack(
+                    model,
+                    xs[chunk],
+                    ys[chunk],
+                    eps=eps,
+                    step_size=step_size,
+                    steps=steps,
+                    norm=str(options["norm"]),
+                    generator=generator,
+                ).cpu()
+        finally:
+            model.train(was_training)
+    log.info("calibration set: %s", counts)
+    return out.contiguous(), counts
+
+
+def _take(
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]], samples: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    xs: list[torch.Tensor] = []
+    ys: list[torch.Tensor] = []
+    have = 0
+    for x, y in batches:
+        xs.append(x[: samples - have].detach().cpu().float())
+        ys.append(y[: samples - have].detach().cpu())
+        have += len(xs[-1])
+        if have >= samples:
+            break
+    if have < samples:
+        raise UserError(
+            f"calibration needs {samples} images but the data gave only {have}; lower the samples"
+        )
+    return torch.cat(xs), torch.cat(ys)

@@ -1,0 +1,251 @@
+"""Linear filters and resamplings shared by the corruptions, written for speed on large batches.
+
+Each picks the cheapest exact form for its kernel (all torch, any device, no pixel loops):
+
+- short separable kernels: shifted slices of a border-padded batch, multiplied and added
+  (a 13-tap blur costs ~13 streaming passes, no index tensors);
+- long separable kernels (longer than ``_SHIFT_ADD_MAX_TAPS`` or than the image): a cached
+  ``(n, n)`` filter matrix per axis, i.e. two matrix products;
+- dense 2-D kernels (defocus discs): one FFT convolution of the border-padded batch;
+- per-image shift patterns (motion blur): shifted slices of one padded copy, per image and tap;
+- centre zooms (zoom blur): per factor, two row gathers plus a lerp per axis, accumulated.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+_SHIFT_ADD_MAX_TAPS = 31  # beyond this a (cached) filter matrix is cheaper than one pass per tap
+
+
+def fold(idx: torch.Tensor, n: int, mode: str) -> torch.Tensor:
+    """Map out-of-range indices into ``[0, n)`` the way each border mode extends an image."""
+    if mode == "replicate" or n == 1:  # a a a | a b c d | d d d   (skimage/scipy 'nearest')
+        return idx.clamp(0, n - 1)
+    if mode == "reflect101":  # d c b | a b c d | c b a   (cv2 default, BORDER_REFLECT_101)
+        period = 2 * n - 2
+        idx = idx % period
+        return torch.where(idx >= n, period - idx, idx)
+    if mode == "symmetric":  # c b a | a b c d | d c b   (scipy/skimage 'reflect')
+        idx = idx % (2 * n)
+        return torch.where(idx >= n, 2 * n - 1 - idx, idx)
+    raise ValueError(f"unknown border mode {mode!r}")
+
+
+def pad(x: torch.Tensor, top: int, bottom: int, left: int, right: int, mode: str) -> torch.Tensor:
+    """Extend ``(..., H, W)`` by the given margins with border ``mode`` (margins may exceed the image)."""
+    h, w = x.shape[-2:]
+    fits = max(top, bottom) < h and max(left, right) < w
+    if mode == "replicate" or (mode == "reflect101" and fits):
+        torch_mode = "replicate" if mode == "replicate" else "reflect"
+        flat = x.reshape(-1, 1, h, w)
+        out = F.pad(flat, (left, right, top, bottom), mode=torch_mode)
+        return out.reshape(*x.shape[:-2], h + top + bottom, w + left + right)
+    if mode == "symmetric" and fits:  # mirrored edge strips: cheaper than gathering every pixel
+        x = torch.cat([x[..., :top, :].flip(-2), x, x[..., h - bottom :, :].flip(-2)], -2)
+        return torch.cat([x[..., :left].flip(-1), x, x[..., w - right :].flip(-1)], -1)
+    rows = fold(torch.arange(-top, h + bottom, device=x.device), h, mode)
+    cols = fold(torch.arange(-left, w + right, device=x.device), w, mode)
+    return x.index_select(-2, rows).index_select(-1, cols)
+
+
+@lru_cache(maxsize=128)
+def _filter_matrix(n: int, taps: tuple[float, ...], mode: str, device: torch.device) -> torch.Tensor:
+    """``(n, n)`` matrix applying the centred 1-D correlation ``taps`` with border ``mode``."""
+    k = torch.tensor(taps, dtype=torch.float64)
+    r = (k.numel() - 1) // 2
+    src = fold(torch.arange(n)[:, None] + torch.arange(-r, r + 1)[None, :], n, mode)
+    mat = torch.zeros(n, n, dtype=torch.float64)
+    mat.scatter_add_(1, src, k.expand(n, -1).contiguous())
+    return mat.float().to(device)
+
+
+def _shift_add(padded: torch.Tensor, taps: Sequence[float], size: int, dim: int) -> torch.Tensor:
+    """Correlate along ``dim`` of an already padded tensor: sum of ``tap * slice``."""
+    out = padded.narrow(dim, 0, size) * taps[0]
+    for i, tap in enumerate(taps[1:], start=1):
+        out.add_(padded.narrow(dim, i, size), alpha=tap)
+    return out
+
+
+def filter_1d(x: torch.Tensor, taps: Sequence[float], dim: int, mode: str) -> torch.Tensor:
+    """Correlate ``(..., H, W)`` along ``dim`` (-2 or -1) with odd-length ``taps``, border ``mode``."""
+    n, r = x.shape[dim], (len(taps) - 1) // 2
+    if len(taps) > _SHIFT_ADD_MAX_TAPS or r >= n:
+        mat = _filter_matrix(n, tuple(float(t) for t in taps), mode, x.device)
+        return mat @ x if dim == -2 else x @ mat.T
+    padded = pad(x, r, r, 0, 0, mode) if dim == -2 else pad(x, 0, 0, r, r, mode)
+    return _shift_add(padded, [float(t) for t in taps], n, dim)
+
+
+def gaussian_taps(sigma: float, truncate: float = 4.0) -> list[float]:
+    """Normalised 1-D Gaussian, radius ``int(truncate * sigma + 0.5)`` (scipy's convention)."""
+    radius = max(1, int(truncate * sigma + 0.5))
+    t = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    k = torch.exp(-0.5 * (t / max(sigma, 1e-6)) ** 2)
+    return (k / k.sum()).tolist()
+
+
+def gaussian_blur(
+    x: torch.Tensor,
+    sigma: float | tuple[float, float],
+    truncate: float = 4.0,
+    mode: str = "replicate",
+) -> torch.Tensor:
+    """Gaussian blur of ``(..., H, W)``; ``sigma`` is one value or ``(sigma_y, sigma_x)``.
+
+    The default border is edge replication (skimage's ``mode='nearest'``).
+    """
+    sy, sx = (sigma, sigma) if isinstance(sigma, (int, float)) else sigma
+    if sy > 0:
+        x = filter_1d(x, gaussian_taps(sy, truncate), -2, mode)
+    if sx > 0:
+        x = filter_1d(x, gaussian_taps(sx, truncate), -1, mode)
+    return x
+
+
+def _fast_size(n: int) -> int:
+    """Smallest 2^a 3^b 5^c >= n: sizes FFT libraries transform fastest."""
+    best = 1 << max(0, math.ceil(math.log2(n)))
+    p3 = 1
+    while p3 < best:
+        p5 = p3
+        while p5 < best:
+            m = p5
+            while m < n:
+                m *= 2
+            best = min(best, m)
+            p5 *= 5
+        p3 *= 3
+    return best
+
+
+def fft_filter2d(x: torch.Tensor, kernel: torch.Tensor, mode: str = "reflect101") -> torch.Tensor:
+    """Correlate every ``(H, W)`` plane of ``x`` with a 2-D ``kernel`` (``cv2.filter2D`` semantics).
+
+    The batch is padded by the kernel radius with border ``mode`` (cv2's default reflect-101),
+    transformed once, multiplied by the kernel's transform and transformed back; the circular
+    wrap-around lands in the padding, which is cropped.
+    """
+    kh, kw = kernel.shape
+    ry, rx = kh // 2, kw // 2
+    h, w = x.shape[-2:]
+    padded = pad(x, ry, kh - 1 - ry, rx, kw - 1 - rx, mode)
+    fh, fw = _fast_size(padded.shape[-2]), _fast_size(padded.shape[-1])
+    # Correlation = convolution with the flipped kernel; rolled so its centre sits at (0, 0).
+    k = torch.zeros(fh, fw, dtype=x.dtype, device=x.device)
+    k[:kh, :kw] = kernel.flip(0, 1).to(x.device, x.dtype)
+    k = k.roll((-(kh - 1 - ry), -(kw - 1 - rx)), (0, 1))
+    spectrum = torch.fft.rfft2(padded, s=(fh, fw)) * torch.fft.rfft2(k)
+    out = torch.fft.irfft2(spectrum, s=(fh, fw))
+    return out[..., ry : ry + h, rx : rx + w]
+
+
+def motion_blur(x: torch.Tensor, radius: float, sigma: float, angle_deg: torch.Tensor) -> torch.Tensor:
+    """One-sided motion blur along one angle per image (the reference's ``_motion_blur``).
+
+    ``2*round(radius)+1`` taps at distance ``i`` along the angle, weighted
+    ``exp(-i^2 / 2 sigma^2)`` (normalised), each sampling the edge-replicated image at the whole
+    pixel offset ``ceil(i * (cos, sin) - 0.5)`` (y down). Taps below 1e-4 of the total weight are
+    dropped: together they move no pixel by a visible amount. Every tap is a shifted slice of
+    one padded copy, so the cost is one streaming pass per image and tap.
+    """
+    n, _, h, w = x.shape
+    taps = 2 * max(0, round(radius)) + 1
+    i = torch.arange(taps, dtype=torch.float64)
+    weights = torch.exp(-(i**2) / (2.0 * max(sigma, 1e-6) ** 2))
+    weights = weights / weights.sum()
+    i, weights = i[weights >= 1e-4], weights[weights >= 1e-4]
+    theta = torch.deg2rad(angle_deg.double().cpu())
+    ox = torch.ceil(i[None, :] * torch.cos(theta)[:, None] - 0.5).long().tolist()
+    oy = torch.ceil(i[None, :] * torch.sin(theta)[:, None] - 0.5).long().tolist()
+    p = taps
+    padded = pad(x, p, p, p, p, "replicate")
+    out = torch.empty_like(x)
+    for b in range(n):
+        acc = out[b]
+        acc.zero_()
+        for dx, dy, wt in zip(ox[b], oy[b], weights.tolist()):
+            acc.add_(padded[b, :, p + dy : p + dy + h, p + dx : p + dx + w], alpha=wt)
+    return out
+
+
+@lru_cache(maxsize=256)
+def _zoom_rows(n: int, zoom: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Source rows and lerp weight of a clipped centre zoom along one axis of length ``n``.
+
+    The reference crops the central ``ceil(n / zoom)`` samples, resizes them with linear
+    interpolation and corner-aligned grids (``scipy.ndimage.zoom``, order 1) to
+    ``round(crop * zoom)`` samples, and keeps the first ``n``.
+    """
+    crop = math.ceil(n / zoom)
+    start = (n - crop) // 2
+    out_n = round(crop * zoom)
+    pos = torch.arange(n, dtype=torch.float64) * ((crop - 1) / max(out_n - 1, 1))
+    lo = pos.floor().clamp(0, crop - 1)
+    frac = (pos - lo).float()
+    lo = lo.long()
+    hi = (lo + 1).clamp(max=crop - 1)
+    return (lo + start).to(device), (hi + start).to(device), frac.to(device)
+
+
+def zoom_blur(x: torch.Tensor, zooms: Sequence[float]) -> torch.Tensor:
+    """Mean of ``x`` and its clipped centre zooms by each factor in ``zooms`` (ImageNet-C).
+
+    Each zoom is separable: a lerp of two gathered rows, then (on the transposed batch) of two
+    gathered columns; row gathers are the fast kind, so the columns are handled transposed
+    and everything accumulates in the transposed layout.
+    """
+    _, _, h, w = x.shape
+    acc_t = x.transpose(-1, -2).contiguous()
+    for z in zooms:
+        r0, r1, fr = _zoom_rows(h, round(z, 6), x.device)
+        c0, c1, fc = _zoom_rows(w, round(z, 6), x.device)
+        rows = torch.lerp(x.index_select(-2, r0), x.index_select(-2, r1), fr.view(h, 1))
+        rows_t = rows.transpose(-1, -2).contiguous()
+        acc_t.add_(torch.lerp(rows_t.index_select(-2, c0), rows_t.index_select(-2, c1), fc.view(w, 1)))
+    return acc_t.transpose(-1, -2).div_(len(zooms) + 1)
+
+
+@lru_cache(maxsize=64)
+def _box_taps(n_in: int, n_out: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """PIL ``BOX`` downsampling ``n_in -> n_out`` as ``(taps, n_out)`` source indices and weights.
+
+    Output ``j`` averages the source pixels whose centres fall in its footprint (PIL's box
+    filter: ``-support <= d < support``); rows with fewer sources get zero-weight padding.
+    """
+    scale = n_in / n_out
+    support = 0.5 * max(scale, 1.0)
+    centre = (torch.arange(n_out, dtype=torch.float64) + 0.5) * scale
+    d = (torch.arange(n_in, dtype=torch.float64) + 0.5)[None, :] - centre[:, None]
+    inside = (d >= -support) & (d < support)
+    count = inside.sum(1)
+    first = inside.float().argmax(1)
+    taps = int(count.max())
+    idx = (first[None, :] + torch.arange(taps)[:, None]).clamp(max=n_in - 1)
+    wts = (torch.arange(taps)[:, None] < count[None, :]).double() / count[None, :]
+    return idx.to(device), wts.float().to(device)
+
+
+def _box_down(x: torch.Tensor, n_out: int) -> torch.Tensor:
+    """BOX-downsample the rows (dim -2) of ``x`` to ``n_out``."""
+    idx, wts = _box_taps(x.shape[-2], n_out, x.device)
+    out = x.index_select(-2, idx[0]) * wts[0].view(-1, 1)
+    for t in range(1, idx.shape[0]):
+        out.addcmul_(x.index_select(-2, idx[t]), wts[t].view(-1, 1))
+    return out
+
+
+def pixelate(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """PIL ``BOX`` downsample to ``int(side * factor)``, then ``NEAREST`` upsample back."""
+    h, w = x.shape[-2:]
+    sh, sw = max(1, int(h * factor)), max(1, int(w * factor))
+    small = _box_down(x, sh)  # rows
+    small_t = _box_down(small.transpose(-1, -2).contiguous(), sw)  # columns, transposed
+    # PIL's NEAREST upsampling takes source floor((j + 0.5) * n_small / n): torch's "nearest-exact".
+    return F.interpolate(small_t.transpose(-1, -2), size=(h, w), mode="nearest-exact")
