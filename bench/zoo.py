@@ -267,7 +267,13 @@ def _sweep(
             if record is None:
                 continue
             running.remove((trial, when))
-            record.update(jobs=args.jobs, threads=args.threads, started_utc=when)
+            record.update(
+                jobs=args.jobs,
+                threads=args.threads,
+                timeout_s=args.timeout,
+                memory_cap_gib=args.memory_gb,
+                started_utc=when,
+            )
             log.info(
                 "%-22s %-7s %6.1f s %6.2f GiB %s",
                 record["model"],
