@@ -121,3 +121,22 @@ def test_cli_inspect_a_recipe_checks_its_target(capsys) -> None:
 def test_cli_inspect_unknown_model_is_a_usage_error(capsys) -> None:
     assert main(["inspect", "torchvision:no_such_net"]) == 2
     assert "unknown torchvision model 'no_such_net'" in capsys.readouterr().err
+
+
+def test_cli_inspect_trial_exit_code_says_whether_the_model_goes_through(capsys, monkeypatch) -> None:
+    assert main(["inspect", "tests.user_models:make", "--input-size", "16", "--trial"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "trial: works (image_size=16, dense_macs=65644, macs=32828, macs_reduction=2, target_met=True" in out
+    )
+    import toolchain.pipeline
+
+    def broken_export(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError("exporter crashed")
+
+    monkeypatch.setattr(toolchain.pipeline, "export_onnx", broken_export)
+    assert main(["inspect", "tests.user_models:make", "--input-size", "16", "--trial"]) == 1
+    out = capsys.readouterr().out
+    assert (
+        "trial: failed (image_size=16, stage=export, reason=RuntimeError: exporter crashed, seconds=" in out
+    )

@@ -274,7 +274,11 @@ def inspect(
         size = int(example.shape[-1])
         with tempfile.TemporaryDirectory(prefix="robustprune-trial-") as work:
             result = run_trial(arch, size, work)
-        details = ", ".join(f"{k}={v}" for k, v in result.to_dict().items() if v is not None and k != "arch")
+        details = ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in result.to_dict().items()
+            if v is not None and k not in ("arch", "outcome")
+        )
         sys.stdout.write(f"trial: {result.outcome} ({details})\n")
         return EXIT_OK if result.outcome == "works" else EXIT_GATE_FAILED
     return EXIT_OK
