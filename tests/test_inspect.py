@@ -116,6 +116,11 @@ def test_cli_inspect_a_recipe_checks_its_target(capsys) -> None:
     assert "recipe target macs_reduction 400: OUT OF REACH" in text
     assert main(["inspect", "deploy_examples/quickstart.yaml"]) == 0
     assert "recipe target macs_reduction 4: reachable" in capsys.readouterr().out
+    assert (
+        main(["inspect", "deploy_examples/quickstart.yaml", "--set", "prune.target={latency_reduction: 2}"])
+        == 0
+    )
+    assert "recipe target latency_reduction 2: searched by timing" in capsys.readouterr().out
 
 
 def test_cli_inspect_unknown_model_is_a_usage_error(capsys) -> None:
