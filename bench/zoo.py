@@ -194,7 +194,7 @@ def table(results: list[dict[str, Any]]) -> str:
         reduction = f"{r['macs_reduction']:.2f}x" if r.get("macs_reduction") else ""
         diff = r.get("parity_max_abs_diff")
         parity = f"{diff:.1e} ({r.get('logit_scale') or 0:.3g})" if diff is not None else ""
-        reason = (r.get("reason") or "").replace("|", "/")
+        reason = (r.get("reason") or "").replace("|", "\\|")  # a bar would end the cell
         if len(reason) > 160:
             reason = reason[:157] + "..."
         weights = 4 * r["dense_params"] if r.get("dense_params") else 0
