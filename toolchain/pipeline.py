@@ -29,11 +29,12 @@ from exporters.torch_runner import TorchRunner
 from toolchain import deploy, preflight
 from toolchain.data import DataBundle
 from toolchain.device import resolve_device
+from toolchain.killpoints import killpoint
 from toolchain.models import trusted_builder
 from toolchain.preflight import prune_job
 from toolchain.pruning import count_macs_params, load_pruned, prune_model, save_pruned
 from toolchain.recipe import Recipe
-from toolchain.report.assemble import assemble_report
+from toolchain.report.assemble import STAGES, assemble_report
 from toolchain.report.schema import Evaluation, Report
 from toolchain.report.writer import mark_stale, write_report
 from toolchain.robustness.suite import evaluate_model
@@ -117,7 +118,11 @@ def run_pipeline(recipe: Recipe, out: str | Path | None = None, *, progress: boo
             before anything is written.
     """
     data = preflight.check(recipe)
-    run = RunDir.open(out or Path("runs") / recipe.name, recipe.model_dump(mode="json"))
+    with RunDir.open(out or Path("runs") / recipe.name, recipe.model_dump(mode="json")) as run:
+        return _run_stages(recipe, run, data, progress)
+
+
+def _run_stages(recipe: Recipe, run: RunDir, data: DataBundle, progress: bool) -> Report:
     mark_stale(run.root)
     ctx = Context(
         recipe=recipe,
@@ -127,8 +132,6 @@ def run_pipeline(recipe: Recipe, out: str | Path | None = None, *, progress: boo
         keys=stage_keys(recipe),
         device=resolve_device(recipe.device),
     )
-    torch.manual_seed(recipe.seed)
-
     dense = _stage(ctx, "train", lambda: _train(ctx), lambda: _load_model(ctx, "train"))
     _stage(ctx, "prune", lambda: _prune(ctx), lambda: None)
     pruned = _stage(ctx, "finetune", lambda: _finetune(ctx), lambda: _load_model(ctx, "finetune"))
@@ -151,7 +154,11 @@ def _stage(ctx: Context, name: str, compute: Callable[[], Any], load: Callable[[
         return load()
     log.info("stage %-8s running", name)
     start = time.perf_counter()
+    # Each stage seeds torch's global generator itself, so what it draws does not depend on
+    # which earlier stages ran in this process or were loaded from a previous one (resume).
+    torch.manual_seed(ctx.recipe.seed + STAGES.index(name))
     value, artifacts, result = compute()
+    killpoint(f"stage:{name}")
     ctx.run.finish(name, key, artifacts, result, time.perf_counter() - start)
     log.info("stage %-8s done in %.1f s", name, time.perf_counter() - start)
     return value
@@ -195,7 +202,6 @@ def _checkpoint(ctx: Context, stage: str) -> TrainCheckpoint:
 
 
 def _train(ctx: Context) -> tuple[nn.Module, list[str], dict[str, Any]]:
-    torch.manual_seed(ctx.recipe.seed)
     model = preflight.recipe_model(ctx.recipe, ctx.data)
     history = train_model(
         model,

@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from toolchain.killpoints import killpoint
 from toolchain.recipe_train import TrainConfig
 from toolchain.training.checkpoint import TrainCheckpoint, restore_rng, rng_states
 from toolchain.training.losses import BatchLoss, Perturbation
@@ -216,6 +217,7 @@ def train_model(
             scaler.update()
             if hooks.after_step is not None:
                 hooks.after_step(state)
+            killpoint(f"step:{desc}")
             step += 1
             seen += len(y)
             correct += int((logits.argmax(1) == y).sum())
