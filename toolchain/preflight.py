@@ -6,6 +6,7 @@ overwritten) a run directory.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
 
 import torch
@@ -112,7 +113,24 @@ def check_prunable(recipe: Recipe, model: nn.Module, data: DataBundle) -> None:
     """
     example = _example(data)
     method = METHODS.get(recipe.prune.method)(recipe.prune)
-    method.check(model, example, classifier_layers(model, example), budget_of(recipe.prune))
+    method.check(model, example, kept_layers(recipe.prune, model, example), budget_of(recipe.prune))
+
+
+def kept_layers(cfg: PruneConfig, model: nn.Module, example_inputs: torch.Tensor) -> list[nn.Module]:
+    """The layers whose output channels pruning never touches: the head(s), found by tracing,
+    and the recipe's ``prune.ignored_layers``.
+
+    Raises:
+        UserError: a name in ``prune.ignored_layers`` is not a layer of the model.
+    """
+    modules = dict(model.named_modules())
+    for name in cfg.ignored_layers:
+        if name not in modules or name == "":
+            close = difflib.get_close_matches(name, [n for n in modules if n], n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else "; names look like net.conv1"
+            raise UserError(f"prune.ignored_layers: the model has no layer {name!r}{hint}")
+    heads = classifier_layers(model, example_inputs)
+    return [*heads, *(modules[n] for n in cfg.ignored_layers if modules[n] not in heads)]
 
 
 def budget_of(cfg: PruneConfig) -> Budget:
@@ -131,7 +149,7 @@ def prune_job(
     return PruneJob(
         example_inputs=example_inputs,
         budget=budget_of(recipe.prune),
-        ignored_layers=classifier_layers(model, example_inputs),
+        ignored_layers=kept_layers(recipe.prune, model, example_inputs),
         loader=loader,
         attack=recipe.prune.attack,
         seed=recipe.seed,

@@ -37,7 +37,8 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             module.training = training
 
 
-def _forward(model: nn.Module, example_inputs: Any) -> Any:
+def run_forward(model: nn.Module, example_inputs: Any) -> Any:
+    """``model`` called on ``example_inputs`` (a tensor, a tuple of positional inputs, or a dict)."""
     if isinstance(example_inputs, dict):
         return model(**example_inputs)
     if isinstance(example_inputs, (tuple, list)):
@@ -98,7 +99,7 @@ def classifier_layers(model: nn.Module, example_inputs: Any) -> list[nn.Module]:
         # The input requires grad so the graph exists even when every parameter is frozen.
         inputs = _detach_requiring_grad(example_inputs)
         with eval_mode(model), torch.enable_grad():
-            outputs = _output_tensors(_forward(model, inputs))
+            outputs = _output_tensors(run_forward(model, inputs))
     finally:
         for handle in handles:
             handle.remove()
