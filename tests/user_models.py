@@ -75,3 +75,17 @@ class _HardCodedView(nn.Module):
 
 def make_hard_coded_view(num_classes: int, in_channels: int = 3) -> nn.Module:
     return _HardCodedView(in_channels, num_classes)
+
+
+def make_plain(num_classes: int, in_channels: int = 3) -> nn.Module:
+    """No BatchNorm: its forward depends on no batch statistics, so data-parallel training with
+    per-rank batches computes exactly the single-process gradients."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1, stride=2),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, num_classes),
+    )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -104,8 +105,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
+    # Under torchrun only rank 0 logs progress; the other ranks report warnings and errors.
+    ours = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
     for package in ("toolchain", "exporters", "calibration"):
-        logging.getLogger(package).setLevel(logging.DEBUG if args.debug else logging.INFO)
+        logging.getLogger(package).setLevel(logging.DEBUG if args.debug else ours)
     try:
         return _dispatch(args)
     except UserError as exc:

@@ -26,13 +26,20 @@ from exporters.latency import compare_latency
 from exporters.onnx import check_parity, export_onnx
 from exporters.runtimes import build_runner
 from exporters.torch_runner import TorchRunner
-from toolchain import deploy, preflight
+from toolchain import deploy, distributed, preflight
 from toolchain.data import DataBundle
 from toolchain.device import resolve_device
 from toolchain.killpoints import killpoint
 from toolchain.models import trusted_builder
 from toolchain.preflight import prune_job
-from toolchain.pruning import count_macs_params, load_pruned, prune_model, save_pruned
+from toolchain.pruning import (
+    count_macs_params,
+    load_pruned,
+    prune_model,
+    read_pruned,
+    rebuild_pruned,
+    save_pruned,
+)
 from toolchain.recipe import Recipe
 from toolchain.report.assemble import STAGES, assemble_report
 from toolchain.report.schema import Evaluation, Report
@@ -56,6 +63,7 @@ class Context:
     progress: bool = True
     keys: dict[str, str] = field(default_factory=dict)
     device: str = "cpu"
+    world: distributed.World = field(default_factory=distributed.World)
 
     @property
     def example_inputs(self) -> torch.Tensor:
@@ -66,7 +74,8 @@ class Context:
         size = self.data.image_size
         return InputSpec(self.data.channels, size, size, None if self.recipe.export.dynamic_batch else 1)
 
-    def train_loader(self, seed_offset: int = 0) -> torch.utils.data.DataLoader:
+    def train_loader(self, seed_offset: int = 0, *, shard: bool = False) -> torch.utils.data.DataLoader:
+        """Shuffled training batches; ``shard``: this rank's share under torchrun."""
         d = self.recipe.data
         return make_loader(
             self.data.train,
@@ -74,6 +83,7 @@ class Context:
             shuffle=True,
             seed=self.recipe.seed + seed_offset,
             num_workers=d.num_workers,
+            shard=shard,
         )
 
     def val_loader(
@@ -118,23 +128,40 @@ def run_pipeline(recipe: Recipe, out: str | Path | None = None, *, progress: boo
             before anything is written.
     """
     data = preflight.check(recipe)
-    with RunDir.open(out or Path("runs") / recipe.name, recipe.model_dump(mode="json")) as run:
-        return _run_stages(recipe, run, data, progress)
+    world, device = distributed.setup(resolve_device(recipe.device))
+    root = Path(out) if out is not None else Path("runs") / recipe.name
+    try:
+        if not world.main:  # writes nothing: trains its share, then waits for rank 0's report
+            return _run_stages(recipe, RunDir(root), data, progress, world, device)
+        with RunDir.open(root, recipe.model_dump(mode="json")) as run:
+            return _run_stages(recipe, run, data, progress, world, device)
+    finally:
+        distributed.teardown()
 
 
-def _run_stages(recipe: Recipe, run: RunDir, data: DataBundle, progress: bool) -> Report:
-    mark_stale(run.root)
+def _run_stages(
+    recipe: Recipe, run: RunDir, data: DataBundle, progress: bool, world: distributed.World, device: str
+) -> Report:
+    """The stages in order. Under torchrun every rank trains and fine-tunes (data parallel);
+    rank 0 alone prunes, exports, validates, benchmarks and writes, then sends the report."""
+    if world.main:
+        mark_stale(run.root)
     ctx = Context(
         recipe=recipe,
         run=run,
         data=data,
-        progress=progress,
+        progress=progress and world.main,
         keys=stage_keys(recipe),
-        device=resolve_device(recipe.device),
+        device=device,
+        world=world,
     )
-    dense = _stage(ctx, "train", lambda: _train(ctx), lambda: _load_model(ctx, "train"))
+    dense = _stage(ctx, "train", lambda: _train(ctx), lambda: _load_model(ctx, "train"), parallel=True)
     _stage(ctx, "prune", lambda: _prune(ctx), lambda: None)
-    pruned = _stage(ctx, "finetune", lambda: _finetune(ctx), lambda: _load_model(ctx, "finetune"))
+    pruned = _stage(
+        ctx, "finetune", lambda: _finetune(ctx), lambda: _load_model(ctx, "finetune"), parallel=True
+    )
+    if not world.main:
+        return Report.model_validate(distributed.broadcast(None))
     models = {"dense": dense, "pruned": pruned}
     _stage(ctx, "export", lambda: _export(ctx, models), lambda: None)
     _stage(ctx, "quantize", lambda: _quantize(ctx, models), lambda: None)
@@ -144,22 +171,37 @@ def _run_stages(recipe: Recipe, run: RunDir, data: DataBundle, progress: bool) -
 
     report = assemble_report(ctx.run.root, recipe, data_name=data.name, example_inputs=ctx.example_inputs)
     write_report(ctx.run.root, report)
+    if world.distributed:
+        distributed.broadcast(report.to_json())
     return report
 
 
-def _stage(ctx: Context, name: str, compute: Callable[[], Any], load: Callable[[], Any]) -> Any:
+def _stage(
+    ctx: Context, name: str, compute: Callable[[], Any], load: Callable[[], Any], *, parallel: bool = False
+) -> Any:
+    """Run stage ``name`` unless it finished with its key (then ``load`` its result).
+
+    Under torchrun, a ``parallel`` stage runs on every rank (rank 0 decides whether it runs and
+    alone records it); any other stage runs on rank 0 only, the others skip it.
+    """
     key = ctx.keys[name]
-    if ctx.run.finished(name, key) is not None:
+    if not ctx.world.main and not parallel:
+        return None
+    done = ctx.run.finished(name, key) is not None if ctx.world.main else None
+    if parallel and ctx.world.distributed:
+        done = distributed.broadcast(done)
+    if done:
         log.info("stage %-8s up to date, skipped", name)
-        return load()
+        return load() if ctx.world.main else None
     log.info("stage %-8s running", name)
     start = time.perf_counter()
     # Each stage seeds torch's global generator itself, so what it draws does not depend on
     # which earlier stages ran in this process or were loaded from a previous one (resume).
     torch.manual_seed(ctx.recipe.seed + STAGES.index(name))
     value, artifacts, result = compute()
-    killpoint(f"stage:{name}")
-    ctx.run.finish(name, key, artifacts, result, time.perf_counter() - start)
+    if ctx.world.main:
+        killpoint(f"stage:{name}")
+        ctx.run.finish(name, key, artifacts, result, time.perf_counter() - start)
     log.info("stage %-8s done in %.1f s", name, time.perf_counter() - start)
     return value
 
@@ -170,6 +212,8 @@ def _stage(ctx: Context, name: str, compute: Callable[[], Any], load: Callable[[
 def _save_model(
     ctx: Context, stage: str, model: nn.Module, history: list[Any], structure: list[Any] | None = None
 ) -> None:
+    if not ctx.world.main:
+        return
     path = ctx.run.stage_dir(stage) / MODEL_FILE
     with atomic_path(path) as tmp:
         save_pruned(
@@ -193,6 +237,21 @@ def _load_with_history(ctx: Context, stage: str) -> tuple[nn.Module, dict[str, A
     return model.eval(), info
 
 
+def _shared_model(ctx: Context, stage: str) -> tuple[nn.Module, dict[str, Any]]:
+    """The stage's model on every rank: rank 0 reads the file and sends its spec, pruning
+    history and weights; each rank rebuilds the pruned architecture from them (so the
+    optimiser and DDP are created on the right shapes, and other nodes need no shared disk)."""
+    path = ctx.run.root / stage / MODEL_FILE
+    payload = read_pruned(path) if ctx.world.main else None
+    if ctx.world.distributed:
+        payload = distributed.broadcast(payload)
+    assert payload is not None
+    model, info = rebuild_pruned(
+        payload, trusted_builder(ctx.recipe), ctx.example_inputs, source=repr(str(path))
+    )
+    return model.eval(), info
+
+
 CHECKPOINT_FILE = ".checkpoint.pt"
 
 
@@ -205,13 +264,14 @@ def _train(ctx: Context) -> tuple[nn.Module, list[str], dict[str, Any]]:
     model = preflight.recipe_model(ctx.recipe, ctx.data)
     history = train_model(
         model,
-        ctx.train_loader(),
+        ctx.train_loader(shard=True),
         ctx.recipe.train,
         seed=ctx.recipe.seed,
         desc="train",
         progress=ctx.progress,
         device=ctx.device,
         checkpoint=_checkpoint(ctx, "train"),
+        data_parallel=True,
     )
     model.cpu()
     macs, params = count_macs_params(model, ctx.example_inputs)
@@ -250,16 +310,17 @@ def _prune(ctx: Context) -> tuple[nn.Module, list[str], dict[str, Any]]:
 
 
 def _finetune(ctx: Context) -> tuple[nn.Module, list[str], dict[str, Any]]:
-    model, shape = _load_with_history(ctx, "prune")
+    model, shape = _shared_model(ctx, "prune")
     history = train_model(
         model,
-        ctx.train_loader(seed_offset=2),
+        ctx.train_loader(seed_offset=2, shard=True),
         ctx.recipe.finetune,
         seed=ctx.recipe.seed + 100,
         desc="finetune",
         progress=ctx.progress,
         device=ctx.device,
         checkpoint=_checkpoint(ctx, "finetune"),
+        data_parallel=True,
     )
     model.cpu()
     macs, params = count_macs_params(model, ctx.example_inputs)
