@@ -119,3 +119,20 @@ def test_two_processes_under_torchrun_match_one(tmp_path: Path) -> None:
     # Rank 1 wrote nothing of its own: the same files as the single-process run.
     names = {str(p.relative_to(single)) for p in single.rglob("*")}
     assert {str(p.relative_to(parallel)) for p in parallel.rglob("*")} == names
+
+
+def test_sync_batchnorm_round_trip_keeps_the_very_parameters() -> None:
+    """SyncBatchNorm itself needs CUDA and several processes; its swap in and out is checked here."""
+    from toolchain.models import build_model
+
+    model = build_model("convnet", num_classes=4, in_channels=3, mean=(0.5,) * 3, std=(0.25,) * 3).eval()
+    x = torch.rand(2, 3, 16, 16)
+    before = model(x)
+    params = {name: p for name, p in model.named_parameters()}
+    kinds = distributed.sync_batchnorm(model)
+    assert kinds and all(isinstance(model.get_submodule(n), torch.nn.SyncBatchNorm) for n in kinds)
+    assert torch.equal(model(x), before)  # eval mode: running statistics, no communication
+    distributed.local_batchnorm(model, kinds)
+    assert all(type(model.get_submodule(n)) is k for n, k in kinds.items())
+    assert all(p is params[name] for name, p in model.named_parameters())
+    assert torch.equal(model(x), before)

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from toolchain.errors import UserError
 
@@ -122,3 +123,31 @@ def all_sum(values: list[float], device: str | torch.device = "cpu") -> list[flo
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
     return tensor.tolist()
+
+
+def sync_batchnorm(model: nn.Module) -> dict[str, type[nn.Module]]:
+    """Replace ``model``'s BatchNorm layers in place by SyncBatchNorm sharing their parameters
+    and running statistics; returns what :func:`local_batchnorm` needs to undo it."""
+    kinds: dict[str, type[nn.Module]] = {
+        name: type(m) for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    }
+    for name in kinds:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, attr, nn.SyncBatchNorm.convert_sync_batchnorm(getattr(parent, attr)))
+    return kinds
+
+
+def local_batchnorm(model: nn.Module, kinds: dict[str, type[nn.Module]]) -> None:
+    """Put back the BatchNorm layers :func:`sync_batchnorm` replaced (same parameters and
+    statistics), so the trained model exports and saves as it was built."""
+    for name, kind in kinds.items():
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        sync = getattr(parent, attr)
+        plain = kind(sync.num_features, sync.eps, sync.momentum, sync.affine, sync.track_running_stats)
+        # The very same tensors: what was trained (and any optimiser state on it) carries over.
+        for key in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+            setattr(plain, key, getattr(sync, key))
+        plain.train(sync.training)
+        setattr(parent, attr, plain)

@@ -155,6 +155,10 @@ class TrainConfig(Section):
     lr_warmup_epochs: float = Field(0, ge=0, description="linear learning-rate warm-up (cosine/constant)")
     warmup_epochs: int = Field(0, ge=0, description="clean epochs before adversarial ones")
     amp: Literal["off", "bf16", "fp16"] = Field("off", description="mixed precision on CUDA (ignored on CPU)")
+    sync_batchnorm: bool = Field(
+        False,
+        description="under torchrun on CUDA: BatchNorm statistics over the global batch (SyncBatchNorm)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

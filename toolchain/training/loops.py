@@ -198,8 +198,13 @@ def train_model(
     # One forward per step goes through the wrapper (it synchronises gradients in backward);
     # attacks and other forward passes use the module itself.
     net: nn.Module = model
+    synced: dict[str, type[nn.Module]] = {}
     if world.distributed:
         on_cuda = torch.device(device).type == "cuda"
+        if cfg.sync_batchnorm and on_cuda:
+            synced = distributed.sync_batchnorm(model)
+        elif cfg.sync_batchnorm:
+            log.warning("%s: sync_batchnorm needs CUDA; BatchNorm uses each rank's batch on %s", desc, device)
         net = DistributedDataParallel(model, device_ids=[torch.device(device)] if on_cuda else None)
     optimizer = _optimizer(model, cfg, hooks)
     optimizers = [optimizer]
@@ -286,6 +291,7 @@ def train_model(
         opt.zero_grad(set_to_none=True)
     if checkpoint is not None and world.main:
         checkpoint.clear()
+    distributed.local_batchnorm(model, synced)
     model.eval()
     return history
 
