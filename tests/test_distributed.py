@@ -57,19 +57,29 @@ DDP_RECIPE: dict[str, Any] = {
 def test_shards_together_are_the_single_process_batches(monkeypatch: pytest.MonkeyPatch) -> None:
     data = torch.utils.data.TensorDataset(torch.arange(48).float(), torch.zeros(48))
     whole = make_loader(data, 12, shuffle=True, seed=7)
-    whole.sampler.set_epoch(1)  # type: ignore[union-attr]
-    single = [set(x.int().tolist()) for x, _ in whole]
+    single = [[set(x.int().tolist()) for x, _ in whole] for _epoch in range(2)]
     shards = []
     for rank in range(3):
         monkeypatch.setattr(distributed, "current", lambda rank=rank: distributed.World(rank, 3))
         loader = make_loader(data, 12, shuffle=True, seed=7, shard=True)
-        loader.sampler.set_epoch(1)  # type: ignore[union-attr]
-        shards.append([x.int().tolist() for x, _ in loader])
         assert loader.batch_size == 4
-    assert [{index for s in shards for index in s[i]} for i in range(4)] == single
+        shards.append([[x.int().tolist() for x, _ in loader] for _epoch in range(2)])
+    for epoch in range(2):  # each epoch reshuffles, identically on every rank
+        union = [{i for s in shards for i in s[epoch][step]} for step in range(4)]
+        assert union == single[epoch]
+    assert single[0] != single[1]
     monkeypatch.setattr(distributed, "current", lambda: distributed.World(0, 5))
     with pytest.raises(distributed.UserError, match="batch_size 12 is not a multiple of the 5 processes"):
         make_loader(data, 12, shuffle=True, shard=True)
+
+
+def test_uneven_shards_are_padded_to_the_same_number_of_steps() -> None:
+    from torch.utils.data import SequentialSampler
+
+    from toolchain.training.sampling import ShardSampler
+
+    shards = [list(ShardSampler(SequentialSampler(range(7)), rank, 3)) for rank in range(3)]
+    assert shards == [[0, 3, 6], [1, 4, 0], [2, 5, 1]]  # 7 images, padded with the first two
 
 
 def _weights(root: Path, stage: str) -> dict[str, torch.Tensor]:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 from tqdm.auto import tqdm
 
 from toolchain import distributed
@@ -26,6 +26,7 @@ from toolchain.killpoints import killpoint
 from toolchain.recipe_train import TrainConfig
 from toolchain.training.checkpoint import TrainCheckpoint, restore_rng, rng_states
 from toolchain.training.losses import BatchLoss, Perturbation
+from toolchain.training.sampling import ShardSampler
 from toolchain.training.schedule import lr_factor
 
 log = logging.getLogger(__name__)
@@ -92,13 +93,11 @@ def make_loader(
     num_workers: int = 0,
     shard: bool = False,
 ) -> DataLoader:
-    """A DataLoader whose shuffling order depends only on ``seed`` and the epoch.
+    """A DataLoader whose shuffling order depends only on ``seed``.
 
-    A shuffled loader draws each epoch's permutation from ``seed + epoch`` (torch's
-    ``DistributedSampler``; the training loop sets the epoch). With ``shard`` under torchrun,
-    rank ``r`` of ``n`` takes every ``n``-th image of that permutation in batches of
-    ``batch_size / n``, so the ranks' batches together are exactly the single-process run's
-    batches of ``batch_size``.
+    With ``shard`` under torchrun, rank ``r`` of ``n`` gets its share of the same shuffled order
+    in batches of ``batch_size / n``, so the ranks' batches together are exactly the
+    single-process run's batches of ``batch_size`` (see :mod:`toolchain.training.sampling`).
 
     Raises:
         UserError: ``batch_size`` is not a multiple of the number of processes.
@@ -109,15 +108,16 @@ def make_loader(
             f"data.batch_size {batch_size} is not a multiple of the {world.size} processes; "
             f"the global batch is split evenly: use a multiple of {world.size}"
         )
-    sampler: DistributedSampler[int] | None = None
+    generator = sampler = None
     if shuffle:
-        sampler = DistributedSampler(
-            dataset, num_replicas=world.size, rank=world.rank, shuffle=True, seed=seed
-        )
+        generator = torch.Generator().manual_seed(seed)
+        order = RandomSampler(dataset, generator=generator)  # type: ignore[arg-type]  # sized datasets only
+        sampler = ShardSampler(order, world.rank, world.size)
     return DataLoader(
         dataset,
         batch_size=batch_size // world.size,
         sampler=sampler,
+        generator=generator,
         num_workers=num_workers,
         drop_last=False,
     )
@@ -171,8 +171,7 @@ def train_model(
 
     Args:
         model: the classifier, taking [0, 1] pixels.
-        loader: training batches ``(x, y)``; its sampler's ``set_epoch`` (if any) is called
-            each epoch, so a seeded sampler reshuffles per epoch.
+        loader: training batches ``(x, y)``.
         cfg: epochs, optimiser, schedule, loss and attack settings.
         seed: seeds the attacks' random starts and mixed-noise draws (shuffling is the
             loader's own).
@@ -217,15 +216,12 @@ def train_model(
     # Each rank draws its own random starts and noise; rank 0 draws what one process would.
     generator = torch.Generator().manual_seed(seed + 1_000_003 * world.rank)
     shuffle = getattr(loader, "generator", None)
-    sampler = getattr(loader, "sampler", None)
     per_epoch = max(len(loader), 1)
     total = cfg.epochs * per_epoch
     state = _State(model, optimizers, batch_loss, hooks, generator, shuffle, world)
     start, history = state.resume(checkpoint, desc, cfg.epochs)
     step = start * per_epoch
     for epoch in range(start, cfg.epochs):
-        if isinstance(sampler, DistributedSampler):
-            sampler.set_epoch(epoch)
         adversarial = epoch >= cfg.warmup_epochs
         model.train()
         seen = correct = 0
