@@ -1,4 +1,5 @@
-"""Data-parallel training under torchrun: two CPU processes (gloo) give the single-process result.
+"""Data-parallel training under torchrun: two CPU processes (gloo), killed mid-epoch and resumed,
+give the single-process result.
 
 The recipe's model has no BatchNorm (per-rank batch statistics would differ from the global
 batch's, and SyncBatchNorm needs CUDA) and its attacks no random start (each rank draws its own),
@@ -105,8 +106,19 @@ def test_two_processes_under_torchrun_match_one(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     command += ["-m", "toolchain", "run", str(recipe_path), "--out", str(parallel), "--no-progress"]
+    # Both ranks SIGKILL themselves at step 6 of 12 (mid epoch 2); the rerun resumes after epoch 1.
+    killed = subprocess.run(
+        command,
+        env={**env, "ROBUSTPRUNE_KILL_AT": "step:train@6"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert killed.returncode != 0 and killed.stderr.count("killing this process (SIGKILL)") == 2
+    assert (parallel / "train" / ".checkpoint.pt").is_file()
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "train: resuming after epoch 1/3" in result.stderr
     assert result.stdout.count("robustprune: ddp") == 1  # only rank 0 prints the summary
 
     report = json.loads((parallel / "report.json").read_text())
