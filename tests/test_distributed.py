@@ -1,5 +1,5 @@
-"""Data-parallel training under torchrun: two CPU processes (gloo), killed mid-epoch and resumed,
-give the single-process result.
+"""Under torchrun: two CPU processes (gloo) train data-parallel, are killed mid-epoch and resume,
+and validate one model each; the result is the single-process run's.
 
 The recipe's model has no BatchNorm (per-rank batch statistics would differ from the global
 batch's, and SyncBatchNorm needs CUDA) and its attacks no random start (each rank draws its own),
@@ -116,9 +116,13 @@ def test_two_processes_under_torchrun_match_one(tmp_path: Path) -> None:
     )
     assert killed.returncode != 0 and killed.stderr.count("killing this process (SIGKILL)") == 2
     assert (parallel / "train" / ".checkpoint.pt").is_file()
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    # --debug: rank 1 logs too, so the test sees which rank evaluated which model.
+    debug = [*command[:-5], "--debug", *command[-5:]]
+    result = subprocess.run(debug, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "train: resuming after epoch 1/3" in result.stderr
+    assert "validate: rank 0 of 2 evaluates dense" in result.stderr
+    assert "validate: rank 1 of 2 evaluates pruned" in result.stderr  # evaluation sharded, then gathered
     assert result.stdout.count("robustprune: ddp") == 1  # only rank 0 prints the summary
 
     report = json.loads((parallel / "report.json").read_text())

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import logging
 import math
+import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -142,8 +143,9 @@ def run_pipeline(recipe: Recipe, out: str | Path | None = None, *, progress: boo
 def _run_stages(
     recipe: Recipe, run: RunDir, data: DataBundle, progress: bool, world: distributed.World, device: str
 ) -> Report:
-    """The stages in order. Under torchrun every rank trains and fine-tunes (data parallel);
-    rank 0 alone prunes, exports, validates, benchmarks and writes, then sends the report."""
+    """The stages in order. Under torchrun every rank trains and fine-tunes (data parallel) and
+    validates its share of the models; rank 0 alone prunes, exports, quantises, benchmarks and
+    writes, then sends the report."""
     if world.main:
         mark_stale(run.root)
     ctx = Context(
@@ -160,13 +162,13 @@ def _run_stages(
     pruned = _stage(
         ctx, "finetune", lambda: _finetune(ctx), lambda: _load_model(ctx, "finetune"), parallel=True
     )
-    if not world.main:
-        return Report.model_validate(distributed.broadcast(None))
     models = {"dense": dense, "pruned": pruned}
     _stage(ctx, "export", lambda: _export(ctx, models), lambda: None)
     _stage(ctx, "quantize", lambda: _quantize(ctx, models), lambda: None)
     _stage(ctx, "engine", lambda: _engine(ctx), lambda: None)
-    _stage(ctx, "validate", lambda: _validate(ctx, models), lambda: None)
+    _stage(ctx, "validate", lambda: _validate(ctx, models), lambda: None, parallel=True)
+    if not world.main:
+        return Report.model_validate(distributed.broadcast(None))
     _stage(ctx, "bench", lambda: _bench(ctx, models), lambda: None)
 
     report = assemble_report(ctx.run.root, recipe, data_name=data.name, example_inputs=ctx.example_inputs)
@@ -443,23 +445,71 @@ def _runners(
 
 
 def _validate(ctx: Context, models: dict[str, nn.Module]) -> tuple[None, list[str], dict[str, Any]]:
+    """The suite on every model and runtime. Under torchrun the models are shared out among the
+    ranks (rank r evaluates models r, r + n, ...), each on rank 0's saved model and exported
+    files, and rank 0 gathers the evaluations in the single-process order."""
+    if not ctx.world.distributed:
+        rows = [row for name, model in models.items() for row in _evaluate(ctx, name, model)]
+        return _record_evaluations(ctx, rows)
+    names = list(models)
+    with tempfile.TemporaryDirectory(prefix="robustprune-rank-") as mirror:
+        local = ctx if ctx.world.main else replace(ctx, run=RunDir(Path(mirror)))
+        _receive_files(local, ["export", "quantize", "engine"])
+        shared = {"dense": "train", "pruned": "finetune"}
+        mine = {}
+        for index, name in enumerate(names):
+            model = _shared_model(ctx, shared[name])[0]  # every rank takes part in the broadcast
+            if index % ctx.world.size == ctx.world.rank:
+                log.info("validate: rank %d of %d evaluates %s", ctx.world.rank, ctx.world.size, name)
+                mine[name] = [row.to_json() for row in _evaluate(local, name, model)]
+        gathered = {name: rows for part in distributed.all_gather(mine) for name, rows in part.items()}
+    if not ctx.world.main:
+        return None, [], {}
+    return _record_evaluations(
+        ctx, [Evaluation.model_validate(row) for name in names for row in gathered[name]]
+    )
+
+
+def _evaluate(ctx: Context, name: str, model: nn.Module) -> list[Evaluation]:
+    """The suite on one model: PyTorch, its exported file and every variant of it."""
     cfg = ctx.recipe.validate
-    evaluations: list[Evaluation] = []
-    for name, model in models.items():
-        runners = _runners(ctx, name, model, list(cfg.runtimes), cfg.threads)
-        labels = _labels(ctx, name, list(cfg.runtimes))
-        batches = ctx.val_loader(batch_size=cfg.batch_size, samples=cfg.samples)
-        rows = evaluate_model(model, runners, batches, cfg, model_name=name, progress=ctx.progress)
-        int8 = {k: r for k, r in runners.items() if k.startswith("onnxruntime/int8/")}
-        parity = deploy.int8_parity(ctx.recipe, model, runners["onnxruntime"], int8, batches) if int8 else {}
-        for key, row in zip(runners, rows):
-            for field_name, value in labels.get(key, {}).items():
-                setattr(row, field_name, value)  # typed fields, or extra keys the schema keeps
-            if key in parity:
-                row.parity_fp32 = parity[key]
-        evaluations += rows
-    write_json(ctx.run.stage_dir("validate") / "evaluations.json", [e.to_json() for e in evaluations])
-    return None, ["evaluations.json"], {"count": len(evaluations)}
+    runners = _runners(ctx, name, model, list(cfg.runtimes), cfg.threads)
+    labels = _labels(ctx, name, list(cfg.runtimes))
+    batches = ctx.val_loader(batch_size=cfg.batch_size, samples=cfg.samples)
+    rows = evaluate_model(model, runners, batches, cfg, model_name=name, progress=ctx.progress)
+    int8 = {k: r for k, r in runners.items() if k.startswith("onnxruntime/int8/")}
+    parity = deploy.int8_parity(ctx.recipe, model, runners["onnxruntime"], int8, batches) if int8 else {}
+    for key, row in zip(runners, rows):
+        for field_name, value in labels.get(key, {}).items():
+            setattr(row, field_name, value)  # typed fields, or extra keys the schema keeps
+        if key in parity:
+            row.parity_fp32 = parity[key]
+    return rows
+
+
+def _record_evaluations(ctx: Context, rows: list[Evaluation]) -> tuple[None, list[str], dict[str, Any]]:
+    write_json(ctx.run.stage_dir("validate") / "evaluations.json", [e.to_json() for e in rows])
+    return None, ["evaluations.json"], {"count": len(rows)}
+
+
+def _receive_files(ctx: Context, stages: list[str]) -> None:
+    """Copy rank 0's files of ``stages`` into this rank's run folder (a no-op on rank 0),
+    so no node needs a shared disk."""
+    files = None
+    if ctx.world.main:
+        files = {
+            str(path.relative_to(ctx.run.root)): path.read_bytes()
+            for stage in stages
+            for path in sorted((ctx.run.root / stage).glob("*"))
+            if path.is_file() and not path.name.startswith(".")
+        }
+    files = distributed.broadcast(files)
+    if ctx.world.main:
+        return
+    for relative, content in files.items():
+        target = ctx.run.root / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(content)
 
 
 def _bench(ctx: Context, models: dict[str, nn.Module]) -> tuple[None, list[str], dict[str, Any]]:
