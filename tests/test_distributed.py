@@ -4,8 +4,9 @@ and validate one model each; the result is the single-process run's.
 The recipe's model has no BatchNorm (per-rank batch statistics would differ from the global
 batch's, and SyncBatchNorm needs CUDA) and its attacks no random start (each rank draws its own),
 so the two runs compute the same gradients up to floating-point summation order. Stated
-tolerance: per-epoch losses within 1e-5 (relative), every weight of every stage within 1e-5
-(absolute; measured about 4e-7), and the report's accuracies exactly equal.
+tolerance: per-epoch losses within 1e-5 (relative; measured at most 1.0e-6), every weight of
+every stage within 5e-5 (absolute; measured at most 4.7e-6, after fine-tuning), and the
+report's accuracies exactly equal.
 """
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ def test_two_processes_under_torchrun_match_one(tmp_path: Path) -> None:
     for stage in ("train", "prune", "finetune"):
         a, b = _weights(single, stage), _weights(parallel, stage)
         assert a.keys() == b.keys()
-        assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5, stage
+        assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 5e-5, stage
     sizes = ("macs", "params", "channels", "macs_reduction", "target_met")
     for model in ("dense", "pruned"):  # the same channels removed
         assert {k: report["models"][model].get(k) for k in sizes} == {
