@@ -155,3 +155,4 @@ def test_sigkill_anywhere_then_resume_gives_the_uninterrupted_numbers(
     assert numbers(report) == numbers(reference[1])
     assert same_weights(out, reference[0])
     assert (out / ".lock").read_text() == ""  # every killed holder's lock was taken over and released
+    assert not list(out.rglob(".*.tmp"))  # the torn write of step 3 was cleaned up

@@ -136,3 +136,14 @@ def test_a_read_only_file_system_is_one_line_run_directory_error(
     with pytest.raises(RunDirectoryError, match=r"cannot write in run directory .*\(Read-only file system\)"):
         RunDir.open(root, {"name": "y"})
     assert {p.name: p.read_bytes() for p in root.iterdir()} == before
+
+
+def test_temporary_files_of_killed_writes_are_removed_on_open(tmp_path: Path) -> None:
+    RunDir.open(tmp_path / "run", {}).close()
+    torn = tmp_path / "run" / "prune" / ".model.pt.abc123.tmp"
+    torn.parent.mkdir()
+    torn.write_bytes(b"half a model")
+    keep = tmp_path / "run" / "prune" / "model.pt"
+    keep.write_bytes(b"a model")
+    RunDir.open(tmp_path / "run", {}).close()
+    assert not torn.exists() and keep.read_bytes() == b"a model"

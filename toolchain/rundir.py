@@ -30,6 +30,8 @@ from toolchain.runlock import LOCK_FILE, RunLock
 log = logging.getLogger(__name__)
 
 MARKER = "run.json"
+#: Suffix of every file being written atomically (under a name starting with ".").
+TMP_SUFFIX = ".tmp"
 
 
 def chain_key(*parts: str) -> str:
@@ -41,7 +43,7 @@ def chain_key(*parts: str) -> str:
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; move it into place only if the block succeeds."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -119,6 +121,7 @@ class RunDir:
             ) from exc
         run = cls(root, RunLock.acquire(root))
         try:
+            run._remove_torn_writes()
             if not (root / MARKER).is_file():
                 write_json(root / MARKER, {"tool": "robustprune", "created": time.time()})
             with atomic_path(root / "recipe.yaml") as tmp:
@@ -127,6 +130,15 @@ class RunDir:
             run.close()
             raise
         return run
+
+    def _remove_torn_writes(self) -> None:
+        """Delete the temporary files of atomic writes that a killed process never renamed:
+        with the lock held, no live process is writing them."""
+        torn = [p for p in self.root.rglob(f".*{TMP_SUFFIX}") if p.is_file()]
+        for path in torn:
+            path.unlink()
+        if torn:
+            log.info("removed %d temporary file(s) left by an interrupted run in %s", len(torn), self.root)
 
     def close(self) -> None:
         """Release the folder's lock (idempotent)."""
