@@ -9,11 +9,9 @@ interrupted run resumes, and editing ``finetune`` re-runs fine-tuning and what f
 from __future__ import annotations
 
 import logging
-import math
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,80 +19,26 @@ import torch
 from torch import nn
 
 from calibration.bn import recalibrate_bn
-from exporters.base import InputSpec, Runner
-from exporters.batching import any_batch
-from exporters.latency import compare_latency
-from exporters.onnx import check_parity, export_onnx
-from exporters.runtimes import build_runner
-from exporters.torch_runner import TorchRunner
-from toolchain import deploy, distributed, preflight
+from toolchain import deploy, distributed, pipeline_deploy, preflight
 from toolchain.data import DataBundle
 from toolchain.device import resolve_device
 from toolchain.killpoints import killpoint
-from toolchain.models import trusted_builder
 from toolchain.preflight import prune_job
 from toolchain.pruning import (
     count_macs_params,
-    load_pruned,
     prune_model,
-    read_pruned,
-    rebuild_pruned,
     save_pruned,
 )
 from toolchain.pruning.latency_target import resolve_latency_budget, verify
 from toolchain.recipe import Recipe
 from toolchain.report.assemble import STAGES, assemble_report
-from toolchain.report.schema import Evaluation, Report
+from toolchain.report.schema import Report
 from toolchain.report.writer import mark_stale, write_report
-from toolchain.robustness.suite import evaluate_model
-from toolchain.rundir import RunDir, atomic_path, chain_key, read_json, write_json
-from toolchain.training import TrainCheckpoint, make_loader, train_model
+from toolchain.rundir import RunDir, atomic_path, chain_key
+from toolchain.stage_context import MODEL_FILE, Context, load_model, shared_model
+from toolchain.training import TrainCheckpoint, train_model
 
 log = logging.getLogger(__name__)
-
-MODEL_FILE = "model.pt"
-
-
-@dataclass
-class Context:
-    """What every stage needs: the recipe, the run folder, the data and a progress switch."""
-
-    recipe: Recipe
-    run: RunDir
-    data: DataBundle
-    progress: bool = True
-    keys: dict[str, str] = field(default_factory=dict)
-    device: str = "cpu"
-    world: distributed.World = field(default_factory=distributed.World)
-
-    @property
-    def example_inputs(self) -> torch.Tensor:
-        return torch.zeros(1, self.data.channels, self.data.image_size, self.data.image_size)
-
-    @property
-    def input_spec(self) -> InputSpec:
-        size = self.data.image_size
-        return InputSpec(self.data.channels, size, size, None if self.recipe.export.dynamic_batch else 1)
-
-    def train_loader(self, seed_offset: int = 0, *, shard: bool = False) -> torch.utils.data.DataLoader:
-        """Shuffled training batches; ``shard``: this rank's share under torchrun."""
-        d = self.recipe.data
-        return make_loader(
-            self.data.train,
-            d.batch_size,
-            shuffle=True,
-            seed=self.recipe.seed + seed_offset,
-            num_workers=d.num_workers,
-            shard=shard,
-        )
-
-    def val_loader(
-        self, batch_size: int | None = None, samples: int | None = None
-    ) -> torch.utils.data.DataLoader:
-        dataset = self.data.val
-        if samples is not None and samples < len(dataset):  # type: ignore[arg-type]
-            dataset = torch.utils.data.Subset(dataset, range(samples))
-        return make_loader(dataset, batch_size or self.recipe.data.batch_size, shuffle=False)
 
 
 def stage_keys(recipe: Recipe) -> dict[str, str]:
@@ -158,19 +102,19 @@ def _run_stages(
         device=device,
         world=world,
     )
-    dense = _stage(ctx, "train", lambda: _train(ctx), lambda: _load_model(ctx, "train"), parallel=True)
+    dense = _stage(ctx, "train", lambda: _train(ctx), lambda: load_model(ctx, "train"), parallel=True)
     _stage(ctx, "prune", lambda: _prune(ctx), lambda: None)
     pruned = _stage(
-        ctx, "finetune", lambda: _finetune(ctx), lambda: _load_model(ctx, "finetune"), parallel=True
+        ctx, "finetune", lambda: _finetune(ctx), lambda: load_model(ctx, "finetune"), parallel=True
     )
     models = {"dense": dense, "pruned": pruned}
-    _stage(ctx, "export", lambda: _export(ctx, models), lambda: None)
-    _stage(ctx, "quantize", lambda: _quantize(ctx, models), lambda: None)
-    _stage(ctx, "engine", lambda: _engine(ctx), lambda: None)
-    _stage(ctx, "validate", lambda: _validate(ctx, models), lambda: None, parallel=True)
+    _stage(ctx, "export", lambda: pipeline_deploy.export_stage(ctx, models), lambda: None)
+    _stage(ctx, "quantize", lambda: pipeline_deploy.quantize_stage(ctx, models), lambda: None)
+    _stage(ctx, "engine", lambda: pipeline_deploy.engine_stage(ctx), lambda: None)
+    _stage(ctx, "validate", lambda: pipeline_deploy.validate_stage(ctx, models), lambda: None, parallel=True)
     if not world.main:
         return Report.model_validate(distributed.broadcast(None))
-    _stage(ctx, "bench", lambda: _bench(ctx, models), lambda: None)
+    _stage(ctx, "bench", lambda: pipeline_deploy.bench_stage(ctx, models), lambda: None)
 
     report = assemble_report(ctx.run.root, recipe, data_name=data.name, example_inputs=ctx.example_inputs)
     write_report(ctx.run.root, report)
@@ -228,33 +172,6 @@ def _save_model(
         )
 
 
-def _load_model(ctx: Context, stage: str) -> nn.Module:
-    return _load_with_history(ctx, stage)[0]
-
-
-def _load_with_history(ctx: Context, stage: str) -> tuple[nn.Module, dict[str, Any]]:
-    """The stage's model and what rebuilds its shape (``history``, ``structure``)."""
-    model, info = load_pruned(
-        ctx.run.root / stage / MODEL_FILE, trusted_builder(ctx.recipe), ctx.example_inputs
-    )
-    return model.eval(), info
-
-
-def _shared_model(ctx: Context, stage: str) -> tuple[nn.Module, dict[str, Any]]:
-    """The stage's model on every rank: rank 0 reads the file and sends its spec, pruning
-    history and weights; each rank rebuilds the pruned architecture from them (so the
-    optimiser and DDP are created on the right shapes, and other nodes need no shared disk)."""
-    path = ctx.run.root / stage / MODEL_FILE
-    payload = read_pruned(path) if ctx.world.main else None
-    if ctx.world.distributed:
-        payload = distributed.broadcast(payload)
-    assert payload is not None
-    model, info = rebuild_pruned(
-        payload, trusted_builder(ctx.recipe), ctx.example_inputs, source=repr(str(path))
-    )
-    return model.eval(), info
-
-
 CHECKPOINT_FILE = ".checkpoint.pt"
 
 
@@ -285,7 +202,7 @@ def _train(ctx: Context) -> tuple[nn.Module, list[str], dict[str, Any]]:
 def _prune(ctx: Context) -> tuple[nn.Module, list[str], dict[str, Any]]:
     cfg = ctx.recipe.prune
     # A fresh copy from disk: the dense model in memory stays intact for validation.
-    model = _load_model(ctx, "train")
+    model = load_model(ctx, "train")
     job = prune_job(ctx.recipe, model, ctx.example_inputs, ctx.train_loader, ctx.progress)
     job.checkpoint = _checkpoint(ctx, "prune")
     job.device = ctx.device  # methods train there; pruning itself works on the CPU copy
@@ -331,7 +248,7 @@ def _prune(ctx: Context) -> tuple[nn.Module, list[str], dict[str, Any]]:
 
 
 def _finetune(ctx: Context) -> tuple[nn.Module, list[str], dict[str, Any]]:
-    model, shape = _shared_model(ctx, "prune")
+    model, shape = shared_model(ctx, "prune")
     history = train_model(
         model,
         ctx.train_loader(seed_offset=2, shard=True),
@@ -347,250 +264,3 @@ def _finetune(ctx: Context) -> tuple[nn.Module, list[str], dict[str, Any]]:
     macs, params = count_macs_params(model, ctx.example_inputs)
     _save_model(ctx, "finetune", model, shape["history"], shape["structure"])
     return model, [MODEL_FILE], {"epochs": history, "macs": macs, "params": params}
-
-
-def _export(ctx: Context, models: dict[str, nn.Module]) -> tuple[None, list[str], dict[str, Any]]:
-    cfg = ctx.recipe.export
-    out = ctx.run.stage_dir("export")
-    parity: dict[str, Any] = {}
-    artifacts = []
-    for name, model in models.items():
-        path = out / f"{name}.onnx"
-        export_onnx(
-            model,
-            path,
-            input_spec=ctx.input_spec,
-            opset=cfg.opset,
-            dynamic_batch=cfg.dynamic_batch,
-            metadata={
-                "class_names": list(ctx.data.class_names),
-                "mean": list(ctx.data.mean),
-                "std": list(ctx.data.std),
-                "recipe_sha256": ctx.recipe.sha256(),
-                "model": name,
-                "dataset": ctx.data.name,
-            },
-        )
-        runner = build_runner("onnxruntime", path=path, threads=ctx.recipe.validate.threads)
-        batch = None if cfg.dynamic_batch else 1
-        images = (x for x, _ in ctx.val_loader(batch_size=batch, samples=cfg.parity_samples))
-        result = check_parity(TorchRunner(model, ctx.input_spec), runner, images)
-        parity[name] = {
-            # NaN/Inf logits make the difference infinite; strict JSON records it as null.
-            "max_abs_diff": result.max_abs_diff if math.isfinite(result.max_abs_diff) else None,
-            "mean_abs_diff": result.mean_abs_diff if math.isfinite(result.mean_abs_diff) else None,
-            "top1_agreement": result.top1_agreement,
-            "samples": result.samples,
-            "within_atol": result.max_abs_diff <= cfg.parity_atol,
-        }
-        if result.top1_agreement < 1.0 or result.max_abs_diff > cfg.parity_atol:
-            log.warning(
-                "%s: ONNX Runtime differs from PyTorch (max |dlogit| %.2e, top-1 agreement %.4f)",
-                name,
-                result.max_abs_diff,
-                result.top1_agreement,
-            )
-        artifacts.append(path.name)
-    write_json(out / "parity.json", parity)
-    return None, [*artifacts, "parity.json"], {"parity": parity}
-
-
-def _quantize(ctx: Context, models: dict[str, nn.Module]) -> tuple[None, list[str], dict[str, Any]]:
-    out = ctx.run.stage_dir("quantize")
-    records: list[dict[str, Any]] = []
-    if ctx.recipe.quantize.enabled:
-        records = deploy.quantize_models(
-            ctx.recipe, models, ctx.run.root / "export", out, lambda: ctx.train_loader(seed_offset=3)
-        )
-    write_json(out / deploy.QUANTIZE_RECORD, records)
-    return None, [*(r["file"] for r in records), deploy.QUANTIZE_RECORD], {"files": records}
-
-
-def _engine(ctx: Context) -> tuple[None, list[str], dict[str, Any]]:
-    out = ctx.run.stage_dir("engine")
-    records: list[dict[str, Any]] = []
-    if deploy.engine_stage_needed(ctx.recipe):
-        quantized = _stage_records(ctx, "quantize")
-        records = deploy.build_engines(
-            ctx.recipe, ctx.run.root / "export", ctx.run.root / "quantize", quantized, out
-        )
-    write_json(out / deploy.ENGINE_RECORD, records)
-    return None, [*(r["path"] for r in records), deploy.ENGINE_RECORD], {"engines": records}
-
-
-def _stage_records(ctx: Context, stage: str) -> list[dict[str, Any]]:
-    record = {"quantize": deploy.QUANTIZE_RECORD, "engine": deploy.ENGINE_RECORD}[stage]
-    path = ctx.run.root / stage / record
-    return list(read_json(path)) if path.is_file() else []
-
-
-def _labels(ctx: Context, model_name: str, runtimes: list[str]) -> dict[str, dict[str, Any]]:
-    return deploy.variant_labels(
-        model_name, runtimes, _stage_records(ctx, "quantize"), _stage_records(ctx, "engine")
-    )
-
-
-def onnx_path(run_root: Path, model_name: str) -> Path:
-    return run_root / "export" / f"{model_name}.onnx"
-
-
-def _runners(
-    ctx: Context, model_name: str, model: nn.Module, runtimes: list[str], threads: int, *, bench: bool = False
-) -> dict[str, Runner]:
-    runners: dict[str, Runner] = {}
-    path = onnx_path(ctx.run.root, model_name)
-    for runtime in runtimes:
-        if runtime == "torch":
-            runners[runtime] = TorchRunner(model, ctx.input_spec)
-        elif runtime == "tensorrt":
-            continue  # the engine stage's engines, below
-        elif runtime == "onnxruntime":
-            # Spinning threads help latency but starve interleaved PyTorch work in validation.
-            runners[runtime] = build_runner(runtime, path=path, threads=threads, spinning=bench)
-        else:
-            runners[runtime] = build_runner(runtime, path=path, threads=threads)
-    runners.update(
-        deploy.variant_runners(
-            _labels(ctx, model_name, runtimes),
-            quantize_dir=ctx.run.root / "quantize",
-            engine_dir=ctx.run.root / "engine",
-            threads=threads,
-            spinning=bench,
-        )
-    )
-    if not bench:  # the suites feed any batch size; latency is measured at the engine's own
-        runners = {key: any_batch(r) for key, r in runners.items()}
-    return runners
-
-
-def _validate(ctx: Context, models: dict[str, nn.Module]) -> tuple[None, list[str], dict[str, Any]]:
-    """The suite on every model and runtime. Under torchrun the models are shared out among the
-    ranks (rank r evaluates models r, r + n, ...), each on rank 0's saved model and exported
-    files, and rank 0 gathers the evaluations in the single-process order."""
-    if not ctx.world.distributed:
-        rows = [row for name, model in models.items() for row in _evaluate(ctx, name, model)]
-        return _record_evaluations(ctx, rows)
-    names = list(models)
-    with tempfile.TemporaryDirectory(prefix="robustprune-rank-") as mirror:
-        local = ctx if ctx.world.main else replace(ctx, run=RunDir(Path(mirror)))
-        _receive_files(local, ["export", "quantize", "engine"])
-        shared = {"dense": "train", "pruned": "finetune"}
-        mine = {}
-        for index, name in enumerate(names):
-            model = _shared_model(ctx, shared[name])[0]  # every rank takes part in the broadcast
-            if index % ctx.world.size == ctx.world.rank:
-                log.info("validate: rank %d of %d evaluates %s", ctx.world.rank, ctx.world.size, name)
-                mine[name] = [row.to_json() for row in _evaluate(local, name, model)]
-        gathered = {name: rows for part in distributed.all_gather(mine) for name, rows in part.items()}
-    if not ctx.world.main:
-        return None, [], {}
-    return _record_evaluations(
-        ctx, [Evaluation.model_validate(row) for name in names for row in gathered[name]]
-    )
-
-
-def _evaluate(ctx: Context, name: str, model: nn.Module) -> list[Evaluation]:
-    """The suite on one model: PyTorch, its exported file and every variant of it."""
-    cfg = ctx.recipe.validate
-    runners = _runners(ctx, name, model, list(cfg.runtimes), cfg.threads)
-    labels = _labels(ctx, name, list(cfg.runtimes))
-    batches = ctx.val_loader(batch_size=cfg.batch_size, samples=cfg.samples)
-    rows = evaluate_model(model, runners, batches, cfg, model_name=name, progress=ctx.progress)
-    int8 = {k: r for k, r in runners.items() if k.startswith("onnxruntime/int8/")}
-    parity = deploy.int8_parity(ctx.recipe, model, runners["onnxruntime"], int8, batches) if int8 else {}
-    for key, row in zip(runners, rows):
-        for field_name, value in labels.get(key, {}).items():
-            setattr(row, field_name, value)  # typed fields, or extra keys the schema keeps
-        if key in parity:
-            row.parity_fp32 = parity[key]
-    return rows
-
-
-def _record_evaluations(ctx: Context, rows: list[Evaluation]) -> tuple[None, list[str], dict[str, Any]]:
-    write_json(ctx.run.stage_dir("validate") / "evaluations.json", [e.to_json() for e in rows])
-    return None, ["evaluations.json"], {"count": len(rows)}
-
-
-def _receive_files(ctx: Context, stages: list[str]) -> None:
-    """Copy rank 0's files of ``stages`` into this rank's run folder (a no-op on rank 0),
-    so no node needs a shared disk."""
-    files = None
-    if ctx.world.main:
-        files = {
-            str(path.relative_to(ctx.run.root)): path.read_bytes()
-            for stage in stages
-            for path in sorted((ctx.run.root / stage).glob("*"))
-            if path.is_file() and not path.name.startswith(".")
-        }
-    files = distributed.broadcast(files)
-    if ctx.world.main:
-        return
-    for relative, content in files.items():
-        target = ctx.run.root / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(content)
-
-
-def _bench(ctx: Context, models: dict[str, nn.Module]) -> tuple[None, list[str], dict[str, Any]]:
-    cfg = ctx.recipe.bench
-    rows: list[dict[str, Any]] = []
-    if cfg.enabled:
-        by_model = {
-            name: _runners(ctx, name, m, list(cfg.runtimes), cfg.threads, bench=True)
-            for name, m in models.items()
-        }
-        labels = {name: _labels(ctx, name, list(cfg.runtimes)) for name in models}
-        # Torch is timed with the recipe's thread count, and rows say the count each runtime had.
-        torch_threads = torch.get_num_threads()
-        if "torch" in cfg.runtimes:
-            torch.set_num_threads(cfg.threads)
-        try:
-            for runtime in cfg.runtimes:
-                # Every model and variant of one runtime is timed interleaved, so ratios are not
-                # skewed by drift.
-                runners = {
-                    f"{name}:{key}": runner
-                    for name, group in by_model.items()
-                    for key, runner in group.items()
-                    if key.split("/")[0] == runtime
-                }
-                for batch in _bench_batches(runtime, runners, cfg.batch_sizes):
-                    stats = compare_latency(
-                        runners, batch=batch, warmup=cfg.warmup, iterations=cfg.iterations
-                    )
-                    for full_key, runner in runners.items():
-                        name, _, key = full_key.partition(":")
-                        rows.append(
-                            {
-                                "model": name,
-                                "runtime": runner.runtime,
-                                "precision": runner.precision,
-                                "device": runner.device,
-                                "provider": getattr(runner, "provider", None),
-                                **{k: v for k, v in labels[name].get(key, {}).items() if k != "precision"},
-                                "batch": batch,
-                                "threads": _threads_of(runner),
-                                **stats[full_key],
-                            }
-                        )
-        finally:
-            torch.set_num_threads(torch_threads)
-    write_json(ctx.run.stage_dir("bench") / "latency.json", rows)
-    return None, ["latency.json"], {"rows": len(rows)}
-
-
-def _bench_batches(runtime: str, runners: dict[str, Runner], batch_sizes: list[int]) -> list[int]:
-    fixed = {r.input_spec.batch for r in runners.values() if r.input_spec.batch is not None}
-    if fixed and set(batch_sizes) != fixed:
-        log.warning("%s engines have a fixed batch of %s: latency measured at that size only", runtime, fixed)
-    return sorted(b for b in fixed if b is not None) if fixed else list(batch_sizes)
-
-
-def _threads_of(runner: Runner) -> int | None:
-    """The CPU threads a runner computes with: its session's intra-op count, torch's own count
-    for a PyTorch model on the CPU, none for a GPU engine."""
-    if runner.device != "cpu":
-        return None
-    if runner.runtime == "torch":
-        return torch.get_num_threads()
-    return getattr(runner, "threads", None)
