@@ -136,7 +136,10 @@ class OnnxRuntimeRunner(Runner):
             )
         except Exception as exc:  # onnxruntime raises its own pybind exception types
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UserError(f"ONNX Runtime cannot load {self.path}: {first_line}") from exc
+            raise UserError(
+                f"ONNX Runtime cannot load {self.path}: {first_line}; export the model again (a truncated "
+                "or non-ONNX file), or with another export.opset (an op this ONNX Runtime lacks)"
+            ) from exc
 
     def _precision(self, requested: str | None) -> str:
         stored = self.metadata.get("precision")

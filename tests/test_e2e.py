@@ -13,6 +13,7 @@ from tests.conftest import TINY_RECIPE
 from toolchain.pipeline import run_pipeline
 from toolchain.recipe import recipe_from_dict
 from toolchain.report.schema import Report
+from toolchain.rundir import sha256_file
 
 pytestmark = pytest.mark.e2e
 
@@ -324,6 +325,15 @@ def test_a_crafted_model_file_cannot_make_validate_import_code(
     recipe_path = tmp_path / "tiny.yaml"
     recipe_path.write_text(yaml.safe_dump(TINY_RECIPE))
     engine = str(theirs / "export" / "pruned.onnx")
+    code = main(["validate", "--engine", engine, "--recipe", str(recipe_path), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "model.pt' does not match the sha256 its stage.json recorded" in err
+    # A checksum proves integrity, not origin: whoever crafted the file can record its sha256
+    # too. The factory is still refused, and never imported.
+    record_path = theirs / "finetune" / "stage.json"
+    record = json.loads(record_path.read_text())
+    record["checksums"]["model.pt"] = sha256_file(model_file)
+    record_path.write_text(json.dumps(record))
     code = main(["validate", "--engine", engine, "--recipe", str(recipe_path), "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and "names the factory 'tests.planted_factory:evil'" in err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 NOT_CALLABLE = 42
@@ -37,3 +38,54 @@ def make_wrong_head(num_classes: int) -> nn.Module:
 
 def not_a_module() -> object:
     return "not a model"
+
+
+class _Attention(nn.Module):
+    """Conv features mixed across channels by multi-head attention (a ViT-style block)."""
+
+    def __init__(self, in_channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, 16, 3, padding=1)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.conv(x).flatten(2).transpose(1, 2)
+        a, _ = self.attn(f, f, f)
+        return self.fc(a.mean(1))
+
+
+def make_attention(num_classes: int, in_channels: int = 3) -> nn.Module:
+    return _Attention(in_channels, num_classes)
+
+
+class _HardCodedView(nn.Module):
+    """Reshapes with a channel count written into forward: breaks once channels are removed."""
+
+    def __init__(self, in_channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.conv2(torch.relu(self.conv(x)))
+        return self.fc(f.mean((2, 3)).view(-1, 16))
+
+
+def make_hard_coded_view(num_classes: int, in_channels: int = 3) -> nn.Module:
+    return _HardCodedView(in_channels, num_classes)
+
+
+def make_plain(num_classes: int, in_channels: int = 3) -> nn.Module:
+    """No BatchNorm: its forward depends on no batch statistics, so data-parallel training with
+    per-rank batches computes exactly the single-process gradients."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1, stride=2),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, num_classes),
+    )

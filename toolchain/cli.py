@@ -9,7 +9,9 @@ the same).
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -19,6 +21,8 @@ from typing import NoReturn
 from toolchain.errors import UserError
 
 EXIT_OK, EXIT_GATE_FAILED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+# A full or read-only disk is the user's to fix (exit 2), not a bug.
+_DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -127,8 +131,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
+    # Under torchrun only rank 0 logs progress; the other ranks report warnings and errors.
+    ours = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
     for package in ("toolchain", "exporters", "calibration"):
-        logging.getLogger(package).setLevel(logging.DEBUG if args.debug else logging.INFO)
+        logging.getLogger(package).setLevel(logging.DEBUG if args.debug else ours)
     try:
         return _dispatch(args)
     except UserError as exc:
@@ -136,17 +142,32 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         sys.stderr.write(f"robustprune: error: {_one_line(exc)}\n")
         return EXIT_USAGE
+    except OSError as exc:
+        if exc.errno not in _DISK_ERRORS:
+            return _internal_error(exc, args.debug)
+        if args.debug:
+            traceback.print_exc()
+        where = f"{exc.filename}: " if exc.filename else ""
+        sys.stderr.write(
+            f"robustprune: error: {where}{exc.strerror}; free disk space or fix the permissions, or choose "
+            "another --out (artifacts are written atomically: finished stages are kept, re-run to resume)\n"
+        )
+        return EXIT_USAGE
     except KeyboardInterrupt:
         sys.stderr.write("robustprune: interrupted; re-run the same command to resume\n")
         return 130
     except Exception as exc:  # anything else is a bug: say so, never as "a gate failed"
-        if args.debug:
-            traceback.print_exc()
-        sys.stderr.write(
-            f"robustprune: internal error: {type(exc).__name__}: {_one_line(exc)}. This is a bug; "
-            "re-run with --debug for the traceback\n"
-        )
-        return EXIT_INTERNAL
+        return _internal_error(exc, args.debug)
+
+
+def _internal_error(exc: BaseException, debug: bool) -> int:
+    if debug:
+        traceback.print_exc()
+    sys.stderr.write(
+        f"robustprune: internal error: {type(exc).__name__}: {_one_line(exc)}. This is a bug; "
+        "re-run with --debug for the traceback\n"
+    )
+    return EXIT_INTERNAL
 
 
 def _one_line(exc: BaseException) -> str:

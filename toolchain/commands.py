@@ -42,8 +42,9 @@ def run(recipe_path: str, out: str | None, overrides: list[str], *, progress: bo
     recipe = load_recipe(recipe_path, overrides)
     run_dir = Path(out) if out else Path("runs") / recipe.name
     report = run_pipeline(recipe, run_dir, progress=progress)
-    sys.stdout.write(render_summary(report, run_dir) + "\n")
-    _announce_failures(report.gates, report.intrinsic_gates, str(run_dir / "report.json"))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
+        sys.stdout.write(render_summary(report, run_dir) + "\n")
+        _announce_failures(report.gates, report.intrinsic_gates, str(run_dir / "report.json"))
     return EXIT_OK if report.passed else EXIT_GATE_FAILED
 
 

@@ -42,3 +42,7 @@ class InputSpecError(UserError, ValueError):
 
 class RunDirectoryError(UserError):
     """The run directory cannot be used as asked (e.g. it belongs to another recipe)."""
+
+
+class RunLockedError(RunDirectoryError):
+    """Another live robustprune process holds the run directory's lock."""

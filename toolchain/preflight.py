@@ -6,6 +6,7 @@ overwritten) a run directory.
 
 from __future__ import annotations
 
+import difflib
 import logging
 from collections.abc import Callable
 
@@ -123,7 +124,7 @@ def check_prunable(recipe: Recipe, model: nn.Module, data: DataBundle) -> None:
     check_forward(model, example, what=f"model {recipe.model.arch}")
     structure = analyse(model, example)
     heads = classifier_layers(model, example)
-    protected = [*heads, *structure.training_only]
+    protected = _union([*heads, *structure.training_only], kept_layers(recipe.prune, model, example))
     masks = ChannelMasks(
         model, example, protected, max_layer_pruning=recipe.prune.max_layer_pruning, strict=False
     )
@@ -133,6 +134,23 @@ def check_prunable(recipe: Recipe, model: nn.Module, data: DataBundle) -> None:
     method.check(model, example, protected, budget_of(recipe.prune))
     if method.prunes_channels:
         check_removal(masks, recipe.prune.round_to)
+
+
+def kept_layers(cfg: PruneConfig, model: nn.Module, example_inputs: torch.Tensor) -> list[nn.Module]:
+    """The layers whose output channels pruning never touches: the head(s), found by tracing,
+    and the recipe's ``prune.ignored_layers``.
+
+    Raises:
+        UserError: a name in ``prune.ignored_layers`` is not a layer of the model.
+    """
+    modules = dict(model.named_modules())
+    for name in cfg.ignored_layers:
+        if name not in modules or name == "":
+            close = difflib.get_close_matches(name, [n for n in modules if n], n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else "; names look like net.conv1"
+            raise UserError(f"prune.ignored_layers: the model has no layer {name!r}{hint}")
+    heads = classifier_layers(model, example_inputs)
+    return [*heads, *(modules[n] for n in cfg.ignored_layers if modules[n] not in heads)]
 
 
 def budget_of(cfg: PruneConfig) -> Budget:
@@ -157,7 +175,9 @@ def prune_job(
     return PruneJob(
         example_inputs=example_inputs,
         budget=budget_of(recipe.prune),
-        ignored_layers=protected_layers(model, example_inputs),
+        ignored_layers=_union(
+            protected_layers(model, example_inputs), kept_layers(recipe.prune, model, example_inputs)
+        ),
         loader=loader,
         attack=recipe.prune.attack,
         seed=recipe.seed,
@@ -185,3 +205,9 @@ def recipe_model(recipe: Recipe, data: DataBundle) -> nn.Module:
     if m.checkpoint:
         load_state_dict_file(model, m.checkpoint)
     return model
+
+
+def _union(first: list[nn.Module], second: list[nn.Module]) -> list[nn.Module]:
+    """``first`` then the modules of ``second`` not in it (modules compare by identity)."""
+    seen = {id(m) for m in first}
+    return [*first, *(m for m in second if id(m) not in seen)]

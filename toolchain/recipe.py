@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from toolchain.errors import RecipeError
 from toolchain.recipe_prune import (
@@ -26,7 +27,14 @@ from toolchain.recipe_prune import (
     PruneConfig,
     PruneTarget,
 )
-from toolchain.recipe_train import AttackConfig, MixedNoiseConfig, Number, Section, TrainConfig
+from toolchain.recipe_train import (
+    AttackConfig,
+    MixedNoiseConfig,
+    Number,
+    Section,
+    TrainConfig,
+    check_budget,
+)
 
 __all__ = [
     "AttackConfig",
@@ -183,12 +191,17 @@ class EvalAttackConfig(Section):
     eps: Number = 8 / 255
     norm: Literal["linf", "l2"] = "linf"
     steps: int | None = Field(None, ge=0, description="pgd 20, apgd/apgd-t/autoattack-lite 100")
-    step_size: Number | None = None
+    step_size: Number | None = Field(None, gt=0)
     restarts: int = Field(1, ge=1)
     queries: int | None = Field(None, ge=1, description="square 1000, autoattack-lite 5000")
     targets: int | None = Field(None, ge=1, description="apgd-t/autoattack-lite target classes (9)")
     samples: int | None = Field(None, ge=1, description="cap on images attacked")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _budget_in_range(self) -> EvalAttackConfig:
+        check_budget(self.eps, self.norm)
+        return self
 
 
 class ValidateConfig(Section):
@@ -234,7 +247,7 @@ class Recipe(Section):
     validate -> bench``."""
 
     version: Literal[1] = RECIPE_VERSION
-    name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str = Field("run", description="run name: the default run directory is runs/<name>")
     seed: int = 0
     device: str = Field(
         "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto (CUDA when available), cpu, cuda[:N]"
@@ -250,6 +263,16 @@ class Recipe(Section):
     validate: ValidateConfig = ValidateConfig()  # type: ignore[assignment]  # see the filter above
     bench: BenchConfig = BenchConfig()
     gates: list[Gate] = Field(default_factory=list)
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, name: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+            raise ValueError(
+                f"{name!r} must be a plain folder name (letters, digits, '_', '.', '-'; no path separators, "
+                "not starting with '.'); choose where the run goes with --out instead"
+            )
+        return name
 
     def section_hash(self, *sections: str) -> str:
         """A stable sha256 of the named sections (and the seed), for stage caching."""
@@ -285,7 +308,12 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise RecipeError(f"recipe {str(path)!r} is not valid YAML: {_first_line(exc)}") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or _first_line(exc)
+        raise RecipeError(
+            f"recipe {str(path)!r} is not valid YAML{where}: {problem}; fix the syntax there"
+        ) from None
     if not isinstance(raw, dict):
         raise RecipeError(f"recipe {str(path)!r} must be a mapping of sections, not {type(raw).__name__}")
     return recipe_from_dict(raw, overrides, source=str(path))

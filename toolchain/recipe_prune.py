@@ -232,6 +232,9 @@ class PruneConfig(Section):
     finetune_between: TrainConfig = TrainConfig(epochs=1, lr=0.01, loss="pgd")
     bn_recalibration_batches: int = Field(20, ge=0)
     max_layer_pruning: float = Field(0.9, gt=0, lt=1, description="never remove more of a layer")
+    ignored_layers: list[str] = Field(
+        default_factory=list, description="layers (qualified names: net.conv2) whose output channels stay"
+    )
     hydra: HydraConfig | None = None
     bap: BapConfig | None = None
     dnr: DnrConfig | None = None

@@ -67,14 +67,32 @@ def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any
     return out
 
 
+def check_budget(eps: float, norm: str) -> None:
+    """Pixels live in [0, 1]: an L-inf budget above 1 (``8`` meant as ``8/255``) perturbs nothing
+    more than 1 does and is always a slip.
+
+    Raises:
+        ValueError: ``eps`` is not positive, or above 1 for L-inf.
+    """
+    if eps <= 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    if norm == "linf" and eps > 1:
+        raise ValueError(f"L-inf eps {eps:g} exceeds the [0, 1] pixel range; write it as a fraction: 8/255")
+
+
 class AttackConfig(Section):
     """An L-inf (or L2) PGD-style perturbation used for training or evaluation."""
 
     eps: Number = 8 / 255
-    step_size: Number = 2 / 255
+    step_size: Number = Field(2 / 255, gt=0)
     steps: int = Field(10, ge=0)
     norm: Literal["linf", "l2"] = "linf"
     random_start: bool = True
+
+    @model_validator(mode="after")
+    def _budget_in_range(self) -> AttackConfig:
+        check_budget(self.eps, self.norm)
+        return self
 
 
 #: Corruptions the mixed-noise loss draws from by default: the road conditions a driving model
@@ -144,6 +162,10 @@ class TrainConfig(Section):
     lr_warmup_epochs: float = Field(0, ge=0, description="linear learning-rate warm-up (cosine/constant)")
     warmup_epochs: int = Field(0, ge=0, description="clean epochs before adversarial ones")
     amp: Literal["off", "bf16", "fp16"] = Field("off", description="mixed precision on CUDA (ignored on CPU)")
+    sync_batchnorm: bool = Field(
+        False,
+        description="under torchrun on CUDA: BatchNorm statistics over the global batch (SyncBatchNorm)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

@@ -47,6 +47,11 @@ def _torch_model(engine: Path, metadata: dict[str, str], example: Any, recipe: R
     checkpoint = run_root / stage / "model.pt"
     if not checkpoint.is_file():
         return None
+    if not RunDir(run_root).verify(stage, checkpoint.name):
+        raise UserError(
+            f"{str(checkpoint)!r} does not match the sha256 its stage.json recorded (truncated, changed, "
+            "or its stage never finished); re-run `robustprune run` on that run directory to rebuild it"
+        )
     model, _ = load_pruned(checkpoint, trusted_builder(recipe), example)
     return model.eval()
 
@@ -98,26 +103,30 @@ def validate_engine(engine: Path, recipe: Recipe, out: Path, *, progress: bool =
     samples = min(cfg.samples, len(data.val))  # type: ignore[arg-type]
     loader = make_loader(torch.utils.data.Subset(data.val, range(samples)), cfg.batch_size, shuffle=False)
     run = RunDir.open(out, recipe.model_dump(mode="json"))
-    mark_stale(run.root)
-    evaluations = evaluate_model(
-        model,
-        {"onnxruntime": runner},
-        loader,
-        cfg,
-        model_name=metadata.get("model", "engine"),
-        progress=progress,
-    )
-    run_root = engine.parent.parent
-    report = Report(
-        recipe_sha256=recipe.sha256(),
-        name=recipe.name,
-        dataset=data.name,
-        engine=EngineInfo(path=str(engine), metadata=metadata, pytorch_reference=model is not None),
-        environment=environment(cfg.threads, [e.device for e in evaluations]),
-        # An engine from a run directory keeps its run's sizes, so MACs gates still apply.
-        models=models_section(run_root, _run_tolerance(run_root, recipe)) if model is not None else Models(),
-        evaluations=evaluations,
-    )
-    finish(report, recipe.gates)
-    write_report(run.root, report)
-    return report
+    try:
+        mark_stale(run.root)
+        evaluations = evaluate_model(
+            model,
+            {"onnxruntime": runner},
+            loader,
+            cfg,
+            model_name=metadata.get("model", "engine"),
+            progress=progress,
+        )
+        run_root = engine.parent.parent
+        sizes = models_section(run_root, _run_tolerance(run_root, recipe)) if model is not None else Models()
+        report = Report(
+            recipe_sha256=recipe.sha256(),
+            name=recipe.name,
+            dataset=data.name,
+            engine=EngineInfo(path=str(engine), metadata=metadata, pytorch_reference=model is not None),
+            environment=environment(cfg.threads, [e.device for e in evaluations]),
+            # An engine from a run directory keeps its run's sizes, so MACs gates still apply.
+            models=sizes,
+            evaluations=evaluations,
+        )
+        finish(report, recipe.gates)
+        write_report(run.root, report)
+        return report
+    finally:
+        run.close()

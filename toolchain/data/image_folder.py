@@ -48,7 +48,7 @@ def _read(path: Path, size: int) -> np.ndarray:
             rgb = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
             return np.asarray(rgb, dtype=np.uint8)
     except (OSError, UnidentifiedImageError) as exc:
-        raise UserError(f"cannot read image {path}: {exc}") from None
+        raise UserError(f"cannot read image {path}: {exc}; remove or replace the file") from None
 
 
 def _split(

@@ -10,7 +10,7 @@ Typical use::
 
 from toolchain.pruning.criteria import CRITERIA, CriterionInfo, SeededRandomImportance, TaylorImportance
 from toolchain.pruning.graph import classifier_layers, count_macs_params
-from toolchain.pruning.io import load_pruned, save_pruned
+from toolchain.pruning.io import load_pruned, read_pruned, rebuild_pruned, save_pruned
 from toolchain.pruning.methods import METHODS, PruneJob, PruneResult, prune_model
 from toolchain.pruning.prune import prune_to_target
 from toolchain.pruning.scores import DEFAULT_ATTACK, accumulate_gradients, compute_scores
@@ -31,5 +31,7 @@ __all__ = [
     "load_pruned",
     "prune_model",
     "prune_to_target",
+    "read_pruned",
+    "rebuild_pruned",
     "save_pruned",
 ]

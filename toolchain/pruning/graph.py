@@ -50,7 +50,8 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             module.training = training
 
 
-def _forward(model: nn.Module, example_inputs: Any) -> Any:
+def run_forward(model: nn.Module, example_inputs: Any) -> Any:
+    """``model`` called on ``example_inputs`` (a tensor, a tuple of positional inputs, or a dict)."""
     if isinstance(example_inputs, dict):
         return model(**example_inputs)
     if isinstance(example_inputs, (tuple, list)):
@@ -111,7 +112,7 @@ def classifier_layers(model: nn.Module, example_inputs: Any) -> list[nn.Module]:
         # The input requires grad so the graph exists even when every parameter is frozen.
         inputs = _detach_requiring_grad(example_inputs)
         with eval_mode(model), torch.enable_grad():
-            outputs = _output_tensors(_forward(model, inputs))
+            outputs = _output_tensors(run_forward(model, inputs))
     finally:
         for handle in handles:
             handle.remove()
@@ -209,7 +210,7 @@ def _forward_collecting(model: nn.Module, inputs: Any, extra: Sequence[nn.Module
     outputs: list[Any] = []
     handles = [m.register_forward_hook(lambda _m, _i, out: outputs.append(out)) for m in extra]
     try:
-        result = _forward(model, inputs)
+        result = run_forward(model, inputs)
     finally:
         for handle in handles:
             handle.remove()

@@ -118,6 +118,15 @@ def load_pruned(
         CheckpointError: missing or unreadable file, wrong format, a history that does not fit
             the built architecture, or weights that do not match it.
     """
+    return rebuild_pruned(read_pruned(path), build, example_inputs, source=repr(str(path)))
+
+
+def read_pruned(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The payload :func:`save_pruned` wrote (plain values and tensors, read weights-only).
+
+    Raises:
+        CheckpointError: missing or unreadable file, or not a pruned model.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"pruned checkpoint {str(path)!r} does not exist")
@@ -127,13 +136,29 @@ def load_pruned(
         raise CheckpointError(f"cannot read pruned checkpoint {str(path)!r}: {exc}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{str(path)!r} is not a pruned model saved by save_pruned ({FORMAT})")
+    return payload
+
+
+def rebuild_pruned(
+    payload: dict[str, Any],
+    build: Callable[[dict[str, Any]], nn.Module],
+    example_inputs: Any,
+    *,
+    source: str = "the pruned model",
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Build the dense model from the payload's spec, replay its pruning history and structure,
+    and load its weights (what every rank of a distributed run does with rank 0's payload).
+
+    Raises:
+        CheckpointError: the history, structure or weights do not fit the built architecture.
+    """
     model = build(payload["spec"])
     model.eval()
     try:
         build_graph(model, example_inputs).load_pruning_history(payload["history"])
     except (AttributeError, IndexError, ValueError, RuntimeError) as exc:
         raise CheckpointError(
-            f"the pruning history in {str(path)!r} does not fit the model built from its spec "
+            f"the pruning history in {source} does not fit the model built from its spec "
             f"{payload['spec']}: {exc}"
         ) from None
     resync(model)
@@ -142,16 +167,14 @@ def load_pruned(
         apply_structure(model, structure)
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(
-            f"the factorisation recorded in {str(path)!r} does not fit the model: {exc}"
+            f"the factorisation recorded in {source} does not fit the model: {exc}"
         ) from None
     state = OrderedDict(payload["state_dict"])
     state._metadata = OrderedDict(payload.get("state_dict_metadata") or {})  # type: ignore[attr-defined]
     try:
         model.load_state_dict(state)
     except (RuntimeError, ValueError) as exc:
-        raise CheckpointError(
-            f"weights in {str(path)!r} do not match the pruned architecture: {exc}"
-        ) from None
+        raise CheckpointError(f"weights in {source} do not match the pruned architecture: {exc}") from None
     meta = {
         "spec": payload["spec"],
         "extra": payload.get("extra", {}),

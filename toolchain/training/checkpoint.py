@@ -54,7 +54,8 @@ class TrainCheckpoint:
     def save(self, state: dict[str, Any]) -> None:
         """Write ``state`` atomically (a temporary file renamed into place)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+        # The run directory's temporary-file pattern: a killed save is cleaned up on the next open.
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
         os.close(fd)
         try:
             torch.save({"format": FORMAT, "key": self.key, **state}, tmp)

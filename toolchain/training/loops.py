@@ -16,12 +16,17 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 from tqdm.auto import tqdm
 
+from toolchain import distributed
+from toolchain.errors import UserError
+from toolchain.killpoints import killpoint
 from toolchain.recipe_train import TrainConfig
 from toolchain.training.checkpoint import TrainCheckpoint, restore_rng, rng_states
 from toolchain.training.losses import BatchLoss, Perturbation
+from toolchain.training.sampling import ShardSampler
 from toolchain.training.schedule import lr_factor
 
 log = logging.getLogger(__name__)
@@ -80,15 +85,39 @@ class TrainHooks:
 
 
 def make_loader(
-    dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int = 0, num_workers: int = 0
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int = 0,
+    num_workers: int = 0,
+    shard: bool = False,
 ) -> DataLoader:
-    """A DataLoader whose shuffling order depends only on ``seed``."""
-    generator = torch.Generator().manual_seed(seed)
+    """A DataLoader whose shuffling order depends only on ``seed``.
+
+    With ``shard`` under torchrun, rank ``r`` of ``n`` gets its share of the same shuffled order
+    in batches of ``batch_size / n``, so the ranks' batches together are exactly the
+    single-process run's batches of ``batch_size`` (see :mod:`toolchain.training.sampling`).
+
+    Raises:
+        UserError: ``batch_size`` is not a multiple of the number of processes.
+    """
+    world = distributed.current() if shard else distributed.World()
+    if batch_size % world.size:
+        raise UserError(
+            f"data.batch_size {batch_size} is not a multiple of the {world.size} processes; "
+            f"the global batch is split evenly: use a multiple of {world.size}"
+        )
+    generator = sampler = None
+    if shuffle:
+        generator = torch.Generator().manual_seed(seed)
+        order = RandomSampler(dataset, generator=generator)  # type: ignore[arg-type]  # sized datasets only
+        sampler = ShardSampler(order, world.rank, world.size)
     return DataLoader(
         dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        generator=generator if shuffle else None,
+        batch_size=batch_size // world.size,
+        sampler=sampler,
+        generator=generator,
         num_workers=num_workers,
         drop_last=False,
     )
@@ -133,6 +162,7 @@ def train_model(
     device: str | torch.device = "cpu",
     hooks: TrainHooks | None = None,
     checkpoint: TrainCheckpoint | None = None,
+    data_parallel: bool = False,
 ) -> list[dict[str, float]]:
     """Train ``model`` in place with SGD on ``cfg.loss`` under ``cfg.schedule``.
 
@@ -144,21 +174,37 @@ def train_model(
         loader: training batches ``(x, y)``.
         cfg: epochs, optimiser, schedule, loss and attack settings.
         seed: seeds the attacks' random starts and mixed-noise draws (shuffling is the
-            loader's own generator).
+            loader's own).
         desc: label for the progress bar and the log.
         hooks: a pruning method's changes to the loop.
         checkpoint: save the whole training state after every epoch and, if a checkpoint with
             the same key exists, resume after its epoch (bit-identical on CPU); removed once
             training completes.
+        data_parallel: under torchrun, train with DistributedDataParallel across the process
+            group (``loader`` then holds this rank's shard); every rank returns the same
+            model and history, rank 0 alone writes the checkpoint.
 
     Returns:
         One dict per epoch: ``{"epoch", "loss", "accuracy", "adversarial", "lr"}`` plus the
-        hooks' metrics (accuracy on the inputs the loss reads: adversarial ones for PGD-AT).
+        hooks' metrics (accuracy on the inputs the loss reads: adversarial ones for PGD-AT),
+        counted over every rank's images.
     """
     hooks = hooks or TrainHooks()
     model.to(device)
     if cfg.epochs == 0:
         return []
+    world = distributed.current() if data_parallel else distributed.World()
+    # One forward per step goes through the wrapper (it synchronises gradients in backward);
+    # attacks and other forward passes use the module itself.
+    net: nn.Module = model
+    synced: dict[str, type[nn.Module]] = {}
+    if world.distributed:
+        on_cuda = torch.device(device).type == "cuda"
+        if cfg.sync_batchnorm and on_cuda:
+            synced = distributed.sync_batchnorm(model)
+        elif cfg.sync_batchnorm:
+            log.warning("%s: sync_batchnorm needs CUDA; BatchNorm uses each rank's batch on %s", desc, device)
+        net = DistributedDataParallel(model, device_ids=[torch.device(device)] if on_cuda else None)
     optimizer = _optimizer(model, cfg, hooks)
     optimizers = [optimizer]
     if hooks.side_optimizer is not None:
@@ -167,33 +213,24 @@ def train_model(
             group["base_lr"] = group["lr"]
     batch_loss = BatchLoss(cfg, perturb=hooks.perturb)
     autocast, scaler = _mixed_precision(cfg, torch.device(device))
-    generator = torch.Generator().manual_seed(seed)
+    # Each rank draws its own random starts and noise; rank 0 draws what one process would.
+    generator = torch.Generator().manual_seed(seed + 1_000_003 * world.rank)
     shuffle = getattr(loader, "generator", None)
     per_epoch = max(len(loader), 1)
     total = cfg.epochs * per_epoch
-    step = 0
-    history: list[dict[str, float]] = []
-    start = 0
-    saved = checkpoint.load() if checkpoint is not None else None
-    if saved is not None:
-        model.load_state_dict(saved["model"])
-        for opt, opt_state in zip(optimizers, saved["optimizers"]):
-            opt.load_state_dict(opt_state)
-        batch_loss.load_state_dict(saved["loss"])
-        if hooks.load_state is not None:
-            hooks.load_state(saved["method"])
-        restore_rng(saved["rng"], generator, shuffle)
-        start, history = int(saved["epoch"]), list(saved["history"])
-        step = start * per_epoch
-        assert checkpoint is not None
-        log.info("%s: resuming after epoch %d/%d from %s", desc, start, cfg.epochs, checkpoint.path)
+    state = _State(model, optimizers, batch_loss, hooks, generator, shuffle, world)
+    start, history = state.resume(checkpoint, desc, cfg.epochs)
+    step = start * per_epoch
     for epoch in range(start, cfg.epochs):
         adversarial = epoch >= cfg.warmup_epochs
         model.train()
         seen = correct = 0
         loss_sum = 0.0
         bar = tqdm(
-            loader, desc=f"{desc} {epoch + 1}/{cfg.epochs}", leave=False, disable=None if progress else True
+            loader,
+            desc=f"{desc} {epoch + 1}/{cfg.epochs}",
+            leave=False,
+            disable=None if progress and world.main else True,
         )
         for x, y in bar:
             x, y = x.to(device), y.to(device)
@@ -202,12 +239,14 @@ def train_model(
                 for group in opt.param_groups:
                     group["lr"] = group["base_lr"] * factor
             with autocast():
-                loss, logits = batch_loss(model, x, y, adversarial=adversarial, generator=generator)
-                state = Step(model, optimizer, x, y, logits, loss, step, total, epoch)
+                loss, logits = batch_loss(
+                    net, x, y, adversarial=adversarial, generator=generator, craft=model
+                )
+                step_info = Step(model, optimizer, x, y, logits, loss, step, total, epoch)
                 if hooks.extra_loss is not None:
-                    extra = hooks.extra_loss(state)
+                    extra = hooks.extra_loss(step_info)
                     if extra is not None:
-                        loss = state.loss = loss + extra
+                        loss = step_info.loss = loss + extra
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -215,12 +254,16 @@ def train_model(
                 scaler.step(opt)
             scaler.update()
             if hooks.after_step is not None:
-                hooks.after_step(state)
+                hooks.after_step(step_info)
+            killpoint(f"step:{desc}")
             step += 1
             seen += len(y)
             correct += int((logits.argmax(1) == y).sum())
             loss_sum += float(loss.detach()) * len(y)
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+        if world.distributed:  # the epoch's numbers over every rank's images
+            loss_sum, total_correct, total_seen = distributed.all_sum([loss_sum, correct, seen], device)
+            correct, seen = int(total_correct), int(total_seen)
         record = {
             "epoch": epoch + 1,
             "loss": loss_sum / max(seen, 1),
@@ -232,17 +275,7 @@ def train_model(
             record.update(hooks.metrics())
         history.append(record)
         if checkpoint is not None and epoch + 1 < cfg.epochs:
-            checkpoint.save(
-                {
-                    "epoch": epoch + 1,
-                    "history": history,
-                    "model": model.state_dict(),
-                    "optimizers": [opt.state_dict() for opt in optimizers],
-                    "loss": batch_loss.state_dict(),
-                    "method": hooks.state() if hooks.state is not None else {},
-                    "rng": rng_states(generator, shuffle),
-                }
-            )
+            state.save(checkpoint, epoch + 1, history)
         log.info(
             "%s epoch %d/%d: loss %.4f acc %.4f",
             desc,
@@ -252,10 +285,76 @@ def train_model(
         )
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
-    if checkpoint is not None:
+    if checkpoint is not None and world.main:
         checkpoint.clear()
+    distributed.local_batchnorm(model, synced)
     model.eval()
     return history
+
+
+@dataclass
+class _State:
+    """Everything a training run's next epoch depends on, saved to and restored from a checkpoint."""
+
+    model: nn.Module
+    optimizers: list[torch.optim.Optimizer]
+    batch_loss: BatchLoss
+    hooks: TrainHooks
+    generator: torch.Generator
+    shuffle: torch.Generator | None
+    world: distributed.World
+
+    def _own(self) -> dict[str, Any]:
+        """What differs between ranks: random generators and the loss's state."""
+        return {"rng": rng_states(self.generator, self.shuffle), "loss": self.batch_loss.state_dict()}
+
+    def save(self, checkpoint: TrainCheckpoint, epoch: int, history: list[dict[str, float]]) -> None:
+        ranks = distributed.all_gather(self._own()) if self.world.distributed else [self._own()]
+        if not self.world.main:
+            return
+        checkpoint.save(
+            {
+                "epoch": epoch,
+                "history": history,
+                "model": self.model.state_dict(),
+                "optimizers": [opt.state_dict() for opt in self.optimizers],
+                "method": self.hooks.state() if self.hooks.state is not None else {},
+                "ranks": ranks,
+            }
+        )
+
+    def resume(
+        self, checkpoint: TrainCheckpoint | None, desc: str, epochs: int
+    ) -> tuple[int, list[dict[str, float]]]:
+        """Restore the last saved epoch, if any: ``(epochs done, history so far)``.
+
+        Under torchrun, rank 0 reads the file and sends it to the others (they need no shared
+        file system); a checkpoint written by another number of processes is not resumed.
+        """
+        saved = checkpoint.load() if checkpoint is not None and self.world.main else None
+        saved = distributed.broadcast(saved) if self.world.distributed else saved
+        if saved is None or checkpoint is None:
+            return 0, []
+        ranks = saved.get("ranks", [])
+        if len(ranks) != self.world.size:
+            log.info(
+                "%s: checkpoint from %d process(es), this run has %d: starting over",
+                desc,
+                len(ranks),
+                self.world.size,
+            )
+            return 0, []
+        self.model.load_state_dict(saved["model"])
+        for opt, opt_state in zip(self.optimizers, saved["optimizers"]):
+            opt.load_state_dict(opt_state)
+        own = ranks[self.world.rank]
+        self.batch_loss.load_state_dict(own["loss"])
+        if self.hooks.load_state is not None:
+            self.hooks.load_state(saved["method"])
+        restore_rng(own["rng"], self.generator, self.shuffle)
+        start = int(saved["epoch"])
+        log.info("%s: resuming after epoch %d/%d from %s", desc, start, epochs, checkpoint.path)
+        return start, list(saved["history"])
 
 
 @torch.no_grad()

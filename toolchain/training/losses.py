@@ -124,30 +124,37 @@ class BatchLoss:
         *,
         adversarial: bool,
         generator: torch.Generator,
+        craft: nn.Module | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(loss, logits)``; logits are those accuracy is read from (the adversarial ones for
         PGD-AT and mixed batches, the clean ones otherwise).
 
         Args:
+            model: the model the loss's main forward pass goes through.
             adversarial: False during clean warm-up epochs, whatever ``cfg.loss`` says.
+            craft: the same model unwrapped, when ``model`` is a DistributedDataParallel wrapper:
+                attacks and TRADES' second forward go through it, since the wrapper expects
+                exactly one forward pass per backward (gradients through either are the same
+                parameters' and are synchronised alike).
         """
         cfg = self.cfg
+        raw = craft if craft is not None else model
         if not adversarial or cfg.loss == "clean" or (cfg.attack.eps <= 0 and self.perturb is None):
             logits = model(x)
             return F.cross_entropy(logits, y), logits
         if cfg.loss == "pgd":
-            logits = model(self._adversarial(model, x, y, generator))
+            logits = model(self._adversarial(raw, x, y, generator))
             return F.cross_entropy(logits, y), logits
         if cfg.loss == "hybrid":
-            x_adv = self._adversarial(model, x, y, generator)
+            x_adv = self._adversarial(raw, x, y, generator)
             clean, adv = model(torch.cat([x, x_adv])).split(len(x))
             w = cfg.adv_weight
             return (1 - w) * F.cross_entropy(clean, y) + w * F.cross_entropy(adv, y), clean
         if cfg.loss == "mixed":
             assert self.mixed is not None
-            logits = model(self.mixed.compose(model, x, y, generator).x)
+            logits = model(self.mixed.compose(raw, x, y, generator).x)
             return F.cross_entropy(logits, y), logits
-        x_adv = trades_examples(model, x, cfg.attack, generator)
+        x_adv = trades_examples(raw, x, cfg.attack, generator)
         logits = model(x)
-        robust = F.kl_div(F.log_softmax(model(x_adv), dim=1), F.softmax(logits, dim=1), reduction="batchmean")
+        robust = F.kl_div(F.log_softmax(raw(x_adv), dim=1), F.softmax(logits, dim=1), reduction="batchmean")
         return F.cross_entropy(logits, y) + cfg.trades_beta * robust, logits

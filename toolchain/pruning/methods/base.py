@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from toolchain.pruning.budget import Budget, check_reachable
 from toolchain.pruning.graph import HistoryEntry, count_macs_params
 from toolchain.pruning.masks import ChannelMasks
+from toolchain.pruning.trial import check_removal
 from toolchain.recipe_prune import PGD3, PruneConfig
 from toolchain.recipe_train import AttackConfig, Section
 from toolchain.registry import Registry
@@ -118,12 +119,14 @@ class PruningMethod(ABC):
 
         Raises:
             BudgetError: the budget is out of reach under ``round_to``/``max_layer_pruning``.
-            UserError: a group cannot be masked (methods that train through masks).
+            UserError: a group cannot be masked (methods that train through masks), or the model
+                no longer runs once channels are removed (it names the layers).
         """
         masks = ChannelMasks(
             model, example_inputs, ignored, max_layer_pruning=budget.max_layer_pruning, strict=self.uses_masks
         )
         check_reachable(masks, budget)
+        check_removal(model, example_inputs, ignored)
 
 
 METHODS: Registry[type[PruningMethod]] = Registry("pruning method")

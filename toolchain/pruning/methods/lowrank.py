@@ -43,6 +43,7 @@ from toolchain.pruning.masks import ChannelMasks
 from toolchain.pruning.methods.base import METHODS, PruneJob, PruneOutcome, PruningMethod
 from toolchain.pruning.methods.iterative import iterative_prune
 from toolchain.pruning.methods.probe import adversarial_loss, take
+from toolchain.pruning.trial import check_removal
 from toolchain.recipe_prune import LowrankConfig
 
 
@@ -103,6 +104,7 @@ class Lowrank(PruningMethod):
                 model, example_inputs, ignored, max_layer_pruning=budget.max_layer_pruning, strict=False
             )
             check_reachable(masks, replace(budget, reduction=own.channel_reduction))
+            check_removal(model, example_inputs, ignored)
             return  # how far factorising the pruned model goes is known only once it is pruned
         plan = self._rank_plan(model, example_inputs, ignored)
         self._reachable(plan, budget, budget.pick(*plan.total))
