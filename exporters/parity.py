@@ -20,9 +20,10 @@ class ParityResult:
     Attributes:
         max_abs_diff: the largest ``|reference - candidate|`` over all logits.
         mean_abs_diff: the mean of ``|reference - candidate|`` over all logits.
-        top1_agreement: the fraction of samples whose arg-max class is the same.
+        top1_agreement: the fraction of predictions whose arg-max class is the same: one per
+            image for ``(N, K)`` logits, one per pixel for ``(N, K, H, W)`` segmentation logits.
         samples: the number of images compared.
-        disagreements: the number of images whose arg-max class differs.
+        disagreements: the number of predictions (images or pixels) whose arg-max differs.
     """
 
     max_abs_diff: float
@@ -77,7 +78,7 @@ def check_parity(
         UserError: no batch was given, or the two models return logits of different shapes.
         InputSpecError: a batch does not fit the candidate's input spec.
     """
-    max_diff, abs_sum, elements, samples, disagreements = 0.0, 0.0, 0, 0, 0
+    max_diff, abs_sum, elements, samples, predictions, disagreements = 0.0, 0.0, 0, 0, 0, 0
     for x in batches:
         with torch.no_grad():  # the reference may be a raw module with gradients enabled
             expected = _logits(reference(x))
@@ -93,13 +94,15 @@ def check_parity(
         abs_sum += float(diff.double().sum())
         elements += diff.numel()
         samples += expected.shape[0]
-        disagreements += int((expected.argmax(dim=1) != got.argmax(dim=1)).sum())
+        differ = expected.argmax(dim=1) != got.argmax(dim=1)  # per image, or per pixel
+        predictions += differ.numel()
+        disagreements += int(differ.sum())
     if samples == 0:
         raise UserError("check_parity got no images; give it at least one non-empty batch")
     return ParityResult(
         max_abs_diff=max_diff,
         mean_abs_diff=abs_sum / elements,
-        top1_agreement=(samples - disagreements) / samples,
+        top1_agreement=(predictions - disagreements) / predictions,
         samples=samples,
         disagreements=disagreements,
     )

@@ -36,8 +36,8 @@ from toolchain.recipe import Recipe
 from toolchain.report.assemble import assemble_report
 from toolchain.report.schema import Evaluation, Report
 from toolchain.report.writer import mark_stale, write_report
-from toolchain.robustness.suite import evaluate_model
 from toolchain.rundir import RunDir, atomic_path, chain_key, read_json, write_json
+from toolchain.tasks import DEFAULT_TASK, Task, task_named
 from toolchain.training import TrainCheckpoint, make_loader, train_model
 
 log = logging.getLogger(__name__)
@@ -58,12 +58,16 @@ class Context:
 
     @property
     def example_inputs(self) -> torch.Tensor:
-        return torch.zeros(1, self.data.channels, self.data.image_size, self.data.image_size)
+        return torch.zeros(1, self.data.channels, *self.data.input_hw)
 
     @property
     def input_spec(self) -> InputSpec:
-        size = self.data.image_size
-        return InputSpec(self.data.channels, size, size, None if self.recipe.export.dynamic_batch else 1)
+        height, width = self.data.input_hw
+        return InputSpec(self.data.channels, height, width, None if self.recipe.export.dynamic_batch else 1)
+
+    @property
+    def task(self) -> Task:
+        return task_named(self.recipe.task)
 
     def train_loader(self, seed_offset: int = 0) -> torch.utils.data.DataLoader:
         d = self.recipe.data
@@ -86,7 +90,9 @@ class Context:
 
 def stage_keys(recipe: Recipe) -> dict[str, str]:
     """Each stage's cache key: its own recipe sections chained onto its upstream stage's key."""
-    keys = {"train": chain_key(recipe.section_hash("data", "model", "train"))}
+    # The task joins the key only when set, so classification runs keep their cached stages.
+    task = ("task",) if recipe.task != DEFAULT_TASK else ()
+    keys = {"train": chain_key(recipe.section_hash(*task, "data", "model", "train"))}
     keys["prune"] = chain_key(keys["train"], recipe.section_hash("prune"))
     keys["finetune"] = chain_key(keys["prune"], recipe.section_hash("finetune"))
     keys["export"] = chain_key(keys["finetune"], recipe.section_hash("export"))
@@ -281,6 +287,7 @@ def _export(ctx: Context, models: dict[str, nn.Module]) -> tuple[None, list[str]
                 "recipe_sha256": ctx.recipe.sha256(),
                 "model": name,
                 "dataset": ctx.data.name,
+                "task": ctx.recipe.task,
             },
         )
         runner = build_runner("onnxruntime", path=path, threads=ctx.recipe.validate.threads)
@@ -382,7 +389,15 @@ def _validate(ctx: Context, models: dict[str, nn.Module]) -> tuple[None, list[st
         runners = _runners(ctx, name, model, list(cfg.runtimes), cfg.threads)
         labels = _labels(ctx, name, list(cfg.runtimes))
         batches = ctx.val_loader(batch_size=cfg.batch_size, samples=cfg.samples)
-        rows = evaluate_model(model, runners, batches, cfg, model_name=name, progress=ctx.progress)
+        rows = ctx.task.evaluate(
+            model,
+            runners,
+            batches,
+            cfg,
+            model_name=name,
+            class_names=ctx.data.class_names,
+            progress=ctx.progress,
+        )
         int8 = {k: r for k, r in runners.items() if k.startswith("onnxruntime/int8/")}
         parity = deploy.int8_parity(ctx.recipe, model, runners["onnxruntime"], int8, batches) if int8 else {}
         for key, row in zip(runners, rows):

@@ -239,6 +239,11 @@ class Recipe(Section):
     device: str = Field(
         "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto (CUDA when available), cpu, cuda[:N]"
     )
+    task: str = Field(
+        "classification",
+        pattern=r"^[a-z][a-z0-9-]*$",
+        description="what the model predicts: classification or segmentation (toolchain.tasks)",
+    )
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()

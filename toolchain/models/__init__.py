@@ -15,7 +15,7 @@ which is how pruned models are saved without pickling code.
 from __future__ import annotations
 
 # Importing the zoo modules registers them in MODELS.
-from toolchain.models import convnet, mobilenet, resnet, vgg
+from toolchain.models import convnet, mobilenet, resnet, segnet, vgg
 from toolchain.models.base import MODELS, Normalize, NormalizedClassifier
 from toolchain.models.checkpoint import load_state_dict_file
 from toolchain.models.factory import SPEC_KEYS, build_from_spec, build_model, model_spec, trusted_builder
@@ -31,4 +31,4 @@ __all__ = [
     "model_spec",
     "trusted_builder",
 ]
-_ZOO = (convnet, mobilenet, resnet, vgg)
+_ZOO = (convnet, mobilenet, resnet, segnet, vgg)

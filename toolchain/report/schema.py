@@ -126,9 +126,11 @@ class AttackRow(Record):
     """One attack on one runner: ``accuracy`` counts images correct clean *and* attacked.
 
     ``ensemble`` names the ensemble (e.g. ``autoattack-lite``) the attack was expanded from.
+    Segmentation: ``accuracy`` is the pixel accuracy on the attacked images (every image is
+    attacked) and ``miou`` their mIoU.
     """
 
-    omit_if_none = frozenset({"ensemble"})
+    omit_if_none = frozenset({"ensemble", "miou"})
     name: str
     mode: Literal["white-box", "transfer", "black-box"]
     norm: str
@@ -138,6 +140,7 @@ class AttackRow(Record):
     samples: int = 0
     accuracy: float
     ensemble: str | None = None
+    miou: float | None = None
 
 
 class RobustAccuracy(Record):
@@ -151,6 +154,17 @@ class RobustAccuracy(Record):
     norm: str
     eps: float
     accuracy: float
+    samples: int
+    attacks: list[str]
+
+
+class RobustMiou(Record):
+    """Segmentation: the lowest mIoU among the attacks run at one budget (``samples``: the
+    fewest images any of them saw)."""
+
+    norm: str
+    eps: float
+    miou: float
     samples: int
     attacks: list[str]
 
@@ -170,10 +184,24 @@ class Parity(Record):
 
 
 class Corruptions(Record):
-    """Accuracy per corruption and severity, their mean, and errors relative to dense."""
+    """Accuracy per corruption and severity, their mean, and errors relative to dense.
+
+    Segmentation adds ``per_corruption_miou`` and ``mean_miou`` (``per_corruption`` holds the
+    pixel accuracy), and its ``mce``/``relative_mce``/``errors`` are computed on mIoU.
+    """
 
     omit_if_none = frozenset(
-        {"per_corruption", "mean_accuracy", "mce", "relative_mce", "relative_excluded", "baseline", "errors"}
+        {
+            "per_corruption",
+            "mean_accuracy",
+            "mce",
+            "relative_mce",
+            "relative_excluded",
+            "baseline",
+            "errors",
+            "per_corruption_miou",
+            "mean_miou",
+        }
     )
     per_corruption: dict[str, dict[str, float]] | None = None
     mean_accuracy: float | None = None
@@ -182,6 +210,8 @@ class Corruptions(Record):
     relative_excluded: list[str] | None = None
     baseline: dict[str, str] | None = None
     errors: dict[str, dict[str, float | None]] | None = None
+    per_corruption_miou: dict[str, dict[str, float]] | None = None
+    mean_miou: float | None = None
 
 
 class Skipped(Record):
@@ -197,9 +227,25 @@ class Evaluation(Record):
     ``nonfinite_logits`` counts the images (clean, attacked or corrupted) for which this
     runtime returned a NaN or Inf logit; null only in reports older than the count, where
     the intrinsic gate fails closed.
+
+    Segmentation evaluations (``task: segmentation``) add ``miou``, ``pixel_accuracy``,
+    ``per_class_iou`` (class name to IoU, null for a class neither labelled nor predicted) and
+    ``robust_miou``; their ``clean_accuracy`` is the pixel accuracy, and ``parity`` compares
+    per-pixel predictions (``top1_agreement`` over pixels, ``compared`` pixels).
     """
 
-    omit_if_none = frozenset({"skipped", "calibration", "parity_fp32"})
+    omit_if_none = frozenset(
+        {
+            "skipped",
+            "calibration",
+            "parity_fp32",
+            "task",
+            "miou",
+            "pixel_accuracy",
+            "per_class_iou",
+            "robust_miou",
+        }
+    )
     model: str
     runtime: str
     precision: str = "fp32"
@@ -215,6 +261,11 @@ class Evaluation(Record):
     flags: list[str] = Field(default_factory=list)
     skipped: list[Skipped] | None = None
     parity_fp32: dict[str, Any] | None = None
+    task: str | None = None
+    miou: float | None = None
+    pixel_accuracy: float | None = None
+    per_class_iou: dict[str, float | None] | None = None
+    robust_miou: list[RobustMiou] | None = None
 
     @property
     def key(self) -> tuple[str, str, str, str | None]:

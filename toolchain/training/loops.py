@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from toolchain.recipe_train import TrainConfig
+from toolchain.tasks import task_of
 from toolchain.training.checkpoint import TrainCheckpoint, restore_rng, rng_states
 from toolchain.training.losses import BatchLoss, Perturbation
 from toolchain.training.schedule import lr_factor
@@ -190,7 +191,7 @@ def train_model(
     for epoch in range(start, cfg.epochs):
         adversarial = epoch >= cfg.warmup_epochs
         model.train()
-        seen = correct = 0
+        seen = correct = images = 0  # seen/correct count predictions: images, or pixels
         loss_sum = 0.0
         bar = tqdm(
             loader, desc=f"{desc} {epoch + 1}/{cfg.epochs}", leave=False, disable=None if progress else True
@@ -217,13 +218,15 @@ def train_model(
             if hooks.after_step is not None:
                 hooks.after_step(state)
             step += 1
-            seen += len(y)
-            correct += int((logits.argmax(1) == y).sum())
+            right, counted = task_of(model).hits(logits.detach(), y)
+            seen += counted
+            correct += right
+            images += len(y)
             loss_sum += float(loss.detach()) * len(y)
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+            bar.set_postfix(loss=f"{loss_sum / images:.3f}", acc=f"{correct / max(seen, 1):.3f}")
         record = {
             "epoch": epoch + 1,
-            "loss": loss_sum / max(seen, 1),
+            "loss": loss_sum / max(images, 1),
             "accuracy": correct / max(seen, 1),
             "adversarial": float(adversarial and cfg.loss != "clean"),
             "lr": cfg.lr * factor,
@@ -260,12 +263,14 @@ def train_model(
 
 @torch.no_grad()
 def evaluate_accuracy(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """Top-1 accuracy of ``model`` (eval mode) over ``batches``."""
+    """Top-1 accuracy of ``model`` (eval mode) over ``batches`` (pixel accuracy for segmentation)."""
     was_training = model.training
     model.eval()
     seen = correct = 0
+    task = task_of(model)
     for x, y in batches:
-        correct += int((model(x).argmax(1) == y).sum())
-        seen += len(y)
+        right, counted = task.hits(model(x), y)
+        correct += right
+        seen += counted
     model.train(was_training)
     return correct / max(seen, 1)
