@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from toolchain.registry import Registry
+from toolchain.tasks import DEFAULT_TASK
 
 
 class ZooFactory(Protocol):
@@ -20,6 +21,12 @@ class ZooFactory(Protocol):
 
 
 MODELS: Registry[ZooFactory] = Registry("model")
+
+
+def zoo_task(arch: str) -> str:
+    """The task a zoo architecture predicts for: a factory's ``task`` attribute (segmentation
+    models set it), else classification."""
+    return str(getattr(MODELS.get(arch), "task", DEFAULT_TASK))
 
 
 class Normalize(nn.Module):

@@ -65,3 +65,6 @@ class SegNet(nn.Module):
 def segnet(*, num_classes: int, in_channels: int, width: float = 1.0) -> nn.Module:
     """The small :class:`SegNet` encoder-decoder (a segmentation model: use ``task: segmentation``)."""
     return SegNet(num_classes, in_channels, width)
+
+
+segnet.task = "segmentation"  # type: ignore[attr-defined]  # read by models.base.zoo_task
