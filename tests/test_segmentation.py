@@ -1,0 +1,334 @@
+"""Segmentation as a task: the dataset's labels, the loss and metrics, SegPGD, the segnet model
+pruned and exported with parity, the suite (PGD monotone in eps, ONNX Runtime transfer equal to
+PyTorch white-box) and the recipe checks. Tiny sizes: 64x32 scenes, segnet at width 0.5."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+
+from exporters.base import InputSpec
+from exporters.onnx import check_parity, export_onnx
+from exporters.runtimes import build_runner
+from exporters.torch_runner import TorchRunner
+from toolchain.data import load_data
+from toolchain.data.driving_scenes import (
+    CLASS_NAMES,
+    COLORS,
+    IGNORE,
+    PEDESTRIAN,
+    VEHICLE,
+    Plant,
+    render_scene,
+)
+from toolchain.errors import UserError
+from toolchain.models import build_model
+from toolchain.preflight import budget_of, check
+from toolchain.pruning import classifier_layers, count_macs_params, prune_model
+from toolchain.pruning.methods import PruneJob
+from toolchain.recipe import EvalAttackConfig, TrainConfig, ValidateConfig, recipe_from_dict
+from toolchain.report.assemble import add_corruption_errors
+from toolchain.report.gates import resolve_metric
+from toolchain.report.html import render_html
+from toolchain.report.markdown import render_markdown
+from toolchain.report.schema import Corruptions, Evaluation, Report
+from toolchain.robustness.attacks.segpgd import segpgd_attack, segpgd_weights
+from toolchain.robustness.seg_metrics import class_iou, confusion, mean_iou, pixel_accuracy
+from toolchain.robustness.seg_suite import evaluate_segmentation
+from toolchain.tasks import task_named, task_of
+from toolchain.training import make_loader, train_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+WIDTH = 64  # scenes are 64 x 32
+SEG = task_named("segmentation")
+
+
+@pytest.fixture(scope="module")
+def scenes():  # type: ignore[no-untyped-def]
+    return load_data("driving-scenes", image_size=WIDTH, train_samples=24, val_samples=8, seed=3)
+
+
+@pytest.fixture(scope="module")
+def trained(scenes):  # type: ignore[no-untyped-def]
+    """A segnet trained clean for a few epochs: far from chance, so attacks have pixels to flip."""
+    torch.manual_seed(0)
+    model = build_model(
+        "segnet",
+        num_classes=9,
+        in_channels=3,
+        mean=scenes.mean,
+        std=scenes.std,
+        width=0.5,
+        task="segmentation",
+    )
+    cfg = TrainConfig(epochs=6, lr=0.1, loss="clean", weight_decay=0.0)
+    train_model(model, make_loader(scenes.train, 8, shuffle=True), cfg, progress=False)
+    return model.eval()
+
+
+def _val(scenes) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[no-untyped-def]
+    x, y = zip(*(scenes.val[i] for i in range(len(scenes.val))))
+    return torch.stack(x), torch.stack(y)
+
+
+# --- data -------------------------------------------------------------------------------------
+
+
+def test_driving_scenes_are_seeded_per_pixel_labelled_and_wide(scenes) -> None:  # type: ignore[no-untyped-def]
+    again = load_data("driving-scenes", image_size=WIDTH, train_samples=24, val_samples=8, seed=3)
+    other = load_data("driving-scenes", image_size=WIDTH, train_samples=24, val_samples=8, seed=4)
+    assert torch.equal(scenes.train.images, again.train.images)
+    assert torch.equal(scenes.val.labels, again.val.labels)
+    assert not torch.equal(scenes.train.images, other.train.images)
+    assert scenes.task == "segmentation" and scenes.input_hw == (32, 64) and scenes.num_classes == 9
+    x, y = scenes.train[0]
+    assert x.shape == (3, 32, 64) and y.shape == (32, 64) and y.dtype == torch.int64
+    labels = set(torch.unique(scenes.train.labels).tolist())
+    assert labels <= {*range(len(CLASS_NAMES)), IGNORE}
+    assert {0, 3, 4} <= labels  # road, sky and vegetation are in every scene
+
+
+@pytest.mark.parametrize("cls", [VEHICLE, PEDESTRIAN])
+def test_a_planted_object_carries_its_class_and_colour(cls: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    image, label = render_scene(64, 128, g, plant=Plant(cls, top=40, bottom=52, left=30, right=50))
+    assert bool((label[40:52, 30:50] == cls).all())
+    outside = torch.ones_like(label, dtype=torch.bool)
+    outside[40:52, 30:50] = False
+    assert int((label[outside] == cls).sum()) < outside.sum()  # the rest of the scene is drawn too
+    # The object's pixels have its colour, up to the scene's lighting (one factor per channel).
+    patch = image[:, 40:52, 30:50].float().mean((1, 2))
+    ratio = patch / (torch.tensor(COLORS[cls]) * 255)
+    assert float(ratio.max() - ratio.min()) < 0.25 * float(ratio.mean())
+
+
+# --- task, loss, metrics ----------------------------------------------------------------------
+
+
+def test_segmentation_loss_ignores_unlabelled_pixels_and_metrics_match_hand_counts() -> None:
+    logits = torch.zeros(1, 3, 1, 4)
+    logits[0, 0, 0, 0] = logits[0, 1, 0, 1] = logits[0, 1, 0, 2] = 5.0  # predicts 0, 1, 1, 0
+    y = torch.tensor([[[0, 1, 2, IGNORE]]])
+    full = torch.nn.functional.cross_entropy(logits[..., :3], y[..., :3])
+    assert torch.allclose(SEG.loss(logits, y), full)
+    assert torch.allclose(SEG.loss(logits, y, reduction="none"), full.view(1))
+    assert SEG.hits(logits, y) == (2, 3)
+    m = confusion(logits.argmax(1), y, 3)
+    assert m.tolist() == [[1, 0, 0], [0, 1, 0], [0, 1, 0]]
+    assert class_iou(m) == [1.0, 0.5, 0.0] and mean_iou(m) == pytest.approx(0.5)
+    assert pixel_accuracy(m) == pytest.approx(2 / 3)
+
+
+def test_segpgd_weights_move_from_correct_pixels_to_an_even_split() -> None:
+    logits = torch.tensor([[[[2.0, 0.0]], [[0.0, 2.0]]]])  # predicts class 0, then 1
+    y = torch.tensor([[[0, 0]]])  # first pixel right, second wrong
+    assert segpgd_weights(logits, y, 0, 10).flatten().tolist() == [1.0, 0.0]
+    assert segpgd_weights(logits, y, 5, 10).flatten().tolist() == [0.75, 0.25]
+    assert segpgd_weights(logits, torch.tensor([[[0, IGNORE]]]), 5, 10).flatten().tolist() == [0.75, 0.0]
+
+
+# --- model, pruning, export -------------------------------------------------------------------
+
+
+def test_segnet_prunes_to_the_target_and_exports_with_per_pixel_parity(scenes, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    model = build_model(
+        "segnet",
+        num_classes=9,
+        in_channels=3,
+        mean=scenes.mean,
+        std=scenes.std,
+        width=0.5,
+        task="segmentation",
+    )
+    assert task_of(model) is SEG
+    example = torch.zeros(1, 3, 32, 64)
+    assert model(example).shape == (1, 9, 32, 64)
+    head = classifier_layers(model, example)
+    assert head == [model.net.classifier]
+    recipe = recipe_from_dict(
+        {
+            "prune": {
+                "criterion": "adv-taylor",
+                "steps": 2,
+                "importance_batches": 1,
+                "target": {"macs_reduction": 3},
+            }
+        }
+    )
+    job = PruneJob(
+        example_inputs=example,
+        budget=budget_of(recipe.prune),
+        ignored_layers=head,
+        loader=lambda offset: make_loader(scenes.train, 8, shuffle=True, seed=offset),
+        progress=False,
+    )
+    before = model.net.dec2[0].in_channels
+    result = prune_model(
+        model, job, recipe.prune.model_copy(update={"finetune_between": TrainConfig(epochs=0)})
+    )
+    assert result.target_met and result.macs_reduction == pytest.approx(3.0, rel=0.05)
+    pruned = result.model.eval()
+    assert pruned.net.classifier.out_channels == 9  # the head keeps every class
+    assert pruned.net.dec2[0].in_channels < before  # the skip concatenation was pruned with its sources
+    macs, _ = count_macs_params(pruned, example)
+    assert macs == result.macs
+    spec = InputSpec(3, 32, 64)
+    path = export_onnx(
+        pruned, tmp_path / "pruned.onnx", input_spec=spec, metadata={"class_names": list(CLASS_NAMES)}
+    )
+    x, _ = _val(scenes)
+    parity = check_parity(TorchRunner(pruned, spec), build_runner("onnxruntime", path=path, threads=1), [x])
+    assert parity.top1_agreement == 1.0 and parity.max_abs_diff < 1e-4 and parity.samples == 8
+
+
+# --- suite ------------------------------------------------------------------------------------
+
+
+def _validate(attacks: list[EvalAttackConfig], corruptions: list[str] | None = None) -> ValidateConfig:
+    return ValidateConfig(
+        samples=8,
+        batch_size=8,
+        attacks=attacks,
+        corruptions={"names": corruptions or [], "severities": [2]},  # type: ignore[arg-type]
+    )
+
+
+def test_pgd_lowers_miou_monotonically_with_eps(scenes, trained) -> None:  # type: ignore[no-untyped-def]
+    x, y = _val(scenes)
+    spec = InputSpec(3, 32, 64)
+    epsilons = [1 / 255, 2 / 255, 4 / 255, 8 / 255]
+    cfg = _validate([EvalAttackConfig(name="pgd", eps=e, steps=5) for e in epsilons])
+    (ev,) = evaluate_segmentation(
+        trained,
+        {"torch": TorchRunner(trained, spec)},
+        [(x, y)],
+        cfg,
+        model_name="dense",
+        class_names=CLASS_NAMES,
+    )
+    assert ev.miou is not None and ev.miou > 0.25  # well above chance: there is something to attack
+    mious = [ev.miou] + [a.miou for a in ev.attacks]
+    assert all(later < earlier for earlier, later in itertools.pairwise(mious)), mious
+    assert [a.mode for a in ev.attacks] == ["white-box"] * 4 and ev.robust_miou is not None
+    assert [r.miou for r in ev.robust_miou] == mious[1:]
+
+
+def test_onnxruntime_transfer_equals_pytorch_white_box_in_fp32(scenes, trained, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    x, y = _val(scenes)
+    spec = InputSpec(3, 32, 64)
+    path = export_onnx(trained, tmp_path / "dense.onnx", input_spec=spec)
+    runners = {
+        "torch": TorchRunner(trained, spec),
+        "onnxruntime": build_runner("onnxruntime", path=path, threads=1),
+    }
+    attacks = [
+        EvalAttackConfig(name="pgd", eps=4 / 255, steps=5),
+        EvalAttackConfig(name="segpgd", eps=4 / 255, steps=5),
+    ]
+    torch_ev, ort_ev = evaluate_segmentation(
+        trained, runners, [(x, y)], _validate(attacks, ["fog"]), model_name="dense", class_names=CLASS_NAMES
+    )
+    assert [a.mode for a in ort_ev.attacks] == ["transfer", "transfer"]
+    assert [a.miou for a in ort_ev.attacks] == [a.miou for a in torch_ev.attacks]
+    assert [a.accuracy for a in ort_ev.attacks] == [a.accuracy for a in torch_ev.attacks]
+    assert ort_ev.miou == torch_ev.miou and ort_ev.per_class_iou == torch_ev.per_class_iou
+    assert (
+        ort_ev.parity is not None
+        and ort_ev.parity.top1_agreement == 1.0
+        and ort_ev.parity.compared == 8 * 32 * 64
+    )
+    assert ort_ev.corruptions.per_corruption_miou == torch_ev.corruptions.per_corruption_miou
+    assert all(a.miou is not None and a.miou < torch_ev.miou for a in torch_ev.attacks)  # type: ignore[operator]
+    assert ort_ev.flags == [] and ort_ev.nonfinite_logits == 0
+
+
+def test_segpgd_stays_in_the_ball_and_lowers_miou(scenes, trained) -> None:  # type: ignore[no-untyped-def]
+    x, y = _val(scenes)
+    x_adv = segpgd_attack(trained, x, y, eps=4 / 255, step_size=1 / 255, steps=5, generator=torch.Generator())
+    assert (
+        float((x_adv - x).abs().max()) <= 4 / 255 + 1e-6
+        and float(x_adv.min()) >= 0
+        and float(x_adv.max()) <= 1
+    )
+    with torch.no_grad():
+        clean, adv = (mean_iou(confusion(trained(v).argmax(1), y, 9)) for v in (x, x_adv))
+    assert adv < clean - 0.05
+
+
+# --- report -------------------------------------------------------------------------------------
+
+
+def _seg_eval(model: str, miou: float, fog: float) -> Evaluation:
+    return Evaluation(
+        model=model,
+        runtime="onnxruntime",
+        task="segmentation",
+        clean_accuracy=0.9,
+        miou=miou,
+        pixel_accuracy=0.9,
+        per_class_iou={"road": miou},
+        corruptions=Corruptions(
+            per_corruption={"fog": {"1": 0.8}},
+            mean_accuracy=0.8,
+            per_corruption_miou={"fog": {"1": fog}},
+            mean_miou=fog,
+        ),
+        nonfinite_logits=0,
+    )
+
+
+def test_corruption_errors_are_on_miou_and_reports_show_segmentation_keys() -> None:
+    dense, pruned = _seg_eval("dense", 0.8, 0.6), _seg_eval("pruned", 0.7, 0.4)
+    add_corruption_errors([dense, pruned])
+    # CE = (1 - 0.4) / (1 - 0.6); relative CE = (0.6 - 0.3) / (0.4 - 0.2): on mIoU, not pixel accuracy.
+    assert pruned.corruptions.mce == pytest.approx(1.5) and pruned.corruptions.relative_mce == pytest.approx(
+        1.5
+    )
+    report = Report(name="seg", evaluations=[dense, pruned])
+    data = report.to_json()
+    assert resolve_metric(data, "evaluations[model=pruned,runtime=onnxruntime].miou") == pytest.approx(0.7)
+    assert resolve_metric(data, "evaluations[model=pruned].corruptions.per_corruption_miou.fog.1") == 0.4
+    assert resolve_metric(data, "evaluations[model=pruned].per_class_iou.road") == pytest.approx(0.7)
+    assert "mIoU 70.0% (pixel acc. 90.0%)" in render_markdown(report, [])
+    assert "clean mIoU" in render_html(report, [])
+    assert "miou" not in Evaluation(model="dense", runtime="torch").to_json()  # classification keys unchanged
+
+
+# --- recipe checks --------------------------------------------------------------------------------
+
+TINY = {
+    "task": "segmentation",
+    "device": "cpu",
+    "data": {"dataset": "driving-scenes", "image_size": 32, "train_samples": 2, "val_samples": 2},
+    "model": {"arch": "segnet", "width": 0.25},
+    "validate": {"attacks": [{"name": "segpgd"}]},
+}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            {"task": "classification", "validate": {"attacks": [{"name": "pgd"}]}},
+            "dataset 'driving-scenes' has segmentation labels",
+        ),
+        ({"model": {"arch": "resnet20"}}, r"segmentation needs \(N, num_classes, H, W\)"),
+        ({"train": {"loss": "trades"}}, "not defined per pixel"),
+        ({"validate": {"attacks": [{"name": "square"}]}}, "not a segmentation attack"),
+        ({"prune": {"method": "bap"}}, "not available for segmentation"),
+        ({"task": "detection"}, "unknown task 'detection'"),
+    ],
+)
+def test_recipe_settings_a_segmentation_run_cannot_use_are_refused(change: dict, message: str) -> None:  # type: ignore[type-arg]
+    with pytest.raises(UserError, match=message):
+        check(recipe_from_dict({**TINY, **change}))
+
+
+def test_a_valid_segmentation_recipe_passes_preflight() -> None:
+    data = check(recipe_from_dict(TINY))
+    assert data.task == "segmentation" and data.input_hw == (16, 32)
