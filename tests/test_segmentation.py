@@ -332,3 +332,71 @@ def test_recipe_settings_a_segmentation_run_cannot_use_are_refused(change: dict,
 def test_a_valid_segmentation_recipe_passes_preflight() -> None:
     data = check(recipe_from_dict(TINY))
     assert data.task == "segmentation" and data.input_hw == (16, 32)
+
+
+# --- the pipeline end to end ----------------------------------------------------------------------
+
+TINY_RUN = {
+    **TINY,
+    "name": "seg-tiny",
+    "data": {
+        "dataset": "driving-scenes",
+        "image_size": 48,
+        "train_samples": 16,
+        "val_samples": 4,
+        "batch_size": 8,
+    },
+    "train": {"epochs": 1, "loss": "pgd", "attack": {"eps": "2/255", "step_size": "2/255", "steps": 1}},
+    "prune": {
+        "steps": 1,
+        "importance_batches": 1,
+        "target": {"macs_reduction": 2.0},
+        "finetune_between": {"epochs": 0},
+        "bn_recalibration_batches": 1,
+    },
+    "finetune": {"epochs": 1, "loss": "hybrid", "attack": {"eps": "2/255", "step_size": "2/255", "steps": 1}},
+    "export": {"parity_samples": 4},
+    "validate": {
+        "samples": 4,
+        "batch_size": 4,
+        "attacks": [
+            {"name": "pgd", "eps": "2/255", "steps": 2},
+            {"name": "segpgd", "eps": "2/255", "steps": 2},
+        ],
+        "corruptions": {"names": ["fog"], "severities": [1, 3]},
+    },
+    "bench": {"warmup": 1, "iterations": 2},
+    "gates": [
+        {
+            "metric": "evaluations[model=pruned,runtime=onnxruntime].robust_miou[norm=linf].miou",
+            "threshold": 0.0,
+        }
+    ],
+}
+
+
+@pytest.mark.e2e
+def test_a_segmentation_run_reports_miou_passes_its_gates_and_its_engine_validates(tmp_path: Path) -> None:
+    from toolchain.pipeline import run_pipeline
+    from toolchain.validate_engine import validate_engine
+
+    recipe = recipe_from_dict(TINY_RUN)
+    report = run_pipeline(recipe, tmp_path / "run", progress=False)
+    assert report.passed, [g for g in report.intrinsic_gates if not g.passed]
+    assert report.models.pruned is not None and report.models.pruned.target_met
+    evs = {(e.model, e.runtime): e for e in report.evaluations}
+    assert set(evs) == {(m, r) for m in ("dense", "pruned") for r in ("torch", "onnxruntime")}
+    ort = evs[("pruned", "onnxruntime")]
+    assert (
+        ort.task == "segmentation"
+        and ort.per_class_iou is not None
+        and set(ort.per_class_iou) == set(CLASS_NAMES)
+    )
+    assert [a.name for a in ort.attacks] == ["pgd", "segpgd"] and ort.corruptions.mce is not None
+    assert ort.miou == evs[("pruned", "torch")].miou  # FP32 engine, same pixels
+    assert report.parity is not None and report.parity["pruned"].top1_agreement == 1.0
+    engine = validate_engine(
+        tmp_path / "run" / "export" / "pruned.onnx", recipe, tmp_path / "engine", progress=False
+    )
+    (row,) = engine.evaluations
+    assert row.miou == ort.miou and [a.mode for a in row.attacks] == ["transfer", "transfer"]
