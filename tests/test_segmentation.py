@@ -400,3 +400,39 @@ def test_a_segmentation_run_reports_miou_passes_its_gates_and_its_engine_validat
     )
     (row,) = engine.evaluations
     assert row.miou == ort.miou and [a.mode for a in row.attacks] == ["transfer", "transfer"]
+
+
+# --- Cityscapes-layout folders --------------------------------------------------------------------
+
+
+def _write_city(root: Path, split: str, name: str, label_ids: list[int]) -> None:
+    """A 64 x 32 image and its labelIds: one vertical band of 16 columns per id."""
+    from PIL import Image
+
+    ids = torch.tensor(label_ids, dtype=torch.uint8).repeat_interleave(64 // len(label_ids)).expand(32, 64)
+    pixels = (ids.unsqueeze(-1) * 7).expand(32, 64, 3).contiguous()
+    for folder, suffix, array in (
+        ("leftImg8bit", "_leftImg8bit.png", pixels),
+        ("gtFine", "_gtFine_labelIds.png", ids.contiguous()),
+    ):
+        path = root / folder / split / "aachen" / f"{name}{suffix}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(array.numpy()).save(path)
+
+
+def test_a_cityscapes_folder_loads_with_train_ids_and_ignore(tmp_path: Path) -> None:
+    _write_city(tmp_path, "train", "aachen_000000_000019", [7, 26, 0, 33])  # road, car, unlabeled, bicycle
+    _write_city(tmp_path, "train", "aachen_000001_000019", [23, 24, 8, 11])  # sky, person, sidewalk, building
+    _write_city(
+        tmp_path, "val", "aachen_000002_000019", [21, 1, 20, 17]
+    )  # vegetation, ego vehicle, sign, pole
+    data = load_data("cityscapes", root=str(tmp_path), image_size=32, seed=0)
+    assert data.task == "segmentation" and data.num_classes == 19 and data.input_hw == (16, 32)
+    assert data.class_names[:2] == ("road", "sidewalk") and data.class_names[-1] == "bicycle"
+    rows = {tuple(data.train.labels[i, 0, ::8].tolist()) for i in range(2)}
+    assert rows == {(0, 13, 255, 18), (10, 11, 1, 2)}  # nearest-neighbour resize keeps the ids
+    assert data.val.labels[0, 0, ::8].tolist() == [8, 255, 7, 5]
+    assert data.val[0][0].shape == (3, 16, 32)
+    with pytest.raises(UserError, match="has no label file"):
+        (tmp_path / "gtFine" / "val" / "aachen" / "aachen_000002_000019_gtFine_labelIds.png").unlink()
+        load_data("cityscapes", root=str(tmp_path), image_size=32)

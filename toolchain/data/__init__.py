@@ -2,8 +2,9 @@
 
 Registered names: ``signs`` (procedural, zero setup), ``fashion-mnist`` (IDX files from the
 Debian package), ``image-folder`` (your own class folders), ``cifar10`` (torchvision's
-on-disk batches) and ``driving-scenes`` (procedural street scenes with per-pixel labels, for
-segmentation). Nothing is ever downloaded.
+on-disk batches), and for segmentation ``driving-scenes`` (procedural street scenes with
+per-pixel labels) and ``cityscapes`` (Cityscapes-layout folders, 19 train classes).
+Nothing is ever downloaded.
 
 Items are ``(float32 C x H x W in [0, 1], int label)`` (an int64 ``H x W`` mask for
 segmentation datasets, 255 where no class applies); normalisation is not applied here
@@ -17,12 +18,12 @@ from dataclasses import replace
 from torch.utils.data import Dataset, Subset
 
 # Importing the loader modules registers them in DATASETS.
-from toolchain.data import cifar10, driving_scenes, fashion_mnist, image_folder, signs
+from toolchain.data import cifar10, cityscapes, driving_scenes, fashion_mnist, image_folder, signs
 from toolchain.data.base import DATASETS, DataBundle, ImageTensorDataset
 from toolchain.errors import UserError
 
 __all__ = ["DATASETS", "DataBundle", "ImageTensorDataset", "load_data"]
-_LOADERS = (cifar10, driving_scenes, fashion_mnist, image_folder, signs)
+_LOADERS = (cifar10, cityscapes, driving_scenes, fashion_mnist, image_folder, signs)
 
 
 def load_data(
