@@ -436,3 +436,44 @@ def test_a_cityscapes_folder_loads_with_train_ids_and_ignore(tmp_path: Path) -> 
     with pytest.raises(UserError, match="has no label file"):
         (tmp_path / "gtFine" / "val" / "aachen" / "aachen_000002_000019_gtFine_labelIds.png").unlink()
         load_data("cityscapes", root=str(tmp_path), image_size=32)
+
+
+# --- torchvision segmentation models ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "arch", ["lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large", "fcn_resnet50"]
+)
+def test_torchvision_segmentation_models_prune_to_target_keeping_their_heads(
+    arch: str, scenes, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    model = build_model(
+        f"torchvision:{arch}",
+        num_classes=9,
+        in_channels=3,
+        mean=scenes.mean,
+        std=scenes.std,
+        task="segmentation",
+    ).eval()
+    assert getattr(model.net.model, "aux_classifier", None) is None  # no auxiliary head, no download
+    example = torch.zeros(1, 3, 32, 64)
+    head = classifier_layers(model, example)
+    assert head and all(h.out_channels == 9 for h in head)  # LR-ASPP has two, summed
+    recipe = recipe_from_dict(
+        {"prune": {"criterion": "magnitude", "steps": 1, "target": {"macs_reduction": 2}}}
+    )
+    job = PruneJob(example, budget_of(recipe.prune), head, loader=lambda _: [], progress=False)
+    result = prune_model(
+        model, job, recipe.prune.model_copy(update={"finetune_between": TrainConfig(epochs=0)})
+    )
+    assert result.target_met and all(h.out_channels == 9 for h in head)
+    pruned = result.model.eval()
+    assert pruned(example).shape == (1, 9, 32, 64)
+    if arch != "lraspp_mobilenet_v3_large":
+        return  # exporting the others costs ~8 s each: bench/bench_segmentation.py checks their parity
+    spec = InputSpec(3, 32, 64)
+    path = export_onnx(pruned, tmp_path / "lraspp.onnx", input_spec=spec)
+    x, _ = _val(scenes)
+    parity = check_parity(TorchRunner(pruned, spec), build_runner("onnxruntime", path=path, threads=1), [x])
+    assert parity.top1_agreement == 1.0 and parity.max_abs_diff < 1e-4

@@ -20,19 +20,43 @@ from toolchain.errors import UnknownNameError, UserError
 TORCHVISION_PREFIX = "torchvision:"
 
 
+class DenseOutput(nn.Module):
+    """A torchvision segmentation model returning its ``"out"`` logits (``N x K x H x W``, at
+    the input resolution) instead of a dict, as robustprune's runners and exports expect."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)["out"]
+
+
 def torchvision_net(name: str, *, num_classes: int) -> nn.Module:
     """``torchvision.models.get_model(name, weights=None, num_classes=num_classes)``.
 
-    torchvision classifiers expect 3 input channels; the caller adapts gray input.
+    torchvision models expect 3 input channels; the caller adapts gray input. Segmentation
+    models (``lraspp_mobilenet_v3_large``, ``deeplabv3_mobilenet_v3_large``, ``fcn_resnet50``,
+    ...) are built without any weights (``weights_backbone=None`` as well: the default would
+    download ImageNet weights) and without their auxiliary head (``aux_loss=False``: it only
+    serves training with an auxiliary loss, and would otherwise be pruned and exported for
+    nothing), and wrapped in :class:`DenseOutput`; use them with ``task: segmentation``.
 
     Raises:
-        UnknownNameError: ``name`` is not a torchvision classification model; lists them.
+        UnknownNameError: ``name`` is not a torchvision classification or segmentation model;
+            lists them.
     """
     import torchvision.models  # lazy: costs ~1 s and is only needed for this form
 
+    dense = torchvision.models.list_models(module=torchvision.models.segmentation)
+    if name in dense:
+        model = torchvision.models.get_model(
+            name, weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=False
+        )
+        return DenseOutput(model)
     known = torchvision.models.list_models(module=torchvision.models)
     if name not in known:
-        raise UnknownNameError("torchvision model", name, known)
+        raise UnknownNameError("torchvision model", name, sorted([*known, *dense]))
     return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
 
 
