@@ -477,3 +477,54 @@ def test_torchvision_segmentation_models_prune_to_target_keeping_their_heads(
     x, _ = _val(scenes)
     parity = check_parity(TorchRunner(pruned, spec), build_runner("onnxruntime", path=path, threads=1), [x])
     assert parity.top1_agreement == 1.0 and parity.max_abs_diff < 1e-4
+
+
+# --- every method the task allows ---------------------------------------------------------------
+
+_STEP = {"epochs": 1, "loss": "pgd", "attack": {"eps": "2/255", "step_size": "2/255", "steps": 1}}
+
+
+@pytest.mark.parametrize(
+    ("method", "section"),
+    [
+        ("hydra", {"train": _STEP}),
+        ("dnr", {"train": _STEP, "update_every": 1}),
+        ("mrs", {"probe_batches": 1}),
+        ("lowrank", {"probe_batches": 1}),
+    ],
+)
+def test_training_and_probing_methods_prune_segnet_to_target(method: str, section: dict, scenes) -> None:  # type: ignore[no-untyped-def,type-arg]
+    torch.manual_seed(0)
+    model = build_model(
+        "segnet",
+        num_classes=9,
+        in_channels=3,
+        mean=scenes.mean,
+        std=scenes.std,
+        width=0.5,
+        task="segmentation",
+    )
+    example = torch.zeros(1, 3, 32, 64)
+    recipe = recipe_from_dict({"prune": {"method": method, "target": {"macs_reduction": 2}, method: section}})
+    job = PruneJob(
+        example,
+        budget_of(recipe.prune),
+        classifier_layers(model, example),
+        loader=lambda offset: make_loader(scenes.train, 8, shuffle=True, seed=offset),
+        progress=False,
+    )
+    result = prune_model(model, job, recipe.prune)
+    assert result.target_met and result.model.net.classifier.out_channels == 9
+    assert result.model.eval()(example).shape == (1, 9, 32, 64)
+
+
+def test_the_spec_records_the_task_and_old_specs_classify() -> None:
+    from toolchain.models import build_from_spec
+
+    model = build_model("segnet", num_classes=9, in_channels=1, mean=[0.5], std=[0.2], task="segmentation")
+    assert model.spec["task"] == "segmentation"
+    assert task_of(build_from_spec(dict(model.spec))) is SEG
+    old = {k: v for k, v in model.spec.items() if k != "task"}
+    assert task_of(build_from_spec(old)).name == "classification"
+    with pytest.raises(UserError, match="unknown task 'detection'"):
+        build_from_spec({**model.spec, "task": "detection"})
