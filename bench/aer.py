@@ -3,6 +3,7 @@
     python bench/aer.py [--dataset fashion-mnist|signs] [--setting reduced|full]
                         [--methods magnitude hydra ...] [--budgets 2 4 8 16] [--seeds 0 1 2]
                         [--seeds-at 4] [--split test|holdout] [--work runs/aer] [--out FILE]
+    python bench/aer.py --render FILE.json     # the README's markdown table from a result
 
 For each seed one dense model is adversarially trained (the recipe's ``train`` stage); every
 (method, budget) run then starts from a copy of that run directory, so the dense weights are
@@ -385,5 +386,45 @@ def write_plots(json_path: Path) -> list[Path]:
     return written
 
 
+def render_table(payload: dict[str, Any]) -> str:
+    """The README's table: one row per (method, budget), mean over seeds, deltas against dense."""
+    dense = payload["dense_summary"]
+
+    def pct(value: float | None) -> str:
+        return "–" if value is None else f"{100 * value:.1f}"
+
+    def delta(row: dict[str, Any], key: str) -> str:
+        if row.get(key) is None or dense.get(key) is None:
+            return "–"
+        return f"{100 * (row[key] - dense[key]):+.1f}"
+
+    lines = [
+        "| method | budget | MACs ↓ | clean | Δ | PGD-20 | Δ | APGD-CE | Square | corruptions | Δ "
+        "| rel. mCE | prune s | fine-tune s | seeds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| dense | – | 1.00× | {pct(dense.get('clean'))} | | {pct(dense.get('pgd20'))} | "
+        f"| {pct(dense.get('apgd_ce'))} | {pct(dense.get('square'))} | {pct(dense.get('corruptions_mean'))} "
+        "| | 1.00 | | | |",
+    ]
+    runs = payload["runs"]
+    for row in sorted(payload["summary"].values(), key=lambda r: (r["budget"], -r.get("pgd20", 0))):
+        mine = [r for r in runs if r["method"] == row["method"] and r["budget"] == row["budget"]]
+        prune_s = statistics.fmean(r["prune_seconds"] or 0.0 for r in mine)
+        finetune_s = statistics.fmean(r["finetune_seconds"] or 0.0 for r in mine)
+        mce = row.get("relative_mce")
+        lines.append(
+            f"| {row['method']} | {row['budget']:g}× | {row.get('macs_reduction', float('nan')):.2f}× "
+            f"| {pct(row.get('clean'))} | {delta(row, 'clean')} "
+            f"| {pct(row.get('pgd20'))} | {delta(row, 'pgd20')} "
+            f"| {pct(row.get('apgd_ce'))} | {pct(row.get('square'))} | {pct(row.get('corruptions_mean'))} "
+            f"| {delta(row, 'corruptions_mean')} | {'–' if mce is None else f'{mce:.2f}'} "
+            f"| {prune_s:.0f} | {finetune_s:.0f} | {row['seeds']} |"
+        )
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--render":
+        sys.stdout.write(render_table(json.loads(Path(sys.argv[2]).read_text())) + "\n")
+        sys.exit(0)
     sys.exit(main())

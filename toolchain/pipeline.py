@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from toolchain.device import resolve_device
 from toolchain.models import trusted_builder
 from toolchain.preflight import prune_job
 from toolchain.pruning import count_macs_params, load_pruned, prune_model, save_pruned
+from toolchain.pruning.latency_target import resolve_latency_budget, verify
 from toolchain.recipe import Recipe
 from toolchain.report.assemble import assemble_report
 from toolchain.report.schema import Evaluation, Report
@@ -226,13 +228,29 @@ def _prune(ctx: Context) -> tuple[nn.Module, list[str], dict[str, Any]]:
     job = prune_job(ctx.recipe, model, ctx.example_inputs, ctx.train_loader, ctx.progress)
     job.checkpoint = _checkpoint(ctx, "prune")
     job.device = ctx.device  # methods train there; pruning itself works on the CPU copy
-    result = prune_model(model, job, cfg)
+    latency: dict[str, Any] | None = None
+    if cfg.target.latency_reduction is None:
+        result = prune_model(model, job, cfg)
+    else:
+        with tempfile.TemporaryDirectory(prefix="robustprune-latency-") as tmp:
+            job.budget, search, meter = resolve_latency_budget(
+                model,
+                job.budget,
+                cfg.target.latency,
+                ctx.input_spec,
+                ctx.example_inputs,
+                job.ignored_layers,
+                Path(tmp),
+            )
+            result = prune_model(model, job, cfg)
+            latency = verify(result.model, result.macs_reduction, search, meter)
+        result.target_met = latency["measured_reduction"] >= cfg.target.reduction * (1 - cfg.tolerance)
     if cfg.bn_recalibration_batches:
         recalibrate_bn(result.model, ctx.train_loader(seed_offset=1), batches=cfg.bn_recalibration_batches)
     _save_model(ctx, "prune", result.model, result.history, result.structure)
     summary = {
         "method": result.method,
-        "target": cfg.target.model_dump(exclude_none=True),
+        "target": cfg.target.as_dict(),
         "tolerance": cfg.tolerance,
         "target_met": result.target_met,
         "dense_macs": result.dense_macs,
@@ -246,6 +264,8 @@ def _prune(ctx: Context) -> tuple[nn.Module, list[str], dict[str, Any]]:
         "trace": result.trace,
         "structure": result.structure,
     }
+    if latency is not None:
+        summary["latency"] = latency
     return result.model, [MODEL_FILE], summary
 
 

@@ -124,8 +124,13 @@ def check_prunable(recipe: Recipe, model: nn.Module, data: DataBundle) -> None:
 
 
 def budget_of(cfg: PruneConfig) -> Budget:
-    """The recipe's budget as the pruning library takes it."""
-    return Budget(cfg.target.metric, cfg.target.reduction, cfg.tolerance, cfg.round_to, cfg.max_layer_pruning)
+    """The recipe's budget as the pruning library takes it.
+
+    A latency target is handed over as the same factor of MACs: the prune stage replaces it by
+    the MACs reduction its latency search measures (:mod:`toolchain.pruning.latency_target`).
+    """
+    metric = "macs" if cfg.target.metric == "latency" else cfg.target.metric
+    return Budget(metric, cfg.target.reduction, cfg.tolerance, cfg.round_to, cfg.max_layer_pruning)
 
 
 def prune_job(

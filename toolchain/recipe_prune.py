@@ -9,7 +9,7 @@ before. Light to import: pydantic only, no torch.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -22,27 +22,61 @@ Allocation = Literal["layer", "block", "global"]
 PGD3 = AttackConfig(steps=3, step_size=3 / 255)
 
 
-class PruneTarget(Section):
-    """The budget, as a reduction factor (4.0 means a quarter of the dense MACs)."""
+class LatencyProbe(Section):
+    """Where and how a latency budget is measured: the runtime, batch and threads it ships with."""
 
+    runtime: Literal["onnxruntime", "torch"] = Field(
+        "onnxruntime", description="onnxruntime: the exported FP32 ONNX file; torch: the PyTorch model"
+    )
+    batch: int = Field(1, ge=1, description="batch size the latency is measured at")
+    threads: int = Field(2, ge=1, description="intra-op threads of the runtime")
+    iterations: int = Field(40, ge=5, description="timed calls per model and candidate")
+    max_probes: int = Field(6, ge=1, description="candidate models the search may measure")
+
+
+class PruneTarget(Section):
+    """The budget, as a reduction factor (4.0 means a quarter of the dense MACs).
+
+    ``latency_reduction`` is measured, not counted: the prune stage searches the MACs reduction
+    whose pruned model runs that much faster on ``latency`` (runtime, batch, threads), hands it to
+    the method as its budget, and times the method's model again (see
+    :mod:`toolchain.pruning.latency_target`).
+    """
+
+    whole: ClassVar[bool] = True  # a written target replaces the default one, never merges
     macs_reduction: float | None = Field(None, gt=1.0)
     params_reduction: float | None = Field(None, gt=1.0)
+    latency_reduction: float | None = Field(None, gt=1.0)
+    latency: LatencyProbe = LatencyProbe()
 
     @model_validator(mode="after")
     def _exactly_one(self) -> PruneTarget:
-        if (self.macs_reduction is None) == (self.params_reduction is None):
-            raise ValueError("set exactly one of macs_reduction or params_reduction")
+        given = [
+            v for v in (self.macs_reduction, self.params_reduction, self.latency_reduction) if v is not None
+        ]
+        if len(given) != 1:
+            raise ValueError("set exactly one of macs_reduction, params_reduction or latency_reduction")
+        if "latency" in self.model_fields_set and self.latency_reduction is None:
+            raise ValueError(
+                "prune.target.latency configures a latency_reduction target; set one or remove it"
+            )
         return self
 
     @property
-    def metric(self) -> Literal["macs", "params"]:
+    def metric(self) -> Literal["macs", "params", "latency"]:
+        if self.latency_reduction is not None:
+            return "latency"
         return "macs" if self.macs_reduction is not None else "params"
 
     @property
     def reduction(self) -> float:
-        value = self.macs_reduction if self.macs_reduction is not None else self.params_reduction
-        assert value is not None  # the validator guarantees exactly one
+        given = (self.macs_reduction, self.params_reduction, self.latency_reduction)
+        value = next(v for v in given if v is not None)  # the validator guarantees exactly one
         return float(value)
+
+    def as_dict(self) -> dict[str, float]:
+        """The target as the report records it: ``{"<metric>_reduction": factor}``."""
+        return {f"{self.metric}_reduction": self.reduction}
 
 
 class MethodSection(Section):

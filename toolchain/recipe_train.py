@@ -8,7 +8,7 @@ import: pydantic only, no torch.
 from __future__ import annotations
 
 from fractions import Fraction
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
@@ -32,10 +32,13 @@ class Section(BaseModel):
 
     A partly written sub-section keeps the parent's defaults for the keys it leaves out:
     ``finetune: {epochs: 5}`` keeps fine-tuning's own ``lr: 0.01`` rather than falling back to
-    the generic training default, and ``prune.attack: {eps: 0.1}`` keeps PGD-3.
+    the generic training default, and ``prune.attack: {eps: 0.1}`` keeps PGD-3. A section whose
+    keys only make sense together (a budget: one of several factors) sets ``whole = True`` and
+    is replaced, not merged.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    whole: ClassVar[bool] = False
 
     @model_validator(mode="before")
     @classmethod
@@ -45,7 +48,11 @@ class Section(BaseModel):
         merged = dict(data)
         for name, field in cls.model_fields.items():
             default, value = field.default, data.get(name)
-            if isinstance(default, BaseModel) and isinstance(value, dict):
+            if (
+                isinstance(default, BaseModel)
+                and isinstance(value, dict)
+                and not getattr(default, "whole", False)
+            ):
                 merged[name] = _deep_merge(default.model_dump(exclude_defaults=True), value)
         return merged
 

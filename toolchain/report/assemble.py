@@ -115,13 +115,18 @@ def models_section(
 
         channels = layer_channels(root, example_inputs, build)
     target = prune.get("target")
+    latency = prune.get("latency")
+    if latency is not None:  # measured on the pruned model; fine-tuning keeps its shape
+        reductions["latency_reduction"] = latency["measured_reduction"]
     return Models(
         dense=DenseModel(macs=dense_macs, params=dense_params, channels=channels.get("dense")),
         pruned=PrunedModel(
             method=prune.get("method", "iterative"),
             macs=macs,
             params=params,
-            **reductions,
+            macs_reduction=reductions["macs_reduction"],
+            params_reduction=reductions["params_reduction"],
+            latency=latency,
             target=target,
             tolerance=tolerance,
             target_met=target_met(target, tolerance, reductions),

@@ -157,7 +157,13 @@ def intrinsic_gates(report: Report) -> list[IntrinsicGate]:
     pruned = report.models.pruned
     if pruned is not None:
         gates.append(
-            _budget_gate(pruned.target_met, pruned.target, pruned.macs_reduction, pruned.params_reduction)
+            _budget_gate(
+                pruned.target_met,
+                pruned.target,
+                pruned.macs_reduction,
+                pruned.params_reduction,
+                pruned.latency,
+            )
         )
     parity = _parity_gate(report)
     if parity is not None:
@@ -181,13 +187,19 @@ def intrinsic_gates(report: Report) -> list[IntrinsicGate]:
 
 
 def _budget_gate(
-    met: bool | None, target: dict[str, float] | None, macs_reduction: float, params_reduction: float
+    met: bool | None,
+    target: dict[str, float] | None,
+    macs_reduction: float,
+    params_reduction: float,
+    latency: dict[str, Any] | None = None,
 ) -> IntrinsicGate:
     if met is None or not target:
         return IntrinsicGate(
             name="budget-met", passed=False, detail="no pruning target recorded in models.pruned"
         )
     achieved = {"macs_reduction": macs_reduction, "params_reduction": params_reduction}
+    if latency is not None:
+        achieved["latency_reduction"] = latency["measured_reduction"]
     said = ", ".join(f"{k} {achieved.get(k, float('nan')):.3f} (target {v:g})" for k, v in target.items())
     return IntrinsicGate(name="budget-met", passed=bool(met), detail=("met: " if met else "missed: ") + said)
 

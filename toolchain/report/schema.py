@@ -88,9 +88,12 @@ class PrunedModel(DenseModel):
     ``target_met``: the achieved reduction of the target's metric is at least
     ``target * (1 - tolerance)``; more reduction than asked is still within budget.
     ``None`` when no target was recorded (then the intrinsic budget gate fails closed).
+    ``latency``: for a ``latency_reduction`` target, the pruned model timed against the dense
+    one (``runtime``, ``batch``, ``threads``, ``dense_ms``, ``pruned_ms``,
+    ``measured_reduction``, ``predicted_reduction``) and the search's probes (``search``).
     """
 
-    omit_if_none = frozenset({"channels", "tolerance", "method", "info"})
+    omit_if_none = frozenset({"channels", "tolerance", "method", "info", "latency"})
     method: str | None = None
     macs_reduction: float = 0.0
     params_reduction: float = 0.0
@@ -99,6 +102,7 @@ class PrunedModel(DenseModel):
     target_met: bool | None = None
     steps: list[dict[str, Any]] = Field(default_factory=list)
     info: dict[str, Any] | None = None
+    latency: dict[str, Any] | None = None
 
 
 class Models(Record):
