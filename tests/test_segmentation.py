@@ -528,3 +528,14 @@ def test_the_spec_records_the_task_and_old_specs_classify() -> None:
     assert task_of(build_from_spec(old)).name == "classification"
     with pytest.raises(UserError, match="unknown task 'detection'"):
         build_from_spec({**model.spec, "task": "detection"})
+
+
+def test_classification_recipes_keep_their_hash_and_the_task_joins_it_when_set() -> None:
+    import hashlib
+    import json
+
+    plain = recipe_from_dict({})
+    dump = plain.model_dump(mode="json")
+    assert dump.pop("task") == "classification"
+    assert plain.sha256() == hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()
+    assert recipe_from_dict({"task": "segmentation"}).sha256() != plain.sha256()
