@@ -539,3 +539,16 @@ def test_classification_recipes_keep_their_hash_and_the_task_joins_it_when_set()
     assert dump.pop("task") == "classification"
     assert plain.sha256() == hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()
     assert recipe_from_dict({"task": "segmentation"}).sha256() != plain.sha256()
+
+
+def test_only_flips_at_near_ties_within_rounding_count_as_agreement() -> None:
+    from exporters.parity import tie_flips
+
+    reference = torch.tensor([[1.0, 1.0 - 1e-7], [2.0, 0.0], [1.0, 1.0 - 1.5e-3], [1.0, 0.0]]).view(
+        4, 2, 1, 1
+    )
+    candidate = torch.tensor([[1.0 - 2e-7, 1.0], [0.0, 2.0], [1.0 - 1.1e-3, 1.0 - 3e-4], [0.9, 0.0]]).view(
+        4, 2, 1, 1
+    )
+    # a rounding-sized tie; a real flip; a flip that needs more than 1e-3 of difference; no flip
+    assert tie_flips(reference, candidate).flatten().tolist() == [True, False, False, False]

@@ -321,6 +321,7 @@ def _export(ctx: Context, models: dict[str, nn.Module]) -> tuple[None, list[str]
             "top1_agreement": result.top1_agreement,
             "samples": result.samples,
             "within_atol": result.max_abs_diff <= cfg.parity_atol,
+            **({} if result.ties is None else {"ties": result.ties}),  # per-pixel outputs only
         }
         if result.top1_agreement < 1.0 or result.max_abs_diff > cfg.parity_atol:
             log.warning(

@@ -177,14 +177,17 @@ class Parity(Record):
     """An engine against the PyTorch model on the same clean images.
 
     ``max_abs_diff`` is null when either side returned NaN or Inf (``nonfinite`` images);
-    such an image always counts as a disagreement.
+    such an image always counts as a disagreement. ``ties`` (segmentation): pixels counted as
+    agreeing because their arg-max differs only at a near-tie the logit difference explains.
     """
 
+    omit_if_none = frozenset({"ties"})
     reference: str = "torch"
     max_abs_diff: float | None = None
     top1_agreement: float = 0.0
     compared: int = 0
     nonfinite: int = 0
+    ties: int | None = None
 
 
 class Corruptions(Record):

@@ -10,7 +10,10 @@ Differences from classification, all per pixel: every image is attacked (there i
 "correctly classified image" to restrict to; a pixel already wrong stays counted as wrong),
 the attacks are PGD on the mean per-pixel cross-entropy and SegPGD
 (:mod:`toolchain.robustness.attacks.segpgd`), parity counts agreeing pixels, and a pixel with a
-NaN or Inf logit counts as misclassified. There are no black-box attacks for segmentation.
+NaN or Inf logit counts as misclassified. A pixel where an engine picks another class at a
+near-tie that its logit difference explains (:func:`exporters.parity.tie_flips`; bilinear
+upsampling makes the logits of two classes cross exactly at every boundary) counts as agreeing
+and is counted in ``parity.ties``. There are no black-box attacks for segmentation.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from exporters.base import Runner
+from exporters.parity import tie_flips
 from toolchain.errors import UserError
 from toolchain.recipe import EvalAttackConfig, ValidateConfig
 from toolchain.report.schema import AttackRow, Corruptions, Evaluation, Parity, RobustMiou, Skipped
@@ -123,6 +127,7 @@ class _Counts:
     agree: int = 0
     compared: int = 0
     parity_nonfinite: int = 0
+    ties: int = 0
 
     def predict(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Arg-max per pixel; a pixel with a NaN or Inf logit is made wrong on purpose."""
@@ -141,7 +146,9 @@ class _Counts:
         if finite.any():
             diff = (logits - reference).abs().amax(1)[finite]
             self.max_abs_diff = max(self.max_abs_diff, float(diff.max()))
-        self.agree += int(((logits.argmax(1) == reference.argmax(1)) & finite).sum())
+        tied = tie_flips(reference, logits) & finite
+        self.ties += int(tied.sum())
+        self.agree += int((((logits.argmax(1) == reference.argmax(1)) | tied) & finite).sum())
         self.compared += finite.numel()
 
 
@@ -267,6 +274,7 @@ def _evaluation(
             top1_agreement=counts.agree / max(counts.compared, 1),
             compared=counts.compared,
             nonfinite=counts.parity_nonfinite,
+            ties=counts.ties,
         )
         if not is_reference and counts.compared:
             flag = sanity.check_engine_agreement(parity.top1_agreement, runner.precision)
