@@ -552,3 +552,14 @@ def test_only_flips_at_near_ties_within_rounding_count_as_agreement() -> None:
     )
     # a rounding-sized tie; a real flip; a flip that needs more than 1e-3 of difference; no flip
     assert tie_flips(reference, candidate).flatten().tolist() == [True, False, False, False]
+
+
+def test_the_segmentation_quickstart_names_resolve() -> None:
+    from toolchain.preflight import check_names
+    from toolchain.recipe import load_recipe
+
+    recipe = load_recipe(
+        Path(__file__).resolve().parents[1] / "deploy_examples" / "segmentation_quickstart.yaml"
+    )
+    check_names(recipe)  # task, attacks (pgd, segpgd), corruptions, runtimes
+    assert recipe.task == "segmentation" and recipe.model.arch == "segnet"
