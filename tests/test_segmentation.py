@@ -296,6 +296,10 @@ def test_corruption_errors_are_on_miou_and_reports_show_segmentation_keys() -> N
     assert resolve_metric(data, "evaluations[model=pruned].per_class_iou.road") == pytest.approx(0.7)
     assert "mIoU 70.0% (pixel acc. 90.0%)" in render_markdown(report, [])
     assert "clean mIoU" in render_html(report, [])
+    from toolchain.report.compare import comparison_rows
+
+    rows = {row[0]: row for row in comparison_rows(report, report)}
+    assert rows["pruned/onnxruntime/fp32 clean mIoU"][1] == "70.0%"
     assert "miou" not in Evaluation(model="dense", runtime="torch").to_json()  # classification keys unchanged
 
 
