@@ -216,6 +216,7 @@ def test_pgd_lowers_miou_monotonically_with_eps(scenes, trained) -> None:  # typ
     assert all(later < earlier for earlier, later in itertools.pairwise(mious)), mious
     assert [a.mode for a in ev.attacks] == ["white-box"] * 4 and ev.robust_miou is not None
     assert [r.miou for r in ev.robust_miou] == mious[1:]
+    assert [a.clean_miou for a in ev.attacks] == [ev.miou] * 4  # every attack saw every image
 
 
 def test_onnxruntime_transfer_equals_pytorch_white_box_in_fp32(scenes, trained, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -245,6 +246,23 @@ def test_onnxruntime_transfer_equals_pytorch_white_box_in_fp32(scenes, trained, 
     assert ort_ev.corruptions.per_corruption_miou == torch_ev.corruptions.per_corruption_miou
     assert all(a.miou is not None and a.miou < torch_ev.miou for a in torch_ev.attacks)  # type: ignore[operator]
     assert ort_ev.flags == [] and ort_ev.nonfinite_logits == 0
+
+
+def test_an_attack_on_the_first_images_reports_their_clean_miou(scenes, trained) -> None:  # type: ignore[no-untyped-def]
+    x, y = _val(scenes)
+    cfg = _validate([EvalAttackConfig(name="pgd", eps=4 / 255, steps=2, samples=3)])
+    (ev,) = evaluate_segmentation(
+        trained,
+        {"torch": TorchRunner(trained, InputSpec(3, 32, 64))},
+        [(x[:5], y[:5]), (x[5:], y[5:])],
+        cfg,
+        model_name="dense",
+        class_names=CLASS_NAMES,
+    )
+    (attack,) = ev.attacks
+    with torch.no_grad():
+        first = mean_iou(confusion(trained(x[:3]).argmax(1), y[:3], 9))
+    assert attack.samples == 3 and attack.clean_miou == pytest.approx(first) and attack.clean_miou != ev.miou
 
 
 def test_segpgd_stays_in_the_ball_and_lowers_miou(scenes, trained) -> None:  # type: ignore[no-untyped-def]

@@ -7,7 +7,14 @@ import base64
 from html import escape
 from pathlib import Path
 
-from toolchain.report.markdown import attack_label, format_eps, pct, score_label, speed_change, speedups
+from toolchain.report.markdown import (
+    attack_label,
+    attack_score,
+    format_eps,
+    pct,
+    speed_change,
+    speedups,
+)
 from toolchain.report.schema import Evaluation, Report
 
 _CSS = """
@@ -155,7 +162,7 @@ def _evaluation(ev: Evaluation) -> str:
                 format_eps(a.eps),
                 attack_label(a),
                 str(a.samples),
-                score_label(a.accuracy, a.miou),
+                attack_score(a),
             ]
             for a in ev.attacks
         ]

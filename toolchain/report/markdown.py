@@ -57,11 +57,17 @@ def score_label(accuracy: float | None, miou: float | None) -> str:
     return f"mIoU {pct(miou)} (pixel acc. {pct(accuracy)})"
 
 
+def attack_score(attack: AttackRow) -> str:
+    """An attack's accuracy, or for segmentation its mIoU with the same images' clean mIoU."""
+    label = score_label(attack.accuracy, attack.miou)
+    return label if attack.clean_miou is None else f"{label}, clean {pct(attack.clean_miou)} on these images"
+
+
 def evaluation_rows(report: Report) -> list[list[str]]:
     """One row per evaluation: model, runtime, precision, clean, corruptions, attacks, robust, flags."""
     rows = []
     for ev in report.evaluations:
-        attacks = "; ".join(f"{attack_label(a)}: {score_label(a.accuracy, a.miou)}" for a in ev.attacks)
+        attacks = "; ".join(f"{attack_label(a)}: {attack_score(a)}" for a in ev.attacks)
         corr = ev.corruptions
         rows.append(
             [

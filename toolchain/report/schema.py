@@ -131,10 +131,10 @@ class AttackRow(Record):
 
     ``ensemble`` names the ensemble (e.g. ``autoattack-lite``) the attack was expanded from.
     Segmentation: ``accuracy`` is the pixel accuracy on the attacked images (every image is
-    attacked) and ``miou`` their mIoU.
+    attacked), ``miou`` their mIoU and ``clean_miou`` the mIoU of the same images clean.
     """
 
-    omit_if_none = frozenset({"ensemble", "miou"})
+    omit_if_none = frozenset({"ensemble", "miou", "clean_miou"})
     name: str
     mode: Literal["white-box", "transfer", "black-box"]
     norm: str
@@ -145,6 +145,7 @@ class AttackRow(Record):
     accuracy: float
     ensemble: str | None = None
     miou: float | None = None
+    clean_miou: float | None = None
 
 
 class RobustAccuracy(Record):

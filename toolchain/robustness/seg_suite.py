@@ -190,7 +190,7 @@ def evaluate_segmentation(
     seen = 0
     bar = tqdm(batches, desc=f"validate {model_name}", leave=False, disable=None if progress else True)
     for batch_index, (x, y) in enumerate(bar):
-        _clean(model, runners, counts, flags, x, y, first=batch_index == 0)
+        clean = _clean(model, runners, counts, flags, x, y, first=batch_index == 0)
         for attack in attacks:
             upto = len(x) if attack.samples is None else max(min(attack.samples - seen, len(x)), 0)
             if upto:
@@ -198,6 +198,8 @@ def evaluate_segmentation(
                 x_adv = attack.craft(model, x[:upto], y[:upto])
                 for name, runner in runners.items():
                     counts[name].add(attack.key, runner(x_adv), y[:upto])
+                    # The same images clean, so an attack's mIoU has its own baseline.
+                    counts[name].add(f"{attack.key}:clean", clean[name][:upto], y[:upto])
                     counts[name].attack_images[attack.key] += upto
         for cname in cfg.corruptions.names:
             for severity in cfg.corruptions.severities:
@@ -222,13 +224,15 @@ def _clean(
     y: torch.Tensor,
     *,
     first: bool,
-) -> None:
+) -> dict[str, torch.Tensor]:
+    """Clean confusion and parity of every runner; returns each runner's clean logits."""
     reference = None
+    outputs = {}
     if model is not None:
         with torch.no_grad():
             reference = model(x).detach().float()
     for name, runner in runners.items():
-        logits = runner(x)
+        logits = outputs[name] = runner(x)
         counts[name].images += len(x)
         counts[name].add("clean", logits, y)
         if reference is not None:
@@ -239,6 +243,7 @@ def _clean(
         grad_flag = sanity.check_zero_gradients(model, x, y)
         for name in runners:
             flags[name].update([grad_flag] if grad_flag else [])
+    return outputs
 
 
 def _per_corruption(
@@ -289,6 +294,7 @@ def _evaluation(
             samples=counts.attack_images[a.key],
             accuracy=pixel_accuracy(counts.tables[a.key]),
             miou=mean_iou(counts.tables[a.key]),
+            clean_miou=mean_iou(counts.tables[f"{a.key}:clean"]),
         )
         for a in attacks
         if a.key in counts.tables
