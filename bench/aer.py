@@ -356,8 +356,17 @@ def write_plots(json_path: Path) -> list[Path]:
     for row in payload["summary"].values():
         by_method.setdefault(row["method"], []).append(row)
     written = []
+    budgets = {row["budget"] for row in payload["summary"].values()}
     for key, label in PLOTTED:
         fig, ax = plt.subplots(figsize=(6, 4))
+        if len(budgets) == 1:  # one budget: a bar per method says more than a dot each
+            _bars(ax, payload, key, label, next(iter(budgets)))
+            path = json_path.with_name(f"{json_path.stem}-{key}.png")
+            fig.tight_layout()
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            written.append(path)
+            continue
         for method, rows in sorted(by_method.items()):
             rows = sorted((r for r in rows if r.get(key) is not None), key=lambda r: r["macs"])
             if not rows:
@@ -373,6 +382,8 @@ def write_plots(json_path: Path) -> list[Path]:
         if dense.get(key) is not None:
             ax.axhline(100 * dense[key], color="gray", linestyle="--", label="dense")
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("MMACs per image (log)")
         ax.set_ylabel(f"{label} (%)")
         ax.set_title(f"{payload['dataset']} ({payload['setting']}, {payload['split']} split): {label}")
@@ -384,6 +395,29 @@ def write_plots(json_path: Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
     return written
+
+
+def _bars(ax: Any, payload: dict[str, Any], key: str, label: str, budget: float) -> None:
+    """One horizontal bar per method (best on top, with its seed spread), the dense model as a line."""
+    rows = sorted((r for r in payload["summary"].values() if r.get(key) is not None), key=lambda r: r[key])
+    ax.barh(
+        [r["method"] for r in rows],
+        [100 * r[key] for r in rows],
+        xerr=[100 * r.get(f"{key}_std", 0.0) for r in rows],
+        color="tab:blue",
+        capsize=3,
+    )
+    dense = payload["dense_summary"].get(key)
+    if dense is not None:
+        ax.axvline(100 * dense, color="gray", linestyle="--", label="dense")
+        ax.legend(fontsize=8, loc="lower right")
+    low = min(100 * r[key] for r in rows) if rows else 0.0
+    ax.set_xlim(max(0.0, low - 5), 100 * max([dense or 0.0] + [r[key] for r in rows]) + 2)
+    ax.set_xlabel(f"{label} (%)")
+    ax.set_title(
+        f"{payload['dataset']} ({payload['setting']}, {payload['split']} split), {budget:g}x fewer MACs"
+    )
+    ax.grid(axis="x", alpha=0.3)
 
 
 def render_table(payload: dict[str, Any]) -> str:
