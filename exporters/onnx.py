@@ -65,7 +65,9 @@ def export_onnx(
     (a copy is made if it lives elsewhere; the caller's module keeps its mode and device).
 
     Args:
-        model: a module mapping float32 ``(N, C, H, W)`` pixels in [0, 1] to ``(N, K)`` logits.
+        model: a module mapping float32 ``(N, C, H, W)`` pixels in [0, 1] to ``(N, K)`` logits
+            (or ``(N, K, H, W)`` per-pixel logits for segmentation; the axes after the batch
+            stay fixed).
         path: where to write the ``.onnx`` file; parent folders are created.
         input_spec: channels, height and width; ``input_spec.batch`` is the batch size of a
             fixed-batch export (1 if None).
@@ -167,13 +169,16 @@ def _eval_on_cpu(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def _num_classes(model: nn.Module, example: torch.Tensor) -> int:
+    """Classes of the logits: ``(N, K)`` for a classifier, ``(N, K, H, W)`` at the input's
+    ``H x W`` for a segmentation model."""
     with torch.no_grad():
         out = model(example)
-    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != example.shape[0]:
+    dense = isinstance(out, torch.Tensor) and out.dim() == 4 and out.shape[-2:] == example.shape[-2:]
+    if not isinstance(out, torch.Tensor) or not (out.dim() == 2 or dense) or out.shape[0] != example.shape[0]:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ExportError(
-            f"the model must return logits of shape (N, num_classes), got {shape}; "
-            "wrap it so forward() returns only the classification logits"
+            f"the model must return logits of shape (N, num_classes) or (N, num_classes, H, W) at the "
+            f"input's H x W, got {shape}; wrap it so forward() returns only the logits"
         )
     return int(out.shape[1])
 

@@ -10,7 +10,7 @@ import torch
 from exporters.base import Runner
 from exporters.errors import ParityError, UserError
 
-__all__ = ["ParityResult", "check_parity"]
+__all__ = ["ParityResult", "check_parity", "tie_flips"]
 
 
 @dataclass(frozen=True)
@@ -20,9 +20,13 @@ class ParityResult:
     Attributes:
         max_abs_diff: the largest ``|reference - candidate|`` over all logits.
         mean_abs_diff: the mean of ``|reference - candidate|`` over all logits.
-        top1_agreement: the fraction of samples whose arg-max class is the same.
+        top1_agreement: the fraction of predictions whose arg-max class is the same: one per
+            image for ``(N, K)`` logits, one per pixel for ``(N, K, H, W)`` segmentation logits.
         samples: the number of images compared.
-        disagreements: the number of images whose arg-max class differs.
+        disagreements: the number of predictions (images or pixels) whose arg-max differs.
+        ties: per-pixel outputs only (None for ``(N, K)`` logits): pixels whose arg-max differs
+            at a near-tie the logit difference explains (:func:`tie_flips`); they count as
+            agreeing, since upsampled logits cross exactly at every class boundary.
         reference_max_abs: the largest ``|reference|`` logit, the scale ``max_abs_diff`` is
             relative to (an untrained network's logits can reach thousands).
     """
@@ -33,6 +37,7 @@ class ParityResult:
     samples: int
     disagreements: int
     reference_max_abs: float = 0.0
+    ties: int | None = None
 
     def as_dict(self) -> dict[str, float | int]:
         return asdict(self)
@@ -80,7 +85,8 @@ def check_parity(
         UserError: no batch was given, or the two models return logits of different shapes.
         InputSpecError: a batch does not fit the candidate's input spec.
     """
-    max_diff, abs_sum, elements, samples, disagreements, scale = 0.0, 0.0, 0, 0, 0, 0.0
+    max_diff, abs_sum, elements, samples, predictions, disagreements, scale = 0.0, 0.0, 0, 0, 0, 0, 0.0
+    ties: int | None = None
     for x in batches:
         with torch.no_grad():  # the reference may be a raw module with gradients enabled
             expected = _logits(reference(x))
@@ -97,17 +103,41 @@ def check_parity(
         abs_sum += float(diff.double().sum())
         elements += diff.numel()
         samples += expected.shape[0]
-        disagreements += int((expected.argmax(dim=1) != got.argmax(dim=1)).sum())
+        differ = expected.argmax(dim=1) != got.argmax(dim=1)  # per image, or per pixel
+        if expected.dim() == 4:  # per-pixel logits: flips at exact class boundaries are numerics
+            tied = tie_flips(expected, got)
+            ties = (ties or 0) + int(tied.sum())
+            differ &= ~tied
+        predictions += differ.numel()
+        disagreements += int(differ.sum())
     if samples == 0:
         raise UserError("check_parity got no images; give it at least one non-empty batch")
     return ParityResult(
         max_abs_diff=max_diff,
         mean_abs_diff=abs_sum / elements,
-        top1_agreement=(samples - disagreements) / samples,
+        top1_agreement=(predictions - disagreements) / predictions,
         samples=samples,
         disagreements=disagreements,
         reference_max_abs=scale,
+        ties=ties,
     )
+
+
+#: The largest logit difference at a position that can still explain a tie: FP32 rounding is
+#: orders of magnitude below it, a model that really differs is above it.
+TIE_ATOL = 1e-3
+
+
+def tie_flips(reference: torch.Tensor, candidate: torch.Tensor, atol: float = TIE_ATOL) -> torch.Tensor:
+    """Where the arg-maxes differ only at a near-tie that rounding explains.
+
+    Per position (image, or pixel of ``(N, K, H, W)`` logits): the candidate picks another
+    class than the reference while its logits there differ from the reference's by at most
+    ``atol``. Overturning a margin takes a difference of at least half of it, so such a flip is
+    a tie within ``2 * atol`` that rounding decides either way. NaN or Inf is never a tie.
+    """
+    delta = (reference - candidate).abs().amax(1)
+    return (reference.argmax(1) != candidate.argmax(1)) & (delta <= atol)
 
 
 def _logits(out: torch.Tensor) -> torch.Tensor:

@@ -29,9 +29,19 @@ needs_fashion = pytest.mark.skipif(
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_registry_has_the_four_datasets_and_rejects_unknown_names() -> None:
-    assert DATASETS.names() == ["cifar10", "fashion-mnist", "image-folder", "signs"]
-    with pytest.raises(UnknownNameError, match="known: cifar10, fashion-mnist, image-folder, signs"):
+def test_registry_has_the_six_datasets_and_rejects_unknown_names() -> None:
+    assert DATASETS.names() == [
+        "cifar10",
+        "cityscapes",
+        "driving-scenes",
+        "fashion-mnist",
+        "image-folder",
+        "signs",
+    ]
+    with pytest.raises(
+        UnknownNameError,
+        match="known: cifar10, cityscapes, driving-scenes, fashion-mnist, image-folder, signs",
+    ):
         load_data("sings")
 
 

@@ -23,9 +23,9 @@ from toolchain.models import (
     load_state_dict_file,
     model_spec,
 )
-from toolchain.models.base import scaled
+from toolchain.models.base import scaled, zoo_task
 
-ZOO = MODELS.names()
+ZOO = [arch for arch in MODELS.names() if zoo_task(arch) == "classification"]
 GRAY = {"in_channels": 1, "mean": [0.3], "std": [0.35]}
 RGB = {"in_channels": 3, "mean": [0.4, 0.45, 0.5], "std": [0.2, 0.25, 0.3]}
 

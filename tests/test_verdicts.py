@@ -80,7 +80,7 @@ def _completed_copy(tiny_run: tuple[Path, Report], out: Path) -> Path:
 def test_a_run_that_crashes_leaves_no_report_that_gate_accepts(
     tiny_run: tuple[Path, Report], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import toolchain.pipeline_deploy as pipeline_deploy
+    import toolchain.robustness.suite as suite
 
     out = tmp_path / "run"
     report = _completed_copy(tiny_run, out)
@@ -92,7 +92,7 @@ def test_a_run_that_crashes_leaves_no_report_that_gate_accepts(
     changed = json.loads(json.dumps(TINY_RECIPE))
     changed["export"]["parity_samples"] = 30
     candidate = _write_recipe(tmp_path, changed, "candidate.yaml")
-    monkeypatch.setattr(pipeline_deploy, "evaluate_model", _boom)
+    monkeypatch.setattr(suite, "evaluate_model", _boom)  # the classification task's suite
     before = (out / "export" / "pruned.onnx").stat().st_mtime_ns
     assert main(["run", str(candidate), "--out", str(out), "--no-progress"]) == 3
     assert (out / "export" / "pruned.onnx").stat().st_mtime_ns != before  # artifacts were written

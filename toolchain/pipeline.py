@@ -36,6 +36,7 @@ from toolchain.report.schema import Report
 from toolchain.report.writer import mark_stale, write_report
 from toolchain.rundir import RunDir, atomic_path, chain_key
 from toolchain.stage_context import MODEL_FILE, Context, load_model, shared_model
+from toolchain.tasks import DEFAULT_TASK
 from toolchain.training import TrainCheckpoint, train_model
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,9 @@ log = logging.getLogger(__name__)
 
 def stage_keys(recipe: Recipe) -> dict[str, str]:
     """Each stage's cache key: its own recipe sections chained onto its upstream stage's key."""
-    keys = {"train": chain_key(recipe.section_hash("data", "model", "train"))}
+    # The task joins the key only when set, so classification runs keep their cached stages.
+    task = ("task",) if recipe.task != DEFAULT_TASK else ()
+    keys = {"train": chain_key(recipe.section_hash(*task, "data", "model", "train"))}
     keys["prune"] = chain_key(keys["train"], recipe.section_hash("prune"))
     keys["finetune"] = chain_key(keys["prune"], recipe.section_hash("finetune"))
     keys["export"] = chain_key(keys["finetune"], recipe.section_hash("export"))

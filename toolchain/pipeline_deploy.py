@@ -21,7 +21,6 @@ from exporters.runtimes import build_runner
 from exporters.torch_runner import TorchRunner
 from toolchain import deploy, distributed
 from toolchain.report.schema import Evaluation
-from toolchain.robustness.suite import evaluate_model
 from toolchain.rundir import RunDir, read_json, write_json
 from toolchain.stage_context import Context, shared_model
 
@@ -49,6 +48,7 @@ def export_stage(ctx: Context, models: dict[str, nn.Module]) -> tuple[None, list
                 "recipe_sha256": ctx.recipe.sha256(),
                 "model": name,
                 "dataset": ctx.data.name,
+                "task": ctx.recipe.task,
             },
         )
         runner = build_runner("onnxruntime", path=path, threads=ctx.recipe.validate.threads)
@@ -65,6 +65,7 @@ def export_stage(ctx: Context, models: dict[str, nn.Module]) -> tuple[None, list
                 result.reference_max_abs if math.isfinite(result.reference_max_abs) else None
             ),
             "within_atol": result.max_abs_diff <= cfg.parity_atol,
+            **({} if result.ties is None else {"ties": result.ties}),  # per-pixel outputs only
         }
         if result.top1_agreement < 1.0 or result.max_abs_diff > cfg.parity_atol:
             log.warning(
@@ -181,7 +182,15 @@ def _evaluate(ctx: Context, name: str, model: nn.Module) -> list[Evaluation]:
     runners = _runners(ctx, name, model, list(cfg.runtimes), cfg.threads)
     labels = _labels(ctx, name, list(cfg.runtimes))
     batches = ctx.val_loader(batch_size=cfg.batch_size, samples=cfg.samples)
-    rows = evaluate_model(model, runners, batches, cfg, model_name=name, progress=ctx.progress)
+    rows = ctx.task.evaluate(
+        model,
+        runners,
+        batches,
+        cfg,
+        model_name=name,
+        class_names=ctx.data.class_names,
+        progress=ctx.progress,
+    )
     int8 = {k: r for k, r in runners.items() if k.startswith("onnxruntime/int8/")}
     parity = deploy.int8_parity(ctx.recipe, model, runners["onnxruntime"], int8, batches) if int8 else {}
     for key, row in zip(runners, rows):

@@ -26,6 +26,7 @@ from toolchain.pruning.prunability import check_forward, check_removal, report
 from toolchain.pruning.structure import analyse
 from toolchain.recipe import PruneConfig, Recipe, TrainConfig
 from toolchain.robustness.corruptions import CORRUPTIONS
+from toolchain.tasks import task_named
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +42,11 @@ def check_names(recipe: Recipe) -> None:
     from exporters.runtimes import RUNTIMES, runtime_available
     from toolchain.pruning import CRITERIA, METHODS
     from toolchain.robustness.corruptions import CORRUPTIONS
-    from toolchain.robustness.suite import build_suite_attacks
 
     DATASETS.get(recipe.data.dataset)
+    task_named(recipe.task).check_recipe(recipe)
     CRITERIA.get(recipe.prune.criterion)
     METHODS.get(recipe.prune.method)
-    # Built, not only looked up: bad options or a missing optional package fail here.
-    build_suite_attacks(list(recipe.validate.attacks))
     for name in recipe.validate.corruptions.names:
         CORRUPTIONS.get(name)
     quantize = recipe.quantize
@@ -94,7 +93,16 @@ def check(recipe: Recipe) -> DataBundle:
         seed=recipe.seed,
         holdout=d.holdout,
     )
+    if data.task != recipe.task:
+        raise UserError(
+            f"dataset {d.dataset!r} has {data.task} labels but the recipe's task is {recipe.task!r}; "
+            f"set task: {data.task} (or use a {recipe.task} dataset)"
+        )
     model = recipe_model(recipe, data)
+    example = _example(data)
+    with torch.no_grad():
+        out = model.eval()(example)
+    task_named(recipe.task).check_output(out, data.num_classes, example)
     check_prunable(recipe, model, data)
     return data
 
@@ -107,7 +115,7 @@ def train_sections(recipe: Recipe) -> list[TrainConfig]:
 
 
 def _example(data: DataBundle) -> torch.Tensor:
-    return torch.zeros(1, data.channels, data.image_size, data.image_size)
+    return torch.zeros(1, data.channels, *data.input_hw)
 
 
 def check_prunable(recipe: Recipe, model: nn.Module, data: DataBundle) -> None:
@@ -201,6 +209,7 @@ def recipe_model(recipe: Recipe, data: DataBundle) -> nn.Module:
         std=data.std,
         image_size=data.image_size,
         width=m.width,
+        task=recipe.task,
     )
     if m.checkpoint:
         load_state_dict_file(model, m.checkpoint)

@@ -252,6 +252,11 @@ class Recipe(Section):
     device: str = Field(
         "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto (CUDA when available), cpu, cuda[:N]"
     )
+    task: str = Field(
+        "classification",
+        pattern=r"^[a-z][a-z0-9-]*$",
+        description="what the model predicts: classification or segmentation (toolchain.tasks)",
+    )
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
@@ -281,7 +286,15 @@ class Recipe(Section):
         return _sha256(payload)
 
     def sha256(self) -> str:
-        return _sha256(self.model_dump(mode="json"))
+        """The hash of the whole validated recipe (report.json's ``recipe_sha256``).
+
+        A recipe with the default task hashes without the ``task`` key, as it did before the
+        key existed, so classification reports keep matching their recipes.
+        """
+        dump = self.model_dump(mode="json")
+        if dump["task"] == "classification":
+            del dump["task"]
+        return _sha256(dump)
 
 
 def _dump(value: Any) -> Any:

@@ -20,6 +20,7 @@ from toolchain.pruning import (
 )
 from toolchain.recipe import Recipe
 from toolchain.rundir import RunDir
+from toolchain.tasks import Task, task_named
 from toolchain.training import make_loader
 
 MODEL_FILE = "model.pt"
@@ -39,12 +40,16 @@ class Context:
 
     @property
     def example_inputs(self) -> torch.Tensor:
-        return torch.zeros(1, self.data.channels, self.data.image_size, self.data.image_size)
+        return torch.zeros(1, self.data.channels, *self.data.input_hw)
 
     @property
     def input_spec(self) -> InputSpec:
-        size = self.data.image_size
-        return InputSpec(self.data.channels, size, size, None if self.recipe.export.dynamic_batch else 1)
+        height, width = self.data.input_hw
+        return InputSpec(self.data.channels, height, width, None if self.recipe.export.dynamic_batch else 1)
+
+    @property
+    def task(self) -> Task:
+        return task_named(self.recipe.task)
 
     def train_loader(self, seed_offset: int = 0, *, shard: bool = False) -> torch.utils.data.DataLoader:
         """Shuffled training batches; ``shard``: this rank's share under torchrun."""

@@ -29,8 +29,8 @@ from toolchain.recipe import Recipe
 from toolchain.report.assemble import environment, finish, models_section
 from toolchain.report.schema import EngineInfo, Models, Report
 from toolchain.report.writer import mark_stale, write_report
-from toolchain.robustness.suite import evaluate_model
 from toolchain.rundir import MARKER, RunDir
+from toolchain.tasks import task_named
 from toolchain.training import make_loader
 
 log = logging.getLogger(__name__)
@@ -84,16 +84,17 @@ def validate_engine(engine: Path, recipe: Recipe, out: Path, *, progress: bool =
     data = load_data(
         d.dataset,
         root=d.root,
-        image_size=d.image_size or runner.input_spec.height,
+        image_size=d.image_size or runner.input_spec.width,
         train_samples=1,
         val_samples=d.val_samples,
         seed=recipe.seed,
     )
     spec = runner.input_spec
-    if (spec.channels, spec.height) != (data.channels, data.image_size):
+    height, width = data.input_hw
+    if (spec.channels, spec.height, spec.width) != (data.channels, height, width):
         raise UserError(
             f"engine takes {spec.channels}x{spec.height}x{spec.width} images but dataset {data.name!r} gives "
-            f"{data.channels}x{data.image_size}x{data.image_size}; "
+            f"{data.channels}x{height}x{width}; "
             "set data.image_size or use the matching dataset"
         )
     model = _torch_model(engine, metadata, torch.zeros(spec.shape(1)), recipe)
@@ -105,12 +106,13 @@ def validate_engine(engine: Path, recipe: Recipe, out: Path, *, progress: bool =
     run = RunDir.open(out, recipe.model_dump(mode="json"))
     try:
         mark_stale(run.root)
-        evaluations = evaluate_model(
+        evaluations = task_named(recipe.task).evaluate(
             model,
             {"onnxruntime": runner},
             loader,
             cfg,
             model_name=metadata.get("model", "engine"),
+            class_names=data.class_names,
             progress=progress,
         )
         run_root = engine.parent.parent

@@ -1,10 +1,13 @@
 """Datasets: every loader returns a :class:`DataBundle` of two uint8-backed splits.
 
 Registered names: ``signs`` (procedural, zero setup), ``fashion-mnist`` (IDX files from the
-Debian package), ``image-folder`` (your own class folders) and ``cifar10`` (torchvision's
-on-disk batches). Nothing is ever downloaded.
+Debian package), ``image-folder`` (your own class folders), ``cifar10`` (torchvision's
+on-disk batches), and for segmentation ``driving-scenes`` (procedural street scenes with
+per-pixel labels) and ``cityscapes`` (Cityscapes-layout folders, 19 train classes).
+Nothing is ever downloaded.
 
-Items are ``(float32 C x H x W in [0, 1], int label)``; normalisation is not applied here
+Items are ``(float32 C x H x W in [0, 1], int label)`` (an int64 ``H x W`` mask for
+segmentation datasets, 255 where no class applies); normalisation is not applied here
 but by the ``Normalize`` layer inside the model, using ``bundle.mean``/``bundle.std``.
 """
 
@@ -15,12 +18,12 @@ from dataclasses import replace
 from torch.utils.data import Dataset, Subset
 
 # Importing the loader modules registers them in DATASETS.
-from toolchain.data import cifar10, fashion_mnist, image_folder, signs
+from toolchain.data import cifar10, cityscapes, driving_scenes, fashion_mnist, image_folder, signs
 from toolchain.data.base import DATASETS, DataBundle, ImageTensorDataset
 from toolchain.errors import UserError
 
 __all__ = ["DATASETS", "DataBundle", "ImageTensorDataset", "load_data"]
-_LOADERS = (cifar10, fashion_mnist, image_folder, signs)
+_LOADERS = (cifar10, cityscapes, driving_scenes, fashion_mnist, image_folder, signs)
 
 
 def load_data(
@@ -73,9 +76,9 @@ def _hold_out(bundle: DataBundle, holdout: int) -> DataBundle:
         )
     cut = size - holdout
     whole = bundle.train
-    if isinstance(whole, ImageTensorDataset):
-        train: Dataset = ImageTensorDataset(whole.images[:cut], whole.labels[:cut])
-        val: Dataset = ImageTensorDataset(whole.images[cut:], whole.labels[cut:])
+    if isinstance(whole, ImageTensorDataset):  # or its per-pixel subclass
+        train: Dataset = type(whole)(whole.images[:cut], whole.labels[:cut])
+        val: Dataset = type(whole)(whole.images[cut:], whole.labels[cut:])
     else:
         train, val = Subset(whole, range(cut)), Subset(whole, range(cut, size))
     return replace(bundle, train=train, val=val)

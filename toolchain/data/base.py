@@ -44,12 +44,34 @@ class ImageTensorDataset(Dataset):
         return self.images[index].float().div_(255.0), int(self.labels[index])
 
 
+class MaskTensorDataset(ImageTensorDataset):
+    """Images with one label per pixel; items are ``(float32 C x H x W in [0, 1], int64 H x W)``.
+
+    Masks are kept as ``uint8`` (N, H, W) (class ids below 255, ``255`` = ignore), an eighth of
+    the memory int64 would take; the conversion happens per item.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+        want = (images.shape[0], *images.shape[-2:])
+        if labels.dtype != torch.uint8 or tuple(labels.shape) != want:
+            raise ValueError(f"masks must be uint8 {want}, got {labels.dtype} {tuple(labels.shape)}")
+        self.images = images
+        self.labels = labels
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        return self.images[index].float().div_(255.0), self.labels[index].to(torch.int64)
+
+
 @dataclass(frozen=True)
 class DataBundle:
     """A train and a validation split plus what a model needs to know about them.
 
     ``mean``/``std`` are per channel, in [0, 1] pixel units; they go into the model's
-    ``Normalize`` layer so that exported engines take raw [0, 1] pixels.
+    ``Normalize`` layer so that exported engines take raw [0, 1] pixels. ``image_size`` is the
+    width (and the height of square images); ``height`` is set for wider-than-tall images.
+    ``task`` names the task its labels are for (:mod:`toolchain.tasks`).
     """
 
     train: Dataset
@@ -61,6 +83,13 @@ class DataBundle:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     name: str
+    height: int | None = None
+    task: str = "classification"
+
+    @property
+    def input_hw(self) -> tuple[int, int]:
+        """``(height, width)`` of every image."""
+        return (self.height or self.image_size, self.image_size)
 
 
 class Loader(Protocol):
@@ -147,17 +176,21 @@ def make_bundle(
     train: ImageTensorDataset,
     val: ImageTensorDataset,
     class_names: tuple[str, ...],
+    task: str = "classification",
 ) -> DataBundle:
     """Assemble a :class:`DataBundle` from two uint8 datasets; mean/std come from ``train``."""
     mean, std = channel_stats(train.images)
+    height, width = train.images.shape[-2:]
     return DataBundle(
         train=train,
         val=val,
         num_classes=len(class_names),
         class_names=class_names,
         channels=train.images.shape[1],
-        image_size=train.images.shape[-1],
+        image_size=width,
         mean=mean,
         std=std,
         name=name,
+        height=height if height != width else None,
+        task=task,
     )

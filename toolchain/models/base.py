@@ -12,6 +12,7 @@ from torch import nn
 
 from toolchain.errors import UserError
 from toolchain.registry import Registry
+from toolchain.tasks import DEFAULT_TASK
 
 
 class ZooFactory(Protocol):
@@ -21,6 +22,12 @@ class ZooFactory(Protocol):
 
 
 MODELS: Registry[ZooFactory] = Registry("model")
+
+
+def zoo_task(arch: str) -> str:
+    """The task a zoo architecture predicts for: a factory's ``task`` attribute (segmentation
+    models set it), else classification."""
+    return str(getattr(MODELS.get(arch), "task", DEFAULT_TASK))
 
 
 class Normalize(nn.Module):

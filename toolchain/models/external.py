@@ -20,6 +20,18 @@ from toolchain.errors import UnknownNameError, UserError
 TORCHVISION_PREFIX = "torchvision:"
 
 
+class DenseOutput(nn.Module):
+    """A torchvision segmentation model returning its ``"out"`` logits (``N x K x H x W``, at
+    the input resolution) instead of a dict, as robustprune's runners and exports expect."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)["out"]
+
+
 #: torchvision classifiers built for one input size: the keyword that sets it, and which sizes work.
 _FIXED_SIZE = {
     "vit_": ("image_size", "a multiple of the patch size"),
@@ -30,18 +42,29 @@ _FIXED_SIZE = {
 def torchvision_net(name: str, *, num_classes: int, image_size: int | None = None) -> nn.Module:
     """``torchvision.models.get_model(name, weights=None, num_classes=num_classes)``.
 
-    torchvision classifiers expect 3 input channels; the caller adapts gray input. Models built
-    for one input size (ViT, MaxViT) are built for ``image_size``.
+    torchvision models expect 3 input channels; the caller adapts gray input. Models built
+    for one input size (ViT, MaxViT) are built for ``image_size``. Segmentation models
+    (``lraspp_mobilenet_v3_large``, ``deeplabv3_mobilenet_v3_large``, ``fcn_resnet50``, ...) are
+    built without any weights (``weights_backbone=None`` as well: the default would download
+    ImageNet weights) and without their auxiliary head (``aux_loss=False``), and wrapped in
+    :class:`DenseOutput`; use them with ``task: segmentation``.
 
     Raises:
-        UnknownNameError: ``name`` is not a torchvision classification model; lists them.
+        UnknownNameError: ``name`` is not a torchvision classification or segmentation model;
+            lists them.
         UserError: ``image_size`` does not suit a fixed-size model.
     """
     import torchvision.models  # lazy: costs ~1 s and is only needed for this form
 
+    dense = torchvision.models.list_models(module=torchvision.models.segmentation)
+    if name in dense:
+        model = torchvision.models.get_model(
+            name, weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=False
+        )
+        return DenseOutput(model)
     known = torchvision.models.list_models(module=torchvision.models)
     if name not in known:
-        raise UnknownNameError("torchvision model", name, known)
+        raise UnknownNameError("torchvision model", name, sorted([*known, *dense]))
     kwargs: dict[str, Any] = {}
     for prefix, (keyword, sizes) in _FIXED_SIZE.items():
         if name.startswith(prefix) and image_size is not None:

@@ -10,10 +10,14 @@ from typing import Any
 from toolchain.errors import UserError
 from toolchain.models.base import MODELS, Normalize, NormalizedClassifier
 from toolchain.models.external import TORCHVISION_PREFIX, torchvision_net, user_net
+from toolchain.tasks import DEFAULT_TASK, task_named
 
 log = logging.getLogger(__name__)
 
 SPEC_KEYS = ("arch", "num_classes", "in_channels", "mean", "std", "image_size", "width")
+#: Spec keys that files written before they existed may lack (default in brackets): ``task``
+#: (``classification``), the task the model predicts for (:mod:`toolchain.tasks`).
+OPTIONAL_SPEC_KEYS = ("task",)
 _RGB = 3  # what torchvision classifiers take
 
 
@@ -26,13 +30,15 @@ def model_spec(
     std: Sequence[float],
     image_size: int = 32,
     width: float = 1.0,
+    task: str = DEFAULT_TASK,
 ) -> dict[str, Any]:
     """The validated, JSON-serialisable description that :func:`build_from_spec` rebuilds.
 
     Args: as :func:`build_model`.
 
     Returns:
-        ``{"arch", "num_classes", "in_channels", "mean", "std", "image_size", "width"}``.
+        ``{"arch", "num_classes", "in_channels", "mean", "std", "image_size", "width"}``, plus
+        ``"task"`` for any task but classification (so classification specs stay as they were).
 
     Raises:
         UserError: a value is out of range or mean/std do not have one value per channel.
@@ -52,6 +58,8 @@ def model_spec(
         )
     if not all(math.isfinite(s) and s > 0 for s in std) or not all(math.isfinite(m) for m in mean):
         raise UserError(f"std must be positive and mean finite; got mean={mean}, std={std}")
+    task_named(task)  # an unknown task is an error that lists the known ones
+    extra = {} if task == DEFAULT_TASK else {"task": task}
     return {
         "arch": arch,
         "num_classes": num_classes,
@@ -60,6 +68,7 @@ def model_spec(
         "std": std,
         "image_size": image_size,
         "width": float(width),
+        **extra,
     }
 
 
@@ -72,6 +81,7 @@ def build_model(
     std: Sequence[float],
     image_size: int = 32,
     width: float = 1.0,
+    task: str = DEFAULT_TASK,
 ) -> NormalizedClassifier:
     """Build ``net(normalize(x))`` for [0, 1] pixel input; weights follow the global torch seed.
 
@@ -85,6 +95,8 @@ def build_model(
         image_size: input side; zoo models accept any size >= 8 (global pooling), but user
             factories are checked with one forward pass at this size.
         width: channel multiplier; only zoo models use it.
+        task: what the model predicts (``classification`` or ``segmentation``); recorded in the
+            spec, where losses, attacks and metrics read it (:func:`toolchain.tasks.task_of`).
 
     Returns:
         A :class:`NormalizedClassifier` with ``.normalize``, ``.net`` and ``.spec``.
@@ -101,6 +113,7 @@ def build_model(
         std=std,
         image_size=image_size,
         width=width,
+        task=task,
     )
     return build_from_spec(spec, trusted=(arch,))
 
@@ -125,12 +138,16 @@ def build_from_spec(spec: Mapping[str, Any], *, trusted: Collection[str] = ()) -
         UnknownNameError: as :func:`build_model`.
     """
     missing = [k for k in SPEC_KEYS if k not in spec]
-    unknown = sorted(set(spec) - set(SPEC_KEYS))
+    unknown = sorted(set(spec) - set(SPEC_KEYS) - set(OPTIONAL_SPEC_KEYS))
     if missing or unknown:
         raise UserError(
             f"model spec: missing keys {missing}, unknown keys {unknown}; expected {list(SPEC_KEYS)}"
         )
-    spec = model_spec(spec["arch"], **{k: spec[k] for k in SPEC_KEYS[1:]})
+    spec = model_spec(
+        spec["arch"],
+        **{k: spec[k] for k in SPEC_KEYS[1:]},
+        **{k: spec[k] for k in OPTIONAL_SPEC_KEYS if k in spec},
+    )
     arch, num_classes, in_channels = spec["arch"], spec["num_classes"], spec["in_channels"]
     repeat = 1
     if arch.startswith(TORCHVISION_PREFIX):

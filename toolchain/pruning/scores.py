@@ -12,7 +12,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel
 from torch import Tensor, nn
 
@@ -20,6 +19,7 @@ from toolchain.errors import UserError
 from toolchain.pruning import criteria as _criteria
 from toolchain.pruning.graph import ROOT_TYPES, build_graph, eval_mode, expand_ignored, group_key
 from toolchain.robustness.attacks import pgd as _pgd
+from toolchain.tasks import task_of
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +88,7 @@ def accumulate_gradients(
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     model.zero_grad(set_to_none=True)
+    task = task_of(model)  # per-pixel loss for segmentation models
     used = 0
     with eval_mode(model), torch.enable_grad():
         for batch in loader:
@@ -97,7 +98,7 @@ def accumulate_gradients(
             if loss == "adversarial":
                 x = _pgd.pgd_attack(model, x, y, generator=generator, **attack_kwargs)
             # Divide so the gradient is the mean over batches, whatever their count.
-            (F.cross_entropy(model(x), y) / batches).backward()
+            (task.loss(model(x), y) / batches).backward()
             used += 1
     if used == 0:
         raise UserError("importance_loader yielded no batches; it must yield (images, labels)")

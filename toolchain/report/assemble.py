@@ -29,6 +29,7 @@ from toolchain.report.schema import (
 )
 from toolchain.robustness.corruptions.metrics import summarize
 from toolchain.rundir import read_json
+from toolchain.tasks import task_named
 
 log = logging.getLogger(__name__)
 
@@ -137,20 +138,22 @@ def models_section(
 
 
 def add_corruption_errors(evaluations: list[Evaluation]) -> None:
-    """Fill each evaluation's corruption errors relative to the dense model on the same runtime."""
+    """Fill each evaluation's corruption errors relative to the dense model on the same runtime.
+
+    The errors are computed on the score the evaluation's task names (accuracy for
+    classification, mIoU for segmentation; :meth:`toolchain.tasks.Task.corruption_scores`).
+    """
     dense = {(e.runtime, e.precision): e for e in evaluations if e.model == "dense"}
     for ev in evaluations:
-        if not ev.corruptions.per_corruption:
+        task = task_named(ev.task)
+        per, clean = task.corruption_scores(ev)
+        if not per:
             continue
         base = dense.get((ev.runtime, ev.precision)) or dense.get(("torch", "fp32"))
-        if base is None or not base.corruptions.per_corruption:
+        base_per, base_clean = task.corruption_scores(base) if base is not None else (None, 0.0)
+        if base is None or not base_per:
             continue
-        summary = summarize(
-            ev.corruptions.per_corruption,  # type: ignore[arg-type]  # severities keyed by str in JSON
-            base.corruptions.per_corruption,  # type: ignore[arg-type]
-            ev.clean_accuracy,
-            base.clean_accuracy,
-        )
+        summary = summarize(per, base_per, clean, base_clean)  # type: ignore[arg-type]  # str severities
         ev.corruptions.mce = _finite(summary["mce"])
         ev.corruptions.relative_mce = _finite(summary["relative_mce"])
         ev.corruptions.relative_excluded = sorted(summary["relative_excluded"])  # type: ignore[call-overload]

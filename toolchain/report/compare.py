@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from toolchain.report.markdown import format_eps, table
-from toolchain.report.schema import Report
+from toolchain.report.schema import Evaluation, Report
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,7 @@ def _facts(report: Report) -> dict[str, Fact]:
             facts[f"{where} {a.name} {a.mode} {a.norm} {format_eps(a.eps)}"] = Fact(a.accuracy, "pct")
         for r in ev.robust_accuracy:
             facts[f"{where} robust {r.norm} {format_eps(r.eps)}"] = Fact(r.accuracy, "pct")
+        _segmentation_facts(facts, where, ev)
         if ev.parity is not None:
             facts[f"{where} top-1 agreement with torch"] = Fact(ev.parity.top1_agreement, "pct")
         facts[f"{where} flags"] = Fact(", ".join(ev.flags) or "none", "text")
@@ -58,6 +59,19 @@ def _facts(report: Report) -> dict[str, Fact]:
     for g in report.gates:
         facts[f"gate {g.metric} {g.op} {g.threshold:g}"] = Fact("PASS" if g.passed else "FAIL", "text")
     return facts
+
+
+def _segmentation_facts(facts: dict[str, Fact], where: str, ev: Evaluation) -> None:
+    """mIoU clean, under corruptions, per attack and per budget (absent for classification)."""
+    if ev.miou is not None:
+        facts[f"{where} clean mIoU"] = Fact(ev.miou, "pct")
+    if ev.corruptions.mean_miou is not None:
+        facts[f"{where} corruptions mean mIoU"] = Fact(ev.corruptions.mean_miou, "pct")
+    for a in ev.attacks:
+        if a.miou is not None:
+            facts[f"{where} {a.name} {a.mode} {a.norm} {format_eps(a.eps)} mIoU"] = Fact(a.miou, "pct")
+    for r in ev.robust_miou or []:
+        facts[f"{where} robust mIoU {r.norm} {format_eps(r.eps)}"] = Fact(r.miou, "pct")
 
 
 def _show(fact: Fact | None) -> str:

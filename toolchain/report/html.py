@@ -7,7 +7,14 @@ import base64
 from html import escape
 from pathlib import Path
 
-from toolchain.report.markdown import attack_label, format_eps, pct, speed_change, speedups
+from toolchain.report.markdown import (
+    attack_label,
+    attack_score,
+    format_eps,
+    pct,
+    speed_change,
+    speedups,
+)
 from toolchain.report.schema import Evaluation, Report
 
 _CSS = """
@@ -129,7 +136,16 @@ def _evaluation(ev: Evaluation) -> str:
         ["clean accuracy", pct(ev.clean_accuracy)],
         ["corruptions (mean)", pct(c.mean_accuracy)],
         ["mCE / relative mCE", f"{_num(c.mce)} / {_num(c.relative_mce)}"],
-        ["parity with PyTorch", parity],
+    ]
+    if ev.miou is not None:  # segmentation: accuracies are per pixel, mCE is on mIoU
+        facts = [
+            ["clean mIoU", pct(ev.miou)],
+            ["clean pixel accuracy", pct(ev.pixel_accuracy)],
+            ["corruptions (mean mIoU)", pct(c.mean_miou)],
+            ["mCE / relative mCE (on mIoU)", f"{_num(c.mce)} / {_num(c.relative_mce)}"],
+        ]
+    facts += [
+        ["parity with PyTorch" + (" (per pixel)" if ev.miou is not None else ""), parity],
         [
             "images with NaN/Inf logits",
             "not recorded" if ev.nonfinite_logits is None else str(ev.nonfinite_logits),
@@ -139,12 +155,29 @@ def _evaluation(ev: Evaluation) -> str:
     parts = [f"<h3>{escape(title)}</h3>", _table(["metric", "value"], facts)]
     if ev.attacks:
         rows = [
-            [a.name, a.mode, a.norm, format_eps(a.eps), attack_label(a), str(a.samples), pct(a.accuracy)]
+            [
+                a.name,
+                a.mode,
+                a.norm,
+                format_eps(a.eps),
+                attack_label(a),
+                str(a.samples),
+                attack_score(a),
+            ]
             for a in ev.attacks
         ]
         parts.append(
             _table(["attack", "mode", "norm", "eps", "budget", "images", "accuracy"], rows, numeric_from=5)
         )
+    if ev.robust_miou:
+        rows = [
+            [r.norm, format_eps(r.eps), " + ".join(r.attacks), str(r.samples), pct(r.miou)]
+            for r in ev.robust_miou
+        ]
+        parts.append(_table(["norm", "eps", "lowest over", "images", "robust mIoU"], rows, numeric_from=3))
+    if ev.per_class_iou:
+        rows = [[name, pct(iou)] for name, iou in ev.per_class_iou.items()]
+        parts.append(_table(["class", "IoU (clean)"], rows, numeric_from=1))
     if ev.robust_accuracy:
         rows = [
             [r.norm, format_eps(r.eps), " + ".join(r.attacks), str(r.samples), pct(r.accuracy)]
@@ -169,9 +202,16 @@ def _corruption_table(report: Report) -> str:
     )
     rows = []
     for ev in report.evaluations:
-        for name, by_sev in (ev.corruptions.per_corruption or {}).items():
+        # Segmentation evaluations list mIoU, which their mCE is computed on.
+        scores = ev.corruptions.per_corruption_miou or ev.corruptions.per_corruption or {}
+        metric = " (mIoU)" if ev.corruptions.per_corruption_miou else ""
+        for name, by_sev in scores.items():
             rows.append(
-                [f"{ev.model}/{ev.runtime}/{ev.precision}", name, *[pct(by_sev.get(s)) for s in severities]]
+                [
+                    f"{ev.model}/{ev.runtime}/{ev.precision}{metric}",
+                    name,
+                    *[pct(by_sev.get(s)) for s in severities],
+                ]
             )
     if not rows:
         return ""

@@ -37,26 +37,45 @@ def precision_label(row: Any) -> str:
 
 
 def robust_label(ev: Evaluation) -> str:
-    """Robust accuracy per budget: ``linf 4/255: 55.0% (pgd+square, 100 images)``."""
+    """Robust accuracy per budget: ``linf 4/255: 55.0% (pgd+square, 100 images)``; for
+    segmentation the lowest mIoU per budget: ``linf 4/255: mIoU 31.0% (pgd+segpgd, 50 images)``."""
+    if ev.robust_miou:
+        return "; ".join(
+            f"{r.norm} {format_eps(r.eps)}: mIoU {pct(r.miou)} ({'+'.join(r.attacks)}, {r.samples} images)"
+            for r in ev.robust_miou
+        )
     return "; ".join(
         f"{r.norm} {format_eps(r.eps)}: {pct(r.accuracy)} ({'+'.join(r.attacks)}, {r.samples} images)"
         for r in ev.robust_accuracy
     )
 
 
+def score_label(accuracy: float | None, miou: float | None) -> str:
+    """``73.1%``, or ``mIoU 61.0% (pixel acc. 90.2%)`` where an mIoU was measured (segmentation)."""
+    if miou is None:
+        return pct(accuracy) if accuracy is not None else "-"
+    return f"mIoU {pct(miou)} (pixel acc. {pct(accuracy)})"
+
+
+def attack_score(attack: AttackRow) -> str:
+    """An attack's accuracy, or for segmentation its mIoU with the same images' clean mIoU."""
+    label = score_label(attack.accuracy, attack.miou)
+    return label if attack.clean_miou is None else f"{label}, clean {pct(attack.clean_miou)} on these images"
+
+
 def evaluation_rows(report: Report) -> list[list[str]]:
     """One row per evaluation: model, runtime, precision, clean, corruptions, attacks, robust, flags."""
     rows = []
     for ev in report.evaluations:
-        attacks = "; ".join(f"{attack_label(a)}: {pct(a.accuracy)}" for a in ev.attacks)
-        corr = ev.corruptions.mean_accuracy
+        attacks = "; ".join(f"{attack_label(a)}: {attack_score(a)}" for a in ev.attacks)
+        corr = ev.corruptions
         rows.append(
             [
                 ev.model,
                 ev.runtime,
                 precision_label(ev),
-                pct(ev.clean_accuracy),
-                pct(corr) if corr is not None else "-",
+                score_label(ev.clean_accuracy, ev.miou),
+                score_label(corr.mean_accuracy, corr.mean_miou) if corr.mean_accuracy is not None else "-",
                 attacks or "-",
                 robust_label(ev) or "-",
                 ", ".join(ev.flags) or "-",
@@ -158,12 +177,25 @@ def render_markdown(report: Report, plots: list[Path]) -> str:
     parts.append(table(header, evaluation_rows(report)))
     corr_rows = []
     for ev in report.evaluations:
-        for name, by_sev in (ev.corruptions.per_corruption or {}).items():
+        for name, by_sev in (
+            ev.corruptions.per_corruption_miou or ev.corruptions.per_corruption or {}
+        ).items():
             sev = ", ".join(f"{s}: {pct(a)}" for s, a in by_sev.items())
             corr_rows.append([ev.model, ev.runtime, name, sev])
     if corr_rows:
-        parts += ["", "## Corruptions (accuracy by severity)", ""]
-        parts.append(table(["model", "runtime", "corruption", "accuracy"], corr_rows))
+        metric = (
+            "mIoU" if any(ev.corruptions.per_corruption_miou for ev in report.evaluations) else "accuracy"
+        )
+        parts += ["", f"## Corruptions ({metric} by severity)", ""]
+        parts.append(table(["model", "runtime", "corruption", metric], corr_rows))
+    iou_rows = [
+        [ev.model, ev.runtime, name, pct(iou)]
+        for ev in report.evaluations
+        for name, iou in (ev.per_class_iou or {}).items()
+    ]
+    if iou_rows:
+        parts += ["", "## IoU per class (clean)", ""]
+        parts.append(table(["model", "runtime", "class", "IoU"], iou_rows))
     if report.latency:
         lat = [
             [

@@ -3,6 +3,8 @@ embeds them).
 
 * ``accuracy.png``: clean, attack and corruption accuracy per evaluation;
 * ``corruptions.png``: accuracy against severity per corruption, dense vs pruned vs engine;
+
+(segmentation reports draw mIoU wherever these say accuracy)
 * ``robust_eps.png``: robust accuracy (per-image worst case) against eps;
 * ``tradeoff.png``: accuracy against MACs and against latency, dense vs pruned;
 * ``channels.png``: output channels per layer before and after pruning.
@@ -51,6 +53,19 @@ def _label(ev: Evaluation) -> str:
     return f"{ev.model} / {ev.runtime} / {ev.precision}"
 
 
+def _score(accuracy: float | None, miou: float | None) -> float | None:
+    """What the plots draw: mIoU where one was measured (segmentation), else accuracy."""
+    return miou if miou is not None else accuracy
+
+
+def _corruption_scores(ev: Evaluation) -> dict[str, dict[str, float]]:
+    return ev.corruptions.per_corruption_miou or ev.corruptions.per_corruption or {}
+
+
+def _metric_name(report: Report) -> str:
+    return "mIoU" if any(ev.miou is not None for ev in report.evaluations) else "accuracy"
+
+
 def _accuracy_bars(plt: Any, report: Report) -> Any:
     evaluations = report.evaluations
     metrics = ["clean"]
@@ -64,32 +79,35 @@ def _accuracy_bars(plt: Any, report: Report) -> Any:
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(metrics) * len(evaluations) / 2), 4))
     width = 0.8 / len(evaluations)
     for i, ev in enumerate(evaluations):
-        values = {"clean": ev.clean_accuracy, "corruptions (mean)": ev.corruptions.mean_accuracy}
+        values = {
+            "clean": _score(ev.clean_accuracy, ev.miou),
+            "corruptions (mean)": _score(ev.corruptions.mean_accuracy, ev.corruptions.mean_miou),
+        }
         for a in ev.attacks:
-            values[f"{a.name} ({a.mode})"] = a.accuracy
+            values[f"{a.name} ({a.mode})"] = _score(a.accuracy, a.miou)
         xs = [j + i * width for j in range(len(metrics))]
         ax.bar(xs, [values.get(m) or 0.0 for m in metrics], width, label=_label(ev))
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(metrics))], metrics, rotation=20, ha="right")
     ax.set_ylim(0, 1)
-    ax.set_ylabel("accuracy")
-    ax.set_title("Accuracy per evaluation")
+    ax.set_ylabel(_metric_name(report))
+    ax.set_title("mIoU per evaluation" if _metric_name(report) == "mIoU" else "Accuracy per evaluation")
     ax.legend(fontsize=7)
     return fig
 
 
 def _corruption_curves(plt: Any, report: Report) -> Any:
     evaluations = report.evaluations
-    names = sorted({n for ev in evaluations for n in ev.corruptions.per_corruption or {}})
+    names = sorted({n for ev in evaluations for n in _corruption_scores(ev)})
     cols = min(4, len(names))
     rows = (len(names) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
     for ax, name in zip(axes.flat, names):
         for ev in evaluations:
-            by_sev = (ev.corruptions.per_corruption or {}).get(name)
+            by_sev = _corruption_scores(ev).get(name)
             if not by_sev:
                 continue
             sev = [0] + [int(s) for s in by_sev]
-            acc = [ev.clean_accuracy, *by_sev.values()]
+            acc = [_score(ev.clean_accuracy, ev.miou), *by_sev.values()]
             style = "-" if ev.model == "pruned" else "--"
             ax.plot(sev, acc, style, marker="o", ms=3, label=f"{ev.model}/{ev.runtime}")
         ax.set_title(name, fontsize=9)
@@ -98,7 +116,7 @@ def _corruption_curves(plt: Any, report: Report) -> Any:
     for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=6)
-    fig.suptitle("Accuracy against corruption severity", fontsize=10)
+    fig.suptitle(f"{_metric_name(report)} against corruption severity", fontsize=10)
     return fig
 
 
@@ -154,17 +172,17 @@ def _tradeoff(plt: Any, report: Report) -> Any:
                 for (x, y), m in zip(pts, ("dense", "pruned")):
                     ax.annotate(m, (x, y), fontsize=7, textcoords="offset points", xytext=(4, 4))
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("accuracy")
+        ax.set_ylabel(_metric_name(report))
         ax.set_ylim(0, 1)
         ax.legend(fontsize=7)
-    fig.suptitle(f"Accuracy against cost ({runtime})", fontsize=10)
+    fig.suptitle(f"{_metric_name(report)} against cost ({runtime})", fontsize=10)
     return fig
 
 
 def _tradeoff_metrics(chosen: dict[str, Evaluation]) -> dict[str, Any]:
-    metrics: dict[str, Any] = {"clean": lambda e: e.clean_accuracy}
+    metrics: dict[str, Any] = {"clean": lambda e: _score(e.clean_accuracy, e.miou)}
     if any(e.corruptions.mean_accuracy is not None for e in chosen.values()):
-        metrics["corruptions (mean)"] = lambda e: e.corruptions.mean_accuracy
+        metrics["corruptions (mean)"] = lambda e: _score(e.corruptions.mean_accuracy, e.corruptions.mean_miou)
     budgets = sorted({(r.norm, r.eps) for e in chosen.values() for r in e.robust_accuracy})
     for norm, eps in budgets:
         label = f"robust {norm} eps={eps * 255:.3g}/255" if norm == "linf" else f"robust {norm} eps={eps:.3g}"

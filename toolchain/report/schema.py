@@ -134,9 +134,11 @@ class AttackRow(Record):
     """One attack on one runner: ``accuracy`` counts images correct clean *and* attacked.
 
     ``ensemble`` names the ensemble (e.g. ``autoattack-lite``) the attack was expanded from.
+    Segmentation: ``accuracy`` is the pixel accuracy on the attacked images (every image is
+    attacked), ``miou`` their mIoU and ``clean_miou`` the mIoU of the same images clean.
     """
 
-    omit_if_none = frozenset({"ensemble"})
+    omit_if_none = frozenset({"ensemble", "miou", "clean_miou"})
     name: str
     mode: Literal["white-box", "transfer", "black-box"]
     norm: str
@@ -146,6 +148,8 @@ class AttackRow(Record):
     samples: int = 0
     accuracy: float
     ensemble: str | None = None
+    miou: float | None = None
+    clean_miou: float | None = None
 
 
 class RobustAccuracy(Record):
@@ -163,25 +167,53 @@ class RobustAccuracy(Record):
     attacks: list[str]
 
 
+class RobustMiou(Record):
+    """Segmentation: the lowest mIoU among the attacks run at one budget (``samples``: the
+    fewest images any of them saw)."""
+
+    norm: str
+    eps: float
+    miou: float
+    samples: int
+    attacks: list[str]
+
+
 class Parity(Record):
     """An engine against the PyTorch model on the same clean images.
 
     ``max_abs_diff`` is null when either side returned NaN or Inf (``nonfinite`` images);
-    such an image always counts as a disagreement.
+    such an image always counts as a disagreement. ``ties`` (segmentation): pixels counted as
+    agreeing because their arg-max differs only at a near-tie the logit difference explains.
     """
 
+    omit_if_none = frozenset({"ties"})
     reference: str = "torch"
     max_abs_diff: float | None = None
     top1_agreement: float = 0.0
     compared: int = 0
     nonfinite: int = 0
+    ties: int | None = None
 
 
 class Corruptions(Record):
-    """Accuracy per corruption and severity, their mean, and errors relative to dense."""
+    """Accuracy per corruption and severity, their mean, and errors relative to dense.
+
+    Segmentation adds ``per_corruption_miou`` and ``mean_miou`` (``per_corruption`` holds the
+    pixel accuracy), and its ``mce``/``relative_mce``/``errors`` are computed on mIoU.
+    """
 
     omit_if_none = frozenset(
-        {"per_corruption", "mean_accuracy", "mce", "relative_mce", "relative_excluded", "baseline", "errors"}
+        {
+            "per_corruption",
+            "mean_accuracy",
+            "mce",
+            "relative_mce",
+            "relative_excluded",
+            "baseline",
+            "errors",
+            "per_corruption_miou",
+            "mean_miou",
+        }
     )
     per_corruption: dict[str, dict[str, float]] | None = None
     mean_accuracy: float | None = None
@@ -190,6 +222,8 @@ class Corruptions(Record):
     relative_excluded: list[str] | None = None
     baseline: dict[str, str] | None = None
     errors: dict[str, dict[str, float | None]] | None = None
+    per_corruption_miou: dict[str, dict[str, float]] | None = None
+    mean_miou: float | None = None
 
 
 class Skipped(Record):
@@ -205,9 +239,25 @@ class Evaluation(Record):
     ``nonfinite_logits`` counts the images (clean, attacked or corrupted) for which this
     runtime returned a NaN or Inf logit; null only in reports older than the count, where
     the intrinsic gate fails closed.
+
+    Segmentation evaluations (``task: segmentation``) add ``miou``, ``pixel_accuracy``,
+    ``per_class_iou`` (class name to IoU, null for a class neither labelled nor predicted) and
+    ``robust_miou``; their ``clean_accuracy`` is the pixel accuracy, and ``parity`` compares
+    per-pixel predictions (``top1_agreement`` over pixels, ``compared`` pixels).
     """
 
-    omit_if_none = frozenset({"skipped", "calibration", "parity_fp32"})
+    omit_if_none = frozenset(
+        {
+            "skipped",
+            "calibration",
+            "parity_fp32",
+            "task",
+            "miou",
+            "pixel_accuracy",
+            "per_class_iou",
+            "robust_miou",
+        }
+    )
     model: str
     runtime: str
     precision: str = "fp32"
@@ -223,6 +273,11 @@ class Evaluation(Record):
     flags: list[str] = Field(default_factory=list)
     skipped: list[Skipped] | None = None
     parity_fp32: dict[str, Any] | None = None
+    task: str | None = None
+    miou: float | None = None
+    pixel_accuracy: float | None = None
+    per_class_iou: dict[str, float | None] | None = None
+    robust_miou: list[RobustMiou] | None = None
 
     @property
     def key(self) -> tuple[str, str, str, str | None]:

@@ -11,11 +11,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from toolchain.errors import UserError
 from toolchain.robustness.attacks.base import Classifier, predict
+from toolchain.tasks import task_of
 
 __all__ = [
     "DEFAULT_MIN_AGREEMENT",
@@ -92,7 +92,7 @@ def check_zero_gradients(
     try:
         x_in = x.detach().clone().requires_grad_(True)
         # Summed so each sample's gradient is its own loss's, not divided by the batch size.
-        loss = F.cross_entropy(model(x_in), y, reduction="sum")
+        loss = task_of(model).loss(model(x_in), y, reduction="sum")
         if not loss.requires_grad:  # the graph is cut (e.g. .detach() inside forward)
             return ZERO_GRADIENTS
         (grad,) = torch.autograd.grad(loss, x_in, allow_unused=True)

@@ -24,6 +24,7 @@ from toolchain import distributed
 from toolchain.errors import UserError
 from toolchain.killpoints import killpoint
 from toolchain.recipe_train import TrainConfig
+from toolchain.tasks import task_of
 from toolchain.training.checkpoint import TrainCheckpoint, restore_rng, rng_states
 from toolchain.training.losses import BatchLoss, Perturbation
 from toolchain.training.sampling import ShardSampler
@@ -224,7 +225,7 @@ def train_model(
     for epoch in range(start, cfg.epochs):
         adversarial = epoch >= cfg.warmup_epochs
         model.train()
-        seen = correct = 0
+        seen = correct = images = 0  # seen/correct count predictions: images, or pixels
         loss_sum = 0.0
         bar = tqdm(
             loader,
@@ -257,16 +258,18 @@ def train_model(
                 hooks.after_step(step_info)
             killpoint(f"step:{desc}")
             step += 1
-            seen += len(y)
-            correct += int((logits.argmax(1) == y).sum())
+            right, counted = task_of(model).hits(logits.detach(), y)
+            seen += counted
+            correct += right
+            images += len(y)
             loss_sum += float(loss.detach()) * len(y)
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+            bar.set_postfix(loss=f"{loss_sum / images:.3f}", acc=f"{correct / max(seen, 1):.3f}")
         if world.distributed:  # the epoch's numbers over every rank's images
-            loss_sum, total_correct, total_seen = distributed.all_sum([loss_sum, correct, seen], device)
-            correct, seen = int(total_correct), int(total_seen)
+            totals = distributed.all_sum([loss_sum, correct, seen, images], device)
+            loss_sum, correct, seen, images = totals[0], int(totals[1]), int(totals[2]), int(totals[3])
         record = {
             "epoch": epoch + 1,
-            "loss": loss_sum / max(seen, 1),
+            "loss": loss_sum / max(images, 1),
             "accuracy": correct / max(seen, 1),
             "adversarial": float(adversarial and cfg.loss != "clean"),
             "lr": cfg.lr * factor,
@@ -359,12 +362,14 @@ class _State:
 
 @torch.no_grad()
 def evaluate_accuracy(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """Top-1 accuracy of ``model`` (eval mode) over ``batches``."""
+    """Top-1 accuracy of ``model`` (eval mode) over ``batches`` (pixel accuracy for segmentation)."""
     was_training = model.training
     model.eval()
     seen = correct = 0
+    task = task_of(model)
     for x, y in batches:
-        correct += int((model(x).argmax(1) == y).sum())
-        seen += len(y)
+        right, counted = task.hits(model(x), y)
+        correct += right
+        seen += counted
     model.train(was_training)
     return correct / max(seen, 1)

@@ -12,6 +12,7 @@ from torch import nn
 
 from toolchain.recipe import AttackConfig, TrainConfig
 from toolchain.robustness.attacks.pgd import pgd_attack
+from toolchain.tasks import task_of
 from toolchain.training.mixed import MixedNoise
 
 
@@ -84,6 +85,9 @@ Perturbation = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 class BatchLoss:
     """The training loss of one batch, as ``TrainConfig.loss`` names it.
 
+    CE is the loss of the model's task (:func:`toolchain.tasks.task_of`): per-pixel for
+    segmentation models (which train with ``clean``, ``pgd`` and ``hybrid`` only).
+
     * ``clean``: CE(f(x), y).
     * ``pgd``: Madry PGD-AT, CE(f(x_adv), y).
     * ``trades``: CE(f(x), y) + beta * KL(f(x) || f(x')) (Zhang et al. 2019).
@@ -139,22 +143,23 @@ class BatchLoss:
         """
         cfg = self.cfg
         raw = craft if craft is not None else model
+        ce = task_of(raw).loss  # per pixel for segmentation models
         if not adversarial or cfg.loss == "clean" or (cfg.attack.eps <= 0 and self.perturb is None):
             logits = model(x)
-            return F.cross_entropy(logits, y), logits
+            return ce(logits, y), logits
         if cfg.loss == "pgd":
             logits = model(self._adversarial(raw, x, y, generator))
-            return F.cross_entropy(logits, y), logits
+            return ce(logits, y), logits
         if cfg.loss == "hybrid":
             x_adv = self._adversarial(raw, x, y, generator)
             clean, adv = model(torch.cat([x, x_adv])).split(len(x))
             w = cfg.adv_weight
-            return (1 - w) * F.cross_entropy(clean, y) + w * F.cross_entropy(adv, y), clean
+            return (1 - w) * ce(clean, y) + w * ce(adv, y), clean
         if cfg.loss == "mixed":
             assert self.mixed is not None
             logits = model(self.mixed.compose(raw, x, y, generator).x)
-            return F.cross_entropy(logits, y), logits
+            return ce(logits, y), logits
         x_adv = trades_examples(raw, x, cfg.attack, generator)
         logits = model(x)
         robust = F.kl_div(F.log_softmax(raw(x_adv), dim=1), F.softmax(logits, dim=1), reduction="batchmean")
-        return F.cross_entropy(logits, y) + cfg.trades_beta * robust, logits
+        return ce(logits, y) + cfg.trades_beta * robust, logits

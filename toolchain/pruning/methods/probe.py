@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from toolchain.pruning.graph import eval_mode
 from toolchain.recipe_train import AttackConfig
 from toolchain.robustness.attacks.pgd import pgd_attack
+from toolchain.tasks import task_of
 
 
 def adversarial_loss(model: nn.Module, batches: list[tuple[Tensor, Tensor]], attack: AttackConfig) -> float:
@@ -21,6 +21,7 @@ def adversarial_loss(model: nn.Module, batches: list[tuple[Tensor, Tensor]], att
     """
     total, seen = 0.0, 0
     generator = torch.Generator().manual_seed(0)
+    task = task_of(model)
     with eval_mode(model):
         for x, y in batches:
             x_adv = pgd_attack(
@@ -35,7 +36,7 @@ def adversarial_loss(model: nn.Module, batches: list[tuple[Tensor, Tensor]], att
                 generator=generator,
             )
             with torch.no_grad():
-                total += float(F.cross_entropy(model(x_adv), y, reduction="sum"))
+                total += float(task.loss(model(x_adv), y, reduction="sum"))
             seen += len(y)
     return total / max(seen, 1)
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from toolchain.errors import UserError
 from toolchain.robustness.attacks.base import ATTACKS, Attack, AttackResult
+from toolchain.tasks import task_of
 
 
 def _l2_normalise(t: torch.Tensor) -> torch.Tensor:
@@ -45,7 +45,7 @@ def pgd_attack(
     restarts: int = 1,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Untargeted PGD on the cross-entropy loss.
+    """Untargeted PGD on the loss of the model's task (cross-entropy; per pixel for segmentation).
 
     The model is used as it is (train or eval mode is the caller's choice) and its parameter
     gradients are left untouched. With several restarts, each sample keeps the first restart
@@ -68,6 +68,7 @@ def pgd_attack(
     x = x.detach()
     if eps <= 0:
         return x.clone()
+    task = task_of(model)
     best = x.clone()
     still_correct = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
     requires_grad = [p.requires_grad for p in model.parameters()]
@@ -79,14 +80,14 @@ def pgd_attack(
             delta = ((x + delta).clamp(0, 1) - x).detach()
             for _ in range(steps):
                 delta.requires_grad_(True)
-                loss = F.cross_entropy(model(x + delta), y)
+                loss = task.loss(model(x + delta), y)
                 (grad,) = torch.autograd.grad(loss, delta)
                 step = grad.sign() if norm == "linf" else _l2_normalise(grad)
                 delta = _project(delta.detach() + step_size * step, eps, norm)
                 delta = ((x + delta).clamp(0, 1) - x).detach()
             x_adv = (x + delta).detach()
             with torch.no_grad():
-                fooled = model(x_adv).argmax(1) != y
+                fooled = task.fooled(model(x_adv), y)
             # Samples not yet fooled take this restart's point; fooled ones keep theirs.
             best[still_correct] = x_adv[still_correct]
             still_correct &= ~fooled

@@ -1,0 +1,71 @@
+"""``classification``: one label per image (the default task)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from toolchain.errors import UserError
+from toolchain.tasks.base import TASKS, Task
+
+if TYPE_CHECKING:
+    from exporters.base import Runner
+    from toolchain.recipe import Recipe, ValidateConfig
+    from toolchain.report.schema import Evaluation
+
+
+class Classification(Task):
+    """Logits ``N x classes``; cross-entropy; top-1 accuracy; the suite of
+    :mod:`toolchain.robustness.suite` (attacks on correctly classified images, robust accuracy
+    per image); mCE on accuracy."""
+
+    name = "classification"
+    output = "(N, num_classes) logits"
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        return F.cross_entropy(logits, y, reduction=reduction)
+
+    def fooled(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return logits.argmax(1) != y
+
+    def hits(self, logits: torch.Tensor, y: torch.Tensor) -> tuple[int, int]:
+        return int((logits.argmax(1) == y).sum()), len(y)
+
+    def check_output(self, out: Any, num_classes: int, x: torch.Tensor) -> None:
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (x.shape[0], num_classes):
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise UserError(
+                f"the model returns {got} for a {tuple(x.shape)} batch; classification needs "
+                f"{self.output} with num_classes={num_classes} (segmentation models: task: segmentation)"
+            )
+
+    def check_recipe(self, recipe: Recipe) -> None:
+        from toolchain.robustness.suite import build_suite_attacks
+
+        # Built, not only looked up: bad options or a missing optional package fail here.
+        build_suite_attacks(list(recipe.validate.attacks))
+
+    def evaluate(
+        self,
+        model: nn.Module | None,
+        runners: Mapping[str, Runner],
+        batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+        cfg: ValidateConfig,
+        *,
+        model_name: str,
+        class_names: Sequence[str],
+        progress: bool = True,
+    ) -> list[Evaluation]:
+        from toolchain.robustness.suite import evaluate_model
+
+        return evaluate_model(model, dict(runners), batches, cfg, model_name=model_name, progress=progress)
+
+    def corruption_scores(self, ev: Evaluation) -> tuple[dict[str, dict[str, float]] | None, float]:
+        return ev.corruptions.per_corruption, ev.clean_accuracy
+
+
+TASKS.register(Classification.name)(Classification())

@@ -1,0 +1,108 @@
+"""``segmentation``: one label per pixel, ``IGNORE_INDEX`` (255) where no class applies."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from toolchain.errors import UserError
+from toolchain.tasks.base import TASKS, Task
+
+if TYPE_CHECKING:
+    from exporters.base import Runner
+    from toolchain.recipe import Recipe, ValidateConfig
+    from toolchain.report.schema import Evaluation
+
+#: Label of pixels that belong to no class (Cityscapes' convention): no loss, no metric.
+IGNORE_INDEX = 255
+#: Training losses defined per pixel; TRADES' KL and the mixed-noise generator are per image.
+LOSSES = ("clean", "pgd", "hybrid")
+#: Pruning methods whose training goes through the task's loss and PGD only.
+METHODS = ("iterative", "hydra", "dnr", "mrs", "lowrank")
+
+
+class Segmentation(Task):
+    """Logits ``N x classes x H x W`` at the input resolution; per-pixel cross-entropy over the
+    labelled pixels; pixel accuracy; the suite of :mod:`toolchain.robustness.seg_suite` (mIoU,
+    per-class IoU, mIoU per corruption and severity, PGD and SegPGD); mCE on mIoU."""
+
+    name = "segmentation"
+    output = "(N, num_classes, H, W) logits at the input's H x W"
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """Per-pixel cross-entropy; ``mean`` over every labelled pixel of the batch, ``none``
+        (and ``sum``) per image: the mean over its labelled pixels (0 for an image with none)."""
+        if reduction == "mean":
+            return F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX)
+        per_pixel = F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX, reduction="none")
+        labelled = (y != IGNORE_INDEX).flatten(1).sum(1).clamp_min(1)
+        per_image = per_pixel.flatten(1).sum(1) / labelled
+        return per_image.sum() if reduction == "sum" else per_image
+
+    def fooled(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """An image counts as fooled once fewer than half of its labelled pixels are right."""
+        valid = y != IGNORE_INDEX
+        right = ((logits.argmax(1) == y) & valid).flatten(1).sum(1)
+        return 2 * right < valid.flatten(1).sum(1)
+
+    def hits(self, logits: torch.Tensor, y: torch.Tensor) -> tuple[int, int]:
+        valid = y != IGNORE_INDEX
+        return int(((logits.argmax(1) == y) & valid).sum()), int(valid.sum())
+
+    def check_output(self, out: Any, num_classes: int, x: torch.Tensor) -> None:
+        want = (x.shape[0], num_classes, *x.shape[-2:])
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != want:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise UserError(
+                f"the model returns {got} for a {tuple(x.shape)} batch; task segmentation needs "
+                f"{self.output}, here {want}: use a segmentation model (e.g. model.arch: segnet)"
+            )
+
+    def check_recipe(self, recipe: Recipe) -> None:
+        from toolchain.preflight import train_sections
+
+        for section in train_sections(recipe):
+            if section.loss not in LOSSES:
+                raise UserError(
+                    f"loss {section.loss!r} is not defined per pixel; task segmentation trains with "
+                    f"{', '.join(LOSSES)}"
+                )
+        if recipe.prune.method not in METHODS:
+            raise UserError(
+                f"prune.method {recipe.prune.method!r} is not available for segmentation; use one of "
+                f"{', '.join(METHODS)}"
+            )
+        from toolchain.robustness.seg_suite import build_seg_attacks
+
+        build_seg_attacks(list(recipe.validate.attacks))  # only pgd and segpgd are defined per pixel
+        if recipe.quantize.enabled:
+            raise UserError(
+                "quantize (INT8) is not available for segmentation yet; set quantize.enabled: false"
+            )
+
+    def evaluate(
+        self,
+        model: nn.Module | None,
+        runners: Mapping[str, Runner],
+        batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+        cfg: ValidateConfig,
+        *,
+        model_name: str,
+        class_names: Sequence[str],
+        progress: bool = True,
+    ) -> list[Evaluation]:
+        from toolchain.robustness.seg_suite import evaluate_segmentation
+
+        return evaluate_segmentation(
+            model, runners, batches, cfg, model_name=model_name, class_names=class_names, progress=progress
+        )
+
+    def corruption_scores(self, ev: Evaluation) -> tuple[dict[str, dict[str, float]] | None, float]:
+        return ev.corruptions.per_corruption_miou, ev.miou if ev.miou is not None else 0.0
+
+
+TASKS.register(Segmentation.name)(Segmentation())
