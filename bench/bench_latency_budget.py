@@ -15,7 +15,6 @@ latency reductions, and the MACs reduction the same latency would have been assu
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import os
@@ -35,8 +34,7 @@ def run_one(arch: str, target: float, batch: int, round_to: int | None) -> dict[
     from exporters.base import InputSpec
     from toolchain.models import build_model
     from toolchain.pruning.budget import Budget
-    from toolchain.pruning.latency_target import resolve_latency_budget, verify
-    from toolchain.pruning.prune import prune_to_target
+    from toolchain.pruning.latency_target import magnitude_candidate, resolve_latency_budget, verify
     from toolchain.recipe_prune import LatencyProbe
 
     torch.manual_seed(0)
@@ -52,23 +50,14 @@ def run_one(arch: str, target: float, batch: int, round_to: int | None) -> dict[
         macs_budget, search, meter = resolve_latency_budget(
             dense, budget, probe, spec, example, [], Path(tmp)
         )
-        model = copy.deepcopy(dense)
-        result = prune_to_target(
-            model,
-            example_inputs=example,
-            criterion="magnitude",
-            macs_reduction=macs_budget.reduction,
-            steps=1,
-            round_to=round_to,
-            progress=False,
-        )
-        record = verify(result.model, result.macs_reduction, search, meter)
+        model, achieved = magnitude_candidate(dense, macs_budget.reduction, budget, example)
+        record = verify(model, achieved, search, meter)
     return {
         "arch": arch,
         "target_latency_reduction": target,
         "batch": batch,
         "round_to": round_to,
-        "macs_reduction": result.macs_reduction,
+        "macs_reduction": achieved,
         "target_met": record["measured_reduction"] >= target * 0.95,
         "seconds": time.perf_counter() - started,
         **record,

@@ -263,23 +263,9 @@ def resolve_latency_budget(
         ``(macs_budget, search, meter)``: the budget to hand to the method, the search record,
         and the meter to time the method's model with (:func:`verify`).
     """
-    from toolchain.pruning.prune import prune_to_target
 
     def candidate(reduction: float) -> tuple[nn.Module, float]:
-        model = copy.deepcopy(dense)
-        result = prune_to_target(
-            model,
-            example_inputs=example_inputs,
-            criterion="magnitude",
-            macs_reduction=reduction,
-            steps=1,
-            tolerance=budget.tolerance,
-            round_to=budget.round_to,
-            max_layer_pruning=budget.max_layer_pruning,
-            ignored_layers=_same_layers(dense, model, ignored_layers),
-            progress=False,
-        )
-        return result.model, result.macs_reduction
+        return magnitude_candidate(dense, reduction, budget, example_inputs, ignored_layers)
 
     folder = workdir or Path(tempfile.mkdtemp(prefix="robustprune-latency-"))
     meter = LatencyMeter(copy.deepcopy(dense), input_spec, probe, folder)
@@ -294,6 +280,37 @@ def resolve_latency_budget(
         "macs", search.macs_reduction, budget.tolerance, budget.round_to, budget.max_layer_pruning
     )
     return macs_budget, search, meter
+
+
+def magnitude_candidate(
+    dense: nn.Module,
+    macs_reduction: float,
+    budget: Budget,
+    example_inputs: torch.Tensor,
+    ignored_layers: Sequence[nn.Module] = (),
+) -> tuple[nn.Module, float]:
+    """A copy of ``dense`` pruned one-shot by magnitude to ``macs_reduction`` under ``budget``'s
+    tolerance, ``round_to`` and ``max_layer_pruning``; returns it and the reduction achieved.
+
+    Raises:
+        BudgetError: the reduction is not reachable under the constraints.
+    """
+    from toolchain.pruning.prune import prune_to_target
+
+    model = copy.deepcopy(dense)
+    result = prune_to_target(
+        model,
+        example_inputs=example_inputs,
+        criterion="magnitude",
+        macs_reduction=macs_reduction,
+        steps=1,
+        tolerance=budget.tolerance,
+        round_to=budget.round_to,
+        max_layer_pruning=budget.max_layer_pruning,
+        ignored_layers=_same_layers(dense, model, ignored_layers),
+        progress=False,
+    )
+    return result.model, result.macs_reduction
 
 
 def verify(
