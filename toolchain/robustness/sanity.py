@@ -9,6 +9,7 @@ describes every name (the README lists them).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -66,6 +67,24 @@ def check_probabilities(logits: torch.Tensor, atol: float = 1e-3) -> str | None:
     in_unit = bool(((out >= 0) & (out <= 1)).all())
     sums_to_one = bool(((out.sum(1) - 1).abs() <= atol).all())
     return PROBABILITIES if in_unit and sums_to_one else None
+
+
+def first_batch_flags(
+    model: nn.Module | None,
+    runners: Mapping[str, Any],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    logits: Mapping[str, torch.Tensor],
+    flags: dict[str, set[str]],
+) -> None:
+    """The checks a suite runs on its first batch: each runner's outputs, and the PyTorch
+    model's input gradients (masked gradients weaken white-box and transfer attacks on every
+    runner alike, so that flag goes to all of them)."""
+    for name, runner in runners.items():
+        flags[name].update(output_flags(runner, x, logits[name]))
+    grad_flag = check_zero_gradients(model, x, y) if model is not None else None
+    for name in runners:
+        flags[name].update([grad_flag] if grad_flag else [])
 
 
 def check_zero_gradients(

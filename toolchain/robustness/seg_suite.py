@@ -237,12 +237,8 @@ def _clean(
         counts[name].add("clean", logits, y)
         if reference is not None:
             counts[name].compare(logits, reference)
-        if first:
-            flags[name].update(sanity.output_flags(runner, x, logits))
-    if first and model is not None:
-        grad_flag = sanity.check_zero_gradients(model, x, y)
-        for name in runners:
-            flags[name].update([grad_flag] if grad_flag else [])
+    if first:
+        sanity.first_batch_flags(model, runners, x, y, outputs, flags)
     return outputs
 
 

@@ -153,20 +153,16 @@ def _clean(
         with torch.no_grad():
             reference = model(x).detach().float()
         clean[None] = correct(reference, y).cpu()
+    outputs = {}
     for name, runner in runners.items():
-        logits = runner(x)
+        logits = outputs[name] = runner(x)
         outcomes[name].outputs(logits)
         clean[name] = correct(logits, y).cpu()
         outcomes[name].clean.append(clean[name])
         if reference is not None:
             outcomes[name].compare(logits, reference)
-        if first:
-            flags[name].update(sanity.output_flags(runner, x, logits))
-    if first and model is not None:
-        # Masked gradients weaken white-box and transfer attacks on every runner alike.
-        grad_flag = sanity.check_zero_gradients(model, x, y)
-        for name in runners:
-            flags[name].update([grad_flag] if grad_flag else [])
+    if first:
+        sanity.first_batch_flags(model, runners, x, y, outputs, flags)
     return clean
 
 
