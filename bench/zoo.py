@@ -194,6 +194,8 @@ def table(results: list[dict[str, Any]]) -> str:
         reduction = f"{r['macs_reduction']:.2f}x" if r.get("macs_reduction") else ""
         diff = r.get("parity_max_abs_diff")
         parity = f"{diff:.1e} ({r.get('logit_scale') or 0:.3g})" if diff is not None else ""
+        if r.get("float64_engine_diff") is not None:  # beyond atol: both measured against float64
+            parity += f"; vs float64: torch {r['float64_torch_diff']:.1e}, ORT {r['float64_engine_diff']:.1e}"
         reason = (r.get("reason") or "").replace("|", "\\|")  # a bar would end the cell
         if len(reason) > 160:
             reason = reason[:157] + "..."

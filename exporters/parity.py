@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
 import torch
+from torch import nn
 
 from exporters.base import Runner
 from exporters.errors import ParityError, UserError
 
-__all__ = ["ParityResult", "check_parity", "tie_flips"]
+__all__ = ["Float64Check", "ParityResult", "check_parity", "float64_check", "tie_flips"]
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,63 @@ def check_parity(
     )
 
 
+@dataclass(frozen=True)
+class Float64Check:
+    """Whether a logit difference is the export's or float32's: both runs against float64.
+
+    An untrained or badly conditioned network (huge activations, BatchNorm over near-constant
+    channels) amplifies float32 rounding until PyTorch itself is far from the exact result; an
+    engine that computes in another order (fused Conv+BN, other convolution algorithms) then
+    lands elsewhere by the same amount, and ``max_abs_diff`` alone cannot tell that from a wrong
+    export. Measured against the same model in float64:
+
+    Attributes:
+        torch_fp32_max_abs_diff: the largest ``|PyTorch float32 - float64|`` logit difference,
+            float32's own error on these images.
+        engine_max_abs_diff: the largest ``|engine - float64|`` logit difference.
+    """
+
+    torch_fp32_max_abs_diff: float
+    engine_max_abs_diff: float
+
+    def rounding_explains(self, factor: float, atol: float) -> bool:
+        """The engine is within ``factor`` times float32 PyTorch's own error (or ``atol``)."""
+        return self.engine_max_abs_diff <= max(atol, factor * self.torch_fp32_max_abs_diff)
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def float64_check(model: nn.Module, candidate: Runner, batches: Iterable[torch.Tensor]) -> Float64Check:
+    """Compare float32 PyTorch and ``candidate`` with a float64 copy of ``model`` (see
+    :class:`Float64Check`); the caller's module is not changed.
+
+    Args:
+        model: the PyTorch model the engine was exported from (CPU).
+        candidate: the exported model's runner.
+        batches: the images of the parity check.
+
+    Raises:
+        UserError: no batch was given.
+    """
+    exact = copy.deepcopy(model).double().eval()
+    was_training = model.training
+    model.eval()
+    torch_diff, engine_diff, seen = 0.0, 0.0, 0
+    try:
+        with torch.no_grad():
+            for x in batches:
+                reference = exact(x.double()).detach()
+                torch_diff = max(torch_diff, _max_abs_diff(model(x).detach().double(), reference))
+                engine_diff = max(engine_diff, _max_abs_diff(candidate(x).double(), reference))
+                seen += x.shape[0]
+    finally:
+        model.train(was_training)
+    if not seen:
+        raise UserError("float64_check got no images; give it at least one non-empty batch")
+    return Float64Check(torch_fp32_max_abs_diff=torch_diff, engine_max_abs_diff=engine_diff)
+
+
 #: The largest logit difference at a position that can still explain a tie: FP32 rounding is
 #: orders of magnitude below it, a model that really differs is above it.
 TIE_ATOL = 1e-3
@@ -138,6 +197,12 @@ def tie_flips(reference: torch.Tensor, candidate: torch.Tensor, atol: float = TI
     """
     delta = (reference - candidate).abs().amax(1)
     return (reference.argmax(1) != candidate.argmax(1)) & (delta <= atol)
+
+
+def _max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``max |a - b|``, a NaN counting as infinitely far."""
+    diff = torch.nan_to_num((a - b).abs(), nan=float("inf"))
+    return float(diff.max()) if diff.numel() else 0.0
 
 
 def _logits(out: torch.Tensor) -> torch.Tensor:

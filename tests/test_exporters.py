@@ -20,6 +20,7 @@ from exporters.base import InputSpec, Runner
 from exporters.errors import ExportError, InputSpecError, ParityError, UnknownNameError, UserError
 from exporters.onnx import check_parity, export_onnx, onnx_input_spec, read_onnx_metadata
 from exporters.ort_runner import OnnxRuntimeRunner
+from exporters.parity import float64_check
 from exporters.runtimes import RUNTIMES, build_runner
 from exporters.torch_runner import TorchRunner
 
@@ -373,6 +374,20 @@ def test_parity_treats_nan_as_failure_and_needs_images(exported: dict) -> None:
     assert check_parity(reference, Shifted(reference, float("nan")), [images(2)]).max_abs_diff == float("inf")
     with pytest.raises(UserError, match="no images"):
         check_parity(reference, reference, [])
+
+
+def test_float64_check_tells_rounding_from_a_wrong_export(exported: dict) -> None:
+    model = exported["plain"][0]
+    reference = TorchRunner(model, SPEC)
+    faithful = float64_check(model, reference, [images(4)])  # the engine computes as PyTorch does
+    assert faithful.engine_max_abs_diff == pytest.approx(faithful.torch_fp32_max_abs_diff, rel=1e-6)
+    assert 0.0 < faithful.torch_fp32_max_abs_diff < 1e-4 and faithful.rounding_explains(2.0, atol=0.0)
+    wrong = float64_check(model, Shifted(reference, 0.01), [images(4)])
+    assert wrong.engine_max_abs_diff == pytest.approx(0.01, rel=1e-3)
+    assert not wrong.rounding_explains(2.0, atol=1e-3)
+    assert next(model.parameters()).dtype == torch.float32  # the caller's model is not cast
+    broken = float64_check(model, Shifted(reference, float("nan")), [images(1)])
+    assert broken.engine_max_abs_diff == float("inf") and not broken.rounding_explains(2.0, atol=1.0)
 
 
 def test_importing_exporters_loads_no_tensorrt_and_no_cuda() -> None:

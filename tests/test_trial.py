@@ -46,3 +46,33 @@ def test_a_failure_after_training_started_names_the_stage(tmp_path, monkeypatch)
     assert (result.outcome, result.stage) == ("failed", "export")
     assert result.reason == "RuntimeError: exporter crashed"
     assert result.target_met is None
+
+
+def test_parity_beyond_atol_is_judged_against_float64(tmp_path, monkeypatch) -> None:
+    """With no logit difference allowed, the float64 record decides: ONNX Runtime as close to the
+    float64 model as float32 PyTorch is passes; a shifted engine fails."""
+    import toolchain.trial
+    from exporters.ort_runner import OnnxRuntimeRunner
+
+    real = toolchain.trial.trial_recipe
+
+    def strict(*args: object, **kwargs: object):
+        recipe = real(*args, **kwargs)  # type: ignore[arg-type]
+        return recipe.model_copy(update={"export": recipe.export.model_copy(update={"parity_atol": 1e-12})})
+
+    monkeypatch.setattr(toolchain.trial, "trial_recipe", strict)
+    monkeypatch.setattr(toolchain.trial, "PARITY_RTOL", 0.0)
+    result = run_trial("tests.user_models:make", 16, tmp_path / "a")
+    assert result.parity_max_abs_diff is not None and result.parity_max_abs_diff > 0.0
+    assert result.float64_engine_diff is not None and result.float64_torch_diff is not None
+    assert result.outcome == "works", result.reason
+
+    run = OnnxRuntimeRunner._run
+
+    def shifted(self, x):  # type: ignore[no-untyped-def]
+        return run(self, x) + 1e-3
+
+    monkeypatch.setattr(OnnxRuntimeRunner, "_run", shifted)
+    result = run_trial("tests.user_models:make", 16, tmp_path / "b")
+    assert result.float64_engine_diff is not None and result.float64_engine_diff >= 1e-3
+    assert result.outcome == "failed" and "ONNX Runtime differs" in (result.reason or "")

@@ -12,7 +12,10 @@ accuracy on PyTorch and ONNX Runtime. Its outcome is one of:
 * ``works``: every stage ran, the pruned model meets the MACs target, and ONNX Runtime agrees
   with PyTorch: the same top-1 class on every image, and logits within ``export.parity_atol``
   or, for the large logits of an untrained network, within :data:`PARITY_RTOL` of the largest
-  logit (float32 rounding grows with the values);
+  logit (float32 rounding grows with the values), or, where even that is exceeded, no further
+  from the same model run in float64 than :data:`FLOAT64_FACTOR` times float32 PyTorch's own
+  distance from it (an untrained EfficientNet-B4 pruned and BatchNorm-recalibrated on 8 images
+  reaches logits of 8,500; there float32 PyTorch is 136 from float64, ONNX Runtime 9);
 * ``refused``: robustprune stopped before training with a one-line reason (exit code 2);
 * ``failed``: anything else (an exception after training started, a missed target, parity).
 """
@@ -36,6 +39,9 @@ log = logging.getLogger(__name__)
 Outcome = Literal["works", "refused", "failed"]
 #: Logit differences allowed relative to the largest logit (float32 keeps about 7 digits).
 PARITY_RTOL = 1e-5
+#: Beyond that, ONNX Runtime still agrees when it is at most this many times as far from the
+#: model run in float64 as float32 PyTorch itself is (the export stage's ``float64`` record).
+FLOAT64_FACTOR = 2.0
 _STAGES = ("train", "prune", "finetune", "export", "validate")
 
 
@@ -81,6 +87,9 @@ class TrialResult:
         dense_macs, macs, macs_reduction, target_met, dense_params: from the prune stage.
         parity_max_abs_diff, logit_scale, top1_agreement: pruned model, PyTorch vs ONNX
             Runtime (``logit_scale``: the largest |logit|).
+        float64_torch_diff, float64_engine_diff: when parity exceeded ``export.parity_atol``,
+            the largest logit difference of float32 PyTorch and of ONNX Runtime from the
+            pruned model run in float64.
         seconds: wall time of the trial.
     """
 
@@ -97,6 +106,8 @@ class TrialResult:
     parity_max_abs_diff: float | None = None
     logit_scale: float | None = None
     top1_agreement: float | None = None
+    float64_torch_diff: float | None = None
+    float64_engine_diff: float | None = None
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -169,7 +180,14 @@ def _read_report(result: TrialResult, report: Report, run_dir: Path, atol: float
     if not result.target_met:
         problems.append(f"MACs reduction {result.macs_reduction:.3f} misses the target")
     diff = result.parity_max_abs_diff
-    if diff is None or diff > allowed or result.top1_agreement != 1.0:
+    exact = parity.float64 if parity is not None else None
+    if exact is not None:
+        result.float64_torch_diff = exact.torch_fp32_max_abs_diff
+        result.float64_engine_diff = exact.engine_max_abs_diff
+    rounding = exact is not None and exact.engine_max_abs_diff <= max(
+        atol, FLOAT64_FACTOR * exact.torch_fp32_max_abs_diff
+    )
+    if diff is None or (diff > allowed and not rounding) or result.top1_agreement != 1.0:
         problems.append(
             f"ONNX Runtime differs from PyTorch (max |dlogit| {result.parity_max_abs_diff}, "
             f"top-1 agreement {result.top1_agreement})"

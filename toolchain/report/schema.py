@@ -113,21 +113,32 @@ class Models(Record):
     pruned: PrunedModel | None = None
 
 
+class Float64Parity(Record):
+    """Only when ``max_abs_diff`` exceeds ``export.parity_atol``: the largest logit difference of
+    float32 PyTorch and of ONNX Runtime from the same model run in float64 (an engine about as far
+    from float64 as PyTorch is differs by float32 rounding, not by a wrong export)."""
+
+    torch_fp32_max_abs_diff: float
+    engine_max_abs_diff: float
+
+
 class ExportParity(Record):
     """The export stage's parity check of an ONNX file against its PyTorch model.
 
     ``max_abs_diff`` / ``mean_abs_diff`` are null when the engine returned NaN or Inf.
     ``reference_max_abs`` is the largest PyTorch logit, the scale of the differences (absent in
-    reports written before it was recorded; null when PyTorch returned NaN or Inf).
+    reports written before it was recorded; null when PyTorch returned NaN or Inf). ``float64``:
+    see :class:`Float64Parity`.
     """
 
-    omit_if_none = frozenset({"reference_max_abs"})
+    omit_if_none = frozenset({"reference_max_abs", "float64"})
     max_abs_diff: float | None = None
     mean_abs_diff: float | None = None
     top1_agreement: float = 0.0
     samples: int = 0
     reference_max_abs: float | None = None
     within_atol: bool = False
+    float64: Float64Parity | None = None
 
 
 class AttackRow(Record):
