@@ -3,6 +3,7 @@
     python bench/aer.py [--dataset fashion-mnist|signs] [--setting reduced|full]
                         [--methods magnitude hydra ...] [--budgets 2 4 8 16] [--seeds 0 1 2]
                         [--seeds-at 4] [--split test|holdout] [--work runs/aer] [--out FILE]
+    python bench/aer.py ... --collect          # JSON + plots of the finished runs only
     python bench/aer.py --render FILE.json     # the README's markdown table from a result
 
 For each seed one dense model is adversarially trained (the recipe's ``train`` stage); every
@@ -186,14 +187,18 @@ def _merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def finished(out: Path) -> bool:
+    """A run directory whose run went to its end (its report.json is the one to use)."""
+    return (out / "report.json").is_file() and (out / "aer.done").is_file()
+
+
 def _run(recipe: dict[str, Any], out: Path, dense_from: Path | None) -> dict[str, Any]:
     """One pipeline run (or its finished report), starting from ``dense_from``'s train stage."""
     from toolchain.pipeline import run_pipeline
     from toolchain.recipe import recipe_from_dict
 
-    report_path = out / "report.json"
-    if report_path.is_file() and (out / "aer.done").is_file():
-        return json.loads(report_path.read_text())
+    if finished(out):
+        return json.loads((out / "report.json").read_text())
     if dense_from is not None and not (out / "train").exists():
         out.mkdir(parents=True, exist_ok=True)
         shutil.copy2(dense_from / "run.json", out / "run.json")
@@ -251,6 +256,11 @@ def main() -> int:
     parser.add_argument("--split", default="test", choices=["test", "holdout"])
     parser.add_argument("--work", default=str(REPO / "runs" / "aer"))
     parser.add_argument("--out", default=None)
+    parser.add_argument(
+        "--collect",
+        action="store_true",
+        help="start no run: write the JSON and plots of the finished runs among those asked for",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     log.setLevel(logging.INFO)
@@ -275,6 +285,9 @@ def main() -> int:
                 recipe = _merge(base, method_patch(method, budget, after, base))
                 recipe.update(name=f"{method.replace('+', '_')}-x{budget:g}-s{seed}", seed=seed)
                 out = work / recipe["name"]
+                if args.collect and not finished(out):
+                    log.info("%s: not run yet, left out (--collect)", recipe["name"])
+                    continue
                 t0 = time.perf_counter()
                 report = _run(recipe, out, dense_dir)
                 log.info("%s done in %.0f s", recipe["name"], time.perf_counter() - t0)

@@ -37,3 +37,10 @@ def test_aer_benchmark_runs_every_method_and_resumes(tmp_path: Path) -> None:
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 0 and json.loads(out.read_text())["runs"] == payload["runs"]
     assert {p: p.stat().st_mtime for p in stamps} == stamps
+    # --collect with a budget never run starts nothing and writes only the finished runs.
+    collected = tmp_path / "collected.json"
+    cmd_collect = [*cmd[:-1], str(collected), "--budgets", "2", "64", "--collect"]
+    proc = subprocess.run(cmd_collect, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(collected.read_text())["runs"] == payload["runs"]
+    assert not list((tmp_path / "work").rglob("*-x64-*"))
