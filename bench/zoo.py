@@ -196,6 +196,11 @@ def table(results: list[dict[str, Any]]) -> str:
         parity = f"{diff:.1e} ({r.get('logit_scale') or 0:.3g})" if diff is not None else ""
         if r.get("float64_engine_diff") is not None:  # beyond atol: both measured against float64
             parity += f"; vs float64: torch {r['float64_torch_diff']:.1e}, ORT {r['float64_engine_diff']:.1e}"
+            if r.get("top1_agreement") != 1.0 and r.get("float64_engine_top1") is not None:
+                parity += (
+                    f"; top-1 as float64: torch {r['float64_torch_top1']:.3f}, "
+                    f"ORT {r['float64_engine_top1']:.3f}"
+                )
         reason = (r.get("reason") or "").replace("|", "\\|")  # a bar would end the cell
         if len(reason) > 160:
             reason = reason[:157] + "..."

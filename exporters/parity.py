@@ -139,14 +139,20 @@ class Float64Check:
         torch_fp32_max_abs_diff: the largest ``|PyTorch float32 - float64|`` logit difference,
             float32's own error on these images.
         engine_max_abs_diff: the largest ``|engine - float64|`` logit difference.
+        torch_fp32_top1_agreement, engine_top1_agreement: the fraction of arg-maxes (per image,
+            or per pixel) equal to float64's.
     """
 
     torch_fp32_max_abs_diff: float
     engine_max_abs_diff: float
+    torch_fp32_top1_agreement: float = 1.0
+    engine_top1_agreement: float = 1.0
 
     def rounding_explains(self, factor: float, atol: float) -> bool:
-        """The engine is within ``factor`` times float32 PyTorch's own error (or ``atol``)."""
-        return self.engine_max_abs_diff <= max(atol, factor * self.torch_fp32_max_abs_diff)
+        """The engine is within ``factor`` times float32 PyTorch's own error (or ``atol``) and
+        picks float64's class at least as often as float32 PyTorch does."""
+        close = self.engine_max_abs_diff <= max(atol, factor * self.torch_fp32_max_abs_diff)
+        return close and self.engine_top1_agreement >= self.torch_fp32_top1_agreement
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -167,19 +173,29 @@ def float64_check(model: nn.Module, candidate: Runner, batches: Iterable[torch.T
     exact = copy.deepcopy(model).double().eval()
     was_training = model.training
     model.eval()
-    torch_diff, engine_diff, seen = 0.0, 0.0, 0
+    torch_diff, engine_diff, seen, predictions, torch_same, engine_same = 0.0, 0.0, 0, 0, 0, 0
     try:
         with torch.no_grad():
             for x in batches:
                 reference = exact(x.double()).detach()
-                torch_diff = max(torch_diff, _max_abs_diff(model(x).detach().double(), reference))
-                engine_diff = max(engine_diff, _max_abs_diff(candidate(x).double(), reference))
+                fp32, got = model(x).detach().double(), candidate(x).double()
+                torch_diff = max(torch_diff, _max_abs_diff(fp32, reference))
+                engine_diff = max(engine_diff, _max_abs_diff(got, reference))
+                classes = reference.argmax(1)
+                torch_same += int((fp32.argmax(1) == classes).sum())
+                engine_same += int((got.argmax(1) == classes).sum())
+                predictions += classes.numel()
                 seen += x.shape[0]
     finally:
         model.train(was_training)
     if not seen:
         raise UserError("float64_check got no images; give it at least one non-empty batch")
-    return Float64Check(torch_fp32_max_abs_diff=torch_diff, engine_max_abs_diff=engine_diff)
+    return Float64Check(
+        torch_fp32_max_abs_diff=torch_diff,
+        engine_max_abs_diff=engine_diff,
+        torch_fp32_top1_agreement=torch_same / predictions,
+        engine_top1_agreement=engine_same / predictions,
+    )
 
 
 #: The largest logit difference at a position that can still explain a tie: FP32 rounding is

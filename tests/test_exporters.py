@@ -382,6 +382,9 @@ def test_float64_check_tells_rounding_from_a_wrong_export(exported: dict) -> Non
     faithful = float64_check(model, reference, [images(4)])  # the engine computes as PyTorch does
     assert faithful.engine_max_abs_diff == pytest.approx(faithful.torch_fp32_max_abs_diff, rel=1e-6)
     assert 0.0 < faithful.torch_fp32_max_abs_diff < 1e-4 and faithful.rounding_explains(2.0, atol=0.0)
+    assert faithful.engine_top1_agreement == faithful.torch_fp32_top1_agreement == 1.0
+    flipped = float64_check(model, Shifted(reference, 100.0), [images(6)])  # class 0 always wins
+    assert flipped.engine_top1_agreement < flipped.torch_fp32_top1_agreement == 1.0
     wrong = float64_check(model, Shifted(reference, 0.01), [images(4)])
     assert wrong.engine_max_abs_diff == pytest.approx(0.01, rel=1e-3)
     assert not wrong.rounding_explains(2.0, atol=1e-3)

@@ -115,11 +115,14 @@ class Models(Record):
 
 class Float64Parity(Record):
     """Only when ``max_abs_diff`` exceeds ``export.parity_atol``: the largest logit difference of
-    float32 PyTorch and of ONNX Runtime from the same model run in float64 (an engine about as far
-    from float64 as PyTorch is differs by float32 rounding, not by a wrong export)."""
+    float32 PyTorch and of ONNX Runtime from the same model run in float64, and how often each
+    picks float64's class (an engine about as far from float64 as PyTorch is differs by float32
+    rounding, not by a wrong export)."""
 
     torch_fp32_max_abs_diff: float
     engine_max_abs_diff: float
+    torch_fp32_top1_agreement: float | None = None
+    engine_top1_agreement: float | None = None
 
 
 class ExportParity(Record):
