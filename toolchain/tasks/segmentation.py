@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -79,10 +79,6 @@ class Segmentation(Task):
         from toolchain.robustness.seg_suite import build_seg_attacks
 
         build_seg_attacks(list(recipe.validate.attacks))  # only pgd and segpgd are defined per pixel
-        if recipe.quantize.enabled:
-            raise UserError(
-                "quantize (INT8) is not available for segmentation yet; set quantize.enabled: false"
-            )
 
     def evaluate(
         self,
@@ -100,6 +96,18 @@ class Segmentation(Task):
         return evaluate_segmentation(
             model, runners, batches, cfg, model_name=model_name, class_names=class_names, progress=progress
         )
+
+    def parity_craft(
+        self, model: nn.Module, cfg: ValidateConfig
+    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
+        """The first attack of ``cfg.attacks`` as the suite crafts it (every image, per pixel)."""
+        from toolchain.robustness.seg_suite import build_seg_attacks
+
+        if not cfg.attacks:
+            return None
+        first = cfg.attacks[0]
+        (attack,) = build_seg_attacks([first.model_copy(update={"steps": max(first.steps or 10, 1)})])
+        return lambda x, y: attack.craft(model.eval(), x, y)
 
     def corruption_scores(self, ev: Evaluation) -> tuple[dict[str, dict[str, float]] | None, float]:
         return ev.corruptions.per_corruption_miou, ev.miou if ev.miou is not None else 0.0

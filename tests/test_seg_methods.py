@@ -1,0 +1,141 @@
+"""Segmentation beyond the basics: INT8 files of a segmentation model, TRADES and mixed-noise
+training per pixel, BAP and gated pruning of segnet, FGSM and APGD in the segmentation suite.
+Tiny sizes: 64x32 scenes, segnet at width 0.5 (the style of test_segmentation.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from calibration.parity import PixelParityCounter
+from exporters.base import InputSpec
+from exporters.onnx import export_onnx
+from exporters.runtimes import build_runner
+from exporters.torch_runner import TorchRunner
+from toolchain import deploy
+from toolchain.data import load_data
+from toolchain.data.driving_scenes import CLASS_NAMES
+from toolchain.models import build_model
+from toolchain.recipe import TrainConfig, recipe_from_dict
+from toolchain.robustness.seg_suite import evaluate_segmentation
+from toolchain.training import make_loader, train_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+WIDTH = 64  # scenes are 64 x 32
+SPEC = InputSpec(3, 32, 64)
+
+
+@pytest.fixture(scope="module")
+def scenes():  # type: ignore[no-untyped-def]
+    return load_data("driving-scenes", image_size=WIDTH, train_samples=24, val_samples=8, seed=3)
+
+
+def _segnet(scenes) -> torch.nn.Module:  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    return build_model(
+        "segnet",
+        num_classes=9,
+        in_channels=3,
+        mean=scenes.mean,
+        std=scenes.std,
+        width=0.5,
+        task="segmentation",
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(scenes):  # type: ignore[no-untyped-def]
+    """A segnet trained clean for a few epochs: far from chance, so attacks have pixels to flip."""
+    model = _segnet(scenes)
+    cfg = TrainConfig(epochs=6, lr=0.1, loss="clean", weight_decay=0.0)
+    train_model(model, make_loader(scenes.train, 8, shuffle=True), cfg, progress=False)
+    return model.eval()
+
+
+def _val(scenes) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[no-untyped-def]
+    x, y = zip(*(scenes.val[i] for i in range(len(scenes.val))))
+    return torch.stack(x), torch.stack(y)
+
+
+# --- INT8 ---------------------------------------------------------------------------------------
+
+
+def test_pixel_parity_counts_pixels_ties_and_flips_of_labelled_right_pixels_only() -> None:
+    reference = torch.zeros(1, 2, 1, 4)
+    reference[0, 0] = torch.tensor([[2.0, 2.0, 2.0, 1e-4]])  # pixel 3: a near-tie
+    candidate = reference.clone()
+    candidate[0, 1, 0, 1] = 3.0  # pixel 1 flips for real
+    candidate[0, 1, 0, 2] = 3.0  # pixel 2 flips, but it is unlabelled
+    candidate[0, 1, 0, 3] = 2e-4  # pixel 3 flips within rounding
+    y = torch.tensor([[[0, 0, 255, 0]]])
+    counter = PixelParityCounter()
+    counter.add(reference, candidate, y)
+    stats = counter.as_dict()
+    assert stats["pixels"] == 4 and stats["samples"] == 1 and stats["ties"] == 1
+    assert stats["top1_agreement"] == 0.5  # pixels 1 and 2 differ; the tie agrees
+    assert stats["label_flip_rate"] == pytest.approx(1 / 3)  # of 3 labelled right pixels, one flipped
+    assert stats["max_abs_diff"] == 3.0
+
+
+def test_int8_files_of_segnet_calibrate_on_training_images_and_record_pixel_parity(  # type: ignore[no-untyped-def]
+    scenes, trained, tmp_path: Path
+) -> None:
+    recipe = recipe_from_dict(
+        {
+            "task": "segmentation",
+            "data": {"dataset": "driving-scenes", "image_size": WIDTH},
+            "model": {"arch": "segnet"},
+            "quantize": {
+                "enabled": True,
+                "samples": 8,
+                "corruptions": ["fog"],
+                "attack": {"eps": "2/255", "step_size": "2/255", "steps": 1},
+            },
+            "validate": {
+                "samples": 8,
+                "batch_size": 8,
+                "attacks": [{"name": "pgd", "eps": "2/255", "steps": 2}],
+                "corruptions": {"names": ["fog"], "severities": [2]},
+            },
+        }
+    )
+    export_onnx(trained, tmp_path / "pruned.onnx", input_spec=SPEC)
+    records = deploy.quantize_models(
+        recipe,
+        {"pruned": trained},
+        tmp_path,
+        tmp_path / "quantize",
+        lambda: make_loader(scenes.train, 8, shuffle=True, seed=3),
+    )
+    assert [r["calibration"] for r in records] == ["clean", "mixed"]
+    assert records[1]["counts"] == {"clean": 4, "corrupted": 2, "adversarial": 2}
+    assert all(r["fusion"]["all_integer"] and r["quantized_nodes"]["Conv"] > 0 for r in records)
+    fp32 = build_runner("onnxruntime", path=tmp_path / "pruned.onnx", threads=1)
+    labels = deploy.variant_labels("pruned", ["onnxruntime"], records, [])
+    int8 = deploy.variant_runners(
+        labels, quantize_dir=tmp_path / "quantize", engine_dir=tmp_path, threads=1, spinning=False
+    )
+    assert set(int8) == {"onnxruntime/int8/clean", "onnxruntime/int8/mixed"}
+    x, y = _val(scenes)
+    parity = deploy.int8_parity(recipe, trained, fp32, int8, [(x, y)])
+    for stats in parity.values():
+        assert set(stats) == {"reference", "clean", "adversarial", "corrupted", "all"}
+        clean = stats["clean"]
+        assert clean["samples"] == 8 and clean["pixels"] == 8 * 32 * 64
+        assert 0.8 < clean["top1_agreement"] <= 1.0 and 0.0 < clean["max_abs_diff"] < 5.0
+        assert stats["all"]["pixels"] == 3 * 8 * 32 * 64
+    # The INT8 runner in the suite: its own row, per-pixel parity against PyTorch, transfer PGD.
+    runners = {"torch": TorchRunner(trained, SPEC), "onnxruntime": fp32, **int8}
+    rows = evaluate_segmentation(
+        trained, runners, [(x, y)], recipe.validate, model_name="pruned", class_names=CLASS_NAMES
+    )
+    torch_row, fp32_row, *int8_rows = rows
+    for row in int8_rows:
+        assert row.precision == "int8" and row.miou is not None and row.parity is not None
+        assert abs(row.miou - torch_row.miou) < 0.1  # type: ignore[operator]
+        assert row.parity.compared == 8 * 32 * 64 and row.parity.top1_agreement < 1.0
+        assert [a.mode for a in row.attacks] == ["transfer"]
+    assert fp32_row.parity is not None and fp32_row.parity.top1_agreement == 1.0
