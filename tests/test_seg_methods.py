@@ -18,9 +18,12 @@ from toolchain import deploy
 from toolchain.data import load_data
 from toolchain.data.driving_scenes import CLASS_NAMES
 from toolchain.models import build_model
-from toolchain.recipe import TrainConfig, recipe_from_dict
+from toolchain.recipe import AttackConfig, TrainConfig, recipe_from_dict
 from toolchain.robustness.seg_suite import evaluate_segmentation
+from toolchain.tasks import task_named
+from toolchain.tasks.segmentation import IGNORE_INDEX
 from toolchain.training import make_loader, train_model
+from toolchain.training.losses import BatchLoss, trades_examples
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -139,3 +142,54 @@ def test_int8_files_of_segnet_calibrate_on_training_images_and_record_pixel_pari
         assert row.parity.compared == 8 * 32 * 64 and row.parity.top1_agreement < 1.0
         assert [a.mode for a in row.attacks] == ["transfer"]
     assert fp32_row.parity is not None and fp32_row.parity.top1_agreement == 1.0
+
+
+# --- losses -------------------------------------------------------------------------------------
+
+SEG = task_named("segmentation")
+
+
+def test_pixel_trades_kl_is_zero_on_equal_outputs_positive_otherwise_and_ignores_unlabelled() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 3, 5)
+    y = torch.randint(4, (2, 3, 5))
+    assert SEG.divergence(logits, logits, y) == 0.0
+    moved = logits.clone()
+    moved[0, :, 1, 2] += torch.tensor([3.0, 0.0, 0.0, 0.0])  # one pixel's distribution changes
+    one = SEG.divergence(moved, logits, y)
+    assert one > 0 and SEG.divergence(moved, logits, y, reduction="sum") == pytest.approx(float(one) * 30)
+    y_ignored = y.clone()
+    y_ignored[0, 1, 2] = IGNORE_INDEX  # that pixel unlabelled: no divergence anywhere else
+    assert SEG.divergence(moved, logits, y_ignored) == 0.0
+
+
+def test_trades_examples_raise_the_pixel_kl_and_a_trades_batch_adds_it_to_the_pixel_ce(
+    scenes, trained
+) -> None:  # type: ignore[no-untyped-def]
+    x, y = _val(scenes)
+    attack = AttackConfig(eps=4 / 255, step_size=2 / 255, steps=3)
+    with torch.no_grad():
+        clean = trained(x)
+        assert SEG.divergence(trained(x.clone()), clean, y) == 0.0  # adversarial input = clean input
+    x_adv = trades_examples(trained, x, y, attack, torch.Generator().manual_seed(0))
+    assert (x_adv - x).abs().max() <= 4 / 255 + 1e-6
+    with torch.no_grad():
+        kl = float(SEG.divergence(trained(x_adv), clean, y))
+        noise = (x + 0.001 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+        assert kl > 10 * float(SEG.divergence(trained(noise), clean, y)) > 0  # the adversary climbs it
+    cfg = TrainConfig(loss="trades", trades_beta=2.0, attack=attack)
+    loss, logits = BatchLoss(cfg)(trained, x, y, adversarial=True, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = SEG.loss(logits, y) + 2.0 * SEG.divergence(trained(x_adv), logits, y)
+    assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-5)
+
+
+@pytest.mark.parametrize("loss", ["trades", "mixed"])
+def test_trades_and_mixed_noise_train_segnet_per_pixel(loss: str, scenes) -> None:  # type: ignore[no-untyped-def]
+    model = _segnet(scenes)
+    before = [p.detach().clone() for p in model.parameters()]
+    attack = {"eps": 2 / 255, "step_size": 2 / 255, "steps": 1}
+    cfg = TrainConfig(epochs=1, lr=0.05, loss=loss, attack=attack)  # type: ignore[arg-type]
+    (stats,) = train_model(model, make_loader(scenes.train, 8, shuffle=True), cfg, progress=False)
+    assert torch.isfinite(torch.tensor(stats["loss"])) and 0.0 <= stats["accuracy"] <= 1.0
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))

@@ -42,6 +42,19 @@ class Task(ABC):
         """
 
     @abstractmethod
+    def divergence(
+        self, logits: torch.Tensor, reference: torch.Tensor, y: torch.Tensor, reduction: str = "mean"
+    ) -> torch.Tensor:
+        """TRADES' robust term KL(p(reference) || p(logits)) (Zhang et al. 2019).
+
+        Args:
+            logits: the model's output on the perturbed input.
+            reference: its output on the clean input (the caller detaches it or not).
+            y: the labels (which predictions count: segmentation's unlabelled pixels do not).
+            reduction: ``"mean"`` (the training loss' scale) or ``"sum"`` (the attack's).
+        """
+
+    @abstractmethod
     def fooled(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Per image, whether an attack has succeeded (PGD keeps the first restart that does)."""
 

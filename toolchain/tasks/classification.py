@@ -29,6 +29,16 @@ class Classification(Task):
     def loss(self, logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         return F.cross_entropy(logits, y, reduction=reduction)
 
+    def divergence(
+        self, logits: torch.Tensor, reference: torch.Tensor, y: torch.Tensor, reduction: str = "mean"
+    ) -> torch.Tensor:
+        """KL per image, summed over classes; ``mean`` over the batch (``batchmean``) or ``sum``."""
+        return F.kl_div(
+            F.log_softmax(logits, dim=1),
+            F.softmax(reference, dim=1),
+            reduction="batchmean" if reduction == "mean" else "sum",
+        )
+
     def fooled(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return logits.argmax(1) != y
 

@@ -19,8 +19,6 @@ if TYPE_CHECKING:
 
 #: Label of pixels that belong to no class (Cityscapes' convention): no loss, no metric.
 IGNORE_INDEX = 255
-#: Training losses defined per pixel; TRADES' KL and the mixed-noise generator are per image.
-LOSSES = ("clean", "pgd", "hybrid")
 #: Pruning methods whose training goes through the task's loss and PGD only.
 METHODS = ("iterative", "hydra", "dnr", "mrs", "lowrank")
 
@@ -43,6 +41,22 @@ class Segmentation(Task):
         per_image = per_pixel.flatten(1).sum(1) / labelled
         return per_image.sum() if reduction == "sum" else per_image
 
+    def divergence(
+        self, logits: torch.Tensor, reference: torch.Tensor, y: torch.Tensor, reduction: str = "mean"
+    ) -> torch.Tensor:
+        """Our per-pixel reading of TRADES' KL (Zhang et al. 2019, defined there per image): at
+        each labelled pixel, KL between the clean and the perturbed class distributions (summed
+        over classes); ``mean`` over the batch's labelled pixels, as the per-pixel
+        cross-entropy, or ``sum`` (the inner maximisation's objective). Unlabelled pixels
+        (``IGNORE_INDEX``) count in neither, as in the cross-entropy. Computed from log
+        probabilities on both sides, so it is exactly 0 where the two outputs are equal."""
+        per_pixel = F.kl_div(
+            F.log_softmax(logits, dim=1), F.log_softmax(reference, dim=1), reduction="none", log_target=True
+        ).sum(1)
+        labelled = y != IGNORE_INDEX
+        total = (per_pixel * labelled).sum()
+        return total if reduction == "sum" else total / labelled.sum().clamp_min(1)
+
     def fooled(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """An image counts as fooled once fewer than half of its labelled pixels are right."""
         valid = y != IGNORE_INDEX
@@ -63,14 +77,6 @@ class Segmentation(Task):
             )
 
     def check_recipe(self, recipe: Recipe) -> None:
-        from toolchain.preflight import train_sections
-
-        for section in train_sections(recipe):
-            if section.loss not in LOSSES:
-                raise UserError(
-                    f"loss {section.loss!r} is not defined per pixel; task segmentation trains with "
-                    f"{', '.join(LOSSES)}"
-                )
         if recipe.prune.method not in METHODS:
             raise UserError(
                 f"prune.method {recipe.prune.method!r} is not available for segmentation; use one of "
