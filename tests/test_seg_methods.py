@@ -18,7 +18,11 @@ from toolchain import deploy
 from toolchain.data import load_data
 from toolchain.data.driving_scenes import CLASS_NAMES
 from toolchain.models import build_model
+from toolchain.preflight import budget_of
+from toolchain.pruning import classifier_layers, prune_model
+from toolchain.pruning.methods import PruneJob
 from toolchain.recipe import AttackConfig, TrainConfig, recipe_from_dict
+from toolchain.robustness.attacks.deepfool import deepfool, mean_pixel_margin
 from toolchain.robustness.seg_suite import evaluate_segmentation
 from toolchain.tasks import task_named
 from toolchain.tasks.segmentation import IGNORE_INDEX
@@ -193,3 +197,54 @@ def test_trades_and_mixed_noise_train_segnet_per_pixel(loss: str, scenes) -> Non
     (stats,) = train_model(model, make_loader(scenes.train, 8, shuffle=True), cfg, progress=False)
     assert torch.isfinite(torch.tensor(stats["loss"])) and 0.0 <= stats["accuracy"] <= 1.0
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+# --- pruning methods ----------------------------------------------------------------------------
+
+
+def test_pixel_deepfool_reaches_the_mean_margin_boundary_of_the_clean_prediction(scenes, trained) -> None:  # type: ignore[no-untyped-def]
+    x, _ = _val(scenes)
+    with torch.no_grad():
+        classes = trained(x).argmax(1)
+        before = mean_pixel_margin(trained(x), classes)
+    x_adv = deepfool(trained, x, steps=10, overshoot=0.02)
+    with torch.no_grad():
+        after = mean_pixel_margin(trained(x_adv), classes)
+        flipped = (trained(x_adv).argmax(1) != classes).flatten(1).float().mean(1)
+    assert (before > 0).all() and (after.abs() < 0.1 * before).all()  # each image at the boundary
+    assert ((flipped > 0.3) & (flipped < 0.7)).all()  # where about half of its pixels flip
+    assert 0 < float((x_adv - x).abs().max()) < 1.0
+
+
+_ONE = {
+    "epochs": 1,
+    "lr": 0.01,
+    "loss": "hybrid",
+    "attack": {"eps": "2/255", "step_size": "2/255", "steps": 1},
+}
+
+
+@pytest.mark.parametrize(
+    ("method", "section"),
+    [
+        ("bap", {"train": _ONE, "update_every": 1, "deepfool_steps": 2}),
+        ("gated", {"train": {**_ONE, "loss": "mixed"}}),
+    ],
+)
+def test_bap_and_gated_prune_segnet_to_target_keeping_the_classifier(
+    method: str, section: dict, scenes
+) -> None:  # type: ignore[no-untyped-def,type-arg]
+    model = _segnet(scenes)
+    example = torch.zeros(1, 3, 32, 64)
+    recipe = recipe_from_dict({"prune": {"method": method, "target": {"macs_reduction": 2}, method: section}})
+    job = PruneJob(
+        example,
+        budget_of(recipe.prune),
+        classifier_layers(model, example),
+        loader=lambda offset: make_loader(scenes.train, 8, shuffle=True, seed=offset),
+        progress=False,
+    )
+    result = prune_model(model, job, recipe.prune)
+    assert result.target_met and result.macs_reduction == pytest.approx(2.0, rel=0.05)
+    assert result.model.net.classifier.out_channels == 9
+    assert result.model.eval()(example).shape == (1, 9, 32, 64)

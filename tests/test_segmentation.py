@@ -341,7 +341,6 @@ TINY = {
         ),
         ({"model": {"arch": "resnet20"}}, r"segmentation needs \(N, num_classes, H, W\)"),
         ({"validate": {"attacks": [{"name": "square"}]}}, "not a segmentation attack"),
-        ({"prune": {"method": "bap"}}, "not available for segmentation"),
         ({"task": "detection"}, "unknown task 'detection'"),
     ],
 )

@@ -19,8 +19,6 @@ if TYPE_CHECKING:
 
 #: Label of pixels that belong to no class (Cityscapes' convention): no loss, no metric.
 IGNORE_INDEX = 255
-#: Pruning methods whose training goes through the task's loss and PGD only.
-METHODS = ("iterative", "hydra", "dnr", "mrs", "lowrank")
 
 
 class Segmentation(Task):
@@ -77,11 +75,6 @@ class Segmentation(Task):
             )
 
     def check_recipe(self, recipe: Recipe) -> None:
-        if recipe.prune.method not in METHODS:
-            raise UserError(
-                f"prune.method {recipe.prune.method!r} is not available for segmentation; use one of "
-                f"{', '.join(METHODS)}"
-            )
         from toolchain.robustness.seg_suite import build_seg_attacks
 
         build_seg_attacks(list(recipe.validate.attacks))  # only pgd and segpgd are defined per pixel
