@@ -17,13 +17,15 @@ from exporters.torch_runner import TorchRunner
 from toolchain import deploy
 from toolchain.data import load_data
 from toolchain.data.driving_scenes import CLASS_NAMES
+from toolchain.errors import UserError
 from toolchain.models import build_model
 from toolchain.preflight import budget_of
 from toolchain.pruning import classifier_layers, prune_model
 from toolchain.pruning.methods import PruneJob
-from toolchain.recipe import AttackConfig, TrainConfig, recipe_from_dict
+from toolchain.recipe import AttackConfig, EvalAttackConfig, TrainConfig, ValidateConfig, recipe_from_dict
+from toolchain.robustness.attacks.apgd import APGD
 from toolchain.robustness.attacks.deepfool import deepfool, mean_pixel_margin
-from toolchain.robustness.seg_suite import evaluate_segmentation
+from toolchain.robustness.seg_suite import build_seg_attacks, evaluate_segmentation
 from toolchain.tasks import task_named
 from toolchain.tasks.segmentation import IGNORE_INDEX
 from toolchain.training import make_loader, train_model
@@ -248,3 +250,57 @@ def test_bap_and_gated_prune_segnet_to_target_keeping_the_classifier(
     assert result.target_met and result.macs_reduction == pytest.approx(2.0, rel=0.05)
     assert result.model.net.classifier.out_channels == 9
     assert result.model.eval()(example).shape == (1, 9, 32, 64)
+
+
+# --- attacks ------------------------------------------------------------------------------------
+
+
+def test_fgsm_and_apgd_lower_miou_and_transfer_to_onnxruntime_exactly(
+    scenes, trained, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    x, y = _val(scenes)
+    path = export_onnx(trained, tmp_path / "dense.onnx", input_spec=SPEC)
+    runners = {
+        "torch": TorchRunner(trained, SPEC),
+        "onnxruntime": build_runner("onnxruntime", path=path, threads=1),
+    }
+    attacks = [
+        EvalAttackConfig(name="fgsm", eps=4 / 255),
+        EvalAttackConfig(name="apgd", eps=4 / 255, steps=10),
+        EvalAttackConfig(name="pgd", eps=4 / 255, steps=10),
+    ]
+    cfg = ValidateConfig(samples=8, batch_size=8, attacks=attacks, corruptions={"names": []})  # type: ignore[arg-type]
+    torch_ev, ort_ev = evaluate_segmentation(
+        trained, runners, [(x, y)], cfg, model_name="dense", class_names=CLASS_NAMES
+    )
+    fgsm, apgd, pgd = torch_ev.attacks
+    assert (fgsm.steps, apgd.steps) == (1, 10) and [a.mode for a in ort_ev.attacks] == ["transfer"] * 3
+    assert (
+        torch_ev.miou is not None and fgsm.miou is not None and apgd.miou is not None and pgd.miou is not None
+    )
+    assert apgd.miou < fgsm.miou < torch_ev.miou  # one step already hurts; the schedule hurts more
+    assert apgd.miou <= pgd.miou + 0.02  # no weaker than PGD at the same budget and steps
+    assert [a.miou for a in ort_ev.attacks] == [a.miou for a in torch_ev.attacks]
+    assert [a.accuracy for a in ort_ev.attacks] == [a.accuracy for a in torch_ev.attacks]
+
+
+def test_apgd_per_pixel_stays_in_the_ball_and_keeps_each_images_highest_loss_point(scenes, trained) -> None:  # type: ignore[no-untyped-def]
+    x, y = _val(scenes)
+    apgd = APGD(eps=4 / 255, steps=8)
+    x_adv = apgd.attack_every_image(trained, x, y, torch.Generator().manual_seed(0), highest_loss=True)
+    assert (x_adv - x).abs().max() <= 4 / 255 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+    with torch.no_grad():
+        clean, adv = SEG.loss(trained(x), y, "none"), SEG.loss(trained(x_adv), y, "none")
+    assert (adv > clean).all()  # every image's mean pixel loss went up
+
+
+@pytest.mark.parametrize(
+    ("attack", "message"),
+    [
+        ({"name": "square"}, "Square is a black-box search .*; use pgd, segpgd, fgsm, apgd"),
+        ({"name": "fgsm", "norm": "l2", "eps": 0.5}, "'fgsm' is an L-inf attack"),
+    ],
+)
+def test_attacks_not_defined_per_pixel_are_refused_with_the_alternatives(attack: dict, message: str) -> None:  # type: ignore[type-arg]
+    with pytest.raises(UserError, match=message):
+        build_seg_attacks([EvalAttackConfig(**attack)])

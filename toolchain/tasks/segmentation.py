@@ -24,7 +24,7 @@ IGNORE_INDEX = 255
 class Segmentation(Task):
     """Logits ``N x classes x H x W`` at the input resolution; per-pixel cross-entropy over the
     labelled pixels; pixel accuracy; the suite of :mod:`toolchain.robustness.seg_suite` (mIoU,
-    per-class IoU, mIoU per corruption and severity, PGD and SegPGD); mCE on mIoU."""
+    per-class IoU, mIoU per corruption and severity, PGD, FGSM, APGD-CE and SegPGD); mCE on mIoU."""
 
     name = "segmentation"
     output = "(N, num_classes, H, W) logits at the input's H x W"
@@ -77,7 +77,7 @@ class Segmentation(Task):
     def check_recipe(self, recipe: Recipe) -> None:
         from toolchain.robustness.seg_suite import build_seg_attacks
 
-        build_seg_attacks(list(recipe.validate.attacks))  # only pgd and segpgd are defined per pixel
+        build_seg_attacks(list(recipe.validate.attacks))  # pgd, segpgd, fgsm, apgd are defined per pixel
 
     def evaluate(
         self,
