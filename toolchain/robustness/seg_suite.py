@@ -106,6 +106,7 @@ _REFUSED = {
     "square": "Square is a black-box search for one image-level misclassification",
     "apgd-t": "APGD-T targets one class per image",
     "autoattack-lite": "AutoAttack's targeted and black-box parts are defined per image",
+    "autoattack": "the reference AutoAttack code classifies whole images",
 }
 
 
