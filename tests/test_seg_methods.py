@@ -19,7 +19,7 @@ from toolchain.data import load_data
 from toolchain.data.driving_scenes import CLASS_NAMES
 from toolchain.errors import UserError
 from toolchain.models import build_model
-from toolchain.preflight import budget_of
+from toolchain.preflight import budget_of, check
 from toolchain.pruning import classifier_layers, prune_model
 from toolchain.pruning.methods import PruneJob
 from toolchain.recipe import AttackConfig, EvalAttackConfig, TrainConfig, ValidateConfig, recipe_from_dict
@@ -304,3 +304,87 @@ def test_apgd_per_pixel_stays_in_the_ball_and_keeps_each_images_highest_loss_poi
 def test_attacks_not_defined_per_pixel_are_refused_with_the_alternatives(attack: dict, message: str) -> None:  # type: ignore[type-arg]
     with pytest.raises(UserError, match=message):
         build_seg_attacks([EvalAttackConfig(**attack)])
+
+
+# --- the pipeline end to end ----------------------------------------------------------------------
+
+
+_TINY = {
+    "task": "segmentation",
+    "device": "cpu",
+    "data": {"dataset": "driving-scenes", "image_size": 32, "train_samples": 2, "val_samples": 2},
+    "model": {"arch": "segnet", "width": 0.25},
+}
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"train": {"loss": "trades"}},
+        {"finetune": {"loss": "mixed"}},
+        {"prune": {"method": "bap"}},
+        {"prune": {"method": "gated"}},
+        {"quantize": {"enabled": True}},
+        {"validate": {"attacks": [{"name": "fgsm"}, {"name": "apgd"}]}},
+    ],
+)
+def test_settings_once_refused_for_segmentation_pass_preflight(change: dict) -> None:  # type: ignore[type-arg]
+    assert check(recipe_from_dict({**_TINY, **change})).task == "segmentation"
+
+
+INT8_ROW = "evaluations[model=pruned,runtime=onnxruntime,precision=int8]"
+
+
+@pytest.mark.e2e
+def test_a_segmentation_run_with_bap_trades_int8_fgsm_and_apgd_reports_them_all(tmp_path: Path) -> None:
+    from toolchain.pipeline import run_pipeline
+
+    attack = {"eps": "2/255", "step_size": "2/255", "steps": 1}
+    recipe = recipe_from_dict(
+        {
+            "name": "seg-tiny-int8",
+            "task": "segmentation",
+            "device": "cpu",
+            "data": {
+                "dataset": "driving-scenes",
+                "image_size": 48,
+                "train_samples": 16,
+                "val_samples": 4,
+                "batch_size": 8,
+            },
+            "model": {"arch": "segnet", "width": 0.25},
+            "train": {"epochs": 1, "loss": "pgd", "attack": attack},
+            "prune": {
+                "method": "bap",
+                "target": {"macs_reduction": 2.0},
+                "bap": {"train": {"epochs": 1, "loss": "hybrid", "attack": attack}, "deepfool_steps": 2},
+                "bn_recalibration_batches": 1,
+            },
+            "finetune": {"epochs": 1, "loss": "trades", "trades_beta": 1.0, "attack": attack},
+            "quantize": {"enabled": True, "samples": 8, "calibrations": ["mixed"], "attack": attack},
+            "export": {"parity_samples": 4},
+            "validate": {
+                "samples": 4,
+                "batch_size": 4,
+                "attacks": [{"name": "fgsm", "eps": "2/255"}, {"name": "apgd", "eps": "2/255", "steps": 2}],
+                "corruptions": {"names": ["fog"], "severities": [2]},
+            },
+            "bench": {"enabled": False},
+            "gates": [
+                {
+                    "metric": f"{INT8_ROW}.parity_fp32.clean.pixels",
+                    "op": ">=",
+                    "threshold": 1,
+                }
+            ],
+        }
+    )
+    report = run_pipeline(recipe, tmp_path / "run", progress=False)
+    assert report.passed, [g for g in report.gates + report.intrinsic_gates if not g.passed]
+    assert report.models.pruned is not None and report.models.pruned.target_met
+    int8 = next(e for e in report.evaluations if e.precision == "int8")
+    assert int8.task == "segmentation" and int8.miou is not None and int8.calibration == "mixed"  # type: ignore[attr-defined]
+    assert [(a.name, a.mode) for a in int8.attacks] == [("fgsm", "transfer"), ("apgd", "transfer")]
+    assert int8.parity_fp32 is not None and int8.parity_fp32["clean"]["pixels"] == 4 * 24 * 48
+    (entry,) = report.to_json()["quantization"]
+    assert entry["vs_fp32"]["evaluated"] and entry["vs_fp32"]["clean_miou_drop"] is not None
