@@ -18,6 +18,11 @@ Written from the paper and the facts of its official code (fra31/auto-attack,
 Deviation: a sample's result is its *first* fooling point (the reference keeps the last), and
 a sample never fooled returns its highest-loss point (the reference returns the clean image),
 which transfers better to an engine.
+
+The loss is the model's task's per-image loss: the cross-entropy for classifiers; for
+segmentation models each image's mean per-pixel cross-entropy over its labelled pixels (our
+per-pixel APGD-CE: the step size and checkpoints stay per image), where "fooled" is the
+task's rule and the segmentation suite keeps every image's highest-loss point instead.
 """
 
 from __future__ import annotations
@@ -25,7 +30,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from toolchain.errors import UserError
@@ -94,11 +98,6 @@ class StepSizeSchedule:
         self._increases.zero_()
         self.interval, self._since = next(self._intervals, self._steps + 1), 0
         return halve
-
-
-def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-sample cross-entropy (APGD-CE's loss)."""
-    return F.cross_entropy(logits, y, reduction="none")
 
 
 @ATTACKS.register("apgd")
