@@ -10,11 +10,10 @@ Differences from classification, all per pixel: every image is attacked (there i
 "correctly classified image" to restrict to; a pixel already wrong stays counted as wrong),
 the attacks are PGD, FGSM and APGD-CE on the mean per-pixel cross-entropy over the labelled
 pixels, and SegPGD (:mod:`toolchain.robustness.attacks.segpgd`); parity counts agreeing
-pixels, and a pixel with a
-NaN or Inf logit counts as misclassified. A pixel where an engine picks another class at a
-near-tie that its logit difference explains (:func:`exporters.parity.tie_flips`; bilinear
-upsampling makes the logits of two classes cross exactly at every boundary) counts as agreeing
-and is counted in ``parity.ties``. There are no black-box attacks for segmentation (Square,
+pixels, and a pixel with a NaN or Inf logit counts as misclassified. A pixel where an engine
+picks another class at a near-tie that its logit difference explains
+(:func:`exporters.parity.tie_flips`; bilinear upsampling makes the logits of two classes
+cross exactly at every boundary) counts as agreeing and is counted in ``parity.ties``. There are no black-box attacks for segmentation (Square,
 APGD-T and AutoAttack are defined on one label per image and are refused).
 """
 
