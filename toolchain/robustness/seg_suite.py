@@ -13,8 +13,9 @@ pixels, and SegPGD (:mod:`toolchain.robustness.attacks.segpgd`); parity counts a
 pixels, and a pixel with a NaN or Inf logit counts as misclassified. A pixel where an engine
 picks another class at a near-tie that its logit difference explains
 (:func:`exporters.parity.tie_flips`; bilinear upsampling makes the logits of two classes
-cross exactly at every boundary) counts as agreeing and is counted in ``parity.ties``. There are no black-box attacks for segmentation (Square,
-APGD-T and AutoAttack are defined on one label per image and are refused).
+cross exactly at every boundary) counts as agreeing and is counted in ``parity.ties``. There
+are no black-box attacks for segmentation (Square, APGD-T and AutoAttack are defined on one
+label per image and are refused).
 """
 
 from __future__ import annotations
