@@ -6,7 +6,7 @@ corrupted images sit, so agreement is measured on each kind of input separately.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,8 +14,12 @@ import torch
 from torch import nn
 
 from exporters.base import Runner
+from exporters.parity import tie_flips
 
-__all__ = ["ParityCounter", "compare_precisions"]
+__all__ = ["ParityCounter", "PixelParityCounter", "compare_precisions"]
+
+#: Label of unlabelled pixels in segmentation batches (Cityscapes' 255): no flip is counted there.
+IGNORE_INDEX = 255
 
 
 @dataclass
@@ -53,12 +57,58 @@ class ParityCounter:
 
 
 @dataclass
+class PixelParityCounter:
+    """:class:`ParityCounter` for ``(N, K, H, W)`` segmentation logits: one prediction per pixel.
+
+    ``top1_agreement`` is the share of all pixels with the same arg-max, where a flip at a
+    near-tie that the logit difference explains (:func:`exporters.parity.tie_flips`) counts as
+    agreeing and is counted in ``ties``, as the FP32 export's parity does; ``label_flip_rate``
+    is the share of labelled pixels (``y != 255``) the reference gets right and the candidate
+    gets wrong; ``samples`` counts images, ``pixels`` the pixels compared.
+    """
+
+    samples: int = 0
+    pixels: int = 0
+    agree: int = 0
+    ties: int = 0
+    reference_correct: int = 0
+    flipped: int = 0
+    max_abs_diff: float = 0.0
+
+    def add(self, reference: torch.Tensor, candidate: torch.Tensor, y: torch.Tensor) -> None:
+        ref_label, cand_label = reference.argmax(1), candidate.argmax(1)
+        tied = tie_flips(reference, candidate)
+        labelled = y != IGNORE_INDEX
+        ref_ok = (ref_label == y) & labelled
+        self.samples += len(y)
+        self.pixels += ref_label.numel()
+        self.agree += int(((ref_label == cand_label) | tied).sum())
+        self.ties += int(tied.sum())
+        self.reference_correct += int(ref_ok.sum())
+        self.flipped += int((ref_ok & (cand_label != y) & ~tied).sum())
+        diff = torch.nan_to_num((reference - candidate).abs(), nan=float("inf"))
+        self.max_abs_diff = max(self.max_abs_diff, float(diff.max()) if diff.numel() else 0.0)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "samples": self.samples,
+            "pixels": self.pixels,
+            "top1_agreement": self.agree / self.pixels if self.pixels else None,
+            "ties": self.ties,
+            "label_flip_rate": self.flipped / self.reference_correct if self.reference_correct else None,
+            "max_abs_diff": self.max_abs_diff if self.samples else None,
+        }
+
+
+@dataclass
 class _Kinds:
-    counters: dict[str, ParityCounter] = field(default_factory=dict)
+    counters: dict[str, ParityCounter | PixelParityCounter] = field(default_factory=dict)
 
     def add(self, kind: str, reference: torch.Tensor, candidate: torch.Tensor, y: torch.Tensor) -> None:
-        self.counters.setdefault(kind, ParityCounter()).add(reference, candidate, y)
-        self.counters.setdefault("all", ParityCounter()).add(reference, candidate, y)
+        # Per-pixel logits are told apart by their rank, so no caller needs to name its task.
+        make = PixelParityCounter if reference.dim() == 4 else ParityCounter
+        self.counters.setdefault(kind, make()).add(reference, candidate, y)
+        self.counters.setdefault("all", make()).add(reference, candidate, y)
 
 
 def compare_precisions(
@@ -68,6 +118,7 @@ def compare_precisions(
     *,
     model: nn.Module | None = None,
     attack: dict[str, Any] | None = None,
+    craft: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     corruptions: Sequence[str] = (),
     severity: int = 3,
     seed: int = 0,
@@ -81,13 +132,16 @@ def compare_precisions(
         model: the PyTorch model; with ``attack``, PGD examples crafted on it are compared too
             (the same transfer examples the suite replays on every engine).
         attack: PGD options (``eps``, ``steps``, ``step_size``, ``norm``).
+        craft: ``(x, y) -> x_adv``, the adversarial inputs to compare on, in place of
+            ``model`` and ``attack`` (the task's own attack, e.g. per-pixel PGD for segmentation).
         corruptions: corruption names compared at ``severity``.
         severity: corruption severity.
         seed: seeds the attack and the corruptions.
 
     Returns:
         Per candidate: ``{"reference": reference.name, "clean": {...}, "adversarial": {...},
-        "corrupted": {...}, "all": {...}}``, each as :meth:`ParityCounter.as_dict`.
+        "corrupted": {...}, "all": {...}}``, each as :meth:`ParityCounter.as_dict` (per image)
+        or :meth:`PixelParityCounter.as_dict` (per pixel, for ``(N, K, H, W)`` logits).
     """
     from toolchain.robustness.attacks import build_attack
     from toolchain.robustness.corruptions import corrupt
@@ -96,7 +150,9 @@ def compare_precisions(
     tallies = {name: _Kinds() for name in candidates}
     for index, (x, y) in enumerate(batches):
         inputs = {"clean": [x]}
-        if pgd is not None:
+        if craft is not None:
+            inputs["adversarial"] = [craft(x, y).detach()]
+        elif pgd is not None:
             assert model is not None
             inputs["adversarial"] = [pgd(model.eval(), x, y).x_adv.detach()]
         inputs["corrupted"] = [corrupt(c, x, severity, seed=seed * 1_000_003 + index) for c in corruptions]

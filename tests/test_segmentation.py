@@ -340,9 +340,7 @@ TINY = {
             "dataset 'driving-scenes' has segmentation labels",
         ),
         ({"model": {"arch": "resnet20"}}, r"segmentation needs \(N, num_classes, H, W\)"),
-        ({"train": {"loss": "trades"}}, "not defined per pixel"),
         ({"validate": {"attacks": [{"name": "square"}]}}, "not a segmentation attack"),
-        ({"prune": {"method": "bap"}}, "not available for segmentation"),
         ({"task": "detection"}, "unknown task 'detection'"),
     ],
 )

@@ -25,6 +25,7 @@ from exporters.ort_runner import OnnxRuntimeRunner
 from exporters.tensorrt_runner import TensorRTRunner
 from toolchain.machine import tensorrt_version
 from toolchain.recipe import Recipe
+from toolchain.tasks import task_of
 
 __all__ = [
     "build_engines",
@@ -211,23 +212,16 @@ def int8_parity(
     candidates: dict[str, Runner],
     batches: Any,
 ) -> dict[str, dict[str, Any]]:
-    """INT8 files against their FP32 file on clean, adversarial (the first white-box attack of
-    ``validate.attacks``, crafted on the PyTorch model) and corrupted inputs (``validate``'s
-    corruptions at their highest listed severity)."""
+    """INT8 files against their FP32 file on clean, adversarial (the model's task's
+    :meth:`~toolchain.tasks.Task.parity_craft`: the first white-box attack of ``validate.attacks``,
+    crafted on the PyTorch model) and corrupted inputs (``validate``'s corruptions at their
+    highest listed severity); per image, or per pixel for segmentation logits."""
     cfg = recipe.validate
-    white = next((a for a in cfg.attacks if a.name in ("pgd", "fgsm", "apgd")), None)
-    attack = None
-    if white is not None:
-        # Unset steps means the attack's own default; 10 is plenty to probe INT8 against FP32.
-        attack = {"eps": white.eps, "steps": max(white.steps or 10, 1), "norm": white.norm}
-        if white.step_size is not None:
-            attack["step_size"] = white.step_size
     return compare_precisions(
         reference,
         candidates,
         batches,
-        model=model,
-        attack=attack,
+        craft=task_of(model).parity_craft(model, cfg),
         corruptions=cfg.corruptions.names,
         severity=max(cfg.corruptions.severities, default=3),
         seed=cfg.corruptions.seed,

@@ -15,7 +15,7 @@ from toolchain.rundir import read_json
 
 __all__ = ["engines_section", "quantization_gates", "quantization_section"]
 
-_WHITE_BOX = ("pgd", "apgd", "fgsm")
+_WHITE_BOX = ("pgd", "apgd", "fgsm", "segpgd")
 _RUNTIME_OF_TARGET = {"onnxruntime": "onnxruntime", "tensorrt": "tensorrt"}
 
 
@@ -29,11 +29,25 @@ def _find(rows: list[dict[str, Any]], **match: Any) -> dict[str, Any] | None:
     return found[0] if len(found) == 1 else None
 
 
-def _attack_accuracy(evaluation: dict[str, Any]) -> float | None:
-    """The first white-box attack's accuracy (transfer mode on an engine), PGD preferred."""
+def _attack_accuracy(evaluation: dict[str, Any], key: str = "accuracy") -> float | None:
+    """The first white-box attack's accuracy (or ``key``, e.g. ``miou``; transfer mode on an
+    engine), PGD preferred."""
     rows = [a for a in evaluation.get("attacks", []) if a["name"] in _WHITE_BOX]
     rows.sort(key=lambda a: a["name"] != "pgd")
-    return rows[0]["accuracy"] if rows else None
+    return rows[0].get(key) if rows else None
+
+
+def _miou_drops(fp32: dict[str, Any], int8: dict[str, Any]) -> dict[str, float | None]:
+    """Segmentation rows (those with an mIoU) add the same three drops on mIoU."""
+    if fp32.get("miou") is None or int8.get("miou") is None:
+        return {}
+    return {
+        "clean_miou_drop": _drop(fp32["miou"], int8["miou"]),
+        "attack_miou_drop": _drop(_attack_accuracy(fp32, "miou"), _attack_accuracy(int8, "miou")),
+        "corruption_miou_drop": _drop(
+            fp32.get("corruptions", {}).get("mean_miou"), int8.get("corruptions", {}).get("mean_miou")
+        ),
+    }
 
 
 def _drop(before: float | None, after: float | None) -> float | None:
@@ -49,6 +63,8 @@ def quantization_section(
     transfer mode), ``corruption_drop`` (mean corruption accuracy), each FP32 minus INT8 on the
     same runtime (0.01 = one point; null when not measured); ``top1_agreement`` and
     ``label_flip_rate`` against the FP32 file on clean images and on all suite inputs;
+    segmentation rows add ``clean_miou_drop``, ``attack_miou_drop`` and ``corruption_miou_drop``
+    (pixel accuracy is their ``*_drop``, agreement is per pixel);
     ``speedup`` (FP32 p50 / INT8 p50) per batch and ``slowdown`` (the largest INT8 / FP32 p50).
     """
     out = []
@@ -71,6 +87,7 @@ def quantization_section(
                 label_flip_rate=(parity.get("clean") or {}).get("label_flip_rate"),
                 top1_agreement_all_inputs=(parity.get("all") or {}).get("top1_agreement"),
                 label_flip_rate_all_inputs=(parity.get("all") or {}).get("label_flip_rate"),
+                **_miou_drops(fp32, int8),
             )
         speedup = {}
         for row in latency:

@@ -8,12 +8,14 @@ every engine (mode ``transfer``). What is kept per runner is a confusion matrix 
 
 Differences from classification, all per pixel: every image is attacked (there is no
 "correctly classified image" to restrict to; a pixel already wrong stays counted as wrong),
-the attacks are PGD on the mean per-pixel cross-entropy and SegPGD
-(:mod:`toolchain.robustness.attacks.segpgd`), parity counts agreeing pixels, and a pixel with a
-NaN or Inf logit counts as misclassified. A pixel where an engine picks another class at a
-near-tie that its logit difference explains (:func:`exporters.parity.tie_flips`; bilinear
-upsampling makes the logits of two classes cross exactly at every boundary) counts as agreeing
-and is counted in ``parity.ties``. There are no black-box attacks for segmentation.
+the attacks are PGD, FGSM and APGD-CE on the mean per-pixel cross-entropy over the labelled
+pixels, and SegPGD (:mod:`toolchain.robustness.attacks.segpgd`); parity counts agreeing
+pixels, and a pixel with a NaN or Inf logit counts as misclassified. A pixel where an engine
+picks another class at a near-tie that its logit difference explains
+(:func:`exporters.parity.tie_flips`; bilinear upsampling makes the logits of two classes
+cross exactly at every boundary) counts as agreeing and is counted in ``parity.ties``. There
+are no black-box attacks for segmentation (Square, APGD-T and AutoAttack are defined on one
+label per image and are refused).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from toolchain.errors import UserError
 from toolchain.recipe import EvalAttackConfig, ValidateConfig
 from toolchain.report.schema import AttackRow, Corruptions, Evaluation, Parity, RobustMiou, Skipped
 from toolchain.robustness import sanity
+from toolchain.robustness.attacks.apgd import APGD
 from toolchain.robustness.attacks.pgd import pgd_attack
 from toolchain.robustness.attacks.segpgd import segpgd_attack
 from toolchain.robustness.corruptions import corrupt
@@ -72,8 +75,39 @@ def _segpgd(
     return segpgd_attack(model, x, y, **common)
 
 
-#: ``validate.attacks[].name`` -> how the suite crafts it (the names ``Segmentation`` accepts).
-_CRAFTERS = {"pgd": _pgd, "segpgd": _segpgd}
+def _fgsm(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: EvalAttackConfig, **common: Any
+) -> torch.Tensor:
+    """One signed-gradient step of size eps on the mean per-pixel cross-entropy (Goodfellow et
+    al. 2015 per pixel): PGD with one step, no random start."""
+    return pgd_attack(model, x, y, eps=common["eps"], step_size=common["eps"], steps=1, random_start=False)
+
+
+def _apgd(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: EvalAttackConfig, **common: Any
+) -> torch.Tensor:
+    """APGD-CE (Croce & Hein 2020) on each image's mean per-pixel cross-entropy over its
+    labelled pixels, with our classification APGD's per-image step-size schedule; each image
+    keeps its highest-loss point."""
+    attack = APGD(eps=common["eps"], norm=common["norm"], steps=common["steps"], restarts=cfg.restarts)
+    return attack.attack_every_image(model, x, y, common["generator"], highest_loss=True)
+
+
+#: ``validate.attacks[].name`` -> how the suite crafts it and its default steps (the names
+#: ``Segmentation`` accepts; FGSM is one step by definition).
+_CRAFTERS: dict[str, tuple[Callable[..., torch.Tensor], int]] = {
+    "pgd": (_pgd, DEFAULT_STEPS),
+    "segpgd": (_segpgd, DEFAULT_STEPS),
+    "fgsm": (_fgsm, 1),
+    "apgd": (_apgd, 100),
+}
+#: Attacks of the classification suite that are not defined per pixel, and why.
+_REFUSED = {
+    "square": "Square is a black-box search for one image-level misclassification",
+    "apgd-t": "APGD-T targets one class per image",
+    "autoattack-lite": "AutoAttack's targeted and black-box parts are defined per image",
+    "autoattack": "the reference AutoAttack code classifies whole images",
+}
 
 
 def _craft(
@@ -87,24 +121,31 @@ def _craft(
         "norm": cfg.norm,
         "generator": generator,
     }
-    return _CRAFTERS[cfg.name](model, x, y, cfg, **common)
+    return _CRAFTERS[cfg.name][0](model, x, y, cfg, **common)
 
 
 def build_seg_attacks(cfgs: Sequence[EvalAttackConfig]) -> list[SegAttack]:
-    """The validate section's attacks for a segmentation model (``pgd`` and ``segpgd``).
+    """The validate section's attacks for a segmentation model (``pgd``, ``segpgd``, ``fgsm``,
+    ``apgd``).
 
-    ``steps`` defaults to 20 and ``step_size`` to ``2.5 * eps / steps`` (as for PGD).
+    ``steps`` defaults to 20 (``apgd``: 100; ``fgsm``: always 1) and ``step_size`` to
+    ``2.5 * eps / steps`` (as for PGD; ``apgd`` adapts its own, ``fgsm`` steps by eps).
 
     Raises:
-        UserError: an attack that is not defined for segmentation.
+        UserError: an attack that is not defined for segmentation, or FGSM under L2.
     """
     built = []
     for i, cfg in enumerate(cfgs):
         if cfg.name not in _CRAFTERS:
+            why = f" ({_REFUSED[cfg.name]})" if cfg.name in _REFUSED else ""
             raise UserError(
-                f"validate.attacks: {cfg.name!r} is not a segmentation attack; use {' or '.join(_CRAFTERS)}"
+                f"validate.attacks: {cfg.name!r} is not a segmentation attack{why}; use "
+                f"{', '.join(_CRAFTERS)}"
             )
-        steps = cfg.steps if cfg.steps is not None else DEFAULT_STEPS
+        if cfg.name == "fgsm" and cfg.norm != "linf":
+            raise UserError("validate.attacks: 'fgsm' is an L-inf attack; use norm: linf, or pgd for l2")
+        default = _CRAFTERS[cfg.name][1]
+        steps = 1 if cfg.name == "fgsm" else cfg.steps if cfg.steps is not None else default
         step_size = cfg.step_size if cfg.step_size is not None else 2.5 * cfg.eps / max(steps, 1)
         craft = functools.partial(_craft, cfg=cfg, steps=steps, step_size=step_size)
         built.append(
@@ -169,7 +210,7 @@ def evaluate_segmentation(
             it; the parity reference); ``None`` for a bare engine (attacks then skipped).
         runners: runtime name to runner.
         batches: ``(x, y)`` with ``y`` the ``N x H x W`` labels (255 = ignore).
-        cfg: the recipe's validate section (attack names: ``pgd``, ``segpgd``).
+        cfg: the recipe's validate section (attack names: ``pgd``, ``segpgd``, ``fgsm``, ``apgd``).
         model_name: ``"dense"`` or ``"pruned"``.
         class_names: one name per class, in logit order.
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -42,6 +42,19 @@ class Task(ABC):
         """
 
     @abstractmethod
+    def divergence(
+        self, logits: torch.Tensor, reference: torch.Tensor, y: torch.Tensor, reduction: str = "mean"
+    ) -> torch.Tensor:
+        """TRADES' robust term KL(p(reference) || p(logits)) (Zhang et al. 2019).
+
+        Args:
+            logits: the model's output on the perturbed input.
+            reference: its output on the clean input (the caller detaches it or not).
+            y: the labels (which predictions count: segmentation's unlabelled pixels do not).
+            reduction: ``"mean"`` (the training loss' scale) or ``"sum"`` (the attack's).
+        """
+
+    @abstractmethod
     def fooled(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Per image, whether an attack has succeeded (PGD keeps the first restart that does)."""
 
@@ -77,6 +90,14 @@ class Task(ABC):
         progress: bool = True,
     ) -> list[Evaluation]:
         """Run the validate section on one model and each of its runners (one row each)."""
+
+    @abstractmethod
+    def parity_craft(
+        self, model: nn.Module, cfg: ValidateConfig
+    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
+        """``(x, y) -> x_adv``: the adversarial inputs INT8 files are compared with their FP32
+        file on (crafted on ``model``, from the first white-box attack of ``cfg.attacks`` with
+        its own steps, 10 when unset); ``None`` when ``cfg`` lists none."""
 
     @abstractmethod
     def corruption_scores(self, ev: Evaluation) -> tuple[dict[str, dict[str, float]] | None, float]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -28,6 +28,16 @@ class Classification(Task):
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         return F.cross_entropy(logits, y, reduction=reduction)
+
+    def divergence(
+        self, logits: torch.Tensor, reference: torch.Tensor, y: torch.Tensor, reduction: str = "mean"
+    ) -> torch.Tensor:
+        """KL per image, summed over classes; ``mean`` over the batch (``batchmean``) or ``sum``."""
+        return F.kl_div(
+            F.log_softmax(logits, dim=1),
+            F.softmax(reference, dim=1),
+            reduction="batchmean" if reduction == "mean" else "sum",
+        )
 
     def fooled(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return logits.argmax(1) != y
@@ -63,6 +73,23 @@ class Classification(Task):
         from toolchain.robustness.suite import evaluate_model
 
         return evaluate_model(model, dict(runners), batches, cfg, model_name=model_name, progress=progress)
+
+    def parity_craft(
+        self, model: nn.Module, cfg: ValidateConfig
+    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
+        """PGD (attacking correctly classified images only, as the suite) at the budget of the
+        first of ``pgd``, ``fgsm``, ``apgd`` in ``cfg.attacks``, seeded by the corruption seed."""
+        from toolchain.robustness.attacks import build_attack
+
+        white = next((a for a in cfg.attacks if a.name in ("pgd", "fgsm", "apgd")), None)
+        if white is None:
+            return None
+        # Unset steps means the attack's own default; 10 is plenty to probe INT8 against FP32.
+        options: dict[str, Any] = {"eps": white.eps, "steps": max(white.steps or 10, 1), "norm": white.norm}
+        if white.step_size is not None:
+            options["step_size"] = white.step_size
+        pgd = build_attack("pgd", seed=cfg.corruptions.seed, **options)
+        return lambda x, y: pgd(model.eval(), x, y).x_adv
 
     def corruption_scores(self, ev: Evaluation) -> tuple[dict[str, dict[str, float]] | None, float]:
         return ev.corruptions.per_corruption, ev.clean_accuracy

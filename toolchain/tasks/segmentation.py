@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -19,16 +19,12 @@ if TYPE_CHECKING:
 
 #: Label of pixels that belong to no class (Cityscapes' convention): no loss, no metric.
 IGNORE_INDEX = 255
-#: Training losses defined per pixel; TRADES' KL and the mixed-noise generator are per image.
-LOSSES = ("clean", "pgd", "hybrid")
-#: Pruning methods whose training goes through the task's loss and PGD only.
-METHODS = ("iterative", "hydra", "dnr", "mrs", "lowrank")
 
 
 class Segmentation(Task):
     """Logits ``N x classes x H x W`` at the input resolution; per-pixel cross-entropy over the
     labelled pixels; pixel accuracy; the suite of :mod:`toolchain.robustness.seg_suite` (mIoU,
-    per-class IoU, mIoU per corruption and severity, PGD and SegPGD); mCE on mIoU."""
+    per-class IoU, mIoU per corruption and severity, PGD, FGSM, APGD-CE and SegPGD); mCE on mIoU."""
 
     name = "segmentation"
     output = "(N, num_classes, H, W) logits at the input's H x W"
@@ -42,6 +38,22 @@ class Segmentation(Task):
         labelled = (y != IGNORE_INDEX).flatten(1).sum(1).clamp_min(1)
         per_image = per_pixel.flatten(1).sum(1) / labelled
         return per_image.sum() if reduction == "sum" else per_image
+
+    def divergence(
+        self, logits: torch.Tensor, reference: torch.Tensor, y: torch.Tensor, reduction: str = "mean"
+    ) -> torch.Tensor:
+        """Our per-pixel reading of TRADES' KL (Zhang et al. 2019, defined there per image): at
+        each labelled pixel, KL between the clean and the perturbed class distributions (summed
+        over classes); ``mean`` over the batch's labelled pixels, as the per-pixel
+        cross-entropy, or ``sum`` (the inner maximisation's objective). Unlabelled pixels
+        (``IGNORE_INDEX``) count in neither, as in the cross-entropy. Computed from log
+        probabilities on both sides, so it is exactly 0 where the two outputs are equal."""
+        per_pixel = F.kl_div(
+            F.log_softmax(logits, dim=1), F.log_softmax(reference, dim=1), reduction="none", log_target=True
+        ).sum(1)
+        labelled = y != IGNORE_INDEX
+        total = (per_pixel * labelled).sum()
+        return total if reduction == "sum" else total / labelled.sum().clamp_min(1)
 
     def fooled(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """An image counts as fooled once fewer than half of its labelled pixels are right."""
@@ -63,26 +75,9 @@ class Segmentation(Task):
             )
 
     def check_recipe(self, recipe: Recipe) -> None:
-        from toolchain.preflight import train_sections
-
-        for section in train_sections(recipe):
-            if section.loss not in LOSSES:
-                raise UserError(
-                    f"loss {section.loss!r} is not defined per pixel; task segmentation trains with "
-                    f"{', '.join(LOSSES)}"
-                )
-        if recipe.prune.method not in METHODS:
-            raise UserError(
-                f"prune.method {recipe.prune.method!r} is not available for segmentation; use one of "
-                f"{', '.join(METHODS)}"
-            )
         from toolchain.robustness.seg_suite import build_seg_attacks
 
-        build_seg_attacks(list(recipe.validate.attacks))  # only pgd and segpgd are defined per pixel
-        if recipe.quantize.enabled:
-            raise UserError(
-                "quantize (INT8) is not available for segmentation yet; set quantize.enabled: false"
-            )
+        build_seg_attacks(list(recipe.validate.attacks))  # pgd, segpgd, fgsm, apgd are defined per pixel
 
     def evaluate(
         self,
@@ -100,6 +95,18 @@ class Segmentation(Task):
         return evaluate_segmentation(
             model, runners, batches, cfg, model_name=model_name, class_names=class_names, progress=progress
         )
+
+    def parity_craft(
+        self, model: nn.Module, cfg: ValidateConfig
+    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
+        """The first attack of ``cfg.attacks`` as the suite crafts it (every image, per pixel)."""
+        from toolchain.robustness.seg_suite import build_seg_attacks
+
+        if not cfg.attacks:
+            return None
+        first = cfg.attacks[0]
+        (attack,) = build_seg_attacks([first.model_copy(update={"steps": max(first.steps or 10, 1)})])
+        return lambda x, y: attack.craft(model.eval(), x, y)
 
     def corruption_scores(self, ev: Evaluation) -> tuple[dict[str, dict[str, float]] | None, float]:
         return ev.corruptions.per_corruption_miou, ev.miou if ev.miou is not None else 0.0

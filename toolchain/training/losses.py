@@ -7,7 +7,6 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from toolchain.recipe import AttackConfig, TrainConfig
@@ -46,20 +45,25 @@ def pgd_examples(
 
 
 def trades_examples(
-    model: nn.Module, x: torch.Tensor, attack: AttackConfig, generator: torch.Generator
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: AttackConfig, generator: torch.Generator
 ) -> torch.Tensor:
-    """TRADES inner maximisation: x' maximises KL(f(x) || f(x')) from x + 0.001·N(0, 1)."""
+    """TRADES inner maximisation: x' maximises KL(f(x) || f(x')) from x + 0.001·N(0, 1).
+
+    The KL is the model's task's :meth:`~toolchain.tasks.Task.divergence` (summed): per image
+    for classification, over the labelled pixels (``y``) for segmentation.
+    """
+    task = task_of(model)
     with _in_eval_mode(model), torch.enable_grad():
         requires_grad = [p.requires_grad for p in model.parameters()]
         for p in model.parameters():
             p.requires_grad_(False)
         try:
-            p_clean = F.softmax(model(x), dim=1).detach()
+            clean = model(x).detach()
             noise = torch.randn(x.shape, generator=generator).to(x.device)
             x_adv = (x + 0.001 * noise).clamp(0, 1).detach()
             for _ in range(attack.steps):
                 x_adv.requires_grad_(True)
-                kl = F.kl_div(F.log_softmax(model(x_adv), dim=1), p_clean, reduction="sum")
+                kl = task.divergence(model(x_adv), clean, y, reduction="sum")
                 (grad,) = torch.autograd.grad(kl, x_adv)
                 if attack.norm == "linf":
                     x_adv = x_adv.detach() + attack.step_size * grad.sign()
@@ -85,8 +89,8 @@ Perturbation = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 class BatchLoss:
     """The training loss of one batch, as ``TrainConfig.loss`` names it.
 
-    CE is the loss of the model's task (:func:`toolchain.tasks.task_of`): per-pixel for
-    segmentation models (which train with ``clean``, ``pgd`` and ``hybrid`` only).
+    CE and KL are the model's task's (:func:`toolchain.tasks.task_of`): per pixel, over the
+    labelled pixels, for segmentation models.
 
     * ``clean``: CE(f(x), y).
     * ``pgd``: Madry PGD-AT, CE(f(x_adv), y).
@@ -159,7 +163,8 @@ class BatchLoss:
             assert self.mixed is not None
             logits = model(self.mixed.compose(raw, x, y, generator).x)
             return ce(logits, y), logits
-        x_adv = trades_examples(raw, x, cfg.attack, generator)
+        task = task_of(raw)
+        x_adv = trades_examples(raw, x, y, cfg.attack, generator)
         logits = model(x)
-        robust = F.kl_div(F.log_softmax(raw(x_adv), dim=1), F.softmax(logits, dim=1), reduction="batchmean")
-        return ce(logits, y) + cfg.trades_beta * robust, logits
+        robust = task.divergence(raw(x_adv), logits, y)
+        return task.loss(logits, y) + cfg.trades_beta * robust, logits

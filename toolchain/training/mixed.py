@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from toolchain.recipe_train import AttackConfig, MixedNoiseConfig
 from toolchain.robustness.attacks.pgd import pgd_attack
 from toolchain.robustness.corruptions import corrupt
+from toolchain.tasks import task_of
 
 KINDS = ("clean", "fgsm", "pgd", "corruption", "generator")
 
@@ -169,7 +169,7 @@ class MixedNoise:
         return out
 
     def _generate(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-        """One generator step up the classifier's loss, then its perturbation of ``x``."""
+        """One generator step up the model's task loss, then its perturbation of ``x``."""
         generator = self._ensure_generator(x)
         assert self.optimizer is not None
         requires = [p.requires_grad for p in model.parameters()]
@@ -177,7 +177,8 @@ class MixedNoise:
             p.requires_grad_(False)
         try:
             with torch.enable_grad():
-                loss = -F.cross_entropy(model(generator(x, self.attack.eps)), y)
+                # The task's loss: per pixel (over labelled pixels) for segmentation models.
+                loss = -task_of(model).loss(model(generator(x, self.attack.eps)), y)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()

@@ -24,7 +24,10 @@ torch-pruning's group L2 norm (a channel once removed stays removed). The offici
 ``delta = 1.0`` (RMS, on [0, 1] images: no cut in practice) and ``rho = 1``; our default cuts
 at the batch mean, the adaptive budget the paper describes. DeepFool considers 3 candidate
 classes by default (cleverhans: 10) to keep training affordable on CPU. Label smoothing of the
-official code is not used.
+official code is not used. Segmentation models: DeepFool runs on the mean per-pixel margin of
+the clean prediction (:func:`~toolchain.robustness.attacks.deepfool.deepfool_pixels`, our
+per-pixel reading), so each image's budget is its distance to the boundary where its average
+pixel flips; the hybrid loss is the task's per-pixel cross-entropy.
 """
 
 from __future__ import annotations

@@ -18,6 +18,11 @@ Written from the paper and the facts of its official code (fra31/auto-attack,
 Deviation: a sample's result is its *first* fooling point (the reference keeps the last), and
 a sample never fooled returns its highest-loss point (the reference returns the clean image),
 which transfers better to an engine.
+
+The loss is the model's task's per-image loss: the cross-entropy for classifiers; for
+segmentation models each image's mean per-pixel cross-entropy over its labelled pixels (our
+per-pixel APGD-CE: the step size and checkpoints stay per image), where "fooled" is the
+task's rule and the segmentation suite keeps every image's highest-loss point instead.
 """
 
 from __future__ import annotations
@@ -25,12 +30,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from toolchain.errors import UserError
 from toolchain.robustness.attacks.base import ATTACKS, Attack, AttackResult, input_gradients_only
 from toolchain.robustness.attacks.pgd import _l2_normalise, _project, _random_start
+from toolchain.tasks import task_of
 
 RHO = 0.75
 ALPHA = 0.75
@@ -95,11 +100,6 @@ class StepSizeSchedule:
         return halve
 
 
-def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-sample cross-entropy (APGD-CE's loss)."""
-    return F.cross_entropy(logits, y, reduction="none")
-
-
 @ATTACKS.register("apgd")
 class APGD(Attack):
     """APGD on the cross-entropy loss, L-inf or L2.
@@ -126,11 +126,38 @@ class APGD(Attack):
     def _run(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
     ) -> AttackResult:
+        return AttackResult(self.attack_every_image(model, x, y, generator))
+
+    def attack_every_image(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        generator: torch.Generator,
+        *,
+        highest_loss: bool = False,
+    ) -> torch.Tensor:
+        """APGD on every image of ``(x, y)`` (no correct-only rule), on the model's task's
+        per-image loss: the cross-entropy, or for segmentation the mean per-pixel cross-entropy
+        over each image's labelled pixels (APGD-CE per pixel, the step size still per image).
+
+        Args:
+            highest_loss: each image's result is its highest-loss point rather than its first
+                fooling one (segmentation: the mIoU keeps falling after half the pixels flip).
+
+        Returns:
+            The adversarial batch, detached.
+        """
+        task = task_of(model)
+
+        def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            return task.loss(logits, labels, reduction="none")  # F.cross_entropy's, for classifiers
+
         best = x.clone()
         todo = torch.ones(len(x), dtype=torch.bool, device=x.device)
         with input_gradients_only(model):
-            self._restarts(model, x, y, lambda _: cross_entropy, best, todo, generator)
-        return AttackResult(best)
+            self._restarts(model, x, y, lambda _: loss, best, todo, generator, highest_loss=highest_loss)
+        return best
 
     def _restarts(
         self,
@@ -141,22 +168,33 @@ class APGD(Attack):
         best: torch.Tensor,
         todo: torch.Tensor,
         generator: torch.Generator,
+        *,
+        highest_loss: bool = False,
     ) -> None:
         """Run the restarts on the samples still in ``todo``, updating ``best`` and ``todo``.
 
         ``loss_for(indices)`` gives the loss for those samples (APGD-T's loss depends on each
-        sample's target class).
+        sample's target class); ``highest_loss`` as :meth:`attack_every_image`.
         """
         for _ in range(self.restarts):
             idx = todo.nonzero().squeeze(1)
             if len(idx) == 0:
                 return
-            x_adv, fooled = self._attack_once(model, x[idx], y[idx], loss_for(idx), generator)
+            x_adv, fooled = self._attack_once(
+                model, x[idx], y[idx], loss_for(idx), generator, highest_loss=highest_loss
+            )
             best[idx] = x_adv
             todo[idx[fooled]] = False
 
     def _attack_once(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Loss, generator: torch.Generator
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        loss_fn: Loss,
+        generator: torch.Generator,
+        *,
+        highest_loss: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One run from a random start; returns (result per sample, fooled mask)."""
         view = (-1,) + (1,) * (x.dim() - 1)
@@ -190,7 +228,7 @@ class APGD(Attack):
                 # momentum term, i.e. x_prev, as it is).
                 x_cur[halve], grad[halve] = x_best[halve], grad_best[halve]
 
-        result = torch.where(ever_fooled.view(view), x_fool, x_best)
+        result = x_best if highest_loss else torch.where(ever_fooled.view(view), x_fool, x_best)
         return result.detach(), ever_fooled
 
     def _direction(self, grad: torch.Tensor) -> torch.Tensor:
@@ -203,9 +241,10 @@ class APGD(Attack):
     def _loss_grad(
         model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, loss_fn: Loss
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-sample loss, its input gradient, and which samples are misclassified."""
+        """Per-sample loss, its input gradient, and which samples are fooled (misclassified; for
+        segmentation, the task's rule: fewer than half of the labelled pixels right)."""
         x_in = x_adv.detach().requires_grad_(True)
         logits = model(x_in)
         loss = loss_fn(logits, y)
         (grad,) = torch.autograd.grad(loss.sum(), x_in)
-        return loss.detach(), grad.detach(), (logits.argmax(1) != y).detach()
+        return loss.detach(), grad.detach(), task_of(model).fooled(logits.detach(), y)

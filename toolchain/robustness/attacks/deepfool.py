@@ -7,6 +7,15 @@ classes by clean logit, each iteration linearises the model at the current point
 the nearest linearised boundary, samples stop once their prediction changes, and the total
 perturbation is scaled by ``1 + overshoot`` at the end. Not a registered evaluation attack
 (it has no eps budget): BAP uses it to measure each sample's distance to the boundary.
+
+Segmentation models (``N x K x H x W`` logits) have no single decision per image, so DeepFool
+runs on our per-pixel reading of one (:func:`deepfool_pixels`): the binary classifier whose
+score is an image's mean per-pixel margin of its clean prediction,
+``f(x) = mean_p (z_p[c_p](x) - max_{j != c_p} z_p[j](x))`` with ``c_p`` the clean arg-max at
+pixel ``p``. ``f > 0`` on the clean image; at ``f = 0`` the average pixel sits on its class
+boundary. Each iteration steps to the linearised ``f = 0`` (binary DeepFool:
+``r = -(|f| + 1e-4) * grad f / ||grad f||^2``); an image stops once ``f <= 0``. The image's
+distance to that boundary is what BAP's cutoff then scales, as for a classifier.
 """
 
 from __future__ import annotations
@@ -25,18 +34,21 @@ def deepfool(
         x: clean batch.
         steps: iterations at most (samples stop when their prediction flips).
         overshoot: the final perturbation is ``(1 + overshoot)`` times the accumulated one.
-        candidates: how many other classes (highest clean logits) are considered.
+        candidates: how many other classes (highest clean logits) are considered (per-image
+            logits only: the per-pixel margin takes every other class at each pixel).
 
     Returns:
         ``clip(x + (1 + overshoot) * r)``, detached.
     """
     x = x.detach()
+    with torch.no_grad():
+        logits = model(x)
+    if logits.dim() == 4:  # per-pixel logits: DeepFool on the mean pixel margin
+        return deepfool_pixels(model, x, logits.argmax(1), steps=steps, overshoot=overshoot)
     requires = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
     try:
-        with torch.no_grad():
-            logits = model(x)
         k = min(candidates + 1, logits.shape[1])
         classes = logits.topk(k, dim=1).indices  # column 0: the model's own prediction
         r_total = torch.zeros_like(x)
@@ -60,6 +72,52 @@ def deepfool(
             step = (distance[index, nearest] + 1e-4) / (w_norm[index, nearest] + 1e-8)
             r = step.view(-1, *([1] * (x.dim() - 1))) * w[index, nearest]
             r_total = r_total + r * active.view(-1, *([1] * (x.dim() - 1)))
+    finally:
+        for p, flag in zip(model.parameters(), requires):
+            p.requires_grad_(flag)
+    return (x + (1 + overshoot) * r_total).clamp(0, 1).detach()
+
+
+def mean_pixel_margin(logits: Tensor, classes: Tensor) -> Tensor:
+    """Per image, the mean over pixels of ``z[c] - max_{j != c} z[j]`` for the classes ``c``
+    (``N x H x W``) of ``N x K x H x W`` logits."""
+    own = logits.gather(1, classes.unsqueeze(1)).squeeze(1)
+    other = logits.scatter(1, classes.unsqueeze(1), float("-inf")).amax(1)
+    return (own - other).flatten(1).mean(1)
+
+
+def deepfool_pixels(
+    model: nn.Module, x: Tensor, classes: Tensor, *, steps: int = 5, overshoot: float = 0.02
+) -> Tensor:
+    """DeepFool towards the boundary of the mean per-pixel margin (the module docstring).
+
+    Args:
+        model: differentiable segmentation model on [0, 1] pixels (mode: the caller's).
+        x: clean batch; classes: ``N x H x W``, the model's clean per-pixel prediction.
+        steps: iterations at most (images stop when their mean margin is no longer positive).
+        overshoot: the final perturbation is ``(1 + overshoot)`` times the accumulated one.
+
+    Returns:
+        ``clip(x + (1 + overshoot) * r)``, detached.
+    """
+    view = (-1, *([1] * (x.dim() - 1)))
+    r_total = torch.zeros_like(x)
+    active = torch.ones(len(x), dtype=torch.bool, device=x.device)
+    requires = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        for _ in range(steps):
+            x_adv = (x + r_total).clamp(0, 1).requires_grad_(True)
+            f = mean_pixel_margin(model(x_adv), classes)
+            active &= f.detach() > 0
+            if not active.any():
+                break
+            # Each image's score depends on its own pixels only (eval-mode BN), so the gradient
+            # of the sum is every image's own gradient.
+            (grad,) = torch.autograd.grad(f.sum(), x_adv)
+            size = (f.detach().abs() + 1e-4) / grad.flatten(1).pow(2).sum(1).clamp_min(1e-8)
+            r_total = r_total - (size * active).view(view) * grad
     finally:
         for p, flag in zip(model.parameters(), requires):
             p.requires_grad_(flag)
