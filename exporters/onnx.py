@@ -23,6 +23,7 @@ from typing import Any
 
 import onnx
 import torch
+from google.protobuf.message import EncodeError
 from torch import nn
 
 from exporters.base import InputSpec
@@ -295,11 +296,24 @@ def _check_class_names(props: dict[str, str], num_classes: int) -> None:
         )
 
 
+def exceeds_protobuf_limit(proto: onnx.ModelProto) -> bool:
+    """Whether ``proto`` is too large to serialise as one message (its weights must go to a
+    side file). Measuring a message serialises it, which itself fails past 2 GiB, so the
+    initializers' bytes are summed first and a failed measurement counts as too large."""
+    weights = sum(len(t.raw_data) for t in proto.graph.initializer)
+    if weights > _PROTOBUF_LIMIT:
+        return True
+    try:
+        return proto.ByteSize() > _PROTOBUF_LIMIT
+    except EncodeError:
+        return True
+
+
 def _write_checked(proto: onnx.ModelProto, path: Path) -> None:
     """Check ``proto`` and write it to ``path`` atomically (temporary file, then os.replace)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    large = proto.ByteSize() > _PROTOBUF_LIMIT
+    large = exceeds_protobuf_limit(proto)
     try:
         if large:
             # Weights go to <name>.data next to the final file; the .onnx still appears last.

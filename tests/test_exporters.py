@@ -376,6 +376,30 @@ def test_parity_treats_nan_as_failure_and_needs_images(exported: dict) -> None:
         check_parity(reference, reference, [])
 
 
+def test_a_model_past_the_protobuf_limit_is_written_with_its_weights_beside_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = Residual().eval()
+    monkeypatch.setattr(onnx_export, "_PROTOBUF_LIMIT", 256)  # stands in for 2 GiB
+    path = export_onnx(model, tmp_path / "big.onnx", input_spec=SPEC)
+    assert (tmp_path / "big.onnx.data").stat().st_size > 256 and not list(tmp_path.glob(".*tmp"))
+    x = images(3)
+    with torch.no_grad():
+        expected = model(x)
+    torch.testing.assert_close(OnnxRuntimeRunner(path)(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_measuring_a_proto_that_cannot_be_serialised_counts_as_too_large() -> None:
+    class Unmeasurable:  # upb serialises to measure; past 2 GiB that raises EncodeError
+        graph = onnx.GraphProto()
+
+        def ByteSize(self) -> int:
+            raise onnx_export.EncodeError("Failed to serialize proto")
+
+    assert onnx_export.exceeds_protobuf_limit(Unmeasurable())  # type: ignore[arg-type]
+    assert not onnx_export.exceeds_protobuf_limit(onnx.ModelProto())
+
+
 def test_float64_check_tells_rounding_from_a_wrong_export(exported: dict) -> None:
     model = exported["plain"][0]
     reference = TorchRunner(model, SPEC)
