@@ -22,7 +22,7 @@ from toolchain.pruning.budget import Budget
 from toolchain.pruning.graph import classifier_layers, protected_layers
 from toolchain.pruning.masks import ChannelMasks
 from toolchain.pruning.methods import METHODS, PruneJob
-from toolchain.pruning.prunability import check_forward, check_removal, report
+from toolchain.pruning.prunability import check_forward, report
 from toolchain.pruning.structure import analyse
 from toolchain.recipe import PruneConfig, Recipe, TrainConfig
 from toolchain.robustness.corruptions import CORRUPTIONS
@@ -139,9 +139,7 @@ def check_prunable(recipe: Recipe, model: nn.Module, data: DataBundle) -> None:
     for line in report(masks, heads, recipe.prune.round_to).warnings():
         log.warning("%s: %s", recipe.model.arch, line)
     method = METHODS.get(recipe.prune.method)(recipe.prune)
-    method.check(model, example, protected, budget_of(recipe.prune))
-    if method.prunes_channels:
-        check_removal(masks, recipe.prune.round_to)
+    method.check(model, example, protected, budget_of(recipe.prune))  # incl. the removal check
 
 
 def kept_layers(cfg: PruneConfig, model: nn.Module, example_inputs: torch.Tensor) -> list[nn.Module]:

@@ -6,13 +6,13 @@ reason (classifier head, training-only head, a module whose weights cannot be fo
 channel-splitting reshape, an unwrapped parameter, a group too narrow), MACs and parameters
 per layer, and the largest reduction reachable under ``max_layer_pruning`` (every group at its
 floor, on the cost model pruning itself uses). ``robustprune inspect`` prints it; the pipeline
-logs its warnings before training. :func:`check_removal` and :func:`check_forward` catch, before
-any training, models whose forward pass cannot run after (or before) pruning.
+logs its warnings before training. :func:`check_forward` (and, with it,
+:func:`toolchain.pruning.trial.check_removal`) catch, before any training, models whose forward
+pass cannot run before (or after) pruning.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from toolchain.errors import UserError
 from toolchain.pruning.budget import mask_for_fraction, pools_for
 from toolchain.pruning.graph import classifier_layers
-from toolchain.pruning.masks import ChannelMasks, remove_channels
+from toolchain.pruning.masks import ChannelMasks
 from toolchain.pruning.structure import TRAIN_TRACE_BATCH, analyse, batched, state_restored
 
 logger = logging.getLogger(__name__)
@@ -283,24 +283,3 @@ def check_forward(model: nn.Module, example_inputs: Tensor, *, what: str = "the 
                 f"{what} fails on a {tuple(x.shape)} batch in {mode} mode{where}: "
                 f"{type(exc).__name__}: {message}"
             ) from exc
-
-
-def check_removal(masks: ChannelMasks, round_to: int | None = None) -> None:
-    """Remove every group down to its floor on a copy of the model and run it in both modes.
-
-    Catches couplings no trace shows (a layer that reshapes with a width read from another
-    tensor) before any training.
-
-    Raises:
-        UserError: the pruned copy fails; the message names the module where it failed.
-    """
-    if not masks.groups:
-        return
-    floor = mask_for_fraction(masks, masks.ones(), pools_for(masks, "layer"), 1.0, round_to)
-    trial = copy.deepcopy(masks.model)
-    remove_channels(trial, masks.example_inputs, masks.removal_plan(floor))
-    check_forward(
-        trial,
-        masks.example_inputs,
-        what="the model with its channels pruned (pruning cannot follow a width this layer uses)",
-    )

@@ -126,7 +126,7 @@ class PruningMethod(ABC):
             model, example_inputs, ignored, max_layer_pruning=budget.max_layer_pruning, strict=self.uses_masks
         )
         check_reachable(masks, budget)
-        check_removal(model, example_inputs, ignored)
+        check_removal(model, example_inputs, ignored, max_layer_pruning=budget.max_layer_pruning)
 
 
 METHODS: Registry[type[PruningMethod]] = Registry("pruning method")

@@ -104,7 +104,7 @@ class Lowrank(PruningMethod):
                 model, example_inputs, ignored, max_layer_pruning=budget.max_layer_pruning, strict=False
             )
             check_reachable(masks, replace(budget, reduction=own.channel_reduction))
-            check_removal(model, example_inputs, ignored)
+            check_removal(model, example_inputs, ignored, max_layer_pruning=budget.max_layer_pruning)
             return  # how far factorising the pruned model goes is known only once it is pruned
         plan = self._rank_plan(model, example_inputs, ignored)
         self._reachable(plan, budget, budget.pick(*plan.total))
