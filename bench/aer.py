@@ -339,7 +339,9 @@ def _write(
         "split": args.split,
         "after_epochs": after,
         "base_recipe": base,
-        "wall_seconds": round(seconds, 1),
+        # --collect ran nothing: its time is not the benchmark's (each run's stages keep theirs)
+        "wall_seconds": None if args.collect else round(seconds, 1),
+        "collected": bool(args.collect),
         "dense": {str(seed): row for seed, row in dense.items()},
         "dense_summary": _mean_std(list(dense.values())) if dense else {},
         "summary": summary,
