@@ -72,7 +72,7 @@ class Corruption(ABC):
         out = torch.empty_like(x)
         for start in range(0, x.shape[0], step):
             chunk = self._apply(x[start : start + step], severity, generator)
-            out[start : start + step] = chunk.clamp_(0.0, 1.0)
+            torch.clamp(chunk, 0.0, 1.0, out=out[start : start + step])  # clamp and store: one pass
         return out
 
     @abstractmethod
