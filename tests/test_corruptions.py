@@ -338,7 +338,7 @@ def test_strength_matches_reference_at_224(name: str, photos224: tuple[torch.Ten
 
 
 def test_poisson_sampler_is_poisson() -> None:
-    """The guide-table sampler reproduces Poisson(lam): mean, variance and P(0) at several means."""
+    """The alias sampler reproduces Poisson(lam): mean, variance, P(0) and the whole pmf."""
     from toolchain.robustness.corruptions.ops import poisson_levels
 
     levels = torch.tensor([0, 3, 51, 128, 255], dtype=torch.float32) / 255
@@ -350,6 +350,12 @@ def test_poisson_sampler_is_poisson() -> None:
     assert torch.allclose(mean[1:], lam[1:], rtol=0.02) and torch.allclose(var[1:], lam[1:], rtol=0.04)
     p0 = (counts[1] == 0).double().mean()
     assert abs(p0 - math.exp(-lam[1])) < 0.01  # exp(-0.706) = 0.49
+    # The whole distribution at lam = 12 (level 51): total variation from the pmf below 0.02
+    # (40k draws give ~0.01 by chance; a wrongly built alias table moves whole outcomes).
+    c = torch.arange(60, dtype=torch.float64)
+    pmf = torch.exp(c * math.log(lam[2]) - lam[2] - torch.lgamma(c + 1))
+    freq = torch.bincount(counts[2].long(), minlength=60)[:60].double() / counts.shape[1]
+    assert 0.5 * (freq - pmf).abs().sum() < 0.02
 
 
 def test_fancy_upsampling_equals_half_pixel_bilinear() -> None:
