@@ -19,6 +19,7 @@ from toolchain.robustness.corruptions.base import (
 )
 
 
+@lru_cache(maxsize=32)  # five severities per table and size: built once, not per batch
 def _disk_kernel(radius: float, alias_blur: float, supersample: int = 8) -> torch.Tensor:
     """ImageNet-C's defocus kernel: a disk, then a small Gaussian to anti-alias it.
 

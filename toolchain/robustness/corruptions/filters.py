@@ -137,13 +137,23 @@ def fft_filter2d(x: torch.Tensor, kernel: torch.Tensor, mode: str = "reflect101"
     h, w = x.shape[-2:]
     padded = pad(x, ry, kh - 1 - ry, rx, kw - 1 - rx, mode)
     fh, fw = _fast_size(padded.shape[-2]), _fast_size(padded.shape[-1])
-    # Correlation = convolution with the flipped kernel; rolled so its centre sits at (0, 0).
-    k = torch.zeros(fh, fw, dtype=x.dtype, device=x.device)
-    k[:kh, :kw] = kernel.flip(0, 1).to(x.device, x.dtype)
-    k = k.roll((-(kh - 1 - ry), -(kw - 1 - rx)), (0, 1))
-    spectrum = torch.fft.rfft2(padded, s=(fh, fw)) * torch.fft.rfft2(k)
+    taps = kernel.detach().to("cpu", torch.float64)
+    key = (tuple(taps.flatten().tolist()), kh, kw, fh, fw, x.device, x.dtype)
+    spectrum = torch.fft.rfft2(padded, s=(fh, fw)).mul_(_kernel_spectrum(*key))
     out = torch.fft.irfft2(spectrum, s=(fh, fw))
     return out[..., ry : ry + h, rx : rx + w]
+
+
+@lru_cache(maxsize=32)
+def _kernel_spectrum(
+    taps: tuple[float, ...], kh: int, kw: int, fh: int, fw: int, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """The ``(fh, fw)`` real FFT of a ``kh x kw`` correlation kernel (given by its ``taps``)."""
+    ry, rx = kh // 2, kw // 2
+    # Correlation = convolution with the flipped kernel; rolled so its centre sits at (0, 0).
+    k = torch.zeros(fh, fw, dtype=dtype, device=device)
+    k[:kh, :kw] = torch.tensor(taps, dtype=dtype).view(kh, kw).flip(0, 1).to(device)
+    return torch.fft.rfft2(k.roll((-(kh - 1 - ry), -(kw - 1 - rx)), (0, 1)))
 
 
 def motion_blur(x: torch.Tensor, radius: float, sigma: float, angle_deg: torch.Tensor) -> torch.Tensor:
