@@ -83,29 +83,44 @@ def _dct_matrices(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, tor
     return d.float().to(device), d.T.contiguous().float().to(device), (d @ pairs / 4).float().to(device)
 
 
-def _columns(planes: torch.Tensor, mat: torch.Tensor) -> torch.Tensor:
-    """``mat`` (k, m) applied to every group of ``m`` rows of ``(B, H, W)``: ``(B, H k / m, W)``."""
+def _buffer(storage: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """``shape`` carved from the front of a spent tensor's memory, or a new tensor."""
+    if storage is None:
+        return like.new_empty(shape)
+    return storage.view(-1)[: math.prod(shape)].view(shape)
+
+
+def _columns(planes: torch.Tensor, mat: torch.Tensor, storage: torch.Tensor | None = None) -> torch.Tensor:
+    """``mat`` (k, m) applied to every group of ``m`` rows of ``(B, H, W)``: ``(B, H k / m, W)``.
+
+    The result goes into ``storage``'s memory when given (a spent buffer at least that big).
+    """
     b, h, w = planes.shape
     k, m = mat.shape
-    return torch.matmul(mat, planes.reshape(b * h // m, m, w)).view(b, h * k // m, w)
+    groups = planes.reshape(b * h // m, m, w)
+    out = _buffer(storage, (b * h // m, k, w), planes)
+    return torch.bmm(mat.expand(b * h // m, k, m), groups, out=out).view(b, h * k // m, w)
 
 
 _LOOP_MIN_PIXELS = 64 * 64  # plane size from which _rows_transposed loops over planes
 
 
-def _rows_transposed(planes: torch.Tensor, mat: torch.Tensor) -> torch.Tensor:
+def _rows_transposed(
+    planes: torch.Tensor, mat: torch.Tensor, storage: torch.Tensor | None = None
+) -> torch.Tensor:
     """``mat`` (k, m) applied to every group of ``m`` columns of ``(B, H, W)``, result transposed.
 
     Returns ``(B, W k / m, H)``. Each image's transpose is a free view whose groups of ``m``
     columns are column-major ``(m, H)`` matrices with a fixed stride, which ``bmm`` reads
     directly: the transposition costs no pass of its own, and the next step (``_columns`` on
     the transposed plane) works along the other axis with the same fast left-multiplication.
+    The result goes into ``storage``'s memory when given (a spent buffer at least that big).
     """
     b, h, w = planes.shape
     k, m = mat.shape
     if h * w < _LOOP_MIN_PIXELS:  # many small planes: one copy beats a Python loop of tiny products
-        return _columns(planes.transpose(1, 2).contiguous(), mat)
-    out = torch.empty(b, w // m, k, h, dtype=planes.dtype, device=planes.device)
+        return _columns(planes.transpose(1, 2).contiguous(), mat, storage)
+    out = _buffer(storage, (b, w // m, k, h), planes)
     lhs = mat.expand(w // m, k, m)
     for i in range(b):
         torch.bmm(lhs, planes[i].T.view(w // m, m, h), out=out[i])
@@ -133,6 +148,8 @@ def _block_codec(
     d, dt, _ = _dct_matrices(planes.device)
     columns = _columns(planes, d * scale if scale != 1 else d)
     coef = _rows_transposed(columns, d if first_rows is None else first_rows)
+    # Two buffers serve all four steps: each inverse step writes where a forward step's
+    # spent result lies (fresh memory costs page faults, which cost more than the passes).
     b, w, h = coef.shape
     inv_q, q, dc_shift = _tables(quality, chroma, h, planes.device)
     groups = coef.view(b * w // 8, 8, h)
@@ -144,7 +161,7 @@ def _block_codec(
     if dc_shift:
         dc.add_(dc_shift)
     groups.mul_(q)
-    return _rows_transposed(_columns(coef, dt), dt)
+    return _rows_transposed(_columns(coef, dt, storage=columns), dt, storage=coef)
 
 
 def _pad_to(x: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -157,23 +174,34 @@ def _pad_to(x: torch.Tensor, multiple: int) -> torch.Tensor:
 _TO_YCC = ((0.299, 0.587, 0.114), (-0.168736, -0.331264, 0.5), (0.5, -0.418688, -0.081312))
 
 
-def _fancy_upsample(c: torch.Tensor) -> torch.Tensor:
+def _double(c: torch.Tensor, dim: int, out: torch.Tensor) -> torch.Tensor:
+    """``out`` = ``c`` upsampled x2 along ``dim`` (-1 or -2) with weights 3 + 1 (4x the values).
+
+    Sample ``2i`` is ``3 c[i] + c[i-1]``, ``2i+1`` is ``3 c[i] + c[i+1]``; at the edges the
+    missing neighbour is the sample itself (``4 c``), so no padded copy is needed.
+    """
+    n = c.shape[dim]
+    torch.mul(c.narrow(dim, 0, 1), 4, out=out.narrow(dim, 0, 1))
+    torch.mul(c.narrow(dim, n - 1, 1), 4, out=out.narrow(dim, 2 * n - 1, 1))
+    if n > 1:
+        even = out.narrow(dim, 2, 2 * n - 2).unflatten(dim, (n - 1, 2)).select(dim, 0)
+        odd = out.narrow(dim, 1, 2 * n - 2).unflatten(dim, (n - 1, 2)).select(dim, 0)
+        torch.add(c.narrow(dim, 0, n - 1), c.narrow(dim, 1, n - 1), alpha=3, out=even)
+        torch.add(c.narrow(dim, 1, n - 1), c.narrow(dim, 0, n - 1), alpha=3, out=odd)
+    return out
+
+
+def _fancy_upsample(c: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """libjpeg's "fancy" x2 chroma upsampling, times 16: 3/4-1/4 triangle weights, edges replicated.
 
     The same numbers as bilinear interpolation with half-pixel centres, times 16 (the division
     is folded into the colour conversion's weights), written as strided writes of
-    ``3 * near + far`` per axis (twice as fast on CPU as ``F.interpolate``).
+    ``3 * near + far`` per axis (twice as fast on CPU as ``F.interpolate``). ``out``: where to
+    write the ``(N, K, 2H, 2W)`` result (a new tensor if None).
     """
     n, k, h, w = c.shape
-    padded = torch.cat([c[..., :1, :], c, c[..., -1:, :]], -2)
-    rows = torch.empty(n, k, 2 * h, w, dtype=c.dtype, device=c.device)
-    torch.add(padded[..., :-2, :], c, alpha=3, out=rows[..., 0::2, :])
-    torch.add(padded[..., 2:, :], c, alpha=3, out=rows[..., 1::2, :])
-    padded = torch.cat([rows[..., :1], rows, rows[..., -1:]], -1)
-    out = torch.empty(n, k, 2 * h, 2 * w, dtype=c.dtype, device=c.device)
-    torch.add(padded[..., :-2], rows, alpha=3, out=out[..., 0::2])
-    torch.add(padded[..., 2:], rows, alpha=3, out=out[..., 1::2])
-    return out
+    rows = _double(c, -2, c.new_empty(n, k, 2 * h, w))
+    return _double(rows, -1, c.new_empty(n, k, 2 * h, 2 * w) if out is None else out)
 
 
 def _mix(pix: torch.Tensor, weights: tuple[float, ...], scale: float, out: torch.Tensor) -> torch.Tensor:
@@ -204,15 +232,17 @@ def jpeg_round_trip(x: torch.Tensor, quality: int) -> torch.Tensor:
     # column pairs by the chroma DCT's first matrix, which also carries the 1/4. The +128 JFIF
     # offset cancels against the DCT's level shift, so it is left out on both sides.
     pairs = x[..., 0::2, :] + x[..., 1::2, :]
-    chroma = x.new_empty(n, 2, hp // 2, wp)
-    _mix(pairs, _TO_YCC[1], 255.0, chroma[:, 0])
-    _mix(pairs, _TO_YCC[2], 255.0, chroma[:, 1])
+    chroma = x.new_empty(n, 2, hp // 2, wp)  # Cr, Cb: the order their upsampled planes are used in
+    _mix(pairs, _TO_YCC[2], 255.0, chroma[:, 0])
+    _mix(pairs, _TO_YCC[1], 255.0, chroma[:, 1])
     subsample = _dct_matrices(x.device)[2]
     chroma = _block_codec(chroma.view(2 * n, hp // 2, wp), quality, chroma=True, first_rows=subsample)
-    chroma = _fancy_upsample(chroma.view(n, 2, hp // 2, wp // 2))  # 16x the upsampled values
-    cb, cr = chroma[:, 0], chroma[:, 1]
-    rgb = torch.empty_like(x)
-    torch.add(luma, cr, alpha=1.402 / 16, out=rgb[:, 0])
-    torch.add(luma, cb, alpha=-0.344136 / 16, out=rgb[:, 1]).add_(cr, alpha=-0.714136 / 16)
-    torch.add(luma, cb, alpha=1.772 / 16, out=rgb[:, 2])
+    # 16x the upsampled Cr and Cb go to the G and B planes of the output, which the colour
+    # conversion then overwrites in place (R first, while Cr is still there).
+    rgb = x.new_empty(n, 3, hp, wp)
+    _fancy_upsample(chroma.view(n, 2, hp // 2, wp // 2), out=rgb[:, 1:])
+    r, g, b = rgb[:, 0], rgb[:, 1], rgb[:, 2]
+    torch.add(luma, g, alpha=1.402 / 16, out=r)
+    torch.add(luma, g, alpha=-0.714136 / 16, out=g).add_(b, alpha=-0.344136 / 16)
+    torch.add(luma, b, alpha=1.772 / 16, out=b)
     return rgb.round_().mul_(1 / 255)[..., :h, :w]
