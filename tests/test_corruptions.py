@@ -366,11 +366,20 @@ def test_fancy_upsampling_equals_half_pixel_bilinear() -> None:
     assert torch.allclose(_fancy_upsample(c) / 16, expected, atol=1e-6)  # it returns 16x the values
 
 
-def test_chunked_batch_equals_its_images_in_one_call(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A batch bigger than one chunk is processed in pieces: the same pixels as one image at a time."""
-    zoom = CORRUPTIONS.get("zoom_blur")
-    monkeypatch.setattr(zoom, "chunk_bytes", 2 * 3 * 96 * 96 * 4)  # two images per chunk
-    x = torch.rand(5, 3, 96, 96, generator=torch.Generator().manual_seed(0))
-    out = corrupt("zoom_blur", x, 3)  # deterministic, so chunks must equal image-by-image calls
-    single = torch.cat([corrupt("zoom_blur", x[i : i + 1], 3) for i in range(5)])
+@pytest.mark.parametrize(
+    ("name", "size"), [("zoom_blur", 96), ("jpeg_compression", 96), ("jpeg_compression", 88)]
+)
+def test_chunked_batch_equals_its_images_in_one_call(
+    name: str, size: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch bigger than one chunk is processed in pieces: the same pixels as one image at a time.
+
+    JPEG writes its chunks straight into the output (88 px: padded MCUs, through a bigger buffer).
+    """
+    corruption = CORRUPTIONS.get(name)
+    monkeypatch.setattr(corruption, "chunk_bytes", 2 * 3 * size * size * 4)  # two images per chunk
+    x = torch.rand(5, 3, size, size, generator=torch.Generator().manual_seed(0))
+    out = corrupt(name, x, 3)  # deterministic, so chunks must equal image-by-image calls
+    single = torch.cat([corrupt(name, x[i : i + 1], 3) for i in range(5)])
     assert torch.allclose(out, single, atol=1e-6) and l1(out, x) > 0.01
+    assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0

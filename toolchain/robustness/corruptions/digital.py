@@ -113,6 +113,11 @@ class JpegCompression(Corruption):
     def _apply(self, x: torch.Tensor, severity: int, generator: torch.Generator) -> torch.Tensor:
         return jpeg_round_trip(x, pick(x, severity, self.SMALL, self.LARGE))
 
+    def _apply_into(
+        self, x: torch.Tensor, severity: int, generator: torch.Generator, out: torch.Tensor | None
+    ) -> torch.Tensor:
+        return jpeg_round_trip(x, pick(x, severity, self.SMALL, self.LARGE), out=out).clamp_(0.0, 1.0)
+
 
 @register
 class Saturate(Corruption):

@@ -211,11 +211,12 @@ def _mix(pix: torch.Tensor, weights: tuple[float, ...], scale: float, out: torch
     return out.add_(pix[:, 2], alpha=weights[2] * scale)
 
 
-def jpeg_round_trip(x: torch.Tensor, quality: int) -> torch.Tensor:
+def jpeg_round_trip(x: torch.Tensor, quality: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """Encode/decode ``(N, C, H, W)`` in [0, 1] at ``quality``; RGB uses YCbCr 4:2:0, other C per plane.
 
     Decoded samples may overshoot [0, 1] by the ringing a JPEG decoder clamps away: the caller
     (``Corruption.__call__``) clamps, which gives the same numbers as clamping to 0..255 first.
+    ``out``: an ``(N, C, H, W)`` tensor to write the result into (a new one if None).
     """
     n, c, h, w = x.shape
     # The samples are 255 x, with the 255 folded into the first weights they meet. They are not
@@ -225,8 +226,9 @@ def jpeg_round_trip(x: torch.Tensor, quality: int) -> torch.Tensor:
     x = _pad_to(x, 8 if c != 3 else 16)
     hp, wp = x.shape[-2:]
     if c != 3:
-        out = _block_codec(x.reshape(n * c, hp, wp), quality, chroma=False, scale=255.0)
-        return out.round_().mul_(1 / 255).view(n, c, hp, wp)[..., :h, :w]
+        planes = _block_codec(x.reshape(n * c, hp, wp), quality, chroma=False, scale=255.0)
+        decoded = planes.round_().view(n, c, hp, wp)[..., :h, :w]
+        return decoded.mul_(1 / 255) if out is None else torch.mul(decoded, 1 / 255, out=out)
     luma = _block_codec(_mix(x, _TO_YCC[0], 255.0, x.new_empty(n, hp, wp)), quality, chroma=False)
     # libjpeg's h2v2 downsampling is the mean of 2x2 samples: the row pairs are summed here, the
     # column pairs by the chroma DCT's first matrix, which also carries the 1/4. The +128 JFIF
@@ -239,10 +241,12 @@ def jpeg_round_trip(x: torch.Tensor, quality: int) -> torch.Tensor:
     chroma = _block_codec(chroma.view(2 * n, hp // 2, wp), quality, chroma=True, first_rows=subsample)
     # 16x the upsampled Cr and Cb go to the G and B planes of the output, which the colour
     # conversion then overwrites in place (R first, while Cr is still there).
-    rgb = x.new_empty(n, 3, hp, wp)
+    direct = out is not None and (hp, wp) == (h, w)  # padded MCUs need a bigger buffer
+    rgb = out if out is not None and direct else x.new_empty(n, 3, hp, wp)
     _fancy_upsample(chroma.view(n, 2, hp // 2, wp // 2), out=rgb[:, 1:])
     r, g, b = rgb[:, 0], rgb[:, 1], rgb[:, 2]
     torch.add(luma, g, alpha=1.402 / 16, out=r)
     torch.add(luma, g, alpha=-0.714136 / 16, out=g).add_(b, alpha=-0.344136 / 16)
     torch.add(luma, b, alpha=1.772 / 16, out=b)
-    return rgb.round_().mul_(1 / 255)[..., :h, :w]
+    decoded = rgb.round_()[..., :h, :w]
+    return decoded.mul_(1 / 255) if out is None or direct else torch.mul(decoded, 1 / 255, out=out)
