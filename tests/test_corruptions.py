@@ -358,6 +358,18 @@ def test_poisson_sampler_is_poisson() -> None:
     assert 0.5 * (freq - pmf).abs().sum() < 0.02
 
 
+def test_pixelate_block_means_equal_the_box_taps() -> None:
+    """At integer factors pixelate takes k x k block means: the same pixels as the general BOX path."""
+    from toolchain.robustness.corruptions.filters import _pixelate_box, pixelate
+
+    x = torch.rand(2, 3, 48, 64, generator=torch.Generator().manual_seed(0))
+    for factor in (0.5, 0.25):  # 24x32 and 12x16: integer factors 2 and 4
+        sh, sw = int(48 * factor), int(64 * factor)
+        assert torch.allclose(pixelate(x, factor), _pixelate_box(x, sh, sw), atol=1e-6)
+    blocks = pixelate(x, 0.25).view(2, 3, 12, 4, 16, 4)
+    assert torch.equal(blocks, blocks[:, :, :, :1, :, :1].expand_as(blocks))  # constant 4x4 blocks
+
+
 def test_fancy_upsampling_equals_half_pixel_bilinear() -> None:
     from toolchain.robustness.corruptions.jpeg import _fancy_upsample
 

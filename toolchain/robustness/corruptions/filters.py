@@ -251,10 +251,36 @@ def _box_down(x: torch.Tensor, n_out: int) -> torch.Tensor:
     return out
 
 
+def _pixelate_blocks(x: torch.Tensor, k: int) -> torch.Tensor:
+    """``pixelate`` when both sides are ``k`` times the small ones: ``k x k`` block means, repeated.
+
+    PIL's BOX filter at an integer scale is exactly the block mean and NEAREST repeats each
+    pixel ``k`` times, so no index tables are needed: row blocks are summed by a reduction over
+    a middle dimension, column blocks by ``k`` strided slices, and the result is broadcast back.
+    """
+    n, c, h, w = x.shape
+    sh, sw = h // k, w // k
+    rows = x.reshape(n, c, sh, k, w).sum(3)
+    small = rows[..., 0::k].clone()
+    for j in range(1, k):
+        small.add_(rows[..., j::k])
+    small.mul_(1 / (k * k))
+    return small.view(n, c, sh, 1, sw, 1).expand(n, c, sh, k, sw, k).reshape(n, c, h, w)
+
+
 def pixelate(x: torch.Tensor, factor: float) -> torch.Tensor:
     """PIL ``BOX`` downsample to ``int(side * factor)``, then ``NEAREST`` upsample back."""
     h, w = x.shape[-2:]
     sh, sw = max(1, int(h * factor)), max(1, int(w * factor))
+    k = h // sh
+    if k > 1 and sh * k == h and sw * k == w:  # an integer factor (e.g. 0.5, 0.25 at even sizes)
+        return _pixelate_blocks(x, k)
+    return _pixelate_box(x, sh, sw)
+
+
+def _pixelate_box(x: torch.Tensor, sh: int, sw: int) -> torch.Tensor:
+    """``pixelate`` to ``(sh, sw)`` and back at any factor: BOX taps per axis, NEAREST upsampling."""
+    h, w = x.shape[-2:]
     small = _box_down(x, sh)  # rows
     small_t = _box_down(small.transpose(-1, -2).contiguous(), sw)  # columns, transposed
     # PIL's NEAREST upsampling takes source floor((j + 0.5) * n_small / n): torch's "nearest-exact".
