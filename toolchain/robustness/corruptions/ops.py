@@ -164,6 +164,30 @@ def warp(x: torch.Tensor, grid: torch.Tensor, padding_mode: str = "reflection") 
     return F.grid_sample(x, norm, mode="bilinear", padding_mode=padding_mode, align_corners=False)
 
 
+def warp_by(x: torch.Tensor, shift: torch.Tensor, padding_mode: str = "reflection") -> torch.Tensor:
+    """``warp`` at every pixel's own coordinates plus ``shift`` ``(N, 2, H, W)`` (dx, dy), bilinear.
+
+    The normalised grid is built in one pass (cached pixel-centre grid + shift times the
+    normalising scale) instead of adding the shift to pixel coordinates and normalising them.
+    """
+    h, w = shift.shape[-2:]
+    base, scale = _normalised_grid(h, w, shift.device, shift.dtype)
+    norm = torch.addcmul(base, shift.permute(0, 2, 3, 1), scale)  # (N, H, W, 2), contiguous
+    return F.grid_sample(x, norm, mode="bilinear", padding_mode=padding_mode, align_corners=False)
+
+
+@lru_cache(maxsize=16)
+def _normalised_grid(
+    h: int, w: int, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixel centres in ``grid_sample``'s [-1, 1] coordinates ``(H, W, 2)``, and px -> unit scale."""
+    ys = (2 * torch.arange(h, dtype=torch.float64) + 1) / h - 1
+    xs = (2 * torch.arange(w, dtype=torch.float64) + 1) / w - 1
+    base = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)
+    scale = torch.tensor([2 / w, 2 / h], dtype=torch.float64)
+    return base.to(device, dtype), scale.to(device, dtype)
+
+
 def pixel_grid(n: int, h: int, w: int, like: torch.Tensor) -> torch.Tensor:
     """``(N, H, W, 2)`` pixel coordinates (x, y) of every output pixel."""
     ys, xs = torch.meshgrid(
