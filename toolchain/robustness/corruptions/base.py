@@ -80,7 +80,7 @@ class Corruption(ABC):
         """``_apply`` clamped to [0, 1], written into ``out`` when given (else into a new tensor).
 
         A corruption that can build its result in ``out`` itself overrides this: one buffer
-        and one pass fewer per chunk (fresh memory costs page faults, not just a pass).
+        and one pass fewer per chunk (and a fresh buffer adds page faults to the pass filling it).
         """
         result = self._apply(x, severity, generator)
         return result.clamp_(0.0, 1.0) if out is None else torch.clamp(result, 0.0, 1.0, out=out)

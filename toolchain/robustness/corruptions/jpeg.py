@@ -149,7 +149,7 @@ def _block_codec(
     columns = _columns(planes, d * scale if scale != 1 else d)
     coef = _rows_transposed(columns, d if first_rows is None else first_rows)
     # Two buffers serve all four steps: each inverse step writes where a forward step's
-    # spent result lies (fresh memory costs page faults, which cost more than the passes).
+    # spent result lies (a fresh buffer adds page faults to the pass that first fills it).
     b, w, h = coef.shape
     inv_q, q, dc_shift = _tables(quality, chroma, h, planes.device)
     groups = coef.view(b * w // 8, 8, h)
