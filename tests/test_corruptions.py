@@ -190,6 +190,39 @@ def test_jpeg_matches_pil_round_trip(rgb32: torch.Tensor) -> None:
     assert l1(ours, pil) < 0.2 * l1(pil, rgb32[0])  # same artefacts, not merely "some blur"
 
 
+def _pil_jpeg(u8: np.ndarray, quality: int) -> np.ndarray:
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(u8).save(buf, "JPEG", quality=quality)
+    return np.asarray(Image.open(buf)).astype(np.float64)
+
+
+@pytest.mark.parametrize("size", [(224, 224), (37, 53)])  # whole 16x16 MCUs, and padded ones
+def test_jpeg_matches_pil_on_photographs(size: tuple[int, int]) -> None:
+    """The vectorised JPEG against PIL's libjpeg on a real photograph, RGB (4:2:0) and grey.
+
+    libjpeg rounds its intermediate YCbCr and chroma samples to integers and uses an integer
+    DCT; ours is float, so single pixels can differ where a coefficient sits on a rounding
+    boundary, but on average they agree within about one 8-bit level (grey, with no colour
+    conversion or subsampling, within a third of one) and the strength within 1.5 %.
+    """
+    data = pytest.importorskip("skimage.data")
+    h, w = size
+    u8 = np.ascontiguousarray(data.astronaut()[: 2 * h : 2, : 2 * w : 2])
+    grey = u8.mean(2).round().astype(np.uint8)
+    for quality in (7, 25, 80):  # ImageNet-C's mildest and harshest, and CIFAR-10-C's mildest
+        pil = _pil_jpeg(u8, quality)
+        x = torch.from_numpy(u8).permute(2, 0, 1)[None].float() / 255
+        ours = (jpeg_round_trip(x, quality).clamp(0, 1)[0].permute(1, 2, 0).numpy() * 255).round()
+        assert np.abs(ours - pil).mean() < 1.2, quality
+        assert abs(np.abs(ours - u8).mean() / np.abs(pil - u8).mean() - 1) < 0.015, quality
+        pil_grey = _pil_jpeg(grey, quality)
+        ours_grey = jpeg_round_trip(torch.from_numpy(grey)[None, None].float() / 255, quality)
+        ours_grey = (ours_grey.clamp(0, 1)[0, 0].numpy() * 255).round()
+        assert np.abs(ours_grey - pil_grey).mean() < 0.35, quality
+
+
 def test_grid_png_written(tmp_path) -> None:
     image = scene_batch(32)[0]
     path = save_corruption_grid(image, tmp_path / "g" / "grid.png", names=["fog", "rain"], cell_px=50)
@@ -305,7 +338,7 @@ def test_strength_matches_reference_at_224(name: str, photos224: tuple[torch.Ten
 
 
 def test_poisson_sampler_is_poisson() -> None:
-    """The guide-table sampler reproduces Poisson(lam): mean, variance and P(0) at several means."""
+    """The alias sampler reproduces Poisson(lam): mean, variance, P(0) and the whole pmf."""
     from toolchain.robustness.corruptions.ops import poisson_levels
 
     levels = torch.tensor([0, 3, 51, 128, 255], dtype=torch.float32) / 255
@@ -317,6 +350,24 @@ def test_poisson_sampler_is_poisson() -> None:
     assert torch.allclose(mean[1:], lam[1:], rtol=0.02) and torch.allclose(var[1:], lam[1:], rtol=0.04)
     p0 = (counts[1] == 0).double().mean()
     assert abs(p0 - math.exp(-lam[1])) < 0.01  # exp(-0.706) = 0.49
+    # The whole distribution at lam = 12 (level 51): total variation from the pmf below 0.02
+    # (40k draws give ~0.01 by chance; a wrongly built alias table moves whole outcomes).
+    c = torch.arange(60, dtype=torch.float64)
+    pmf = torch.exp(c * math.log(lam[2]) - lam[2] - torch.lgamma(c + 1))
+    freq = torch.bincount(counts[2].long(), minlength=60)[:60].double() / counts.shape[1]
+    assert 0.5 * (freq - pmf).abs().sum() < 0.02
+
+
+def test_pixelate_block_means_equal_the_box_taps() -> None:
+    """At integer factors pixelate takes k x k block means: the same pixels as the general BOX path."""
+    from toolchain.robustness.corruptions.filters import _pixelate_box, pixelate
+
+    x = torch.rand(2, 3, 48, 64, generator=torch.Generator().manual_seed(0))
+    for factor in (0.5, 0.25):  # 24x32 and 12x16: integer factors 2 and 4
+        sh, sw = int(48 * factor), int(64 * factor)
+        assert torch.allclose(pixelate(x, factor), _pixelate_box(x, sh, sw), atol=1e-6)
+    blocks = pixelate(x, 0.25).view(2, 3, 12, 4, 16, 4)
+    assert torch.equal(blocks, blocks[:, :, :, :1, :, :1].expand_as(blocks))  # constant 4x4 blocks
 
 
 def test_fancy_upsampling_equals_half_pixel_bilinear() -> None:
@@ -324,14 +375,23 @@ def test_fancy_upsampling_equals_half_pixel_bilinear() -> None:
 
     c = torch.rand(2, 2, 9, 13, generator=torch.Generator().manual_seed(0))
     expected = torch.nn.functional.interpolate(c, scale_factor=2, mode="bilinear", align_corners=False)
-    assert torch.allclose(_fancy_upsample(c), expected, atol=1e-6)
+    assert torch.allclose(_fancy_upsample(c) / 16, expected, atol=1e-6)  # it returns 16x the values
 
 
-def test_chunked_batch_equals_its_images_in_one_call(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A batch bigger than one chunk is processed in pieces: the same pixels as one image at a time."""
-    zoom = CORRUPTIONS.get("zoom_blur")
-    monkeypatch.setattr(zoom, "chunk_bytes", 2 * 3 * 96 * 96 * 4)  # two images per chunk
-    x = torch.rand(5, 3, 96, 96, generator=torch.Generator().manual_seed(0))
-    out = corrupt("zoom_blur", x, 3)  # deterministic, so chunks must equal image-by-image calls
-    single = torch.cat([corrupt("zoom_blur", x[i : i + 1], 3) for i in range(5)])
+@pytest.mark.parametrize(
+    ("name", "size"), [("zoom_blur", 96), ("jpeg_compression", 96), ("jpeg_compression", 88)]
+)
+def test_chunked_batch_equals_its_images_in_one_call(
+    name: str, size: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch bigger than one chunk is processed in pieces: the same pixels as one image at a time.
+
+    JPEG writes its chunks straight into the output (88 px: padded MCUs, through a bigger buffer).
+    """
+    corruption = CORRUPTIONS.get(name)
+    monkeypatch.setattr(corruption, "chunk_bytes", 2 * 3 * size * size * 4)  # two images per chunk
+    x = torch.rand(5, 3, size, size, generator=torch.Generator().manual_seed(0))
+    out = corrupt(name, x, 3)  # deterministic, so chunks must equal image-by-image calls
+    single = torch.cat([corrupt(name, x[i : i + 1], 3) for i in range(5)])
     assert torch.allclose(out, single, atol=1e-6) and l1(out, x) > 0.01
+    assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0

@@ -68,12 +68,22 @@ class Corruption(ABC):
         """
         step = max(1, self.chunk_bytes // max(1, x[0].numel() * x.element_size()))
         if step >= x.shape[0]:
-            return self._apply(x, severity, generator).clamp_(0.0, 1.0)
+            return self._apply_into(x, severity, generator, None)
         out = torch.empty_like(x)
         for start in range(0, x.shape[0], step):
-            chunk = self._apply(x[start : start + step], severity, generator)
-            out[start : start + step] = chunk.clamp_(0.0, 1.0)
+            self._apply_into(x[start : start + step], severity, generator, out[start : start + step])
         return out
+
+    def _apply_into(
+        self, x: torch.Tensor, severity: int, generator: torch.Generator, out: torch.Tensor | None
+    ) -> torch.Tensor:
+        """``_apply`` clamped to [0, 1], written into ``out`` when given (else into a new tensor).
+
+        A corruption that can build its result in ``out`` itself overrides this: one buffer
+        and one pass fewer per chunk (and a fresh buffer adds page faults to the pass filling it).
+        """
+        result = self._apply(x, severity, generator)
+        return result.clamp_(0.0, 1.0) if out is None else torch.clamp(result, 0.0, 1.0, out=out)
 
     @abstractmethod
     def _apply(self, x: torch.Tensor, severity: int, generator: torch.Generator) -> torch.Tensor:

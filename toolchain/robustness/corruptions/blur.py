@@ -19,6 +19,7 @@ from toolchain.robustness.corruptions.base import (
 )
 
 
+@lru_cache(maxsize=32)  # five severities per table and size: built once, not per batch
 def _disk_kernel(radius: float, alias_blur: float, supersample: int = 8) -> torch.Tensor:
     """ImageNet-C's defocus kernel: a disk, then a small Gaussian to anti-alias it.
 
@@ -118,16 +119,34 @@ class GlassBlur(Corruption):
         sigma, delta, iters = pick(x, severity, self.SMALL, self.LARGE)
         s = spatial_scale(x)
         n, c, h, w = x.shape
-        table_dy, table_dx = _swap_displacements(delta, iters)
+        offsets, base, reach = _glass_offsets(delta, iters, s, h, w, x.device)
         x = filters.gaussian_blur(x, sigma * s)
         j = (rand((n, h * w), generator, x) * _GUIDE).long().clamp_(max=_GUIDE - 1)
-        dy = torch.round(table_dy.to(x.device).index_select(0, j.flatten()).view(n, h * w) * s).long()
-        dx = torch.round(table_dx.to(x.device).index_select(0, j.flatten()).view(n, h * w) * s).long()
-        yy = torch.arange(h, device=x.device).repeat_interleave(w)
-        xx = torch.arange(w, device=x.device).repeat(h)
-        src = (yy + dy).clamp_(0, h - 1) * w + (xx + dx).clamp_(0, w - 1)
-        x = torch.gather(x.reshape(n, c, h * w), 2, src.view(n, 1, h * w).expand(n, c, h * w))
+        # Gathering from the edge-replicated image is the reference's clipping of coordinates,
+        # and lets one flat offset per draw replace per-axis index arithmetic.
+        src = offsets.index_select(0, j.flatten()).view(n, 1, h * w).add_(base)
+        padded = filters.pad(x, reach, reach, reach, reach, "replicate").reshape(n, c, -1)
+        x = torch.gather(padded, 2, src.expand(n, c, h * w))
         return filters.gaussian_blur(x.view(n, c, h, w), sigma * s)
+
+
+@lru_cache(maxsize=32)
+def _glass_offsets(
+    delta: int, iterations: int, scale: float, h: int, w: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Flat gather offsets for glass blur on an ``h x w`` image padded by ``reach`` on every side.
+
+    Returns ``(offsets, base, reach)``: ``offsets[j]`` is quantile ``j``'s displacement
+    ``(round(dy * scale), round(dx * scale))`` as ``dy * (w + 2 reach) + dx``, ``base`` the
+    padded flat index of every pixel, ``reach`` the largest scaled displacement.
+    """
+    table_dy, table_dx = _swap_displacements(delta, iterations)
+    dy, dx = torch.round(table_dy * scale).long(), torch.round(table_dx * scale).long()
+    reach = int(max(dy.abs().max(), dx.abs().max()))
+    width = w + 2 * reach
+    ys = torch.arange(reach, reach + h).view(h, 1) * width
+    base = (ys + torch.arange(reach, reach + w).view(1, w)).flatten()
+    return (dy * width + dx).to(device), base.to(device), reach
 
 
 @register

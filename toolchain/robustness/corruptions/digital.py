@@ -86,8 +86,7 @@ class ElasticTransform(Corruption):
         amp = self.NOISE * h
         noise = uniform((n, 2, h, w), -amp, amp, generator, x)  # (dx, dy)
         field = filters.gaussian_blur(noise, (self.SIGMA * h, self.SIGMA * w), truncate=3.0, mode="symmetric")
-        grid = ops.pixel_grid(n, h, w, x) + alpha * field.permute(0, 2, 3, 1)
-        return ops.warp(x, grid, padding_mode="reflection")
+        return ops.warp_by(x, field.mul_(alpha), padding_mode="reflection")
 
 
 @register
@@ -112,6 +111,11 @@ class JpegCompression(Corruption):
 
     def _apply(self, x: torch.Tensor, severity: int, generator: torch.Generator) -> torch.Tensor:
         return jpeg_round_trip(x, pick(x, severity, self.SMALL, self.LARGE))
+
+    def _apply_into(
+        self, x: torch.Tensor, severity: int, generator: torch.Generator, out: torch.Tensor | None
+    ) -> torch.Tensor:
+        return jpeg_round_trip(x, pick(x, severity, self.SMALL, self.LARGE), out=out).clamp_(0.0, 1.0)
 
 
 @register

@@ -137,13 +137,23 @@ def fft_filter2d(x: torch.Tensor, kernel: torch.Tensor, mode: str = "reflect101"
     h, w = x.shape[-2:]
     padded = pad(x, ry, kh - 1 - ry, rx, kw - 1 - rx, mode)
     fh, fw = _fast_size(padded.shape[-2]), _fast_size(padded.shape[-1])
-    # Correlation = convolution with the flipped kernel; rolled so its centre sits at (0, 0).
-    k = torch.zeros(fh, fw, dtype=x.dtype, device=x.device)
-    k[:kh, :kw] = kernel.flip(0, 1).to(x.device, x.dtype)
-    k = k.roll((-(kh - 1 - ry), -(kw - 1 - rx)), (0, 1))
-    spectrum = torch.fft.rfft2(padded, s=(fh, fw)) * torch.fft.rfft2(k)
+    taps = kernel.detach().to("cpu", torch.float64)
+    key = (tuple(taps.flatten().tolist()), kh, kw, fh, fw, x.device, x.dtype)
+    spectrum = torch.fft.rfft2(padded, s=(fh, fw)).mul_(_kernel_spectrum(*key))
     out = torch.fft.irfft2(spectrum, s=(fh, fw))
     return out[..., ry : ry + h, rx : rx + w]
+
+
+@lru_cache(maxsize=32)
+def _kernel_spectrum(
+    taps: tuple[float, ...], kh: int, kw: int, fh: int, fw: int, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """The ``(fh, fw)`` real FFT of a ``kh x kw`` correlation kernel (given by its ``taps``)."""
+    ry, rx = kh // 2, kw // 2
+    # Correlation = convolution with the flipped kernel; rolled so its centre sits at (0, 0).
+    k = torch.zeros(fh, fw, dtype=dtype, device=device)
+    k[:kh, :kw] = torch.tensor(taps, dtype=dtype).view(kh, kw).flip(0, 1).to(device)
+    return torch.fft.rfft2(k.roll((-(kh - 1 - ry), -(kw - 1 - rx)), (0, 1)))
 
 
 def motion_blur(x: torch.Tensor, radius: float, sigma: float, angle_deg: torch.Tensor) -> torch.Tensor:
@@ -241,10 +251,36 @@ def _box_down(x: torch.Tensor, n_out: int) -> torch.Tensor:
     return out
 
 
+def _pixelate_blocks(x: torch.Tensor, k: int) -> torch.Tensor:
+    """``pixelate`` when both sides are ``k`` times the small ones: ``k x k`` block means, repeated.
+
+    PIL's BOX filter at an integer scale is exactly the block mean and NEAREST repeats each
+    pixel ``k`` times, so no index tables are needed: row blocks are summed by a reduction over
+    a middle dimension, column blocks by ``k`` strided slices, and the result is broadcast back.
+    """
+    n, c, h, w = x.shape
+    sh, sw = h // k, w // k
+    rows = x.reshape(n, c, sh, k, w).sum(3)
+    small = rows[..., 0::k].clone()
+    for j in range(1, k):
+        small.add_(rows[..., j::k])
+    small.mul_(1 / (k * k))
+    return small.view(n, c, sh, 1, sw, 1).expand(n, c, sh, k, sw, k).reshape(n, c, h, w)
+
+
 def pixelate(x: torch.Tensor, factor: float) -> torch.Tensor:
     """PIL ``BOX`` downsample to ``int(side * factor)``, then ``NEAREST`` upsample back."""
     h, w = x.shape[-2:]
     sh, sw = max(1, int(h * factor)), max(1, int(w * factor))
+    k = h // sh
+    if k > 1 and sh * k == h and sw * k == w:  # an integer factor (e.g. 0.5, 0.25 at even sizes)
+        return _pixelate_blocks(x, k)
+    return _pixelate_box(x, sh, sw)
+
+
+def _pixelate_box(x: torch.Tensor, sh: int, sw: int) -> torch.Tensor:
+    """``pixelate`` to ``(sh, sw)`` and back at any factor: BOX taps per axis, NEAREST upsampling."""
+    h, w = x.shape[-2:]
     small = _box_down(x, sh)  # rows
     small_t = _box_down(small.transpose(-1, -2).contiguous(), sw)  # columns, transposed
     # PIL's NEAREST upsampling takes source floor((j + 0.5) * n_small / n): torch's "nearest-exact".

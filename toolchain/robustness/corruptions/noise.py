@@ -31,7 +31,7 @@ class ShotNoise(Corruption):
 
     def _apply(self, x: torch.Tensor, severity: int, generator: torch.Generator) -> torch.Tensor:
         photons = float(pick(x, severity, self.SMALL, self.LARGE))
-        return ops.poisson_levels(x, photons, generator) / photons
+        return ops.poisson_levels(x, photons, generator).div_(photons)
 
 
 @register

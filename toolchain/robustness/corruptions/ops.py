@@ -31,52 +31,54 @@ def tint(color: Sequence[float], x: torch.Tensor) -> torch.Tensor:
 
 
 _POISSON_LEVELS = 256  # the input is read as 8-bit levels, as the reference receives it
-_POISSON_GUIDE = 4096  # guide-table bins per level: most draws need no correction step
 
 
-@lru_cache(maxsize=10)  # 4 MiB each: the five severities of both tables
-def _poisson_tables(photons: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Per 8-bit level ``l`` (mean ``l / 255 * photons``): the Poisson CDF and a guide table.
+@lru_cache(maxsize=10)  # the five severities of both tables, ~0.2 MiB each
+def _poisson_alias(photons: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Walker alias tables of ``Poisson(l / 255 * photons)`` for every 8-bit level ``l``.
 
-    Returns ``(cdf, guide, k)``: ``cdf`` is ``(levels * k,)`` with ``cdf[l*k + c] = P(X <= c)``
-    (the last entry of each row raised above 1 so every search stops), ``guide`` is
-    ``(levels * M,)`` with the count ``#{c: cdf_l(c) <= j / M}``, the exact sample for a uniform
-    draw at the left edge of bin ``j``.
+    Returns ``(prob, alias, k)``, both ``(levels * k,)`` float32: row ``l`` holds level ``l``'s
+    outcomes ``0 .. k - 1`` (``k`` reaches 12 standard deviations past the largest mean, the
+    mass beyond is below 1e-12 and is renormalised away). Picking slot ``c`` of a row uniformly,
+    keeping ``c`` with probability ``prob[l*k + c]`` and taking ``alias[l*k + c]`` otherwise
+    draws every outcome with exactly its probability (Vose's construction).
     """
-    lam = torch.arange(_POISSON_LEVELS, dtype=torch.float64) * (photons / (_POISSON_LEVELS - 1))
-    k = int(photons + 12 * math.sqrt(photons) + 16)  # the mass beyond is below 1e-12
+    k = int(photons + 12 * math.sqrt(photons) + 16)
+    lam = torch.arange(_POISSON_LEVELS, dtype=torch.float64)[:, None] * (photons / (_POISSON_LEVELS - 1))
     c = torch.arange(k, dtype=torch.float64)
-    logp = c * lam[:, None].clamp_min(1e-300).log() - lam[:, None] - torch.lgamma(c + 1)
-    pmf = torch.where(lam[:, None] > 0, logp.exp(), (c == 0).double().expand(_POISSON_LEVELS, k))
-    cdf = pmf.cumsum(1).float()
-    cdf[:, -1] = 2.0
-    edges = torch.arange(_POISSON_GUIDE, dtype=torch.float32) / _POISSON_GUIDE
-    guide = torch.searchsorted(cdf, edges.expand(_POISSON_LEVELS, -1).contiguous(), right=True)
-    return cdf.flatten().to(device), guide.flatten().int().to(device), k
+    logp = c * lam.clamp_min(1e-300).log() - lam - torch.lgamma(c + 1)
+    pmf = torch.where(lam > 0, logp.exp(), (c == 0).double().expand(_POISSON_LEVELS, k))
+    scaled = (pmf / pmf.sum(1, keepdim=True) * k).tolist()
+    prob = [[1.0] * k for _ in range(_POISSON_LEVELS)]
+    alias = [list(range(k)) for _ in range(_POISSON_LEVELS)]
+    for level, row in enumerate(scaled):
+        small = [i for i in range(k) if row[i] < 1]
+        large = [i for i in range(k) if row[i] >= 1]
+        while small and large:  # pair an under-full slot with an over-full outcome
+            s, g = small.pop(), large.pop()
+            prob[level][s], alias[level][s] = row[s], g
+            row[g] += row[s] - 1
+            (small if row[g] < 1 else large).append(g)
+    flat = (torch.tensor(t, dtype=torch.float32).flatten().to(device) for t in (prob, alias))
+    return next(flat), next(flat), k
 
 
 def poisson_levels(x: torch.Tensor, photons: float, generator: torch.Generator) -> torch.Tensor:
     """Poisson photon counts with mean ``x * photons``, ``x`` read as 8-bit levels (exact sampling).
 
-    Inverse-CDF sampling: one uniform draw per value (CPU generator, so CPU and GPU agree), a
-    guide-table lookup that is already the answer for most draws, and correction steps
-    (``count += u >= CDF(count)``) on the subset of draws that landed in a bin holding a CDF step.
-    Quantising the mean to 256 levels is what the reference does too: it only takes uint8
-    images. Returns float counts on ``x``'s device.
+    Alias sampling: one uniform draw per value (CPU generator, so CPU and GPU agree) picks a
+    slot of the level's table (its integer part) and decides between the slot and its alias
+    (its fractional part): two table lookups, no search and no loop. Quantising the mean to 256
+    levels is what the reference does too: it only takes uint8 images. Returns float counts on
+    ``x``'s device.
     """
-    cdf, guide, k = _poisson_tables(float(photons), x.device)
-    level = torch.round(x.clamp(0, 1).flatten() * (_POISSON_LEVELS - 1)).int()
-    u = rand((x.numel(),), generator, x)
-    count = guide.index_select(
-        0, level * _POISSON_GUIDE + (u * _POISSON_GUIDE).int().clamp_(max=_POISSON_GUIDE - 1)
-    )
-    row = level * k
-    todo = torch.nonzero(u >= cdf.index_select(0, row + count)).flatten()
-    while todo.numel():  # the rare draws deep in a tail: only those are touched
-        count[todo] += 1
-        still = u[todo] >= cdf.index_select(0, row[todo] + count[todo])
-        todo = todo[still]
-    return count.view(x.shape).float()
+    prob, alias, k = _poisson_alias(float(photons), x.device)
+    row = x.clamp(0, 1).mul_(_POISSON_LEVELS - 1).round_().mul_(k)
+    v = rand(x.shape, generator, x).mul_(k)
+    slot = v.floor().clamp_(max=k - 1)
+    idx = row.add_(slot).int().flatten()
+    keep = v.sub_(slot).flatten() < prob.index_select(0, idx)  # v - slot: uniform in [0, 1)
+    return torch.where(keep, slot.flatten(), alias.index_select(0, idx)).view(x.shape)
 
 
 def fractal_noise(
@@ -160,6 +162,30 @@ def warp(x: torch.Tensor, grid: torch.Tensor, padding_mode: str = "reflection") 
     norm[..., 0] = (2 * grid[..., 0] + 1) / w - 1  # align_corners=False pixel-centre convention
     norm[..., 1] = (2 * grid[..., 1] + 1) / h - 1
     return F.grid_sample(x, norm, mode="bilinear", padding_mode=padding_mode, align_corners=False)
+
+
+def warp_by(x: torch.Tensor, shift: torch.Tensor, padding_mode: str = "reflection") -> torch.Tensor:
+    """``warp`` at every pixel's own coordinates plus ``shift`` ``(N, 2, H, W)`` (dx, dy), bilinear.
+
+    The normalised grid is built in one pass (cached pixel-centre grid + shift times the
+    normalising scale) instead of adding the shift to pixel coordinates and normalising them.
+    """
+    h, w = shift.shape[-2:]
+    base, scale = _normalised_grid(h, w, shift.device, shift.dtype)
+    norm = torch.addcmul(base, shift.permute(0, 2, 3, 1), scale)  # (N, H, W, 2), contiguous
+    return F.grid_sample(x, norm, mode="bilinear", padding_mode=padding_mode, align_corners=False)
+
+
+@lru_cache(maxsize=16)
+def _normalised_grid(
+    h: int, w: int, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixel centres in ``grid_sample``'s [-1, 1] coordinates ``(H, W, 2)``, and px -> unit scale."""
+    ys = (2 * torch.arange(h, dtype=torch.float64) + 1) / h - 1
+    xs = (2 * torch.arange(w, dtype=torch.float64) + 1) / w - 1
+    base = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)
+    scale = torch.tensor([2 / w, 2 / h], dtype=torch.float64)
+    return base.to(device, dtype), scale.to(device, dtype)
 
 
 def pixel_grid(n: int, h: int, w: int, like: torch.Tensor) -> torch.Tensor:
