@@ -373,7 +373,8 @@ def write_plots(json_path: Path) -> list[Path]:
     written = []
     budgets = {row["budget"] for row in payload["summary"].values()}
     for key, label in PLOTTED:
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, ax = plt.subplots(figsize=(7.5, 4))
+        ax.set_prop_cycle(color=plt.get_cmap("tab20").colors)  # 11 methods: the default cycle repeats at 10
         if len(budgets) == 1:  # one budget: a bar per method says more than a dot each
             _bars(ax, payload, key, label, next(iter(budgets)))
             path = json_path.with_name(f"{json_path.stem}-{key}.png")
@@ -397,19 +398,30 @@ def write_plots(json_path: Path) -> list[Path]:
         if dense.get(key) is not None:
             ax.axhline(100 * dense[key], color="gray", linestyle="--", label="dense")
         ax.set_xscale("log")
-        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        # one tick per budget (at its mean MACs): the log axis alone labels only decades
+        groups = _by_budget(payload)
+        ticks = sorted({round(statistics.fmean(r["macs"] for r in group) / 1e6, 3) for group in groups})
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("MMACs per image (log)")
         ax.set_ylabel(f"{label} (%)")
         ax.set_title(f"{payload['dataset']} ({payload['setting']}, {payload['split']} split): {label}")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside, not over, the lines
         path = json_path.with_name(f"{json_path.stem}-{key}.png")
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
     return written
+
+
+def _by_budget(payload: dict[str, Any]) -> list[list[dict[str, Any]]]:
+    """The summary rows grouped by budget (the dense model as its own group)."""
+    groups: dict[float, list[dict[str, Any]]] = {1.0: [payload["dense_summary"]]}
+    for row in payload["summary"].values():
+        groups.setdefault(row["budget"], []).append(row)
+    return list(groups.values())
 
 
 def _bars(ax: Any, payload: dict[str, Any], key: str, label: str, budget: float) -> None:
