@@ -44,6 +44,10 @@ class ParityCounter:
         self.agree += int((ref_label == cand_label).sum())
         self.reference_correct += int(ref_ok.sum())
         self.flipped += int((ref_ok & (cand_label != y)).sum())
+        self._track_diff(reference, candidate)
+
+    def _track_diff(self, reference: torch.Tensor, candidate: torch.Tensor) -> None:
+        """Keep the largest logit difference; a NaN counts as infinitely far."""
         diff = torch.nan_to_num((reference - candidate).abs(), nan=float("inf"))
         self.max_abs_diff = max(self.max_abs_diff, float(diff.max()) if diff.numel() else 0.0)
 
@@ -57,7 +61,7 @@ class ParityCounter:
 
 
 @dataclass
-class PixelParityCounter:
+class PixelParityCounter(ParityCounter):
     """:class:`ParityCounter` for ``(N, K, H, W)`` segmentation logits: one prediction per pixel.
 
     ``top1_agreement`` is the share of all pixels with the same arg-max, where a flip at a
@@ -67,13 +71,8 @@ class PixelParityCounter:
     gets wrong; ``samples`` counts images, ``pixels`` the pixels compared.
     """
 
-    samples: int = 0
     pixels: int = 0
-    agree: int = 0
     ties: int = 0
-    reference_correct: int = 0
-    flipped: int = 0
-    max_abs_diff: float = 0.0
 
     def add(self, reference: torch.Tensor, candidate: torch.Tensor, y: torch.Tensor) -> None:
         ref_label, cand_label = reference.argmax(1), candidate.argmax(1)
@@ -86,8 +85,7 @@ class PixelParityCounter:
         self.ties += int(tied.sum())
         self.reference_correct += int(ref_ok.sum())
         self.flipped += int((ref_ok & (cand_label != y) & ~tied).sum())
-        diff = torch.nan_to_num((reference - candidate).abs(), nan=float("inf"))
-        self.max_abs_diff = max(self.max_abs_diff, float(diff.max()) if diff.numel() else 0.0)
+        self._track_diff(reference, candidate)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -102,7 +100,7 @@ class PixelParityCounter:
 
 @dataclass
 class _Kinds:
-    counters: dict[str, ParityCounter | PixelParityCounter] = field(default_factory=dict)
+    counters: dict[str, ParityCounter] = field(default_factory=dict)
 
     def add(self, kind: str, reference: torch.Tensor, candidate: torch.Tensor, y: torch.Tensor) -> None:
         # Per-pixel logits are told apart by their rank, so no caller needs to name its task.
