@@ -2,16 +2,19 @@
 
     python bench/aer.py [--dataset fashion-mnist|signs] [--setting reduced|full]
                         [--methods magnitude hydra ...] [--budgets 2 4 8 16] [--seeds 0 1 2]
-                        [--seeds-at 4] [--split test|holdout] [--work runs/aer] [--out FILE]
+                        [--seeds-at 4] [--shared-dense] [--split test|holdout]
+                        [--work runs/aer] [--out FILE]
     python bench/aer.py ... --collect          # JSON + plots of the finished runs only
     python bench/aer.py --render FILE.json     # the README's markdown table from a result
 
-For each seed one dense model is adversarially trained (the recipe's ``train`` stage); every
-(method, budget) run then starts from a copy of that run directory, so the dense weights are
-the very same, and goes through the real pipeline: prune with the method, fine-tune, export,
-validate (clean, PGD-20 and APGD-CE white-box, Square, corruptions) and bench (ONNX Runtime
-latency at batch 1 and 32). Every method gets the same training after the dense model: its
-in-the-loop epochs plus fine-tuning epochs add up to ``after_epochs``, with the same attack.
+For each seed one dense model is adversarially trained (the recipe's ``train`` stage), or with
+``--shared-dense`` every seed starts from the first seed's dense model, so the spread over seeds
+is that of the method (pruning and fine-tuning) alone; every (method, budget) run then starts
+from a copy of that run directory, so the dense weights are the very same, and goes through
+the real pipeline: prune with the method, fine-tune, export, validate (clean, PGD-20 and
+APGD-CE white-box, Square, corruptions) and bench (ONNX Runtime latency at batch 1 and 32).
+Every method gets the same training after the dense model: its in-the-loop epochs plus
+fine-tuning epochs add up to ``after_epochs``, with the same attack.
 
 Runs write their own run directory under ``--work``; a finished run (its report.json) is never
 redone, so an interrupted benchmark continues where it stopped. ``--split holdout`` evaluates
@@ -253,6 +256,12 @@ def main() -> int:
     parser.add_argument(
         "--after-epochs", type=int, default=None, help="training epochs after the dense model"
     )
+    parser.add_argument(
+        "--shared-dense",
+        action="store_true",
+        help="every seed starts from the first seed's dense model: the spread is the method's "
+        "(pruning and fine-tuning), not the dense training's",
+    )
     parser.add_argument("--split", default="test", choices=["test", "holdout"])
     parser.add_argument("--work", default=str(REPO / "runs" / "aer"))
     parser.add_argument("--out", default=None)
@@ -276,8 +285,9 @@ def main() -> int:
     started = time.perf_counter()
     runs: list[dict[str, Any]] = []
     dense_rows: dict[int, dict[str, Any]] = {}
+    first_dense: Path | None = None
     for seed in args.seeds:
-        dense_dir: Path | None = None
+        dense_dir: Path | None = first_dense if args.shared_dense else None
         for budget in args.budgets:
             if seed != args.seeds[0] and not math.isclose(budget, args.seeds_at):
                 continue
@@ -292,6 +302,7 @@ def main() -> int:
                 report = _run(recipe, out, dense_dir)
                 log.info("%s done in %.0f s", recipe["name"], time.perf_counter() - t0)
                 dense_dir = dense_dir or out
+                first_dense = first_dense or out
                 dense_rows.setdefault(seed, summarize(report, "dense"))
                 stages = report.get("stage_seconds", {})
                 runs.append(
@@ -338,6 +349,7 @@ def _write(
         "setting": args.setting,
         "split": args.split,
         "after_epochs": after,
+        "shared_dense": bool(args.shared_dense),
         "base_recipe": base,
         # --collect ran nothing: its time is not the benchmark's (each run's stages keep theirs)
         "wall_seconds": None if args.collect else round(seconds, 1),
