@@ -44,3 +44,22 @@ def test_aer_benchmark_runs_every_method_and_resumes(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(collected.read_text())["runs"] == payload["runs"]
     assert not list((tmp_path / "work").rglob("*-x64-*"))
+
+
+def test_aer_shared_dense_seeds_start_from_one_model_and_test_on_the_same_images(tmp_path: Path) -> None:
+    out = tmp_path / "aer.json"
+    cmd = [sys.executable, str(REPO / "bench" / "aer.py"), "--dataset", "signs", "--setting", "tiny"]
+    cmd += ["--methods", "magnitude", "--budgets", "2", "--seeds", "0", "1", "--seeds-at", "2"]
+    cmd += ["--shared-dense", "--work", str(tmp_path / "work"), "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    payload = json.loads(out.read_text())
+    assert payload["shared_dense"] and [run["seed"] for run in payload["runs"]] == [0, 1]
+    # Same dense weights evaluated on the same images: the deterministic numbers agree exactly.
+    dense = payload["dense"]
+    for key in ("clean", "corruptions_mean", "macs", "params"):
+        assert dense["0"][key] == dense["1"][key], key
+    # ...and seed 1 trained no dense model of its own.
+    seed1 = tmp_path / "work" / "signs-tiny-test" / "magnitude-x2-s1" / "report.json"
+    assert json.loads(seed1.read_text())["stage_seconds"]["train"] < 1.0

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from toolchain.errors import RecipeError
 from toolchain.recipe import Recipe, load_recipe, recipe_from_dict
@@ -65,6 +68,32 @@ def test_section_hash_changes_only_with_its_sections() -> None:
     assert a.section_hash("data", "model", "train") == b.section_hash("data", "model", "train")
     assert a.section_hash("finetune") != b.section_hash("finetune")
     assert a.sha256() != b.sha256()
+
+
+def test_data_seed_picks_the_images_and_hashes_as_before_when_unset() -> None:
+    plain = recipe_from_dict({"seed": 3})
+    assert plain.data_seed == 3
+    # unset: the same hash as a recipe written before data.seed existed
+    dump = plain.model_dump(mode="json")
+    del dump["task"], dump["data"]["seed"]
+    assert plain.sha256() == hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()
+    pinned = recipe_from_dict({"seed": 3, "data": {"seed": 0}})
+    assert pinned.data_seed == 0
+    assert pinned.section_hash("data") != plain.section_hash("data")
+    assert pinned.sha256() != plain.sha256()
+
+
+def test_data_seed_keeps_the_same_validation_images() -> None:
+    from toolchain.preflight import check
+
+    def val_images(seed: int, data_seed: int | None = None) -> torch.Tensor:
+        data = {"train_samples": 8, "val_samples": 8, "image_size": 16, "seed": data_seed}
+        bundle = check(recipe_from_dict({"seed": seed, "data": data}))
+        return torch.stack([bundle.val[i][0] for i in range(8)])
+
+    base = val_images(0)
+    assert not torch.equal(val_images(1), base)  # the capped subset follows the seed...
+    assert torch.equal(val_images(1, data_seed=0), base)  # ...unless data.seed pins it
 
 
 def test_missing_and_malformed_files(tmp_path: Path) -> None:

@@ -90,7 +90,7 @@ def check(recipe: Recipe) -> DataBundle:
         image_size=d.image_size,
         train_samples=d.train_samples,
         val_samples=d.val_samples,
-        seed=recipe.seed,
+        seed=recipe.data_seed,
         holdout=d.holdout,
     )
     if data.task != recipe.task:

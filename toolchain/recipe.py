@@ -74,6 +74,12 @@ class DataConfig(Section):
     )
     batch_size: int = Field(64, ge=1)
     num_workers: int = Field(0, ge=0)
+    seed: int | None = Field(
+        None,
+        ge=0,
+        description="which images the capped splits keep; default the recipe's seed (set it to vary "
+        "the training seed while validating on the same images)",
+    )
 
 
 class ModelConfig(Section):
@@ -282,8 +288,15 @@ class Recipe(Section):
     def section_hash(self, *sections: str) -> str:
         """A stable sha256 of the named sections (and the seed), for stage caching."""
         payload = {name: _dump(getattr(self, name)) for name in sections}
+        if "data" in payload:
+            _drop_unset_data_seed(payload["data"])
         payload["seed"] = self.seed
         return _sha256(payload)
+
+    @property
+    def data_seed(self) -> int:
+        """The seed that picks the images of capped splits: ``data.seed``, else the recipe's."""
+        return self.seed if self.data.seed is None else self.data.seed
 
     def sha256(self) -> str:
         """The hash of the whole validated recipe (report.json's ``recipe_sha256``).
@@ -294,7 +307,14 @@ class Recipe(Section):
         dump = self.model_dump(mode="json")
         if dump["task"] == "classification":
             del dump["task"]
+        _drop_unset_data_seed(dump["data"])
         return _sha256(dump)
+
+
+def _drop_unset_data_seed(data: dict[str, Any]) -> None:
+    """An unset ``data.seed`` hashes as if the key did not exist, as before it did (same caches)."""
+    if data.get("seed") is None:
+        data.pop("seed", None)
 
 
 def _dump(value: Any) -> Any:

@@ -87,7 +87,7 @@ def validate_engine(engine: Path, recipe: Recipe, out: Path, *, progress: bool =
         image_size=d.image_size or runner.input_spec.width,
         train_samples=1,
         val_samples=d.val_samples,
-        seed=recipe.seed,
+        seed=recipe.data_seed,
     )
     spec = runner.input_spec
     height, width = data.input_hw
