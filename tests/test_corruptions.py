@@ -395,3 +395,29 @@ def test_chunked_batch_equals_its_images_in_one_call(
     single = torch.cat([corrupt(name, x[i : i + 1], 3) for i in range(5)])
     assert torch.allclose(out, single, atol=1e-6) and l1(out, x) > 0.01
     assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+
+
+def test_zoom_blur_equals_one_resampling_per_factor() -> None:
+    """The grouped, plane-by-plane zoom gives the mean of plain per-factor bilinear zooms."""
+    from toolchain.robustness.corruptions import filters
+    from toolchain.robustness.corruptions.filters import _zoom_rows
+
+    x = torch.rand(2, 3, 40, 56, generator=torch.Generator().manual_seed(0))
+    zooms = [1 + 0.03 * k for k in range(11)]  # two groups of factors, one of them partial
+    acc = x.clone()
+    for z in zooms:
+        r0, r1, fr = _zoom_rows(40, round(z, 6), x.device)
+        c0, c1, fc = _zoom_rows(56, round(z, 6), x.device)
+        rows = torch.lerp(x[..., r0, :], x[..., r1, :], fr.view(-1, 1))
+        acc += torch.lerp(rows[..., c0], rows[..., c1], fc)
+    assert torch.allclose(filters.zoom_blur(x, zooms), acc / (len(zooms) + 1), atol=1e-6)
+
+
+def test_fft_sizes_are_smooth_and_prefer_multiples_of_16() -> None:
+    from toolchain.robustness.corruptions.filters import _fast_size, _is_smooth
+
+    for n in range(1, 600):
+        m = _fast_size(n)
+        assert m >= n and _is_smooth(m)
+    assert _fast_size(242) == 256  # not 243 = 3^5: odd real FFTs run at half the speed
+    assert _fast_size(240) == 240 and _fast_size(7) == 8

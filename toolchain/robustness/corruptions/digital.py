@@ -137,8 +137,8 @@ class Saturate(Corruption):
         if x.shape[1] != 3:
             return x.clone()
         a, b = pick(x, severity, self.SMALL, self.LARGE)
-        v = x.max(dim=1, keepdim=True).values
-        sat = (v - x.min(dim=1, keepdim=True).values) / v.clamp_min(1e-6)
+        v = x.amax(dim=1, keepdim=True)
+        sat = (v - x.amin(dim=1, keepdim=True)) / v.clamp_min(1e-6)
         new_sat = (sat * a + b).clamp(0, 1)
         ratio = torch.where(sat > 1e-6, new_sat / sat.clamp_min(1e-6), torch.zeros_like(sat))
         return torch.addcmul(v * (1 - ratio), x, ratio)  # v - (v - x) * ratio in one full-size pass

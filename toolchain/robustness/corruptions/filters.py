@@ -6,9 +6,11 @@ Each picks the cheapest exact form for its kernel (all torch, any device, no pix
   (a 13-tap blur costs ~13 streaming passes, no index tensors);
 - long separable kernels (longer than ``_SHIFT_ADD_MAX_TAPS`` or than the image): a cached
   ``(n, n)`` filter matrix per axis, i.e. two matrix products;
-- dense 2-D kernels (defocus discs): one FFT convolution of the border-padded batch;
+- dense 2-D kernels (defocus discs): one FFT convolution of the border-padded batch, at an
+  FFT size that is a multiple of 16 where that costs little (odd sizes are slow);
 - per-image shift patterns (motion blur): shifted slices of one padded copy, per image and tap;
-- centre zooms (zoom blur): per factor, two row gathers plus a lerp per axis, accumulated.
+- centre zooms (zoom blur): per group of factors, two row gathers plus a lerp per axis,
+  accumulated plane by plane so the passes stay in the CPU cache.
 """
 
 from __future__ import annotations
@@ -109,20 +111,23 @@ def gaussian_blur(
     return x
 
 
+@lru_cache(maxsize=64)
 def _fast_size(n: int) -> int:
-    """Smallest 2^a 3^b 5^c >= n: sizes FFT libraries transform fastest."""
-    best = 1 << max(0, math.ceil(math.log2(n)))
-    p3 = 1
-    while p3 < best:
-        p5 = p3
-        while p5 < best:
-            m = p5
-            while m < n:
-                m *= 2
-            best = min(best, m)
-            p5 *= 5
-        p3 *= 3
-    return best
+    """Smallest ``2^a 3^b 5^c >= n`` with ``a >= 4`` where that costs < 10 %: the fast FFT sizes.
+
+    Odd sizes are slow for real FFTs (243 = 3^5 took twice as long as 240 or 256 at 224 px
+    plus a 19-tap kernel), so a multiple of 16 is preferred when it is nearly as small.
+    """
+    smooth = [m for m in range(n, 2 * n + 1) if _is_smooth(m)]
+    even = [m for m in smooth if m % 16 == 0 and m <= 1.1 * n]
+    return even[0] if even else smooth[0]
+
+
+def _is_smooth(m: int) -> bool:
+    for p in (2, 3, 5):
+        while m % p == 0:
+            m //= p
+    return m == 1
 
 
 def fft_filter2d(x: torch.Tensor, kernel: torch.Tensor, mode: str = "reflect101") -> torch.Tensor:
@@ -204,22 +209,54 @@ def _zoom_rows(n: int, zoom: float, device: torch.device) -> tuple[torch.Tensor,
     return (lo + start).to(device), (hi + start).to(device), frac.to(device)
 
 
+_ZOOM_PLANE_BYTES = 1 << 18  # planes per step: a 224 x 224 plane and its temporaries stay in cache
+_ZOOM_GROUP = 6  # zoom factors resampled together: one gather, lerp and transpose per group
+
+
 def zoom_blur(x: torch.Tensor, zooms: Sequence[float]) -> torch.Tensor:
     """Mean of ``x`` and its clipped centre zooms by each factor in ``zooms`` (ImageNet-C).
 
-    Each zoom is separable: a lerp of two gathered rows, then (on the transposed batch) of two
-    gathered columns; row gathers are the fast kind, so the columns are handled transposed
-    and everything accumulates in the transposed layout.
+    Each zoom is separable: a lerp of two gathered rows, then (on the transposed planes) of two
+    gathered columns; row gathers are the fast kind, so the columns are handled transposed and
+    everything accumulates in the transposed layout. Every channel is zoomed the same way, so
+    the work goes a few planes (``_ZOOM_PLANE_BYTES``) at a time: the passes then run in the
+    CPU's cache instead of streaming through memory (~30 % faster at 224 px than whole images).
+    Up to ``_ZOOM_GROUP`` factors share each step: their row indices are concatenated into one
+    gather and the stacked results are transposed and column-gathered once (~10 % faster).
     """
-    _, _, h, w = x.shape
-    acc_t = x.transpose(-1, -2).contiguous()
-    for z in zooms:
-        r0, r1, fr = _zoom_rows(h, round(z, 6), x.device)
-        c0, c1, fc = _zoom_rows(w, round(z, 6), x.device)
-        rows = torch.lerp(x.index_select(-2, r0), x.index_select(-2, r1), fr.view(h, 1))
-        rows_t = rows.transpose(-1, -2).contiguous()
-        acc_t.add_(torch.lerp(rows_t.index_select(-2, c0), rows_t.index_select(-2, c1), fc.view(w, 1)))
-    return acc_t.transpose(-1, -2).div_(len(zooms) + 1)
+    n, c, h, w = x.shape
+    rounded = [round(z, 6) for z in zooms]
+    groups = [
+        _zoom_group(h, w, tuple(rounded[i : i + _ZOOM_GROUP]), x.device)
+        for i in range(0, len(rounded), _ZOOM_GROUP)
+    ]
+    planes = x.reshape(n * c, h, w)
+    out = torch.empty_like(planes)
+    step = max(1, _ZOOM_PLANE_BYTES // max(1, h * w * x.element_size()))
+    for start in range(0, n * c, step):
+        part = planes[start : start + step]
+        m = part.shape[0]
+        acc_t = part.transpose(-1, -2).contiguous()
+        for k, r0, r1, fr, c0, c1, fc in groups:
+            rows = part.index_select(-2, r0).lerp_(part.index_select(-2, r1), fr)  # (m, k*h, w)
+            rows_t = rows.view(m, k, h, w).transpose(-1, -2).reshape(m, k * w, h)
+            cols = rows_t.index_select(-2, c0).lerp_(rows_t.index_select(-2, c1), fc)
+            acc_t.add_(cols.view(m, k, w, h).sum(1))
+        out[start : start + step] = acc_t.transpose(-1, -2)
+    return out.div_(len(zooms) + 1).view(n, c, h, w)
+
+
+@lru_cache(maxsize=64)
+def _zoom_group(h: int, w: int, zooms: tuple[float, ...], device: torch.device) -> tuple:
+    """Concatenated row and column lerp tables of several zooms (the column indices address the
+    stacked, transposed ``(k * w, h)`` results, hence an offset of ``w`` rows per factor)."""
+    k = len(zooms)
+    rows = [_zoom_rows(h, z, device) for z in zooms]
+    cols = [_zoom_rows(w, z, device) for z in zooms]
+    offset = (torch.arange(k, device=device) * w).repeat_interleave(w)
+    r0, r1, fr = (torch.cat([t[i] for t in rows]) for i in range(3))
+    c0, c1, fc = (torch.cat([t[i] for t in cols]) for i in range(3))
+    return k, r0, r1, fr.view(k * h, 1), c0 + offset, c1 + offset, fc.view(k * w, 1)
 
 
 @lru_cache(maxsize=64)

@@ -113,8 +113,8 @@ def normalise(field: torch.Tensor) -> torch.Tensor:
     """Rescale each map to span [0, 1]: per image and channel for ``(N, C, H, W)``, else per image."""
     flat = field.flatten(2) if field.dim() == 4 else field.flatten(1)
     shape = (*flat.shape[:-1], *([1] * (field.dim() - flat.dim() + 1)))
-    lo = flat.min(dim=-1).values.view(shape)
-    hi = flat.max(dim=-1).values.view(shape)
+    lo = flat.amin(dim=-1).view(shape)
+    hi = flat.amax(dim=-1).view(shape)
     return (field - lo) / (hi - lo).clamp_min(1e-8)
 
 

@@ -106,7 +106,7 @@ class Fog(Corruption):
         strength, decay = pick(x, severity, self.SMALL, self.LARGE)
         n, _, h, w = x.shape
         cloud = ops.plasma_fractal(n, ops.next_pow2(max(h, w)), decay, generator, x)[:, None, :h, :w]
-        peak = x.flatten(1).max(dim=1).values.view(n, 1, 1, 1)
+        peak = x.flatten(1).amax(dim=1).view(n, 1, 1, 1)
         return (x + strength * cloud).mul_(peak / (peak + strength))
 
 
@@ -124,7 +124,7 @@ class Brightness(Corruption):
 
     def _apply(self, x: torch.Tensor, severity: int, generator: torch.Generator) -> torch.Tensor:
         c = pick(x, severity, self.SMALL, self.LARGE)
-        v = x.max(dim=1, keepdim=True).values
+        v = x.amax(dim=1, keepdim=True)
         v_new = (v + c).clamp_(max=1.0)
         black = v <= 1e-6  # hue undefined: black becomes grey V' (all channels equal)
         ratio = torch.where(black, torch.zeros_like(v), v_new / v.clamp_min(1e-6))
