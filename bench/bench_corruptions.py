@@ -16,6 +16,8 @@ Parts (``--parts``, default all):
   corruption at severity 5, each in a fresh process: ``ru_maxrss`` minus the resident set once
   the input exists, i.e. everything one call needs beyond its input (output included).
 
+``--render FILE.json [--before OLD.json]`` prints the README's tables from a result.
+
 Run it on one core, alone, so the numbers mean something::
 
     OMP_NUM_THREADS=1 flock /tmp/cpu.lock taskset -c 0 python bench/bench_corruptions.py \
@@ -295,6 +297,54 @@ def environment() -> dict:
     return env
 
 
+def _x(a: float, b: float) -> str:
+    return f"{a / b:.1f}×"
+
+
+def render(result: dict, before: dict | None = None) -> str:
+    """The README's markdown tables (speed and strength, throughput) from a result JSON."""
+    speed = result["speed_224"]["per_corruption"]
+    fidelity = result.get("fidelity_32", {}).get("per_corruption", {})
+    old = (before or {}).get("speed_224", {}).get("per_corruption", {})
+    lines = [
+        "| corruption | before, ms | now, ms | reference, ms | now vs reference "
+        "| strength ours / reference at 224 px, severities 1–5 | same at 32 px |",
+        "|---|---:|---:|---:|---:|---|---|",
+    ]
+    for name, row in speed.items():
+        ref = row.get("reference_ms_total")
+        ratios = " ".join(f"{v:.2f}" for v in row["ratio"].values()) or "–"
+        small = " ".join(f"{v:.2f}" for v in fidelity.get(name, {}).get("ratio", {}).values()) or "–"
+        was = old.get(name, {}).get("ours_ms_total")
+        lines.append(
+            f"| `{name}` | {f'{was:.1f}' if was is not None else '–'} | {row['ours_ms_total']:.1f} | "
+            f"{f'{ref:.1f}' if ref else '–'} | {_x(ref, row['ours_ms_total']) if ref else '–'} "
+            f"| {ratios} | {small} |"
+        )
+    total = result["speed_224"]["summary"]
+    was = (before or {}).get("speed_224", {}).get("summary", {})
+    was_ms = was.get("imagenet_c_ours_ms_per_image")
+    lines.append(
+        f"| **15 ImageNet-C** | **{f'{was_ms:.1f}' if was_ms is not None else '–'}** "
+        f"| **{total['imagenet_c_ours_ms_per_image']:.1f}** "
+        f"| **{total['imagenet_c_reference_ms_per_image']:.1f}** "
+        f"| **{total['imagenet_c_speedup']:.1f}×** | | |"
+    )
+    sizes = result.get("throughput", {})
+    if sizes:
+        lines += ["", "| corruption | " + " | ".join(
+            f"{key}: ours (batch {v['batch']}) / reference" for key, v in sizes.items()) + " |",
+            "|---|" + "---:|" * len(sizes)]  # fmt: skip
+        for name in next(iter(sizes.values()))["per_corruption"]:
+            cells = []
+            for v in sizes.values():
+                row = v["per_corruption"][name]
+                ref = row.get("reference_images_per_s")
+                cells.append(f"{row['ours_images_per_s']:,.0f} / {f'{ref:,.0f}' if ref else '–'}")
+            lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -306,7 +356,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/corruptions.json"))
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)  # internal: one memory probe
     parser.add_argument("--memory-shape", default="64,256,512", help=argparse.SUPPRESS)
+    parser.add_argument("--render", type=Path, help="print the README tables of a result JSON and exit")
+    parser.add_argument("--before", type=Path, help="with --render: an earlier result, the 'before' column")
     args = parser.parse_args()
+    if args.render:
+        before = json.loads(args.before.read_text()) if args.before else None
+        sys.stdout.write(render(json.loads(args.render.read_text()), before))
+        return
     if args.memory_child:
         memory_child(args.memory_child, *(int(v) for v in args.memory_shape.split(",")))
         return

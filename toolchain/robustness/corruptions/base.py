@@ -142,6 +142,24 @@ def rand(shape: Sequence[int], generator: torch.Generator, like: torch.Tensor) -
     return torch.from_numpy(values).view(shape).to(like.device)
 
 
+def rand_int16(shape: Sequence[int], generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
+    """Uniform int16 over all 65536 values (raw PCG64 bits seeded from ``generator``), on ``like``'s device.
+
+    For per-pixel coin flips whose probability needs no finer step than 1/65536: half the bytes
+    of a float draw and no conversion, so the draw and the comparisons after it run ~2x faster.
+    """
+    shape = tuple(shape)
+    seed = int(torch.randint(0, 2**63 - 1, (1,), generator=generator))
+    count = math.prod(shape)
+    words = np.random.PCG64(seed).random_raw(-(-count // 4))  # 64 random bits = four int16
+    return torch.from_numpy(words.view(np.int16)[:count]).view(shape).to(like.device)
+
+
+def int16_threshold(probability: float) -> int:
+    """The int16 value below which a :func:`rand_int16` draw falls with ``probability`` (to 1/65536)."""
+    return -32768 + round(min(max(probability, 0.0), 1.0) * 65536)
+
+
 def randn(shape: Sequence[int], generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
     """Standard normal drawn on the CPU generator, moved to ``like``'s device."""
     return torch.randn(tuple(shape), generator=generator).to(like.device)

@@ -12,7 +12,7 @@ from toolchain.robustness.corruptions import filters
 from toolchain.robustness.corruptions.base import (
     Corruption,
     pick,
-    rand,
+    rand_int16,
     register,
     spatial_scale,
     uniform,
@@ -63,7 +63,8 @@ class DefocusBlur(Corruption):
         return filters.fft_filter2d(x, _disk_kernel(radius * s, alias * s))
 
 
-_GUIDE = 4096  # quantile-table resolution for sampling a displacement
+_GUIDE_BITS = 12
+_GUIDE = 1 << _GUIDE_BITS  # quantile-table resolution for sampling a displacement
 
 
 @lru_cache(maxsize=16)
@@ -121,7 +122,8 @@ class GlassBlur(Corruption):
         n, c, h, w = x.shape
         offsets, base, reach = _glass_offsets(delta, iters, s, h, w, x.device)
         x = filters.gaussian_blur(x, sigma * s)
-        j = (rand((n, h * w), generator, x) * _GUIDE).long().clamp_(max=_GUIDE - 1)
+        # A uniform quantile index 0 .. _GUIDE - 1 from the top bits of a 16-bit draw.
+        j = rand_int16((n, h * w), generator, x).int().add_(32768).bitwise_right_shift_(16 - _GUIDE_BITS)
         # Gathering from the edge-replicated image is the reference's clipping of coordinates,
         # and lets one flat offset per draw replace per-axis index arithmetic.
         src = offsets.index_select(0, j.flatten()).view(n, 1, h * w).add_(base)

@@ -5,7 +5,14 @@ from __future__ import annotations
 import torch
 
 from toolchain.robustness.corruptions import ops
-from toolchain.robustness.corruptions.base import Corruption, pick, rand, randn, register
+from toolchain.robustness.corruptions.base import (
+    Corruption,
+    int16_threshold,
+    pick,
+    rand_int16,
+    randn,
+    register,
+)
 
 
 @register
@@ -18,7 +25,7 @@ class GaussianNoise(Corruption):
 
     def _apply(self, x: torch.Tensor, severity: int, generator: torch.Generator) -> torch.Tensor:
         sigma = pick(x, severity, self.SMALL, self.LARGE)
-        return x + sigma * randn(x.shape, generator, x)
+        return torch.add(x, randn(x.shape, generator, x), alpha=sigma)
 
 
 @register
@@ -44,10 +51,11 @@ class ImpulseNoise(Corruption):
 
     def _apply(self, x: torch.Tensor, severity: int, generator: torch.Generator) -> torch.Tensor:
         amount = pick(x, severity, self.SMALL, self.LARGE)
-        # One uniform draw decides both "hit" and "salt or pepper", so severities share hit order.
-        u = rand(x.shape, generator, x)
-        hit = u < amount
-        salt = u < amount / 2
+        # One draw decides both "hit" and "salt or pepper", so severities share hit order; 16-bit
+        # draws resolve the amount to 1/65536, finer than any table entry needs.
+        u = rand_int16(x.shape, generator, x)
+        hit = u < int16_threshold(amount)
+        salt = u < int16_threshold(amount / 2)
         return torch.where(hit, salt.to(x.dtype), x)
 
 
@@ -61,4 +69,4 @@ class SpeckleNoise(Corruption):
 
     def _apply(self, x: torch.Tensor, severity: int, generator: torch.Generator) -> torch.Tensor:
         sigma = pick(x, severity, self.SMALL, self.LARGE)
-        return x + x * sigma * randn(x.shape, generator, x)
+        return torch.addcmul(x, x, randn(x.shape, generator, x).mul_(sigma))

@@ -52,9 +52,11 @@ class Snow(Corruption):
         flakes = torch.where(flakes < thresh, torch.zeros_like(flakes), flakes).clamp_(0, 1)
         angle = uniform((n,), -135.0, -45.0, generator, x)
         flakes = filters.motion_blur(flakes, radius * s, sigma * s, angle)
-        grey = ops.luminance(x)
-        x = blend * x + (1 - blend) * torch.maximum(x, grey * 1.5 + 0.5)
-        return x + flakes + flakes.flip(-1, -2)
+        # Whitened scene, blend * x + (1 - blend) * max(x, 1.5 grey + 0.5), plus both flake
+        # layers, in place on one full-size buffer.
+        out = torch.maximum(x, ops.luminance(x).mul_(1.5).add_(0.5))
+        out.mul_(1 - blend).add_(x, alpha=blend)
+        return out.add_(flakes.add_(flakes.flip(-1, -2)))
 
 
 def frost_texture(
@@ -89,8 +91,8 @@ class Frost(Corruption):
 
     def _apply(self, x: torch.Tensor, severity: int, generator: torch.Generator) -> torch.Tensor:
         a, b = pick(x, severity, self.SMALL, self.LARGE)
-        ice = frost_texture(x.shape[0], (x.shape[-2], x.shape[-1]), generator, x) * ops.tint(self.ICE, x)
-        return a * x + b * ice
+        texture = frost_texture(x.shape[0], (x.shape[-2], x.shape[-1]), generator, x)
+        return torch.mul(x, a).addcmul_(texture, ops.tint(self.ICE, x), value=b)  # a x + b ice
 
 
 @register
@@ -107,7 +109,7 @@ class Fog(Corruption):
         n, _, h, w = x.shape
         cloud = ops.plasma_fractal(n, ops.next_pow2(max(h, w)), decay, generator, x)[:, None, :h, :w]
         peak = x.flatten(1).amax(dim=1).view(n, 1, 1, 1)
-        return (x + strength * cloud).mul_(peak / (peak + strength))
+        return torch.add(x, cloud, alpha=strength).mul_(peak / (peak + strength))
 
 
 @register
