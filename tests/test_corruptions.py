@@ -397,10 +397,19 @@ def test_chunked_batch_equals_its_images_in_one_call(
     assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
 
 
-def test_zoom_blur_equals_one_resampling_per_factor() -> None:
-    """The grouped, plane-by-plane zoom gives the mean of plain per-factor bilinear zooms."""
-    from toolchain.robustness.corruptions import filters
+@pytest.mark.parametrize(("compiled", "threads"), [(True, 1), (True, 2), (False, 1)])
+def test_zoom_blur_equals_one_resampling_per_factor(
+    compiled: bool, threads: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The compiled kernel (split over threads) and the grouped, plane-by-plane torch path both
+    give the mean of plain per-factor bilinear zooms."""
+    from toolchain.robustness.corruptions import filters, kernels
     from toolchain.robustness.corruptions.filters import _zoom_rows
+
+    if compiled and not kernels.AVAILABLE:
+        pytest.skip("numba is not installed: the compiled zoom kernel is not used")
+    monkeypatch.setattr(kernels, "AVAILABLE", compiled)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
 
     x = torch.rand(2, 3, 40, 56, generator=torch.Generator().manual_seed(0))
     zooms = [1 + 0.03 * k for k in range(11)]  # two groups of factors, one of them partial

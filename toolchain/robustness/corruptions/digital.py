@@ -100,6 +100,11 @@ class Pixelate(Corruption):
     def _apply(self, x: torch.Tensor, severity: int, generator: torch.Generator) -> torch.Tensor:
         return filters.pixelate(x, pick(x, severity, self.SMALL, self.LARGE))
 
+    def _apply_into(
+        self, x: torch.Tensor, severity: int, generator: torch.Generator, out: torch.Tensor | None
+    ) -> torch.Tensor:
+        return filters.pixelate(x, pick(x, severity, self.SMALL, self.LARGE), out=out)  # already in [0, 1]
+
 
 @register
 class JpegCompression(Corruption):

@@ -23,6 +23,8 @@ from itertools import pairwise
 import torch
 import torch.nn.functional as F
 
+from toolchain.robustness.corruptions import kernels
+
 _SHIFT_ADD_MAX_TAPS = 31  # beyond this a (cached) filter matrix is cheaper than one pass per tap
 
 
@@ -227,6 +229,8 @@ def zoom_blur(x: torch.Tensor, zooms: Sequence[float]) -> torch.Tensor:
     """
     n, c, h, w = x.shape
     rounded = [round(z, 6) for z in zooms]
+    if kernels.AVAILABLE and x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous():
+        return kernels.zoom_blur(x, _zoom_tables(h, w, tuple(rounded)))
     count = -(-len(rounded) // _ZOOM_GROUP)  # groups of equal size: 13 factors as 5 + 4 + 4
     bounds = [len(rounded) * i // count for i in range(count + 1)]
     groups = [_zoom_group(h, w, tuple(rounded[a:b]), x.device) for a, b in pairwise(bounds)]
@@ -244,6 +248,19 @@ def zoom_blur(x: torch.Tensor, zooms: Sequence[float]) -> torch.Tensor:
             acc_t.add_(cols.view(m, k, w, h).sum(1))
         torch.div(acc_t.transpose(-1, -2), len(zooms) + 1, out=out[start : start + step])
     return out.view(n, c, h, w)
+
+
+@lru_cache(maxsize=64)
+def _zoom_tables(h: int, w: int, zooms: tuple[float, ...]) -> tuple[torch.Tensor, ...]:
+    """``(r0, r1, fr)`` as ``(Z, H)`` and ``(c0, c1, fc)`` as ``(Z, W)``, for the compiled kernel."""
+    cpu = torch.device("cpu")
+    rows = [_zoom_rows(h, z, cpu) for z in zooms]
+    cols = [_zoom_rows(w, z, cpu) for z in zooms]
+    out = []
+    for tables in (rows, cols):
+        for i, dtype in enumerate((torch.int32, torch.int32, torch.float32)):
+            out.append(torch.stack([t[i] for t in tables]).to(dtype).contiguous())
+    return tuple(out)
 
 
 @lru_cache(maxsize=64)
@@ -288,37 +305,45 @@ def _box_down(x: torch.Tensor, n_out: int) -> torch.Tensor:
     return out
 
 
-def _pixelate_blocks(x: torch.Tensor, k: int) -> torch.Tensor:
-    """``pixelate`` when both sides are ``k`` times the small ones: ``k x k`` block means, repeated.
+def _block_means(x: torch.Tensor, k: int) -> torch.Tensor:
+    """``k x k`` block means of ``(N, C, H, W)`` with both sides multiples of ``k``.
 
-    PIL's BOX filter at an integer scale is exactly the block mean and NEAREST repeats each
-    pixel ``k`` times, so no index tables are needed: row blocks are summed by a reduction over
-    a middle dimension, column blocks by ``k`` strided slices, and the result is broadcast back.
+    PIL's BOX filter at an integer scale is exactly the block mean: row blocks are summed by a
+    reduction over a middle dimension, column blocks by ``k`` strided slices, no index tables.
     """
     n, c, h, w = x.shape
-    sh, sw = h // k, w // k
-    rows = x.reshape(n, c, sh, k, w).sum(3)
+    rows = x.reshape(n, c, h // k, k, w).sum(3)
     small = rows[..., 0::k].clone()
     for j in range(1, k):
         small.add_(rows[..., j::k])
-    small.mul_(1 / (k * k))
-    return small.view(n, c, sh, 1, sw, 1).expand(n, c, sh, k, sw, k).reshape(n, c, h, w)
+    return small.mul_(1 / (k * k))
 
 
-def pixelate(x: torch.Tensor, factor: float) -> torch.Tensor:
-    """PIL ``BOX`` downsample to ``int(side * factor)``, then ``NEAREST`` upsample back."""
-    h, w = x.shape[-2:]
+def pixelate(x: torch.Tensor, factor: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """PIL ``BOX`` downsample to ``int(side * factor)``, then ``NEAREST`` upsample back, in [0, 1].
+
+    The small image is clamped (box means of values in [0, 1] may round a hair outside), so the
+    upsampling, which only copies values, writes the final result straight into ``out`` (a new
+    tensor if None) in one pass.
+    """
+    n, c, h, w = x.shape
     sh, sw = max(1, int(h * factor)), max(1, int(w * factor))
     k = h // sh
+    out = torch.empty_like(x) if out is None else out
     if k > 1 and sh * k == h and sw * k == w:  # an integer factor (e.g. 0.5, 0.25 at even sizes)
-        return _pixelate_blocks(x, k)
-    return _pixelate_box(x, sh, sw)
+        small = _block_means(x, k).clamp_(0.0, 1.0)
+        out.view(n, c, sh, k, sw, k).copy_(small.view(n, c, sh, 1, sw, 1).expand(n, c, sh, k, sw, k))
+        return out
+    return _pixelate_box(x, sh, sw, out)
 
 
-def _pixelate_box(x: torch.Tensor, sh: int, sw: int) -> torch.Tensor:
+def _pixelate_box(x: torch.Tensor, sh: int, sw: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """``pixelate`` to ``(sh, sw)`` and back at any factor: BOX taps per axis, NEAREST upsampling."""
     h, w = x.shape[-2:]
+    out = torch.empty_like(x) if out is None else out
     small = _box_down(x, sh)  # rows
-    small_t = _box_down(small.transpose(-1, -2).contiguous(), sw)  # columns, transposed
-    # PIL's NEAREST upsampling takes source floor((j + 0.5) * n_small / n): torch's "nearest-exact".
-    return F.interpolate(small_t.transpose(-1, -2), size=(h, w), mode="nearest-exact")
+    small_t = _box_down(small.transpose(-1, -2).contiguous(), sw).clamp_(0.0, 1.0)  # columns, transposed
+    # PIL's NEAREST upsampling takes source floor((j + 0.5) * n_small / n): torch's "nearest-exact",
+    # whose out= overload writes the result where it is wanted.
+    torch.ops.aten._upsample_nearest_exact2d.out(small_t.transpose(-1, -2), [h, w], None, None, out=out)
+    return out
