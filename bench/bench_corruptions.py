@@ -10,7 +10,8 @@ Parts (``--parts``, default all):
 - ``speed``: 224x224, every corruption x severity, ms per image, ours vs the reference, and the
   strength ratio (mean |corrupted - clean| ours / reference) per severity from the same outputs.
 - ``fidelity``: the strength ratio at 32x32 as well (more images; the reference is fast there).
-- ``throughput``: images/s per corruption (all severities, best of 3 after a warm-up call at the size) at 32x32, 224x224 and 512x256
+- ``throughput``: images/s per corruption (all severities, best of 3 after a warm-up call at the
+  size) at 32x32, 224x224 and 512x256
   (W x H), ours and the reference.
 - ``memory``: peak resident memory while corrupting a batch of 64 frames at 512x256, per
   corruption at severity 5, each in a fresh process: ``ru_maxrss`` minus the resident set once
