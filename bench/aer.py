@@ -307,11 +307,11 @@ def main() -> int:
                 recipe.update(name=f"{method.replace('+', '_')}-x{budget:g}-s{seed}", seed=seed)
                 if seed != args.seeds[0]:  # every seed trains on and is tested on the same images
                     recipe["data"]["seed"] = args.seeds[0]
-                if args.shared_dense and first_dense is not None and seed != args.seeds[0]:
-                    # The seed is part of every stage's cache key, so the first seed's dense
-                    # weights come in as this seed's starting checkpoint, trained 0 epochs.
-                    recipe["model"]["checkpoint"] = str(first_dense / "train" / "model.pt")
-                    recipe["train"]["epochs"] = 0
+                    if args.shared_dense and first_dense is not None:
+                        # The seed is part of every stage's cache key, so the first seed's dense
+                        # weights come in as this seed's starting checkpoint, trained 0 epochs.
+                        recipe["model"]["checkpoint"] = str(first_dense / "train" / "model.pt")
+                        recipe["train"]["epochs"] = 0
                 out = work / recipe["name"]
                 if args.collect and not finished(out):
                     log.info("%s: not run yet, left out (--collect)", recipe["name"])

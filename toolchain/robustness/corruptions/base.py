@@ -137,9 +137,13 @@ def rand(shape: Sequence[int], generator: torch.Generator, like: torch.Tensor) -
     count = math.prod(shape)
     if count < _NUMPY_DRAW_MIN:
         return torch.rand(shape, generator=generator).to(like.device)
-    seed = int(torch.randint(0, 2**63 - 1, (1,), generator=generator))
-    values = np.random.Generator(np.random.PCG64(seed)).random(count, dtype=np.float32)
+    values = np.random.Generator(_pcg64(generator)).random(count, dtype=np.float32)
     return torch.from_numpy(values).view(shape).to(like.device)
+
+
+def _pcg64(generator: torch.Generator) -> np.random.PCG64:
+    """numpy's PCG64 seeded with 63 bits taken from ``generator`` (same seed, same stream)."""
+    return np.random.PCG64(int(torch.randint(0, 2**63 - 1, (1,), generator=generator)))
 
 
 def rand_int16(shape: Sequence[int], generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
@@ -149,9 +153,8 @@ def rand_int16(shape: Sequence[int], generator: torch.Generator, like: torch.Ten
     of a float draw and no conversion, so the draw and the comparisons after it run ~2x faster.
     """
     shape = tuple(shape)
-    seed = int(torch.randint(0, 2**63 - 1, (1,), generator=generator))
     count = math.prod(shape)
-    words = np.random.PCG64(seed).random_raw(-(-count // 4))  # 64 random bits = four int16
+    words = _pcg64(generator).random_raw(-(-count // 4))  # 64 random bits = four int16
     return torch.from_numpy(words.view(np.int16)[:count]).view(shape).to(like.device)
 
 

@@ -15,18 +15,19 @@ release the GIL, so planes are spread over ``torch.get_num_threads()`` Python th
 
 from __future__ import annotations
 
+import importlib.util
 from concurrent.futures import ThreadPoolExecutor
+from functools import cache
 from itertools import pairwise
 from typing import Any
 
 import numpy as np
 import torch
 
-try:
-    import numba
-except ImportError:  # pragma: no cover - numba is a dependency; this keeps a broken install usable
-    numba = None  # type: ignore[assignment]
-AVAILABLE = numba is not None
+# numba is imported on the first kernel call, not here: importing it costs ~0.15 s, which every
+# command that loads the corruptions would otherwise pay. A broken or missing install (numba is a
+# dependency) leaves AVAILABLE false and the callers on their torch path.
+AVAILABLE = importlib.util.find_spec("numba") is not None
 
 
 def _zoom_planes(
@@ -67,9 +68,12 @@ def _zoom_planes(
                 out[p, i, j] = acc[j] / count
 
 
-_zoom_kernel: Any = (
-    numba.njit(cache=True, nogil=True, error_model="numpy")(_zoom_planes) if AVAILABLE else None
-)
+@cache
+def _compiled(function: Any) -> Any:
+    """``function`` compiled by numba (cached on disk beside this module), on first use."""
+    import numba
+
+    return numba.njit(cache=True, nogil=True, error_model="numpy")(function)
 
 
 def zoom_blur(x: torch.Tensor, tables: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -81,7 +85,7 @@ def zoom_blur(x: torch.Tensor, tables: tuple[torch.Tensor, ...]) -> torch.Tensor
     n, c, h, w = x.shape
     out = torch.empty_like(x)
     split = [x.reshape(n * c, h, w).numpy(), out.view(n * c, h, w).numpy()]
-    _run_split(_zoom_kernel, split, [t.numpy() for t in tables])
+    _run_split(_compiled(_zoom_planes), split, [t.numpy() for t in tables])
     return out
 
 
