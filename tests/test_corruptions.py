@@ -397,6 +397,34 @@ def test_chunked_batch_equals_its_images_in_one_call(
     assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
 
 
+@pytest.mark.parametrize(("size", "threads"), [((48, 64), 1), ((37, 53), 2), ((64, 40), 2)])
+def test_jpeg_kernel_equals_torch_ops(
+    size: tuple[int, int], threads: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The compiled JPEG (one MCU row at a time, images split over threads, partial MCUs padded on
+    the fly) gives the torch ops' pixels, except where the float rounding order moves a value
+    across an 8-bit rounding boundary: one level, on a tiny fraction of the samples."""
+    from toolchain.robustness.corruptions import kernels
+
+    if not kernels.AVAILABLE:
+        pytest.skip("numba is not installed: the compiled JPEG kernel is not used")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    h, w = size
+    x = torch.nn.functional.avg_pool2d(
+        torch.rand(3, 3, h + 2, w + 2, generator=torch.Generator().manual_seed(1)), 3, 1
+    )
+    for quality in (7, 50, 90):
+        ours = jpeg_round_trip(x, quality)
+        into = torch.empty(3, h, w, 3).permute(0, 3, 1, 2)  # a non-contiguous out= goes via a copy
+        assert jpeg_round_trip(x, quality, out=into) is into and torch.equal(into, ours)
+        with monkeypatch.context() as m:
+            m.setattr(kernels, "AVAILABLE", False)
+            ops = jpeg_round_trip(x, quality).clamp(0, 1)
+        diff = (ours - ops).abs()
+        assert float(diff.max()) <= 1 / 255 + 1e-6 and float((diff > 1e-6).float().mean()) < 1e-3, quality
+        assert l1(ours, x) > 0.002  # and it did compress
+
+
 @pytest.mark.parametrize(("compiled", "threads"), [(True, 1), (True, 2), (False, 1)])
 def test_zoom_blur_equals_one_resampling_per_factor(
     compiled: bool, threads: int, monkeypatch: pytest.MonkeyPatch
