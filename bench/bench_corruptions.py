@@ -13,6 +13,9 @@ Parts (``--parts``, default all):
 - ``throughput``: images/s per corruption (all severities, best of 3 after a warm-up call at the
   size) at 32x32, 224x224 and 512x256
   (W x H), ours and the reference.
+- ``kernels``: the compiled CPU kernels (numba: ``zoom_blur``, ``jpeg_compression``) against
+  the torch path the same corruption takes on CUDA or without numba, ms per image and severity
+  at 224x224, 512x256 and 1920x1080 (not in the default parts; ``--out`` a separate file).
 - ``memory``: peak resident memory while corrupting a batch of 64 frames at 512x256, per
   corruption at severity 5, each in a fresh process: ``ru_maxrss`` minus the resident set once
   the input exists, i.e. everything one call needs beyond its input (output included).
@@ -23,6 +26,7 @@ Run it on one core, alone, so the numbers mean something::
 
     OMP_NUM_THREADS=1 flock /tmp/cpu.lock taskset -c 0 python bench/bench_corruptions.py \
         [--parts speed,fidelity,throughput,memory] [--out bench/results/corruptions.json]
+    ... python bench/bench_corruptions.py --parts kernels --out bench/results/corruption_kernels.json
 """
 
 from __future__ import annotations
@@ -142,6 +146,14 @@ def timed(fn: Callable[[], object], repeats: int = 1) -> tuple[float, object]:
     return best, result
 
 
+def each_severity(call: Callable[[int], object]) -> None:
+    """``call(s)`` for every severity, each result dropped before the next call, as a pipeline
+    that consumes its batches does. (Holding all five 25 MB results at 512x256 made every call
+    fault in fresh zeroed pages for its output: a measure of the allocator, not the corruption.)"""
+    for s in SEVERITIES:
+        call(s)
+
+
 def names_for(with_reference: bool) -> list[str]:
     ours = list_corruptions()
     first = [n for n in (*IMAGENET_C, *REFERENCE_EXTRA) if n in ours]
@@ -208,16 +220,47 @@ def throughput(sizes: list[tuple[int, int]], batch: dict, ref: Callable[..., np.
         per: dict[str, dict] = {}
         for name in names_for(ref is not None):
             corrupt(name, x[:1], 1)  # the first call at a new size builds its cached tables
-            t, _ = timed(lambda n=name, im=x: [corrupt(n, im, s, seed=s) for s in SEVERITIES], REPEATS)
+            t, _ = timed(lambda n=name, im=x: each_severity(lambda s: corrupt(n, im, s, seed=s)), REPEATS)
             row = {"ours_images_per_s": round(5 * len(x) / t, 1)}
             if ref is not None and name in (*IMAGENET_C, *REFERENCE_EXTRA):
                 t_ref, _ = timed(
-                    lambda n=name, im=clean: [run_reference(ref, n, im, s) for s in SEVERITIES], REPEATS
+                    lambda n=name, im=clean: each_severity(lambda s: run_reference(ref, n, im, s)), REPEATS
                 )
                 row["reference_images_per_s"] = round(5 * len(clean) / t_ref, 1)
             per[name] = row
         result[f"{w}x{h}"] = {"batch": len(x), "height": h, "width": w, "per_corruption": per}
         log.info("%dx%d: %s", w, h, {n: r["ours_images_per_s"] for n, r in per.items()})
+    return result
+
+
+COMPILED = ("zoom_blur", "jpeg_compression")
+
+
+def compiled_vs_torch() -> dict:
+    """ms per image and severity of the numba kernels and of the torch path, same inputs, same run."""
+    from toolchain.robustness.corruptions import kernels
+
+    if not kernels.AVAILABLE:
+        return {"skipped": "numba is not installed"}
+    result: dict[str, dict] = {}
+    for h, w, n in ((224, 224, 16), (256, 512, 8), (1080, 1920, 2)):
+        x = photos(n, h, w, seed=h + w)
+        per: dict[str, dict] = {}
+        for name in COMPILED:
+            row = {}
+            for path, available in (("compiled", True), ("torch", False)):
+                kernels.AVAILABLE = available
+                try:
+                    corrupt(name, x[:1], 1)
+                    call = lambda s, n=name, im=x: corrupt(n, im, s, seed=s)  # noqa: E731
+                    t, _ = timed(lambda c=call: each_severity(c), REPEATS)
+                finally:
+                    kernels.AVAILABLE = True
+                row[f"{path}_ms"] = round(1000 * t / (5 * n), 3)
+            row["speedup"] = round(row["torch_ms"] / row["compiled_ms"], 2)
+            per[name] = row
+        result[f"{w}x{h}"] = {"batch": n, "per_corruption": per}
+        log.info("%dx%d compiled vs torch: %s", w, h, per)
     return result
 
 
@@ -395,6 +438,8 @@ def main() -> None:
         sizes = [(32, 32), (224, 224), (256, 512)]
         batch = {(32, 32): 256, (224, 224): 16, (256, 512): 16}
         result["throughput"] = throughput(sizes, batch, ref)
+    if "kernels" in parts:
+        result["compiled_vs_torch"] = compiled_vs_torch()
     if "memory" in parts:
         result["memory"] = memory(64, 256, 512)
     args.out.parent.mkdir(parents=True, exist_ok=True)
