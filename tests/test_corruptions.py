@@ -397,6 +397,93 @@ def test_chunked_batch_equals_its_images_in_one_call(
     assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
 
 
+@pytest.mark.parametrize("compiled", [True, False])
+@pytest.mark.parametrize(
+    ("mode", "scipy_mode"), [("replicate", "nearest"), ("symmetric", "reflect"), ("reflect101", "mirror")]
+)
+def test_gaussian_blur_matches_scipy(
+    compiled: bool, mode: str, scipy_mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both paths of the separable blur (compiled kernel split over two threads, torch shift-add)
+    equal ``scipy.ndimage.gaussian_filter`` for each border mode, also where the kernel's radius
+    exceeds the image (3 rows, sigma 2) and with a different sigma per axis."""
+    ndimage = pytest.importorskip("scipy.ndimage")
+    from toolchain.robustness.corruptions import filters, kernels
+
+    if compiled and not kernels.AVAILABLE:
+        pytest.skip("numba is not installed: the compiled separable kernel is not used")
+    monkeypatch.setattr(kernels, "AVAILABLE", compiled)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    gen = torch.Generator().manual_seed(0)
+    for shape, sigma in (((2, 3, 30, 41), (1.3, 0.8)), ((1, 2, 3, 17), (2.0, 2.0)), ((4, 9, 12), (0.0, 1.5))):
+        x = torch.rand(shape, generator=gen)
+        ours = filters.gaussian_blur(x, sigma, truncate=3.0, mode=mode)
+        expected = np.stack(
+            [
+                ndimage.gaussian_filter(p.double().numpy(), sigma, truncate=3.0, mode=scipy_mode)
+                for p in x.reshape(-1, *shape[-2:])
+            ]
+        ).reshape(shape)
+        assert ours.shape == x.shape
+        assert np.abs(ours.numpy() - expected).max() < 1e-5, (shape, sigma)
+
+
+def test_warp_kernel_equals_grid_sample(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compiled reflection warp (split over two threads) gives ``F.grid_sample``'s numbers,
+    also for shifts that reflect several times (up to 3 image sizes) and land on edges."""
+    from toolchain.robustness.corruptions import kernels, ops
+
+    if not kernels.AVAILABLE:
+        pytest.skip("numba is not installed: the compiled warp kernel is not used")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 2, 17, 23, generator=gen)
+    for reach in (1.5, 70.0):
+        field = (torch.rand(3, 2, 17, 23, generator=gen) - 0.5) * 2 * reach
+        field[0, :, :4] = field[0, :, :4].round()  # whole-pixel shifts: exactly on pixels and edges
+        ours = ops.warp_by(x, field)
+        with monkeypatch.context() as m:
+            m.setattr(kernels, "AVAILABLE", False)
+            expected = ops.warp_by(x, field)
+        assert torch.allclose(ours, expected, atol=2e-5), float((ours - expected).abs().max())
+        assert l1(ours, x) > 0.01
+
+
+def test_poisson_kernel_draws_the_same_counts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compiled alias sampler (split over two threads) turns the same uniform draws into the
+    same Poisson counts as the torch ops, values outside [0, 1] included."""
+    from toolchain.robustness.corruptions import kernels, ops
+
+    if not kernels.AVAILABLE:
+        pytest.skip("numba is not installed: the compiled Poisson sampler is not used")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    x = torch.rand(3, 3, 21, 17, generator=torch.Generator().manual_seed(0)) * 1.2 - 0.1
+    for photons in (3.0, 60.0, 500.0):
+        ours = ops.poisson_levels(x, photons, torch.Generator().manual_seed(5))
+        with monkeypatch.context() as m:
+            m.setattr(kernels, "AVAILABLE", False)
+            expected = ops.poisson_levels(x, photons, torch.Generator().manual_seed(5))
+        assert torch.equal(ours, expected) and float(ours.std()) > 0, photons
+
+
+def test_motion_blur_kernel_equals_padded_slices(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compiled shifted sum (split over two threads) gives the padded-slice path's numbers,
+    for every direction and for taps that reach past the image (clamped to its edge)."""
+    from toolchain.robustness.corruptions import filters, kernels
+
+    if not kernels.AVAILABLE:
+        pytest.skip("numba is not installed: the compiled motion-blur kernel is not used")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    x = torch.rand(5, 2, 13, 19, generator=torch.Generator().manual_seed(0))
+    angles = torch.tensor([0.0, 37.0, 90.0, 200.0, -75.0])
+    for radius, sigma in ((3, 2.0), (25, 12.0)):  # 25 px reaches past every edge
+        ours = filters.motion_blur(x, radius, sigma, angles)
+        with monkeypatch.context() as m:
+            m.setattr(kernels, "AVAILABLE", False)
+            ops = filters.motion_blur(x, radius, sigma, angles)
+        assert torch.allclose(ours, ops, atol=1e-6) and l1(ours, x) > 0.01
+
+
 @pytest.mark.parametrize(("size", "threads"), [((48, 64), 1), ((37, 53), 2), ((64, 40), 2)])
 def test_jpeg_kernel_equals_torch_ops(
     size: tuple[int, int], threads: int, monkeypatch: pytest.MonkeyPatch

@@ -56,6 +56,149 @@ def zoom_planes(
                 out[p, i, j] = acc[j] / count
 
 
+@_jit
+def separable_planes(
+    planes: np.ndarray,
+    out: np.ndarray,
+    rows: np.ndarray,
+    taps_v: np.ndarray,
+    cols: np.ndarray,
+    taps_h: np.ndarray,
+) -> None:  # pragma: no cover - compiled; tests/test_corruptions.py checks its output
+    """Separable correlation of every plane ``(H, W)``: ``taps_v`` down the columns, then ``taps_h``
+    along the rows, one output row at a time.
+
+    ``rows``: ``(H, Tv)`` source row of each output row and vertical tap, border already folded
+    in; ``cols``: ``(W + Th - 1,)`` source column of each position of the row extended by the
+    horizontal radius on both sides. The vertical sum lands in the middle of an extended row
+    buffer (L1), its margins are filled through ``cols``, and the horizontal taps read shifted
+    slices of it: every loop is a contiguous, vectorised one.
+    """
+    w = planes.shape[2]
+    tv, th = taps_v.shape[0], taps_h.shape[0]
+    r = (th - 1) // 2
+    ext = np.empty(w + th - 1, dtype=np.float32)
+    inner = ext[r : r + w]
+    for p in range(planes.shape[0]):
+        x = planes[p]
+        for i in range(planes.shape[1]):
+            src, c = x[rows[i, 0]], taps_v[0]
+            for j in range(w):
+                inner[j] = c * src[j]
+            for t in range(1, tv):
+                src, c = x[rows[i, t]], taps_v[t]
+                for j in range(w):
+                    inner[j] += c * src[j]
+            for k in range(r):
+                ext[k] = inner[cols[k]]
+                ext[r + w + k] = inner[cols[r + w + k]]
+            dst, c = out[p, i], taps_h[0]
+            for j in range(w):
+                dst[j] = c * ext[j]
+            for t in range(1, th):
+                c = taps_h[t]
+                for j in range(w):
+                    dst[j] += c * ext[j + t]
+
+
+@_jit
+def shifted_sum(
+    x: np.ndarray, out: np.ndarray, oy: np.ndarray, ox: np.ndarray, weights: np.ndarray
+) -> None:  # pragma: no cover - compiled; tests/test_corruptions.py checks its output
+    """``out[b] = sum_t weights[t] * x[b]`` shifted by ``(oy[b, t], ox[b, t])``, edges replicated.
+
+    ``x``, ``out``: ``(N, C, H, W)``; ``oy``, ``ox``: ``(N, T)`` whole-pixel offsets per image
+    (the sample for output ``(i, j)`` is read at ``(i + oy, j + ox)``, clamped into the image).
+    Each output row is accumulated in L1 from one source row per tap: the clamped columns at
+    either end are constant runs, the rest a contiguous shifted slice.
+    """
+    h, w = x.shape[2], x.shape[3]
+    for b in range(x.shape[0]):
+        for c in range(x.shape[1]):
+            plane = x[b, c]
+            for i in range(h):
+                dst = out[b, c, i]
+                for j in range(w):
+                    dst[j] = _F(0.0)
+                for t in range(weights.shape[0]):
+                    src, dx, wt = plane[min(max(i + oy[b, t], 0), h - 1)], ox[b, t], weights[t]
+                    lo = min(max(-dx, 0), w)  # j < lo reads column 0
+                    hi = max(min(w - dx, w), lo)  # j >= hi reads column w - 1
+                    first, last = wt * src[0], wt * src[w - 1]
+                    for j in range(lo):
+                        dst[j] += first
+                    # views, so that no index can be negative (numba would wrap it around
+                    # per element, which keeps the loop from vectorising: 4x slower)
+                    inner, shifted = dst[lo:hi], src[lo + dx : hi + dx]
+                    for j in range(hi - lo):
+                        inner[j] += wt * shifted[j]
+                    for j in range(hi, w):
+                        dst[j] += last
+
+
+@_jit
+def poisson_alias(
+    x: np.ndarray, u: np.ndarray, out: np.ndarray, prob: np.ndarray, alias: np.ndarray, k: int
+) -> None:  # pragma: no cover - compiled; tests/test_corruptions.py checks its output
+    """Poisson counts by alias sampling, in one pass: ``ops.poisson_levels``'s arithmetic (float32,
+    the same draws ``u`` in [0, 1)) on flat arrays, ``x`` read as 8-bit levels."""
+    kf, top, levels = _F(k), _F(k - 1), _F(255.0)
+    for j in range(x.shape[0]):
+        row = np.rint(min(max(x[j], _F(0.0)), _F(1.0)) * levels) * kf
+        v = u[j] * kf
+        slot = min(np.floor(v), top)
+        idx = np.uint32(row + slot)
+        keep, other = prob[idx], alias[idx]  # both loaded: a select, not an unpredictable branch
+        out[j] = slot if v - slot < keep else other
+
+
+@_jit
+def _reflect(v: float, size: int) -> float:  # pragma: no cover - compiled
+    """``grid_sample``'s reflection padding (``align_corners=False``): ``v`` mirrored about -0.5
+    and ``size - 0.5``, then clipped to ``[0, size - 1]``."""
+    a = abs(v + _F(0.5))
+    flips = np.floor(a / size)
+    extra = a - flips * size
+    r = extra - _F(0.5) if flips % 2 == 0 else size - extra - _F(0.5)
+    return min(max(r, _F(0.0)), _F(size - 1))
+
+
+@_jit
+def warp_reflect(
+    x: np.ndarray, out: np.ndarray, field: np.ndarray
+) -> None:  # pragma: no cover - compiled; tests/test_corruptions.py checks its output
+    """Bilinear resampling of ``x`` ``(N, C, H, W)`` at every pixel's position plus ``field``
+    ``(N, 2, H, W)`` (dx, dy), reflection padding: ``F.grid_sample``'s numbers without its grid.
+
+    Per output row the source positions, corner indices and weights are computed once (a
+    vectorised loop) and shared by every channel's four-corner gather.
+    """
+    c, h, w = x.shape[1], x.shape[2], x.shape[3]
+    flat = x.reshape(x.shape[0], c, h * w)
+    # unsigned, so numba adds no negative-index wraparound to each gather
+    corner = np.empty(w, dtype=np.uint32)  # flat index of the top-left corner
+    right = np.empty(w, dtype=np.uint32)  # +1, or 0 on the last column
+    down = np.empty(w, dtype=np.uint32)  # +w, or 0 on the last row
+    ax, ay = np.empty(w, dtype=np.float32), np.empty(w, dtype=np.float32)
+    for b in range(x.shape[0]):
+        for i in range(h):
+            fx, fy = field[b, 0, i], field[b, 1, i]
+            for j in range(w):
+                sx, sy = _reflect(j + fx[j], w), _reflect(i + fy[j], h)
+                cx, cy = np.int32(sx), np.int32(sy)  # sx, sy >= 0: truncation is the floor
+                ax[j], ay[j] = sx - cx, sy - cy
+                corner[j] = cy * w + cx
+                right[j] = 1 if cx < w - 1 else 0
+                down[j] = w if cy < h - 1 else 0
+            for ch in range(c):
+                p, dst = flat[b, ch], out[b, ch, i]
+                for j in range(w):
+                    k, r, d = corner[j], right[j], down[j]
+                    top = p[k] + ax[j] * (p[k + r] - p[k])
+                    bottom = p[k + d] + ax[j] * (p[k + d + r] - p[k + d])
+                    dst[j] = top + ay[j] * (bottom - top)
+
+
 # --------------------------------------------------------------------------- JPEG
 #
 # The 2-D block DCT works on strips of 8 rows: a "vertical" step applies an 8x8 matrix to the

@@ -108,7 +108,7 @@ class Pixelate(Corruption):
 
 @register
 class JpegCompression(Corruption):
-    """JPEG at the table's quality: libjpeg's lossy steps and tables (``jpeg.py``; a compiled kernel on CPU)."""
+    """JPEG at the table's quality: libjpeg's lossy steps and tables (``jpeg.py``; compiled on CPU)."""
 
     name, family = "jpeg_compression", "digital"
     SMALL = (80, 65, 58, 50, 40)

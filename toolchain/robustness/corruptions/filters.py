@@ -107,11 +107,34 @@ def gaussian_blur(
     The default border is edge replication (skimage's ``mode='nearest'``).
     """
     sy, sx = (sigma, sigma) if isinstance(sigma, (int, float)) else sigma
+    taps_v = gaussian_taps(sy, truncate) if sy > 0 else [1.0]
+    taps_h = gaussian_taps(sx, truncate) if sx > 0 else [1.0]
+    compiled = kernels.AVAILABLE and x.device.type == "cpu" and x.dtype == torch.float32
+    if compiled and max(len(taps_v), len(taps_h)) <= _SHIFT_ADD_MAX_TAPS and x.dim() >= 2:
+        h, w = x.shape[-2:]
+        return kernels.separable(x.contiguous(), _separable_tables(h, w, tuple(taps_v), tuple(taps_h), mode))
     if sy > 0:
         x = filter_1d(x, gaussian_taps(sy, truncate), -2, mode)
     if sx > 0:
         x = filter_1d(x, gaussian_taps(sx, truncate), -1, mode)
     return x
+
+
+@lru_cache(maxsize=64)
+def _separable_tables(
+    h: int, w: int, taps_v: tuple[float, ...], taps_h: tuple[float, ...], mode: str
+) -> tuple[torch.Tensor, ...]:
+    """The compiled separable kernel's tables: folded source rows per output row and tap, the
+    folded source column of every position of a row extended by the horizontal radius, the taps."""
+    rv, rh = (len(taps_v) - 1) // 2, (len(taps_h) - 1) // 2
+    rows = fold(torch.arange(h)[:, None] + torch.arange(-rv, rv + 1)[None, :], h, mode)
+    cols = fold(torch.arange(-rh, w + rh), w, mode)
+    return (
+        rows.int().contiguous(),
+        torch.tensor(taps_v, dtype=torch.float32),
+        cols.int().contiguous(),
+        torch.tensor(taps_h, dtype=torch.float32),
+    )
 
 
 @lru_cache(maxsize=64)
@@ -170,8 +193,9 @@ def motion_blur(x: torch.Tensor, radius: float, sigma: float, angle_deg: torch.T
     ``2*round(radius)+1`` taps at distance ``i`` along the angle, weighted
     ``exp(-i^2 / 2 sigma^2)`` (normalised), each sampling the edge-replicated image at the whole
     pixel offset ``ceil(i * (cos, sin) - 0.5)`` (y down). Taps below 1e-4 of the total weight are
-    dropped: together they move no pixel by a visible amount. Every tap is a shifted slice of
-    one padded copy, so the cost is one streaming pass per image and tap.
+    dropped: together they move no pixel by a visible amount. On CPU a compiled kernel sums the
+    shifted rows of each output row in L1 (``kernels.shifted_sum``); elsewhere every tap is a
+    shifted slice of one padded copy, one streaming pass per image and tap.
     """
     n, _, h, w = x.shape
     taps = 2 * max(0, round(radius)) + 1
@@ -180,8 +204,11 @@ def motion_blur(x: torch.Tensor, radius: float, sigma: float, angle_deg: torch.T
     weights = weights / weights.sum()
     i, weights = i[weights >= 1e-4], weights[weights >= 1e-4]
     theta = torch.deg2rad(angle_deg.double().cpu())
-    ox = torch.ceil(i[None, :] * torch.cos(theta)[:, None] - 0.5).long().tolist()
-    oy = torch.ceil(i[None, :] * torch.sin(theta)[:, None] - 0.5).long().tolist()
+    ox_t = torch.ceil(i[None, :] * torch.cos(theta)[:, None] - 0.5)
+    oy_t = torch.ceil(i[None, :] * torch.sin(theta)[:, None] - 0.5)
+    if kernels.AVAILABLE and x.device.type == "cpu" and x.dtype == torch.float32:
+        return kernels.shifted_sum(x.contiguous(), oy_t.int(), ox_t.int(), weights.float())
+    ox, oy = ox_t.long().tolist(), oy_t.long().tolist()
     p = taps
     padded = pad(x, p, p, p, p, "replicate")
     out = torch.empty_like(x)

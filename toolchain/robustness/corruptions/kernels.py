@@ -49,7 +49,47 @@ def zoom_blur(x: torch.Tensor, tables: tuple[torch.Tensor, ...]) -> torch.Tensor
     n, c, h, w = x.shape
     out = torch.empty_like(x)
     split = [x.reshape(n * c, h, w).numpy(), out.view(n * c, h, w).numpy()]
-    _run_split(_compiled().zoom_planes, split, [t.numpy() for t in tables])
+    # the int32 indices are never negative: read as uint32, numba adds no wraparound to the gathers
+    shared = [t.numpy().view(np.uint32) if t.dtype == torch.int32 else t.numpy() for t in tables]
+    _run_split(_compiled().zoom_planes, split, shared)
+    return out
+
+
+def separable(x: torch.Tensor, tables: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Separable correlation of every ``(H, W)`` plane of a contiguous float32 CPU tensor
+    ``(..., H, W)``; ``tables``: ``(rows, taps_v, cols, taps_h)``, see ``_numba.separable_planes``."""
+    h, w = x.shape[-2:]
+    out = torch.empty_like(x)
+    split = [x.reshape(-1, h, w).numpy(), out.view(-1, h, w).numpy()]
+    _run_split(_compiled().separable_planes, split, [t.numpy() for t in tables])
+    return out
+
+
+def shifted_sum(x: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted sum of whole-pixel shifts per image of a contiguous float32 CPU batch, edges
+    replicated; ``oy``, ``ox``: ``(N, T)`` int32, ``weights``: ``(T,)``. See ``_numba.shifted_sum``."""
+    out = torch.empty_like(x)
+    split = [x.numpy(), out.numpy(), oy.numpy(), ox.numpy()]
+    _run_split(_compiled().shifted_sum, split, [weights.numpy()])
+    return out
+
+
+def warp_reflect(x: torch.Tensor, field: torch.Tensor) -> torch.Tensor:
+    """Bilinear warp by a per-pixel shift ``(N, 2, H, W)`` (dx, dy) of a contiguous float32 CPU
+    batch, reflection padding (``F.grid_sample``'s numbers). See ``_numba.warp_reflect``."""
+    out = torch.empty_like(x)
+    _run_split(_compiled().warp_reflect, [x.numpy(), out.numpy(), field.numpy()], [])
+    return out
+
+
+def poisson_alias(
+    x: torch.Tensor, u: torch.Tensor, prob: torch.Tensor, alias: torch.Tensor, k: int
+) -> torch.Tensor:
+    """Alias-sampled Poisson counts of a contiguous float32 CPU tensor from uniform draws ``u``
+    (same shape); see ``ops.poisson_levels`` for the tables and ``_numba.poisson_alias``."""
+    out = torch.empty_like(x)
+    split = [x.view(-1).numpy(), u.view(-1).numpy(), out.view(-1).numpy()]
+    _run_split(_compiled().poisson_alias, split, [prob.numpy(), alias.numpy(), k])
     return out
 
 
@@ -60,7 +100,7 @@ def jpeg_rgb(x: torch.Tensor, out: torch.Tensor, tables: tuple[np.ndarray, ...])
     return out
 
 
-def _run_split(kernel: Any, split: list[np.ndarray], shared: list[np.ndarray]) -> None:
+def _run_split(kernel: Any, split: list[np.ndarray], shared: list[Any]) -> None:
     """``kernel(*split, *shared)``, with ``split``'s arrays cut along their first axis into one
     share per ``torch.get_num_threads()`` thread (the kernels release the GIL)."""
     n = split[0].shape[0]

@@ -9,6 +9,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
+from toolchain.robustness.corruptions import kernels
 from toolchain.robustness.corruptions.base import rand
 
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601, as cv2.COLOR_RGB2GRAY and JPEG use
@@ -75,6 +76,8 @@ def poisson_levels(x: torch.Tensor, photons: float, generator: torch.Generator) 
     ``x``'s device.
     """
     prob, alias, k = _poisson_alias(float(photons), x.device)
+    if x.device.type == "cpu" and x.dtype == torch.float32 and kernels.AVAILABLE:  # one pass
+        return kernels.poisson_alias(x.contiguous(), rand(x.shape, generator, x), prob, alias, k)
     row = x.clamp(0, 1).mul_(_POISSON_LEVELS - 1).round_().mul_(k)
     v = rand(x.shape, generator, x).mul_(k)
     slot = v.floor().clamp_(max=k - 1)
@@ -173,6 +176,9 @@ def warp_by(x: torch.Tensor, shift: torch.Tensor, padding_mode: str = "reflectio
     normalising scale) instead of adding the shift to pixel coordinates and normalising them.
     """
     h, w = shift.shape[-2:]
+    cpu = x.device.type == "cpu" and x.dtype == shift.dtype == torch.float32
+    if cpu and padding_mode == "reflection" and kernels.AVAILABLE:  # the same numbers, 2x faster
+        return kernels.warp_reflect(x.contiguous(), shift.contiguous())
     base, scale = _normalised_grid(h, w, shift.device, shift.dtype)
     norm = torch.addcmul(base, shift.permute(0, 2, 3, 1), scale)  # (N, H, W, 2), contiguous
     return F.grid_sample(x, norm, mode="bilinear", padding_mode=padding_mode, align_corners=False)
