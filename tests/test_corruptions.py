@@ -404,9 +404,10 @@ def test_chunked_batch_equals_its_images_in_one_call(
 def test_gaussian_blur_matches_scipy(
     compiled: bool, mode: str, scipy_mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Both paths of the separable blur (compiled kernel split over two threads, torch shift-add)
-    equal ``scipy.ndimage.gaussian_filter`` for each border mode, also where the kernel's radius
-    exceeds the image (3 rows, sigma 2) and with a different sigma per axis."""
+    """Both paths of the separable blur (compiled kernel split over two threads, or an FFT beyond
+    200 taps; torch shift-add or filter matrices) equal ``scipy.ndimage.gaussian_filter`` for each
+    border mode, also where the kernel's radius exceeds the image (3 rows, sigma 2; 40 rows,
+    sigma 70) and with a different sigma per axis."""
     ndimage = pytest.importorskip("scipy.ndimage")
     from toolchain.robustness.corruptions import filters, kernels
 
@@ -415,7 +416,9 @@ def test_gaussian_blur_matches_scipy(
     monkeypatch.setattr(kernels, "AVAILABLE", compiled)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     gen = torch.Generator().manual_seed(0)
-    for shape, sigma in (((2, 3, 30, 41), (1.3, 0.8)), ((1, 2, 3, 17), (2.0, 2.0)), ((4, 9, 12), (0.0, 1.5))):
+    cases = [((2, 3, 30, 41), (1.3, 0.8)), ((1, 2, 3, 17), (2.0, 2.0)), ((4, 9, 12), (0.0, 1.5))]
+    cases += [((1, 2, 40, 90), (70.0, 2.0)), ((1, 1, 20, 300), (3.0, 40.0))]  # > 200 taps: by FFT
+    for shape, sigma in cases:
         x = torch.rand(shape, generator=gen)
         ours = filters.gaussian_blur(x, sigma, truncate=3.0, mode=mode)
         expected = np.stack(
