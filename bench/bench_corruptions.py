@@ -13,8 +13,8 @@ Parts (``--parts``, default all):
 - ``throughput``: images/s per corruption (all severities, best of 3 after a warm-up call at the
   size) at 32x32, 224x224 and 512x256
   (W x H), ours and the reference.
-- ``kernels``: the compiled CPU kernels (numba: ``zoom_blur``, ``jpeg_compression``) against
-  the torch path the same corruption takes on CUDA or without numba, ms per image and severity
+- ``kernels``: every corruption with the compiled CPU kernels (numba) and on the torch path it
+  takes on CUDA or without numba, ms per image and severity
   at 224x224, 512x256 and 1920x1080 (not in the default parts; ``--out`` a separate file).
 - ``memory``: peak resident memory while corrupting a batch of 64 frames at 512x256, per
   corruption at severity 5, each in a fresh process: ``ru_maxrss`` minus the resident set once
@@ -233,11 +233,9 @@ def throughput(sizes: list[tuple[int, int]], batch: dict, ref: Callable[..., np.
     return result
 
 
-COMPILED = ("zoom_blur", "jpeg_compression")
-
-
 def compiled_vs_torch() -> dict:
-    """ms per image and severity of the numba kernels and of the torch path, same inputs, same run."""
+    """ms per image and severity of every corruption with the numba kernels (and the FFT blurs they
+    come with) and on the torch path, same inputs, same run."""
     from toolchain.robustness.corruptions import kernels
 
     if not kernels.AVAILABLE:
@@ -246,7 +244,7 @@ def compiled_vs_torch() -> dict:
     for h, w, n in ((224, 224, 16), (256, 512, 8), (1080, 1920, 2)):
         x = photos(n, h, w, seed=h + w)
         per: dict[str, dict] = {}
-        for name in COMPILED:
+        for name in list_corruptions():
             row = {}
             for path, available in (("compiled", True), ("torch", False)):
                 kernels.AVAILABLE = available
@@ -352,10 +350,41 @@ def _x(a: float, b: float) -> str:
 
 
 def render(result: dict, before: dict | None = None) -> str:
-    """The README's markdown tables (speed and strength, throughput) from a result JSON."""
+    """The README's markdown tables from a result JSON: speed and strength, throughput (the
+    default parts), or compiled vs torch path (``--parts kernels``)."""
+    lines: list[str] = []
+    if "speed_224" in result:
+        lines += _speed_table(result, before or {})
+    sizes = result.get("throughput", {})
+    if sizes:
+        lines += ["", "| corruption | " + " | ".join(
+            f"{key}: ours (batch {v['batch']}) / reference" for key, v in sizes.items()) + " |",
+            "|---|" + "---:|" * len(sizes)]  # fmt: skip
+        for name in next(iter(sizes.values()))["per_corruption"]:
+            cells = []
+            for v in sizes.values():
+                row = v["per_corruption"][name]
+                ref = row.get("reference_images_per_s")
+                cells.append(f"{row['ours_images_per_s']:,.0f} / {f'{ref:,.0f}' if ref else '–'}")
+            lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    kernels = result.get("compiled_vs_torch", {})
+    if kernels and "skipped" not in kernels:
+        lines += ["| corruption | " + " | ".join(
+            f"{key}: compiled / torch path, ms (speed-up)" for key in kernels) + " |",
+            "|---|" + "---:|" * len(kernels)]  # fmt: skip
+        for name in next(iter(kernels.values()))["per_corruption"]:
+            cells = [
+                f"{r['compiled_ms']:.2f} / {r['torch_ms']:.2f} ({r['speedup']:.1f}×)"
+                for r in (v["per_corruption"][name] for v in kernels.values())
+            ]
+            lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def _speed_table(result: dict, before: dict) -> list[str]:
     speed = result["speed_224"]["per_corruption"]
     fidelity = result.get("fidelity_32", {}).get("per_corruption", {})
-    old = (before or {}).get("speed_224", {}).get("per_corruption", {})
+    old = before.get("speed_224", {}).get("per_corruption", {})
     lines = [
         "| corruption | before, ms | now, ms | reference, ms | now vs reference "
         "| strength ours / reference at 224 px, severities 1–5 | same at 32 px |",
@@ -372,27 +401,14 @@ def render(result: dict, before: dict | None = None) -> str:
             f"| {ratios} | {small} |"
         )
     total = result["speed_224"]["summary"]
-    was = (before or {}).get("speed_224", {}).get("summary", {})
-    was_ms = was.get("imagenet_c_ours_ms_per_image")
+    was_ms = before.get("speed_224", {}).get("summary", {}).get("imagenet_c_ours_ms_per_image")
     lines.append(
         f"| **15 ImageNet-C** | **{f'{was_ms:.1f}' if was_ms is not None else '–'}** "
         f"| **{total['imagenet_c_ours_ms_per_image']:.1f}** "
         f"| **{total['imagenet_c_reference_ms_per_image']:.1f}** "
         f"| **{total['imagenet_c_speedup']:.1f}×** | | |"
     )
-    sizes = result.get("throughput", {})
-    if sizes:
-        lines += ["", "| corruption | " + " | ".join(
-            f"{key}: ours (batch {v['batch']}) / reference" for key, v in sizes.items()) + " |",
-            "|---|" + "---:|" * len(sizes)]  # fmt: skip
-        for name in next(iter(sizes.values()))["per_corruption"]:
-            cells = []
-            for v in sizes.values():
-                row = v["per_corruption"][name]
-                ref = row.get("reference_images_per_s")
-                cells.append(f"{row['ours_images_per_s']:,.0f} / {f'{ref:,.0f}' if ref else '–'}")
-            lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def main() -> None:
