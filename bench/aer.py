@@ -20,9 +20,11 @@ fine-tuning epochs add up to ``after_epochs``, with the same attack.
 runs 4x and 8x, every method, so that it finishes in under half an hour on 2 cores.
 
 Runs write their own run directory under ``--work``; a finished run (its report.json) is never
-redone, so an interrupted benchmark continues where it stopped. ``--split holdout`` evaluates
-on images held out from the training split (``data.holdout``), for choosing settings; the
-numbers to report come from ``--split test``. Results: JSON (``--out``) and plots beside it.
+redone, so an interrupted benchmark continues where it stopped, and a new run whose dense model
+an earlier invocation already trained (a finished train stage with the same key) copies it.
+``--split holdout`` evaluates on images held out from the training split (``data.holdout``),
+for choosing settings; the numbers to report come from ``--split test``. Results: JSON
+(``--out``) and plots beside it.
 """
 
 from __future__ import annotations
@@ -203,6 +205,22 @@ def finished(out: Path) -> bool:
     return (out / "report.json").is_file() and (out / "aer.done").is_file()
 
 
+def dense_donor(work: Path, recipe: dict[str, Any]) -> Path | None:
+    """A run directory under ``work`` whose train stage finished with ``recipe``'s train key: the
+    dense model this run would train, which a new run then copies instead of training again."""
+    from toolchain.pipeline import stage_keys
+    from toolchain.recipe import recipe_from_dict
+
+    key = stage_keys(recipe_from_dict(recipe))["train"]
+    for record in sorted(work.glob("*/train/stage.json")):
+        try:
+            if json.loads(record.read_text()).get("key") == key:
+                return record.parent.parent
+        except (OSError, ValueError, AttributeError):
+            continue
+    return None
+
+
 def _run(recipe: dict[str, Any], out: Path, dense_from: Path | None) -> dict[str, Any]:
     """One pipeline run (or its finished report), starting from ``dense_from``'s train stage."""
     from toolchain.pipeline import run_pipeline
@@ -316,8 +334,13 @@ def main() -> int:
                 if args.collect and not finished(out):
                     log.info("%s: not run yet, left out (--collect)", recipe["name"])
                     continue
+                donor = dense_dir
+                if donor is None and not finished(out) and not (out / "train").exists():
+                    donor = dense_donor(work, recipe)  # an earlier invocation's dense model
+                    if donor is not None:
+                        log.info("%s: dense model from %s (same train key)", recipe["name"], donor.name)
                 t0 = time.perf_counter()
-                report = _run(recipe, out, dense_dir)
+                report = _run(recipe, out, donor)
                 log.info("%s done in %.0f s", recipe["name"], time.perf_counter() - t0)
                 dense_dir = dense_dir or out
                 first_dense = first_dense or out

@@ -44,6 +44,16 @@ def test_aer_benchmark_runs_every_method_and_resumes(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(collected.read_text())["runs"] == payload["runs"]
     assert not list((tmp_path / "work").rglob("*-x64-*"))
+    # A new run in a new invocation copies an earlier run's dense model instead of training one.
+    cmd_new = [*cmd[:-1], str(tmp_path / "new.json"), "--methods", "magnitude", "--budgets", "3"]
+    proc = subprocess.run(cmd_new, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "magnitude-x3-s0: dense model from" in proc.stderr
+    new, old = (
+        json.loads(next((tmp_path / "work").rglob(f"{name}/train/stage.json")).read_text())
+        for name in ("magnitude-x3-s0", "magnitude-x2-s0")
+    )
+    assert new == old  # the same stage record (key, checksums, timing): copied, not retrained
 
 
 def test_aer_shared_dense_seeds_start_from_one_model_and_test_on_the_same_images(tmp_path: Path) -> None:
