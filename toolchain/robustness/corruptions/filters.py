@@ -144,7 +144,8 @@ def fft_filter_1d(x: torch.Tensor, taps: Sequence[float], dim: int, mode: str) -
     flipped = torch.tensor(list(taps)[::-1], dtype=x.dtype, device=x.device)
     spectrum = torch.fft.rfft(padded, n=m, dim=-1).mul_(torch.fft.rfft(flipped, n=m))
     out = torch.fft.irfft(spectrum, n=m, dim=-1)[..., 2 * r : 2 * r + n]
-    return out.transpose(-1, -2) if dim == -2 else out
+    # contiguous: the strided view would make every later elementwise pass several times slower
+    return (out.transpose(-1, -2) if dim == -2 else out).contiguous()
 
 
 @lru_cache(maxsize=64)
