@@ -111,7 +111,7 @@ def gaussian_blur(
     sy, sx = (sigma, sigma) if isinstance(sigma, (int, float)) else sigma
     taps_v = gaussian_taps(sy, truncate) if sy > 0 else [1.0]
     taps_h = gaussian_taps(sx, truncate) if sx > 0 else [1.0]
-    if not (kernels.AVAILABLE and x.device.type == "cpu" and x.dtype == torch.float32):
+    if not kernels.usable(x):
         for taps, dim in ((taps_v, -2), (taps_h, -1)):
             x = filter_1d(x, taps, dim, mode) if len(taps) > 1 else x
         return x
@@ -234,7 +234,7 @@ def motion_blur(x: torch.Tensor, radius: float, sigma: float, angle_deg: torch.T
     theta = torch.deg2rad(angle_deg.double().cpu())
     ox_t = torch.ceil(i[None, :] * torch.cos(theta)[:, None] - 0.5)
     oy_t = torch.ceil(i[None, :] * torch.sin(theta)[:, None] - 0.5)
-    if kernels.AVAILABLE and x.device.type == "cpu" and x.dtype == torch.float32:
+    if kernels.usable(x):
         return kernels.shifted_sum(x.contiguous(), oy_t.int(), ox_t.int(), weights.float())
     ox, oy = ox_t.long().tolist(), oy_t.long().tolist()
     p = taps
@@ -284,7 +284,7 @@ def zoom_blur(x: torch.Tensor, zooms: Sequence[float]) -> torch.Tensor:
     """
     n, c, h, w = x.shape
     rounded = [round(z, 6) for z in zooms]
-    if kernels.AVAILABLE and x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous():
+    if kernels.usable(x) and x.is_contiguous():
         return kernels.zoom_blur(x, _zoom_tables(h, w, tuple(rounded)))
     count = -(-len(rounded) // _ZOOM_GROUP)  # groups of equal size: 13 factors as 5 + 4 + 4
     bounds = [len(rounded) * i // count for i in range(count + 1)]

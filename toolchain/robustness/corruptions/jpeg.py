@@ -235,13 +235,13 @@ def jpeg_round_trip(x: torch.Tensor, quality: int, out: torch.Tensor | None = No
     """Encode/decode ``(N, C, H, W)`` in [0, 1] at ``quality``; RGB uses YCbCr 4:2:0, other C per plane.
 
     RGB float32 on CPU goes through the compiled kernel (``kernels.jpeg_rgb``: the same steps in
-    one pass per MCU row, 2x faster than the torch ops at 512x256), which clamps to [0, 1].
+    one pass per MCU row, 1.8x faster than the torch ops at 512x256), which clamps to [0, 1].
     Elsewhere decoded samples may overshoot [0, 1] by the ringing a JPEG decoder clamps away: the
     caller (``Corruption.__call__``) clamps, which gives the same numbers as clamping to 0..255.
     ``out``: an ``(N, C, H, W)`` tensor to write the result into (a new one if None).
     """
     n, c, h, w = x.shape
-    if c == 3 and kernels.AVAILABLE and x.device.type == "cpu" and x.dtype == torch.float32:
+    if c == 3 and kernels.usable(x):
         target = out if out is not None and out.is_contiguous() else torch.empty_like(x)
         kernels.jpeg_rgb(x.contiguous(), target, _kernel_tables(quality, -(-w // 16) * 16))
         return target if out is None or target is out else out.copy_(target)

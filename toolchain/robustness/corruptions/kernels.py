@@ -35,6 +35,11 @@ import torch
 AVAILABLE = importlib.util.find_spec("numba") is not None
 
 
+def usable(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels can take these tensors: numba present, all float32 on the CPU."""
+    return AVAILABLE and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+
+
 def _compiled() -> ModuleType:
     """The kernels module (importing numba; each kernel compiles on first use, cached on disk)."""
     return importlib.import_module("toolchain.robustness.corruptions._numba")
