@@ -216,7 +216,7 @@ def _mix(pix: torch.Tensor, weights: tuple[float, ...], scale: float, out: torch
 
 @lru_cache(maxsize=16)
 def _kernel_tables(quality: int, width: int) -> tuple[np.ndarray, ...]:
-    """The compiled kernel's constants for ``width``-wide padded images (see ``_numba.jpeg_rgb``).
+    """The compiled kernel's constants for ``width``-wide padded images (see ``_numba_jpeg.jpeg_rgb``).
 
     ``D``, ``D.T``; ``1 / Q`` and ``Q`` for luma and for chroma as ``Q.T`` tiled along a strip
     (luma strips are ``width`` wide, chroma strips half that); the YCbCr weights times 255,

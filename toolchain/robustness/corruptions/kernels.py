@@ -4,7 +4,7 @@ Eager torch spends one pass through memory per op (plus per-op overhead); these 
 output row at a time with every intermediate in a row buffer that stays in L1:
 
 - zoom blur: every zoom factor's row resampling and column gather into the output row;
-- JPEG: one MCU row (16 image rows) from RGB to decoded RGB (see ``_numba.jpeg_rgb``);
+- JPEG: one MCU row (16 image rows) from RGB to decoded RGB (see ``_numba_jpeg.jpeg_rgb``);
 - separable (Gaussian) correlation, motion blur's per-image shifted sum, the reflection warp of
   ``elastic_transform``, and Poisson alias sampling in one pass.
 
@@ -40,9 +40,9 @@ def usable(*tensors: torch.Tensor) -> bool:
     return AVAILABLE and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
 
 
-def _compiled() -> ModuleType:
-    """The kernels module (importing numba; each kernel compiles on first use, cached on disk)."""
-    return importlib.import_module("toolchain.robustness.corruptions._numba")
+def _compiled(module: str = "_numba") -> ModuleType:
+    """A kernels module (importing numba; each kernel compiles on first use, cached on disk)."""
+    return importlib.import_module(f"toolchain.robustness.corruptions.{module}")
 
 
 def zoom_blur(x: torch.Tensor, tables: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -100,8 +100,8 @@ def poisson_alias(
 
 def jpeg_rgb(x: torch.Tensor, out: torch.Tensor, tables: tuple[np.ndarray, ...]) -> torch.Tensor:
     """JPEG round trip of a contiguous float32 CPU RGB batch ``(N, 3, H, W)`` into ``out`` (same
-    shape, contiguous), clamped to [0, 1]; see ``_numba.jpeg_rgb`` for ``tables``."""
-    _run_split(_compiled().jpeg_rgb, [x.numpy(), out.numpy()], list(tables))
+    shape, contiguous), clamped to [0, 1]; see ``_numba_jpeg.jpeg_rgb`` for ``tables``."""
+    _run_split(_compiled("_numba_jpeg").jpeg_rgb, [x.numpy(), out.numpy()], list(tables))
     return out
 
 
