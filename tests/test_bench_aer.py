@@ -54,6 +54,15 @@ def test_aer_benchmark_runs_every_method_and_resumes(tmp_path: Path) -> None:
         for name in ("magnitude-x3-s0", "magnitude-x2-s0")
     )
     assert new == old  # the same stage record (key, checksums, timing): copied, not retrained
+    # Another recipe in the same work directory is refused (exit 2), not taken for the finished run.
+    stamps = {p: p.stat().st_mtime for p in (tmp_path / "work").rglob("report.json")}
+    proc = subprocess.run(
+        [*cmd_new, "--dense-lr", "0.07"], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 2 and "holds a finished run of another recipe" in proc.stderr, proc.stderr[
+        -2000:
+    ]
+    assert {p: p.stat().st_mtime for p in stamps} == stamps
 
 
 def test_aer_shared_dense_seeds_start_from_one_model_and_test_on_the_same_images(tmp_path: Path) -> None:
