@@ -311,8 +311,8 @@ def main() -> int:
         "--dense-lr",
         type=float,
         default=0.05,
-        help="peak one-cycle learning rate of the dense model (0.05: the README's tables; 0.2 measured "
-        "5 points better on held-out images, see bench/dense_lr.py)",
+        help="peak one-cycle learning rate of the dense model (0.05: the README's tables; 0.2 and 0.4 "
+        "measured 5-6 points better on held-out images, see bench/dense_lr.py)",
     )
     parser.add_argument("--split", default="test", choices=["test", "holdout"])
     parser.add_argument("--work", default=str(REPO / "runs" / "aer"))
