@@ -9,16 +9,27 @@ and reports both, so the user sees which keeps robustness at INT8.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Protocol
 
 import torch
-from torch import nn
 
 from exporters.errors import UserError
 
-__all__ = ["CalibrationMix", "build_calibration_set"]
+__all__ = ["CalibrationMix", "Corrupt", "Craft", "build_calibration_set"]
+
+
+class Corrupt(Protocol):
+    """``corrupt(name, x, severity, seed=...)``: ``x`` under a named corruption (the caller's
+    corruption suite, e.g. :func:`toolchain.robustness.corruptions.corrupt`)."""
+
+    def __call__(self, name: str, x: torch.Tensor, severity: int, *, seed: int) -> torch.Tensor: ...
+
+
+#: ``craft(x, y) -> x_adv``: adversarial versions of every image of a batch, crafted by the
+#: caller on its PyTorch model (this library knows no attack and no model).
+Craft = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +77,10 @@ def build_calibration_set(
     samples: int,
     mix: CalibrationMix,
     *,
-    model: nn.Module | None = None,
     corruptions: Sequence[str] = (),
     severities: Sequence[int] = (3,),
-    attack: Mapping[str, Any] | None = None,
+    corrupt: Corrupt | None = None,
+    craft: Craft | None = None,
     seed: int = 0,
 ) -> tuple[torch.Tensor, dict[str, int]]:
     """Draw ``samples`` images from ``batches`` and perturb the mix's shares of them.
@@ -81,13 +92,13 @@ def build_calibration_set(
         batches: ``(x, y)`` batches of float32 pixels in [0, 1] (training data, ideally).
         samples: images in the calibration set.
         mix: the shares of clean, corrupted and adversarial images.
-        model: the PyTorch model adversarial examples are crafted on (needed if
-            ``mix.adversarial > 0``).
         corruptions: corruption names to cycle through (needed if ``mix.corrupted > 0``).
         severities: severities to cycle through.
-        attack: PGD settings (``eps``, ``steps``, ``step_size``, ``norm``) for the adversarial
-            share; default L-inf 8/255, 5 steps.
-        seed: seeds corruptions and the attack's random start.
+        corrupt: applies a named corruption (needed if ``mix.corrupted > 0``).
+        craft: makes the adversarial share (needed if ``mix.adversarial > 0``); called on chunks
+            of at most 128 images, in order, every image perturbed (misclassified ones too: the
+            calibration set wants the activation ranges attacks produce, not a verdict).
+        seed: seeds the corruptions (the caller seeds ``craft``).
 
     Returns:
         ``(images, counts)``: a float32 CPU tensor ``(samples, C, H, W)`` and the number of
@@ -96,15 +107,12 @@ def build_calibration_set(
     Raises:
         UserError: fewer images than ``samples``, or a share that needs a missing ingredient.
     """
-    from toolchain.robustness.attacks.pgd import pgd_attack
-    from toolchain.robustness.corruptions import corrupt
-
     if samples < 1:
         raise UserError(f"calibration samples must be >= 1, got {samples}")
     counts = mix.counts(samples)
-    if counts["corrupted"] and not corruptions:
+    if counts["corrupted"] and (not corruptions or corrupt is None):
         raise UserError("the calibration mix has corrupted images but no corruptions are named")
-    if counts["adversarial"] and model is None:
+    if counts["adversarial"] and craft is None:
         raise UserError("the calibration mix has adversarial images but no PyTorch model to craft them on")
     xs, ys = _take(batches, samples)
     kinds = ["clean"] * counts["clean"] + ["corrupted"] * counts["corrupted"]
@@ -112,35 +120,14 @@ def build_calibration_set(
     out = xs.clone()
     corrupted = [i for i, k in enumerate(kinds) if k == "corrupted"]
     for j, index in enumerate(corrupted):
+        assert corrupt is not None  # checked above
         name = corruptions[j % len(corruptions)]
         severity = int(severities[(j // len(corruptions)) % len(severities)])
         out[index] = corrupt(name, xs[index], severity, seed=seed * 1_000_003 + index)
     adversarial = torch.tensor([i for i, k in enumerate(kinds) if k == "adversarial"], dtype=torch.long)
-    if len(adversarial):
-        assert model is not None  # checked above
-        options = {"eps": 8 / 255, "steps": 5, "norm": "linf", **(attack or {})}
-        eps, steps = float(options["eps"]), int(options["steps"])
-        step_size = float(options.get("step_size") or 2.5 * eps / max(steps, 1))
-        generator = torch.Generator(device="cpu").manual_seed(seed)
-        was_training = model.training
-        model.eval()
-        try:
-            # Every image of the adversarial share is perturbed, misclassified ones too: the
-            # calibration set wants the activation ranges attacks produce, not a robustness
-            # verdict (so the Attack class, which leaves misclassified images alone, is not used).
-            for chunk in adversarial.split(128):
-                out[chunk] = pgd_attack(
-                    model,
-                    xs[chunk],
-                    ys[chunk],
-                    eps=eps,
-                    step_size=step_size,
-                    steps=steps,
-                    norm=str(options["norm"]),
-                    generator=generator,
-                ).cpu()
-        finally:
-            model.train(was_training)
+    for chunk in adversarial.split(128):
+        assert craft is not None  # checked above
+        out[chunk] = craft(xs[chunk], ys[chunk]).detach().cpu()
     log.info("calibration set: %s", counts)
     return out.contiguous(), counts
 

@@ -6,14 +6,15 @@ corrupted images sit, so agreement is measured on each kind of input separately.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
 
+from calibration.data import Corrupt, Craft
 from exporters.base import Runner
+from exporters.errors import UserError
 from exporters.parity import tie_flips
 
 __all__ = ["ParityCounter", "PixelParityCounter", "compare_precisions"]
@@ -114,9 +115,8 @@ def compare_precisions(
     candidates: dict[str, Runner],
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     *,
-    model: nn.Module | None = None,
-    attack: dict[str, Any] | None = None,
-    craft: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    craft: Craft | None = None,
+    corrupt: Corrupt | None = None,
     corruptions: Sequence[str] = (),
     severity: int = 3,
     seed: int = 0,
@@ -127,11 +127,10 @@ def compare_precisions(
         reference: the FP32 runner.
         candidates: name -> runner to compare.
         batches: ``(x, y)`` validation batches in [0, 1].
-        model: the PyTorch model; with ``attack``, PGD examples crafted on it are compared too
-            (the same transfer examples the suite replays on every engine).
-        attack: PGD options (``eps``, ``steps``, ``step_size``, ``norm``).
-        craft: ``(x, y) -> x_adv``, the adversarial inputs to compare on, in place of
-            ``model`` and ``attack`` (the task's own attack, e.g. per-pixel PGD for segmentation).
+        craft: ``(x, y) -> x_adv``, the adversarial inputs to compare on (the caller's attack
+            crafted on its PyTorch model, as the suite replays them on every engine); none:
+            no adversarial comparison.
+        corrupt: applies a named corruption (needed with ``corruptions``).
         corruptions: corruption names compared at ``severity``.
         severity: corruption severity.
         seed: seeds the attack and the corruptions.
@@ -140,20 +139,21 @@ def compare_precisions(
         Per candidate: ``{"reference": reference.name, "clean": {...}, "adversarial": {...},
         "corrupted": {...}, "all": {...}}``, each as :meth:`ParityCounter.as_dict` (per image)
         or :meth:`PixelParityCounter.as_dict` (per pixel, for ``(N, K, H, W)`` logits).
-    """
-    from toolchain.robustness.attacks import build_attack
-    from toolchain.robustness.corruptions import corrupt
 
-    pgd = build_attack("pgd", seed=seed, **attack) if attack and model is not None else None
+    Raises:
+        UserError: ``corruptions`` named without a ``corrupt`` function.
+    """
+    if corruptions and corrupt is None:
+        raise UserError("compare_precisions: corruptions are named but no corrupt function is given")
     tallies = {name: _Kinds() for name in candidates}
     for index, (x, y) in enumerate(batches):
         inputs = {"clean": [x]}
         if craft is not None:
             inputs["adversarial"] = [craft(x, y).detach()]
-        elif pgd is not None:
-            assert model is not None
-            inputs["adversarial"] = [pgd(model.eval(), x, y).x_adv.detach()]
-        inputs["corrupted"] = [corrupt(c, x, severity, seed=seed * 1_000_003 + index) for c in corruptions]
+        if corrupt is not None:
+            inputs["corrupted"] = [
+                corrupt(c, x, severity, seed=seed * 1_000_003 + index) for c in corruptions
+            ]
         for kind, xs in inputs.items():
             for xk in xs:
                 ref = reference(xk)

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from toolchain.registry import Registry
+from exporters.errors import UnknownNameError
+from exporters.registry import Registry
 
 __all__ = ["RUNTIME_SCHEMES", "SCHEMES", "QuantScheme", "scheme_for_runtime"]
 
@@ -72,8 +73,6 @@ def scheme_for_runtime(runtime: str) -> QuantScheme:
     Raises:
         UnknownNameError: no INT8 scheme is defined for ``runtime``.
     """
-    from toolchain.errors import UnknownNameError
-
     if runtime not in RUNTIME_SCHEMES:
         raise UnknownNameError("INT8 target runtime", runtime, sorted(RUNTIME_SCHEMES))
     return SCHEMES.get(RUNTIME_SCHEMES[runtime])

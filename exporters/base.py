@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from toolchain.errors import InputSpecError
+from exporters.errors import InputSpecError
 
 
 @dataclass(frozen=True)

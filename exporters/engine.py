@@ -23,9 +23,9 @@ from typing import Any
 
 from exporters.errors import UserError
 from exporters.tensorrt import PRECISIONS, build_engine, engine_precision_of_onnx
-from exporters.tensorrt_runner import import_tensorrt, read_engine_sidecar, tensorrt_major
+from exporters.tensorrt_runner import TensorRTRunner, import_tensorrt, read_engine_sidecar, tensorrt_major
 
-__all__ = ["EngineProfile", "EngineRecord", "engine_key", "ensure_engine", "file_sha256"]
+__all__ = ["EngineProfile", "EngineRecord", "engine_key", "ensure_engine", "file_sha256", "tensorrt_runner"]
 
 
 @dataclass(frozen=True)
@@ -122,3 +122,54 @@ def _source_for(onnx_path: Path, out_dir: Path, precision: str, major: int) -> P
 
         return convert_to_fp16(onnx_path, out_dir / f"{onnx_path.stem}.fp16.onnx")
     return onnx_path
+
+
+def tensorrt_runner(
+    path: str | os.PathLike[str],
+    *,
+    precision: str = "fp32",
+    device: str = "cuda",
+    engine_path: str | os.PathLike[str] | None = None,
+    rebuild: bool = False,
+    threads: int | None = None,
+    workspace_mb: int = 1024,
+    min_batch: int = 1,
+    opt_batch: int | None = None,
+    max_batch: int = 32,
+) -> TensorRTRunner:
+    """A :class:`~exporters.tensorrt_runner.TensorRTRunner` for an engine, or for an ONNX file.
+
+    Given an ONNX file, the engine ``<stem>.<precision>.engine`` (beside the file, or in the
+    folder of ``engine_path``) is built when its cache key changed (file contents, TensorRT
+    version, precision, batch profile, workspace: see :mod:`exporters.engine`), or when
+    ``rebuild`` is set.
+
+    Args:
+        path: a ``.onnx`` file, or an engine built by :func:`build_engine`.
+        precision: engine precision when building (an existing engine reports its own).
+        device: the CUDA device to run on.
+        engine_path: an engine path whose folder keeps the built engine.
+        rebuild: build even if an up-to-date engine exists.
+        threads: ignored (a GPU runtime); accepted so every runtime takes the same arguments.
+        workspace_mb: see :func:`build_engine` (used only when building).
+        min_batch: see :func:`build_engine`.
+        opt_batch: see :func:`build_engine`.
+        max_batch: see :func:`build_engine`.
+
+    Raises:
+        RuntimeUnavailableError: TensorRT or CUDA is missing.
+        UserError / ExportError: as for :func:`build_engine` and the runner.
+    """
+    del threads
+    path = Path(path)
+    if path.suffix != ".onnx":
+        return TensorRTRunner(path, device=device)
+    if opt_batch is None:
+        opt_batch = max(min_batch, min(8, max_batch))
+    profile = EngineProfile(min_batch, opt_batch, max_batch, workspace_mb)
+    out_dir = Path(engine_path).parent if engine_path else path.parent
+    if rebuild:
+        target = out_dir / f"{path.stem}.{precision}.engine"
+        target.with_name(target.name + ".json").unlink(missing_ok=True)
+    record = ensure_engine(path, out_dir, precision, profile)
+    return TensorRTRunner(record.path, device=device)

@@ -1,14 +1,16 @@
-"""Typed errors of the export library.
+"""Typed user errors, shared by every package of the project.
 
-All are :class:`toolchain.errors.UserError` subclasses, so the CLI turns them into one line and
-exit code 2; each message says what went wrong and what to do about it. ``InputSpecError`` (a
-wrong batch handed to a runner) lives in ``toolchain.errors`` and is re-exported here so
-library users find every export-related error in one place.
+:class:`UserError` is the base of every error caused by the user's input (a recipe, a file, a
+name, a shape): the CLI turns it into one line on stderr and exit code 2, and each message says
+what went wrong and what to do about it. Internal bugs are *not* UserErrors: they keep their
+traceback. The base classes live here, in the lowest library, so that ``exporters``,
+``calibration`` and ``toolchain`` share them without importing ``toolchain``
+(:mod:`toolchain.errors` re-exports them beside the pipeline's own errors).
 """
 
 from __future__ import annotations
 
-from toolchain.errors import InputSpecError, UnknownNameError, UserError
+from collections.abc import Sequence
 
 __all__ = [
     "ExportError",
@@ -18,6 +20,25 @@ __all__ = [
     "UnknownNameError",
     "UserError",
 ]
+
+
+class UserError(Exception):
+    """Bad input from the user: a recipe, a file, a name, a shape. Exit code 2."""
+
+
+class UnknownNameError(UserError, KeyError):
+    """A registry lookup failed."""
+
+    def __init__(self, kind: str, name: str, known: Sequence[str]) -> None:
+        self.kind, self.name, self.known = kind, name, list(known)
+        super().__init__(f"unknown {kind} {name!r}; known: {', '.join(self.known) or '(none)'}")
+
+    def __str__(self) -> str:  # KeyError would otherwise repr() the message
+        return str(self.args[0])
+
+
+class InputSpecError(UserError, ValueError):
+    """A runner got a batch of the wrong shape, dtype or range."""
 
 
 class ExportError(UserError):

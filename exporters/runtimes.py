@@ -16,12 +16,13 @@ from typing import Any
 import torch
 
 from exporters.base import Runner
+from exporters.engine import tensorrt_runner
 from exporters.errors import UserError
 from exporters.ort_gpu import ort_cuda_runner, ort_provider_missing, ort_tensorrt_runner
 from exporters.ort_runner import OnnxRuntimeRunner
-from exporters.tensorrt import INSTALL_HINT, tensorrt_runner
+from exporters.registry import Registry
+from exporters.tensorrt import INSTALL_HINT
 from exporters.torch_runner import TorchRunner
-from toolchain.registry import Registry
 
 __all__ = ["RUNTIMES", "build_runner", "runtime_available"]
 

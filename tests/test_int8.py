@@ -21,6 +21,8 @@ from exporters.errors import UnknownNameError, UserError
 from exporters.onnx import export_onnx, read_onnx_metadata
 from exporters.ort_runner import OnnxRuntimeRunner
 from exporters.tensorrt import engine_precision_of_onnx
+from toolchain.robustness.attacks.pgd import pgd_attack
+from toolchain.robustness.corruptions import corrupt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -167,9 +169,9 @@ def test_calibration_set_perturbs_exactly_its_shares() -> None:
         batches,
         10,
         CalibrationMix(0.4, 0.3, 0.3),
-        model=model,
         corruptions=["gaussian_noise"],
-        attack={"eps": 4 / 255, "steps": 2},
+        corrupt=corrupt,
+        craft=lambda xs, ys: pgd_attack(model.eval(), xs, ys, eps=4 / 255, step_size=2 / 255, steps=2),
     )
     assert counts == {"clean": 4, "corrupted": 3, "adversarial": 3}
     diff = (images - x[:10]).abs().flatten(1).amax(1)
@@ -209,7 +211,9 @@ def test_compare_precisions_splits_by_input_kind() -> None:
     logits = torch.tensor([[1.0, 0.0, 0.0, 0.0]] * 4)
     ref, same = _Fixed(logits), _Fixed(logits.clone())
     batches = [(_images(4), torch.zeros(4, dtype=torch.long))]
-    out = compare_precisions(ref, {"same": same}, batches, corruptions=["fog", "gaussian_noise"])
+    out = compare_precisions(
+        ref, {"same": same}, batches, corrupt=corrupt, corruptions=["fog", "gaussian_noise"]
+    )
     assert out["same"]["clean"] == {
         "samples": 4,
         "top1_agreement": 1.0,

@@ -18,6 +18,7 @@ import torch
 from onnx import TensorProto, helper
 
 from exporters import tensorrt_runner as trt_runner_module
+from exporters.engine import tensorrt_runner
 from exporters.errors import ExportError, InputSpecError, RuntimeUnavailableError, UserError
 from exporters.runtimes import build_runner, runtime_available
 from exporters.tensorrt import (
@@ -26,7 +27,6 @@ from exporters.tensorrt import (
     build_engine,
     engine_precision_of_onnx,
     read_engine_sidecar,
-    tensorrt_runner,
 )
 
 pytestmark = pytest.mark.tensorrt

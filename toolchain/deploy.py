@@ -12,9 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
-from calibration.data import CalibrationMix, build_calibration_set
+from calibration.data import CalibrationMix, Craft, build_calibration_set
 from calibration.fusion import count_fused_kernels
 from calibration.parity import compare_precisions
 from calibration.qdq import quantize_onnx
@@ -25,6 +26,8 @@ from exporters.ort_runner import OnnxRuntimeRunner
 from exporters.tensorrt_runner import TensorRTRunner
 from toolchain.machine import tensorrt_version
 from toolchain.recipe import Recipe
+from toolchain.robustness.attacks.pgd import pgd_attack
+from toolchain.robustness.corruptions import corrupt
 from toolchain.tasks import task_of
 
 __all__ = [
@@ -83,10 +86,10 @@ def quantize_models(
                 train_batches(),
                 cfg.samples,
                 mix,
-                model=models[name],
                 corruptions=cfg.corruptions,
                 severities=cfg.severities,
-                attack=attack,
+                corrupt=corrupt,
+                craft=_calibration_craft(models[name], attack, recipe.seed),
                 seed=recipe.seed,
             )
             for target in cfg.targets:
@@ -134,6 +137,33 @@ def quantize_models(
                     }
                 )
     return records
+
+
+def _calibration_craft(model: nn.Module, attack: dict[str, Any], seed: int) -> Craft:
+    """PGD on ``model`` in eval mode for the calibration set's adversarial share, one generator
+    for the whole set (seeded once, so the set does not depend on how it is chunked)."""
+    eps, steps = float(attack["eps"]), int(attack["steps"])
+    step_size = float(attack.get("step_size") or 2.5 * eps / max(steps, 1))
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+
+    def craft(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        was_training = model.training
+        model.eval()
+        try:
+            return pgd_attack(
+                model,
+                x,
+                y,
+                eps=eps,
+                step_size=step_size,
+                steps=steps,
+                norm=str(attack["norm"]),
+                generator=generator,
+            )
+        finally:
+            model.train(was_training)
+
+    return craft
 
 
 def build_engines(
@@ -222,6 +252,7 @@ def int8_parity(
         candidates,
         batches,
         craft=task_of(model).parity_craft(model, cfg),
+        corrupt=corrupt,
         corruptions=cfg.corruptions.names,
         severity=max(cfg.corruptions.severities, default=3),
         seed=cfg.corruptions.seed,

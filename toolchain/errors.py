@@ -1,31 +1,28 @@
 """User-facing errors. The CLI turns any ``UserError`` into one line on stderr and exit code 2.
 
 Every message names what is wrong and how to fix it. Internal bugs are *not* UserErrors: they
-keep their traceback.
+keep their traceback. The base classes (``UserError``, ``UnknownNameError``, ``InputSpecError``)
+are defined in :mod:`exporters.errors`, shared with the libraries; the pipeline's own are here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from exporters.errors import InputSpecError, UnknownNameError, UserError
 
-
-class UserError(Exception):
-    """Bad input from the user: a recipe, a file, a name, a shape. Exit code 2."""
+__all__ = [
+    "CheckpointError",
+    "DataNotFoundError",
+    "InputSpecError",
+    "RecipeError",
+    "RunDirectoryError",
+    "RunLockedError",
+    "UnknownNameError",
+    "UserError",
+]
 
 
 class RecipeError(UserError):
     """The recipe does not validate (unknown key, wrong type, bad value)."""
-
-
-class UnknownNameError(UserError, KeyError):
-    """A registry lookup failed."""
-
-    def __init__(self, kind: str, name: str, known: Sequence[str]) -> None:
-        self.kind, self.name, self.known = kind, name, list(known)
-        super().__init__(f"unknown {kind} {name!r}; known: {', '.join(self.known) or '(none)'}")
-
-    def __str__(self) -> str:  # KeyError would otherwise repr() the message
-        return str(self.args[0])
 
 
 class DataNotFoundError(UserError):
@@ -34,10 +31,6 @@ class DataNotFoundError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint is missing, unreadable, or does not fit the architecture."""
-
-
-class InputSpecError(UserError, ValueError):
-    """A runner got a batch of the wrong shape, dtype or range."""
 
 
 class RunDirectoryError(UserError):
