@@ -114,7 +114,7 @@ def accuracy(args: argparse.Namespace) -> dict[str, Any]:
         TrainConfig,
         ValidateConfig,
     )
-    from toolchain.robustness.suite import evaluate_model
+    from toolchain.robustness.suite import evaluate
     from toolchain.training import make_loader, train_model
 
     torch.set_num_threads(2)
@@ -179,7 +179,7 @@ def accuracy(args: argparse.Namespace) -> dict[str, Any]:
                 runners[name] = OnnxRuntimeRunner(result.path, threads=2)
                 calibrations[name] = {"counts": counts, **result.as_dict()}
         val = make_loader(torch.utils.data.Subset(data.val, range(500)), 100, shuffle=False)
-        evaluations = evaluate_model(model, runners, val, validate, model_name="pruned", progress=False)
+        evaluations = evaluate(model, runners, val, validate, model_name="pruned", progress=False)
         parity = compare_precisions(
             runners["fp32"],
             {k: v for k, v in runners.items() if k != "fp32"},

@@ -103,7 +103,7 @@ def test_trained_model_is_accurate(model: nn.Module, batch: tuple[torch.Tensor, 
 def test_registry_and_build_errors() -> None:
     assert {"fgsm", "pgd", "apgd", "square"} <= set(ATTACKS.names())
     with pytest.raises(
-        UnknownNameError, match="known: apgd, apgd-t, autoattack, autoattack-lite, fgsm, pgd, square"
+        UnknownNameError, match="known: apgd, apgd-t, autoattack, autoattack-lite, fgsm, pgd, segpgd, square"
     ):
         build_attack("cw", eps=EPS, steps=10)
     with pytest.raises(UserError, match="supports norm linf"):

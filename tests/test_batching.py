@@ -12,7 +12,7 @@ from exporters.onnx import export_onnx
 from exporters.ort_runner import OnnxRuntimeRunner
 from toolchain.errors import InputSpecError
 from toolchain.recipe import ValidateConfig
-from toolchain.robustness.suite import evaluate_model
+from toolchain.robustness.suite import evaluate
 
 
 def _model() -> nn.Module:
@@ -66,7 +66,7 @@ def test_suite_runs_square_on_a_fixed_batch_engine(fixed_engine: tuple[nn.Module
     )
     g = torch.Generator().manual_seed(0)
     data = [(torch.rand(6, 3, 12, 12, generator=g), torch.randint(0, 5, (6,), generator=g))]
-    (ev,) = evaluate_model(
+    (ev,) = evaluate(
         model, {"onnxruntime": any_batch(engine)}, data, cfg, model_name="pruned", progress=False
     )
     assert ev.samples == 6 and ev.parity is not None and ev.parity.top1_agreement == 1.0

@@ -16,10 +16,11 @@ from exporters import tensorrt_runner as trt_runner_module
 from exporters.tensorrt import TensorRTRunner
 from tests.conftest import TINY_RECIPE
 from tests.test_tensorrt import fake_tensorrt, install, named
-from toolchain import deploy
 from toolchain.cli import main
 from toolchain.pipeline import run_pipeline
 from toolchain.recipe import recipe_from_dict
+from toolchain.rundir import RunLayout
+from toolchain.stages import runners as stage_runners
 
 pytestmark = pytest.mark.e2e
 
@@ -133,7 +134,9 @@ def test_int8_gate_refuses_a_slower_or_less_accurate_model(int8_run: tuple[Path,
             "max_corruption_drop": None,
         },
     )
-    tight = assemble_report(out, recipe_from_dict(_recipe(quantize=strict)), data_name="signs").to_json()
+    tight = assemble_report(
+        RunLayout(out), recipe_from_dict(_recipe(quantize=strict)), data_name="signs"
+    ).to_json()
     (gate,) = [g for g in tight["gates"] if g["metric"].startswith("quantization[")]
     assert gate["metric"].endswith("vs_fp32.slowdown") and not gate["passed"] and not tight["passed"]
 
@@ -168,7 +171,7 @@ def test_engine_stage_builds_once_and_validation_never_builds(
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(trt_runner_module, "_require_cuda", lambda device: None)
     monkeypatch.setattr(TensorRTRunner, "_stream_handle", lambda self: 0)
-    monkeypatch.setattr(deploy, "TensorRTRunner", functools.partial(TensorRTRunner, device="cpu"))
+    monkeypatch.setattr(stage_runners, "TensorRTRunner", functools.partial(TensorRTRunner, device="cpu"))
     out = tmp_path / "run"
     shutil.copytree(tiny_run[0], out)
     recipe = _recipe(

@@ -204,24 +204,24 @@ def test_an_interrupted_run_resumes_without_redoing_finished_stages(
 ) -> None:
     import shutil
 
-    import toolchain.pipeline as pipeline
+    import toolchain.stages.finetune as finetune_stage
 
     out = tmp_path / "run"
     shutil.copytree(tiny_run[0], out)
     before = _mtimes(out)
     changed = json.loads(json.dumps(TINY_RECIPE))
     changed["finetune"]["lr"] = 0.03
-    real_train = pipeline.train_model
+    real_train = finetune_stage.train_model
 
     def interrupted(*args: Any, **kwargs: Any) -> Any:
         if kwargs.get("desc") == "finetune":
             raise KeyboardInterrupt  # the user pressed Ctrl-C during fine-tuning
         return real_train(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "train_model", interrupted)
+    monkeypatch.setattr(finetune_stage, "train_model", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_pipeline(recipe_from_dict(changed), out, progress=False)
-    monkeypatch.setattr(pipeline, "train_model", real_train)
+    monkeypatch.setattr(finetune_stage, "train_model", real_train)
     assert _mtimes(out) == before  # nothing was recorded as finished by the interrupted stage
 
     report = run_pipeline(recipe_from_dict(changed), out, progress=False)

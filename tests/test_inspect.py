@@ -134,12 +134,12 @@ def test_cli_inspect_trial_exit_code_says_whether_the_model_goes_through(capsys,
     assert (
         "trial: works (image_size=16, dense_macs=65644, macs=32828, macs_reduction=2, target_met=True" in out
     )
-    import toolchain.pipeline_deploy
+    import toolchain.stages.export
 
     def broken_export(*_args: object, **_kwargs: object) -> None:
         raise RuntimeError("exporter crashed")
 
-    monkeypatch.setattr(toolchain.pipeline_deploy, "export_onnx", broken_export)
+    monkeypatch.setattr(toolchain.stages.export, "export_onnx", broken_export)
     assert main(["inspect", "tests.user_models:make", "--input-size", "16", "--trial"]) == 1
     out = capsys.readouterr().out
     assert (

@@ -19,12 +19,26 @@ from toolchain.rundir import RunDir, atomic_path, chain_key, sha256_file
 def test_stage_records_and_keys(tmp_path: Path) -> None:
     with RunDir.open(tmp_path / "run", {"name": "x"}) as run:
         (run.stage_dir("train") / "model.pt").write_text("weights")
-        assert run.finished("train", "k1") is None
-        run.finish("train", "k1", ["model.pt"], {"macs": 5}, 1.0)
-        assert run.finished("train", "k1")["result"] == {"macs": 5}
-        assert run.finished("train", "k2") is None  # the recipe changed
+        assert run.finished("train", "k1", {}) is None
+        run.finish("train", "k1", {}, ["model.pt"], {"macs": 5}, 1.0)
+        assert run.finished("train", "k1", {})["result"] == {"macs": 5}
+        assert run.finished("train", "k2", {}) is None  # the recipe changed
         (run.root / "train" / "model.pt").unlink()
-        assert run.finished("train", "k1") is None  # an artifact went missing
+        assert run.finished("train", "k1", {}) is None  # an artifact went missing
+
+
+def test_a_stage_after_one_that_ran_again_is_not_finished(tmp_path: Path) -> None:
+    with RunDir.open(tmp_path / "run", {"name": "x"}) as run:
+        (run.stage_dir("train") / "model.pt").write_text("weights")
+        run.finish("train", "k1", {}, ["model.pt"], {}, 1.0)
+        first = run.run_id("train")
+        (run.stage_dir("prune") / "model.pt").write_text("pruned")
+        run.finish("prune", "k2", {"train": first}, ["model.pt"], {}, 1.0)
+        assert run.finished("prune", "k2", {"train": run.run_id("train")}) is not None
+        # The same train stage runs again (same key, same bytes): a new run of it all the same.
+        run.finish("train", "k1", {}, ["model.pt"], {}, 1.0)
+        assert run.run_id("train") != first
+        assert run.finished("prune", "k2", {"train": run.run_id("train")}) is None
 
 
 def test_a_truncated_or_changed_artifact_is_never_taken_as_finished(
@@ -33,20 +47,20 @@ def test_a_truncated_or_changed_artifact_is_never_taken_as_finished(
     with RunDir.open(tmp_path / "run", {"name": "x"}) as run:
         model = run.stage_dir("train") / "model.pt"
         model.write_bytes(b"weights" * 100)
-        run.finish("train", "k", ["model.pt"], {}, 1.0)
-        record = run.finished("train", "k")
+        run.finish("train", "k", {}, ["model.pt"], {}, 1.0)
+        record = run.finished("train", "k", {})
         assert record["checksums"] == {"model.pt": sha256_file(model)}
         assert run.verify("train", "model.pt")
         model.write_bytes(b"weights" * 50)  # truncated after the stage finished
         with caplog.at_level(logging.WARNING, logger="toolchain.rundir"):
-            assert run.finished("train", "k") is None
+            assert run.finished("train", "k", {}) is None
         assert "model.pt does not match the sha256 in stage.json" in caplog.text
         assert not run.verify("train", "model.pt")
         model.write_bytes(b"weights" * 100)
-        assert run.finished("train", "k") is not None  # the recorded bytes again
+        assert run.finished("train", "k", {}) is not None  # the recorded bytes again
         record_path = run.root / "train" / "stage.json"
         record_path.write_text(record_path.read_text().replace('"checksums"', '"sums"'))
-        assert run.finished("train", "k") is None  # a record without checksums is not trusted
+        assert run.finished("train", "k", {}) is None  # a record without checksums is not trusted
 
 
 def test_chain_key_depends_on_every_part() -> None:

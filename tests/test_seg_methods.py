@@ -14,7 +14,6 @@ from exporters.base import InputSpec
 from exporters.onnx import export_onnx
 from exporters.runtimes import build_runner
 from exporters.torch_runner import TorchRunner
-from toolchain import deploy
 from toolchain.data import load_data
 from toolchain.data.driving_scenes import CLASS_NAMES
 from toolchain.errors import UserError
@@ -25,7 +24,10 @@ from toolchain.pruning.methods import PruneJob
 from toolchain.recipe import AttackConfig, EvalAttackConfig, TrainConfig, ValidateConfig, recipe_from_dict
 from toolchain.robustness.attacks.apgd import APGD
 from toolchain.robustness.attacks.deepfool import deepfool, mean_pixel_margin
-from toolchain.robustness.seg_suite import build_seg_attacks, evaluate_segmentation
+from toolchain.robustness.suite import build_suite_attacks, evaluate
+from toolchain.rundir import RunLayout
+from toolchain.stages.quantize import quantize_models
+from toolchain.stages.runners import int8_parity, variant_labels, variant_runners
 from toolchain.tasks import task_named
 from toolchain.tasks.segmentation import IGNORE_INDEX
 from toolchain.training import make_loader, train_model
@@ -111,25 +113,20 @@ def test_int8_files_of_segnet_calibrate_on_training_images_and_record_pixel_pari
             },
         }
     )
-    export_onnx(trained, tmp_path / "pruned.onnx", input_spec=SPEC)
-    records = deploy.quantize_models(
-        recipe,
-        {"pruned": trained},
-        tmp_path,
-        tmp_path / "quantize",
-        lambda: make_loader(scenes.train, 8, shuffle=True, seed=3),
+    layout = RunLayout(tmp_path)
+    export_onnx(trained, layout.onnx("pruned"), input_spec=SPEC)
+    records = quantize_models(
+        recipe, {"pruned": trained}, layout, lambda: make_loader(scenes.train, 8, shuffle=True, seed=3)
     )
-    assert [r["calibration"] for r in records] == ["clean", "mixed"]
-    assert records[1]["counts"] == {"clean": 4, "corrupted": 2, "adversarial": 2}
-    assert all(r["fusion"]["all_integer"] and r["quantized_nodes"]["Conv"] > 0 for r in records)
-    fp32 = build_runner("onnxruntime", path=tmp_path / "pruned.onnx", threads=1)
-    labels = deploy.variant_labels("pruned", ["onnxruntime"], records, [])
-    int8 = deploy.variant_runners(
-        labels, quantize_dir=tmp_path / "quantize", engine_dir=tmp_path, threads=1, spinning=False
-    )
+    assert [r.calibration for r in records] == ["clean", "mixed"]
+    assert records[1].counts == {"clean": 4, "corrupted": 2, "adversarial": 2}
+    assert all(r.fusion["all_integer"] and r.quantized_nodes["Conv"] > 0 for r in records)
+    fp32 = build_runner("onnxruntime", path=layout.onnx("pruned"), threads=1)
+    labels = variant_labels("pruned", ["onnxruntime"], records, [])
+    int8 = variant_runners(labels, layout, threads=1, spinning=False)
     assert set(int8) == {"onnxruntime/int8/clean", "onnxruntime/int8/mixed"}
     x, y = _val(scenes)
-    parity = deploy.int8_parity(recipe, trained, fp32, int8, [(x, y)])
+    parity = int8_parity(recipe, trained, fp32, int8, [(x, y)])
     for stats in parity.values():
         assert set(stats) == {"reference", "clean", "adversarial", "corrupted", "all"}
         clean = stats["clean"]
@@ -138,9 +135,7 @@ def test_int8_files_of_segnet_calibrate_on_training_images_and_record_pixel_pari
         assert stats["all"]["pixels"] == 3 * 8 * 32 * 64
     # The INT8 runner in the suite: its own row, per-pixel parity against PyTorch, transfer PGD.
     runners = {"torch": TorchRunner(trained, SPEC), "onnxruntime": fp32, **int8}
-    rows = evaluate_segmentation(
-        trained, runners, [(x, y)], recipe.validate, model_name="pruned", class_names=CLASS_NAMES
-    )
+    rows = evaluate(trained, runners, [(x, y)], recipe.validate, model_name="pruned", class_names=CLASS_NAMES)
     torch_row, fp32_row, *int8_rows = rows
     for row in int8_rows:
         assert row.precision == "int8" and row.miou is not None and row.parity is not None
@@ -270,9 +265,7 @@ def test_fgsm_and_apgd_lower_miou_and_transfer_to_onnxruntime_exactly(
         EvalAttackConfig(name="pgd", eps=4 / 255, steps=10),
     ]
     cfg = ValidateConfig(samples=8, batch_size=8, attacks=attacks, corruptions={"names": []})  # type: ignore[arg-type]
-    torch_ev, ort_ev = evaluate_segmentation(
-        trained, runners, [(x, y)], cfg, model_name="dense", class_names=CLASS_NAMES
-    )
+    torch_ev, ort_ev = evaluate(trained, runners, [(x, y)], cfg, model_name="dense", class_names=CLASS_NAMES)
     fgsm, apgd, pgd = torch_ev.attacks
     assert (fgsm.steps, apgd.steps) == (1, 10) and [a.mode for a in ort_ev.attacks] == ["transfer"] * 3
     assert (
@@ -297,13 +290,13 @@ def test_apgd_per_pixel_stays_in_the_ball_and_keeps_each_images_highest_loss_poi
 @pytest.mark.parametrize(
     ("attack", "message"),
     [
-        ({"name": "square"}, "Square is a black-box search .*; use pgd, segpgd, fgsm, apgd"),
-        ({"name": "fgsm", "norm": "l2", "eps": 0.5}, "'fgsm' is an L-inf attack"),
+        ({"name": "square"}, "Square is a black-box search .*; use apgd, fgsm, pgd, segpgd"),
+        ({"name": "fgsm", "norm": "l2", "eps": 0.5}, "'fgsm' supports norm linf"),
     ],
 )
 def test_attacks_not_defined_per_pixel_are_refused_with_the_alternatives(attack: dict, message: str) -> None:  # type: ignore[type-arg]
     with pytest.raises(UserError, match=message):
-        build_seg_attacks([EvalAttackConfig(**attack)])
+        build_suite_attacks([EvalAttackConfig(**attack)], "segmentation")
 
 
 # --- the pipeline end to end ----------------------------------------------------------------------

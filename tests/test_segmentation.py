@@ -30,15 +30,15 @@ from toolchain.preflight import budget_of, check
 from toolchain.pruning import classifier_layers, count_macs_params, prune_model
 from toolchain.pruning.methods import PruneJob
 from toolchain.recipe import EvalAttackConfig, TrainConfig, ValidateConfig, recipe_from_dict
-from toolchain.report.assemble import add_corruption_errors
 from toolchain.report.gates import resolve_metric
 from toolchain.report.html import render_html
 from toolchain.report.markdown import render_markdown
 from toolchain.report.schema import Corruptions, Evaluation, Report
 from toolchain.robustness.attacks.segpgd import segpgd_attack, segpgd_weights
-from toolchain.robustness.seg_metrics import class_iou, confusion, mean_iou, pixel_accuracy
-from toolchain.robustness.seg_suite import evaluate_segmentation
+from toolchain.robustness.corruptions.metrics import add_corruption_errors
+from toolchain.robustness.suite import evaluate
 from toolchain.tasks import task_named, task_of
+from toolchain.tasks.seg_metrics import class_iou, confusion, mean_iou, pixel_accuracy
 from toolchain.training import make_loader, train_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -203,7 +203,7 @@ def test_pgd_lowers_miou_monotonically_with_eps(scenes, trained) -> None:  # typ
     spec = InputSpec(3, 32, 64)
     epsilons = [1 / 255, 2 / 255, 4 / 255, 8 / 255]
     cfg = _validate([EvalAttackConfig(name="pgd", eps=e, steps=5) for e in epsilons])
-    (ev,) = evaluate_segmentation(
+    (ev,) = evaluate(
         trained,
         {"torch": TorchRunner(trained, spec)},
         [(x, y)],
@@ -231,7 +231,7 @@ def test_onnxruntime_transfer_equals_pytorch_white_box_in_fp32(scenes, trained, 
         EvalAttackConfig(name="pgd", eps=4 / 255, steps=5),
         EvalAttackConfig(name="segpgd", eps=4 / 255, steps=5),
     ]
-    torch_ev, ort_ev = evaluate_segmentation(
+    torch_ev, ort_ev = evaluate(
         trained, runners, [(x, y)], _validate(attacks, ["fog"]), model_name="dense", class_names=CLASS_NAMES
     )
     assert [a.mode for a in ort_ev.attacks] == ["transfer", "transfer"]
@@ -251,7 +251,7 @@ def test_onnxruntime_transfer_equals_pytorch_white_box_in_fp32(scenes, trained, 
 def test_an_attack_on_the_first_images_reports_their_clean_miou(scenes, trained) -> None:  # type: ignore[no-untyped-def]
     x, y = _val(scenes)
     cfg = _validate([EvalAttackConfig(name="pgd", eps=4 / 255, steps=2, samples=3)])
-    (ev,) = evaluate_segmentation(
+    (ev,) = evaluate(
         trained,
         {"torch": TorchRunner(trained, InputSpec(3, 32, 64))},
         [(x[:5], y[:5]), (x[5:], y[5:])],

@@ -19,7 +19,7 @@ from toolchain.recipe import ValidateConfig
 from toolchain.report.gates import intrinsic_gates
 from toolchain.report.schema import Report
 from toolchain.robustness.attacks import ATTACKS, Attack, AttackResult
-from toolchain.robustness.suite import evaluate_model
+from toolchain.robustness.suite import evaluate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -65,7 +65,7 @@ def test_evaluation_is_streamed_batches_are_not_kept() -> None:
             yield x, torch.randint(0, 3, (8,), generator=g)
 
     runners = {"torch": TorchRunner(model, InputSpec(3, 8, 8))}
-    (ev,) = evaluate_model(model, runners, batches(), _config(), model_name="dense", progress=False)
+    (ev,) = evaluate(model, runners, batches(), _config(), model_name="dense", progress=False)
     assert ev.samples == 48
     # At most the batch in hand (and the one the loop variable still names) is alive.
     assert max(alive_while_streaming) <= 2, alive_while_streaming
@@ -77,7 +77,7 @@ def test_modes_caps_and_counts() -> None:
     runners = {"torch": TorchRunner(model, spec), "copy": _engine(_model(), spec)}
     g = torch.Generator().manual_seed(1)
     data = [(torch.rand(10, 3, 8, 8, generator=g), torch.randint(0, 3, (10,), generator=g)) for _ in range(3)]
-    evs = evaluate_model(model, runners, data, _config(), model_name="pruned", progress=False)
+    evs = evaluate(model, runners, data, _config(), model_name="pruned", progress=False)
     by_runtime = {e.runtime: e for e in evs}
     torch_ev, engine_ev = by_runtime["torch"], by_runtime["onnxruntime"]
     assert [a.mode for a in torch_ev.attacks] == ["white-box", "black-box"]
@@ -98,7 +98,7 @@ def test_engine_disagreement_is_flagged() -> None:
     engine = _engine(nn.Sequential(nn.Flatten(), nn.Linear(192, 3)), spec)
     g = torch.Generator().manual_seed(2)
     data = [(torch.rand(16, 3, 8, 8, generator=g), torch.randint(0, 3, (16,), generator=g))]
-    (ev,) = evaluate_model(
+    (ev,) = evaluate(
         model, {"onnxruntime": engine}, data, _config(attacks=[]), model_name="x", progress=False
     )
     assert ev.parity is not None and ev.parity.top1_agreement < 1.0
@@ -138,7 +138,7 @@ def test_a_clean_wrong_image_never_counts_as_robust(monkeypatch: pytest.MonkeyPa
         "engine": _engine(_BrightestChannel(), InputSpec(3, 4, 4)),
     }
     cfg = _config(attacks=[{"name": "towards-label", "eps": 0.5}], corruptions={"names": []})
-    for ev in evaluate_model(model, runners, [(x, y)], cfg, model_name="m", progress=False):
+    for ev in evaluate(model, runners, [(x, y)], cfg, model_name="m", progress=False):
         assert ev.clean_accuracy == pytest.approx(4 / 6)
         # The attack "succeeds" in restoring the label of 3 and 4, yet they stay non-robust.
         assert ev.attacks[0].accuracy == pytest.approx(4 / 6), ev.runtime
@@ -172,7 +172,7 @@ def test_robust_accuracy_is_at_most_each_attacks_accuracy() -> None:
     data = [make_data(20, seed=s) for s in (6, 7)]
     cfg = _config(attacks=_budget(None), corruptions={"names": []})
     runners = {"torch": TorchRunner(model, spec), "engine": _engine(model, spec)}
-    for ev in evaluate_model(model, runners, data, cfg, model_name="m", progress=False):
+    for ev in evaluate(model, runners, data, cfg, model_name="m", progress=False):
         by_eps = {round(r.eps * 255): r for r in ev.robust_accuracy}
         assert by_eps[8].attacks == ["fgsm", "pgd", "square"] and by_eps[8].samples == 40
         for attack in ev.attacks:
@@ -185,9 +185,7 @@ def test_robust_accuracy_with_a_sample_cap_uses_the_images_every_attack_saw() ->
     spec = InputSpec(3, 16, 16)
     data = [make_data(20, seed=s) for s in (6, 7)]
     cfg = _config(attacks=_budget(25), corruptions={"names": []})
-    (ev,) = evaluate_model(
-        model, {"torch": TorchRunner(model, spec)}, data, cfg, model_name="m", progress=False
-    )
+    (ev,) = evaluate(model, {"torch": TorchRunner(model, spec)}, data, cfg, model_name="m", progress=False)
     robust8 = next(r for r in ev.robust_accuracy if round(r.eps * 255) == 8)
     assert robust8.samples == 25  # Square's cap: the first 25 images of the stream
     # The same per-image worst case, computed here attack by attack (each is seeded per call).
@@ -217,9 +215,7 @@ def test_black_box_flag_compares_like_with_like() -> None:
         ],
         corruptions={"names": []},
     )
-    (ev,) = evaluate_model(
-        model, {"torch": TorchRunner(model, spec)}, data, cfg, model_name="m", progress=False
-    )
+    (ev,) = evaluate(model, {"torch": TorchRunner(model, spec)}, data, cfg, model_name="m", progress=False)
     pgd, square = ev.attacks
     assert square.accuracy < pgd.accuracy - 0.3, (pgd.accuracy, square.accuracy)
     assert "black-box-stronger-than-white-box" not in ev.flags
@@ -232,9 +228,7 @@ def test_black_box_flag_compares_like_with_like() -> None:
         ],
         corruptions={"names": []},
     )
-    (ev,) = evaluate_model(
-        masked, {"torch": TorchRunner(masked, spec)}, data, cfg, model_name="m", progress=False
-    )
+    (ev,) = evaluate(masked, {"torch": TorchRunner(masked, spec)}, data, cfg, model_name="m", progress=False)
     assert "black-box-stronger-than-white-box" in ev.flags
 
 
@@ -257,7 +251,7 @@ def test_nan_logits_fail_parity_and_the_intrinsic_gates() -> None:
     data = [make_data(10, seed=9)]
     runners = {"torch": TorchRunner(model, spec), "onnxruntime": _engine(_NanRows(model), spec)}
     cfg = _config(attacks=[{"name": "pgd", "eps": "4/255", "steps": 2}], corruptions={"names": []})
-    evs = evaluate_model(model, runners, data, cfg, model_name="pruned", progress=False)
+    evs = evaluate(model, runners, data, cfg, model_name="pruned", progress=False)
     engine = next(e for e in evs if e.runtime == "onnxruntime")
     assert engine.parity is not None
     assert engine.parity.max_abs_diff is None  # never silently 0

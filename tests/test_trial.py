@@ -36,12 +36,12 @@ def test_a_budget_out_of_reach_is_refused_before_training(tmp_path) -> None:
 
 
 def test_a_failure_after_training_started_names_the_stage(tmp_path, monkeypatch) -> None:
-    import toolchain.pipeline_deploy
+    import toolchain.stages.export
 
     def broken_export(*_args: object, **_kwargs: object) -> None:
         raise RuntimeError("exporter crashed\nsecond line")
 
-    monkeypatch.setattr(toolchain.pipeline_deploy, "export_onnx", broken_export)
+    monkeypatch.setattr(toolchain.stages.export, "export_onnx", broken_export)
     result = run_trial("tests.user_models:make", 16, tmp_path)
     assert (result.outcome, result.stage) == ("failed", "export")
     assert result.reason == "RuntimeError: exporter crashed"

@@ -92,7 +92,7 @@ def test_a_run_that_crashes_leaves_no_report_that_gate_accepts(
     changed = json.loads(json.dumps(TINY_RECIPE))
     changed["export"]["parity_samples"] = 30
     candidate = _write_recipe(tmp_path, changed, "candidate.yaml")
-    monkeypatch.setattr(suite, "evaluate_model", _boom)  # the classification task's suite
+    monkeypatch.setattr(suite, "evaluate", _boom)  # the one validation engine
     before = (out / "export" / "pruned.onnx").stat().st_mtime_ns
     assert main(["run", str(candidate), "--out", str(out), "--no-progress"]) == 3
     assert (out / "export" / "pruned.onnx").stat().st_mtime_ns != before  # artifacts were written

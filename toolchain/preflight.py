@@ -26,6 +26,7 @@ from toolchain.pruning.prunability import check_forward, report
 from toolchain.pruning.structure import analyse
 from toolchain.recipe import PruneConfig, Recipe, TrainConfig
 from toolchain.robustness.corruptions import CORRUPTIONS
+from toolchain.robustness.suite import build_suite_attacks
 from toolchain.tasks import task_named
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,10 @@ def check_names(recipe: Recipe) -> None:
     from toolchain.robustness.corruptions import CORRUPTIONS
 
     DATASETS.get(recipe.data.dataset)
-    task_named(recipe.task).check_recipe(recipe)
+    task_named(recipe.task)
+    # Built, not only looked up: bad options, a missing optional package or an attack the task
+    # does not define fail here, before anything is written.
+    build_suite_attacks(list(recipe.validate.attacks), recipe.task)
     CRITERIA.get(recipe.prune.criterion)
     METHODS.get(recipe.prune.method)
     for name in recipe.validate.corruptions.names:

@@ -22,6 +22,13 @@ Allocation = Literal["layer", "block", "global"]
 PGD3 = AttackConfig(steps=3, step_size=3 / 255)
 
 
+def reduction_met(achieved: float, target: float, tolerance: float) -> bool:
+    """The one budget rule: a reduction factor ``target`` (dense / pruned) is met when
+    ``achieved >= target * (1 - tolerance)``; more reduction than asked is still within budget,
+    and a NaN never meets it."""
+    return achieved >= target * (1 - tolerance)
+
+
 class LatencyProbe(Section):
     """Where and how a latency budget is measured: the runtime, batch and threads it ships with."""
 

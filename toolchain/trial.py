@@ -24,7 +24,6 @@ accuracy on PyTorch and ONNX Runtime. Its outcome is one of:
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import traceback
@@ -35,6 +34,8 @@ from typing import Any, Literal
 from toolchain.errors import UserError
 from toolchain.recipe import Recipe, recipe_from_dict
 from toolchain.report.schema import Report
+from toolchain.report.stage_results import PruneResult, read_result
+from toolchain.rundir import PRUNE, STAGE_NAMES, RunLayout
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,6 @@ PARITY_RTOL = 1e-5
 #: Beyond that, ONNX Runtime still agrees when it is at most this many times as far from the
 #: model run in float64 as float32 PyTorch itself is (the export stage's ``float64`` record).
 FLOAT64_FACTOR = 2.0
-_STAGES = ("train", "prune", "finetune", "export", "validate")
 
 
 def trial_recipe(arch: str, image_size: int, reduction: float = 2.0) -> Recipe:
@@ -163,19 +163,20 @@ def _failed_stage(run_dir: Path) -> str:
     """The first stage without a record (``preflight`` when the run directory was never made)."""
     if not run_dir.is_dir():
         return "preflight"
-    for stage in _STAGES:
-        if not (run_dir / stage / "stage.json").is_file():
+    layout = RunLayout(run_dir)
+    for stage in STAGE_NAMES:
+        if layout.record(stage) is None:
             return stage
     return "report"
 
 
 def _read_report(result: TrialResult, report: Report, run_dir: Path, atol: float) -> None:
-    prune = json.loads((run_dir / "prune" / "stage.json").read_text())["result"]
+    prune = read_result(RunLayout(run_dir), PRUNE, PruneResult) or PruneResult()
     parity = (report.parity or {}).get("pruned")
-    result.dense_macs, result.macs = int(prune["dense_macs"]), int(prune["macs"])
-    result.macs_reduction = float(prune["macs_reduction"])
-    result.target_met = bool(prune["target_met"])
-    result.dense_params = int(prune["dense_params"])
+    result.dense_macs, result.macs = prune.dense_macs, prune.macs
+    result.macs_reduction = prune.macs_reduction
+    result.target_met = bool(prune.target_met)
+    result.dense_params = prune.dense_params
     if parity is not None:
         result.parity_max_abs_diff = parity.max_abs_diff
         result.logit_scale = parity.reference_max_abs

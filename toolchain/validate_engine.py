@@ -29,25 +29,24 @@ from toolchain.recipe import Recipe
 from toolchain.report.assemble import environment, finish, models_section
 from toolchain.report.schema import EngineInfo, Models, Report
 from toolchain.report.writer import mark_stale, write_report
-from toolchain.rundir import MARKER, RunDir
-from toolchain.tasks import task_named
+from toolchain.robustness.suite import evaluate
+from toolchain.rundir import EXPORT, MODEL_STAGES, QUANTIZE, RunDir, RunLayout
 from toolchain.training import make_loader
 
 log = logging.getLogger(__name__)
 
-# Which stage's model an exported file was made from, by the "model" metadata key.
-_STAGE_OF = {"dense": "train", "pruned": "finetune"}
-
 
 def _torch_model(engine: Path, metadata: dict[str, str], example: Any, recipe: Recipe) -> nn.Module | None:
-    run_root = engine.parent.parent
-    stage = _STAGE_OF.get(metadata.get("model", ""))
-    if engine.parent.name not in ("export", "quantize") or not (run_root / MARKER).is_file() or stage is None:
+    """The PyTorch model an exported file of a run directory was made from (by its ``model``
+    metadata key), checked against its stage record; None for a file outside a run directory."""
+    layout = RunLayout(engine.parent.parent)
+    stage = MODEL_STAGES.get(metadata.get("model", ""))
+    if engine.parent.name not in (EXPORT, QUANTIZE) or not layout.is_run_directory() or stage is None:
         return None
-    checkpoint = run_root / stage / "model.pt"
+    checkpoint = layout.model_file(stage)
     if not checkpoint.is_file():
         return None
-    if not RunDir(run_root).verify(stage, checkpoint.name):
+    if not layout.verify(stage, checkpoint.name):
         raise UserError(
             f"{str(checkpoint)!r} does not match the sha256 its stage.json recorded (truncated, changed, "
             "or its stage never finished); re-run `robustprune run` on that run directory to rebuild it"
@@ -56,10 +55,10 @@ def _torch_model(engine: Path, metadata: dict[str, str], example: Any, recipe: R
     return model.eval()
 
 
-def _run_tolerance(run_root: Path, recipe: Recipe) -> float:
+def _run_tolerance(run_root: RunLayout, recipe: Recipe) -> float:
     """The pruning tolerance the engine's own run used (its recipe.yaml), else ``recipe``'s."""
     try:
-        return float(yaml.safe_load((run_root / "recipe.yaml").read_text())["prune"]["tolerance"])
+        return float(yaml.safe_load(run_root.recipe_file.read_text())["prune"]["tolerance"])
     except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError):
         return recipe.prune.tolerance
 
@@ -106,16 +105,17 @@ def validate_engine(engine: Path, recipe: Recipe, out: Path, *, progress: bool =
     run = RunDir.open(out, recipe.model_dump(mode="json"))
     try:
         mark_stale(run.root)
-        evaluations = task_named(recipe.task).evaluate(
+        evaluations = evaluate(
             model,
             {"onnxruntime": runner},
             loader,
             cfg,
+            task=recipe.task,
             model_name=metadata.get("model", "engine"),
             class_names=data.class_names,
             progress=progress,
         )
-        run_root = engine.parent.parent
+        run_root = RunLayout(engine.parent.parent)
         sizes = models_section(run_root, _run_tolerance(run_root, recipe)) if model is not None else Models()
         report = Report(
             recipe_sha256=recipe.sha256(),

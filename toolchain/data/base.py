@@ -8,6 +8,7 @@ function registered in :data:`DATASETS` with the keyword-only signature of :data
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -71,7 +72,9 @@ class DataBundle:
     ``mean``/``std`` are per channel, in [0, 1] pixel units; they go into the model's
     ``Normalize`` layer so that exported engines take raw [0, 1] pixels. ``image_size`` is the
     width (and the height of square images); ``height`` is set for wider-than-tall images.
-    ``task`` names the task its labels are for (:mod:`toolchain.tasks`).
+    ``task`` names the task its labels are for (:mod:`toolchain.tasks`). ``source`` is the
+    folder the images were read from (``None`` for generated datasets): a run's stage keys
+    cover a digest of its files, so changed images make the stages that read them run again.
     """
 
     train: Dataset
@@ -85,6 +88,7 @@ class DataBundle:
     name: str
     height: int | None = None
     task: str = "classification"
+    source: str | None = None
 
     @property
     def input_hw(self) -> tuple[int, int]:
@@ -177,8 +181,10 @@ def make_bundle(
     val: ImageTensorDataset,
     class_names: tuple[str, ...],
     task: str = "classification",
+    source: str | Path | None = None,
 ) -> DataBundle:
-    """Assemble a :class:`DataBundle` from two uint8 datasets; mean/std come from ``train``."""
+    """Assemble a :class:`DataBundle` from two uint8 datasets; mean/std come from ``train``;
+    ``source`` is the folder the files were read from."""
     mean, std = channel_stats(train.images)
     height, width = train.images.shape[-2:]
     return DataBundle(
@@ -193,4 +199,5 @@ def make_bundle(
         name=name,
         height=height if height != width else None,
         task=task,
+        source=None if source is None else str(source),
     )

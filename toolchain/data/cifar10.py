@@ -160,4 +160,4 @@ def load_cifar10(
         )
     train = _split(folder, TRAIN_FILES, train_samples, seed, image_size, "train")
     val = _split(folder, VAL_FILES, val_samples, seed, image_size, "val")
-    return make_bundle("cifar10", train, val, _class_names(folder))
+    return make_bundle("cifar10", train, val, _class_names(folder), source=folder)

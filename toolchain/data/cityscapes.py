@@ -131,4 +131,4 @@ def load_cityscapes(
         raise UserError(f"cityscapes: data.image_size (the width) must be even and >= 16, got {width}")
     train = _split(Path(root), "train", train_samples, seed, width)
     val = _split(Path(root), "val", val_samples, seed, width)
-    return make_bundle("cityscapes", train, val, CLASS_NAMES, task="segmentation")
+    return make_bundle("cityscapes", train, val, CLASS_NAMES, task="segmentation", source=root)

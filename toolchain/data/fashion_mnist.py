@@ -113,4 +113,4 @@ def load_fashion_mnist(
         )
     train = _split(folder, "train", train_samples, seed, image_size)
     val = _split(folder, "val", val_samples, seed, image_size)
-    return make_bundle("fashion-mnist", train, val, CLASS_NAMES)
+    return make_bundle("fashion-mnist", train, val, CLASS_NAMES, source=folder)

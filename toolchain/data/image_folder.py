@@ -104,4 +104,4 @@ def load_image_folder(
     size = image_size or DEFAULT_SIZE
     train = _split(base / "train", class_names, train_samples, seed, size, "train")
     val = _split(base / "val", class_names, val_samples, seed, size, "val")
-    return make_bundle("image-folder", train, val, class_names)
+    return make_bundle("image-folder", train, val, class_names, source=base)

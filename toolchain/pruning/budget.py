@@ -22,6 +22,7 @@ from torch import Tensor
 
 from toolchain.errors import UserError
 from toolchain.pruning.masks import ChannelMasks, MaskGroup
+from toolchain.recipe_prune import reduction_met
 
 Metric = Literal["macs", "params"]
 
@@ -70,7 +71,7 @@ class Budget:
 
     def met(self, dense: float, achieved: float) -> bool:
         """At least ``reduction * (1 - tolerance)``: more reduction than asked is within budget."""
-        return dense / max(achieved, 1.0) >= self.reduction * (1 - self.tolerance)
+        return reduction_met(dense / max(achieved, 1.0), self.reduction, self.tolerance)
 
 
 def channels_to_keep(size: int, ratio: float, *, round_to: int | None, floor: int) -> int:
@@ -225,8 +226,8 @@ def allocate(
 
     top = 1.0 / max(min(weights), 1e-6) if weights is not None else 1.0  # every group at its floor
     smallest = evaluate(top)
-    if dense / max(budget.pick(smallest.macs, smallest.params), 1.0) < target_reduction * (
-        1 - budget.tolerance
+    if not reduction_met(
+        dense / max(budget.pick(smallest.macs, smallest.params), 1.0), target_reduction, budget.tolerance
     ):
         raise unreachable(budget, dense, budget.pick(smallest.macs, smallest.params))
     best, lo, hi = smallest, 0.0, top
@@ -294,5 +295,5 @@ def check_reachable(masks: ChannelMasks, budget: Budget) -> None:
     smallest = budget.pick(
         *masks.cost(mask_for_fraction(masks, masks.ones(), pools_for(masks, "layer"), 1.0, budget.round_to))
     )
-    if dense / max(smallest, 1.0) < budget.reduction * (1 - budget.tolerance):
+    if not budget.met(dense, smallest):
         raise unreachable(budget, dense, smallest)

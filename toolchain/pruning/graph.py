@@ -9,9 +9,8 @@ in eval mode, or in train mode with the state restored when the model has traini
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -27,27 +26,12 @@ from toolchain.pruning.structure import (
     state_restored,
     traced_as_nodes,
 )
+from toolchain.robustness.attacks.base import eval_mode
 
 # Layers that can root a pruning group (tp's default minus LSTM, which vision models lack).
 ROOT_TYPES: tuple[type[nn.Module], ...] = (nn.modules.conv._ConvNd, nn.Linear)
 
 HistoryEntry = list  # [module_name: str, is_out_channel_pruning: bool, indices: list[int]]
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode for the block and restore each module's own mode after.
-
-    Modules are restored one by one (not with ``model.train(flag)``) because a caller may keep
-    some submodules in a different mode than the root, e.g. frozen BatchNorm layers.
-    """
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 def run_forward(model: nn.Module, example_inputs: Any) -> Any:

@@ -40,7 +40,7 @@ from torch import nn
 from exporters.base import InputSpec, Runner
 from exporters.latency import compare_latency
 from toolchain.pruning.budget import Budget, BudgetError
-from toolchain.recipe_prune import LatencyProbe
+from toolchain.recipe_prune import LatencyProbe, reduction_met
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ def search_macs_reduction(
             continue
         probe = meter.measure(model, achieved)
         search.probes.append(probe)
-        met = probe.latency_reduction >= target * (1 - tolerance)
+        met = reduction_met(probe.latency_reduction, target, tolerance)
         log.info(
             "latency probe %d: %.2fx fewer MACs -> %.2fx lower latency (%.3f -> %.3f ms)%s",
             i + 1,

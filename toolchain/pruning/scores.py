@@ -17,8 +17,9 @@ from torch import Tensor, nn
 
 from toolchain.errors import UserError
 from toolchain.pruning import criteria as _criteria
-from toolchain.pruning.graph import ROOT_TYPES, build_graph, eval_mode, expand_ignored, group_key
+from toolchain.pruning.graph import ROOT_TYPES, build_graph, expand_ignored, group_key
 from toolchain.robustness.attacks import pgd as _pgd
+from toolchain.robustness.attacks.base import eval_mode
 from toolchain.tasks import task_of
 
 logger = logging.getLogger(__name__)

@@ -1,19 +1,20 @@
-"""Assemble report.json (a typed :class:`~toolchain.report.schema.Report`) from a run directory."""
+"""Assemble report.json (a typed :class:`~toolchain.report.schema.Report`) from a run directory.
+
+Reads the stages' typed results (:mod:`toolchain.report.stage_results`) and files through the
+run directory's layout; imports nothing above the report (no models, no suites).
+"""
 
 from __future__ import annotations
 
 import importlib.metadata
 import logging
-import math
-from collections.abc import Callable, Iterable, Mapping
-from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch import nn
 
-from toolchain.models import trusted_builder
 from toolchain.recipe import Recipe
+from toolchain.recipe_prune import reduction_met
 from toolchain.report.gates import evaluate_gates, intrinsic_gates, verdict
 from toolchain.report.quantization import engines_section, quantization_gates, quantization_section
 from toolchain.report.schema import (
@@ -21,19 +22,24 @@ from toolchain.report.schema import (
     DenseModel,
     Environment,
     Evaluation,
-    ExportParity,
     LatencyRow,
     Models,
     PrunedModel,
     Report,
 )
-from toolchain.robustness.corruptions.metrics import summarize
-from toolchain.rundir import read_json
-from toolchain.tasks import task_named
+from toolchain.report.stage_results import ExportResult, ModelResult, PruneResult, read_result
+from toolchain.rundir import (
+    DENSE,
+    EXPORT,
+    MODEL_STAGES,
+    PRUNE,
+    PRUNED,
+    STAGE_NAMES,
+    RunLayout,
+    read_json,
+)
 
 log = logging.getLogger(__name__)
-
-STAGES = ("train", "prune", "finetune", "export", "quantize", "engine", "validate", "bench")
 
 
 def _version(package: str) -> str | None:
@@ -68,108 +74,51 @@ def environment(threads: int, devices_used: Iterable[str] = ()) -> Environment:
     )
 
 
-def _stage_result(root: Path, stage: str) -> dict[str, Any]:
-    path = root / stage / "stage.json"
-    return read_json(path)["result"] if path.is_file() else {}
-
-
 def target_met(target: dict[str, float] | None, tolerance: float, achieved: dict[str, float]) -> bool | None:
-    """Whether every reduction in ``target`` was achieved within ``tolerance``.
+    """Whether every reduction in ``target`` was achieved within ``tolerance``
+    (:func:`toolchain.recipe_prune.reduction_met`).
 
-    A reduction factor counts as met when ``achieved >= target * (1 - tolerance)``: more
-    reduction than asked is still within budget. ``None`` without a target, or when a
-    target's metric was not measured (the intrinsic gate then fails closed).
+    ``None`` without a target, or when a target's metric was not measured (the intrinsic gate
+    then fails closed).
     """
     if not target or any(k not in achieved for k in target):
         return None
-    return all(achieved[k] >= v * (1 - tolerance) for k, v in target.items())
+    return all(reduction_met(achieved[k], v, tolerance) for k, v in target.items())
 
 
-def models_section(
-    root: Path,
-    tolerance: float,
-    example_inputs: torch.Tensor | None = None,
-    build: Callable[[Mapping[str, Any]], nn.Module] | None = None,
-) -> Models:
-    """report.json's ``models``: sizes, reductions and the budget check from a run directory.
+def models_section(layout: RunLayout, tolerance: float) -> Models:
+    """report.json's ``models``: sizes, reductions, per-layer channels and the budget check.
 
     Args:
-        root: the run directory (its train, prune and finetune stage records).
+        layout: the run directory (its train, prune and finetune stage records).
         tolerance: the recipe's relative tolerance on the pruning target.
-        example_inputs: an input batch to rebuild the saved models and count their output
-            channels per layer (``None``: no per-layer channels).
-        build: rebuilds a dense model from a saved spec (needed with ``example_inputs``).
     """
-    prune = _stage_result(root, "prune")
-    dense = _stage_result(root, "train")
-    final = _stage_result(root, "finetune")
-    macs, params = final.get("macs", 0), final.get("params", 0)
-    dense_macs, dense_params = dense.get("macs", 0), dense.get("params", 0)
+    dense = read_result(layout, MODEL_STAGES[DENSE], ModelResult) or ModelResult()
+    final = read_result(layout, MODEL_STAGES[PRUNED], ModelResult) or ModelResult()
+    prune = read_result(layout, PRUNE, PruneResult) or PruneResult()
     reductions = {
-        "macs_reduction": dense_macs / macs if macs else 0.0,
-        "params_reduction": dense_params / params if params else 0.0,
+        "macs_reduction": dense.macs / final.macs if final.macs else 0.0,
+        "params_reduction": dense.params / final.params if final.params else 0.0,
     }
-    channels: dict[str, dict[str, int]] = {}
-    if example_inputs is not None and build is not None:
-        from toolchain.report.channels import layer_channels
-
-        channels = layer_channels(root, example_inputs, build)
-    target = prune.get("target")
-    latency = prune.get("latency")
-    if latency is not None:  # measured on the pruned model; fine-tuning keeps its shape
-        reductions["latency_reduction"] = latency["measured_reduction"]
+    if prune.latency is not None:  # measured on the pruned model; fine-tuning keeps its shape
+        reductions["latency_reduction"] = prune.latency["measured_reduction"]
     return Models(
-        dense=DenseModel(macs=dense_macs, params=dense_params, channels=channels.get("dense")),
+        dense=DenseModel(macs=dense.macs, params=dense.params, channels=dense.channels),
         pruned=PrunedModel(
-            method=prune.get("method", "iterative"),
-            macs=macs,
-            params=params,
+            method=prune.method,
+            macs=final.macs,
+            params=final.params,
             macs_reduction=reductions["macs_reduction"],
             params_reduction=reductions["params_reduction"],
-            latency=latency,
-            target=target,
+            latency=prune.latency,
+            target=prune.target,
             tolerance=tolerance,
-            target_met=target_met(target, tolerance, reductions),
-            steps=prune.get("steps", []),
-            info=prune.get("info"),
-            channels=channels.get("pruned"),
+            target_met=target_met(prune.target, tolerance, reductions),
+            steps=prune.steps,
+            info=prune.info,
+            channels=final.channels,
         ),
     )
-
-
-def add_corruption_errors(evaluations: list[Evaluation]) -> None:
-    """Fill each evaluation's corruption errors relative to the dense model on the same runtime.
-
-    The errors are computed on the score the evaluation's task names (accuracy for
-    classification, mIoU for segmentation; :meth:`toolchain.tasks.Task.corruption_scores`).
-    """
-    dense = {(e.runtime, e.precision): e for e in evaluations if e.model == "dense"}
-    for ev in evaluations:
-        task = task_named(ev.task)
-        per, clean = task.corruption_scores(ev)
-        if not per:
-            continue
-        base = dense.get((ev.runtime, ev.precision)) or dense.get(("torch", "fp32"))
-        base_per, base_clean = task.corruption_scores(base) if base is not None else (None, 0.0)
-        if base is None or not base_per:
-            continue
-        summary = summarize(per, base_per, clean, base_clean)  # type: ignore[arg-type]  # str severities
-        ev.corruptions.mce = _finite(summary["mce"])
-        ev.corruptions.relative_mce = _finite(summary["relative_mce"])
-        ev.corruptions.relative_excluded = sorted(summary["relative_excluded"])  # type: ignore[call-overload]
-        ev.corruptions.baseline = {"model": base.model, "runtime": base.runtime, "precision": base.precision}
-        ev.corruptions.errors = {
-            name: {k: _finite(v) for k, v in row.items() if k in ("ce", "relative_ce")}
-            for name, row in summary["per_corruption"].items()  # type: ignore[attr-defined]
-        }
-
-
-def _finite(value: Any) -> float | None:
-    """report.json is strict JSON: an infinite or undefined ratio is written as null."""
-    if value is None:
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None
 
 
 def finish(report: Report, gates: Any) -> Report:
@@ -181,24 +130,19 @@ def finish(report: Report, gates: Any) -> Report:
     return report
 
 
-def assemble_report(
-    root: Path, recipe: Recipe, data_name: str, example_inputs: torch.Tensor | None = None
-) -> Report:
+def assemble_report(layout: RunLayout, recipe: Recipe, data_name: str) -> Report:
     """Build the report of a run whose every stage finished.
 
     Args:
-        root: the run directory.
+        layout: the run directory.
         recipe: the run's recipe (its gates, tolerance and hash).
         data_name: the dataset's name.
-        example_inputs: an input batch, to count each saved model's channels per layer.
     """
-    evaluations = [Evaluation.model_validate(e) for e in read_json(root / "validate" / "evaluations.json")]
-    add_corruption_errors(evaluations)
-    latency_path = root / "bench" / "latency.json"
-    latency = (
-        [LatencyRow.model_validate(r) for r in read_json(latency_path)] if latency_path.is_file() else []
-    )
-    parity = _stage_result(root, "export").get("parity", {})
+    evaluations = [Evaluation.model_validate(e) for e in read_json(layout.evaluations)]
+    latency = []
+    if layout.latency.is_file():
+        latency = [LatencyRow.model_validate(r) for r in read_json(layout.latency)]
+    export = read_result(layout, EXPORT, ExportResult) or ExportResult()
     as_json = [e.to_json() for e in evaluations]
     latency_json = [r.to_json() for r in latency]
     report = Report(
@@ -210,16 +154,21 @@ def assemble_report(
         environment=environment(
             recipe.validate.threads, [str(r.get("device", "")) for r in [*as_json, *latency_json]]
         ),
-        models=models_section(root, recipe.prune.tolerance, example_inputs, trusted_builder(recipe)),
-        parity={name: ExportParity.model_validate(p) for name, p in parity.items()},
+        models=models_section(layout, recipe.prune.tolerance),
+        parity=export.parity,
         evaluations=evaluations,
         latency=latency,
-        quantization=quantization_section(root, as_json, latency_json),
-        engines=engines_section(root),
-        stage_seconds={
-            stage: read_json(root / stage / "stage.json").get("seconds")
-            for stage in STAGES
-            if (root / stage / "stage.json").is_file()
-        },
+        quantization=quantization_section(layout, as_json, latency_json),
+        engines=engines_section(layout),
+        stage_seconds=_stage_seconds(layout),
     )
     return finish(report, [*recipe.gates, *quantization_gates(recipe)])
+
+
+def _stage_seconds(layout: RunLayout) -> dict[str, float | None]:
+    seconds = {}
+    for stage in STAGE_NAMES:
+        record = layout.record(stage)
+        if record is not None:
+            seconds[stage] = record.get("seconds")
+    return seconds

@@ -7,21 +7,16 @@ benchmarked batch size, so one gate can refuse an INT8 model that is slower or l
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from toolchain.recipe import Gate, Recipe
-from toolchain.rundir import read_json
+from toolchain.report.stage_results import EngineResult, QuantizeResult, read_result
+from toolchain.rundir import ENGINE, QUANTIZE, RunLayout
 
 __all__ = ["engines_section", "quantization_gates", "quantization_section"]
 
 _WHITE_BOX = ("pgd", "apgd", "fgsm", "segpgd")
 _RUNTIME_OF_TARGET = {"onnxruntime": "onnxruntime", "tensorrt": "tensorrt"}
-
-
-def _records(root: Path, stage: str, name: str) -> list[dict[str, Any]]:
-    path = root / stage / name
-    return list(read_json(path)) if path.is_file() else []
 
 
 def _find(rows: list[dict[str, Any]], **match: Any) -> dict[str, Any] | None:
@@ -55,7 +50,7 @@ def _drop(before: float | None, after: float | None) -> float | None:
 
 
 def quantization_section(
-    root: Path, evaluations: list[dict[str, Any]], latency: list[dict[str, Any]]
+    layout: RunLayout, evaluations: list[dict[str, Any]], latency: list[dict[str, Any]]
 ) -> list[dict[str, Any]]:
     """One entry per INT8 file: how it was made, what ONNX Runtime fused, and ``vs_fp32``.
 
@@ -68,7 +63,9 @@ def quantization_section(
     ``speedup`` (FP32 p50 / INT8 p50) per batch and ``slowdown`` (the largest INT8 / FP32 p50).
     """
     out = []
-    for record in _records(root, "quantize", "quantize.json"):
+    quantized = read_result(layout, QUANTIZE, QuantizeResult)
+    for file in quantized.files if quantized else []:
+        record = file.to_json()
         runtime = _RUNTIME_OF_TARGET[record["target"]]
         model, calibration = record["model"], record["calibration"]
         fp32 = _find(evaluations, model=model, runtime=runtime, precision="fp32")
@@ -103,9 +100,10 @@ def quantization_section(
     return out
 
 
-def engines_section(root: Path) -> list[dict[str, Any]]:
+def engines_section(layout: RunLayout) -> list[dict[str, Any]]:
     """The engine stage's engines: model, precision, calibration, file, key, TensorRT version, built."""
-    return _records(root, "engine", "engines.json")
+    engines = read_result(layout, ENGINE, EngineResult)
+    return [e.to_json() for e in engines.engines] if engines else []
 
 
 def quantization_gates(recipe: Recipe) -> list[Gate]:

@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 
 from toolchain.report.schema import STALE, Report
-from toolchain.rundir import atomic_path, write_json
+from toolchain.rundir import RunLayout, atomic_path, write_json
 
 log = logging.getLogger(__name__)
 
@@ -25,9 +25,10 @@ def mark_stale(root: Path) -> None:
     report.json keeps its numbers for reference with ``status: stale`` and ``passed: false``
     (an unreadable one is removed); report.md and report.html are removed.
     """
-    for name in ("report.md", "report.html"):
-        (root / name).unlink(missing_ok=True)
-    path = root / "report.json"
+    layout = RunLayout(root)
+    layout.report_md.unlink(missing_ok=True)
+    layout.report_html.unlink(missing_ok=True)
+    path = layout.report_json
     if not path.is_file():
         return
     try:
@@ -51,13 +52,14 @@ def write_report(root: Path, report: Report) -> None:
     from toolchain.report.markdown import render_markdown
     from toolchain.report.plots import write_plots
 
+    layout = RunLayout(root)
     try:
-        plots = write_plots(report, root / "plots")
+        plots = write_plots(report, layout.plots)
     except Exception as exc:  # matplotlib trouble must never lose the report itself
         log.warning("plots not written: %s", exc)
         plots = []
-    with atomic_path(root / "report.md") as tmp:
-        tmp.write_text(render_markdown(report, [p.relative_to(root) for p in plots]))
-    with atomic_path(root / "report.html") as tmp:
+    with atomic_path(layout.report_md) as tmp:
+        tmp.write_text(render_markdown(report, [p.relative_to(layout.root) for p in plots]))
+    with atomic_path(layout.report_html) as tmp:
         tmp.write_text(render_html(report, plots))
-    write_json(root / "report.json", report.to_json())
+    write_json(layout.report_json, report.to_json())

@@ -1,19 +1,36 @@
 """Tasks: what a model predicts, and everything that depends on it.
 
-One object per task (``classification``, ``segmentation``) owns the training loss, the
-accuracy counted during training, what "fooled" means for an attack's restarts, the shape a
-model must return, which recipe settings apply, the validation suite and which numbers the
-corruption errors are computed on. Stages and libraries ask the task, never branch on its name:
-a model carries its task in its spec (:func:`task_of`), a dataset in its bundle, a recipe in
-its ``task`` key, an evaluation in its ``task`` field.
-
-Light to import (torch only); the suites are imported when a task evaluates.
+One object per task (``classification``, ``segmentation``), split into an objective (loss,
+TRADES divergence, fooling, which images attacks run on, training accuracy) and an evaluator
+(one runner's scores over a validation pass, and the task's report fields); see
+:mod:`toolchain.tasks.base`. Stages, attacks and the validation engine ask the task, never
+branch on its name. Tasks import nothing of the suites or attacks.
 """
 
 from __future__ import annotations
 
 from toolchain.tasks import classification, segmentation
-from toolchain.tasks.base import DEFAULT_TASK, TASKS, Task, task_named, task_of
+from toolchain.tasks.base import (
+    DEFAULT_TASK,
+    TASKS,
+    AttackSpec,
+    Evaluator,
+    Objective,
+    Task,
+    finite_images,
+    task_named,
+    task_of,
+)
 
-__all__ = ["DEFAULT_TASK", "TASKS", "Task", "task_named", "task_of"]
+__all__ = [
+    "DEFAULT_TASK",
+    "TASKS",
+    "AttackSpec",
+    "Evaluator",
+    "Objective",
+    "Task",
+    "finite_images",
+    "task_named",
+    "task_of",
+]
 _TASKS = (classification, segmentation)

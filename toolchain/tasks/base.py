@@ -1,9 +1,27 @@
-"""The task interface and its registry."""
+"""The task interface and its registry.
+
+A task is what a model predicts. It is split in two:
+
+* the **objective** (:class:`Objective`): the loss, TRADES' divergence, when an attack has
+  fooled an image, which images an attack is run on, and the training loop's accuracy: what
+  training and attacks need;
+* the **evaluator** (:class:`Evaluator`): one per runner during a validation pass, it
+  accumulates the clean, attacked and corrupted scores and parity with the PyTorch model, and
+  fills the task's report fields.
+
+Stages, attacks and the one validation engine (:mod:`toolchain.robustness.suite`) ask the task
+and never branch on its name. A model carries its task in its spec (:func:`task_of`), a dataset
+in its bundle, a recipe in its ``task`` key, an evaluation in its ``task`` field. Outputs are
+what a model returns (one tensor, or a tuple of tensors: a detector's raw heads), labels
+whatever the dataset gives per batch (a tensor, or a list with one entry per image); only the
+task looks inside them. Tasks import nothing of the suites or attacks.
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -11,93 +29,215 @@ from torch import nn
 
 from toolchain.registry import Registry
 
-if TYPE_CHECKING:  # the heavy modules are only needed by callers that evaluate
-    from exporters.base import Runner
-    from toolchain.recipe import Recipe, ValidateConfig
+if TYPE_CHECKING:  # light modules, imported for annotations only
+    from toolchain.recipe import ValidateConfig
     from toolchain.report.schema import Evaluation
 
 #: The task of a model, dataset, recipe or evaluation that does not name one.
 DEFAULT_TASK = "classification"
 
+#: A model's output: one tensor, or a tuple of them.
+Output = Any
+#: A batch's labels, as the task's dataset gives them.
+Labels = Any
 
-class Task(ABC):
-    """What a model predicts: its loss, metrics, attack objective and validation suite.
 
-    Attributes:
-        name: the registry name (the recipe's ``task``).
-        output: a short description of the logits' shape, for error messages.
-    """
+def finite_images(out: Output) -> torch.Tensor:
+    """Per image, whether every value the model returned for it is finite (NaN or Inf make an
+    image count as wrong everywhere)."""
+    tensors = out if isinstance(out, tuple | list) else (out,)
+    finite: torch.Tensor | None = None
+    for t in tensors:
+        ok = torch.isfinite(t.detach()).flatten(1).all(1) if t.dim() > 1 else torch.isfinite(t.detach())
+        finite = ok if finite is None else finite & ok
+    assert finite is not None, "a model output with no tensor"
+    return finite
 
-    name: ClassVar[str]
-    output: ClassVar[str]
+
+class Objective(ABC):
+    """What training and attacks need to know about a task's outputs and labels."""
+
+    #: An attack's result per image is its highest-loss point rather than its first fooling
+    #: one (per-pixel tasks: the score keeps falling after the image counts as fooled).
+    keep_highest_loss: ClassVar[bool] = False
 
     @abstractmethod
-    def loss(self, logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    def loss(self, out: Output, y: Labels, reduction: str = "mean") -> torch.Tensor:
         """The training (and attack) loss.
 
         Args:
-            logits: the model's output; y: the labels the dataset gives.
+            out: the model's output; y: the labels the dataset gives.
             reduction: ``"mean"`` (over the batch), ``"sum"`` (of per-image losses) or
                 ``"none"`` (one loss per image).
         """
 
     @abstractmethod
-    def divergence(
-        self, logits: torch.Tensor, reference: torch.Tensor, y: torch.Tensor, reduction: str = "mean"
-    ) -> torch.Tensor:
-        """TRADES' robust term KL(p(reference) || p(logits)) (Zhang et al. 2019).
+    def divergence(self, out: Output, reference: Output, y: Labels, reduction: str = "mean") -> torch.Tensor:
+        """TRADES' robust term KL(p(reference) || p(out)) (Zhang et al. 2019).
 
         Args:
-            logits: the model's output on the perturbed input.
+            out: the model's output on the perturbed input.
             reference: its output on the clean input (the caller detaches it or not).
             y: the labels (which predictions count: segmentation's unlabelled pixels do not).
             reduction: ``"mean"`` (the training loss' scale) or ``"sum"`` (the attack's).
         """
 
     @abstractmethod
-    def fooled(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def fooled(self, out: Output, y: Labels) -> torch.Tensor:
         """Per image, whether an attack has succeeded (PGD keeps the first restart that does)."""
 
     @abstractmethod
-    def hits(self, logits: torch.Tensor, y: torch.Tensor) -> tuple[int, int]:
+    def attackable(self, out: Output, y: Labels) -> torch.Tensor:
+        """Per image, whether an attack is run on it, given the model's clean output."""
+
+    @abstractmethod
+    def hits(self, out: Output, y: Labels) -> tuple[int, int]:
         """``(correct, counted)`` predictions in a batch: the training loop's accuracy."""
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """One attack as the validation engine runs it: its key, report name, budget and mode.
+
+    Attributes:
+        key: unique within a pass (``attack<i>.<j>:<name>``).
+        mode: the attack's own mode, ``"white-box"`` or ``"black-box"``.
+        steps: iterations (white-box); ensemble: the ensemble it was expanded from.
+        samples: cap on the images it sees (the first ``samples`` of the stream), or None.
+    """
+
+    key: str
+    name: str
+    norm: str
+    eps: float
+    mode: str
+    steps: int
+    ensemble: str | None = None
+    samples: int | None = None
+
+    def mode_on(self, is_reference: bool) -> str:
+        """The report's mode on a runner: black-box, or white-box on PyTorch and transfer on
+        an engine (the examples were crafted on PyTorch)."""
+        if self.mode == "black-box":
+            return "black-box"
+        return "white-box" if is_reference else "transfer"
+
+
+class Evaluator(ABC):
+    """One runner's scores during a validation pass, batch by batch, and its report row.
+
+    The engine calls, per batch: :meth:`clean` (then :meth:`compare` with the PyTorch model's
+    clean output when there is one), :meth:`attacked` for each attack on the first images of the
+    batch, :meth:`corrupted` for each corruption and severity. Only counters and small per-image
+    records are kept, so memory does not grow with the images.
+
+    Attributes:
+        class_names: one name per class, in output order.
+        nonfinite: images for which the runner returned a NaN or Inf (clean, attacked or
+            corrupted), counted by :meth:`observe`.
+    """
+
+    def __init__(self, class_names: Sequence[str]) -> None:
+        self.class_names = list(class_names)
+        self.nonfinite = 0
+
+    def observe(self, out: Output) -> None:
+        """Count the images of a runner output with a NaN or Inf."""
+        self.nonfinite += int((~finite_images(out)).sum())
+
+    @abstractmethod
+    def clean(self, out: Output, y: Labels) -> None:
+        """The runner's output on a clean batch (the batch later calls refer to)."""
+
+    @abstractmethod
+    def compare(self, out: Output, reference: Output) -> None:
+        """Parity of the runner's clean output with the PyTorch model's on the same batch."""
+
+    @abstractmethod
+    def attacked(
+        self, spec: AttackSpec, out: Output, y: Labels, crafted_on: torch.Tensor | None, queries: int
+    ) -> None:
+        """The runner's output on the attacked first ``len(y)`` images of the batch.
+
+        Args:
+            spec: the attack.
+            out, y: outputs and labels of the attacked images.
+            crafted_on: for examples crafted on the PyTorch model, per image whether the attack
+                ran on it there (an image it did not attack is never robust on an engine);
+                None for an attack run against this runner itself.
+            queries: the runner queries the attack made (black-box), else 0.
+        """
+
+    @abstractmethod
+    def corrupted(self, key: str, out: Output, y: Labels) -> None:
+        """The runner's output under corruption ``key`` (``"<name>:<severity>"``)."""
+
+    def survived(self, key: str) -> torch.Tensor | None:
+        """Per attacked image, whether it survived attack ``key`` (None for tasks without a
+        per-image verdict); the engine compares attacks with it (gradient-masking flags)."""
+        return None
+
+    @abstractmethod
+    def evaluation(
+        self,
+        common: dict[str, Any],
+        specs: Sequence[AttackSpec],
+        cfg: ValidateConfig,
+        *,
+        is_reference: bool,
+        has_reference: bool,
+    ) -> Evaluation:
+        """The runner's report row.
+
+        Args:
+            common: the fields every task's row has (model, runtime, precision, device, ...).
+            specs: the attacks that ran.
+            cfg: the validate section (corruption names and severities).
+            is_reference: the runner is the PyTorch model itself.
+            has_reference: parity was measured against a PyTorch model.
+        """
+
+
+class Task(ABC):
+    """What a model predicts.
+
+    Attributes:
+        name: the registry name (the recipe's ``task``).
+        output: a short description of the output's shape, for error messages.
+        objective: the loss and attack rules (:class:`Objective`).
+        spatial_labels: labels are per pixel, so geometric corruptions must move them with
+            the image.
+    """
+
+    name: ClassVar[str]
+    output: ClassVar[str]
+    objective: Objective
+    spatial_labels: ClassVar[bool] = False
+
+    # The objective's methods on the task itself, for the training loop and attacks.
+    def loss(self, out: Output, y: Labels, reduction: str = "mean") -> torch.Tensor:
+        return self.objective.loss(out, y, reduction)
+
+    def divergence(self, out: Output, reference: Output, y: Labels, reduction: str = "mean") -> torch.Tensor:
+        return self.objective.divergence(out, reference, y, reduction)
+
+    def fooled(self, out: Output, y: Labels) -> torch.Tensor:
+        return self.objective.fooled(out, y)
+
+    def hits(self, out: Output, y: Labels) -> tuple[int, int]:
+        return self.objective.hits(out, y)
+
+    @abstractmethod
+    def evaluator(self, class_names: Sequence[str]) -> Evaluator:
+        """A fresh evaluator for one runner."""
 
     @abstractmethod
     def check_output(self, out: Any, num_classes: int, x: torch.Tensor) -> None:
-        """Refuse a model whose output on ``x`` is not this task's logits.
+        """Refuse a model whose output on ``x`` is not this task's.
 
         Raises:
             UserError: the shape is wrong; the message says which shape is needed.
         """
-
-    def check_recipe(self, recipe: Recipe) -> None:  # noqa: B027  # optional override
-        """Refuse recipe settings this task cannot run (before anything is written).
-
-        Raises:
-            UserError: names the setting and what to use instead.
-        """
-
-    @abstractmethod
-    def evaluate(
-        self,
-        model: nn.Module | None,
-        runners: Mapping[str, Runner],
-        batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-        cfg: ValidateConfig,
-        *,
-        model_name: str,
-        class_names: Sequence[str],
-        progress: bool = True,
-    ) -> list[Evaluation]:
-        """Run the validate section on one model and each of its runners (one row each)."""
-
-    @abstractmethod
-    def parity_craft(
-        self, model: nn.Module, cfg: ValidateConfig
-    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
-        """``(x, y) -> x_adv``: the adversarial inputs INT8 files are compared with their FP32
-        file on (crafted on ``model``, from the first white-box attack of ``cfg.attacks`` with
-        its own steps, 10 when unset); ``None`` when ``cfg`` lists none."""
 
     @abstractmethod
     def corruption_scores(self, ev: Evaluation) -> tuple[dict[str, dict[str, float]] | None, float]:

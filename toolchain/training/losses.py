@@ -2,46 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
 from toolchain.recipe import AttackConfig, TrainConfig
-from toolchain.robustness.attacks.pgd import pgd_attack
+from toolchain.robustness.attacks.base import eval_mode
+from toolchain.robustness.attacks.pgd import pgd_examples
 from toolchain.tasks import task_of
 from toolchain.training.mixed import MixedNoise
-
-
-@contextmanager
-def _in_eval_mode(model: nn.Module) -> Iterator[None]:
-    """Craft perturbations with frozen BN statistics, then restore the mode."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
-def pgd_examples(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: AttackConfig, generator: torch.Generator
-) -> torch.Tensor:
-    """PGD examples for training, crafted in eval mode so adversarial batches never pollute BN stats."""
-    with _in_eval_mode(model):
-        return pgd_attack(
-            model,
-            x,
-            y,
-            eps=attack.eps,
-            step_size=attack.step_size,
-            steps=attack.steps,
-            norm=attack.norm,
-            random_start=attack.random_start,
-            generator=generator,
-        )
 
 
 def trades_examples(
@@ -53,7 +24,7 @@ def trades_examples(
     for classification, over the labelled pixels (``y``) for segmentation.
     """
     task = task_of(model)
-    with _in_eval_mode(model), torch.enable_grad():
+    with eval_mode(model), torch.enable_grad():
         requires_grad = [p.requires_grad for p in model.parameters()]
         for p in model.parameters():
             p.requires_grad_(False)
@@ -121,7 +92,7 @@ class BatchLoss:
     ) -> torch.Tensor:
         if self.perturb is None:
             return pgd_examples(model, x, y, self.cfg.attack, rng)
-        with _in_eval_mode(model):
+        with eval_mode(model):
             return self.perturb(model, x, y).detach()
 
     def __call__(

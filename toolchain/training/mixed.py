@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from toolchain.recipe_train import AttackConfig, MixedNoiseConfig
-from toolchain.robustness.attacks.pgd import pgd_attack
+from toolchain.robustness.attacks.pgd import pgd_examples, single_step
 from toolchain.robustness.corruptions import corrupt
 from toolchain.tasks import task_of
 
@@ -136,21 +136,9 @@ class MixedNoise:
     def _perturb(self, kind: str, model: nn.Module, x: Tensor, y: Tensor, rng: torch.Generator) -> Tensor:
         a = self.attack
         if kind == "fgsm":
-            return pgd_attack(
-                model, x, y, eps=a.eps, step_size=a.eps, steps=1, norm=a.norm, random_start=False
-            )
+            return pgd_examples(model, x, y, single_step(a))
         if kind == "pgd":
-            return pgd_attack(
-                model,
-                x,
-                y,
-                eps=a.eps,
-                step_size=a.step_size,
-                steps=a.steps,
-                norm=a.norm,
-                random_start=a.random_start,
-                generator=rng,
-            )
+            return pgd_examples(model, x, y, a, rng)
         if kind == "corruption":
             return self._corrupt(x, rng)
         return self._generate(model, x, y)

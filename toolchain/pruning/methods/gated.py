@@ -31,12 +31,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from toolchain.pruning.graph import eval_mode
 from toolchain.pruning.masks import ChannelMasks
 from toolchain.pruning.methods.base import METHODS, PruneJob, PruneOutcome
 from toolchain.pruning.methods.masked import MaskedMethod
 from toolchain.recipe_prune import GatedConfig
-from toolchain.robustness.attacks.pgd import pgd_attack
+from toolchain.robustness.attacks.base import eval_mode
+from toolchain.robustness.attacks.pgd import pgd_examples, single_step
 from toolchain.robustness.corruptions import corrupt
 from toolchain.training import Step, TrainHooks
 
@@ -86,14 +86,7 @@ class Gated(MaskedMethod):
         def perturbed(m: nn.Module, x: Tensor, y: Tensor) -> Tensor:
             half = len(x) // 2
             out = x.clone()
-            was = m.training
-            m.eval()
-            try:
-                out[:half] = pgd_attack(
-                    m, x[:half], y[:half], eps=attack.eps, step_size=attack.eps, steps=1, generator=rng
-                )
-            finally:
-                m.train(was)
+            out[:half] = pgd_examples(m, x[:half], y[:half], single_step(attack, random_start=True), rng)
             if len(x) > half:
                 name = (
                     names[int(torch.randint(len(names), (1,), generator=rng))] if names else "gaussian_noise"

@@ -7,9 +7,9 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from toolchain.pruning.graph import eval_mode
 from toolchain.recipe_train import AttackConfig
-from toolchain.robustness.attacks.pgd import pgd_attack
+from toolchain.robustness.attacks.base import eval_mode
+from toolchain.robustness.attacks.pgd import pgd_examples
 from toolchain.tasks import task_of
 
 
@@ -24,17 +24,7 @@ def adversarial_loss(model: nn.Module, batches: list[tuple[Tensor, Tensor]], att
     task = task_of(model)
     with eval_mode(model):
         for x, y in batches:
-            x_adv = pgd_attack(
-                model,
-                x,
-                y,
-                eps=attack.eps,
-                step_size=attack.step_size,
-                steps=attack.steps,
-                norm=attack.norm,
-                random_start=attack.random_start,
-                generator=generator,
-            )
+            x_adv = pgd_examples(model, x, y, attack, generator)
             with torch.no_grad():
                 total += float(task.loss(model(x_adv), y, reduction="sum"))
             seen += len(y)

@@ -35,7 +35,6 @@ from torch import nn
 from toolchain.errors import UserError
 from toolchain.robustness.attacks.base import ATTACKS, Attack, AttackResult, input_gradients_only
 from toolchain.robustness.attacks.pgd import _l2_normalise, _project, _random_start
-from toolchain.tasks import task_of
 
 RHO = 0.75
 ALPHA = 0.75
@@ -114,6 +113,7 @@ class APGD(Attack):
 
     name = "apgd"
     mode = "white-box"
+    tasks = frozenset({"classification", "segmentation"})
 
     def __init__(
         self, *, eps: float, norm: str = "linf", steps: int = 100, restarts: int = 1, seed: int = 0
@@ -126,7 +126,8 @@ class APGD(Attack):
     def _run(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
     ) -> AttackResult:
-        return AttackResult(self.attack_every_image(model, x, y, generator))
+        highest = self.objective(model).keep_highest_loss
+        return AttackResult(self.attack_every_image(model, x, y, generator, highest_loss=highest))
 
     def attack_every_image(
         self,
@@ -148,7 +149,7 @@ class APGD(Attack):
         Returns:
             The adversarial batch, detached.
         """
-        task = task_of(model)
+        task = self.objective(model)
 
         def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
             return task.loss(logits, labels, reduction="none")  # F.cross_entropy's, for classifiers
@@ -237,9 +238,8 @@ class APGD(Attack):
     def _clip(self, x: torch.Tensor, x_new: torch.Tensor) -> torch.Tensor:
         return (x + _project(x_new - x, self.eps, self.norm)).clamp(0, 1)
 
-    @staticmethod
     def _loss_grad(
-        model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, loss_fn: Loss
+        self, model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, loss_fn: Loss
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-sample loss, its input gradient, and which samples are fooled (misclassified; for
         segmentation, the task's rule: fewer than half of the labelled pixels right)."""
@@ -247,4 +247,4 @@ class APGD(Attack):
         logits = model(x_in)
         loss = loss_fn(logits, y)
         (grad,) = torch.autograd.grad(loss.sum(), x_in)
-        return loss.detach(), grad.detach(), task_of(model).fooled(logits.detach(), y)
+        return loss.detach(), grad.detach(), self.objective(model).fooled(logits.detach(), y)

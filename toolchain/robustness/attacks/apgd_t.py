@@ -52,6 +52,8 @@ class APGDT(APGD):
     """
 
     name = "apgd-t"
+    tasks = frozenset({"classification"})
+    limited_because = "APGD-T targets one class per image"
 
     def __init__(
         self,

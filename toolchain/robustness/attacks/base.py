@@ -2,7 +2,9 @@
 
 Attacks work in [0, 1] pixel space; normalisation lives inside the model. White-box attacks
 need a differentiable ``nn.Module``; black-box attacks need only a callable that maps a batch
-to logits (a :class:`exporters.base.Runner` or a module, called under ``no_grad``).
+to outputs (a :class:`exporters.base.Runner` or a module, called under ``no_grad``). Each
+attack declares the tasks it is defined for (``tasks``) and scores on its task's objective
+(:class:`toolchain.tasks.Objective`): the task it was built for, else the model's own.
 """
 
 from __future__ import annotations
@@ -21,12 +23,14 @@ from torch import nn
 
 from toolchain.errors import UserError
 from toolchain.registry import Registry
+from toolchain.tasks import Objective, Task, task_named, task_of
 
 __all__ = [
     "ATTACKS",
     "Attack",
     "AttackResult",
     "Classifier",
+    "eval_mode",
     "margin",
     "parse_eps",
     "predict",
@@ -69,16 +73,21 @@ class Attack(ABC):
 
     Attributes:
         name: registry name.
-        mode: ``"white-box"`` (needs gradients) or ``"black-box"`` (needs logits only).
+        mode: ``"white-box"`` (needs gradients) or ``"black-box"`` (needs outputs only).
+        tasks: the tasks the attack is defined for; ``limited_because`` says why not others.
         norm: ``"linf"`` or ``"l2"``.
         eps: radius of the norm ball in pixel units.
         steps: iterations (white-box); black-box attacks use ``queries`` instead.
         seed: seed of the generator re-created at every call.
+        task: the task it was built for (:func:`build_attack`); None: the attacked model's.
     """
 
     name: ClassVar[str]
     mode: ClassVar[str]
     norms: ClassVar[tuple[str, ...]] = _NORMS
+    tasks: ClassVar[frozenset[str]] = frozenset({"classification"})
+    limited_because: ClassVar[str] = "it is defined on one label per image"
+    task: Task | None = None
 
     def __init__(self, *, eps: float, norm: str = "linf", steps: int = 0, seed: int = 0) -> None:
         if norm not in self.norms:
@@ -89,17 +98,40 @@ class Attack(ABC):
             raise UserError(f"attack {self.name!r}: steps must be >= 0, got {steps}")
         self.eps, self.norm, self.steps, self.seed = float(eps), norm, int(steps), int(seed)
 
-    def __call__(self, model: Classifier, x: torch.Tensor, y: torch.Tensor) -> AttackResult:
-        """Attack ``model`` on the batch ``(x, y)``, on the images it classifies correctly.
+    def for_task(self, task: str) -> Attack:
+        """Score on ``task``'s objective whatever the attacked model (a runner has no task).
+
+        Raises:
+            UnknownNameError: an unknown task.
+            UserError: the attack is not defined for ``task``.
+        """
+        if task not in self.tasks:
+            raise UserError(
+                f"{self.name!r} is not a {task} attack ({self.limited_because}); use "
+                f"{', '.join(n for n in ATTACKS if task in ATTACKS.get(n).tasks)}"
+            )
+        self.task = task_named(task)
+        for part in self.components():
+            if part is not self:
+                part.for_task(task)
+        return self
+
+    def objective(self, model: Any) -> Objective:
+        """The objective this attack scores on: its task's, else the model's own task's."""
+        return (self.task or task_of(model)).objective
+
+    def __call__(self, model: Classifier, x: torch.Tensor, y: Any) -> AttackResult:
+        """Attack ``model`` on the batch ``(x, y)``, on the images its task attacks (for
+        classification: the images it classifies correctly; AutoAttack's rule).
 
         Args:
-            model: an ``nn.Module`` (white-box) or any logits callable (black-box).
+            model: an ``nn.Module`` (white-box) or any outputs callable (black-box).
             x: float32 batch ``(N, C, H, W)`` in [0, 1].
-            y: integer labels ``(N,)``.
+            y: the labels, one entry per image (integer labels ``(N,)`` for classification).
 
         Returns:
-            The adversarial batch (and query counts for black-box attacks). Images the model
-            misclassifies clean are returned unchanged, with 0 queries.
+            The adversarial batch (and query counts for black-box attacks). Images not attacked
+            are returned unchanged, with 0 queries.
 
         Raises:
             UserError: bad batch, or a white-box attack given something that is not a module.
@@ -115,16 +147,13 @@ class Attack(ABC):
         queries = torch.zeros(len(x), dtype=torch.long) if self.mode == "black-box" else None
         if self.eps == 0 or len(x) == 0:
             return AttackResult(x_adv, queries)
-        # Only correctly classified images are attacked (AutoAttack's rule): a misclassified
-        # image is not robust already, and an attack's iterate that happens to land on its
-        # label must never make it count as robust. Misclassified images come back unchanged.
-        correct = (predict(model, x).argmax(1) == y).nonzero().squeeze(1)
-        if len(correct):
+        attacked = self.objective(model).attackable(predict(model, x), y).nonzero().squeeze(1)
+        if len(attacked):
             generator = torch.Generator(device="cpu").manual_seed(self.seed)
-            result = self._run(model, x[correct], y[correct], generator)
-            x_adv[correct] = result.x_adv
+            result = self._run(model, x[attacked], _take(y, attacked), generator)
+            x_adv[attacked] = result.x_adv
             if queries is not None and result.queries is not None:
-                queries[correct.cpu()] = result.queries
+                queries[attacked.cpu()] = result.queries
         return AttackResult(x_adv, queries)
 
     @abstractmethod
@@ -160,11 +189,24 @@ class Attack(ABC):
 ATTACKS: Registry[type[Attack]] = Registry("attack")
 
 
-def _check_batch(x: torch.Tensor, y: torch.Tensor, name: str) -> None:
+def _take(y: Any, index: torch.Tensor) -> Any:
+    """The labels of the images at ``index`` (a tensor, or one entry per image in a list)."""
+    if isinstance(y, torch.Tensor):
+        return y[index.to(y.device)]
+    return [y[i] for i in index.tolist()]
+
+
+def _check_batch(x: torch.Tensor, y: Any, name: str) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
         raise UserError(f"attack {name!r}: x must be a float NCHW tensor, got {getattr(x, 'shape', x)!r}")
-    if not isinstance(y, torch.Tensor) or y.dim() != 1 or len(y) != len(x) or y.is_floating_point():
-        raise UserError(f"attack {name!r}: y must be {len(x)} integer labels, got {getattr(y, 'shape', y)!r}")
+    labels_ok = (isinstance(y, torch.Tensor) and y.dim() >= 1 and not y.is_floating_point()) or isinstance(
+        y, list
+    )
+    if not labels_ok or len(y) != len(x):
+        raise UserError(
+            f"attack {name!r}: y must hold {len(x)} integer labels (one entry per image), "
+            f"got {getattr(y, 'shape', type(y).__name__)!r}"
+        )
     # Attacks clamp to [0, 1]; normalised inputs would be silently destroyed.
     if len(x) and (float(x.min()) < 0 or float(x.max()) > 1):
         raise UserError(f"attack {name!r}: pixels must be in [0, 1]; put normalisation inside the model")
@@ -207,6 +249,23 @@ def margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     true = logits.gather(1, y.view(-1, 1)).squeeze(1)
     other = logits.scatter(1, y.view(-1, 1), float("-inf")).amax(1)
     return true - other
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode for the block (attacks are crafted with BatchNorm statistics
+    frozen, so adversarial batches never pollute them) and restore each module's own mode after.
+
+    Modules are restored one by one (not with ``model.train(flag)``) because a caller may keep
+    some submodules in a different mode than the root, e.g. frozen BatchNorm layers.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 @contextmanager

@@ -42,6 +42,7 @@ class AutoAttackLite(Attack):
 
     name = "autoattack-lite"
     mode = "white-box"
+    limited_because = "AutoAttack's targeted and black-box parts are defined per image"
 
     def __init__(
         self,

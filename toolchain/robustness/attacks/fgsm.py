@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from toolchain.robustness.attacks.base import ATTACKS, Attack, AttackResult, input_gradients_only
@@ -11,14 +10,20 @@ from toolchain.robustness.attacks.base import ATTACKS, Attack, AttackResult, inp
 
 @ATTACKS.register("fgsm")
 class FGSM(Attack):
-    """``x + eps * sign(grad_x CE(f(x), y))``, clamped to [0, 1].
+    """``x + eps * sign(grad_x L(f(x), y))``, clamped to [0, 1], with ``L`` the task's loss
+    (cross-entropy; per pixel for segmentation).
 
-    Deterministic and single-step: ``steps``, ``restarts`` and ``seed`` have no effect.
+    Deterministic and single-step (reported as one step): ``steps``, ``restarts`` and ``seed``
+    have no effect.
     """
 
     name = "fgsm"
     mode = "white-box"
     norms = ("linf",)
+    tasks = frozenset({"classification", "segmentation"})
+
+    def __init__(self, *, eps: float, norm: str = "linf", seed: int = 0) -> None:
+        super().__init__(eps=eps, norm=norm, steps=1, seed=seed)
 
     def _run(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
@@ -27,6 +32,6 @@ class FGSM(Attack):
             x_in = x.clone().requires_grad_(True)
             # Summed (not averaged) loss: the sign is the same, and tiny per-sample gradients
             # of a large batch do not underflow.
-            loss = F.cross_entropy(model(x_in), y, reduction="sum")
+            loss = self.objective(model).loss(model(x_in), y, reduction="sum")
             (grad,) = torch.autograd.grad(loss, x_in)
         return AttackResult((x + self.eps * grad.sign()).clamp(0, 1).detach())

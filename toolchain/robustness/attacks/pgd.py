@@ -6,8 +6,9 @@ import torch
 from torch import nn
 
 from toolchain.errors import UserError
-from toolchain.robustness.attacks.base import ATTACKS, Attack, AttackResult
-from toolchain.tasks import task_of
+from toolchain.recipe_train import AttackConfig
+from toolchain.robustness.attacks.base import ATTACKS, Attack, AttackResult, eval_mode
+from toolchain.tasks import Objective, task_of
 
 
 def _l2_normalise(t: torch.Tensor) -> torch.Tensor:
@@ -44,6 +45,7 @@ def pgd_attack(
     random_start: bool = True,
     restarts: int = 1,
     generator: torch.Generator | None = None,
+    objective: Objective | None = None,
 ) -> torch.Tensor:
     """Untargeted PGD on the loss of the model's task (cross-entropy; per pixel for segmentation).
 
@@ -59,6 +61,7 @@ def pgd_attack(
         steps: number of iterations; 0 with random_start gives a random point in the ball.
         norm: ``"linf"`` or ``"l2"``.
         generator: CPU generator for the random start, for reproducible attacks.
+        objective: the loss and fooling rule; default the model's task's.
 
     Returns:
         The adversarial batch, detached, in [0, 1].
@@ -68,7 +71,7 @@ def pgd_attack(
     x = x.detach()
     if eps <= 0:
         return x.clone()
-    task = task_of(model)
+    task = objective or task_of(model).objective
     best = x.clone()
     still_correct = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
     requires_grad = [p.requires_grad for p in model.parameters()]
@@ -99,6 +102,44 @@ def pgd_attack(
     return best
 
 
+def pgd_examples(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    attack: AttackConfig,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """PGD examples from a recipe's attack section (training, pruning scores and probes, the
+    INT8 calibration set), crafted in eval mode: BatchNorm statistics stay frozen, every
+    module's mode and the parameter gradients are restored after. Every image is perturbed
+    (no correct-only rule: these are training or calibration inputs, not a verdict).
+
+    Args:
+        model: the model the examples are crafted on (its task's loss).
+        x, y: a clean batch in [0, 1] and its labels.
+        attack: ``eps``, ``step_size``, ``steps``, ``norm``, ``random_start``.
+        generator: CPU generator of the random start.
+    """
+    with eval_mode(model):
+        return pgd_attack(
+            model,
+            x,
+            y,
+            eps=attack.eps,
+            step_size=attack.step_size,
+            steps=attack.steps,
+            norm=attack.norm,
+            random_start=attack.random_start,
+            generator=generator,
+        )
+
+
+def single_step(attack: AttackConfig, *, random_start: bool = False) -> AttackConfig:
+    """``attack`` as one step of size eps: FGSM (Goodfellow et al. 2015), or with a random
+    start R-FGSM-like (Tramer et al. 2018)."""
+    return attack.model_copy(update={"step_size": attack.eps, "steps": 1, "random_start": random_start})
+
+
 @ATTACKS.register("pgd")
 class PGD(Attack):
     """PGD on the cross-entropy loss, L-inf or L2, with random start and restarts.
@@ -116,6 +157,7 @@ class PGD(Attack):
 
     name = "pgd"
     mode = "white-box"
+    tasks = frozenset({"classification", "segmentation"})
 
     def __init__(
         self,
@@ -150,5 +192,6 @@ class PGD(Attack):
             random_start=self.random_start,
             restarts=self.restarts,
             generator=generator,
+            objective=self.objective(model),
         )
         return AttackResult(x_adv)

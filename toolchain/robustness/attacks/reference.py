@@ -46,6 +46,7 @@ class ReferenceAutoAttack(Attack):
 
     name = "autoattack"
     mode = "white-box"
+    limited_because = "the reference AutoAttack code classifies whole images"
 
     def __init__(
         self, *, eps: float, norm: str = "linf", seed: int = 0, attacks: Sequence[str] | None = None

@@ -20,9 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from toolchain.robustness.attacks.base import input_gradients_only
+from toolchain.errors import UserError
+from toolchain.robustness.attacks.base import ATTACKS, Attack, AttackResult, input_gradients_only
 from toolchain.robustness.attacks.pgd import _l2_normalise, _project, _random_start
-from toolchain.tasks.segmentation import IGNORE_INDEX
+from toolchain.tasks.seg_metrics import IGNORE_INDEX
 
 
 def segpgd_weights(logits: torch.Tensor, y: torch.Tensor, step: int, steps: int) -> torch.Tensor:
@@ -77,3 +78,48 @@ def segpgd_attack(
             delta = _project(delta.detach() + step_size * move, eps, norm)
             delta = ((x + delta).clamp(0, 1) - x).detach()
     return (x + delta).detach()
+
+
+@ATTACKS.register("segpgd")
+class SegPGD(Attack):
+    """SegPGD on a segmentation model (see the module docstring), L-inf or L2.
+
+    Args:
+        eps: ball radius; norm: ``"linf"`` or ``"l2"``; steps: iterations (default 20).
+        step_size: step length; default ``2.5 * eps / steps``, as for PGD.
+        seed: seeds the random start; re-applied at every call.
+    """
+
+    name = "segpgd"
+    mode = "white-box"
+    tasks = frozenset({"segmentation"})
+    limited_because = "SegPGD weighs the correct and wrong pixels of a per-pixel prediction"
+
+    def __init__(
+        self,
+        *,
+        eps: float,
+        norm: str = "linf",
+        steps: int = 20,
+        step_size: float | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(eps=eps, norm=norm, steps=steps, seed=seed)
+        if step_size is not None and step_size <= 0:
+            raise UserError(f"attack 'segpgd': step_size must be > 0, got {step_size}")
+        self.step_size = step_size if step_size is not None else 2.5 * self.eps / max(self.steps, 1)
+
+    def _run(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
+    ) -> AttackResult:
+        x_adv = segpgd_attack(
+            model,
+            x,
+            y,
+            eps=self.eps,
+            step_size=self.step_size,
+            steps=self.steps,
+            norm=self.norm,
+            generator=generator,
+        )
+        return AttackResult(x_adv)

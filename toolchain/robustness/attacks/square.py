@@ -66,6 +66,7 @@ class Square(Attack):
     name = "square"
     mode = "black-box"
     norms = ("linf",)
+    limited_because = "Square is a black-box search for one image-level misclassification"
 
     def __init__(
         self,

@@ -22,9 +22,12 @@ still count in mCE). JSON writers should map ``inf`` to null or a string.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from toolchain.errors import UserError
+from toolchain.report.schema import Evaluation
+from toolchain.tasks import task_named
 
 Accuracies = Mapping[str, Mapping[int | str, float]]
 _EPS = 1e-12
@@ -126,3 +129,38 @@ def summarize(
         "relative_excluded": sorted(name for name, p in per.items() if p["relative_ce"] is None),
         "per_corruption": per,
     }
+
+
+def add_corruption_errors(evaluations: Sequence[Evaluation]) -> None:
+    """Fill each evaluation's corruption errors relative to the dense model on the same runtime.
+
+    The errors are computed on the score the evaluation's task names (accuracy for
+    classification, mIoU for segmentation; :meth:`toolchain.tasks.Task.corruption_scores`).
+    """
+    dense = {(e.runtime, e.precision): e for e in evaluations if e.model == "dense"}
+    for ev in evaluations:
+        task = task_named(ev.task)
+        per, clean = task.corruption_scores(ev)
+        if not per:
+            continue
+        base = dense.get((ev.runtime, ev.precision)) or dense.get(("torch", "fp32"))
+        base_per, base_clean = task.corruption_scores(base) if base is not None else (None, 0.0)
+        if base is None or not base_per:
+            continue
+        summary = summarize(per, base_per, clean, base_clean)  # type: ignore[arg-type]  # str severities
+        ev.corruptions.mce = _finite(summary["mce"])
+        ev.corruptions.relative_mce = _finite(summary["relative_mce"])
+        ev.corruptions.relative_excluded = sorted(summary["relative_excluded"])  # type: ignore[call-overload]
+        ev.corruptions.baseline = {"model": base.model, "runtime": base.runtime, "precision": base.precision}
+        ev.corruptions.errors = {
+            name: {k: _finite(v) for k, v in row.items() if k in ("ce", "relative_ce")}
+            for name, row in summary["per_corruption"].items()  # type: ignore[attr-defined]
+        }
+
+
+def _finite(value: Any) -> float | None:
+    """report.json is strict JSON: an infinite or undefined ratio is written as null."""
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None

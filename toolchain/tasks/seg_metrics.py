@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from toolchain.tasks.segmentation import IGNORE_INDEX
+#: Label of pixels that belong to no class (Cityscapes' convention): no loss, no metric.
+IGNORE_INDEX = 255
 
 
 def confusion(pred: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -1,0 +1,39 @@
+"""``finetune``: adversarial fine-tuning of the pruned model (data parallel under torchrun)."""
+
+from __future__ import annotations
+
+from toolchain.rundir import FINETUNE, MODEL_FILE, PRUNE, PRUNED
+from toolchain.stages.base import Stage, StageOutput
+from toolchain.stages.context import StageContext, load_model, save_model, shared_model
+from toolchain.stages.train import model_result
+from toolchain.training import train_model
+
+
+class Finetune(Stage):
+    """Trains the pruned model with the recipe's ``finetune`` section; its shape stays."""
+
+    name = FINETUNE
+    sections = ("finetune",)
+    after = (PRUNE,)
+    parallel = True
+
+    def run(self, ctx: StageContext) -> StageOutput:
+        model, shape = shared_model(ctx, PRUNE)
+        history = train_model(
+            model,
+            ctx.train_loader(seed_offset=2, shard=True),
+            ctx.recipe.finetune,
+            seed=ctx.recipe.seed + 100,
+            desc=FINETUNE,
+            progress=ctx.progress,
+            device=ctx.device,
+            checkpoint=ctx.checkpoint(FINETUNE),
+            data_parallel=True,
+        )
+        model.cpu()
+        save_model(ctx, FINETUNE, model, shape["history"], shape["structure"])
+        ctx.models[PRUNED] = model
+        return StageOutput([MODEL_FILE], model_result(ctx, model, history))
+
+    def load(self, ctx: StageContext) -> None:
+        ctx.models[PRUNED] = load_model(ctx, FINETUNE)
