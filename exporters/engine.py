@@ -15,15 +15,24 @@ copy of the file (:func:`exporters.fp16.convert_to_fp16`).
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from exporters.errors import UserError
+from exporters.runtime_spec import RuntimeSpec, register
 from exporters.tensorrt import PRECISIONS, build_engine, engine_precision_of_onnx
-from exporters.tensorrt_runner import TensorRTRunner, import_tensorrt, read_engine_sidecar, tensorrt_major
+from exporters.tensorrt_runner import (
+    INSTALL_HINT,
+    TensorRTRunner,
+    import_tensorrt,
+    read_engine_sidecar,
+    tensorrt_major,
+)
 
 __all__ = ["EngineProfile", "EngineRecord", "engine_key", "ensure_engine", "file_sha256", "tensorrt_runner"]
 
@@ -173,3 +182,30 @@ def tensorrt_runner(
         target.with_name(target.name + ".json").unlink(missing_ok=True)
     record = ensure_engine(path, out_dir, precision, profile)
     return TensorRTRunner(record.path, device=device)
+
+
+def tensorrt_missing() -> str | None:
+    """Why TensorRT cannot run here (not installed, or no CUDA GPU), or None; never imports
+    TensorRT (that loads CUDA libraries)."""
+    import torch
+
+    if "tensorrt" in sys.modules:  # already imported (or blocked with None)
+        installed = sys.modules["tensorrt"] is not None
+    else:  # find_spec looks for the package without importing it
+        installed = importlib.util.find_spec("tensorrt") is not None
+    if not installed:
+        return INSTALL_HINT
+    if not torch.cuda.is_available():
+        return "TensorRT is installed but no CUDA GPU is available"
+    return None
+
+
+register(
+    RuntimeSpec(
+        "tensorrt",
+        tensorrt_runner,
+        "engine",
+        missing=tensorrt_missing,
+        description="TensorRT engines built by the engine stage (NVIDIA GPU)",
+    )
+)

@@ -17,6 +17,7 @@ import torch
 
 from exporters.errors import RuntimeUnavailableError, UserError
 from exporters.ort_runner import OnnxRuntimeRunner
+from exporters.runtime_spec import RuntimeSpec, register
 
 __all__ = ["ort_cuda_runner", "ort_provider_missing", "ort_tensorrt_runner"]
 
@@ -121,3 +122,23 @@ def ort_tensorrt_runner(
         spinning=spinning,
         runtime="onnxruntime-tensorrt",
     )
+
+
+register(
+    RuntimeSpec(
+        "onnxruntime-cuda",
+        ort_cuda_runner,
+        "onnx",
+        missing=lambda: ort_provider_missing(_CUDA),
+        description="ONNX Runtime's CUDA execution provider",
+    )
+)
+register(
+    RuntimeSpec(
+        "onnxruntime-tensorrt",
+        ort_tensorrt_runner,
+        "onnx",
+        missing=lambda: ort_provider_missing(_TRT),
+        description="ONNX Runtime's TensorRT execution provider",
+    )
+)

@@ -12,6 +12,7 @@ import torch
 
 from exporters.base import InputSpec, Runner
 from exporters.errors import UserError
+from exporters.runtime_spec import RuntimeSpec, register
 
 __all__ = ["OnnxRuntimeRunner"]
 
@@ -168,3 +169,6 @@ def _spec_from_shape(shape: list[int | str | None], path: Path) -> InputSpec:
     channels, height, width = (d for d in dims[1:] if isinstance(d, int))
     batch = dims[0] if isinstance(dims[0], int) and dims[0] > 0 else None
     return InputSpec(channels=channels, height=height, width=width, batch=batch)
+
+
+register(RuntimeSpec("onnxruntime", OnnxRuntimeRunner, "onnx", description="ONNX Runtime on the CPU"))

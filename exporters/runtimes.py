@@ -1,57 +1,26 @@
-"""The runtime registry: runtime name -> a factory returning a :class:`Runner`.
+"""The runtime registry: every runtime file's :class:`~exporters.runtime_spec.RuntimeSpec`.
 
-A new runtime is one file with a Runner subclass plus one ``RUNTIMES.register`` line here.
-TensorRT is registered like the others, but its module imports ``tensorrt`` only when a
-runner is built, so listing or importing the registry never needs TensorRT or CUDA.
+Importing this module imports each runtime's file, which registers its declaration (what its
+runner is built from, how, and whether it can run here); a new runtime is one file plus one
+line in :data:`_RUNTIME_FILES`. TensorRT is registered like the others, but its module imports
+``tensorrt`` only when a runner is built, so listing or importing the registry never needs
+TensorRT or CUDA.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
-import sys
-from collections.abc import Callable
 from typing import Any
 
-import torch
-
+from exporters import engine, ort_gpu, ort_runner, torch_runner
 from exporters.base import Runner
-from exporters.engine import tensorrt_runner
 from exporters.errors import UserError
-from exporters.ort_gpu import ort_cuda_runner, ort_provider_missing, ort_tensorrt_runner
-from exporters.ort_runner import OnnxRuntimeRunner
-from exporters.registry import Registry
-from exporters.tensorrt import INSTALL_HINT
-from exporters.torch_runner import TorchRunner
+from exporters.runtime_spec import RUNTIMES, RuntimeSpec
 
-__all__ = ["RUNTIMES", "build_runner", "runtime_available"]
+__all__ = ["RUNTIMES", "RuntimeSpec", "build_runner", "runtime_available"]
 
-RUNTIMES: Registry[Callable[..., Runner]] = Registry("runtime")
-RUNTIMES.register("torch")(TorchRunner)
-RUNTIMES.register("onnxruntime")(OnnxRuntimeRunner)
-RUNTIMES.register("tensorrt")(tensorrt_runner)
-RUNTIMES.register("onnxruntime-cuda")(ort_cuda_runner)
-RUNTIMES.register("onnxruntime-tensorrt")(ort_tensorrt_runner)
-
-
-def _tensorrt_missing() -> str | None:
-    if "tensorrt" in sys.modules:  # already imported (or blocked with None)
-        installed = sys.modules["tensorrt"] is not None
-    else:  # find_spec looks for the package without importing it (that loads CUDA libraries)
-        installed = importlib.util.find_spec("tensorrt") is not None
-    if not installed:
-        return INSTALL_HINT
-    if not torch.cuda.is_available():
-        return "TensorRT is installed but no CUDA GPU is available"
-    return None
-
-
-# Runtimes whose optional dependencies may be missing; the others ship with the package.
-_MISSING: dict[str, Callable[[], str | None]] = {
-    "tensorrt": _tensorrt_missing,
-    "onnxruntime-cuda": lambda: ort_provider_missing("CUDAExecutionProvider"),
-    "onnxruntime-tensorrt": lambda: ort_provider_missing("TensorrtExecutionProvider"),
-}
+#: The modules whose import registers a runtime.
+_RUNTIME_FILES = (torch_runner, ort_runner, ort_gpu, engine)
 
 
 def runtime_available(runtime: str) -> str | None:
@@ -64,9 +33,7 @@ def runtime_available(runtime: str) -> str | None:
     Raises:
         UnknownNameError: ``runtime`` is not registered.
     """
-    RUNTIMES.get(runtime)
-    check = _MISSING.get(runtime)
-    return check() if check else None
+    return RUNTIMES.get(runtime).missing()
 
 
 def build_runner(runtime: str, **kwargs: Any) -> Runner:
@@ -75,10 +42,9 @@ def build_runner(runtime: str, **kwargs: Any) -> Runner:
     Args:
         runtime: a registered name: ``"torch"`` (``model``, ``input_spec``, ``device``,
             ``precision``), ``"onnxruntime"`` (``path``, ``threads``, ``providers``,
-            ``precision``), ``"onnxruntime-cuda"`` / ``"onnxruntime-tensorrt"`` (``path``,
-            ``threads``, ``precision``, ``device``) or ``"tensorrt"`` (``path`` to an ``.onnx``
-            or engine file,
-            ``precision``, ``device``, build options).
+            ``precision``, ``spinning``), ``"onnxruntime-cuda"`` / ``"onnxruntime-tensorrt"``
+            (``path``, ``threads``, ``precision``, ``device``) or ``"tensorrt"`` (``path`` to an
+            ``.onnx`` or engine file, ``precision``, ``device``, build options).
         **kwargs: passed to the runtime's factory.
 
     Returns:
@@ -89,7 +55,7 @@ def build_runner(runtime: str, **kwargs: Any) -> Runner:
         UserError: an argument the runtime does not take, or a required one missing.
         RuntimeUnavailableError: the runtime's optional dependency is not installed.
     """
-    factory = RUNTIMES.get(runtime)
+    factory = RUNTIMES.get(runtime).factory
     signature = inspect.signature(factory)
     try:
         signature.bind(**kwargs)
@@ -99,3 +65,8 @@ def build_runner(runtime: str, **kwargs: Any) -> Runner:
         )
         raise UserError(f"runtime {runtime!r}: {exc}; it takes: {accepted}") from None
     return factory(**kwargs)
+
+
+def accepts(runtime: str, option: str) -> bool:
+    """Whether ``runtime``'s factory takes the keyword ``option`` (e.g. ``spinning``)."""
+    return option in inspect.signature(RUNTIMES.get(runtime).factory).parameters

@@ -9,6 +9,7 @@ from torch import nn
 
 from exporters.base import InputSpec, Runner
 from exporters.errors import RuntimeUnavailableError, UserError
+from exporters.runtime_spec import RuntimeSpec, register
 
 __all__ = ["TorchRunner"]
 
@@ -78,3 +79,6 @@ def _on(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module
     if already and all(t.dtype == dtype for t in floats):
         return model
     return copy.deepcopy(model).to(device=device, dtype=dtype)
+
+
+register(RuntimeSpec("torch", TorchRunner, "model", description="the PyTorch model itself (the reference)"))

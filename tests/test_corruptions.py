@@ -17,8 +17,8 @@ from toolchain.robustness.corruptions import (
     SEVERITIES,
     corrupt,
     list_corruptions,
-    save_corruption_grid,
 )
+from toolchain.robustness.corruptions.grid import save_corruption_grid
 from toolchain.robustness.corruptions.jpeg import jpeg_round_trip, quant_table
 from toolchain.robustness.corruptions.metrics import corruption_errors, summarize
 

@@ -21,6 +21,7 @@ from toolchain.models import build_from_spec, build_model
 from toolchain.pruning import METHODS, PruneJob, load_pruned, prune_model, save_pruned
 from toolchain.pruning.budget import Budget, BudgetError
 from toolchain.pruning.graph import classifier_layers
+from toolchain.pruning.methods import check_sections, method_settings
 from toolchain.pruning.methods.bap import cubic_fraction, cutoff_scale
 from toolchain.pruning.methods.dnr import drop_rate
 from toolchain.recipe import RecipeError, recipe_from_dict
@@ -129,21 +130,25 @@ def test_unreachable_budget_fails_before_training() -> None:
 
 
 def test_method_sections_are_typed_and_tied_to_the_method() -> None:
+    def check(prune: dict[str, Any]) -> None:
+        check_sections(recipe_from_dict({"prune": prune}).prune)
+
     with pytest.raises(RecipeError, match=r"unknown key 'prune\.hydra\.epochs'"):
-        recipe_from_dict({"prune": {"method": "hydra", "hydra": {"epochs": 3}}})
+        check({"method": "hydra", "hydra": {"epochs": 3}})
     with pytest.raises(RecipeError, match=r"prune\.dnr is set but prune\.method is 'bap'"):
-        recipe_from_dict({"prune": {"method": "bap", "dnr": {}}})
+        check({"method": "bap", "dnr": {}})
     with pytest.raises(RecipeError, match=r"prune\.steps configures the iterative method"):
-        recipe_from_dict({"prune": {"method": "gated", "steps": 2}})
+        check({"method": "gated", "steps": 2})
+    with pytest.raises(RecipeError, match=r"unknown key 'prune\.stepz'"):
+        recipe_from_dict({"prune": {"stepz": 2}})  # not even a section: refused on load
+    with pytest.raises(RecipeError, match=r"unknown key 'prune\.hydar'"):
+        check({"method": "hydra", "hydar": {}})
     old = recipe_from_dict({"prune": {"criterion": "magnitude"}}).prune
-    assert old.method == "iterative" and old.section() is None
-    partial = recipe_from_dict({"prune": {"method": "hydra", "hydra": {"train": {"epochs": 1}}}}).prune
-    assert partial.hydra is not None
-    assert (partial.hydra.train.epochs, partial.hydra.train.loss, partial.hydra.train.lr) == (
-        1,
-        "trades",
-        0.1,
+    assert old.method == "iterative" and method_settings(old) is None
+    partial = method_settings(
+        recipe_from_dict({"prune": {"method": "hydra", "hydra": {"train": {"epochs": 1}}}}).prune
     )
+    assert (partial.train.epochs, partial.train.loss, partial.train.lr) == (1, "trades", 0.1)  # type: ignore[union-attr]
 
 
 # --- HYDRA -------------------------------------------------------------------------------------

@@ -66,7 +66,8 @@ def validate(
 
 def corruptions(show_list: bool, grid: str | None, dataset: str, index: int, seed: int) -> int:
     """``robustprune corruptions``: list them, or write a grid image of one input."""
-    from toolchain.robustness.corruptions import CORRUPTIONS, save_corruption_grid
+    from toolchain.robustness.corruptions import CORRUPTIONS
+    from toolchain.robustness.corruptions.grid import save_corruption_grid
 
     if not show_list and not grid:
         raise UserError("corruptions: pass --list, or --grid PNG to write a grid image")

@@ -21,7 +21,7 @@ from toolchain.models import build_model, load_state_dict_file
 from toolchain.pruning.budget import Budget
 from toolchain.pruning.graph import classifier_layers, protected_layers
 from toolchain.pruning.masks import ChannelMasks
-from toolchain.pruning.methods import METHODS, PruneJob
+from toolchain.pruning.methods import METHODS, PruneJob, check_sections, method_settings
 from toolchain.pruning.prunability import check_forward, report
 from toolchain.pruning.structure import analyse
 from toolchain.recipe import PruneConfig, Recipe, TrainConfig
@@ -41,7 +41,7 @@ def check_names(recipe: Recipe) -> None:
             attack's options are invalid.
     """
     from exporters.runtimes import RUNTIMES, runtime_available
-    from toolchain.pruning import CRITERIA, METHODS
+    from toolchain.pruning import CRITERIA
     from toolchain.robustness.corruptions import CORRUPTIONS
 
     DATASETS.get(recipe.data.dataset)
@@ -50,7 +50,7 @@ def check_names(recipe: Recipe) -> None:
     # does not define fail here, before anything is written.
     build_suite_attacks(list(recipe.validate.attacks), recipe.task)
     CRITERIA.get(recipe.prune.criterion)
-    METHODS.get(recipe.prune.method)
+    check_sections(recipe.prune)
     for name in recipe.validate.corruptions.names:
         CORRUPTIONS.get(name)
     quantize = recipe.quantize
@@ -114,7 +114,7 @@ def check(recipe: Recipe) -> DataBundle:
 def train_sections(recipe: Recipe) -> list[TrainConfig]:
     """Every training loop the recipe configures (dense, between steps, in-loop, fine-tune)."""
     sections = [recipe.train, recipe.prune.finetune_between, recipe.finetune]
-    own = getattr(recipe.prune.section(), "train", None)
+    own = getattr(method_settings(recipe.prune), "train", None)
     return sections if own is None else [*sections, own]
 
 

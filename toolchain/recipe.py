@@ -11,22 +11,13 @@ import json
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from toolchain.errors import RecipeError
-from toolchain.recipe_prune import (
-    BapConfig,
-    DnrConfig,
-    GatedConfig,
-    HydraConfig,
-    LowrankConfig,
-    MrsConfig,
-    PruneConfig,
-    PruneTarget,
-)
+from toolchain.recipe_prune import PruneConfig, PruneTarget
 from toolchain.recipe_train import (
     AttackConfig,
     MixedNoiseConfig,
@@ -38,13 +29,7 @@ from toolchain.recipe_train import (
 
 __all__ = [
     "AttackConfig",
-    "BapConfig",
-    "DnrConfig",
-    "GatedConfig",
-    "HydraConfig",
-    "LowrankConfig",
     "MixedNoiseConfig",
-    "MrsConfig",
     "Number",
     "PruneConfig",
     "PruneTarget",
@@ -58,7 +43,10 @@ __all__ = [
 RECIPE_VERSION: Literal[1] = 1
 
 
-Runtime = Literal["torch", "onnxruntime", "tensorrt", "onnxruntime-cuda", "onnxruntime-tensorrt"]
+#: A registered runtime's name (``exporters.runtimes``: torch, onnxruntime, tensorrt,
+#: onnxruntime-cuda, onnxruntime-tensorrt, and any a plugin registers); checked against the
+#: registry before a run starts.
+Runtime = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]*$")]
 
 
 class DataConfig(Section):
@@ -362,7 +350,7 @@ def recipe_from_dict(
     try:
         return Recipe.model_validate(raw)
     except ValidationError as exc:
-        raise RecipeError(f"{source}: {_describe(exc)}") from None
+        raise RecipeError(f"{source}: {describe_error(exc)}") from None
 
 
 def _apply_override(raw: dict[str, Any], item: str) -> None:
@@ -380,7 +368,8 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     node[parts[-1]] = value
 
 
-def _describe(exc: ValidationError) -> str:
+def describe_error(exc: ValidationError) -> str:
+    """One line for a recipe's first validation error: where it is and what to do."""
     err = exc.errors()[0]
     where = ".".join(str(p) for p in err["loc"]) or "(top level)"
     more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from exporters.engine import EngineProfile, ensure_engine
+from exporters.runtimes import RUNTIMES
 from toolchain.machine import tensorrt_version
 from toolchain.recipe import Recipe
 from toolchain.report.stage_results import (
@@ -26,9 +27,10 @@ from toolchain.stages.inputs import InputDigests
 
 
 def engine_stage_needed(recipe: Recipe) -> bool:
-    """Whether a runtime list asks for TensorRT engines."""
+    """Whether a runtime list names a runtime that runs prebuilt engines (TensorRT)."""
     bench = recipe.bench.runtimes if recipe.bench.enabled else []
-    return "tensorrt" in recipe.validate.runtimes or "tensorrt" in bench
+    wanted = {*recipe.validate.runtimes, *bench}
+    return any(RUNTIMES.get(r).source == "engine" for r in wanted if r in RUNTIMES)
 
 
 class Engine(Stage):

@@ -14,9 +14,8 @@ from calibration.schemes import scheme_for_runtime
 from exporters.base import InputSpec, Runner
 from exporters.batching import any_batch
 from exporters.ort_runner import OnnxRuntimeRunner
-from exporters.runtimes import build_runner
+from exporters.runtimes import RUNTIMES, accepts, build_runner
 from exporters.tensorrt_runner import TensorRTRunner
-from exporters.torch_runner import TorchRunner
 from toolchain.recipe import Recipe
 from toolchain.report.stage_results import (
     EngineBuild,
@@ -109,14 +108,14 @@ def model_runners(
     runtimes = list(runtimes)
     runners: dict[str, Runner] = {}
     for runtime in runtimes:
-        if runtime == "torch":
-            runners[runtime] = TorchRunner(model, input_spec)
-        elif runtime == "onnxruntime":
-            runners[runtime] = build_runner(
-                runtime, path=layout.onnx(model_name), threads=threads, spinning=bench
-            )
-        elif runtime != "tensorrt":  # TensorRT runs the engine stage's engines, below
-            runners[runtime] = build_runner(runtime, path=layout.onnx(model_name), threads=threads)
+        source = RUNTIMES.get(runtime).source
+        if source == "model":
+            runners[runtime] = build_runner(runtime, model=model, input_spec=input_spec)
+        elif source == "onnx":
+            # Spinning threads help latency but starve interleaved PyTorch work in validation.
+            options = {"spinning": bench} if accepts(runtime, "spinning") else {}
+            runners[runtime] = build_runner(runtime, path=layout.onnx(model_name), threads=threads, **options)
+        # "engine" runtimes run the engine stage's engines only, below.
     labels = run_labels(layout, model_name, runtimes)
     runners.update(variant_runners(labels, layout, threads=threads, spinning=bench))
     if not bench:  # the suites feed any batch size; latency is measured at the engine's own

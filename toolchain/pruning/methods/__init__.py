@@ -18,6 +18,8 @@ from toolchain.pruning.methods.base import (
     PruneOutcome,
     PruneResult,
     PruningMethod,
+    check_sections,
+    method_settings,
     prune_model,
     run_method,
 )
@@ -28,6 +30,8 @@ __all__ = [
     "PruneOutcome",
     "PruneResult",
     "PruningMethod",
+    "check_sections",
+    "method_settings",
     "prune_model",
     "run_method",
 ]

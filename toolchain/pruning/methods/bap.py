@@ -32,14 +32,16 @@ pixel flips; the hybrid loss is the task's per-pixel cross-entropy.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from toolchain.pruning.methods.base import METHODS, PruneJob, PruneOutcome
 from toolchain.pruning.methods.masked import MaskedMethod, group_topk, keep_counts, magnitude_positions
-from toolchain.recipe_prune import BapConfig
+from toolchain.recipe_prune import PGD3, TrainingSection
+from toolchain.recipe_train import Number, TrainConfig
 from toolchain.robustness.attacks.deepfool import deepfool
 from toolchain.training import Step, TrainHooks
 
@@ -70,6 +72,37 @@ def cubic_fraction(progress: float, final: float, initial: float) -> float:
     """The cubic schedule at ``progress`` in [0, 1] (Zhu & Gupta 2017, as tfmot's PolynomialDecay)."""
     p = min(max(progress, 0.0), 1.0)
     return final + (initial - final) * (1.0 - p) ** 3
+
+
+class BapConfig(TrainingSection):
+    """BAP (Xie et al. 2020): gradual pruning trained on cutoff-scaled DeepFool perturbations.
+
+    The channel ratio follows the cubic schedule from ``initial_sparsity`` of the final ratio at
+    ``begin`` to the final ratio at ``end`` (fractions of the training steps), masks updated
+    every ``update_every`` steps; ``train.loss`` is normally ``hybrid`` (0.5 clean + 0.5
+    adversarial). Perturbations: DeepFool (``deepfool_steps``, ``overshoot``, ``candidates``)
+    cut to ``cutoff`` (``batch-mean`` of the per-sample RMS norms, or a number) and scaled by
+    ``scale``.
+    """
+
+    train: TrainConfig = TrainConfig(epochs=5, lr=0.01, loss="hybrid", attack=PGD3)
+    begin: float = Field(0.0, ge=0, lt=1, description="fraction of steps where pruning starts")
+    end: float = Field(0.7, gt=0, le=1, description="fraction of steps where the final ratio is reached")
+    update_every: int = Field(20, ge=1, description="steps between mask updates")
+    initial_sparsity: float = Field(0.0, ge=0, lt=1, description="ratio at `begin` (fraction of the final)")
+    deepfool_steps: int = Field(5, ge=1)
+    overshoot: float = Field(0.02, ge=0)
+    candidates: int = Field(3, ge=1, description="classes DeepFool considers besides the true one")
+    cutoff: Literal["batch-mean"] | Number = "batch-mean"
+    scale: float = Field(1.0, gt=0, description="rho: perturbations are multiplied by this after the cutoff")
+
+    @model_validator(mode="after")
+    def _check(self) -> BapConfig:
+        if self.end <= self.begin:
+            raise ValueError(f"end ({self.end}) must come after begin ({self.begin})")
+        if isinstance(self.cutoff, float) and self.cutoff <= 0:
+            raise ValueError(f"cutoff must be 'batch-mean' or a positive RMS norm, got {self.cutoff}")
+        return self
 
 
 @METHODS.register("bap")

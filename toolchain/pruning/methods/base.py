@@ -2,7 +2,10 @@
 
 A method turns a dense model, training data, a budget and training settings into a physically
 pruned model plus its torch-pruning history. The pipeline calls :func:`prune_model` and never
-branches on a method's name; a new method is one file with one registered class.
+branches on a method's name. A new method is one file with one registered class, plus its
+import in :mod:`toolchain.pruning.methods`: the class names its settings type (a
+:class:`~toolchain.recipe_prune.MethodSection` defined beside it), which the recipe accepts as
+``prune.<name>``, and which of the iterative method's ``prune`` keys it reads (``prune_keys``).
 """
 
 from __future__ import annotations
@@ -14,14 +17,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from pydantic import ValidationError
+from pydantic_core import InitErrorDetails
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from toolchain.errors import RecipeError
 from toolchain.pruning.budget import Budget, check_reachable
 from toolchain.pruning.graph import HistoryEntry, count_macs_params
 from toolchain.pruning.masks import ChannelMasks
 from toolchain.pruning.trial import check_removal
-from toolchain.recipe_prune import PGD3, PruneConfig
+from toolchain.recipe import describe_error
+from toolchain.recipe_prune import ITERATIVE_KEYS, PGD3, PruneConfig
 from toolchain.recipe_train import AttackConfig, Section
 from toolchain.registry import Registry
 from toolchain.training.checkpoint import TrainCheckpoint
@@ -86,6 +93,9 @@ class PruningMethod(ABC):
         settings: the type of the method's recipe sub-section (``prune.<name>``), or None.
         trains: whether the method trains inside pruning (its epochs count as training).
         uses_masks: whether it trains through channel masks (every group must be maskable).
+        prune_keys: the keys of ``prune`` itself it reads besides the budget (``criterion``,
+            ``steps``, ``importance_batches``, ``finetune_between``, ``attack``); setting
+            another of them for this method is an error.
         description: one line for listings.
     """
 
@@ -93,6 +103,7 @@ class PruningMethod(ABC):
     settings: ClassVar[type[Section] | None] = None
     trains: ClassVar[bool] = False
     uses_masks: ClassVar[bool] = False
+    prune_keys: ClassVar[frozenset[str]] = frozenset()
     description: ClassVar[str] = ""
 
     def __init__(self, cfg: PruneConfig) -> None:
@@ -101,7 +112,7 @@ class PruningMethod(ABC):
     @property
     def own(self) -> Any:
         """This method's sub-section of the recipe (defaults filled in)."""
-        return self.cfg.section()
+        return method_settings(self.cfg)
 
     @property
     def prunes_channels(self) -> bool:
@@ -130,6 +141,65 @@ class PruningMethod(ABC):
 
 
 METHODS: Registry[type[PruningMethod]] = Registry("pruning method")
+
+
+def method_settings(cfg: PruneConfig) -> Section | None:
+    """The selected method's settings: ``prune.<method>`` validated by the type the method
+    declares (its defaults where the recipe leaves keys out), or None for a method without
+    settings.
+
+    Raises:
+        UnknownNameError: ``prune.method`` is not a registered method.
+        RecipeError: the section does not validate (the message names the key).
+    """
+    settings = METHODS.get(cfg.method).settings
+    if settings is None:
+        return None
+    raw = cfg.sections.get(cfg.method, {})
+    try:
+        return settings.model_validate(raw)
+    except ValidationError as exc:
+        raise RecipeError(f"recipe: {describe_error(_under(exc, 'prune', cfg.method))}") from None
+
+
+def check_sections(cfg: PruneConfig) -> None:
+    """Refuse, before a run, a ``prune`` section its method does not read.
+
+    Raises:
+        UnknownNameError: ``prune.method`` is not a registered method.
+        RecipeError: a key that is neither a setting of ``prune`` nor the section of a method
+            with settings; the section of a method that is not selected; a key of ``prune``
+            that configures the iterative method while another is selected; or a section that
+            does not validate.
+    """
+    method = METHODS.get(cfg.method)
+    for name in cfg.sections:
+        if name not in METHODS or METHODS.get(name).settings is None:
+            raise RecipeError(
+                f"recipe: unknown key 'prune.{name}'; check the spelling against the recipe reference"
+            )
+        if name != cfg.method:
+            raise RecipeError(
+                f"recipe: prune.{name} is set but prune.method is {cfg.method!r}; "
+                f"set prune.method: {name} or remove the prune.{name} section"
+            )
+    stray = sorted((ITERATIVE_KEYS - method.prune_keys) & cfg.model_fields_set)
+    if stray:
+        raise RecipeError(
+            f"recipe: prune.{stray[0]} configures the iterative method, not {cfg.method!r}; remove it"
+        )
+    method_settings(cfg)
+
+
+def _under(exc: ValidationError, *where: str) -> ValidationError:
+    """``exc`` with its error locations under ``where`` (a nested section's path)."""
+    return ValidationError.from_exception_data(
+        exc.title,
+        [
+            InitErrorDetails(type=e["type"], loc=(*where, *e["loc"]), input=e["input"], ctx=e.get("ctx", {}))
+            for e in exc.errors()
+        ],
+    )
 
 
 @dataclass

@@ -32,12 +32,14 @@ import math
 from typing import Any
 
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 
 from toolchain.pruning.masks import ChannelMasks
 from toolchain.pruning.methods.base import METHODS, PruneJob, PruneOutcome
 from toolchain.pruning.methods.masked import MaskedMethod, magnitude_positions
-from toolchain.recipe_prune import DnrConfig
+from toolchain.recipe_prune import PGD3, Allocation, TrainingSection
+from toolchain.recipe_train import TrainConfig
 from toolchain.training import Step, TrainHooks
 
 MIN_DROP = 0.005  # sparse momentum's floor of the cosine-decayed prune rate
@@ -108,6 +110,24 @@ def rewire(
         granted[i] += 1
         regrown.append(position)
     return new, dropped, regrown
+
+
+class DnrConfig(TrainingSection):
+    """DNR (Kundu et al. 2021): one training run to the budget, dropping and regrowing channels.
+
+    Every ``update_every`` steps until ``rewire_until`` (fraction of the steps), each group
+    drops ``drop_fraction`` (cosine-decayed) of its live channels with the smallest weight
+    norm; the freed budget is regrown where the momentum of the mask gradient is largest,
+    layers sharing in proportion to their normalised mean momentum. No fine-tune phase is
+    needed after it (set the recipe's ``finetune.epochs`` to 0 to spend the budget here).
+    """
+
+    train: TrainConfig = TrainConfig(epochs=5, lr=0.02, loss="hybrid", attack=PGD3)
+    update_every: int = Field(20, ge=1, description="steps between rewiring")
+    drop_fraction: float = Field(0.3, gt=0, lt=1, description="fraction of live channels dropped at first")
+    rewire_until: float = Field(0.75, gt=0, le=1, description="fraction of steps; the mask is fixed after")
+    momentum: float = Field(0.9, ge=0, lt=1, description="decay of the mask-gradient momentum")
+    allocation: Allocation = Field("layer", description="the starting mask's split of the budget")
 
 
 @METHODS.register("dnr")

@@ -29,12 +29,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 
 from toolchain.pruning.masks import ChannelMasks
 from toolchain.pruning.methods.base import METHODS, PruneJob, PruneOutcome
 from toolchain.pruning.methods.masked import MaskedMethod
-from toolchain.recipe_prune import GatedConfig
+from toolchain.recipe_prune import PGD3, Allocation, TrainingSection
+from toolchain.recipe_train import Number, TrainConfig
 from toolchain.robustness.attacks.base import eval_mode
 from toolchain.robustness.attacks.pgd import pgd_examples, single_step
 from toolchain.robustness.corruptions import corrupt
@@ -57,6 +59,25 @@ def contribution_difference(
         change.append((where, (a - b).abs().mean(dims)))
         size.append((where, a.abs().mean(dims) + b.abs().mean(dims)))
     return masks.per_position(change) / masks.per_position(size).clamp_min(1e-8)
+
+
+class GatedConfig(TrainingSection):
+    """Gated mixed-noise pruning (our design from Luo et al. 2023's abstract).
+
+    Per-channel gates ``sigmoid(a)`` train with the weights on ``train`` (``loss: mixed``
+    normally), pulled down by ``l1`` and by the contribution-difference loss (weight
+    ``contribution_weight``), which penalises gates on channels whose contribution changes
+    most between clean and perturbed inputs. At the end the top channels by gate times
+    feature stability are kept under the budget (``allocation``) and the rest removed.
+    """
+
+    train: TrainConfig = TrainConfig(epochs=5, lr=0.01, loss="mixed", attack=PGD3)
+    gate_lr: Number = Field(0.02, gt=0, description="Adam learning rate of the gate logits")
+    gate_init: float = Field(3.0, description="initial gate logit (sigmoid(3) = 0.95)")
+    l1: Number = Field(5e-4, ge=0, description="weight of the L1 pull on the gates (per channel)")
+    contribution_weight: Number = Field(1.0, ge=0, description="weight of the contribution-difference loss")
+    allocation: Allocation = Field("layer", description="layer-wise, block-wise or global competition")
+    block_depth: int = Field(3, ge=1, description="'block': groups whose root names share this many parts")
 
 
 @METHODS.register("gated")

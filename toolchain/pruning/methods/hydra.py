@@ -28,6 +28,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 
 from toolchain.pruning.methods.base import METHODS, PruneJob, PruneOutcome
@@ -38,7 +39,8 @@ from toolchain.pruning.methods.masked import (
     magnitude_positions,
     root_fan_in,
 )
-from toolchain.recipe_prune import HydraConfig
+from toolchain.recipe_prune import PGD3, Allocation, TrainingSection
+from toolchain.recipe_train import TrainConfig
 from toolchain.training import TrainHooks
 
 
@@ -54,6 +56,19 @@ def scaled_scores(magnitude: Tensor, fan_in: Tensor, masks: Any) -> Tensor:
 def _copy(target: Tensor, value: Tensor) -> None:
     with torch.no_grad():
         target.copy_(value)
+
+
+class HydraConfig(TrainingSection):
+    """HYDRA (Sehwag et al. 2020): train one importance score per channel, weights frozen.
+
+    ``train`` is the score-training phase: its ``lr`` is the scores' learning rate (no weight
+    decay on scores), its ``loss`` the robust loss (TRADES in the paper). The kept weights are
+    fine-tuned afterwards by the recipe's ``finetune`` section.
+    """
+
+    train: TrainConfig = TrainConfig(epochs=5, lr=0.1, loss="trades", weight_decay=1e-4, attack=PGD3)
+    train_bn: bool = Field(True, description="BatchNorm affine parameters train with the scores")
+    allocation: Allocation = Field("layer", description="how the budget is split among groups")
 
 
 @METHODS.register("hydra")

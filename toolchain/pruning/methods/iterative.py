@@ -29,6 +29,7 @@ from toolchain.pruning.graph import HistoryEntry, count_macs_params
 from toolchain.pruning.masks import ChannelMasks
 from toolchain.pruning.methods.base import METHODS, PruneJob, PruneOutcome, PruningMethod
 from toolchain.pruning.scores import ScoreTable, compute_scores
+from toolchain.recipe_prune import ITERATIVE_KEYS
 from toolchain.recipe_train import AttackConfig
 from toolchain.training import train_model
 
@@ -43,6 +44,7 @@ class Iterative(PruningMethod):
     """Criterion scores, budget search and physical removal, in ``prune.steps`` steps."""
 
     name = "iterative"
+    prune_keys = ITERATIVE_KEYS
     description = "score with prune.criterion, remove, fine-tune; repeated prune.steps times"
 
     def __init__(self, cfg: Any, between_steps: StepHook | None = None) -> None:

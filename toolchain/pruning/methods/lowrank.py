@@ -24,8 +24,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, Literal
 
+from pydantic import Field
 from torch import Tensor, nn
 
 from toolchain.pruning.budget import Budget, check_reachable, unreachable
@@ -44,7 +45,8 @@ from toolchain.pruning.methods.base import METHODS, PruneJob, PruneOutcome, Prun
 from toolchain.pruning.methods.iterative import iterative_prune
 from toolchain.pruning.methods.probe import adversarial_loss, take
 from toolchain.pruning.trial import check_removal
-from toolchain.recipe_prune import LowrankConfig
+from toolchain.recipe_prune import PGD3, MethodSection
+from toolchain.recipe_train import AttackConfig
 
 
 def ranks_at(sigmas: Sequence[Tensor], energy: float) -> list[int]:
@@ -83,11 +85,35 @@ class RankPlan:
         return macs, params
 
 
+class LowrankConfig(MethodSection):
+    """CSTAR-style low-rank factorisation with globally chosen ranks (our design from the abstract).
+
+    Convolutions become Tucker-2 chains (1x1, k x k core, 1x1), 1x1 convolutions and linear
+    layers SVD pairs; every layer keeps the ranks that retain a share of its singular-value
+    energy, the share being one global value bisected to meet the budget (``scoring: energy``)
+    or lowered less for layers whose truncation raises the adversarial loss most
+    (``scoring: robust``: each layer alone truncated to ``probe_energy``, loss measured with
+    ``probe_attack`` on ``probe_batches`` batches; ``protection`` as in ``mrs``). With
+    ``channel_reduction`` channels are first pruned to that reduction (one step of
+    ``prune.criterion``), and the factorisation brings the whole model to the target.
+    """
+
+    scoring: Literal["energy", "robust"] = "energy"
+    channel_reduction: float | None = Field(None, gt=1.0, description="prune channels to this first")
+    probe_energy: float = Field(0.9, gt=0, lt=1, description="robust scoring: energy kept when probing")
+    probe_batches: int = Field(2, ge=1)
+    probe_attack: AttackConfig = PGD3
+    protection: float = Field(
+        0.8, ge=0, lt=1, description="robust scoring: how much sensitive layers are spared"
+    )
+
+
 @METHODS.register("lowrank")
 class Lowrank(PruningMethod):
     """Tucker-2 / SVD factorisation with globally chosen ranks (optionally after channels)."""
 
     name = "lowrank"
+    prune_keys = frozenset({"criterion", "importance_batches", "attack"})
     settings = LowrankConfig
     description = "CSTAR-style low-rank factorisation, ranks chosen globally under the budget"
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 
 from toolchain.pruning.budget import allocate, check_reachable, pools_for
@@ -29,7 +30,7 @@ from toolchain.pruning.methods.base import METHODS, PruneJob, PruneOutcome, Prun
 from toolchain.pruning.methods.iterative import position_scores
 from toolchain.pruning.methods.probe import adversarial_loss, take
 from toolchain.pruning.scores import compute_scores
-from toolchain.recipe_prune import MrsConfig
+from toolchain.recipe_prune import PGD3, MethodSection
 from toolchain.recipe_train import AttackConfig
 
 
@@ -45,11 +46,30 @@ def masked_loss(
         return adversarial_loss(model, batches, attack)
 
 
+class MrsConfig(MethodSection):
+    """MRPF's module robustness sensitivity (our design from the abstract).
+
+    Each group is probed by removing ``probe_ratio`` of its channels (lowest by
+    ``prune.criterion``) and measuring the rise of the adversarial loss (``probe_attack``
+    crafted against the probed model, on ``probe_batches`` batches). The most sensitive group
+    then loses ``1 - protection`` times the fraction the least sensitive one loses; one common
+    scale is bisected to meet the budget. Adversarial fine-tuning is the recipe's ``finetune``.
+    """
+
+    probe_ratio: float = Field(
+        0.3, gt=0, lt=1, description="fraction of a group's channels removed to probe it"
+    )
+    probe_batches: int = Field(2, ge=1, description="batches the adversarial loss is measured on")
+    probe_attack: AttackConfig = PGD3
+    protection: float = Field(0.8, ge=0, lt=1, description="how much the most sensitive group is spared")
+
+
 @METHODS.register("mrs")
 class Mrs(PruningMethod):
     """Sensitive groups keep more channels; the criterion picks which inside each group."""
 
     name = "mrs"
+    prune_keys = frozenset({"criterion", "importance_batches", "attack"})
     settings = MrsConfig
     uses_masks = True
     description = "MRPF: per-group keep ratios from adversarial-loss sensitivity, then fine-tune"

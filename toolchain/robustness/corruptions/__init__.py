@@ -5,7 +5,7 @@ Public API::
     corrupt(name, x, severity, seed=0) -> Tensor       # one corruption at one severity
     list_corruptions(family=None) -> list[str]         # registered names, sorted
     CORRUPTIONS                                         # the registry (name -> Corruption)
-    save_corruption_grid(image, path, ...)              # PNG contact sheet for a human check
+    grid.save_corruption_grid(image, path, ...)         # PNG contact sheet for a human check
 
 Every corruption takes a float batch ``(N, C, H, W)`` in [0, 1] (1 or 3 channels, 28-224 px)
 on any device and returns the same shape, dtype and device, clamped to [0, 1]. Randomness comes
@@ -20,7 +20,6 @@ import torch
 from toolchain.errors import UserError
 from toolchain.robustness.corruptions import blur, digital, driving, noise, weather  # noqa: F401  (register)
 from toolchain.robustness.corruptions.base import CORRUPTIONS, FAMILIES, SEVERITIES, Corruption
-from toolchain.robustness.corruptions.grid import save_corruption_grid
 
 __all__ = [
     "CORRUPTIONS",
@@ -29,7 +28,6 @@ __all__ = [
     "Corruption",
     "corrupt",
     "list_corruptions",
-    "save_corruption_grid",
 ]
 
 
