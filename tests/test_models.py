@@ -228,7 +228,10 @@ def test_user_factory_gets_the_arguments_it_names() -> None:
         ("tests.user_models:missing", "has no attribute 'missing'"),
         ("tests.user_models:NOT_CALLABLE", "is a int, not callable"),
         ("tests.user_models:not_a_module", "returned a str, not a torch.nn.Module"),
-        ("tests.user_models:make_wrong_head", r"to \(1, 7\); expected \(1, 5\) logits"),
+        (
+            "tests.user_models:make_wrong_head",
+            r"returns \(1, 7\) for a \(1, 3, 32, 32\) batch; classification needs",
+        ),
         ("tests.user_models:make_rgb10", r"fails on a \(1, 1, 32, 32\) input"),
         (":make", "must look like 'package.module:callable'"),
     ],

@@ -17,6 +17,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("one_thread")]
         "tests.tiny_models:tiny_shufflenet",  # channel shuffles and chunks
         "tests.tiny_models:AuxNet",  # (logits, aux_logits) in train mode
         "tests.tiny_models:tiny_vit",  # attention heads, class token, hidden_dim
+        "tests.tiny_models:TinyGhostNet",  # Ghost modules: folded groups left alone
+        "tests.tiny_models:MultiplierNet",  # a depthwise conv with a channel multiplier
     ],
 )
 def test_small_models_prune_export_and_validate(arch: str, tmp_path) -> None:

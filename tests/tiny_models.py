@@ -162,3 +162,63 @@ def tiny_swin(num_classes: int = NUM_CLASSES) -> nn.Module:
     from torchvision.models.swin_transformer import SwinTransformer
 
     return SwinTransformer([2, 2], 8, [1, 1], [2, 2], [2, 2], num_classes=num_classes)
+
+
+class GhostModule(nn.Module):
+    """GhostNet's module (timm's layout): a primary conv and a depthwise "cheap" conv of its
+    output, concatenated and sliced to ``cout`` (torch-pruning ties each primary channel to two
+    positions of the group it joins)."""
+
+    def __init__(self, cin: int, cout: int, act: bool) -> None:
+        super().__init__()
+        half = cout // 2
+        self.cout = cout
+        self.primary = nn.Sequential(
+            nn.Conv2d(cin, half, 1, bias=False), nn.BatchNorm2d(half), nn.ReLU() if act else nn.Identity()
+        )
+        self.cheap = nn.Sequential(
+            nn.Conv2d(half, half, 3, 1, 1, groups=half, bias=False),
+            nn.BatchNorm2d(half),
+            nn.ReLU() if act else nn.Identity(),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.primary(x)
+        return torch.cat([y, self.cheap(y)], dim=1)[:, : self.cout]
+
+
+class TinyGhostNet(nn.Module):
+    """A stem, one Ghost bottleneck (expand with activation, project without, residual) and a
+    head: the group the bottleneck folds is left alone, the others pruned."""
+
+    def __init__(self, num_classes: int = NUM_CLASSES) -> None:
+        super().__init__()
+        self.stem = conv_bn(3, 16)
+        self.ghost1 = GhostModule(16, 32, act=True)
+        self.ghost2 = GhostModule(32, 16, act=False)
+        self.expand = conv_bn(16, 32, 2)
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = self.stem(x)
+        x = self.ghost2(self.ghost1(shortcut)) + shortcut  # timm's order: x += shortcut
+        return self.fc(self.expand(x).mean(dim=(2, 3)))
+
+
+class MultiplierNet(nn.Module):
+    """A depthwise conv with a channel multiplier (two outputs per input channel), as in FastViT's
+    downsampling: the group feeding it is left alone, the rest pruned."""
+
+    def __init__(self, num_classes: int = NUM_CLASSES) -> None:
+        super().__init__()
+        self.stem = conv_bn(3, 16)
+        self.body = conv_bn(16, 16)
+        self.down = nn.Sequential(
+            nn.Conv2d(16, 32, 3, 2, 1, groups=16, bias=False), nn.BatchNorm2d(32), nn.ReLU()
+        )
+        self.mix = conv_bn(32, 24)
+        self.fc = nn.Linear(24, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.down(self.body(self.stem(x)))
+        return self.fc(self.mix(x).mean(dim=(2, 3)))

@@ -89,3 +89,24 @@ def make_plain(num_classes: int, in_channels: int = 3) -> nn.Module:
         nn.Flatten(),
         nn.Linear(16, num_classes),
     )
+
+
+class _EncoderDecoder(nn.Module):
+    """A segmentation network as segmentation libraries build them: an encoder that halves the
+    resolution, a decoder back to the input size, ``N x classes x H x W`` logits."""
+
+    def __init__(self, in_channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(
+            nn.Conv2d(in_channels, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3, 1, 1)
+        )
+        self.decoder = nn.Sequential(nn.ReLU(), nn.Conv2d(16, num_classes, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.decoder(self.encoder(x))
+        return nn.functional.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def make_segmenter(num_classes: int, in_channels: int = 3) -> nn.Module:
+    """A user's segmentation model (per-pixel logits at the input resolution)."""
+    return _EncoderDecoder(in_channels, num_classes)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from toolchain.errors import UnknownNameError, UserError
+from toolchain.tasks import DEFAULT_TASK, task_named
 
 TORCHVISION_PREFIX = "torchvision:"
 
@@ -98,7 +99,9 @@ def _resolve(target: str) -> Any:
     return obj
 
 
-def user_net(target: str, *, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+def user_net(
+    target: str, *, num_classes: int, in_channels: int, image_size: int, task: str = DEFAULT_TASK
+) -> nn.Module:
     """Call the factory named ``target = "package.module:callable"`` and check what it returns.
 
     The factory gets ``num_classes=`` and ``in_channels=`` for each of them that its signature
@@ -109,14 +112,16 @@ def user_net(target: str, *, num_classes: int, in_channels: int, image_size: int
         target: ``package.module:callable`` (the callable may be dotted, ``mod:Class.create``).
         num_classes, in_channels: what the data needs.
         image_size: used for one dry-run forward pass that checks the output shape.
+        task: what the model must predict (:mod:`toolchain.tasks`): the output is checked
+            against that task's shape (logits per image, per pixel, ...).
 
     Returns:
         The bare network (it gets normalised input).
 
     Raises:
         UserError: the module cannot be imported, the attribute is missing or not callable,
-            the result is not an ``nn.Module``, or it does not map a
-            (1, in_channels, image_size, image_size) batch to (1, num_classes) logits.
+            the result is not an ``nn.Module``, or its output on a
+            (1, in_channels, image_size, image_size) batch is not the task's.
     """
     factory = _resolve(target)
     params: Mapping[str, inspect.Parameter]
@@ -130,11 +135,13 @@ def user_net(target: str, *, num_classes: int, in_channels: int, image_size: int
     net = factory(**kwargs)
     if not isinstance(net, nn.Module):
         raise UserError(f"model {target!r} returned a {type(net).__name__}, not a torch.nn.Module")
-    _check_output(net, target, num_classes, in_channels, image_size)
+    _check_output(net, target, num_classes, in_channels, image_size, task)
     return net
 
 
-def _check_output(net: nn.Module, target: str, num_classes: int, in_channels: int, image_size: int) -> None:
+def _check_output(
+    net: nn.Module, target: str, num_classes: int, in_channels: int, image_size: int, task: str
+) -> None:
     """One forward pass on zeros, so a wrong head or channel count fails here with a clear line."""
     shape = (1, in_channels, image_size, image_size)
     was_training = net.training
@@ -146,6 +153,7 @@ def _check_output(net: nn.Module, target: str, num_classes: int, in_channels: in
         raise UserError(f"model {target!r} fails on a {shape} input: {type(exc).__name__}: {exc}") from exc
     finally:
         net.train(was_training)
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (1, num_classes):
-        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise UserError(f"model {target!r} maps a {shape} input to {got}; expected (1, {num_classes}) logits")
+    try:
+        task_named(task).check_output(out, num_classes, torch.zeros(shape))
+    except UserError as exc:
+        raise UserError(f"model {target!r}: {exc}") from None

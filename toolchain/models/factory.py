@@ -163,7 +163,13 @@ def build_from_spec(spec: Mapping[str, Any], *, trusted: Collection[str] = ()) -
                 f"the model file names the factory {arch!r}, which this run did not ask for; only zoo, "
                 "torchvision: and the recipe's own model.arch are built (code a file names is never imported)"
             )
-        net = user_net(arch, num_classes=num_classes, in_channels=in_channels, image_size=spec["image_size"])
+        net = user_net(
+            arch,
+            num_classes=num_classes,
+            in_channels=in_channels,
+            image_size=spec["image_size"],
+            task=spec.get("task", DEFAULT_TASK),
+        )
     else:
         net = MODELS.get(arch)(num_classes=num_classes, in_channels=in_channels, width=spec["width"])
     if spec["width"] != 1.0 and arch not in MODELS:

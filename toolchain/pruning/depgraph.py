@@ -134,15 +134,25 @@ def _read_chunk_sizes(node: Any) -> None:
 
 #: The kinds of :func:`group_problem`.
 RESHAPE, UNSUPPORTED, UNWRAPPED = "channel-splitting reshape", "unsupported module", "unwrapped parameter"
+FOLDED, MULTIPLIER = "folded channels", "grouped convolution with a channel multiplier"
 
 
 def group_problem(graph: PruningGraph, group: Any, names: dict[Any, str]) -> tuple[str, str] | None:
     """Why a dependency group must be left alone, as ``(kind, detail)``, or None if it can be pruned.
 
     A group is left alone when it reaches a channel-splitting reshape (:data:`RESHAPE`), a frozen
-    module (:data:`UNSUPPORTED`), or an unwrapped parameter whose pruned axis does not have the
-    group's width (:data:`UNWRAPPED`).
+    module (:data:`UNSUPPORTED`), an unwrapped parameter whose pruned axis does not have the
+    group's width (:data:`UNWRAPPED`), a layer whose channels torch-pruning ties to two different
+    positions of the group (:data:`FOLDED`: a layer concatenated with a transform of itself, as
+    in GhostNet's Ghost modules; removing the group's positions would remove that layer's
+    channels twice and empty it), or the input side of a grouped convolution with more outputs
+    than inputs per group (:data:`MULTIPLIER`: a depthwise convolution with a channel
+    multiplier, as in FastViT's last stage; torch-pruning indexes its one input channel per
+    group with the group's channel indices).
     """
+    problem = _folded(group, names) or _multiplier(group, names)
+    if problem is not None:
+        return problem
     size = len(group[0].idxs)
     for item in group:
         node = item.dep.target
@@ -159,6 +169,56 @@ def group_problem(graph: PruningGraph, group: Any, names: dict[Any, str]) -> tup
                     f"unwrapped parameter {names.get(module, 'parameter')!r} {tuple(module.shape)} "
                     f"does not have the group's {size} channels on axis {dim}"
                 )
+    return None
+
+
+def _folded(group: Any, names: dict[Any, str]) -> tuple[str, str] | None:
+    """A layer and the channel-keeping layer right after it (BatchNorm, depthwise conv) tied to
+    different positions of the group."""
+    roots: dict[Any, dict[int, int]] = {}
+    for item in group:
+        if item.root_idxs is not None and item.dep.handler.__name__ == "prune_out_channels":
+            roots[item.dep.target] = dict(zip(_plain_idxs(item.idxs), _plain_idxs(item.root_idxs)))
+    for node, mapping in roots.items():
+        for follower in node.outputs:
+            if not _keeps_channels(follower.module) or follower not in roots:
+                continue
+            after = roots[follower]
+            if any(after.get(c, r) != r for c, r in mapping.items()):
+                layer = names.get(node.module, str(node.name))
+                return FOLDED, (
+                    f"{layer!r} and the layer after it, {names.get(follower.module, '')!r}, are tied to "
+                    "different positions of the group (a layer concatenated with a transform of itself, as "
+                    "in Ghost modules): removing them would remove its channels twice"
+                )
+    return None
+
+
+def _keeps_channels(module: Any) -> bool:
+    """A layer whose output channel ``c`` is its input channel ``c`` (BatchNorm, depthwise conv)."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return True
+    return (
+        isinstance(module, nn.modules.conv._ConvNd)
+        and module.groups == module.in_channels == module.out_channels
+    )
+
+
+def _multiplier(group: Any, names: dict[Any, str]) -> tuple[str, str] | None:
+    """A grouped convolution pruned on its inputs with more outputs than inputs per group."""
+    for item in group:
+        module = item.dep.target.module
+        if (
+            isinstance(module, nn.modules.conv._ConvNd)
+            and module.groups > 1
+            and module.out_channels != module.in_channels
+            and item.dep.handler.__name__ == "prune_in_channels"
+        ):
+            name = names.get(module, type(module).__name__)
+            return MULTIPLIER, (
+                f"{name!r} ({type(module).__name__}, groups={module.groups}, {module.in_channels} -> "
+                f"{module.out_channels} channels) cannot lose input channels the way torch-pruning maps them"
+            )
     return None
 
 

@@ -9,6 +9,7 @@ in eval mode, or in train mode with the state restored when the model has traini
 
 from __future__ import annotations
 
+import traceback
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -17,6 +18,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from toolchain.errors import UserError
 from toolchain.pruning.depgraph import PruningGraph
 from toolchain.pruning.structure import (
     TRAIN_TRACE_BATCH,
@@ -178,14 +180,32 @@ def build_graph(model: nn.Module, example_inputs: Any, structure: Structure | No
         warnings.catch_warnings(),
     ):
         warnings.filterwarnings("ignore", message="Maximum recursive depth reached")
-        graph.build_dependency(
-            model,
-            example_inputs=example_inputs,
-            forward_fn=forward,
-            customized_pruners=pruners,
-            verbose=False,
-        )
+        try:
+            graph.build_dependency(
+                model,
+                example_inputs=example_inputs,
+                forward_fn=forward,
+                customized_pruners=pruners,
+                verbose=False,
+            )
+        except UserError:
+            raise
+        except Exception as exc:
+            raise _untraceable(exc) from exc
     return graph
+
+
+def _untraceable(exc: Exception) -> UserError:
+    """A crash inside torch-pruning's tracing, as one line naming where it happened."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    inside = [f for f in frames if "torch_pruning" in f.filename]
+    where = f" in torch-pruning's {inside[-1].name}()" if inside else ""
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return UserError(
+        f"torch-pruning cannot trace this model's channels ({type(exc).__name__}{where}: {detail}); "
+        "the model runs, but an op in its forward is one torch-pruning does not follow: wrap that "
+        "part in a module and list it in prune.ignored_layers, or report the op upstream"
+    )
 
 
 def _forward_collecting(model: nn.Module, inputs: Any, extra: Sequence[nn.Module]) -> Any:

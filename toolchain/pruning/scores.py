@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from toolchain.errors import UserError
 from toolchain.pruning import criteria as _criteria
+from toolchain.pruning.depgraph import group_problem
 from toolchain.pruning.graph import ROOT_TYPES, build_graph, expand_ignored, group_key
 from toolchain.robustness.attacks import pgd as _pgd
 from toolchain.robustness.attacks.base import eval_mode
@@ -146,6 +147,8 @@ def compute_scores(
             ignored_layers=expand_ignored(ignored_layers), root_module_types=ROOT_TYPES
         )
         for group in groups:
+            if group_problem(graph, group, names):
+                continue  # left alone by the masks (and some crash torch-pruning's importance)
             scores = importance(group)
             if scores is not None:
                 table[group_key(group, names)] = scores.detach().float().cpu()

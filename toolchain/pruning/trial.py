@@ -48,10 +48,11 @@ def check_removal(
     if not culprits:  # each group alone is fine, only together they break: name them all
         culprits = dict.fromkeys(roots, whole)
     first, why = next(iter(culprits.items()))
-    layers = ", ".join(repr(r) for r in culprits)
+    others = len(culprits) - 1
+    more = f" (and {others} more group(s); robustprune inspect lists them)" if others else ""
     raise UserError(
-        f"the model no longer runs once output channels of {layers} are removed ({why}): its forward "
-        f"hard-codes their count or uses an op torch-pruning cannot follow; add them to "
+        f"the model no longer runs once output channels of {first!r}{more} are removed ({why}): its "
+        f"forward hard-codes their count or uses an op torch-pruning cannot follow; add them to "
         f"prune.ignored_layers (e.g. prune.ignored_layers: [{first}]) so they keep their channels"
     )
 
