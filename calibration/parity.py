@@ -15,6 +15,7 @@ import torch
 from calibration.data import Corrupt, Craft
 from exporters.base import Runner
 from exporters.errors import UserError
+from exporters.outputs import as_tuple
 from exporters.parity import tie_flips
 
 __all__ = ["ParityCounter", "PixelParityCounter", "compare_precisions"]
@@ -156,9 +157,11 @@ def compare_precisions(
             ]
         for kind, xs in inputs.items():
             for xk in xs:
-                ref = reference(xk)
+                # Logits (per image or per pixel); a model with several outputs is compared
+                # on its first (its class scores).
+                ref = as_tuple(reference(xk))[0]
                 for name, runner in candidates.items():
-                    tallies[name].add(kind, ref, runner(xk), y)
+                    tallies[name].add(kind, ref, as_tuple(runner(xk))[0], y)
     return {
         name: {"reference": reference.name, **{k: c.as_dict() for k, c in t.counters.items()}}
         for name, t in tallies.items()

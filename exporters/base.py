@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from exporters.errors import InputSpecError
+from exporters.outputs import Outputs, map_outputs
 
 
 @dataclass(frozen=True)
@@ -74,14 +75,16 @@ class Runner(ABC):
     def name(self) -> str:
         return f"{self.runtime}/{self.precision}/{self.device}"
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits for a batch of pixels.
+    def __call__(self, x: torch.Tensor) -> Outputs:
+        """The model's outputs for a batch of pixels.
 
         Args:
             x: float32 tensor of shape ``(N, C, H, W)`` with values in [0, 1], on any device.
 
         Returns:
-            float32 logits of shape ``(N, num_classes)`` on the CPU, detached.
+            float32 outputs on the CPU, detached: logits ``(N, num_classes)`` (per pixel for
+            segmentation), or a tuple of tensors for a model with several outputs (a detector's
+            raw heads), each with the batch first.
 
         Raises:
             InputSpecError: wrong type, dtype or shape.
@@ -89,11 +92,11 @@ class Runner(ABC):
         self.input_spec.check(x, self.name)
         with torch.no_grad():
             out = self._run(x.detach())
-        return out.detach().to("cpu", torch.float32)
+        return map_outputs(lambda t: t.detach().to("cpu", torch.float32), out)
 
     @abstractmethod
-    def _run(self, x: torch.Tensor) -> torch.Tensor:
-        """Run the validated batch; return logits (any device, any float dtype)."""
+    def _run(self, x: torch.Tensor) -> Outputs:
+        """Run the validated batch; return its outputs (any device, any float dtype)."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name}, input={self.input_spec.shape(0)[1:]})"

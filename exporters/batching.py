@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from exporters.base import InputSpec, Runner
+from exporters.outputs import Outputs, concat, take
 
 
 class FixedBatchRunner(Runner):
@@ -30,15 +31,15 @@ class FixedBatchRunner(Runner):
         self.runtime = inner.runtime  # reported as the engine it wraps
         self.chunk = int(spec.batch)  # type: ignore[arg-type]  # checked above
 
-    def _run(self, x: torch.Tensor) -> torch.Tensor:
+    def _run(self, x: torch.Tensor) -> Outputs:
         outputs = []
         for start in range(0, x.shape[0], self.chunk):
             part = x[start : start + self.chunk]
             real = part.shape[0]
             if real < self.chunk:
                 part = torch.cat([part, part[:1].expand(self.chunk - real, *part.shape[1:])])
-            outputs.append(self.inner(part.contiguous())[:real])
-        return torch.cat(outputs)
+            outputs.append(take(self.inner(part.contiguous()), 0, real))
+        return concat(outputs)
 
 
 def any_batch(runner: Runner) -> Runner:

@@ -15,7 +15,7 @@ import os
 import tempfile
 import uuid
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -58,6 +58,7 @@ def export_onnx(
     opset: int = 18,
     dynamic_batch: bool = True,
     metadata: Mapping[str, Any] | None = None,
+    output_names: Sequence[str] | None = None,
 ) -> Path:
     """Export ``model`` to ONNX at ``path``, checked and with metadata, written atomically.
 
@@ -68,7 +69,8 @@ def export_onnx(
     Args:
         model: a module mapping float32 ``(N, C, H, W)`` pixels in [0, 1] to ``(N, K)`` logits
             (or ``(N, K, H, W)`` per-pixel logits for segmentation; the axes after the batch
-            stay fixed).
+            stay fixed), or to a tuple of tensors with the batch first (a detector's raw heads,
+            the first holding the class scores ``(N, ..., K)``).
         path: where to write the ``.onnx`` file; parent folders are created.
         input_spec: channels, height and width; ``input_spec.batch`` is the batch size of a
             fixed-batch export (1 if None).
@@ -78,6 +80,8 @@ def export_onnx(
             ``class_names``, ``mean``, ``std``, ``recipe_sha256``, ``model``, ``dataset``.
             The standard keys (``input_range``, ``input_shape``, ``num_classes``,
             ``robustprune_version``, ...) are added unless given.
+        output_names: names of the outputs of a model returning a tuple (default ``output0``,
+            ``output1``, ...); a single output is always ``logits``.
 
     Returns:
         The path written.
@@ -92,12 +96,15 @@ def export_onnx(
     batch = 2 if dynamic_batch else (input_spec.batch or 1)  # 2: torch.export specialises 1
     example = torch.rand(input_spec.shape(batch), generator=torch.Generator().manual_seed(0))
     with _eval_on_cpu(model) as cpu_model:
-        num_classes = _num_classes(cpu_model, example)
+        num_classes, count = _num_classes(cpu_model, example)
+        names = _output_names(count, output_names)
         # Metadata is checked before the (slow) export so a bad class list fails fast.
-        props = _standard_metadata(input_spec, batch, dynamic_batch, num_classes, opset)
+        props = _standard_metadata(input_spec, batch, dynamic_batch, num_classes, opset, names)
         props.update({key: _as_text(value) for key, value in (metadata or {}).items()})
         _check_class_names(props, num_classes)
-        proto, props["exporter"] = _export(cpu_model, example, opset=opset, dynamic_batch=dynamic_batch)
+        proto, props["exporter"] = _export(
+            cpu_model, example, opset=opset, dynamic_batch=dynamic_batch, names=names
+        )
     onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props}, **props})
     _write_checked(proto, path)
     log.info(
@@ -169,33 +176,47 @@ def _eval_on_cpu(model: nn.Module) -> Iterator[nn.Module]:
             module.training = training
 
 
-def _num_classes(model: nn.Module, example: torch.Tensor) -> int:
-    """Classes of the logits: ``(N, K)`` for a classifier, ``(N, K, H, W)`` at the input's
-    ``H x W`` for a segmentation model."""
+def _num_classes(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:
+    """Classes of the outputs and how many outputs there are: ``(N, K)`` for a classifier,
+    ``(N, K, H, W)`` at the input's ``H x W`` for a segmentation model, a tuple of tensors with
+    the batch first for a detector (its first output's last axis holds the classes)."""
     with torch.no_grad():
         out = model(example)
+    tensors = isinstance(out, tuple | list) and out and all(isinstance(t, torch.Tensor) for t in out)
+    if tensors and all(t.dim() >= 2 and t.shape[0] == example.shape[0] for t in out):
+        return int(out[0].shape[-1]), len(out)
     dense = isinstance(out, torch.Tensor) and out.dim() == 4 and out.shape[-2:] == example.shape[-2:]
     if not isinstance(out, torch.Tensor) or not (out.dim() == 2 or dense) or out.shape[0] != example.shape[0]:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ExportError(
             f"the model must return logits of shape (N, num_classes) or (N, num_classes, H, W) at the "
-            f"input's H x W, got {shape}; wrap it so forward() returns only the logits"
+            f"input's H x W, or a tuple of tensors with the batch first, got {shape}; wrap it so "
+            "forward() returns only those"
         )
-    return int(out.shape[1])
+    return int(out.shape[1]), 1
+
+
+def _output_names(count: int, given: Sequence[str] | None) -> list[str]:
+    if count == 1:
+        return [OUTPUT_NAME]
+    names = list(given) if given is not None else [f"output{i}" for i in range(count)]
+    if len(names) != count or len(set(names)) != count:
+        raise ExportError(f"the model has {count} outputs but {len(names)} distinct output names were given")
+    return names
 
 
 def _export(
-    model: nn.Module, example: torch.Tensor, *, opset: int, dynamic_batch: bool
+    model: nn.Module, example: torch.Tensor, *, opset: int, dynamic_batch: bool, names: list[str]
 ) -> tuple[onnx.ModelProto, str]:
     """Export with dynamo, falling back to TorchScript; returns the proto and the exporter used."""
     try:
-        return _export_dynamo(model, example, opset=opset, dynamic_batch=dynamic_batch), "dynamo"
+        return _export_dynamo(model, example, opset=opset, dynamic_batch=dynamic_batch, names=names), "dynamo"
     except Exception as exc:  # the dynamo stack raises many unrelated types
         reason = _first_line(exc)
         log.warning("dynamo ONNX export failed (%s); falling back to the TorchScript exporter", reason)
         log.debug("dynamo export failure", exc_info=exc)
         try:
-            proto = _export_torchscript(model, example, opset=opset, dynamic_batch=dynamic_batch)
+            proto = _export_torchscript(model, example, opset=opset, dynamic_batch=dynamic_batch, names=names)
         except Exception as exc2:
             raise ExportError(
                 f"ONNX export failed with both exporters: dynamo: {reason}; TorchScript: "
@@ -211,7 +232,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _export_dynamo(
-    model: nn.Module, example: torch.Tensor, *, opset: int, dynamic_batch: bool
+    model: nn.Module, example: torch.Tensor, *, opset: int, dynamic_batch: bool, names: list[str]
 ) -> onnx.ModelProto:
     # f=None keeps everything in memory: no file (and no stray .data file) is written here.
     dynamic_shapes = ({0: torch.export.Dim(_BATCH_DIM_NAME, min=1)},) if dynamic_batch else None
@@ -222,7 +243,7 @@ def _export_dynamo(
         dynamo=True,
         verbose=False,  # otherwise it prints progress lines to stdout
         input_names=[INPUT_NAME],
-        output_names=[OUTPUT_NAME],
+        output_names=names,
         opset_version=opset,
         dynamic_shapes=dynamic_shapes,
     )
@@ -232,9 +253,9 @@ def _export_dynamo(
 
 
 def _export_torchscript(
-    model: nn.Module, example: torch.Tensor, *, opset: int, dynamic_batch: bool
+    model: nn.Module, example: torch.Tensor, *, opset: int, dynamic_batch: bool, names: list[str]
 ) -> onnx.ModelProto:
-    axes = {INPUT_NAME: {0: _BATCH_DIM_NAME}, OUTPUT_NAME: {0: _BATCH_DIM_NAME}} if dynamic_batch else None
+    axes = {name: {0: _BATCH_DIM_NAME} for name in [INPUT_NAME, *names]} if dynamic_batch else None
     with tempfile.TemporaryDirectory(prefix="robustprune-onnx-") as tmp, warnings.catch_warnings():
         # Its deprecation warning points at this module; the fallback is already logged.
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -245,7 +266,7 @@ def _export_torchscript(
             str(target),
             dynamo=False,
             input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
+            output_names=names,
             opset_version=opset,
             dynamic_axes=axes,
         )
@@ -260,12 +281,13 @@ def _robustprune_version() -> str:
 
 
 def _standard_metadata(
-    spec: InputSpec, batch: int, dynamic: bool, num_classes: int, opset: int
+    spec: InputSpec, batch: int, dynamic: bool, num_classes: int, opset: int, names: list[str]
 ) -> dict[str, str]:
     shape: list[int | str] = [_BATCH_DIM_NAME if dynamic else batch, spec.channels, spec.height, spec.width]
+    outputs = {"output_name": names[0]} if len(names) == 1 else {"output_names": json.dumps(names)}
     return {
         "input_name": INPUT_NAME,
-        "output_name": OUTPUT_NAME,
+        **outputs,
         "input_range": "[0, 1]",
         "input_layout": "NCHW",
         "input_shape": json.dumps(shape),

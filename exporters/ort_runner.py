@@ -12,6 +12,7 @@ import torch
 
 from exporters.base import InputSpec, Runner
 from exporters.errors import UserError
+from exporters.outputs import Outputs
 from exporters.runtime_spec import RuntimeSpec, register
 
 __all__ = ["OnnxRuntimeRunner"]
@@ -94,8 +95,9 @@ class OnnxRuntimeRunner(Runner):
             # ONNX Runtime falls back to the next provider when one fails to initialise.
             log.warning("%s: %s did not start; running on %s", self.path.name, requested[0], self.provider)
         self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
-        first_input, first_output = self.session.get_inputs()[0], self.session.get_outputs()[0]
-        self._input_name, self._output_name = first_input.name, first_output.name
+        first_input = self.session.get_inputs()[0]
+        self._input_name = first_input.name
+        self._output_names = [output.name for output in self.session.get_outputs()]
         self._input_type = _NUMPY_TYPES.get(first_input.type, np.float32)
         device = "cuda" if self.provider in _GPU_PROVIDERS else "cpu"
         super().__init__(
@@ -104,10 +106,13 @@ class OnnxRuntimeRunner(Runner):
             device=device,
         )
 
-    def _run(self, x: torch.Tensor) -> torch.Tensor:
+    def _run(self, x: torch.Tensor) -> Outputs:
         pixels = np.ascontiguousarray(x.cpu().numpy(), dtype=self._input_type)
-        (logits,) = self.session.run([self._output_name], {self._input_name: pixels})
-        return torch.from_numpy(np.asarray(logits))
+        outputs = [
+            torch.from_numpy(np.asarray(o))
+            for o in self.session.run(self._output_names, {self._input_name: pixels})
+        ]
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
     def _providers(self, requested: list[str] | None) -> list[str]:
         available = ort.get_available_providers()

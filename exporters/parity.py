@@ -11,8 +11,17 @@ from torch import nn
 
 from exporters.base import Runner
 from exporters.errors import ParityError, UserError
+from exporters.outputs import Outputs, as_tuple, map_outputs
 
-__all__ = ["Float64Check", "ParityResult", "check_parity", "float64_check", "tie_flips"]
+__all__ = [
+    "Agreement",
+    "Float64Check",
+    "ParityResult",
+    "argmax_agreement",
+    "check_parity",
+    "float64_check",
+    "tie_flips",
+]
 
 
 @dataclass(frozen=True)
@@ -66,63 +75,88 @@ class ParityResult:
         )
 
 
+#: ``agreement(reference, candidate) -> (agreeing, compared)`` predictions of one batch.
+Agreement = Callable[[Outputs, Outputs], tuple[int, int]]
+
+
+def argmax_agreement(reference: Outputs, candidate: Outputs) -> tuple[int, int]:
+    """Same arg-max class per image (``(N, K)`` logits) or per pixel (``(N, K, H, W)``), a flip
+    at an exact class boundary that rounding explains counting as agreeing
+    (:func:`tie_flips`)."""
+    expected, got = as_tuple(reference)[0], as_tuple(candidate)[0]
+    differ = expected.argmax(dim=1) != got.argmax(dim=1)
+    if expected.dim() == 4:  # per-pixel logits: flips at exact class boundaries are numerics
+        differ &= ~tie_flips(expected, got)
+    return int((~differ).sum()), differ.numel()
+
+
 def check_parity(
-    reference: Callable[[torch.Tensor], torch.Tensor],
+    reference: Callable[[torch.Tensor], Outputs],
     candidate: Runner,
     batches: Iterable[torch.Tensor],
+    *,
+    agreement: Agreement | None = None,
 ) -> ParityResult:
-    """Run both models on every batch and compare their logits.
+    """Run both models on every batch and compare their outputs.
 
     Args:
         reference: the model to trust, usually a :class:`~exporters.torch_runner.TorchRunner`
-            (any callable mapping pixels to logits works).
+            (any callable mapping pixels to outputs works).
         candidate: the exported model's runner.
         batches: float32 ``(N, C, H, W)`` pixel batches in [0, 1], ideally real images: random
             noise leaves most logits near zero and hides disagreements.
+        agreement: how many predictions agree in a batch (default :func:`argmax_agreement`;
+            a detector's task matches detections instead).
 
     Returns:
-        The :class:`ParityResult` over all batches.
+        The :class:`ParityResult` over all batches; the differences cover every output tensor.
 
     Raises:
-        UserError: no batch was given, or the two models return logits of different shapes.
+        UserError: no batch was given, or the two models return outputs of different shapes.
         InputSpecError: a batch does not fit the candidate's input spec.
     """
+    agree_fn = agreement or argmax_agreement
     max_diff, abs_sum, elements, samples, predictions, disagreements, scale = 0.0, 0.0, 0, 0, 0, 0, 0.0
     ties: int | None = None
     for x in batches:
         with torch.no_grad():  # the reference may be a raw module with gradients enabled
-            expected = _logits(reference(x))
+            expected = _outputs(reference(x))
         got = candidate(x)
-        if expected.shape != got.shape:
+        pairs = list(zip(as_tuple(expected), as_tuple(got)))
+        if len(as_tuple(expected)) != len(as_tuple(got)) or any(e.shape != g.shape for e, g in pairs):
             raise UserError(
-                f"reference logits {tuple(expected.shape)} and {candidate.name} logits "
-                f"{tuple(got.shape)} differ in shape; are they the same model?"
+                f"reference outputs {_shapes(expected)} and {candidate.name} outputs {_shapes(got)} differ "
+                "in shape; are they the same model?"
             )
-        # A NaN must fail parity, but max() would silently skip it: count it as infinitely far.
-        diff = torch.nan_to_num((expected - got).abs(), nan=float("inf"))
-        max_diff = max(max_diff, float(diff.max()) if diff.numel() else 0.0)
-        scale = max(scale, float(expected.abs().max()) if expected.numel() else 0.0)
-        abs_sum += float(diff.double().sum())
-        elements += diff.numel()
-        samples += expected.shape[0]
-        differ = expected.argmax(dim=1) != got.argmax(dim=1)  # per image, or per pixel
-        if expected.dim() == 4:  # per-pixel logits: flips at exact class boundaries are numerics
-            tied = tie_flips(expected, got)
-            ties = (ties or 0) + int(tied.sum())
-            differ &= ~tied
-        predictions += differ.numel()
-        disagreements += int(differ.sum())
+        for e, g in pairs:
+            # A NaN must fail parity, but max() would silently skip it: count it as infinitely far.
+            diff = torch.nan_to_num((e - g).abs(), nan=float("inf"))
+            max_diff = max(max_diff, float(diff.max()) if diff.numel() else 0.0)
+            scale = max(scale, float(e.abs().max()) if e.numel() else 0.0)
+            abs_sum += float(diff.double().sum())
+            elements += diff.numel()
+        first = as_tuple(expected)[0]
+        samples += first.shape[0]
+        if agreement is None and first.dim() == 4:
+            ties = (ties or 0) + int(tie_flips(first, as_tuple(got)[0]).sum())
+        agree, compared = agree_fn(expected, got)
+        predictions += compared
+        disagreements += compared - agree
     if samples == 0:
         raise UserError("check_parity got no images; give it at least one non-empty batch")
     return ParityResult(
         max_abs_diff=max_diff,
-        mean_abs_diff=abs_sum / elements,
-        top1_agreement=(predictions - disagreements) / predictions,
+        mean_abs_diff=abs_sum / max(elements, 1),
+        top1_agreement=(predictions - disagreements) / predictions if predictions else 1.0,
         samples=samples,
         disagreements=disagreements,
         reference_max_abs=scale,
         ties=ties,
     )
+
+
+def _shapes(out: Outputs) -> list[tuple[int, ...]]:
+    return [tuple(t.shape) for t in as_tuple(out)]
 
 
 @dataclass(frozen=True)
@@ -177,13 +211,15 @@ def float64_check(model: nn.Module, candidate: Runner, batches: Iterable[torch.T
     try:
         with torch.no_grad():
             for x in batches:
-                reference = exact(x.double()).detach()
-                fp32, got = model(x).detach().double(), candidate(x).double()
-                torch_diff = max(torch_diff, _max_abs_diff(fp32, reference))
-                engine_diff = max(engine_diff, _max_abs_diff(got, reference))
-                classes = reference.argmax(1)
-                torch_same += int((fp32.argmax(1) == classes).sum())
-                engine_same += int((got.argmax(1) == classes).sum())
+                reference = as_tuple(exact(x.double()))
+                fp32 = [t.detach().double() for t in as_tuple(model(x))]
+                got = [t.double() for t in as_tuple(candidate(x))]
+                for r, f, g in zip(reference, fp32, got):
+                    torch_diff = max(torch_diff, _max_abs_diff(f, r.detach()))
+                    engine_diff = max(engine_diff, _max_abs_diff(g, r.detach()))
+                classes = reference[0].argmax(1)
+                torch_same += int((fp32[0].argmax(1) == classes).sum())
+                engine_same += int((got[0].argmax(1) == classes).sum())
                 predictions += classes.numel()
                 seen += x.shape[0]
     finally:
@@ -221,8 +257,8 @@ def _max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(diff.max()) if diff.numel() else 0.0
 
 
-def _logits(out: torch.Tensor) -> torch.Tensor:
+def _outputs(out: Outputs) -> Outputs:
     """The reference may be a raw module: detach it and bring it to float32 on the CPU."""
-    if not isinstance(out, torch.Tensor):
-        raise UserError(f"the reference returned {type(out).__name__}, expected a logits tensor")
-    return out.detach().to("cpu", torch.float32)
+    if not all(isinstance(t, torch.Tensor) for t in as_tuple(out)):
+        raise UserError(f"the reference returned {type(out).__name__}, expected tensors")
+    return map_outputs(lambda t: t.detach().to("cpu", torch.float32), out)

@@ -18,6 +18,7 @@ import torch
 
 from exporters.base import InputSpec, Runner
 from exporters.errors import ExportError, InputSpecError, RuntimeUnavailableError, UserError
+from exporters.outputs import Outputs, concat
 
 __all__ = [
     "INSTALL_HINT",
@@ -120,7 +121,7 @@ class TensorRTRunner(Runner):
             RuntimeUnavailableError: TensorRT or CUDA is missing.
             UserError: the engine file is missing.
             ExportError: the engine cannot be deserialised or does not have one image input
-                and one output.
+                and at least one output.
         """
         trt = import_tensorrt()
         _require_cuda(device)
@@ -138,52 +139,55 @@ class TensorRTRunner(Runner):
                 "and GPU model they were built with; rebuild it here"
             )
         self.context = self.engine.create_execution_context()
-        self._input, self._output = self._io_names()
+        self._input, self._outputs = self._io_names()
         spec, self.batch_range = self._input_spec()
         self.metadata = read_engine_sidecar(self.engine_path)
         self._in_dtype = self._torch_dtype(self._input)
-        self._out_dtype = self._torch_dtype(self._output)
+        self._out_dtypes = [self._torch_dtype(name) for name in self._outputs]
         super().__init__(
             input_spec=spec,
             precision=precision or str(self.metadata.get("precision", "fp32")),
             device=device,
         )
 
-    def _run(self, x: torch.Tensor) -> torch.Tensor:
+    def _run(self, x: torch.Tensor) -> Outputs:
         low, high = self.batch_range
         if x.shape[0] < low:
             raise InputSpecError(
                 f"{self.name}: the engine's smallest batch is {low}, got {x.shape[0]}; pad the batch "
                 "or rebuild with a smaller min_batch"
             )
-        return torch.cat([self._execute(chunk) for chunk in x.split(high)])
+        return concat([self._execute(chunk) for chunk in x.split(high)])
 
-    def _execute(self, x: torch.Tensor) -> torch.Tensor:
+    def _execute(self, x: torch.Tensor) -> Outputs:
         pixels = x.to(self.device, self._in_dtype).contiguous()
         if self.context.set_input_shape(self._input, tuple(pixels.shape)) is False:
             raise InputSpecError(f"{self.name}: the engine rejected input shape {tuple(pixels.shape)}")
-        out_shape = tuple(self.context.get_tensor_shape(self._output))
-        logits = torch.empty(out_shape, dtype=self._out_dtype, device=self.device)
+        outputs = [
+            torch.empty(tuple(self.context.get_tensor_shape(name)), dtype=dtype, device=self.device)
+            for name, dtype in zip(self._outputs, self._out_dtypes)
+        ]
         self.context.set_tensor_address(self._input, pixels.data_ptr())
-        self.context.set_tensor_address(self._output, logits.data_ptr())
+        for name, tensor in zip(self._outputs, outputs):
+            self.context.set_tensor_address(name, tensor.data_ptr())
         # Enqueue on torch's current stream, so torch's own ops (the copy to the host in
         # Runner.__call__) are ordered after the engine without an extra synchronisation.
         if not self.context.execute_async_v3(self._stream_handle()):
             raise RuntimeError(f"TensorRT failed to execute {self.engine_path.name}")
-        return logits
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
     def _stream_handle(self) -> int:
         return int(torch.cuda.current_stream(torch.device(self.device)).cuda_stream)
 
-    def _io_names(self) -> tuple[str, str]:
+    def _io_names(self) -> tuple[str, list[str]]:
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         inputs = [n for n in names if self.engine.get_tensor_mode(n) == self._trt.TensorIOMode.INPUT]
         outputs = [n for n in names if n not in inputs]
-        if len(inputs) != 1 or len(outputs) != 1:
+        if len(inputs) != 1 or not outputs:
             raise ExportError(
-                f"{self.engine_path.name}: expected 1 input and 1 output, got {inputs} / {outputs}"
+                f"{self.engine_path.name}: expected 1 input and at least 1 output, got {inputs} / {outputs}"
             )
-        return inputs[0], outputs[0]
+        return inputs[0], outputs
 
     def _input_spec(self) -> tuple[InputSpec, tuple[int, int]]:
         shape = tuple(self.engine.get_tensor_shape(self._input))

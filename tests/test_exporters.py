@@ -191,13 +191,34 @@ def test_class_names_must_match_the_logits(tmp_path: Path) -> None:
     assert not (tmp_path / "m.onnx").exists()
 
 
-def test_model_must_return_logits(tmp_path: Path) -> None:
-    class TwoOutputs(nn.Module):
-        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return x.mean((2, 3)), x
+def test_model_must_return_logits_or_batch_first_tensors(tmp_path: Path) -> None:
+    class Pooled(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.mean()  # no batch axis
 
     with pytest.raises(ExportError, match=r"logits of shape \(N, num_classes\)"):
-        export_onnx(TwoOutputs(), tmp_path / "m.onnx", input_spec=SPEC)
+        export_onnx(Pooled(), tmp_path / "m.onnx", input_spec=SPEC)
+
+
+def test_a_model_with_several_outputs_exports_them_all_by_name(tmp_path: Path) -> None:
+    class Heads(nn.Module):  # a detector's raw heads: scores (N, A, K) and boxes (N, A, 4)
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 6, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            f = self.conv(x).flatten(2).transpose(1, 2)  # (N, H*W, 6)
+            return f[..., :2], f[..., 2:].relu()
+
+    model = Heads().eval()
+    path = export_onnx(model, tmp_path / "d.onnx", input_spec=SPEC, output_names=["scores", "boxes"])
+    meta = read_onnx_metadata(path)
+    assert json.loads(meta["output_names"]) == ["scores", "boxes"] and meta["num_classes"] == "2"
+    runner = OnnxRuntimeRunner(path)
+    scores, boxes = runner(images(3))
+    assert scores.shape == (3, 256, 2) and boxes.shape == (3, 256, 4)
+    result = check_parity(TorchRunner(model, SPEC), runner, [images(3)])
+    assert result.max_abs_diff < 1e-4 and result.samples == 3
 
 
 def test_fixed_batch_export_rejects_other_batch_sizes(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from exporters.outputs import Outputs, as_tuple, map_outputs
 from toolchain.errors import UserError
 from toolchain.robustness.attacks.base import Classifier, predict
 from toolchain.tasks import task_of
@@ -73,8 +74,8 @@ def first_batch_flags(
     model: nn.Module | None,
     runners: Mapping[str, Any],
     x: torch.Tensor,
-    y: torch.Tensor,
-    logits: Mapping[str, torch.Tensor],
+    y: Any,
+    logits: Mapping[str, Outputs],
     flags: dict[str, set[str]],
 ) -> None:
     """The checks a suite runs on its first batch: each runner's outputs, and the PyTorch
@@ -88,7 +89,7 @@ def first_batch_flags(
 
 
 def check_zero_gradients(
-    model: nn.Module | None, x: torch.Tensor, y: torch.Tensor, min_share: float = 0.1
+    model: nn.Module | None, x: torch.Tensor, y: Any, min_share: float = 0.1
 ) -> str | None:
     """Flag when the input gradient of the cross-entropy is exactly zero for many samples.
 
@@ -127,7 +128,7 @@ def check_zero_gradients(
 def check_randomised_outputs(
     model: Classifier,
     x: torch.Tensor,
-    reference: torch.Tensor | None = None,
+    reference: Outputs | None = None,
     atol: float = 1e-4,
     rtol: float = 1e-4,
 ) -> str | None:
@@ -140,15 +141,19 @@ def check_randomised_outputs(
         model: runner or module.
         x: a batch; reference: logits of a previous call on ``x`` (saves one call).
     """
-    first = predict(model, x) if reference is None else reference.detach().float().to(x.device)
+    first = (
+        predict(model, x)
+        if reference is None
+        else map_outputs(lambda t: t.detach().float().to(x.device), reference)
+    )
     second = predict(model, x)
-    if first.numel() == 0:
-        return None
-    limit = atol + rtol * float(first.abs().max())
-    return RANDOMISED if float((first - second).abs().max()) > limit else None
+    for a, b in zip(as_tuple(first), as_tuple(second)):
+        if a.numel() and float((a - b).abs().max()) > atol + rtol * float(a.abs().max()):
+            return RANDOMISED
+    return None
 
 
-def output_flags(model: Classifier, x: torch.Tensor, logits: torch.Tensor | None = None) -> list[str]:
+def output_flags(model: Classifier, x: torch.Tensor, logits: Outputs | None = None) -> list[str]:
     """The checks that need only outputs (probabilities, randomness), for runners and modules.
 
     Args:
@@ -158,7 +163,7 @@ def output_flags(model: Classifier, x: torch.Tensor, logits: torch.Tensor | None
         The names of the raised flags (possibly empty).
     """
     logits = predict(model, x) if logits is None else logits
-    found = [check_probabilities(logits), check_randomised_outputs(model, x, reference=logits)]
+    found = [check_probabilities(as_tuple(logits)[0]), check_randomised_outputs(model, x, reference=logits)]
     return [f for f in found if f]
 
 

@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from exporters.outputs import Outputs, concat, map_outputs
 from toolchain.errors import UserError
 from toolchain.registry import Registry
 from toolchain.tasks import Objective, Task, task_named, task_of
@@ -37,8 +38,9 @@ __all__ = [
     "robust_accuracy",
 ]
 
-#: Anything that maps a float32 NCHW batch in [0, 1] to logits: a Runner or an ``nn.Module``.
-Classifier = Callable[[torch.Tensor], torch.Tensor]
+#: Anything that maps a float32 NCHW batch in [0, 1] to its outputs (logits, or a tuple of
+#: tensors): a Runner or an ``nn.Module``.
+Classifier = Callable[[torch.Tensor], Outputs]
 
 _NORMS = ("linf", "l2")
 
@@ -227,11 +229,14 @@ def parse_eps(value: float | int | str) -> float:
     return eps
 
 
-def predict(model: Classifier, x: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
-    """Logits of ``model`` on ``x`` without gradients, in chunks of ``batch_size``, on ``x``'s device."""
+def predict(model: Classifier, x: torch.Tensor, batch_size: int | None = None) -> Any:
+    """Outputs of ``model`` on ``x`` without gradients, in chunks of ``batch_size``, on ``x``'s
+    device (logits, or a tuple of tensors for a model with several outputs)."""
     chunks = [x] if batch_size is None else list(x.split(batch_size))
     with torch.no_grad():
-        return torch.cat([model(c).detach().to(x.device, torch.float32) for c in chunks])
+        return concat(
+            [map_outputs(lambda t: t.detach().to(x.device, torch.float32), model(c)) for c in chunks]
+        )
 
 
 def robust_accuracy(
