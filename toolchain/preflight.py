@@ -45,7 +45,7 @@ def check_names(recipe: Recipe) -> None:
     from toolchain.robustness.corruptions import CORRUPTIONS
 
     DATASETS.get(recipe.data.dataset)
-    task_named(recipe.task)
+    task = task_named(recipe.task)
     # Built, not only looked up: bad options, a missing optional package or an attack the task
     # does not define fail here, before anything is written.
     build_suite_attacks(list(recipe.validate.attacks), recipe.task)
@@ -53,6 +53,11 @@ def check_names(recipe: Recipe) -> None:
     check_sections(recipe.prune)
     for name in recipe.validate.corruptions.names:
         CORRUPTIONS.get(name)
+        if name in task.refused_corruptions:
+            raise UserError(
+                f"validate.corruptions: {name!r} cannot be scored for task {task.name} "
+                f"({task.refused_corruptions[name]}); remove it"
+            )
     quantize = recipe.quantize
     if quantize.enabled:
         for name in quantize.corruptions:

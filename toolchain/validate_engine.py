@@ -101,7 +101,12 @@ def validate_engine(engine: Path, recipe: Recipe, out: Path, *, progress: bool =
         log.info("no PyTorch model beside %s: white-box and transfer attacks are skipped", engine)
     cfg = recipe.validate
     samples = min(cfg.samples, len(data.val))  # type: ignore[arg-type]
-    loader = make_loader(torch.utils.data.Subset(data.val, range(samples)), cfg.batch_size, shuffle=False)
+    loader = make_loader(
+        torch.utils.data.Subset(data.val, range(samples)),
+        cfg.batch_size,
+        shuffle=False,
+        collate_fn=data.collate,
+    )
     run = RunDir.open(out, recipe.model_dump(mode="json"))
     try:
         mark_stale(run.root)

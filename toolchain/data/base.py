@@ -7,9 +7,10 @@ function registered in :data:`DATASETS` with the keyword-only signature of :data
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -75,6 +76,8 @@ class DataBundle:
     ``task`` names the task its labels are for (:mod:`toolchain.tasks`). ``source`` is the
     folder the images were read from (``None`` for generated datasets): a run's stage keys
     cover a digest of its files, so changed images make the stages that read them run again.
+    ``collate`` batches its items when torch's default cannot (detection: a list of per-image
+    box dicts), for every loader made of it.
     """
 
     train: Dataset
@@ -89,6 +92,7 @@ class DataBundle:
     height: int | None = None
     task: str = "classification"
     source: str | None = None
+    collate: Callable[[list[Any]], Any] | None = None
 
     @property
     def input_hw(self) -> tuple[int, int]:

@@ -4,8 +4,9 @@ they take [0, 1] pixels (normalisation lives inside the model and inside every e
 ``arch`` is one of:
 
 * a zoo name: ``convnet``, ``resnet20``, ``resnet18``, ``vgg11_bn``, ``mobilenetv2``
-  (any input channels, 28x28 or 32x32 and up, ``width`` scales channel counts), or the
-  segmentation encoder-decoder ``segnet`` (:func:`zoo_task` says which task a zoo name is for);
+  (any input channels, 28x28 or 32x32 and up, ``width`` scales channel counts), the
+  segmentation encoder-decoder ``segnet`` or the detector ``detnet`` (:func:`zoo_task` says
+  which task a zoo name is for);
 * ``torchvision:<name>``: ``torchvision.models.get_model(name, weights=None, ...)``;
 * ``package.module:callable``: your own factory (the only code a recipe can import).
 
@@ -16,7 +17,7 @@ which is how pruned models are saved without pickling code.
 from __future__ import annotations
 
 # Importing the zoo modules registers them in MODELS.
-from toolchain.models import convnet, mobilenet, resnet, segnet, vgg
+from toolchain.models import convnet, detnet, mobilenet, resnet, segnet, vgg
 from toolchain.models.base import MODELS, Normalize, NormalizedClassifier, zoo_task
 from toolchain.models.checkpoint import load_state_dict_file
 from toolchain.models.factory import SPEC_KEYS, build_from_spec, build_model, model_spec, trusted_builder
@@ -33,4 +34,4 @@ __all__ = [
     "trusted_builder",
     "zoo_task",
 ]
-_ZOO = (convnet, mobilenet, resnet, segnet, vgg)
+_ZOO = (convnet, detnet, mobilenet, resnet, segnet, vgg)

@@ -10,9 +10,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from toolchain.errors import UserError
 from toolchain.registry import Registry
-from toolchain.tasks import DEFAULT_TASK
+from toolchain.tasks import DEFAULT_TASK, task_named
 
 
 class ZooFactory(Protocol):
@@ -64,7 +63,9 @@ class Normalize(nn.Module):
 
 
 class NormalizedClassifier(nn.Module):
-    """``net(normalize(x))``: a classifier on [0, 1] pixels that knows how to rebuild itself.
+    """``net(normalize(x))``: a model on [0, 1] pixels that knows how to rebuild itself; its
+    output is what its task reads of the network's (:meth:`toolchain.tasks.Task.model_output`:
+    the main logits of a classifier with auxiliary heads, a detector's raw heads).
 
     Attributes:
         normalize: the :class:`Normalize` layer.
@@ -78,31 +79,8 @@ class NormalizedClassifier(nn.Module):
         self.net = net
         self.spec = dict(spec)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return main_logits(self.net(self.normalize(x)))
-
-
-def main_logits(output: Any) -> torch.Tensor:
-    """The classifier's logits from whatever the network returns.
-
-    Networks with auxiliary heads (torchvision's GoogLeNet and Inception v3) return
-    ``(logits, aux_logits, ...)`` in train mode: training, attacks and scoring use the main
-    logits only, so the auxiliary heads get no gradient and play no part in the result.
-
-    Raises:
-        UserError: the output holds no tensor.
-    """
-    if isinstance(output, torch.Tensor):
-        return output
-    logits = getattr(output, "logits", None)  # torchvision's GoogLeNetOutputs / InceptionOutputs
-    if isinstance(logits, torch.Tensor):
-        return logits
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise UserError(
-        f"the model returned a {type(output).__name__}; a classifier must return logits "
-        "(or a tuple whose first element is the logits)"
-    )
+    def forward(self, x: torch.Tensor) -> Any:
+        return task_named(self.spec.get("task")).model_output(self.net(self.normalize(x)))
 
 
 def scaled(channels: int, width: float, divisor: int = 4) -> int:

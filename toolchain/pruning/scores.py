@@ -21,7 +21,7 @@ from toolchain.pruning.depgraph import group_problem
 from toolchain.pruning.graph import ROOT_TYPES, build_graph, expand_ignored, group_key
 from toolchain.robustness.attacks import pgd as _pgd
 from toolchain.robustness.attacks.base import eval_mode
-from toolchain.tasks import task_of
+from toolchain.tasks import task_of, to_device
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def accumulate_gradients(
         for batch in loader:
             if used >= batches:
                 break
-            x, y = batch[0].to(device), batch[1].to(device)
+            x, y = batch[0].to(device), to_device(batch[1], device)
             if loss == "adversarial":
                 x = _pgd.pgd_attack(model, x, y, generator=generator, **attack_kwargs)
             # Divide so the gradient is the mean over batches, whatever their count.

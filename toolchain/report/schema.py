@@ -150,9 +150,15 @@ class AttackRow(Record):
     ``ensemble`` names the ensemble (e.g. ``autoattack-lite``) the attack was expanded from.
     Segmentation: ``accuracy`` is the pixel accuracy on the attacked images (every image is
     attacked), ``miou`` their mIoU and ``clean_miou`` the mIoU of the same images clean.
+    Detection: ``accuracy`` is the share of objects still found (a confident detection of
+    their class at IoU 0.5), ``map``/``map50`` the COCO mAP@[.5:.95] / mAP@.5 under attack,
+    ``clean_map`` the mAP of the same images clean, and ``vanishing_rate`` the share of the
+    objects found clean that the attack made disappear.
     """
 
-    omit_if_none = frozenset({"ensemble", "miou", "clean_miou"})
+    omit_if_none = frozenset(
+        {"ensemble", "miou", "clean_miou", "map", "map50", "clean_map", "vanishing_rate"}
+    )
     name: str
     mode: Literal["white-box", "transfer", "black-box"]
     norm: str
@@ -164,6 +170,10 @@ class AttackRow(Record):
     ensemble: str | None = None
     miou: float | None = None
     clean_miou: float | None = None
+    map: float | None = None
+    map50: float | None = None
+    clean_map: float | None = None
+    vanishing_rate: float | None = None
 
 
 class RobustAccuracy(Record):
@@ -192,21 +202,39 @@ class RobustMiou(Record):
     attacks: list[str]
 
 
+class RobustMap(Record):
+    """Detection: per image the worst of the attacks run at one budget (the one leaving fewest
+    of its objects found), and the COCO mAP of those images (``samples``: the images every one
+    of them saw)."""
+
+    norm: str
+    eps: float
+    map: float
+    map50: float
+    samples: int
+    attacks: list[str]
+
+
 class Parity(Record):
     """An engine against the PyTorch model on the same clean images.
 
     ``max_abs_diff`` is null when either side returned NaN or Inf (``nonfinite`` images);
     such an image always counts as a disagreement. ``ties`` (segmentation): pixels counted as
     agreeing because their arg-max differs only at a near-tie the logit difference explains.
+    Detection: ``top1_agreement`` is the share of detections matched across the two runtimes
+    (same class, IoU >= 0.99, scores within 1e-3; ``ties``: unmatched ones that rounding at the
+    score threshold or inside NMS explains), ``compared`` the detections compared, and
+    ``map_delta`` the engine's mAP@[.5:.95] minus PyTorch's on the same images.
     """
 
-    omit_if_none = frozenset({"ties"})
+    omit_if_none = frozenset({"ties", "map_delta"})
     reference: str = "torch"
     max_abs_diff: float | None = None
     top1_agreement: float = 0.0
     compared: int = 0
     nonfinite: int = 0
     ties: int | None = None
+    map_delta: float | None = None
 
 
 class Corruptions(Record):
@@ -214,6 +242,10 @@ class Corruptions(Record):
 
     Segmentation adds ``per_corruption_miou`` and ``mean_miou`` (``per_corruption`` holds the
     pixel accuracy), and its ``mce``/``relative_mce``/``errors`` are computed on mIoU.
+    Detection adds ``per_corruption_map`` (COCO mAP@[.5:.95] per corruption and severity),
+    ``mpc`` (their mean: Michaelis et al. 2019's mean performance under corruption) and ``rpc``
+    (``mpc`` / clean mAP); ``per_corruption`` holds the share of objects found, and
+    ``mce``/``relative_mce`` are computed on mAP.
     """
 
     omit_if_none = frozenset(
@@ -227,6 +259,9 @@ class Corruptions(Record):
             "errors",
             "per_corruption_miou",
             "mean_miou",
+            "per_corruption_map",
+            "mpc",
+            "rpc",
         }
     )
     per_corruption: dict[str, dict[str, float]] | None = None
@@ -238,6 +273,9 @@ class Corruptions(Record):
     errors: dict[str, dict[str, float | None]] | None = None
     per_corruption_miou: dict[str, dict[str, float]] | None = None
     mean_miou: float | None = None
+    per_corruption_map: dict[str, dict[str, float]] | None = None
+    mpc: float | None = None
+    rpc: float | None = None
 
 
 class Skipped(Record):
@@ -258,6 +296,12 @@ class Evaluation(Record):
     ``per_class_iou`` (class name to IoU, null for a class neither labelled nor predicted) and
     ``robust_miou``; their ``clean_accuracy`` is the pixel accuracy, and ``parity`` compares
     per-pixel predictions (``top1_agreement`` over pixels, ``compared`` pixels).
+
+    Detection evaluations (``task: detection``) add ``map`` (COCO mAP@[.5:.95]), ``map50``,
+    ``map75``, ``per_class_ap`` and ``per_class_recall`` (class name to AP@[.5:.95] / AR@100,
+    null for a class neither labelled nor detected) and ``robust_map``; their
+    ``clean_accuracy`` is the share of objects found (a detection of their class with a score of
+    at least 0.3 at IoU 0.5: the operating point), and ``parity`` compares detections.
     """
 
     omit_if_none = frozenset(
@@ -270,6 +314,12 @@ class Evaluation(Record):
             "pixel_accuracy",
             "per_class_iou",
             "robust_miou",
+            "map",
+            "map50",
+            "map75",
+            "per_class_ap",
+            "per_class_recall",
+            "robust_map",
         }
     )
     model: str
@@ -292,6 +342,12 @@ class Evaluation(Record):
     pixel_accuracy: float | None = None
     per_class_iou: dict[str, float | None] | None = None
     robust_miou: list[RobustMiou] | None = None
+    map: float | None = None
+    map50: float | None = None
+    map75: float | None = None
+    per_class_ap: dict[str, float | None] | None = None
+    per_class_recall: dict[str, float | None] | None = None
+    robust_map: list[RobustMap] | None = None
 
     @property
     def key(self) -> tuple[str, str, str, str | None]:

@@ -70,6 +70,7 @@ class StageContext:
             seed=self.recipe.seed + seed_offset,
             num_workers=d.num_workers,
             shard=shard,
+            collate_fn=self.data.collate,
         )
 
     def val_loader(
@@ -78,7 +79,9 @@ class StageContext:
         dataset = self.data.val
         if samples is not None and samples < len(dataset):  # type: ignore[arg-type]
             dataset = torch.utils.data.Subset(dataset, range(samples))
-        return make_loader(dataset, batch_size or self.recipe.data.batch_size, shuffle=False)
+        return make_loader(
+            dataset, batch_size or self.recipe.data.batch_size, shuffle=False, collate_fn=self.data.collate
+        )
 
     def checkpoint(self, stage: str) -> TrainCheckpoint:
         """A stage's per-epoch training checkpoint; only a run with the same stage key resumes

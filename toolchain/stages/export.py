@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 import math
 
+import torch
 from torch import nn
 
 from exporters.onnx import check_parity, export_onnx
+from exporters.outputs import as_tuple
 from exporters.parity import ParityResult, float64_check
 from exporters.runtimes import build_runner
 from exporters.torch_runner import TorchRunner
@@ -51,11 +53,17 @@ class Export(Stage):
                     "dataset": ctx.data.name,
                     "task": ctx.recipe.task,
                 },
+                output_names=ctx.task.output_names(_output_count(model, ctx)),
             )
             parity[role] = _parity(ctx, role, model)
             artifacts.append(path.name)
         write_json(ctx.run.parity, {role: p.to_json() for role, p in parity.items()})
         return StageOutput([*artifacts, PARITY_FILE], ExportResult(parity=parity))
+
+
+def _output_count(model: nn.Module, ctx: StageContext) -> int:
+    with torch.no_grad():
+        return len(as_tuple(model.eval()(ctx.example_inputs)))
 
 
 def _finite(value: float) -> float | None:
@@ -71,7 +79,9 @@ def _parity(ctx: StageContext, role: str, model: nn.Module) -> ExportParity:
     def images():  # type: ignore[no-untyped-def]
         return (x for x, _ in ctx.val_loader(batch_size=batch, samples=cfg.parity_samples))
 
-    result: ParityResult = check_parity(TorchRunner(model, ctx.input_spec), runner, images())
+    result: ParityResult = check_parity(
+        TorchRunner(model, ctx.input_spec), runner, images(), agreement=ctx.task.parity_agreement
+    )
     parity = ExportParity(
         max_abs_diff=_finite(result.max_abs_diff),
         mean_abs_diff=_finite(result.mean_abs_diff),

@@ -20,13 +20,14 @@ task looks inside them. Tasks import nothing of the suites or attacks.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
+from toolchain.errors import UserError
 from toolchain.registry import Registry
 
 if TYPE_CHECKING:  # light modules, imported for annotations only
@@ -40,6 +41,17 @@ DEFAULT_TASK = "classification"
 Output = Any
 #: A batch's labels, as the task's dataset gives them.
 Labels = Any
+
+
+def to_device(y: Labels, device: Any) -> Labels:
+    """Labels on ``device``: a tensor, or every tensor of a list of per-image dicts."""
+    if isinstance(y, torch.Tensor):
+        return y.to(device)
+    if isinstance(y, list | tuple):
+        return [to_device(item, device) for item in y]
+    if isinstance(y, dict):
+        return {key: to_device(value, device) for key, value in y.items()}
+    return y
 
 
 def finite_images(out: Output) -> torch.Tensor:
@@ -93,6 +105,15 @@ class Objective(ABC):
     @abstractmethod
     def hits(self, out: Output, y: Labels) -> tuple[int, int]:
         """``(correct, counted)`` predictions in a batch: the training loop's accuracy."""
+
+    def margin(self, out: Output, y: Labels) -> torch.Tensor:
+        """Per image, how far the prediction is from being fooled (positive while it holds, 0 or
+        below once fooled): what a black-box attack that sees only outputs (Square) lowers.
+
+        Raises:
+            UserError: the task defines no such margin (no black-box attack runs for it).
+        """
+        raise UserError(f"{type(self).__name__} defines no margin for black-box attacks")
 
 
 @dataclass(frozen=True)
@@ -205,14 +226,18 @@ class Task(ABC):
         name: the registry name (the recipe's ``task``).
         output: a short description of the output's shape, for error messages.
         objective: the loss and attack rules (:class:`Objective`).
-        spatial_labels: labels are per pixel, so geometric corruptions must move them with
-            the image.
+        spatial_labels: labels are located in the image (pixels, boxes), so geometric
+            corruptions must move them with the image.
+        refused_corruptions: corruptions the task cannot score (name -> why), refused before
+            a run.
     """
 
     name: ClassVar[str]
     output: ClassVar[str]
     objective: Objective
     spatial_labels: ClassVar[bool] = False
+    #: Corruptions the task cannot score, with why (its labels cannot follow them).
+    refused_corruptions: ClassVar[dict[str, str]] = {}
 
     # The objective's methods on the task itself, for the training loop and attacks.
     def loss(self, out: Output, y: Labels, reduction: str = "mean") -> torch.Tensor:
@@ -226,6 +251,38 @@ class Task(ABC):
 
     def hits(self, out: Output, y: Labels) -> tuple[int, int]:
         return self.objective.hits(out, y)
+
+    def model_output(self, output: Any) -> Any:
+        """What the task reads of a network's output: by default its main logits.
+
+        Networks with auxiliary heads (torchvision's GoogLeNet and Inception v3) return
+        ``(logits, aux_logits, ...)`` in train mode: training, attacks and scoring use the main
+        logits only, so the auxiliary heads get no gradient and play no part in the result.
+
+        Raises:
+            UserError: the output holds no tensor.
+        """
+        if isinstance(output, torch.Tensor):
+            return output
+        logits = getattr(output, "logits", None)  # torchvision's GoogLeNetOutputs / InceptionOutputs
+        if isinstance(logits, torch.Tensor):
+            return logits
+        if isinstance(output, tuple | list) and output and isinstance(output[0], torch.Tensor):
+            return output[0]
+        raise UserError(
+            f"the model returned a {type(output).__name__}; a {self.name} model must return logits "
+            "(or a tuple whose first element is the logits)"
+        )
+
+    def output_names(self, count: int) -> list[str] | None:
+        """Names of a model's ``count`` outputs in exported files (None: the exporter's own)."""
+        return None
+
+    @property
+    def parity_agreement(self) -> Callable[[Output, Output], tuple[int, int]] | None:
+        """How the export parity check counts agreeing predictions of two runtimes on one batch
+        (``(agreeing, compared)``); None: the arg-max class per image or pixel decides."""
+        return None
 
     @abstractmethod
     def evaluator(self, class_names: Sequence[str]) -> Evaluator:

@@ -62,6 +62,12 @@ class ClassificationObjective(Objective):
     def hits(self, out: Output, y: Labels) -> tuple[int, int]:
         return int((out.argmax(1) == y).sum()), len(y)
 
+    def margin(self, out: Output, y: Labels) -> torch.Tensor:
+        """``logit[y] - max_{j != y} logit[j]`` per image: positive while correctly classified."""
+        true = out.gather(1, y.view(-1, 1)).squeeze(1)
+        other = out.scatter(1, y.view(-1, 1), float("-inf")).amax(1)
+        return true - other
+
 
 class ClassificationEvaluator(Evaluator):
     """Per image: clean correctness and, per attack, whether it survived; per corruption and

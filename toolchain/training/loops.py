@@ -24,7 +24,7 @@ from toolchain import distributed
 from toolchain.errors import UserError
 from toolchain.killpoints import killpoint
 from toolchain.recipe_train import TrainConfig
-from toolchain.tasks import task_of
+from toolchain.tasks import task_of, to_device
 from toolchain.training.checkpoint import TrainCheckpoint, restore_rng, rng_states
 from toolchain.training.losses import BatchLoss, Perturbation
 from toolchain.training.sampling import ShardSampler
@@ -93,8 +93,10 @@ def make_loader(
     seed: int = 0,
     num_workers: int = 0,
     shard: bool = False,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
 ) -> DataLoader:
-    """A DataLoader whose shuffling order depends only on ``seed``.
+    """A DataLoader whose shuffling order depends only on ``seed``; ``collate_fn`` batches
+    items whose labels torch cannot stack (boxes per image), default torch's own.
 
     With ``shard`` under torchrun, rank ``r`` of ``n`` gets its share of the same shuffled order
     in batches of ``batch_size / n``, so the ranks' batches together are exactly the
@@ -121,6 +123,7 @@ def make_loader(
         generator=generator,
         num_workers=num_workers,
         drop_last=False,
+        collate_fn=collate_fn,
     )
 
 
@@ -234,7 +237,7 @@ def train_model(
             disable=None if progress and world.main else True,
         )
         for x, y in bar:
-            x, y = x.to(device), y.to(device)
+            x, y = x.to(device), to_device(y, device)
             factor = lr_factor(cfg, step, total, per_epoch)
             for opt in optimizers:
                 for group in opt.param_groups:

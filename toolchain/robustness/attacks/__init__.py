@@ -1,7 +1,8 @@
 """Adversarial attacks in [0, 1] pixel space, one per file, behind the ``ATTACKS`` registry.
 
 White-box: ``fgsm``, ``pgd`` (L-inf, L2), ``apgd`` (APGD-CE, L-inf, L2), ``apgd-t`` (targeted
-DLR, L-inf, L2), ``segpgd`` (segmentation). Black-box: ``square`` (L-inf). Ensembles:
+DLR, L-inf, L2), ``segpgd`` (segmentation), ``tog-vanishing``, ``tog-fabrication``,
+``tog-mislabeling`` (detection). Black-box: ``square`` (L-inf). Ensembles:
 ``autoattack-lite`` (APGD-CE, APGD-T, Square with AutoAttack's standard settings) and
 ``autoattack`` (the reference code, optional extra). Transfer (white-box examples replayed on
 an engine) is :func:`transfer_attack`. Each attack declares the tasks it is defined for;
@@ -27,6 +28,7 @@ from toolchain.robustness.attacks.pgd import PGD, pgd_attack
 from toolchain.robustness.attacks.reference import ReferenceAutoAttack
 from toolchain.robustness.attacks.segpgd import SegPGD
 from toolchain.robustness.attacks.square import Square
+from toolchain.robustness.attacks.tog import TOGFabrication, TOGMislabeling, TOGVanishing
 from toolchain.robustness.attacks.transfer import TRANSFER_MODE, TransferResult, transfer_attack
 
 __all__ = [
@@ -43,6 +45,9 @@ __all__ = [
     "ReferenceAutoAttack",
     "SegPGD",
     "Square",
+    "TOGFabrication",
+    "TOGMislabeling",
+    "TOGVanishing",
     "TransferResult",
     "build_attack",
     "parse_eps",

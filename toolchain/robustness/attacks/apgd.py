@@ -32,8 +32,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from exporters.outputs import map_outputs
 from toolchain.errors import UserError
-from toolchain.robustness.attacks.base import ATTACKS, Attack, AttackResult, input_gradients_only
+from toolchain.robustness.attacks.base import ATTACKS, Attack, AttackResult, _take, input_gradients_only
 from toolchain.robustness.attacks.pgd import _l2_normalise, _project, _random_start
 
 RHO = 0.75
@@ -113,7 +114,7 @@ class APGD(Attack):
 
     name = "apgd"
     mode = "white-box"
-    tasks = frozenset({"classification", "segmentation"})
+    tasks = frozenset({"classification", "segmentation", "detection"})
 
     def __init__(
         self, *, eps: float, norm: str = "linf", steps: int = 100, restarts: int = 1, seed: int = 0
@@ -182,7 +183,7 @@ class APGD(Attack):
             if len(idx) == 0:
                 return
             x_adv, fooled = self._attack_once(
-                model, x[idx], y[idx], loss_for(idx), generator, highest_loss=highest_loss
+                model, x[idx], _take(y, idx), loss_for(idx), generator, highest_loss=highest_loss
             )
             best[idx] = x_adv
             todo[idx[fooled]] = False
@@ -247,4 +248,5 @@ class APGD(Attack):
         logits = model(x_in)
         loss = loss_fn(logits, y)
         (grad,) = torch.autograd.grad(loss.sum(), x_in)
-        return loss.detach(), grad.detach(), self.objective(model).fooled(logits.detach(), y)
+        outputs = map_outputs(lambda t: t.detach(), logits)
+        return loss.detach(), grad.detach(), self.objective(model).fooled(outputs, y)

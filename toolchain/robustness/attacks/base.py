@@ -144,7 +144,7 @@ class Attack(ABC):
                 f"attack {self.name!r} is white-box and needs the PyTorch model, got "
                 f"{type(model).__name__}; replay its examples on an engine (transfer) or use 'square'"
             )
-        x, y = x.detach(), y.detach()
+        x, y = x.detach(), (y.detach() if isinstance(y, torch.Tensor) else y)
         x_adv = x.clone()
         queries = torch.zeros(len(x), dtype=torch.long) if self.mode == "black-box" else None
         if self.eps == 0 or len(x) == 0:

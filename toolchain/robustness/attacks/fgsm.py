@@ -20,7 +20,7 @@ class FGSM(Attack):
     name = "fgsm"
     mode = "white-box"
     norms = ("linf",)
-    tasks = frozenset({"classification", "segmentation"})
+    tasks = frozenset({"classification", "segmentation", "detection"})
 
     def __init__(self, *, eps: float, norm: str = "linf", seed: int = 0) -> None:
         super().__init__(eps=eps, norm=norm, steps=1, seed=seed)

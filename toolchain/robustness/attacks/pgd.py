@@ -157,7 +157,7 @@ class PGD(Attack):
 
     name = "pgd"
     mode = "white-box"
-    tasks = frozenset({"classification", "segmentation"})
+    tasks = frozenset({"classification", "segmentation", "detection"})
 
     def __init__(
         self,

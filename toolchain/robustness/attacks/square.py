@@ -31,11 +31,12 @@ initialisation and 1 per iteration until it is fooled, so each count is at most 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
 from toolchain.errors import UserError
-from toolchain.robustness.attacks.base import ATTACKS, Attack, AttackResult, Classifier, margin, predict
+from toolchain.robustness.attacks.base import ATTACKS, Attack, AttackResult, Classifier, _take, predict
 
 _HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
 
@@ -66,6 +67,7 @@ class Square(Attack):
     name = "square"
     mode = "black-box"
     norms = ("linf",)
+    tasks = frozenset({"classification", "detection"})
     limited_because = "Square is a black-box search for one image-level misclassification"
 
     def __init__(
@@ -86,16 +88,15 @@ class Square(Attack):
         self.queries, self.p_init = int(queries), float(p_init)
         self.rescale_schedule = bool(rescale_schedule)
 
-    def _run(
-        self, model: Classifier, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
-    ) -> AttackResult:
+    def _run(self, model: Classifier, x: torch.Tensor, y: Any, generator: torch.Generator) -> AttackResult:
         n, c, h, w = x.shape
         dev = x.device
         # Every image here is classified correctly (``Attack.__call__`` checked): start from
         # the vertical stripes, 1 query each.
         stripes = self._signs((n, c, 1, w), generator).to(dev)
         x_best = (x + self.eps * stripes).clamp(0, 1)
-        best_margin = margin(predict(model, x_best), y)
+        objective = self.objective(model)
+        best_margin = objective.margin(predict(model, x_best), y)
         used = torch.ones(n, dtype=torch.long)
 
         rows, cols = torch.arange(h, device=dev), torch.arange(w, device=dev)
@@ -119,7 +120,7 @@ class Square(Attack):
             candidate = torch.where(same, flipped, candidate)
 
             logits = predict(model, candidate)
-            new_margin = margin(logits, y[active])
+            new_margin = objective.margin(logits, _take(y, active))
             used[active.cpu()] += 1
             # Any decrease is kept, as in the reference; a candidate that misclassifies is always
             # one, since only samples with a positive margin are still active.
