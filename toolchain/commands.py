@@ -297,7 +297,7 @@ def _inspected_model(
     """(model, example input, recipe or None, title) for a recipe file or a model name."""
     import torch
 
-    from toolchain.models import build_model
+    from toolchain.models import arch_task, build_model
 
     if Path(target).is_file():
         from toolchain.data import load_data
@@ -321,5 +321,6 @@ def _inspected_model(
         mean=[0.5] * channels,
         std=[0.25] * channels,
         image_size=size,
+        task=arch_task(target),
     )
     return model, torch.zeros(1, channels, size, size), None, target

@@ -20,13 +20,21 @@ from __future__ import annotations
 from toolchain.models import convnet, detnet, mobilenet, resnet, segnet, vgg
 from toolchain.models.base import MODELS, Normalize, NormalizedClassifier, zoo_task
 from toolchain.models.checkpoint import load_state_dict_file
-from toolchain.models.factory import SPEC_KEYS, build_from_spec, build_model, model_spec, trusted_builder
+from toolchain.models.factory import (
+    SPEC_KEYS,
+    arch_task,
+    build_from_spec,
+    build_model,
+    model_spec,
+    trusted_builder,
+)
 
 __all__ = [
     "MODELS",
     "SPEC_KEYS",
     "Normalize",
     "NormalizedClassifier",
+    "arch_task",
     "build_from_spec",
     "build_model",
     "load_state_dict_file",

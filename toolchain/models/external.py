@@ -48,7 +48,10 @@ def torchvision_net(name: str, *, num_classes: int, image_size: int | None = Non
     (``lraspp_mobilenet_v3_large``, ``deeplabv3_mobilenet_v3_large``, ``fcn_resnet50``, ...) are
     built without any weights (``weights_backbone=None`` as well: the default would download
     ImageNet weights) and without their auxiliary head (``aux_loss=False``), and wrapped in
-    :class:`DenseOutput`; use them with ``task: segmentation``.
+    :class:`DenseOutput`; use them with ``task: segmentation``. Single-stage detection models
+    (``ssdlite320_mobilenet_v3_large``, ``retinanet_resnet50_fpn_v2``, ``fcos_resnet50_fpn``) are
+    built without weights as raw heads (:mod:`toolchain.models.tv_detection`); use them with
+    ``task: detection``.
 
     Raises:
         UnknownNameError: ``name`` is not a torchvision classification or segmentation model;
@@ -57,6 +60,11 @@ def torchvision_net(name: str, *, num_classes: int, image_size: int | None = Non
     """
     import torchvision.models  # lazy: costs ~1 s and is only needed for this form
 
+    detectors = torchvision.models.list_models(module=torchvision.models.detection)
+    if name in detectors:
+        from toolchain.models import tv_detection
+
+        return tv_detection.build(name, num_classes)
     dense = torchvision.models.list_models(module=torchvision.models.segmentation)
     if name in dense:
         model = torchvision.models.get_model(
@@ -65,7 +73,7 @@ def torchvision_net(name: str, *, num_classes: int, image_size: int | None = Non
         return DenseOutput(model)
     known = torchvision.models.list_models(module=torchvision.models)
     if name not in known:
-        raise UnknownNameError("torchvision model", name, sorted([*known, *dense]))
+        raise UnknownNameError("torchvision model", name, sorted([*known, *dense, *detectors]))
     kwargs: dict[str, Any] = {}
     for prefix, (keyword, sizes) in _FIXED_SIZE.items():
         if name.startswith(prefix) and image_size is not None:
@@ -78,6 +86,17 @@ def torchvision_net(name: str, *, num_classes: int, image_size: int | None = Non
                     f"(it needs {sizes}): {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
                 ) from None
     return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+
+
+def torchvision_task(name: str) -> str:
+    """The task a torchvision model predicts for: detection, segmentation or classification."""
+    import torchvision.models
+
+    if name in torchvision.models.list_models(module=torchvision.models.detection):
+        return "detection"
+    if name in torchvision.models.list_models(module=torchvision.models.segmentation):
+        return "segmentation"
+    return DEFAULT_TASK
 
 
 def _resolve(target: str) -> Any:

@@ -8,8 +8,8 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 from toolchain.errors import UserError
-from toolchain.models.base import MODELS, Normalize, NormalizedClassifier
-from toolchain.models.external import TORCHVISION_PREFIX, torchvision_net, user_net
+from toolchain.models.base import MODELS, Normalize, NormalizedClassifier, zoo_task
+from toolchain.models.external import TORCHVISION_PREFIX, torchvision_net, torchvision_task, user_net
 from toolchain.tasks import DEFAULT_TASK, task_named
 
 log = logging.getLogger(__name__)
@@ -175,6 +175,17 @@ def build_from_spec(spec: Mapping[str, Any], *, trusted: Collection[str] = ()) -
     if spec["width"] != 1.0 and arch not in MODELS:
         log.warning("model width=%s is ignored by %s (only zoo models scale channels)", spec["width"], arch)
     return NormalizedClassifier(Normalize(spec["mean"], spec["std"], repeat=repeat), net, spec)
+
+
+def arch_task(arch: str) -> str:
+    """The task an architecture name is built for: a zoo model's own, a torchvision model's
+    (detection, segmentation or classification), classification for a user factory (its
+    recipe's ``task`` says otherwise)."""
+    if arch.startswith(TORCHVISION_PREFIX):
+        return torchvision_task(arch.removeprefix(TORCHVISION_PREFIX))
+    if arch in MODELS:
+        return zoo_task(arch)
+    return DEFAULT_TASK
 
 
 def trusted_builder(recipe: Any) -> Callable[[Mapping[str, Any]], NormalizedClassifier]:

@@ -190,7 +190,10 @@ def report(masks: ChannelMasks, heads: list[nn.Module], round_to: int | None) ->
     floor = mask_for_fraction(masks, masks.ones(), pools_for(masks, "layer"), 1.0, round_to)
     dense_cost, floor_cost = masks.cost(masks.ones()), masks.cost(floor)
     names = {module: name for name, module in masks.model.named_modules()}
-    left = [LeftAlone(names[h], _width(h), "classifier head", "its outputs are the logits") for h in heads]
+    left = [
+        LeftAlone(names[h], _width(h), "classifier head", "its outputs are the predictions (logits, boxes)")
+        for h in heads
+    ]
     left += [
         LeftAlone(names[m], _width(m), "training-only head", "runs in train mode only; its inputs are pruned")
         for m in masks.ignored

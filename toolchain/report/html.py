@@ -137,7 +137,14 @@ def _evaluation(ev: Evaluation) -> str:
         ["corruptions (mean)", pct(c.mean_accuracy)],
         ["mCE / relative mCE", f"{_num(c.mce)} / {_num(c.relative_mce)}"],
     ]
-    if ev.miou is not None:  # segmentation: accuracies are per pixel, mCE is on mIoU
+    if ev.map is not None:  # detection: COCO mAP, corruptions as mPC/rPC, mCE on mAP
+        facts = [
+            ["clean mAP@[.5:.95] / mAP@.5 / mAP@.75", f"{pct(ev.map)} / {pct(ev.map50)} / {pct(ev.map75)}"],
+            ["objects found (score >= 0.3, IoU >= 0.5)", pct(ev.clean_accuracy)],
+            ["corruptions: mPC / rPC", f"{pct(c.mpc)} / {_num(c.rpc)}"],
+            ["mCE / relative mCE (on mAP)", f"{_num(c.mce)} / {_num(c.relative_mce)}"],
+        ]
+    elif ev.miou is not None:  # segmentation: accuracies are per pixel, mCE is on mIoU
         facts = [
             ["clean mIoU", pct(ev.miou)],
             ["clean pixel accuracy", pct(ev.pixel_accuracy)],
@@ -145,7 +152,11 @@ def _evaluation(ev: Evaluation) -> str:
             ["mCE / relative mCE (on mIoU)", f"{_num(c.mce)} / {_num(c.relative_mce)}"],
         ]
     facts += [
-        ["parity with PyTorch" + (" (per pixel)" if ev.miou is not None else ""), parity],
+        [
+            "parity with PyTorch"
+            + (" (per pixel)" if ev.miou is not None else " (detections)" if ev.map is not None else ""),
+            parity,
+        ],
         [
             "images with NaN/Inf logits",
             "not recorded" if ev.nonfinite_logits is None else str(ev.nonfinite_logits),
@@ -178,6 +189,18 @@ def _evaluation(ev: Evaluation) -> str:
     if ev.per_class_iou:
         rows = [[name, pct(iou)] for name, iou in ev.per_class_iou.items()]
         parts.append(_table(["class", "IoU (clean)"], rows, numeric_from=1))
+    if ev.robust_map:
+        rows = [
+            [r.norm, format_eps(r.eps), " + ".join(r.attacks), str(r.samples), pct(r.map), pct(r.map50)]
+            for r in ev.robust_map
+        ]
+        parts.append(
+            _table(["norm", "eps", "worst per image over", "images", "mAP", "mAP@.5"], rows, numeric_from=3)
+        )
+    if ev.per_class_ap:
+        recall = ev.per_class_recall or {}
+        rows = [[name, pct(ap), pct(recall.get(name))] for name, ap in ev.per_class_ap.items()]
+        parts.append(_table(["class", "AP (clean)", "recall"], rows, numeric_from=1))
     if ev.robust_accuracy:
         rows = [
             [r.norm, format_eps(r.eps), " + ".join(r.attacks), str(r.samples), pct(r.accuracy)]
@@ -203,8 +226,9 @@ def _corruption_table(report: Report) -> str:
     rows = []
     for ev in report.evaluations:
         # Segmentation evaluations list mIoU, which their mCE is computed on.
-        scores = ev.corruptions.per_corruption_miou or ev.corruptions.per_corruption or {}
-        metric = " (mIoU)" if ev.corruptions.per_corruption_miou else ""
+        c = ev.corruptions
+        scores = c.per_corruption_map or c.per_corruption_miou or c.per_corruption or {}
+        metric = " (mAP)" if c.per_corruption_map else " (mIoU)" if c.per_corruption_miou else ""
         for name, by_sev in scores.items():
             rows.append(
                 [

@@ -38,7 +38,14 @@ def precision_label(row: Any) -> str:
 
 def robust_label(ev: Evaluation) -> str:
     """Robust accuracy per budget: ``linf 4/255: 55.0% (pgd+square, 100 images)``; for
-    segmentation the lowest mIoU per budget: ``linf 4/255: mIoU 31.0% (pgd+segpgd, 50 images)``."""
+    segmentation the lowest mIoU per budget: ``linf 4/255: mIoU 31.0% (pgd+segpgd, 50 images)``;
+    for detection the mAP of each image's worst attack: ``linf 8/255: mAP 12.0% (...)``."""
+    if ev.robust_map:
+        return "; ".join(
+            f"{r.norm} {format_eps(r.eps)}: mAP {pct(r.map)}, mAP@.5 {pct(r.map50)} "
+            f"({'+'.join(r.attacks)}, {r.samples} images)"
+            for r in ev.robust_map
+        )
     if ev.robust_miou:
         return "; ".join(
             f"{r.norm} {format_eps(r.eps)}: mIoU {pct(r.miou)} ({'+'.join(r.attacks)}, {r.samples} images)"
@@ -50,17 +57,36 @@ def robust_label(ev: Evaluation) -> str:
     )
 
 
-def score_label(accuracy: float | None, miou: float | None) -> str:
-    """``73.1%``, or ``mIoU 61.0% (pixel acc. 90.2%)`` where an mIoU was measured (segmentation)."""
+def score_label(
+    accuracy: float | None, miou: float | None, map_: float | None = None, map50: float | None = None
+) -> str:
+    """``73.1%``, or ``mIoU 61.0% (pixel acc. 90.2%)`` where an mIoU was measured (segmentation),
+    or ``mAP 41.0%, mAP@.5 72.3% (found 80.1%)`` where a mAP was (detection)."""
+    if map_ is not None:
+        at50 = f", mAP@.5 {pct(map50)}" if map50 is not None else ""
+        return f"mAP {pct(map_)}{at50} (found {pct(accuracy)})"
     if miou is None:
         return pct(accuracy) if accuracy is not None else "-"
     return f"mIoU {pct(miou)} (pixel acc. {pct(accuracy)})"
 
 
 def attack_score(attack: AttackRow) -> str:
-    """An attack's accuracy, or for segmentation its mIoU with the same images' clean mIoU."""
+    """An attack's accuracy, or for segmentation its mIoU with the same images' clean mIoU, or
+    for detection its mAP, the same images' clean mAP and the vanishing rate."""
+    if attack.map is not None:
+        label = score_label(attack.accuracy, None, attack.map, attack.map50)
+        return f"{label}, clean mAP {pct(attack.clean_map)}, vanished {pct(attack.vanishing_rate)}"
     label = score_label(attack.accuracy, attack.miou)
     return label if attack.clean_miou is None else f"{label}, clean {pct(attack.clean_miou)} on these images"
+
+
+def corruption_label(ev: Evaluation) -> str:
+    """Mean corruption score: accuracy, mIoU, or for detection mPC and rPC."""
+    corr = ev.corruptions
+    if corr.mpc is not None:
+        rpc = f", rPC {corr.rpc:.3f}" if corr.rpc is not None else ""
+        return f"mPC {pct(corr.mpc)}{rpc} (found {pct(corr.mean_accuracy)})"
+    return score_label(corr.mean_accuracy, corr.mean_miou) if corr.mean_accuracy is not None else "-"
 
 
 def evaluation_rows(report: Report) -> list[list[str]]:
@@ -68,14 +94,13 @@ def evaluation_rows(report: Report) -> list[list[str]]:
     rows = []
     for ev in report.evaluations:
         attacks = "; ".join(f"{attack_label(a)}: {attack_score(a)}" for a in ev.attacks)
-        corr = ev.corruptions
         rows.append(
             [
                 ev.model,
                 ev.runtime,
                 precision_label(ev),
-                score_label(ev.clean_accuracy, ev.miou),
-                score_label(corr.mean_accuracy, corr.mean_miou) if corr.mean_accuracy is not None else "-",
+                score_label(ev.clean_accuracy, ev.miou, ev.map, ev.map50),
+                corruption_label(ev),
                 attacks or "-",
                 robust_label(ev) or "-",
                 ", ".join(ev.flags) or "-",
@@ -177,15 +202,18 @@ def render_markdown(report: Report, plots: list[Path]) -> str:
     parts.append(table(header, evaluation_rows(report)))
     corr_rows = []
     for ev in report.evaluations:
+        corr = ev.corruptions
         for name, by_sev in (
-            ev.corruptions.per_corruption_miou or ev.corruptions.per_corruption or {}
+            corr.per_corruption_map or corr.per_corruption_miou or corr.per_corruption or {}
         ).items():
             sev = ", ".join(f"{s}: {pct(a)}" for s, a in by_sev.items())
             corr_rows.append([ev.model, ev.runtime, name, sev])
     if corr_rows:
-        metric = (
-            "mIoU" if any(ev.corruptions.per_corruption_miou for ev in report.evaluations) else "accuracy"
-        )
+        metric = "accuracy"
+        if any(ev.corruptions.per_corruption_miou for ev in report.evaluations):
+            metric = "mIoU"
+        if any(ev.corruptions.per_corruption_map for ev in report.evaluations):
+            metric = "mAP"
         parts += ["", f"## Corruptions ({metric} by severity)", ""]
         parts.append(table(["model", "runtime", "corruption", metric], corr_rows))
     iou_rows = [
@@ -196,6 +224,14 @@ def render_markdown(report: Report, plots: list[Path]) -> str:
     if iou_rows:
         parts += ["", "## IoU per class (clean)", ""]
         parts.append(table(["model", "runtime", "class", "IoU"], iou_rows))
+    ap_rows = [
+        [ev.model, ev.runtime, precision_label(ev), name, pct(ap), pct((ev.per_class_recall or {}).get(name))]
+        for ev in report.evaluations
+        for name, ap in (ev.per_class_ap or {}).items()
+    ]
+    if ap_rows:
+        parts += ["", "## AP per class (clean, COCO AP@[.5:.95] and AR@100)", ""]
+        parts.append(table(["model", "runtime", "precision", "class", "AP", "recall"], ap_rows))
     if report.latency:
         lat = [
             [

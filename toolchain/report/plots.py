@@ -53,16 +53,22 @@ def _label(ev: Evaluation) -> str:
     return f"{ev.model} / {ev.runtime} / {ev.precision}"
 
 
-def _score(accuracy: float | None, miou: float | None) -> float | None:
-    """What the plots draw: mIoU where one was measured (segmentation), else accuracy."""
+def _score(accuracy: float | None, miou: float | None, map_: float | None = None) -> float | None:
+    """What the plots draw: mAP where one was measured (detection), mIoU (segmentation), else
+    accuracy."""
+    if map_ is not None:
+        return map_
     return miou if miou is not None else accuracy
 
 
 def _corruption_scores(ev: Evaluation) -> dict[str, dict[str, float]]:
-    return ev.corruptions.per_corruption_miou or ev.corruptions.per_corruption or {}
+    c = ev.corruptions
+    return c.per_corruption_map or c.per_corruption_miou or c.per_corruption or {}
 
 
 def _metric_name(report: Report) -> str:
+    if any(ev.map is not None for ev in report.evaluations):
+        return "mAP"
     return "mIoU" if any(ev.miou is not None for ev in report.evaluations) else "accuracy"
 
 
@@ -80,17 +86,19 @@ def _accuracy_bars(plt: Any, report: Report) -> Any:
     width = 0.8 / len(evaluations)
     for i, ev in enumerate(evaluations):
         values = {
-            "clean": _score(ev.clean_accuracy, ev.miou),
-            "corruptions (mean)": _score(ev.corruptions.mean_accuracy, ev.corruptions.mean_miou),
+            "clean": _score(ev.clean_accuracy, ev.miou, ev.map),
+            "corruptions (mean)": _score(
+                ev.corruptions.mean_accuracy, ev.corruptions.mean_miou, ev.corruptions.mpc
+            ),
         }
         for a in ev.attacks:
-            values[f"{a.name} ({a.mode})"] = _score(a.accuracy, a.miou)
+            values[f"{a.name} ({a.mode})"] = _score(a.accuracy, a.miou, a.map)
         xs = [j + i * width for j in range(len(metrics))]
         ax.bar(xs, [values.get(m) or 0.0 for m in metrics], width, label=_label(ev))
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(metrics))], metrics, rotation=20, ha="right")
     ax.set_ylim(0, 1)
     ax.set_ylabel(_metric_name(report))
-    ax.set_title("mIoU per evaluation" if _metric_name(report) == "mIoU" else "Accuracy per evaluation")
+    ax.set_title(f"{_metric_name(report)} per evaluation".capitalize())
     ax.legend(fontsize=7)
     return fig
 
@@ -107,7 +115,7 @@ def _corruption_curves(plt: Any, report: Report) -> Any:
             if not by_sev:
                 continue
             sev = [0] + [int(s) for s in by_sev]
-            acc = [_score(ev.clean_accuracy, ev.miou), *by_sev.values()]
+            acc = [_score(ev.clean_accuracy, ev.miou, ev.map), *by_sev.values()]
             style = "-" if ev.model == "pruned" else "--"
             ax.plot(sev, acc, style, marker="o", ms=3, label=f"{ev.model}/{ev.runtime}")
         ax.set_title(name, fontsize=9)
@@ -180,7 +188,7 @@ def _tradeoff(plt: Any, report: Report) -> Any:
 
 
 def _tradeoff_metrics(chosen: dict[str, Evaluation]) -> dict[str, Any]:
-    metrics: dict[str, Any] = {"clean": lambda e: _score(e.clean_accuracy, e.miou)}
+    metrics: dict[str, Any] = {"clean": lambda e: _score(e.clean_accuracy, e.miou, e.map)}
     if any(e.corruptions.mean_accuracy is not None for e in chosen.values()):
         metrics["corruptions (mean)"] = lambda e: _score(e.corruptions.mean_accuracy, e.corruptions.mean_miou)
     budgets = sorted({(r.norm, r.eps) for e in chosen.values() for r in e.robust_accuracy})

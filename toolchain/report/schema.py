@@ -355,7 +355,14 @@ class Evaluation(Record):
 
 
 class LatencyRow(Record):
-    """Latency percentiles of one model on one runtime at one batch size."""
+    """Latency percentiles of one model on one runtime at one batch size.
+
+    Detection rows add the host post-processing (threshold, top-k, NMS) of that runtime's
+    outputs on real images, ``postprocess_p50_ms``, and ``end_to_end_p50_ms`` (network p50 plus
+    post-processing p50).
+    """
+
+    omit_if_none = frozenset({"postprocess_p50_ms", "end_to_end_p50_ms"})
 
     model: str
     runtime: str
@@ -368,6 +375,8 @@ class LatencyRow(Record):
     p99_ms: float | None = None
     mean_ms: float | None = None
     throughput: float | None = None
+    postprocess_p50_ms: float | None = None
+    end_to_end_p50_ms: float | None = None
 
 
 class GateResult(Record):

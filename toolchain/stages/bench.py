@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
+import numpy as np
 import torch
 
 from exporters.base import Runner
@@ -21,7 +23,9 @@ log = logging.getLogger(__name__)
 
 class Bench(Stage):
     """Times every runner of each ``bench.runtimes`` runtime interleaved (so ratios are not
-    skewed by drift), PyTorch with the recipe's thread count; rows say each runtime's threads."""
+    skewed by drift), PyTorch with the recipe's thread count; rows say each runtime's threads.
+    For a task that post-processes on the host (detection), rows add the post-processing time
+    on real images (``postprocess_p50_ms``) and the sum (``end_to_end_p50_ms``)."""
 
     name = BENCH
     sections = ("bench",)
@@ -55,6 +59,8 @@ def measure(ctx: StageContext) -> list[LatencyRow]:
             }
             for batch in _bench_batches(runtime, runners, cfg.batch_sizes):
                 stats = compare_latency(runners, batch=batch, warmup=cfg.warmup, iterations=cfg.iterations)
+                if ctx.task.post_processes:
+                    _add_post_processing(ctx, runners, stats, batch)
                 for full_key, runner in runners.items():
                     role, _, key = full_key.partition(":")
                     extra: dict[str, Any] = {
@@ -76,6 +82,28 @@ def measure(ctx: StageContext) -> list[LatencyRow]:
     finally:
         torch.set_num_threads(torch_threads)
     return rows
+
+
+def _add_post_processing(
+    ctx: StageContext, runners: dict[str, Runner], stats: dict[str, dict[str, Any]], batch: int
+) -> None:
+    """Time the task's host post-processing (detection: threshold, top-k, NMS) of each runner's
+    outputs on ``batch`` real validation images (on random pixels the number of candidates,
+    and so the time, would be nothing like a deployment's), and the sum with the network."""
+    images = torch.cat([x for x, _ in ctx.val_loader(batch_size=batch, samples=batch)])
+    images = images.repeat((batch + len(images) - 1) // len(images), 1, 1, 1)[:batch]
+    iterations = max(ctx.recipe.bench.iterations // 5, 5)
+    for key, runner in runners.items():
+        out = runner(images)
+        ctx.task.post_process(out)  # warm-up
+        times = []
+        for _ in range(iterations):
+            start = time.perf_counter()
+            ctx.task.post_process(out)
+            times.append((time.perf_counter() - start) * 1e3)
+        post = float(np.median(times))
+        stats[key]["postprocess_p50_ms"] = post
+        stats[key]["end_to_end_p50_ms"] = stats[key]["p50_ms"] + post
 
 
 def _bench_batches(runtime: str, runners: dict[str, Runner], batch_sizes: list[int]) -> list[int]:

@@ -238,6 +238,9 @@ class Task(ABC):
     spatial_labels: ClassVar[bool] = False
     #: Corruptions the task cannot score, with why (its labels cannot follow them).
     refused_corruptions: ClassVar[dict[str, str]] = {}
+    #: The task post-processes a model's outputs on the host after every runtime (detection's
+    #: NMS), which latency benchmarks time beside the network.
+    post_processes: ClassVar[bool] = False
 
     # The objective's methods on the task itself, for the training loop and attacks.
     def loss(self, out: Output, y: Labels, reduction: str = "mean") -> torch.Tensor:
@@ -273,6 +276,10 @@ class Task(ABC):
             f"the model returned a {type(output).__name__}; a {self.name} model must return logits "
             "(or a tuple whose first element is the logits)"
         )
+
+    def post_process(self, out: Output) -> Any:
+        """What a deployment computes from the outputs on the host (identity by default)."""
+        return out
 
     def output_names(self, count: int) -> list[str] | None:
         """Names of a model's ``count`` outputs in exported files (None: the exporter's own)."""

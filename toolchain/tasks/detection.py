@@ -295,10 +295,15 @@ class Detection(Task):
     output = "(scores (N, A, K), boxes (N, A, 4), priors (N, A, 4)[, quality (N, A, 1)])"
     objective = DetectionObjective()
     spatial_labels = True
+    post_processes = True
     #: Corruptions that move content locally, which axis-aligned boxes cannot follow.
     refused_corruptions: ClassVar[dict[str, str]] = {
         "elastic_transform": "its local warp moves objects in ways an axis-aligned box cannot follow"
     }
+
+    def post_process(self, out: Output) -> Any:
+        """Threshold, top-k and per-class NMS (:func:`~toolchain.tasks.detection_ops.postprocess`)."""
+        return postprocess(out)
 
     def model_output(self, output: Any) -> Any:
         """The raw heads, as a tuple."""
