@@ -138,7 +138,9 @@ def test_the_loss_has_no_box_term_without_objects_and_ignores_crowd_regions() ->
     expected = 8 * 0.75 * float(-torch.log(1 - p) * p**2)
     assert float(empty.detach()) == pytest.approx(expected, rel=1e-5)
     crowd = detection_loss(out, [_target([[0, 0, 9, 9]], [0], [True])])
-    assert float(crowd.detach()) == pytest.approx(expected * 6 / 8, rel=1e-5)  # prior 0's two classes drop out
+    assert float(crowd.detach()) == pytest.approx(
+        expected * 6 / 8, rel=1e-5
+    )  # prior 0's two classes drop out
     per_image = detection_loss(
         (scores.expand(2, -1, -1), boxes.expand(2, -1, -1), boxes.expand(2, -1, -1)),
         [_target([], [])] * 2,

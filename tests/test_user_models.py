@@ -102,3 +102,29 @@ def test_groups_torch_pruning_cannot_follow_are_left_alone_with_the_reason(model
     masks = ChannelMasks(net, torch.zeros(1, 3, 16, 16), [net.fc], strict=False)
     assert [s.kind for s in masks.skipped] == [kind]
     assert masks.groups  # the rest of the model is still pruned
+
+
+def test_frozen_batchnorm_becomes_batchnorm_and_frozen_layers_are_still_pruned() -> None:
+    from torch import nn
+
+    from toolchain.pruning.prune import prune_to_target
+
+    stats = {"in_channels": 3, "mean": [0.5] * 3, "std": [0.25] * 3, "image_size": 16}
+    model = build_model("tests.user_models:make_frozen", num_classes=4, **stats)
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert "FrozenBatchNorm2d" not in kinds and "BatchNorm2d" in kinds
+    stem = model.net[0]
+    assert not stem.weight.requires_grad
+    x, y = torch.rand(8, 3, 16, 16), torch.randint(0, 4, (8,))
+    result = prune_to_target(
+        model,
+        example_inputs=x[:1],
+        criterion="taylor",  # gradient-based: the frozen stem must get gradients to be ranked
+        macs_reduction=2.0,
+        importance_loader=[(x, y)],
+        importance_batches=1,
+        progress=False,
+    )
+    assert result.macs_reduction >= 1.9
+    assert isinstance(model.net[1], nn.BatchNorm2d) and model.net[0].out_channels < 16  # pruned
+    assert not model.net[0].weight.requires_grad  # the user's choice is kept

@@ -110,3 +110,22 @@ class _EncoderDecoder(nn.Module):
 def make_segmenter(num_classes: int, in_channels: int = 3) -> nn.Module:
     """A user's segmentation model (per-pixel logits at the input resolution)."""
     return _EncoderDecoder(in_channels, num_classes)
+
+
+def make_frozen(num_classes: int, in_channels: int = 3) -> nn.Module:
+    """A pretrained-style network: FrozenBatchNorm2d layers and a stem the user froze."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    net = nn.Sequential(
+        nn.Conv2d(in_channels, 16, 3, padding=1, bias=False),
+        FrozenBatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1, bias=False),
+        FrozenBatchNorm2d(16),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, num_classes),
+    )
+    net[0].weight.requires_grad_(False)
+    return net

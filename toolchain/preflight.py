@@ -139,6 +139,16 @@ def check_prunable(recipe: Recipe, model: nn.Module, data: DataBundle) -> None:
     """
     example = _example(data)
     check_forward(model, example, what=f"model {recipe.model.arch}")
+    frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+    if frozen:
+        shown = ", ".join(frozen[:3]) + (f" and {len(frozen) - 3} more" if len(frozen) > 3 else "")
+        log.warning(
+            "%s: %d parameter tensor(s) are frozen (requires_grad=False: %s): pruning scores and removes "
+            "their channels like any others, training leaves their values as they are",
+            recipe.model.arch,
+            len(frozen),
+            shown,
+        )
     structure = analyse(model, example)
     heads = classifier_layers(model, example)
     protected = _union([*heads, *structure.training_only], kept_layers(recipe.prune, model, example))

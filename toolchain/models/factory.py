@@ -7,6 +7,9 @@ import math
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
+import torch
+from torch import nn
+
 from toolchain.errors import UserError
 from toolchain.models.base import MODELS, Normalize, NormalizedClassifier, zoo_task
 from toolchain.models.external import TORCHVISION_PREFIX, torchvision_net, torchvision_task, user_net
@@ -172,9 +175,37 @@ def build_from_spec(spec: Mapping[str, Any], *, trusted: Collection[str] = ()) -
         )
     else:
         net = MODELS.get(arch)(num_classes=num_classes, in_channels=in_channels, width=spec["width"])
+    converted = unfreeze_batchnorm(net)
+    if converted:
+        log.info(
+            "%s: %d FrozenBatchNorm2d layer(s) became BatchNorm2d with the same statistics "
+            "(torch-pruning cannot prune frozen BatchNorm)",
+            arch,
+            converted,
+        )
     if spec["width"] != 1.0 and arch not in MODELS:
         log.warning("model width=%s is ignored by %s (only zoo models scale channels)", spec["width"], arch)
     return NormalizedClassifier(Normalize(spec["mean"], spec["std"], repeat=repeat), net, spec)
+
+
+def unfreeze_batchnorm(model: nn.Module) -> int:
+    """Replace torchvision's ``FrozenBatchNorm2d`` layers (detection backbones of pretrained
+    models, a user's factory) by ``BatchNorm2d`` with the same weight, bias, statistics and eps,
+    so torch-pruning can prune them and training can update them; returns how many.
+    """
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    frozen = [(name, m) for name, m in model.named_modules() if isinstance(m, FrozenBatchNorm2d)]
+    for name, old in frozen:
+        new = nn.BatchNorm2d(old.weight.shape[0], eps=old.eps)
+        with torch.no_grad():
+            new.weight.copy_(old.weight)
+            new.bias.copy_(old.bias)
+            new.running_mean.copy_(old.running_mean)  # type: ignore[union-attr]  # tracked stats
+            new.running_var.copy_(old.running_var)  # type: ignore[union-attr]
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    return len(frozen)
 
 
 def arch_task(arch: str) -> str:

@@ -9,9 +9,10 @@ in eval mode, or in train mode with the state restored when the model has traini
 
 from __future__ import annotations
 
+import contextlib
 import traceback
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -118,6 +119,20 @@ def classifier_layers(model: nn.Module, example_inputs: Any) -> list[nn.Module]:
     return [m for m in layers if m in found]
 
 
+@contextlib.contextmanager
+def frozen_kept(model: nn.Module) -> Iterator[None]:
+    """Keep the ``requires_grad`` flag of every parameter through torch-pruning's surgery, which
+    replaces a pruned layer's parameters by new ones (trainable by default): a layer the user
+    froze stays frozen once pruned."""
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    try:
+        yield
+    finally:
+        for name, p in model.named_parameters():
+            if name in flags:
+                p.requires_grad_(flags[name])
+
+
 def _detach_requiring_grad(example_inputs: Any) -> Any:
     if isinstance(example_inputs, torch.Tensor):
         if example_inputs.is_floating_point():
@@ -166,6 +181,10 @@ def build_graph(model: nn.Module, example_inputs: Any, structure: Structure | No
         example_inputs = (example_inputs,)
     if train:
         example_inputs = batched(example_inputs, TRAIN_TRACE_BATCH)
+    # The input requires grad so layers the user froze (requires_grad=False) still produce
+    # autograd nodes, which is what torch-pruning traces: a frozen stem would otherwise be
+    # invisible and never pruned.
+    example_inputs = _detach_requiring_grad(example_inputs)
 
     def forward(module: nn.Module, inputs: Any) -> Any:
         module.train(train)  # torch-pruning switches to eval mode first

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from toolchain.errors import CheckpointError, UserError
-from toolchain.pruning.graph import build_graph, plain_history, resync
+from toolchain.pruning.graph import build_graph, frozen_kept, plain_history, resync
 from toolchain.pruning.lowrank import apply_structure
 
 FORMAT = "robustprune.pruned/1"
@@ -155,7 +155,8 @@ def rebuild_pruned(
     model = build(payload["spec"])
     model.eval()
     try:
-        build_graph(model, example_inputs).load_pruning_history(payload["history"])
+        with frozen_kept(model):
+            build_graph(model, example_inputs).load_pruning_history(payload["history"])
     except (AttributeError, IndexError, ValueError, RuntimeError) as exc:
         raise CheckpointError(
             f"the pruning history in {source} does not fit the model built from its spec "

@@ -41,6 +41,7 @@ from toolchain.pruning.graph import (
     HistoryEntry,
     build_graph,
     expand_ignored,
+    frozen_kept,
     group_key,
     plain_history,
     resync,
@@ -454,11 +455,12 @@ def remove_channels(
     """
     graph = build_graph(model, example_inputs)
     modules = dict(model.named_modules())
-    for (root, _), idxs in plan.items():
-        layer = modules[root]
-        group = graph.get_pruning_group(
-            layer, graph.get_pruner_of_module(layer).prune_out_channels, list(idxs)
-        )
-        group.prune()
+    with frozen_kept(model):
+        for (root, _), idxs in plan.items():
+            layer = modules[root]
+            group = graph.get_pruning_group(
+                layer, graph.get_pruner_of_module(layer).prune_out_channels, list(idxs)
+            )
+            group.prune()
     resync(model)
     return plain_history(graph.pruning_history())

@@ -7,8 +7,9 @@ clears the gradients afterwards so a later optimiser step is not polluted by the
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -92,7 +93,7 @@ def accumulate_gradients(
     model.zero_grad(set_to_none=True)
     task = task_of(model)  # per-pixel loss for segmentation models
     used = 0
-    with eval_mode(model), torch.enable_grad():
+    with eval_mode(model), torch.enable_grad(), all_trainable(model):
         for batch in loader:
             if used >= batches:
                 break
@@ -105,6 +106,21 @@ def accumulate_gradients(
     if used == 0:
         raise UserError("importance_loader yielded no batches; it must yield (images, labels)")
     return used
+
+
+@contextlib.contextmanager
+def all_trainable(model: nn.Module) -> Iterator[None]:
+    """Parameters the user froze (``requires_grad=False``) get gradients too while channels are
+    scored, so their layers are ranked like every other (and pruned like them); the flags are
+    restored after."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 def compute_scores(
