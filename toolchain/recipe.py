@@ -474,7 +474,7 @@ def describe_error(exc: ValidationError) -> str:
     where = ".".join(str(p) for p in err["loc"]) or "(top level)"
     more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
     if err["type"] == "extra_forbidden":
-        return f"unknown key {where!r}; check the spelling against the README's recipe keys{more}"
+        return f"unknown key {where!r}; check the spelling against docs/reference/recipe.md{more}"
     if err["type"] == "literal_error" and err["loc"] == ("version",):
         got = err.get("input")
         return f"unsupported recipe version {got!r}; this robustprune reads version {RECIPE_VERSION}"

@@ -339,13 +339,17 @@ def _type_text(annotation: Any, prefix: str, path: str) -> str:
     if origin is typing.Annotated:
         return _type_text(args[0], prefix, path)
     if origin is list:
-        return f"list of {_type_text(args[0], prefix, path + '[]')}" if args else "list"
+        return f"list of {_grouped(_type_text(args[0], prefix, path + '[]'))}" if args else "list"
     if origin is dict:
-        return f"map of {_type_text(args[1], prefix, path + '.<name>')}" if args else "map"
+        return f"map of {_grouped(_type_text(args[1], prefix, path + '.<name>'))}" if args else "map"
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return f"[section](#{_anchor(prefix, path)})"
     names = {str: "string", int: "integer", float: "number", bool: "boolean"}
     return names.get(annotation, getattr(annotation, "__name__", str(annotation)))
+
+
+def _grouped(text: str) -> str:
+    return f"({text})" if " or " in text else text
 
 
 def _default_text(info: FieldInfo, value: Any) -> str:

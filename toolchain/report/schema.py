@@ -544,7 +544,7 @@ class EngineInfo(Record):
 
 
 class Report(Record):
-    """report.json.
+    """report.json: everything a run (or ``robustprune validate``) found, and its verdict.
 
     ``status`` is ``completed`` for a report written at the end of a run, ``stale`` after a
     later run started (and crashed before writing its own); null in reports written before
