@@ -456,16 +456,16 @@ class LatencyRow(Record):
     engine: str | None = Field(None, description="TensorRT engines: the engine file")
 
 
-class Quantization(Record):
-    """One INT8 file: how it was made, what ONNX Runtime fused, and how it compares with its FP32
-    file on the same runtime (``vs_fp32``)."""
+class QuantizedFile(Record):
+    """One INT8 Q/DQ file: which model, for which runtime's scheme, calibrated how, and what ONNX
+    Runtime fused of it (the ``quantize`` stage's record of it)."""
 
-    model: str = Field("", description="dense or pruned")
-    target: str = Field("", description="the runtime the file is made for (onnxruntime or tensorrt)")
-    scheme: str = Field("", description="u8s8 (ONNX Runtime CPU) or s8s8 (TensorRT)")
-    scheme_description: str | None = Field(None, description="the scheme in words")
-    calibration: str = Field("", description="clean or mixed")
-    file: str = Field("", description="the Q/DQ file, under quantize/")
+    model: str = Field(description="dense or pruned")
+    target: str = Field(description="the runtime the file is made for (onnxruntime or tensorrt)")
+    scheme: str = Field(description="u8s8 (ONNX Runtime CPU) or s8s8 (TensorRT)")
+    scheme_description: str = Field("", description="the scheme in words")
+    calibration: str = Field(description="clean or mixed")
+    file: str = Field(description="the Q/DQ file, under quantize/")
     samples: int = Field(0, description="calibration images")
     counts: dict[str, int] = Field(
         default_factory=dict, description="calibration images per kind: clean, corrupted, adversarial"
@@ -481,6 +481,12 @@ class Quantization(Record):
         description="what ONNX Runtime runs in integer kernels in its optimised graph: conv_nodes, "
         "integer_conv, float_conv, integer_matmul, all_integer",
     )
+
+
+class Quantization(QuantizedFile):
+    """One INT8 file in report.json: how it was made, what ONNX Runtime fused, and how it compares
+    with its FP32 file on the same runtime (``vs_fp32``)."""
+
     vs_fp32: dict[str, Any] = Field(
         default_factory=dict,
         description="against the FP32 file on the same runtime: clean_drop, attack_drop (PGD transfer), "
@@ -492,17 +498,18 @@ class Quantization(Record):
 
 
 class EngineBuild(Record):
-    """One TensorRT engine of the engine stage."""
+    """One TensorRT engine: the model and calibration it is of, its file (``path``, in the engine
+    folder), cache key, precision, TensorRT version, source file and whether this run built it."""
 
-    model: str = Field("", description="dense or pruned")
-    precision: str = Field("", description="fp32, fp16 or int8")
+    model: str = Field(description="dense or pruned")
     calibration: str | None = Field(None, description="INT8 engines: the Q/DQ file's calibration")
-    path: str = Field("", description="the engine file, under engine/")
-    source: str = Field("", description="the ONNX file it was built from")
+    path: str = Field(description="the engine file, under engine/")
     key: str = Field(
         "", description="the build's cache key (ONNX sha256, TensorRT version, precision, profile)"
     )
+    precision: str = Field(description="fp32, fp16 or int8")
     tensorrt_version: str = Field("", description="the TensorRT that built it")
+    source: str = Field("", description="the ONNX file it was built from")
     built: bool = Field(False, description="false when an engine with the same key was reused")
 
 
