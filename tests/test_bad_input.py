@@ -4,8 +4,8 @@ existing run directory byte for byte as it was.
 
 Cases the issue lists that other modules already test at this level are not repeated here:
 unknown keys and a checkpoint of another architecture (test_cli), a non-ONNX file and a crafted
-checkpoint naming a foreign factory (test_e2e). README's "Bad input" table maps every case to
-its test.
+checkpoint naming a foreign factory (test_e2e). docs/troubleshooting.md lists every case and the
+line it gives.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from typing import NoReturn
 from toolchain.errors import UserError
 
 EXIT_OK, EXIT_GATE_FAILED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+_SET_HELP = "override a recipe key, e.g. train.epochs=2 (repeatable)"
 # A full or read-only disk is the user's to fix (exit 2), not a bug.
 _DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
@@ -43,22 +44,26 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run (or resume) a recipe end to end")
     run.add_argument("recipe", help="YAML recipe")
     run.add_argument("--out", help="run directory (default runs/<recipe name>)")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    run.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE", help=_SET_HELP
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     val = sub.add_parser("validate", help="run a recipe's validate section on an exported ONNX file")
     val.add_argument("--engine", required=True, help="ONNX file (from a run directory or your own)")
     val.add_argument("--recipe", required=True, help="recipe whose data and validate sections to use")
     val.add_argument("--out", help="folder for report.json (default: beside the engine, validate-<name>)")
-    val.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    val.add_argument("--no-progress", action="store_true")
+    val.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE", help=_SET_HELP
+    )
+    val.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     cor = sub.add_parser("corruptions", help="list corruptions or save a grid image of them")
     cor.add_argument("--list", action="store_true", help="print the registered corruptions")
     cor.add_argument("--grid", metavar="PNG", help="write a grid of one image under every corruption")
     cor.add_argument("--dataset", default="signs", help="dataset the grid image comes from")
     cor.add_argument("--index", type=int, default=0, help="which validation image")
-    cor.add_argument("--seed", type=int, default=0)
+    cor.add_argument("--seed", type=int, default=0, help="seed of the corruptions' random draws")
 
     ins = sub.add_parser(
         "inspect",
@@ -76,7 +81,9 @@ def _parser() -> argparse.ArgumentParser:
     ins.add_argument("--classes", type=int, default=10, help="classes for a model name")
     ins.add_argument("--max-layer-pruning", type=float, help="default: the recipe's, or 0.9")
     ins.add_argument("--round-to", type=int, help="default: the recipe's, or none")
-    ins.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    ins.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE", help=_SET_HELP
+    )
     ins.add_argument("--json", dest="json_out", metavar="FILE", help="also write the report as JSON")
     ins.add_argument("--layers", action="store_true", help="list MACs and params per layer")
     ins.add_argument(
@@ -89,18 +96,28 @@ def _parser() -> argparse.ArgumentParser:
         "bench", help="latency of dense FP32, pruned FP32 and pruned INT8 side by side (ONNX Runtime CPU)"
     )
     bench.add_argument("--arch", default="resnet18", help="zoo architecture (default resnet18)")
-    bench.add_argument("--image-size", type=int, default=32)
-    bench.add_argument("--classes", type=int, default=10)
-    bench.add_argument("--width", type=float, default=1.0)
+    bench.add_argument("--image-size", type=int, default=32, help="square input side")
+    bench.add_argument("--classes", type=int, default=10, help="classes of the model's head")
+    bench.add_argument("--width", type=float, default=1.0, help="channel multiplier of the zoo model")
     bench.add_argument("--reductions", default="2,4,8", help="MACs reductions of the pruned models")
     bench.add_argument("--int8", default="4", help="which reductions also run in INT8 ('' for none)")
     bench.add_argument("--schemes", default="u8s8,s8s8", help="INT8 schemes to time")
-    bench.add_argument("--batches", default="1,32")
+    bench.add_argument("--batches", default="1,32", help="batch sizes to time")
     bench.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads (pinned)")
     bench.add_argument("--round-to", default="16", help="channel multiple, or 'none'")
-    bench.add_argument("--optimization", default="all", choices=["disable", "basic", "extended", "all"])
+    bench.add_argument(
+        "--optimization",
+        default="all",
+        choices=["disable", "basic", "extended", "all"],
+        help="ONNX Runtime graph optimisation level",
+    )
     bench.add_argument("--iterations", type=int, default=600, help="timed calls at batch 1 (fewer per batch)")
-    bench.add_argument("--min-iterations", type=int, default=200)
+    bench.add_argument(
+        "--min-iterations",
+        type=int,
+        default=200,
+        help="fewest timed calls at any batch size (p99 needs many)",
+    )
     bench.add_argument("--out", help="write the JSON result here")
 
     doctor = sub.add_parser("doctor", help="what this machine can run, and what a recipe needs")

@@ -52,16 +52,29 @@ Runtime = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]*$")]
 class DataConfig(Section):
     """Where the images come from."""
 
-    dataset: str = "signs"
-    root: str | None = None
+    dataset: str = Field(
+        "signs",
+        description="signs (procedural traffic signs, no files), fashion-mnist, image-folder, cifar10 (on "
+        "disk, never downloaded), driving-scenes (procedural street scenes, per-pixel labels), "
+        "cityscapes (a Cityscapes-layout folder)",
+    )
+    root: str | None = Field(
+        None,
+        description="dataset folder, where the dataset needs one (image-folder: root/train/<class>/*.png "
+        "and root/val/<class>/*.png)",
+    )
     image_size: int | None = Field(None, ge=8, description="resize to this square size")
     train_samples: int | None = Field(None, ge=1, description="cap (or, for signs, generate)")
-    val_samples: int | None = Field(None, ge=1)
+    val_samples: int | None = Field(
+        None,
+        ge=1,
+        description="cap on validation images (for signs and driving-scenes: how many to generate)",
+    )
     holdout: int | None = Field(
         None, ge=1, description="validate on images held out from train instead of the test split"
     )
-    batch_size: int = Field(64, ge=1)
-    num_workers: int = Field(0, ge=0)
+    batch_size: int = Field(64, ge=1, description="training batch size (the global batch under torchrun)")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
     seed: int | None = Field(
         None,
         ge=0,
@@ -73,7 +86,12 @@ class DataConfig(Section):
 class ModelConfig(Section):
     """Which network: a zoo name, ``torchvision:<name>`` or ``package.module:callable``."""
 
-    arch: str = "resnet20"
+    arch: str = Field(
+        "resnet20",
+        description="zoo name (convnet, resnet20, resnet18, vgg11_bn, mobilenetv2, segnet), "
+        "torchvision:<name> (weights never downloaded) or package.module:callable (your "
+        "factory)",
+    )
     width: float = Field(1.0, gt=0, description="channel multiplier for zoo models")
     checkpoint: str | None = Field(None, description="state_dict to start from (weights_only)")
 
@@ -81,18 +99,24 @@ class ModelConfig(Section):
 class ExportConfig(Section):
     """ONNX export and the parity check against PyTorch."""
 
-    opset: int = Field(18, ge=13)
-    dynamic_batch: bool = True
-    parity_samples: int = Field(256, ge=1)
+    opset: int = Field(18, ge=13, description="ONNX opset")
+    dynamic_batch: bool = Field(True, description="export with a dynamic batch dimension")
+    parity_samples: int = Field(
+        256, ge=1, description="validation images the export-time parity check runs on"
+    )
     parity_atol: float = Field(1e-3, gt=0, description="max |delta logit| allowed for fp32")
 
 
 class CalibrationMixConfig(Section):
     """Shares of clean, corrupted and adversarial images in the mixed INT8 calibration set."""
 
-    clean: float = Field(0.5, ge=0)
-    corrupted: float = Field(0.25, ge=0)
-    adversarial: float = Field(0.25, ge=0)
+    clean: float = Field(0.5, ge=0, description="share of clean training images")
+    corrupted: float = Field(
+        0.25, ge=0, description="share of corrupted images (quantize.corruptions at quantize.severities)"
+    )
+    adversarial: float = Field(
+        0.25, ge=0, description="share of PGD examples made on the PyTorch model (quantize.attack)"
+    )
 
     @model_validator(mode="after")
     def _not_all_zero(self) -> CalibrationMixConfig:
@@ -109,34 +133,74 @@ class QuantizeGate(Section):
     checked.
     """
 
-    calibration: Literal["clean", "mixed"] = "mixed"
-    max_slowdown: float | None = Field(1.0, gt=0)
-    max_clean_drop: float | None = Field(0.01, ge=0)
-    max_pgd_drop: float | None = Field(0.01, ge=0)
-    max_corruption_drop: float | None = Field(0.01, ge=0)
+    calibration: Literal["clean", "mixed"] = Field(
+        "mixed", description="which calibration's file the gates judge"
+    )
+    max_slowdown: float | None = Field(
+        1.0,
+        gt=0,
+        description="largest INT8 p50 / FP32 p50 allowed at any benchmarked batch (null: not checked)",
+    )
+    max_clean_drop: float | None = Field(
+        0.01, ge=0, description="largest clean-accuracy drop against the FP32 file (0.01 = one point)"
+    )
+    max_pgd_drop: float | None = Field(
+        0.01, ge=0, description="largest PGD (transfer) accuracy drop against the FP32 file"
+    )
+    max_corruption_drop: float | None = Field(
+        0.01, ge=0, description="largest mean-corruption accuracy drop against the FP32 file"
+    )
 
 
 class QuantizeConfig(Section):
     """Static INT8 (Q/DQ) quantisation of the exported ONNX files."""
 
-    enabled: bool = False
-    models: list[Literal["dense", "pruned"]] = ["pruned"]  # noqa: RUF012
+    enabled: bool = Field(False, description="write INT8 Q/DQ files (the quantize stage)")
+    models: list[Literal["dense", "pruned"]] = Field(
+        ["pruned"], description="which exported models to quantise"
+    )
     # One Q/DQ file per target runtime's scheme, and per calibration set (clean and/or the mix).
-    targets: list[Literal["onnxruntime", "tensorrt"]] = ["onnxruntime"]  # noqa: RUF012
-    calibrations: list[Literal["clean", "mixed"]] = ["clean", "mixed"]  # noqa: RUF012
+    targets: list[Literal["onnxruntime", "tensorrt"]] = Field(
+        ["onnxruntime"],
+        description="one file per target runtime, each with its scheme: onnxruntime -> u8s8 (uint8 "
+        "activations, int8 per-channel weights), tensorrt -> s8s8 (symmetric, zero point 0)",
+    )
+    calibrations: list[Literal["clean", "mixed"]] = Field(
+        ["clean", "mixed"],
+        description="calibrate on clean images only and/or on the mix; each gives its own file and report "
+        "rows",
+    )
     samples: int = Field(256, ge=1, description="calibration images, from the training split")
-    method: Literal["minmax", "entropy", "percentile", "distribution"] = "minmax"
-    percentile: float = Field(99.999, gt=0, le=100)
-    per_channel: bool = True
-    preprocess: bool = True
-    exclude_nodes: list[str] = Field(default_factory=list)
+    method: Literal["minmax", "entropy", "percentile", "distribution"] = Field(
+        "minmax", description="ONNX Runtime's calibrator"
+    )
+    percentile: float = Field(99.999, gt=0, le=100, description="the percentile calibrator's percentile")
+    per_channel: bool = Field(True, description="per-channel weight scales")
+    preprocess: bool = Field(
+        True,
+        description="run ONNX Runtime's quantisation pre-processing first (shape inference, BatchNorm "
+        "folding)",
+    )
+    exclude_nodes: list[str] = Field(
+        default_factory=list, description="node names (of the pre-processed graph) kept in float"
+    )
     mix: CalibrationMixConfig = CalibrationMixConfig()
     corruptions: list[str] = Field(
-        default_factory=lambda: ["gaussian_noise", "motion_blur", "fog", "low_light"]
+        default_factory=lambda: ["gaussian_noise", "motion_blur", "fog", "low_light"],
+        description="corruptions of the mixed set's corrupted share",
     )
-    severities: list[int] = Field(default_factory=lambda: [3])
-    attack: AttackConfig = AttackConfig(steps=5, step_size=2 / 255)
-    gate: QuantizeGate | None = None
+    severities: list[int] = Field(
+        default_factory=lambda: [3], description="severities (1..5) of the mixed set's corrupted share"
+    )
+    attack: AttackConfig = Field(
+        AttackConfig(steps=5, step_size=2 / 255),
+        description="the PGD that makes the mixed set's adversarial share",
+    )
+    gate: QuantizeGate | None = Field(
+        None,
+        description="adds gates refusing an INT8 file that is slower than its FP32 file or loses more than "
+        "these margins (null: no INT8 gate)",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> QuantizeConfig:
@@ -152,11 +216,15 @@ class QuantizeConfig(Section):
 class EngineConfig(Section):
     """TensorRT engine builds (the ``engine`` stage runs when a runtime list names ``tensorrt``)."""
 
-    precisions: list[Literal["fp32", "fp16", "int8"]] = ["fp32"]  # noqa: RUF012
-    min_batch: int = Field(1, ge=1)
-    opt_batch: int = Field(8, ge=1)
-    max_batch: int = Field(32, ge=1)
-    workspace_mb: int = Field(1024, ge=1)
+    precisions: list[Literal["fp32", "fp16", "int8"]] = Field(
+        ["fp32"],
+        description="TensorRT engines to build: fp32, fp16, int8 (from the s8s8 Q/DQ file: needs "
+        "quantize.targets to include tensorrt)",
+    )
+    min_batch: int = Field(1, ge=1, description="smallest batch of the optimisation profile")
+    opt_batch: int = Field(8, ge=1, description="batch the engine is tuned for")
+    max_batch: int = Field(32, ge=1, description="largest batch of the optimisation profile")
+    workspace_mb: int = Field(1024, ge=1, description="builder workspace in MiB")
 
     @model_validator(mode="after")
     def _batch_range(self) -> EngineConfig:
@@ -166,9 +234,14 @@ class EngineConfig(Section):
 
 
 class CorruptionSuiteConfig(Section):
+    """The corruption suite: which corruptions, at which severities, with which seed."""
+
     names: list[str] = Field(default_factory=list, description="empty: no corruption suite")
-    severities: list[int] = Field(default_factory=lambda: [1, 2, 3, 4, 5])
-    seed: int = 0
+    severities: list[int] = Field(
+        default_factory=lambda: [1, 2, 3, 4, 5],
+        description="severities (1..5) each corruption is evaluated at",
+    )
+    seed: int = Field(0, description="seed of the corruptions' random draws (same seed, same pixels)")
 
     @model_validator(mode="after")
     def _severities_in_range(self) -> CorruptionSuiteConfig:
@@ -181,16 +254,20 @@ class CorruptionSuiteConfig(Section):
 class EvalAttackConfig(Section):
     """One attack of the validation suite; an unset option keeps the attack's own default."""
 
-    name: str = "pgd"
-    eps: Number = 8 / 255
-    norm: Literal["linf", "l2"] = "linf"
+    name: str = Field(
+        "pgd",
+        description="fgsm, pgd, apgd (APGD-CE), apgd-t, square (black-box), autoattack-lite, autoattack "
+        "(the reference code, [autoattack] extra); segmentation: pgd, fgsm, apgd, segpgd",
+    )
+    eps: Number = Field(8 / 255, description="perturbation budget in pixel units (8/255)")
+    norm: Literal["linf", "l2"] = Field("linf", description="linf, or l2 for pgd/apgd/apgd-t/autoattack-lite")
     steps: int | None = Field(None, ge=0, description="pgd 20, apgd/apgd-t/autoattack-lite 100")
-    step_size: Number | None = Field(None, gt=0)
-    restarts: int = Field(1, ge=1)
+    step_size: Number | None = Field(None, gt=0, description="pgd step size (default 2.5 * eps / steps)")
+    restarts: int = Field(1, ge=1, description="random restarts (each image keeps its worst case)")
     queries: int | None = Field(None, ge=1, description="square 1000, autoattack-lite 5000")
     targets: int | None = Field(None, ge=1, description="apgd-t/autoattack-lite target classes (9)")
     samples: int | None = Field(None, ge=1, description="cap on images attacked")
-    seed: int = 0
+    seed: int = Field(0, description="seed of random starts and of Square's search")
 
     @model_validator(mode="after")
     def _budget_in_range(self) -> EvalAttackConfig:
@@ -201,31 +278,51 @@ class EvalAttackConfig(Section):
 class ValidateConfig(Section):
     """The robustness suite run on every model and runtime."""
 
-    samples: int = Field(500, ge=1)
-    batch_size: int = Field(100, ge=1)
-    runtimes: list[Runtime] = ["torch", "onnxruntime"]  # noqa: RUF012
-    threads: int = Field(2, ge=1)
-    attacks: list[EvalAttackConfig] = Field(default_factory=lambda: [EvalAttackConfig()])
+    samples: int = Field(500, ge=1, description="validation images evaluated")
+    batch_size: int = Field(100, ge=1, description="images per evaluation batch")
+    runtimes: list[Runtime] = Field(
+        ["torch", "onnxruntime"],
+        description="where the suite runs: torch, onnxruntime (the FP32 file and every INT8 file), tensorrt"
+        " (the engine stage's engines), onnxruntime-cuda, onnxruntime-tensorrt (ONNX Runtime's "
+        "GPU providers)",
+    )
+    threads: int = Field(2, ge=1, description="ONNX Runtime intra-op threads")
+    attacks: list[EvalAttackConfig] = Field(
+        default_factory=lambda: [EvalAttackConfig()],
+        description="the attacks of the suite, each crafted on PyTorch (white-box) and replayed on every "
+        "engine (transfer), or run against each runtime (black-box)",
+    )
     corruptions: CorruptionSuiteConfig = CorruptionSuiteConfig()
 
 
 class BenchConfig(Section):
     """Latency measurement on each exported runtime."""
 
-    enabled: bool = True
-    runtimes: list[Runtime] = ["onnxruntime"]  # noqa: RUF012
-    batch_sizes: list[int] = Field(default_factory=lambda: [1])
-    warmup: int = Field(10, ge=0)
-    iterations: int = Field(50, ge=1)
-    threads: int = Field(2, ge=1)
+    enabled: bool = Field(True, description="run the bench stage")
+    runtimes: list[Runtime] = Field(
+        ["onnxruntime"],
+        description="runtimes to time (a runtime this machine lacks stops the run before anything is "
+        "written)",
+    )
+    batch_sizes: list[int] = Field(default_factory=lambda: [1], description="batch sizes to time")
+    warmup: int = Field(10, ge=0, description="untimed calls before timing")
+    iterations: int = Field(50, ge=1, description="timed calls per file and batch size")
+    threads: int = Field(
+        2, ge=1, description="ONNX Runtime intra-op threads (and torch's own threads when torch is timed)"
+    )
 
 
 class Gate(Section):
-    """One pass/fail rule on a report metric (see README, "Gates")."""
+    """One pass/fail rule on a report metric (see the docs' CI gating guide)."""
 
-    metric: str
-    op: Literal[">=", ">", "<=", "<", "=="] = ">="
-    threshold: float
+    metric: str = Field(
+        description="dotted path into report.json, list items picked by selectors: "
+        "evaluations[model=pruned,runtime=onnxruntime].clean_accuracy"
+    )
+    op: Literal[">=", ">", "<=", "<", "=="] = Field(
+        ">=", description="comparison of the value (or its delta/ratio to the baseline) with the threshold"
+    )
+    threshold: float = Field(description="the limit")
     relative: Literal["delta", "ratio"] | None = Field(
         None, description="compare value - baseline (delta) or value / baseline (ratio) to the threshold"
     )
@@ -240,9 +337,9 @@ class Recipe(Section):
     """A whole run: ``data+model -> train -> prune -> finetune -> export -> quantize -> engine ->
     validate -> bench``."""
 
-    version: Literal[1] = RECIPE_VERSION
+    version: Literal[1] = Field(RECIPE_VERSION, description="recipe format version")
     name: str = Field("run", description="run name: the default run directory is runs/<name>")
-    seed: int = 0
+    seed: int = Field(0, description="seeds model initialisation, shuffling and attacks")
     device: str = Field(
         "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto (CUDA when available), cpu, cuda[:N]"
     )
@@ -261,7 +358,10 @@ class Recipe(Section):
     engine: EngineConfig = EngineConfig()
     validate: ValidateConfig = ValidateConfig()  # type: ignore[assignment]  # see the filter above
     bench: BenchConfig = BenchConfig()
-    gates: list[Gate] = Field(default_factory=list)
+    gates: list[Gate] = Field(
+        default_factory=list,
+        description="pass/fail rules on report.json; robustprune run exits 1 when one fails",
+    )
 
     @field_validator("name")
     @classmethod
@@ -374,7 +474,7 @@ def describe_error(exc: ValidationError) -> str:
     where = ".".join(str(p) for p in err["loc"]) or "(top level)"
     more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
     if err["type"] == "extra_forbidden":
-        return f"unknown key {where!r}; check the spelling against the README's recipe keys{more}"
+        return f"unknown key {where!r}; check the spelling against docs/reference/recipe.md{more}"
     if err["type"] == "literal_error" and err["loc"] == ("version",):
         got = err.get("input")
         return f"unsupported recipe version {got!r}; this robustprune reads version {RECIPE_VERSION}"

@@ -52,9 +52,18 @@ class PruneTarget(Section):
     """
 
     whole: ClassVar[bool] = True  # a written target replaces the default one, never merges
-    macs_reduction: float | None = Field(None, gt=1.0)
-    params_reduction: float | None = Field(None, gt=1.0)
-    latency_reduction: float | None = Field(None, gt=1.0)
+    macs_reduction: float | None = Field(
+        None, gt=1.0, description="dense MACs / pruned MACs to reach (4.0: a quarter of the MACs left)"
+    )
+    params_reduction: float | None = Field(
+        None, gt=1.0, description="dense parameters / pruned parameters to reach"
+    )
+    latency_reduction: float | None = Field(
+        None,
+        gt=1.0,
+        description="measured speed-up to reach on `latency` (searched by timing exported candidates before"
+        " the method runs)",
+    )
     latency: LatencyProbe = LatencyProbe()
 
     @model_validator(mode="after")
@@ -116,8 +125,15 @@ class PruneConfig(Section):
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
-    method: str = "iterative"
-    criterion: str = "adv-taylor"
+    method: str = Field(
+        "iterative",
+        description="pruning method: iterative, hydra, bap, dnr, gated, mrs, lowrank (see Pruning methods)",
+    )
+    criterion: str = Field(
+        "adv-taylor",
+        description="channel score for iterative (and the channel step of mrs/lowrank): magnitude, taylor, "
+        "adv-taylor, random",
+    )
     target: PruneTarget = PruneTarget(macs_reduction=4.0)
     tolerance: float = Field(0.05, gt=0, lt=1, description="relative error allowed on target")
     steps: int = Field(3, ge=1, description="iterative pruning steps")
@@ -125,7 +141,9 @@ class PruneConfig(Section):
     importance_batches: int = Field(4, ge=1, description="batches to score channels on")
     attack: AttackConfig = PGD3
     finetune_between: TrainConfig = TrainConfig(epochs=1, lr=0.01, loss="pgd")
-    bn_recalibration_batches: int = Field(20, ge=0)
+    bn_recalibration_batches: int = Field(
+        20, ge=0, description="batches to re-estimate BatchNorm statistics on after pruning"
+    )
     max_layer_pruning: float = Field(0.9, gt=0, lt=1, description="never remove more of a layer")
     ignored_layers: list[str] = Field(
         default_factory=list, description="layers (qualified names: net.conv2) whose output channels stay"

@@ -83,11 +83,19 @@ def check_budget(eps: float, norm: str) -> None:
 class AttackConfig(Section):
     """An L-inf (or L2) PGD-style perturbation used for training or evaluation."""
 
-    eps: Number = 8 / 255
-    step_size: Number = Field(2 / 255, gt=0)
-    steps: int = Field(10, ge=0)
-    norm: Literal["linf", "l2"] = "linf"
-    random_start: bool = True
+    eps: Number = Field(
+        8 / 255,
+        description="perturbation budget in pixel units ([0, 1] pixels: write 8/255, not 8); > 0 and, for "
+        "linf, at most 1",
+    )
+    step_size: Number = Field(2 / 255, gt=0, description="size of each PGD step")
+    steps: int = Field(
+        10, ge=0, description="PGD steps (1 with a random start is single-step 'fast' adversarial training)"
+    )
+    norm: Literal["linf", "l2"] = Field(
+        "linf", description="the threat model: L-inf or L2 ball around the image"
+    )
+    random_start: bool = Field(True, description="start from a random point inside the ball")
 
     @model_validator(mode="after")
     def _budget_in_range(self) -> AttackConfig:
@@ -120,13 +128,28 @@ class MixedNoiseConfig(Section):
     its loss under the attack's L-inf budget (Luo et al. 2023's learned perturbation).
     """
 
-    clean: float = Field(0.25, ge=0, le=1)
-    fgsm: float = Field(0.0, ge=0, le=1)
-    pgd: float = Field(0.25, ge=0, le=1)
-    corruption: float = Field(0.25, ge=0, le=1)
-    generator: float = Field(0.25, ge=0, le=1)
-    corruptions: list[str] = Field(default_factory=lambda: list(DEFAULT_MIXED_CORRUPTIONS))
-    severities: list[int] = Field(default_factory=lambda: [1, 2, 3, 4, 5])
+    clean: float = Field(0.25, ge=0, le=1, description="share of clean images in each batch")
+    fgsm: float = Field(
+        0.0, ge=0, le=1, description="share of FGSM examples (made with the section's attack)"
+    )
+    pgd: float = Field(0.25, ge=0, le=1, description="share of PGD examples (made with the section's attack)")
+    corruption: float = Field(
+        0.25,
+        ge=0,
+        le=1,
+        description="share of corrupted images (a random corruption of `corruptions` at a random severity)",
+    )
+    generator: float = Field(
+        0.25, ge=0, le=1, description="share of images perturbed by the learned generator"
+    )
+    corruptions: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_MIXED_CORRUPTIONS),
+        description="corruptions the corrupted share draws from (`robustprune corruptions --list`)",
+    )
+    severities: list[int] = Field(
+        default_factory=lambda: [1, 2, 3, 4, 5],
+        description="severities (1..5) the corrupted share draws from",
+    )
     generator_lr: Number = Field(1e-3, gt=0, description="Adam learning rate of the perturbation generator")
     generator_width: int = Field(16, ge=1, description="channels of the generator's hidden layers")
 
@@ -146,19 +169,27 @@ class MixedNoiseConfig(Section):
 class TrainConfig(Section):
     """A training loop; also the shape of ``finetune`` and of in-the-loop method training."""
 
-    epochs: int = Field(5, ge=0)
-    lr: Number = Field(0.05, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    nesterov: bool = False
-    weight_decay: Number = Field(5e-4, ge=0)
-    loss: Literal["clean", "pgd", "trades", "hybrid", "mixed"] = "pgd"
-    trades_beta: float = Field(6.0, ge=0)
+    epochs: int = Field(5, ge=0, description="training epochs (0 skips the stage's training)")
+    lr: Number = Field(0.05, gt=0, description="peak learning rate of SGD")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    nesterov: bool = Field(False, description="Nesterov momentum")
+    weight_decay: Number = Field(5e-4, ge=0, description="L2 weight decay")
+    loss: Literal["clean", "pgd", "trades", "hybrid", "mixed"] = Field(
+        "pgd",
+        description="clean, pgd (Madry PGD-AT), trades (Zhang et al. 2019), hybrid ((1-w)*CE(clean) + "
+        "w*CE(adversarial)) or mixed (mixed-noise batches, see `mixed`)",
+    )
+    trades_beta: float = Field(6.0, ge=0, description="TRADES beta: weight of the KL term")
     adv_weight: float = Field(
         0.5, ge=0, le=1, description="hybrid loss: (1 - w) * CE(clean) + w * CE(adversarial)"
     )
     mixed: MixedNoiseConfig = MixedNoiseConfig()
     attack: AttackConfig = AttackConfig()
-    schedule: Literal["cosine", "constant", "onecycle"] = "cosine"
+    schedule: Literal["cosine", "constant", "onecycle"] = Field(
+        "cosine",
+        description="learning-rate schedule: cosine, constant, or onecycle (torch's OneCycleLR: up from "
+        "lr/25 over the first 30% of steps, then cosine down)",
+    )
     lr_warmup_epochs: float = Field(0, ge=0, description="linear learning-rate warm-up (cosine/constant)")
     warmup_epochs: int = Field(0, ge=0, description="clean epochs before adversarial ones")
     amp: Literal["off", "bf16", "fp16"] = Field("off", description="mixed precision on CUDA (ignored on CPU)")

@@ -62,23 +62,28 @@ class Record(BaseModel):
 class Environment(Record):
     """Versions and the device the numbers were measured on."""
 
-    torch: str | None = None
-    torch_pruning: str | None = None
-    onnx: str | None = None
-    onnxruntime: str | None = None
-    tensorrt: str | None = None
-    robustprune: str | None = None
-    device: str = "cpu"
-    threads: int | None = None
+    torch: str | None = Field(None, description="PyTorch version")
+    torch_pruning: str | None = Field(None, description="torch-pruning version")
+    onnx: str | None = Field(None, description="onnx version")
+    onnxruntime: str | None = Field(None, description="ONNX Runtime version")
+    tensorrt: str | None = Field(None, description="TensorRT version (null if absent)")
+    robustprune: str | None = Field(None, description="robustprune version")
+    device: str = Field(
+        "cpu",
+        description="the devices the evaluations and latency rows really ran on, comma-separated (cpu, "
+        "cuda:0)",
+    )
+    threads: int | None = Field(None, description="ONNX Runtime intra-op threads of the validation")
+    devices: list[str] | None = Field(None, description="the same devices as a list")
 
 
 class DenseModel(Record):
     """The dense model's size (MACs for one image) and its output channels per layer."""
 
     omit_if_none = frozenset({"channels"})
-    macs: int = 0
-    params: int = 0
-    channels: dict[str, int] | None = None
+    macs: int = Field(0, description="multiply-accumulates for one image (torch-pruning's count)")
+    params: int = Field(0, description="parameters")
+    channels: dict[str, int] | None = Field(None, description="output channels per Conv/Linear layer")
 
 
 class PrunedModel(DenseModel):
@@ -94,23 +99,43 @@ class PrunedModel(DenseModel):
     """
 
     omit_if_none = frozenset({"channels", "tolerance", "method", "info", "latency"})
-    method: str | None = None
-    macs_reduction: float = 0.0
-    params_reduction: float = 0.0
-    target: dict[str, float] | None = None
-    tolerance: float | None = None
-    target_met: bool | None = None
-    steps: list[dict[str, Any]] = Field(default_factory=list)
-    info: dict[str, Any] | None = None
-    latency: dict[str, Any] | None = None
+    method: str | None = Field(None, description="the pruning method (prune.method)")
+    macs_reduction: float = Field(0.0, description="dense MACs / pruned MACs")
+    params_reduction: float = Field(0.0, description="dense parameters / pruned parameters")
+    target: dict[str, float] | None = Field(
+        None, description="the budget the prune stage aimed at, e.g. {macs_reduction: 4.0}"
+    )
+    tolerance: float | None = Field(None, description="the recipe's prune.tolerance")
+    target_met: bool | None = Field(
+        None,
+        description="every reduction in target achieved at least target * (1 - tolerance); more reduction "
+        "than asked is within budget; null if no target was recorded (the budget-met gate then "
+        "fails)",
+    )
+    steps: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="per pruning step: target_reduction, ratio, macs, params, macs_reduction, "
+        "params_reduction, timings",
+    )
+    info: dict[str, Any] | None = Field(
+        None,
+        description="the method's own record (mrs: group sensitivities and keep ratios; lowrank: ranks; "
+        "hydra: score changes)",
+    )
+    latency: dict[str, Any] | None = Field(
+        None,
+        description="latency_reduction targets only: runtime, batch, threads, dense_ms, pruned_ms (medians,"
+        " timed interleaved), measured_reduction, predicted_reduction (the search curve at the "
+        "achieved MACs), search (macs_reduction handed to the method, probes[])",
+    )
 
 
 class Models(Record):
     """``models``: empty for a bare engine validated on its own."""
 
     omit_if_none = frozenset({"dense", "pruned"})
-    dense: DenseModel | None = None
-    pruned: PrunedModel | None = None
+    dense: DenseModel | None = Field(None, description="the dense model (absent for a bare engine)")
+    pruned: PrunedModel | None = Field(None, description="the pruned model (absent for a bare engine)")
 
 
 class Float64Parity(Record):
@@ -119,10 +144,18 @@ class Float64Parity(Record):
     picks float64's class (an engine about as far from float64 as PyTorch is differs by float32
     rounding, not by a wrong export)."""
 
-    torch_fp32_max_abs_diff: float
-    engine_max_abs_diff: float
-    torch_fp32_top1_agreement: float | None = None
-    engine_top1_agreement: float | None = None
+    torch_fp32_max_abs_diff: float = Field(
+        description="largest |logit difference| of float32 PyTorch from float64 PyTorch"
+    )
+    engine_max_abs_diff: float = Field(
+        description="largest |logit difference| of the ONNX file from float64 PyTorch"
+    )
+    torch_fp32_top1_agreement: float | None = Field(
+        None, description="share of images where float32 PyTorch picks float64's class"
+    )
+    engine_top1_agreement: float | None = Field(
+        None, description="share of images where the ONNX file picks float64's class"
+    )
 
 
 class ExportParity(Record):
@@ -135,13 +168,25 @@ class ExportParity(Record):
     """
 
     omit_if_none = frozenset({"reference_max_abs", "float64"})
-    max_abs_diff: float | None = None
-    mean_abs_diff: float | None = None
-    top1_agreement: float = 0.0
-    samples: int = 0
-    reference_max_abs: float | None = None
-    within_atol: bool = False
-    float64: Float64Parity | None = None
+    max_abs_diff: float | None = Field(
+        None,
+        description="largest |logit difference| between the ONNX file and PyTorch (null when the engine "
+        "returned NaN/Inf)",
+    )
+    mean_abs_diff: float | None = Field(
+        None, description="mean |logit difference| (null when the engine returned NaN/Inf)"
+    )
+    top1_agreement: float = Field(
+        0.0, description="share of images (segmentation: pixels) with the same arg-max"
+    )
+    samples: int = Field(0, description="validation images compared")
+    reference_max_abs: float | None = Field(
+        None, description="the largest PyTorch logit: the scale of the differences"
+    )
+    within_atol: bool = Field(False, description="max_abs_diff is within export.parity_atol")
+    float64: Float64Parity | None = Field(
+        None, description="only beyond parity_atol: both sides against the same model run in float64"
+    )
 
 
 class AttackRow(Record):
@@ -159,21 +204,31 @@ class AttackRow(Record):
     omit_if_none = frozenset(
         {"ensemble", "miou", "clean_miou", "map", "map50", "clean_map", "vanishing_rate"}
     )
-    name: str
-    mode: Literal["white-box", "transfer", "black-box"]
-    norm: str
-    eps: float
-    steps: int = 0
-    queries: float = 0.0
-    samples: int = 0
-    accuracy: float
-    ensemble: str | None = None
-    miou: float | None = None
-    clean_miou: float | None = None
-    map: float | None = None
-    map50: float | None = None
-    clean_map: float | None = None
-    vanishing_rate: float | None = None
+    name: str = Field(description="the attack (pgd, fgsm, apgd, apgd-t, square, segpgd, ...)")
+    mode: Literal["white-box", "transfer", "black-box"] = Field(
+        description="white-box (crafted and scored on PyTorch), transfer (PyTorch's examples replayed on "
+        "this engine) or black-box (run against this runtime)"
+    )
+    norm: str = Field(description="linf or l2")
+    eps: float = Field(description="perturbation budget in pixel units")
+    steps: int = Field(0, description="iterations (white-box)")
+    queries: float = Field(0.0, description="mean model queries per image (black-box)")
+    samples: int = Field(0, description="images attacked")
+    accuracy: float = Field(
+        description="share of images correct clean and correct after the attack (segmentation: pixel "
+        "accuracy on the attacked images)"
+    )
+    ensemble: str | None = Field(None, description="the ensemble this attack is part of (autoattack-lite)")
+    miou: float | None = Field(None, description="segmentation: mIoU on the attacked images")
+    clean_miou: float | None = Field(
+        None, description="segmentation: mIoU of the same images clean (compare the attack's miou with this)"
+    )
+    map: float | None = Field(None, description="detection: COCO mAP@[.5:.95] on the attacked images")
+    map50: float | None = Field(None, description="detection: mAP@.5 on the attacked images")
+    clean_map: float | None = Field(None, description="detection: mAP@[.5:.95] of the same images clean")
+    vanishing_rate: float | None = Field(
+        None, description="detection: share of the objects found clean that the attack made disappear"
+    )
 
 
 class RobustAccuracy(Record):
@@ -184,22 +239,24 @@ class RobustAccuracy(Record):
     ``min(cap)`` images of the stream).
     """
 
-    norm: str
-    eps: float
-    accuracy: float
-    samples: int
-    attacks: list[str]
+    norm: str = Field(description="linf or l2")
+    eps: float = Field(description="the budget")
+    accuracy: float = Field(
+        description="share of images correct clean that survive every attack at this budget"
+    )
+    samples: int = Field(description="images all of those attacks saw")
+    attacks: list[str] = Field(description="the attacks taken into account")
 
 
 class RobustMiou(Record):
     """Segmentation: the lowest mIoU among the attacks run at one budget (``samples``: the
     fewest images any of them saw)."""
 
-    norm: str
-    eps: float
-    miou: float
-    samples: int
-    attacks: list[str]
+    norm: str = Field(description="linf or l2")
+    eps: float = Field(description="the budget")
+    miou: float = Field(description="the lowest mIoU among the attacks at this budget")
+    samples: int = Field(description="the fewest images any of them saw")
+    attacks: list[str] = Field(description="the attacks taken into account")
 
 
 class RobustMap(Record):
@@ -207,12 +264,12 @@ class RobustMap(Record):
     of its objects found), and the COCO mAP of those images (``samples``: the images every one
     of them saw)."""
 
-    norm: str
-    eps: float
-    map: float
-    map50: float
-    samples: int
-    attacks: list[str]
+    norm: str = Field(description="linf or l2")
+    eps: float = Field(description="the budget")
+    map: float = Field(description="COCO mAP@[.5:.95] of each image's worst attack")
+    map50: float = Field(description="mAP@.5 of the same")
+    samples: int = Field(description="images every attack at this budget saw")
+    attacks: list[str] = Field(description="the attacks taken into the worst case")
 
 
 class Parity(Record):
@@ -228,13 +285,25 @@ class Parity(Record):
     """
 
     omit_if_none = frozenset({"ties", "map_delta"})
-    reference: str = "torch"
-    max_abs_diff: float | None = None
-    top1_agreement: float = 0.0
-    compared: int = 0
-    nonfinite: int = 0
-    ties: int | None = None
-    map_delta: float | None = None
+    reference: str = Field("torch", description="what the engine is compared with (torch)")
+    max_abs_diff: float | None = Field(
+        None, description="largest |logit difference| (null if either side returned NaN/Inf)"
+    )
+    top1_agreement: float = Field(
+        0.0,
+        description="share of images (segmentation: pixels) with the same arg-max; a NaN/Inf logit counts "
+        "as a disagreement",
+    )
+    compared: int = Field(0, description="images (segmentation: pixels) compared")
+    nonfinite: int = Field(0, description="images with a NaN/Inf logit on either side")
+    ties: int | None = Field(
+        None,
+        description="segmentation: pixels whose arg-max flipped at a near-tie within 1e-3, counted as "
+        "agreeing",
+    )
+    map_delta: float | None = Field(
+        None, description="detection: the engine's mAP@[.5:.95] minus PyTorch's on the same images"
+    )
 
 
 class Corruptions(Record):
@@ -264,25 +333,51 @@ class Corruptions(Record):
             "rpc",
         }
     )
-    per_corruption: dict[str, dict[str, float]] | None = None
-    mean_accuracy: float | None = None
-    mce: float | None = None
-    relative_mce: float | None = None
-    relative_excluded: list[str] | None = None
-    baseline: dict[str, str] | None = None
-    errors: dict[str, dict[str, float | None]] | None = None
-    per_corruption_miou: dict[str, dict[str, float]] | None = None
-    mean_miou: float | None = None
-    per_corruption_map: dict[str, dict[str, float]] | None = None
-    mpc: float | None = None
-    rpc: float | None = None
+    per_corruption: dict[str, dict[str, float]] | None = Field(
+        None,
+        description='accuracy per corruption and severity, e.g. {"fog": {"1": 0.62, "5": 0.31}} '
+        "(segmentation: pixel accuracy)",
+    )
+    mean_accuracy: float | None = Field(None, description="mean over corruptions and severities")
+    mce: float | None = Field(
+        None,
+        description="mean corruption error relative to the dense model on the same runtime (ImageNet-C: "
+        "CE_c = sum_s E / sum_s E_dense); 1.0 for the dense model",
+    )
+    relative_mce: float | None = Field(
+        None,
+        description="mCE after subtracting each model's clean error; corruptions that do not degrade the "
+        "dense model are left out (relative_excluded); null when none is left",
+    )
+    relative_excluded: list[str] | None = Field(
+        None, description="corruptions left out of relative_mce (they do not degrade the dense model)"
+    )
+    baseline: dict[str, str] | None = Field(
+        None, description="the evaluation compared against: model, runtime, precision"
+    )
+    errors: dict[str, dict[str, float | None]] | None = Field(
+        None, description="per corruption: ce and relative_ce"
+    )
+    per_corruption_miou: dict[str, dict[str, float]] | None = Field(
+        None, description="segmentation: mIoU per corruption and severity"
+    )
+    mean_miou: float | None = Field(
+        None, description="segmentation: mean mIoU over corruptions and severities"
+    )
+    per_corruption_map: dict[str, dict[str, float]] | None = Field(
+        None, description="detection: COCO mAP@[.5:.95] per corruption and severity"
+    )
+    mpc: float | None = Field(
+        None, description="detection: mean mAP over corruptions and severities (mPC, Michaelis et al. 2019)"
+    )
+    rpc: float | None = Field(None, description="detection: mPC / clean mAP (rPC)")
 
 
 class Skipped(Record):
     """An attack that was not run, and why."""
 
-    name: str
-    reason: str
+    name: str = Field(description="the attack")
+    reason: str = Field(description="why it was not run")
 
 
 class Evaluation(Record):
@@ -308,6 +403,10 @@ class Evaluation(Record):
         {
             "skipped",
             "calibration",
+            "scheme",
+            "file",
+            "engine",
+            "tensorrt_version",
             "parity_fp32",
             "task",
             "miou",
@@ -322,32 +421,75 @@ class Evaluation(Record):
             "robust_map",
         }
     )
-    model: str
-    runtime: str
-    precision: str = "fp32"
-    calibration: str | None = None
-    device: str = "cpu"
-    samples: int = 0
-    clean_accuracy: float = 0.0
-    corruptions: Corruptions = Field(default_factory=Corruptions)
-    attacks: list[AttackRow] = Field(default_factory=list)
-    robust_accuracy: list[RobustAccuracy] = Field(default_factory=list)
-    parity: Parity | None = None
-    nonfinite_logits: int | None = None
-    flags: list[str] = Field(default_factory=list)
-    skipped: list[Skipped] | None = None
-    parity_fp32: dict[str, Any] | None = None
-    task: str | None = None
-    miou: float | None = None
-    pixel_accuracy: float | None = None
-    per_class_iou: dict[str, float | None] | None = None
-    robust_miou: list[RobustMiou] | None = None
-    map: float | None = None
-    map50: float | None = None
-    map75: float | None = None
-    per_class_ap: dict[str, float | None] | None = None
-    per_class_recall: dict[str, float | None] | None = None
-    robust_map: list[RobustMap] | None = None
+    model: str = Field(description="dense or pruned")
+    runtime: str = Field(description="torch, onnxruntime, tensorrt, onnxruntime-cuda or onnxruntime-tensorrt")
+    precision: str = Field("fp32", description="fp32, fp16 or int8")
+    calibration: str | None = Field(None, description="INT8 files: clean or mixed")
+    scheme: str | None = Field(None, description="INT8 files: the Q/DQ scheme (u8s8 or s8s8)")
+    file: str | None = Field(None, description="INT8 files on ONNX Runtime: the Q/DQ file")
+    engine: str | None = Field(None, description="TensorRT engines: the engine file")
+    tensorrt_version: str | None = Field(None, description="TensorRT engines: the TensorRT that built it")
+    device: str = Field("cpu", description="the device it ran on")
+    samples: int = Field(0, description="images evaluated")
+    clean_accuracy: float = Field(
+        0.0, description="top-1 accuracy on clean images (segmentation: pixel accuracy over labelled pixels)"
+    )
+    corruptions: Corruptions = Field(
+        default_factory=Corruptions, description="the corruption suite's results"
+    )
+    attacks: list[AttackRow] = Field(default_factory=list, description="one row per attack and mode")
+    robust_accuracy: list[RobustAccuracy] = Field(
+        default_factory=list,
+        description="per budget (norm, eps): the per-image worst case over every attack run at it",
+    )
+    parity: Parity | None = Field(
+        None, description="against the PyTorch model on the same clean images (null for a bare engine)"
+    )
+    nonfinite_logits: int | None = Field(
+        None,
+        description="images (clean, attacked or corrupted) for which this runtime returned a NaN or Inf "
+        "logit; such an image is never correct",
+    )
+    flags: list[str] = Field(
+        default_factory=list, description="sanity conditions raised (see Robustness: sanity flags)"
+    )
+    skipped: list[Skipped] | None = Field(
+        None, description="attacks not run, and why (a bare engine has no white-box attacks)"
+    )
+    parity_fp32: dict[str, Any] | None = Field(
+        None,
+        description="INT8 files: agreement with their FP32 file per input kind (clean, adversarial, "
+        "corrupted, all): samples, top1_agreement, label_flip_rate, max_abs_diff; segmentation "
+        "adds pixels and ties",
+    )
+    task: str | None = Field(
+        None, description="segmentation or detection for those evaluations (absent for classification)"
+    )
+    miou: float | None = Field(
+        None, description="segmentation: clean mean IoU over the classes present in labels or predictions"
+    )
+    pixel_accuracy: float | None = Field(
+        None, description="segmentation: share of labelled pixels predicted right"
+    )
+    per_class_iou: dict[str, float | None] | None = Field(
+        None,
+        description="segmentation: clean IoU per class (null for a class neither labelled nor predicted)",
+    )
+    robust_miou: list[RobustMiou] | None = Field(
+        None, description="segmentation: per budget, the lowest mIoU among the attacks"
+    )
+    map: float | None = Field(None, description="detection: clean COCO mAP@[.5:.95]")
+    map50: float | None = Field(None, description="detection: clean mAP@.5")
+    map75: float | None = Field(None, description="detection: clean mAP@.75")
+    per_class_ap: dict[str, float | None] | None = Field(
+        None, description="detection: clean AP@[.5:.95] per class (null: neither labelled nor detected)"
+    )
+    per_class_recall: dict[str, float | None] | None = Field(
+        None, description="detection: clean COCO AR@100 per class"
+    )
+    robust_map: list[RobustMap] | None = Field(
+        None, description="detection: per budget, the mAP of each image's worst attack"
+    )
 
     @property
     def key(self) -> tuple[str, str, str, str | None]:
@@ -362,54 +504,135 @@ class LatencyRow(Record):
     post-processing p50).
     """
 
-    omit_if_none = frozenset({"postprocess_p50_ms", "end_to_end_p50_ms"})
+    omit_if_none = frozenset(
+        {"calibration", "scheme", "file", "engine", "postprocess_p50_ms", "end_to_end_p50_ms"}
+    )
+    model: str = Field(description="dense or pruned")
+    runtime: str = Field(description="the runtime timed")
+    precision: str = Field("fp32", description="fp32, fp16 or int8")
+    device: str = Field("cpu", description="the device it ran on")
+    batch: int = Field(description="batch size")
+    threads: int | None = Field(
+        None,
+        description="CPU threads it really had (ONNX Runtime intra-op threads, torch's own for torch; null "
+        "on a GPU)",
+    )
+    p50_ms: float = Field(description="median latency of one call, ms")
+    p90_ms: float | None = Field(None, description="90th percentile, ms")
+    p99_ms: float | None = Field(None, description="99th percentile, ms")
+    mean_ms: float | None = Field(None, description="mean, ms")
+    max_ms: float | None = Field(None, description="slowest call, ms")
+    samples: int | None = Field(None, description="timed calls")
+    throughput: float | None = Field(None, description="images per second at p50")
+    provider: str | None = Field(
+        None, description="ONNX Runtime's execution provider after session creation (what really ran)"
+    )
+    calibration: str | None = Field(None, description="INT8 files: clean or mixed")
+    scheme: str | None = Field(None, description="INT8 files: the Q/DQ scheme")
+    file: str | None = Field(None, description="INT8 files: the Q/DQ file")
+    engine: str | None = Field(None, description="TensorRT engines: the engine file")
+    postprocess_p50_ms: float | None = Field(
+        None, description="detection: host post-processing (threshold, top-k, NMS) on real images, ms"
+    )
+    end_to_end_p50_ms: float | None = Field(None, description="detection: p50_ms plus postprocess_p50_ms")
 
-    model: str
-    runtime: str
-    precision: str = "fp32"
-    device: str = "cpu"
-    batch: int
-    threads: int | None = None
-    p50_ms: float
-    p90_ms: float | None = None
-    p99_ms: float | None = None
-    mean_ms: float | None = None
-    throughput: float | None = None
-    postprocess_p50_ms: float | None = None
-    end_to_end_p50_ms: float | None = None
+
+class QuantizedFile(Record):
+    """One INT8 Q/DQ file: which model, for which runtime's scheme, calibrated how, and what ONNX
+    Runtime fused of it (the ``quantize`` stage's record of it)."""
+
+    model: str = Field(description="dense or pruned")
+    target: str = Field(description="the runtime the file is made for (onnxruntime or tensorrt)")
+    scheme: str = Field(description="u8s8 (ONNX Runtime CPU) or s8s8 (TensorRT)")
+    scheme_description: str = Field("", description="the scheme in words")
+    calibration: str = Field(description="clean or mixed")
+    file: str = Field(description="the Q/DQ file, under quantize/")
+    samples: int = Field(0, description="calibration images")
+    counts: dict[str, int] = Field(
+        default_factory=dict, description="calibration images per kind: clean, corrupted, adversarial"
+    )
+    method: str | None = Field(None, description="the calibrator (quantize.method)")
+    per_channel: bool | None = Field(None, description="per-channel weight scales")
+    excluded_nodes: list[str] = Field(default_factory=list, description="nodes kept in float")
+    quantized_nodes: dict[str, int] = Field(
+        default_factory=dict, description="nodes given Q/DQ inputs, per op type"
+    )
+    fusion: dict[str, Any] = Field(
+        default_factory=dict,
+        description="what ONNX Runtime runs in integer kernels in its optimised graph: conv_nodes, "
+        "integer_conv, float_conv, integer_matmul, all_integer",
+    )
+
+
+class Quantization(QuantizedFile):
+    """One INT8 file in report.json: how it was made, what ONNX Runtime fused, and how it compares
+    with its FP32 file on the same runtime (``vs_fp32``)."""
+
+    vs_fp32: dict[str, Any] = Field(
+        default_factory=dict,
+        description="against the FP32 file on the same runtime: clean_drop, attack_drop (PGD transfer), "
+        "corruption_drop (fractions, FP32 minus INT8), top1_agreement, label_flip_rate and their "
+        "_all_inputs variants, segmentation also clean_miou_drop, attack_miou_drop, "
+        "corruption_miou_drop; speedup per batch (FP32 p50 / INT8 p50), slowdown (the largest INT8 / "
+        "FP32 p50), evaluated",
+    )
+
+
+class EngineBuild(Record):
+    """One TensorRT engine: the model and calibration it is of, its file (``path``, in the engine
+    folder), cache key, precision, TensorRT version, source file and whether this run built it."""
+
+    model: str = Field(description="dense or pruned")
+    calibration: str | None = Field(None, description="INT8 engines: the Q/DQ file's calibration")
+    path: str = Field(description="the engine file, under engine/")
+    key: str = Field(
+        "", description="the build's cache key (ONNX sha256, TensorRT version, precision, profile)"
+    )
+    precision: str = Field(description="fp32, fp16 or int8")
+    tensorrt_version: str = Field("", description="the TensorRT that built it")
+    source: str = Field("", description="the ONNX file it was built from")
+    built: bool = Field(False, description="false when an engine with the same key was reused")
 
 
 class GateResult(Record):
     """A recipe or policy gate after evaluation; ``value`` is null when the metric is missing."""
 
     omit_if_none = frozenset({"error"})
-    metric: str
-    op: str = ">="
-    threshold: float
-    relative: str | None = None
-    value: float | None = None
-    passed: bool
-    error: str | None = None
+    metric: str = Field(description="the dotted path the gate reads")
+    op: str = Field(">=", description="the comparison")
+    threshold: float = Field(description="the limit")
+    relative: str | None = Field(
+        None, description="delta or ratio against a baseline report, or null (absolute)"
+    )
+    value: float | None = Field(
+        None, description="the value compared (null when the metric is missing: the gate fails)"
+    )
+    passed: bool = Field(description="the gate passed")
+    error: str | None = Field(
+        None, description="why the metric could not be read (missing, ambiguous, not a number)"
+    )
 
 
 class IntrinsicGate(Record):
     """A check every run must pass whatever its recipe says (see :mod:`toolchain.report.gates`)."""
 
-    name: str
-    passed: bool
-    detail: str
+    name: str = Field(description="budget-met, engine-parity or finite-logits")
+    passed: bool = Field(description="the check passed")
+    detail: str = Field(description="what was checked and found")
 
 
 class EngineInfo(Record):
     """``robustprune validate``: which file, its metadata, and whether PyTorch was found."""
 
-    path: str
-    metadata: dict[str, str] = Field(default_factory=dict)
-    pytorch_reference: bool = False
+    path: str = Field(description="the ONNX file validated")
+    metadata: dict[str, str] = Field(default_factory=dict, description="its ONNX metadata")
+    pytorch_reference: bool = Field(
+        False, description="its PyTorch model was found (white-box and transfer attacks ran)"
+    )
 
 
 class Report(Record):
-    """report.json.
+    """report.json: everything a run (or ``robustprune validate``) found, and its verdict.
 
     ``status`` is ``completed`` for a report written at the end of a run, ``stale`` after a
     later run started (and crashed before writing its own); null in reports written before
@@ -417,24 +640,48 @@ class Report(Record):
     passed.
     """
 
-    omit_if_none = frozenset({"arch", "criterion", "engine", "parity", "stage_seconds"})
-    schema_: str = Field(SCHEMA, alias="schema")
-    status: Literal["completed", "stale"] | None = None
-    recipe_sha256: str = ""
-    name: str | None = None
-    dataset: str | None = None
-    arch: str | None = None
-    criterion: str | None = None
-    engine: EngineInfo | None = None
-    environment: Environment = Field(default_factory=Environment)
-    models: Models = Field(default_factory=Models)
-    parity: dict[str, ExportParity] | None = None
-    evaluations: list[Evaluation] = Field(default_factory=list)
-    latency: list[LatencyRow] = Field(default_factory=list)
-    stage_seconds: dict[str, float | None] | None = None
-    gates: list[GateResult] = Field(default_factory=list)
-    intrinsic_gates: list[IntrinsicGate] = Field(default_factory=list)
-    passed: bool = False
+    omit_if_none = frozenset(
+        {"arch", "criterion", "engine", "parity", "stage_seconds", "quantization", "engines"}
+    )
+    schema_: str = Field(SCHEMA, alias="schema", description="schema name and version: robustprune.report/1")
+    status: Literal["completed", "stale"] | None = Field(
+        None,
+        description="completed (written at the end of a run that finished every stage) or stale (a later "
+        "run started and has not completed); gate refuses anything else",
+    )
+    recipe_sha256: str = Field("", description="sha256 of the validated recipe (gate --recipe checks it)")
+    name: str | None = Field(None, description="the run's name")
+    dataset: str | None = Field(None, description="the dataset")
+    arch: str | None = Field(None, description="the architecture")
+    criterion: str | None = Field(None, description="prune.criterion")
+    engine: EngineInfo | None = Field(None, description="robustprune validate only: the file validated")
+    environment: Environment = Field(
+        default_factory=Environment, description="versions and devices the numbers were measured on"
+    )
+    models: Models = Field(
+        default_factory=Models, description="sizes of the dense and pruned models and the pruning result"
+    )
+    parity: dict[str, ExportParity] | None = Field(
+        None, description="the export stage's check of each ONNX file against PyTorch, per model"
+    )
+    evaluations: list[Evaluation] = Field(
+        default_factory=list, description="one per model x runtime x precision (x calibration for INT8 files)"
+    )
+    latency: list[LatencyRow] = Field(
+        default_factory=list, description="one per model x runtime x precision x batch"
+    )
+    stage_seconds: dict[str, float | None] | None = Field(
+        None, description="wall time per stage, as recorded when it ran"
+    )
+    gates: list[GateResult] = Field(default_factory=list, description="the recipe's (or policy's) gates")
+    intrinsic_gates: list[IntrinsicGate] = Field(
+        default_factory=list, description="checks every run must pass whatever its recipe says"
+    )
+    passed: bool = Field(False, description="every recipe gate and every intrinsic gate passed")
+    quantization: list[Quantization] | None = Field(None, description="one per INT8 file (runs only)")
+    engines: list[EngineBuild] | None = Field(
+        None, description="the engine stage's TensorRT engines (runs only)"
+    )
 
     model_config = ConfigDict(extra="allow", populate_by_name=True)
 

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 from pydantic import Field, ValidationError
 
-from toolchain.report.schema import ExportParity, Record
+from toolchain.report.schema import EngineBuild, ExportParity, QuantizedFile, Record
 from toolchain.rundir import (
     BENCH,
     ENGINE,
@@ -96,43 +96,10 @@ class ExportResult(StageResult):
     parity: dict[str, ExportParity] = Field(default_factory=dict)
 
 
-class QuantizedFile(Record):
-    """One INT8 Q/DQ file: which model, for which runtime's scheme, calibrated how, and what ONNX
-    Runtime fused of it."""
-
-    model: str
-    target: str
-    scheme: str
-    scheme_description: str = ""
-    calibration: str
-    file: str
-    samples: int = 0
-    counts: dict[str, int] = Field(default_factory=dict)
-    method: str | None = None
-    per_channel: bool | None = None
-    excluded_nodes: list[str] = Field(default_factory=list)
-    quantized_nodes: dict[str, int] = Field(default_factory=dict)
-    fusion: dict[str, Any] = Field(default_factory=dict)
-
-
 class QuantizeResult(StageResult):
     """The ``quantize`` stage: its files (none when ``quantize.enabled`` is off)."""
 
     files: list[QuantizedFile] = Field(default_factory=list)
-
-
-class EngineBuild(Record):
-    """One TensorRT engine: the model and calibration it is of, its file (``path``, in the engine
-    folder), cache key, precision, TensorRT version, source file and whether this run built it."""
-
-    model: str
-    calibration: str | None = None
-    path: str
-    key: str = ""
-    precision: str
-    tensorrt_version: str = ""
-    source: str = ""
-    built: bool = False
 
 
 class EngineResult(StageResult):

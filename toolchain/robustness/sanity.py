@@ -3,7 +3,7 @@
 A flag does not fail a run: it says that an accuracy under attack is probably too optimistic
 (gradient masking, randomness) or that an engine is not the model it came from. Each check is
 a small function on tensors or floats that returns the flag's name or ``None``; ``FLAGS``
-describes every name (the README lists them).
+describes every name (the docs list them under "Sanity flags").
 """
 
 from __future__ import annotations

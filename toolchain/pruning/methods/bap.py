@@ -90,10 +90,14 @@ class BapConfig(TrainingSection):
     end: float = Field(0.7, gt=0, le=1, description="fraction of steps where the final ratio is reached")
     update_every: int = Field(20, ge=1, description="steps between mask updates")
     initial_sparsity: float = Field(0.0, ge=0, lt=1, description="ratio at `begin` (fraction of the final)")
-    deepfool_steps: int = Field(5, ge=1)
-    overshoot: float = Field(0.02, ge=0)
+    deepfool_steps: int = Field(5, ge=1, description="DeepFool iterations per perturbation")
+    overshoot: float = Field(0.02, ge=0, description="DeepFool's overshoot past the decision boundary")
     candidates: int = Field(3, ge=1, description="classes DeepFool considers besides the true one")
-    cutoff: Literal["batch-mean"] | Number = "batch-mean"
+    cutoff: Literal["batch-mean"] | Number = Field(
+        "batch-mean",
+        description="the per-sample budget the perturbations are cut to: batch-mean (mean RMS norm of the "
+        "batch) or a fixed RMS norm",
+    )
     scale: float = Field(1.0, gt=0, description="rho: perturbations are multiplied by this after the cutoff")
 
     @model_validator(mode="after")

@@ -98,10 +98,16 @@ class LowrankConfig(MethodSection):
     ``prune.criterion``), and the factorisation brings the whole model to the target.
     """
 
-    scoring: Literal["energy", "robust"] = "energy"
+    scoring: Literal["energy", "robust"] = Field(
+        "energy",
+        description="energy: one global share of singular-value energy; robust: layers whose truncation "
+        "raises the adversarial loss are spared",
+    )
     channel_reduction: float | None = Field(None, gt=1.0, description="prune channels to this first")
     probe_energy: float = Field(0.9, gt=0, lt=1, description="robust scoring: energy kept when probing")
-    probe_batches: int = Field(2, ge=1)
+    probe_batches: int = Field(
+        2, ge=1, description="robust scoring: batches the adversarial loss is measured on"
+    )
     probe_attack: AttackConfig = PGD3
     protection: float = Field(
         0.8, ge=0, lt=1, description="robust scoring: how much sensitive layers are spared"

@@ -1,0 +1,278 @@
+"""The documentation's rendered blocks: each function reads JSON from ``bench/results/`` and
+returns the Markdown that stands between ``<!-- render:NAME -->`` markers (see
+``bench/render_docs.py``). Pipeline runs here: the quickstarts, the method comparison and the
+model zoo; :mod:`renderers_perf` holds corruptions, attacks and latency.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from collections.abc import Callable
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import aer  # noqa: E402
+import zoo  # noqa: E402
+
+RENDERERS: dict[str, Callable[[], str]] = {}
+
+
+def renderer(name: str) -> Callable[[Callable[[], str]], Callable[[], str]]:
+    """Register a block renderer under ``name``."""
+
+    def add(fn: Callable[[], str]) -> Callable[[], str]:
+        if name in RENDERERS:
+            raise ValueError(f"renderer {name!r} registered twice")
+        RENDERERS[name] = fn
+        return fn
+
+    return add
+
+
+@cache
+def load(name: str) -> Any:
+    """A result JSON of ``bench/results/``."""
+    return json.loads((RESULTS / name).read_text())
+
+
+def pct(value: float | None, digits: int = 1) -> str:
+    return "–" if value is None else f"{100 * value:.{digits}f}%"
+
+
+def pts(value: float) -> str:
+    return f"{100 * value:+.1f}"
+
+
+def times(value: float, digits: int = 2) -> str:
+    return f"{value:.{digits}f}×"
+
+
+def source(*names: str) -> str:
+    files = ", ".join(f"`bench/results/{n}`" for n in names)
+    return f"*Source: {files}.*"
+
+
+# --- classification quickstart ----------------------------------------------------------------
+
+
+@renderer("quickstart.printed")
+def quickstart_printed() -> str:
+    q = load("quickstart.json")
+    return f"```text\n$ {q['command']}\n{q['printed'].rstrip()}\n```"
+
+
+@renderer("quickstart.headline")
+def quickstart_headline() -> str:
+    q = load("quickstart.json")
+    speed = q["onnxruntime_p50_speedup_pruned_vs_dense"]
+    return (
+        f"{q['wall_seconds']:.0f} s on 2 CPU cores, {times(q['macs_reduction'])} fewer MACs, "
+        f"pruned ONNX Runtime FP32 {times(speed['batch_1'])} faster than dense at batch 1"
+    )
+
+
+@renderer("quickstart.details")
+def quickstart_details() -> str:
+    q = load("quickstart.json")
+    stages = ", ".join(f"{k} {v:.1f} s" for k, v in q["stage_seconds"].items() if v)
+    rows = [
+        "| model | runtime | precision | clean | PGD transfer / white-box | corruptions mean |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key, acc in q["accuracy"].items():
+        model, runtime, precision, *calibration = key.split("/")
+        attack = next((v for k, v in acc.items() if k.startswith("pgd/")), None)
+        label = precision + (f" ({calibration[0]}-calibrated)" if calibration else "")
+        rows.append(
+            f"| {model} | {runtime} | {label} | {pct(acc['clean'])} | {pct(attack)} | {pct(acc['corruptions_mean'])} |"
+        )
+    speed = q["onnxruntime_p50_speedup_pruned_vs_dense"]
+    int8 = q["onnxruntime_p50_speedup_int8"]
+    lines = [
+        f"Wall time {q['wall_seconds']:.1f} s (stages: {stages}); MACs {times(q['macs_reduction'])} fewer, "
+        f"parameters {times(q['params_reduction'])} fewer; ONNX Runtime p50 pruned vs dense FP32: "
+        + ", ".join(f"{times(v)} at {k.replace('_', ' ')}" for k, v in speed.items())
+        + "; INT8 vs the pruned FP32 file: "
+        + ", ".join(
+            f"{times(v['vs_pruned_fp32'])} ({k.replace('/batch_', ', batch ')})" for k, v in int8.items()
+        )
+        + ".",
+        "",
+        *rows,
+        "",
+        source("quickstart.json"),
+    ]
+    return "\n".join(lines)
+
+
+# --- segmentation -----------------------------------------------------------------------------
+
+
+def _segmentation_row(name: str, run: dict[str, Any]) -> str:
+    ort = run["onnxruntime_fp32"]
+    p50 = run["onnxruntime_p50_ms_batch_1"]
+    return (
+        f"| {name} | {run['wall_seconds']:.1f} | {times(run['macs_reduction'])} | "
+        f"{pct(ort['dense']['clean_miou'])} → {pct(ort['pruned']['clean_miou'])} | "
+        f"{pct(ort['dense']['corruptions_mean_miou'])} → {pct(ort['pruned']['corruptions_mean_miou'])} | "
+        f"{pct(ort['dense']['pgd_transfer_miou'])} → {pct(ort['pruned']['pgd_transfer_miou'])} | "
+        f"{pct(ort['dense']['segpgd_transfer_miou'])} → {pct(ort['pruned']['segpgd_transfer_miou'])} | "
+        f"{p50['dense']:.2f} → {p50['pruned']:.2f} ({times(run['onnxruntime_p50_speedup_batch_1'])}) | "
+        f"{pct(run['export_parity']['pruned']['top1_agreement'])} |"
+    )
+
+
+@renderer("segmentation.table")
+def segmentation_table() -> str:
+    s = load("segmentation.json")
+    lines = [
+        "| run | seconds (stage sum) | MACs ↓ | clean mIoU dense → pruned | corruptions mIoU | "
+        "PGD transfer mIoU | SegPGD transfer mIoU | ORT p50 ms, batch 1 | export parity (pixels) |",
+        "|---|---|---|---|---|---|---|---|---|",
+        _segmentation_row("quickstart (`segnet`, 256 × 128)", s["quickstart"]),
+        _segmentation_row("LR-ASPP MobileNetV3-Large, 512 × 256 (shortened)", s["lraspp_512x256"]),
+        "",
+        source("segmentation.json"),
+    ]
+    return "\n".join(lines)
+
+
+@renderer("segmentation.classes")
+def segmentation_classes() -> str:
+    ort = load("segmentation.json")["quickstart"]["onnxruntime_fp32"]
+    dense, pruned = ort["dense"]["per_class_iou"], ort["pruned"]["per_class_iou"]
+    header = "| model | " + " | ".join(dense) + " |"
+    rows = [header, "|---|" + "---|" * len(dense)]
+    for name, ious in (("dense", dense), ("pruned", pruned)):
+        rows.append(f"| {name} | " + " | ".join(pct(v, 0) for v in ious.values()) + " |")
+    return "\n".join(rows)
+
+
+# --- method comparison (bench/aer.py) ---------------------------------------------------------
+
+
+@renderer("aer.full")
+def aer_full() -> str:
+    name = "aer-fashion-mnist-full-test-matrix.json"
+    return aer.render_table(load(name)) + "\n\n" + source(name)
+
+
+@renderer("aer.reduced")
+def aer_reduced() -> str:
+    name = "aer-fashion-mnist-reduced-test.json"
+    payload = load(name)
+    return (
+        f"Wall time {payload['wall_seconds'] / 60:.1f} min, dense model included.\n\n"
+        + aer.render_table(payload)
+        + "\n\n"
+        + source(name)
+    )
+
+
+@renderer("aer.signs")
+def aer_signs() -> str:
+    name = "aer-signs-reduced-test.json"
+    return aer.render_table(load(name)) + "\n\n" + source(name)
+
+
+@renderer("aer.seeds")
+def aer_seeds() -> str:
+    """PGD-20 difference to magnitude at 4x, paired by seed (same dense model, same images)."""
+    runs = load("aer-fashion-mnist-full-test-x4-seeds.json")["runs"]
+    by = {(r["method"], r["seed"]): r["pgd20"] for r in runs if r["budget"] == 4}
+    seeds = sorted({s for m, s in by if m == "magnitude"})
+    magnitude = [by[("magnitude", s)] for s in seeds]
+    diffs = {}
+    for method in sorted({m for m, _ in by} - {"magnitude"}):
+        paired = [by[(method, s)] - by[("magnitude", s)] for s in seeds if (method, s) in by]
+        if len(paired) > 1:
+            diffs[method] = (statistics.fmean(paired), statistics.stdev(paired))
+    ranked = sorted(diffs.items(), key=lambda kv: -kv[1][0])
+    return (
+        f"`magnitude` at 4× scored {', '.join(pct(v) for v in magnitude)} PGD-20 over seeds "
+        f"{', '.join(str(s) for s in seeds)}; paired by seed, the PGD-20 difference to it is "
+        + ", ".join(f"`{m}` {pts(mu)} ± {100 * sd:.1f}" for m, (mu, sd) in ranked)
+        + " points"
+    )
+
+
+@renderer("aer.best")
+def aer_best() -> str:
+    """Per budget: the best method by PGD-20 and where magnitude stands."""
+    payload = load("aer-fashion-mnist-full-test-matrix.json")
+    dense = payload["dense_summary"]
+    rows = ["| budget | best by PGD-20 (Δ clean / Δ PGD-20) | `magnitude` (Δ clean / Δ PGD-20) | methods |"]
+    rows.append("|---|---|---|---|")
+    budgets = sorted({r["budget"] for r in payload["summary"].values()})
+    for budget in budgets:
+        here = [r for r in payload["summary"].values() if r["budget"] == budget]
+        best = max(here, key=lambda r: r["pgd20"])
+        mag = next((r for r in here if r["method"] == "magnitude"), None)
+
+        def deltas(r: dict[str, Any]) -> str:
+            return f"{pts(r['clean'] - dense['clean'])} / {pts(r['pgd20'] - dense['pgd20'])}"
+
+        rows.append(
+            f"| {budget:g}× | `{best['method']}` ({deltas(best)}) | {deltas(mag) if mag else '–'} | {len(here)} |"
+        )
+    return "\n".join(rows)
+
+
+@renderer("aer.holdout")
+def aer_holdout() -> str:
+    payload = load("aer-fashion-mnist-full-holdout.json")
+    dense = payload["dense_summary"]
+    rows = sorted(payload["summary"].values(), key=lambda r: -r["pgd20"])
+    return "; ".join(
+        f"`{r['method']}` {pts(r['clean'] - dense['clean'])} / {pts(r['pgd20'] - dense['pgd20'])}"
+        for r in rows
+    )
+
+
+@renderer("dense-lr")
+def dense_lr() -> str:
+    name = "dense-lr-fashion-mnist-holdout.json"
+    payload = load(name)
+    rows = ["| one-cycle peak lr | clean | PGD-20 | training s |", "|---|---|---|---|"]
+    for r in payload["runs"]:
+        rows.append(f"| {r['lr']:g} | {pct(r['clean'])} | {pct(r['pgd20'])} | {r['train_seconds']} |")
+    return "\n".join([*rows, "", source(name)])
+
+
+# --- model zoo --------------------------------------------------------------------------------
+
+
+@renderer("zoo.table")
+def zoo_table() -> str:
+    payload = load("zoo.json")
+    return zoo.table(payload["results"]) + "\n\n" + zoo.summary_line(payload) + ".\n\n" + source("zoo.json")
+
+
+@renderer("zoo.summary")
+def zoo_summary() -> str:
+    return zoo.summary_line(load("zoo.json"))
+
+
+@renderer("zoo.extremes")
+def zoo_extremes() -> str:
+    results = load("zoo.json")["results"]
+    failed = [r for r in results if r["outcome"] != "works"]
+    heaviest = max(results, key=lambda r: r["peak_rss_bytes"])
+    slowest = max(results, key=lambda r: r["seconds"])
+    failures = ", ".join(
+        f"`{r['model']}` ({r['outcome']} at {r.get('stage') or 'preflight'})" for r in failed
+    )
+    return (
+        f"{len(failed)} failure{'s' if len(failed) != 1 else ''}: {failures or 'none'}. "
+        f"Largest peak RSS {heaviest['peak_rss_bytes'] / 2**30:.2f} GiB (`{heaviest['model']}`), "
+        f"longest trial {slowest['seconds']:.0f} s (`{slowest['model']}`)"
+    )
+
+
+import renderers_perf  # noqa: E402, F401  (registers the performance renderers)

@@ -1,0 +1,214 @@
+"""Rendered blocks for corruptions, attacks and latency (see ``bench/renderers.py``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import bench_corruptions
+from renderers import load, pct, renderer, source, times
+
+# --- corruptions ------------------------------------------------------------------------------
+
+
+@renderer("corruptions.speed")
+def corruptions_speed() -> str:
+    result = load("corruptions.json")
+    speed = result["speed_224"]["per_corruption"]
+    small = result.get("fidelity_32", {}).get("per_corruption", {})
+    rows = [
+        "| corruption | ours, ms | reference, ms | speed-up | strength ours / reference at 224 px, "
+        "severities 1–5 | same at 32 px |",
+        "|---|---:|---:|---:|---|---|",
+    ]
+    for name, row in speed.items():
+        ref = row.get("reference_ms_total")
+        ratios = " ".join(f"{v:.2f}" for v in row["ratio"].values()) or "–"
+        tiny = " ".join(f"{v:.2f}" for v in small.get(name, {}).get("ratio", {}).values()) or "–"
+        rows.append(
+            f"| `{name}` | {row['ours_ms_total']:.1f} | {f'{ref:.1f}' if ref else '–'} | "
+            f"{times(ref / row['ours_ms_total'], 1) if ref else '–'} | {ratios} | {tiny} |"
+        )
+    total = result["speed_224"]["summary"]
+    rows.append(
+        f"| **15 ImageNet-C** | **{total['imagenet_c_ours_ms_per_image']:.1f}** | "
+        f"**{total['imagenet_c_reference_ms_per_image']:.1f}** | **{times(total['imagenet_c_speedup'], 1)}** | | |"
+    )
+    return "\n".join([*rows, "", source("corruptions.json")])
+
+
+@renderer("corruptions.summary")
+def corruptions_summary() -> str:
+    total = load("corruptions.json")["speed_224"]["summary"]
+    ratio, name = total["slowest_vs_reference"]
+    return (
+        f"the 15 ImageNet-C corruptions × 5 severities take {total['imagenet_c_ours_ms_per_image']:.1f} ms per "
+        f"224-px image against the reference's {total['imagenet_c_reference_ms_per_image']:.1f} ms "
+        f"(**{times(total['imagenet_c_speedup'], 1)}**); the closest to the reference at 224 px is "
+        f"`{name}` at {times(ratio, 1)}"
+    )
+
+
+@renderer("corruptions.throughput")
+def corruptions_throughput() -> str:
+    result = load("corruptions.json")
+    table = bench_corruptions.render({"throughput": result["throughput"]}).strip()
+    return table + "\n\n" + source("corruptions.json")
+
+
+@renderer("corruptions.kernels")
+def corruptions_kernels() -> str:
+    return (
+        bench_corruptions.render(load("corruption_kernels.json")).strip()
+        + "\n\n"
+        + source("corruption_kernels.json")
+    )
+
+
+@renderer("corruptions.memory")
+def corruptions_memory() -> str:
+    memory = load("corruptions.json")["memory"]
+    extra = {name: row["extra_mib"] for name, row in memory["per_corruption"].items()}
+    worst = max(extra, key=lambda n: extra[n])
+    return (
+        f"one severity-{memory['severity']} call on {memory['batch']} frames of {memory['width']}×{memory['height']} "
+        f"(input {memory['input_mib']:.0f} MiB, output as much) needs at most {extra[worst]:.0f} MiB above the "
+        f"resident set with the input ready (`{worst}`; {min(extra.values()):.0f} MiB at least), "
+        f"of which {memory['output_mib']:.0f} MiB is the output"
+    )
+
+
+# --- attacks ----------------------------------------------------------------------------------
+
+
+@renderer("autoattack.summary")
+def autoattack_summary() -> str:
+    a = load("autoattack.json")
+    ours, ref = a["ours_autoattack_lite"], a["reference_same_three"]
+    steps = " / ".join(pct(v) for v in ours["after_each_attack"].values())
+    return (
+        f"On the first {a['images']} Fashion-MNIST test images ({a['model']}, {pct(a['clean_accuracy'])} clean, "
+        f"L-inf eps {a['eps']:g}): ours **{pct(ours['robust_accuracy'])}**, the reference "
+        f"**{pct(ref['robust_accuracy'])}** robust ({abs(a['difference_points']):.1f} points apart); ours after "
+        f"{' / +'.join(ours['after_each_attack'])}: {steps}; {a['robust_for_reference_only']} images survived the "
+        f"reference but not ours, {a['robust_for_ours_only']} the other way; ours "
+        f"{sum(ours['seconds'].values()):.0f} s, the reference {ref['seconds']:.0f} s for the same three attacks "
+        f"({a['threads']} threads). " + source("autoattack.json")
+    )
+
+
+@renderer("square.summary")
+def square_summary() -> str:
+    s = load("square.json")
+    torch = s.get("torch")
+    same = (
+        f"; the same attack on PyTorch with the same seed: {pct(torch['accuracy_after'], 1)}"
+        f"{' (identical examples)' if torch['identical_to_onnxruntime'] else ''}"
+        if torch
+        else ""
+    )
+    return (
+        f"Square (L-inf eps {s['attack']['eps'] * 255:.0f}/255, {s['attack']['queries_budget']:,} queries) on "
+        f"{s['images']} images against ONNX Runtime ({s['model']}): {s['wall_seconds']:.1f} s, "
+        f"{s['queries_per_second']:,.0f} queries/s, {s['mean_queries_per_image']:.0f} queries per image on "
+        f"average, accuracy {pct(s['accuracy_before'], 1)} → {pct(s['accuracy_after'], 1)}{same}. "
+        + source("square.json")
+    )
+
+
+# --- latency ----------------------------------------------------------------------------------
+
+
+def _study(arch: str, round_to: int | None) -> dict[str, Any]:
+    for study in load("latency_speed.json")["speed"]:
+        if study["settings"]["arch"] == arch and study["settings"]["round_to"] == round_to:
+            return study
+    raise KeyError(f"latency_speed.json has no {arch} study with round_to={round_to}")
+
+
+def _latency_table(arch: str, round_to: int | None) -> str:
+    study = _study(arch, round_to)
+    rows = study["rows"]
+    batches = sorted({r["batch"] for r in rows})
+    header = "| model | precision | MACs reduction | " + " | ".join(
+        f"batch {b} p50 / p99 ms | speed-up" for b in batches
+    )
+    lines = [header + " |", "|---|---|---|" + "---|---|" * len(batches)]
+    for model in study["models"]:
+        cells = []
+        for b in batches:
+            r = next(x for x in rows if x["model"] == model["model"] and x["batch"] == b)
+            own = f" ({times(r['speedup_vs_fp32'])} its FP32)" if model["precision"] == "int8" else ""
+            cells += [f"{r['p50_ms']:.3f} / {r['p99_ms']:.2f}", times(r["speedup_vs_dense"]) + own]
+        precision = model["precision"] + (f" {model['scheme']}" if model.get("scheme") else "")
+        name = model["model"].removesuffix(f"-int8-{model.get('scheme')}")
+        lines.append(
+            f"| {name} | {precision} | {times(model['macs_reduction'])} | " + " | ".join(cells) + " |"
+        )
+    share = max(r.get("other_cpu_share") or 0.0 for r in rows)
+    env = study["environment"]
+    lines += [
+        "",
+        f"ONNX Runtime {env['onnxruntime']}, {env['intra_op_threads']} intra-op threads pinned, "
+        f"≥ {study['settings']['min_iterations']} timed calls per row, one interleaved run; other processes "
+        f"used at most {pct(share, 0)} of the CPUs during these timings. " + source("latency_speed.json"),
+    ]
+    return "\n".join(lines)
+
+
+@renderer("latency.resnet18")
+def latency_resnet18() -> str:
+    return _latency_table("resnet18", 16)
+
+
+@renderer("latency.mobilenetv2")
+def latency_mobilenetv2() -> str:
+    return _latency_table("mobilenetv2", 16)
+
+
+@renderer("latency.mobilenetv2-unrounded")
+def latency_mobilenetv2_unrounded() -> str:
+    return _latency_table("mobilenetv2", None)
+
+
+@renderer("latency.int8-accuracy")
+def latency_int8_accuracy() -> str:
+    a = load("latency_int8_accuracy.json")["int8_accuracy"]
+    rows = [
+        "| INT8 file (u8s8) | top-1 agreement with FP32 (clean / all inputs) | clean Δ | PGD Δ | corruption Δ |",
+        "|---|---|---|---|---|",
+    ]
+    for name, s in a["summary"].items():
+        label = name.removeprefix("int8-").replace("-", ", ")
+        rows.append(
+            f"| {label} | {pct(s['top1_agreement_clean'])} / {pct(s['top1_agreement_all_inputs'])} | "
+            f"{-s['clean_drop_points']:+.1f} | {-s['pgd_drop_points']:+.1f} | {-s['corruption_drop_points']:+.2f} |"
+        )
+    fp32 = a["evaluations"]["fp32"]
+    return "\n".join(
+        [
+            f"Model: {a['model']['arch']}, {a['model']['pruning']}; trained {a['model']['training']} "
+            f"({a['model']['train_seconds']:.0f} s). FP32 on ONNX Runtime: clean {pct(fp32['clean_accuracy'])}, "
+            f"mean corruption accuracy {pct(fp32['corruptions']['mean_accuracy'])}.",
+            "",
+            *rows,
+            "",
+            "Δ in accuracy points, INT8 minus FP32. " + source("latency_int8_accuracy.json"),
+        ]
+    )
+
+
+@renderer("latency.budget")
+def latency_budget() -> str:
+    rows = [
+        "| model | batch | target | MACs reduction chosen | measured | predicted | probes |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in load("latency_budget.json")["rows"]:
+        measured = times(r["measured_reduction"])
+        if not r["target_met"]:
+            measured = f"**{measured} (missed)**"
+        rows.append(
+            f"| {r['arch']} | {r['batch']} | {r['target_latency_reduction']:g}× | {times(r['macs_reduction'])} | "
+            f"{measured} | {times(r['predicted_reduction'])} | {len(r['search']['probes'])} |"
+        )
+    return "\n".join([*rows, "", source("latency_budget.json")])
