@@ -171,3 +171,37 @@ def test_detnet_returns_the_raw_heads_the_task_reads() -> None:
     DET.check_output(model(x), 3, x)
     with pytest.raises(Exception, match="one score per class"):
         DET.check_output(model(x), 4, x)
+
+
+def test_the_end_to_end_file_detects_what_the_host_post_processing_does(tmp_path) -> None:
+    from exporters.base import InputSpec
+    from exporters.detection_graph import add_detection_postprocess
+    from exporters.onnx import export_onnx
+    from exporters.runtimes import build_runner
+    from toolchain.models.detnet import detnet
+    from toolchain.tasks.detection import in_graph_detections
+
+    torch.manual_seed(0)
+    model = detnet(num_classes=3, in_channels=3, width=0.25).eval()
+    with torch.no_grad():  # class scores spread around the threshold, many overlapping boxes
+        model.cls_pred.weight.normal_(0, 0.5)
+        model.cls_pred.bias.fill_(-1.0)
+    raw_path, e2e_path = tmp_path / "raw.onnx", tmp_path / "e2e.onnx"
+    export_onnx(
+        model, raw_path, input_spec=InputSpec(3, 64, 96), output_names=["scores", "boxes", "priors", "quality"]
+    )
+    add_detection_postprocess(raw_path, e2e_path)
+    x = torch.rand(3, 3, 64, 96)
+    raw = build_runner("onnxruntime", path=raw_path)(x)
+    host = postprocess(raw)
+    graph = in_graph_detections(build_runner("onnxruntime", path=e2e_path)(x), len(x))
+    assert sum(len(d.boxes) for d in host) > 30  # the check has something to compare
+    for h, g in zip(host, graph):
+        # The host keeps the best 100 of an image, the graph 100 per class: the host's are the
+        # graph's best, in the same order.
+        top = slice(0, len(h.boxes))
+        assert torch.equal(g.labels[top], h.labels)
+        torch.testing.assert_close(g.scores[top], h.scores, atol=1e-6, rtol=0)
+        torch.testing.assert_close(g.boxes[top], h.boxes, atol=1e-4, rtol=0)
+    with pytest.raises(Exception, match="expected a detector's raw outputs"):
+        add_detection_postprocess(e2e_path, tmp_path / "again.onnx")

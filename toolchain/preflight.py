@@ -58,6 +58,11 @@ def check_names(recipe: Recipe) -> None:
                 f"validate.corruptions: {name!r} cannot be scored for task {task.name} "
                 f"({task.refused_corruptions[name]}); remove it"
             )
+    if recipe.export.end_to_end and not task.post_processes_in_graph:
+        raise UserError(
+            f"export.end_to_end: task {task.name} has no post-processing to put in the graph "
+            "(only detection has); remove it"
+        )
     quantize = recipe.quantize
     if quantize.enabled:
         for name in quantize.corruptions:

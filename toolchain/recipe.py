@@ -105,6 +105,12 @@ class ExportConfig(Section):
         256, ge=1, description="validation images the export-time parity check runs on"
     )
     parity_atol: float = Field(1e-3, gt=0, description="max |delta logit| allowed for fp32")
+    end_to_end: bool = Field(
+        False,
+        description="detection: also write <model>.e2e.onnx, the network followed by its "
+        "post-processing (ONNX NonMaxSuppression), for deployments that take detections from the "
+        "engine; robustprune validates the raw-output file and checks this one agrees with it",
+    )
 
 
 class CalibrationMixConfig(Section):

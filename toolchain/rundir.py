@@ -151,6 +151,10 @@ class RunLayout:
         """The exported ONNX file of ``dense`` or ``pruned``."""
         return self.root / EXPORT / f"{role}.onnx"
 
+    def end_to_end_onnx(self, role: str) -> Path:
+        """The ``export.end_to_end`` file of ``dense`` or ``pruned``: post-processing in the graph."""
+        return self.root / EXPORT / f"{role}.e2e.onnx"
+
     @property
     def parity(self) -> Path:
         return self.root / EXPORT / PARITY_FILE

@@ -167,7 +167,7 @@ class ExportParity(Record):
     see :class:`Float64Parity`.
     """
 
-    omit_if_none = frozenset({"reference_max_abs", "float64"})
+    omit_if_none = frozenset({"reference_max_abs", "float64", "end_to_end_agreement"})
     max_abs_diff: float | None = Field(
         None,
         description="largest |logit difference| between the ONNX file and PyTorch (null when the engine "
@@ -186,6 +186,11 @@ class ExportParity(Record):
     within_atol: bool = Field(False, description="max_abs_diff is within export.parity_atol")
     float64: Float64Parity | None = Field(
         None, description="only beyond parity_atol: both sides against the same model run in float64"
+    )
+    end_to_end_agreement: float | None = Field(
+        None,
+        description="export.end_to_end only: share of confident detections of the end-to-end file "
+        "matched by the raw file's, post-processed on the host",
     )
 
 

@@ -13,6 +13,7 @@ from exporters.outputs import as_tuple
 from exporters.parity import ParityResult, float64_check
 from exporters.runtimes import build_runner
 from exporters.torch_runner import TorchRunner
+from toolchain.errors import UserError
 from toolchain.report.schema import ExportParity, Float64Parity
 from toolchain.report.stage_results import ExportResult
 from toolchain.rundir import EXPORT, FINETUNE, MODEL_STAGES, PARITY_FILE, write_json
@@ -57,6 +58,9 @@ class Export(Stage):
             )
             parity[role] = _parity(ctx, role, model)
             artifacts.append(path.name)
+            if ctx.recipe.export.end_to_end:
+                parity[role].end_to_end_agreement = _end_to_end(ctx, role)
+                artifacts.append(ctx.run.end_to_end_onnx(role).name)
         write_json(ctx.run.parity, {role: p.to_json() for role, p in parity.items()})
         return StageOutput([*artifacts, PARITY_FILE], ExportResult(parity=parity))
 
@@ -64,6 +68,29 @@ class Export(Stage):
 def _output_count(model: nn.Module, ctx: StageContext) -> int:
     with torch.no_grad():
         return len(as_tuple(model.eval()(ctx.example_inputs)))
+
+
+def _end_to_end(ctx: StageContext, role: str) -> float:
+    """Write ``role``'s end-to-end file and return the share of its confident detections that
+    the raw file's, post-processed on the host, match (the task's rule)."""
+    target = ctx.run.end_to_end_onnx(role)
+    agreement = ctx.task.write_end_to_end(ctx.run.onnx(role), target)
+    if agreement is None:  # preflight refuses export.end_to_end for such a task
+        raise UserError(
+            f"export.end_to_end: task {ctx.recipe.task!r} has no post-processing to put in a graph"
+        )
+    threads = ctx.recipe.validate.threads
+    raw = build_runner("onnxruntime", path=ctx.run.onnx(role), threads=threads)
+    in_graph = build_runner("onnxruntime", path=target, threads=threads)
+    agree = compared = 0
+    batch = None if ctx.recipe.export.dynamic_batch else 1
+    for x, _ in ctx.val_loader(batch_size=batch, samples=ctx.recipe.export.parity_samples):
+        a, n = agreement(raw(x), in_graph(x))
+        agree, compared = agree + a, compared + n
+    share = agree / compared if compared else 1.0
+    if share < 1.0:
+        log.warning("%s: the end-to-end file's detections match the host's on %.4f of them", role, share)
+    return share
 
 
 def _finite(value: float) -> float | None:

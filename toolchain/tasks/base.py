@@ -22,6 +22,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -241,6 +242,8 @@ class Task(ABC):
     #: The task post-processes a model's outputs on the host after every runtime (detection's
     #: NMS), which latency benchmarks time beside the network.
     post_processes: ClassVar[bool] = False
+    #: The task can put its post-processing in an exported graph (:meth:`write_end_to_end`).
+    post_processes_in_graph: ClassVar[bool] = False
 
     # The objective's methods on the task itself, for the training loop and attacks.
     def loss(self, out: Output, y: Labels, reduction: str = "mean") -> torch.Tensor:
@@ -283,6 +286,14 @@ class Task(ABC):
 
     def output_names(self, count: int) -> list[str] | None:
         """Names of a model's ``count`` outputs in exported files (None: the exporter's own)."""
+        return None
+
+    def write_end_to_end(self, source: Path, target: Path) -> Callable[[Output, Any], tuple[int, int]] | None:
+        """Write ``target``: the exported ``source`` with the task's post-processing in the graph
+        (``export.end_to_end``). Returns how the stage counts agreeing predictions of the raw
+        file's outputs (post-processed on the host) and the new file's on one batch
+        (``(agreeing, compared)``). None: the task has nothing to put in a graph, and writes
+        nothing (preflight refuses the setting)."""
         return None
 
     @property

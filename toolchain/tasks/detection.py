@@ -28,7 +28,10 @@ from toolchain.report.schema import AttackRow, Corruptions, Evaluation, Parity, 
 from toolchain.tasks.base import TASKS, AttackSpec, Evaluator, Labels, Objective, Output, Task, finite_images
 from toolchain.tasks.detection_loss import detection_loss
 from toolchain.tasks.detection_ops import (
+    MAX_DETECTIONS,
+    NMS_IOU,
     OPERATING_SCORE,
+    SCORE_THRESHOLD,
     Detections,
     class_scores,
     found,
@@ -38,6 +41,8 @@ from toolchain.tasks.detection_ops import (
 )
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from toolchain.recipe import ValidateConfig
 
 __all__ = ["Detection", "DetectionEvaluator", "DetectionObjective", "detection_collate_targets"]
@@ -296,6 +301,7 @@ class Detection(Task):
     objective = DetectionObjective()
     spatial_labels = True
     post_processes = True
+    post_processes_in_graph: ClassVar[bool] = True
     #: Corruptions that move content locally, which axis-aligned boxes cannot follow.
     refused_corruptions: ClassVar[dict[str, str]] = {
         "elastic_transform": "its local warp moves objects in ways an axis-aligned box cannot follow"
@@ -316,6 +322,18 @@ class Detection(Task):
     def parity_agreement(self) -> Callable[[Output, Output], tuple[int, int]] | None:
         return _matched_detections
 
+    def write_end_to_end(self, source: Path, target: Path) -> Callable[[Output, Any], tuple[int, int]] | None:
+        from exporters.detection_graph import add_detection_postprocess
+
+        add_detection_postprocess(
+            source,
+            target,
+            score_threshold=SCORE_THRESHOLD,
+            iou_threshold=NMS_IOU,
+            max_per_class=MAX_DETECTIONS,
+        )
+        return _matched_in_graph
+
     def evaluator(self, class_names: Sequence[str]) -> Evaluator:
         return DetectionEvaluator(class_names)
 
@@ -335,6 +353,33 @@ class Detection(Task):
 
 
 TASKS.register(Detection.name)(Detection())
+
+
+def in_graph_detections(out: Any, images: int) -> list[Detections]:
+    """The detections of an ``export.end_to_end`` file's outputs (``det_batch``, ``det_class``,
+    ``det_score``, ``det_boxes``), per image, best first."""
+    batch, label, score, boxes = (torch.as_tensor(t) for t in out)
+    result = []
+    for i in range(images):
+        mine = (batch == i).nonzero().squeeze(1)
+        mine = mine[score[mine].argsort(descending=True)]
+        result.append(
+            Detections(boxes[mine].float(), score[mine].float(), label[mine], torch.full_like(mine, -1))
+        )
+    return result
+
+
+def _matched_in_graph(raw: Output, in_graph: Any) -> tuple[int, int]:
+    """Confident detections (score >= the operating score) matched between the host's
+    post-processing of the raw outputs and an end-to-end file's; only the confident ones count,
+    since the two cap differently (the host keeps 100 per image, the graph 100 per class)."""
+    host = postprocess(raw)
+    graph = in_graph_detections(in_graph, len(host))
+    agree = compared = 0
+    for r, c in zip(host, graph):
+        a, n, _ = match(r.confident(), c.confident())
+        agree, compared = agree + a, compared + n
+    return agree, compared
 
 
 def _matched_detections(reference: Output, candidate: Output) -> tuple[int, int]:
