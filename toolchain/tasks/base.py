@@ -55,6 +55,14 @@ def to_device(y: Labels, device: Any) -> Labels:
     return y
 
 
+def take_labels(y: Labels, index: torch.Tensor) -> Labels:
+    """The labels of the images at ``index``: a tensor's rows, or a list's entries (per-image
+    dicts: boxes)."""
+    if isinstance(y, torch.Tensor):
+        return y[index.to(y.device)]
+    return [y[i] for i in index.tolist()]
+
+
 def finite_images(out: Output) -> torch.Tensor:
     """Per image, whether every value the model returned for it is finite (NaN or Inf make an
     image count as wrong everywhere)."""

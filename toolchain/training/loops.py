@@ -20,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 from tqdm.auto import tqdm
 
+from exporters.outputs import map_outputs
 from toolchain import distributed
 from toolchain.errors import UserError
 from toolchain.killpoints import killpoint
@@ -261,7 +262,7 @@ def train_model(
                 hooks.after_step(step_info)
             killpoint(f"step:{desc}")
             step += 1
-            right, counted = task_of(model).hits(logits.detach(), y)
+            right, counted = task_of(model).hits(map_outputs(torch.Tensor.detach, logits), y)
             seen += counted
             correct += right
             images += len(y)

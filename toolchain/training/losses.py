@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from exporters.outputs import map_outputs, take
 from toolchain.recipe import AttackConfig, TrainConfig
 from toolchain.robustness.attacks.base import eval_mode
 from toolchain.robustness.attacks.pgd import pgd_examples
@@ -29,7 +30,7 @@ def trades_examples(
         for p in model.parameters():
             p.requires_grad_(False)
         try:
-            clean = model(x).detach()
+            clean = map_outputs(torch.Tensor.detach, model(x))
             noise = torch.randn(x.shape, generator=generator).to(x.device)
             x_adv = (x + 0.001 * noise).clamp(0, 1).detach()
             for _ in range(attack.steps):
@@ -127,7 +128,8 @@ class BatchLoss:
             return ce(logits, y), logits
         if cfg.loss == "hybrid":
             x_adv = self._adversarial(raw, x, y, generator)
-            clean, adv = model(torch.cat([x, x_adv])).split(len(x))
+            both = model(torch.cat([x, x_adv]))
+            clean, adv = take(both, 0, len(x)), take(both, len(x), 2 * len(x))
             w = cfg.adv_weight
             return (1 - w) * ce(clean, y) + w * ce(adv, y), clean
         if cfg.loss == "mixed":

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from toolchain.recipe_train import AttackConfig, MixedNoiseConfig
 from toolchain.robustness.attacks.pgd import pgd_examples, single_step
 from toolchain.robustness.corruptions import corrupt
-from toolchain.tasks import task_of
+from toolchain.tasks import take_labels, task_of
 
 KINDS = ("clean", "fgsm", "pgd", "corruption", "generator")
 
@@ -128,7 +128,7 @@ class MixedNoise:
                 start += counts[kind]
                 kinds[idx] = k
                 if len(idx) and kind != "clean":
-                    out[idx] = self._perturb(kind, model, x[idx], y[idx], rng)
+                    out[idx] = self._perturb(kind, model, x[idx], take_labels(y, idx), rng)
         finally:
             model.train(was_training)
         return MixedBatch(out, kinds)

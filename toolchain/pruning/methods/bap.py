@@ -127,9 +127,9 @@ class Bap(MaskedMethod):
         budgets: list[list[float]] = []  # per batch: mean, min, max RMS norm actually used
         updates: list[dict[str, Any]] = []
 
-        def perturb(m: nn.Module, x: Tensor, _y: Tensor) -> Tensor:
+        def perturb(m: nn.Module, x: Tensor, y: Tensor) -> Tensor:
             x_adv = deepfool(
-                m, x, steps=own.deepfool_steps, overshoot=own.overshoot, candidates=own.candidates
+                m, x, y, steps=own.deepfool_steps, overshoot=own.overshoot, candidates=own.candidates
             )
             out, norms = cutoff_scale(x, x_adv, own.cutoff, own.scale)
             budgets.append([round(float(v), 5) for v in (norms.mean(), norms.min(), norms.max())])

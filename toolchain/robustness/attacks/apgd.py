@@ -34,8 +34,9 @@ from torch import nn
 
 from exporters.outputs import map_outputs
 from toolchain.errors import UserError
-from toolchain.robustness.attacks.base import ATTACKS, Attack, AttackResult, _take, input_gradients_only
+from toolchain.robustness.attacks.base import ATTACKS, Attack, AttackResult, input_gradients_only
 from toolchain.robustness.attacks.pgd import _l2_normalise, _project, _random_start
+from toolchain.tasks import take_labels
 
 RHO = 0.75
 ALPHA = 0.75
@@ -183,7 +184,7 @@ class APGD(Attack):
             if len(idx) == 0:
                 return
             x_adv, fooled = self._attack_once(
-                model, x[idx], _take(y, idx), loss_for(idx), generator, highest_loss=highest_loss
+                model, x[idx], take_labels(y, idx), loss_for(idx), generator, highest_loss=highest_loss
             )
             best[idx] = x_adv
             todo[idx[fooled]] = False

@@ -24,7 +24,7 @@ from torch import nn
 from exporters.outputs import Outputs, concat, map_outputs
 from toolchain.errors import UserError
 from toolchain.registry import Registry
-from toolchain.tasks import Objective, Task, task_named, task_of
+from toolchain.tasks import Objective, Task, take_labels, task_named, task_of
 
 __all__ = [
     "ATTACKS",
@@ -152,7 +152,7 @@ class Attack(ABC):
         attacked = self.objective(model).attackable(predict(model, x), y).nonzero().squeeze(1)
         if len(attacked):
             generator = torch.Generator(device="cpu").manual_seed(self.seed)
-            result = self._run(model, x[attacked], _take(y, attacked), generator)
+            result = self._run(model, x[attacked], take_labels(y, attacked), generator)
             x_adv[attacked] = result.x_adv
             if queries is not None and result.queries is not None:
                 queries[attacked.cpu()] = result.queries
@@ -189,13 +189,6 @@ class Attack(ABC):
 
 #: name → attack class; filled by the ``@ATTACKS.register`` decorators of the attack modules.
 ATTACKS: Registry[type[Attack]] = Registry("attack")
-
-
-def _take(y: Any, index: torch.Tensor) -> Any:
-    """The labels of the images at ``index`` (a tensor, or one entry per image in a list)."""
-    if isinstance(y, torch.Tensor):
-        return y[index.to(y.device)]
-    return [y[i] for i in index.tolist()]
 
 
 def _check_batch(x: torch.Tensor, y: Any, name: str) -> None:

@@ -16,16 +16,29 @@ pixel ``p``. ``f > 0`` on the clean image; at ``f = 0`` the average pixel sits o
 boundary. Each iteration steps to the linearised ``f = 0`` (binary DeepFool:
 ``r = -(|f| + 1e-4) * grad f / ||grad f||^2``); an image stops once ``f <= 0``. The image's
 distance to that boundary is what BAP's cutoff then scales, as for a classifier.
+
+Detectors (raw heads, a tuple) have no class per image either: DeepFool runs the same binary
+form on the task's margin (:meth:`~toolchain.tasks.base.Objective.margin`, for detection how far
+the labelled objects are above the operating score), which needs the labels.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 
 def deepfool(
-    model: nn.Module, x: Tensor, *, steps: int = 5, overshoot: float = 0.02, candidates: int = 3
+    model: nn.Module,
+    x: Tensor,
+    y: Any = None,
+    *,
+    steps: int = 5,
+    overshoot: float = 0.02,
+    candidates: int = 3,
 ) -> Tensor:
     """DeepFool examples for ``x``; the model's mode is the caller's, its gradients untouched.
 
@@ -36,6 +49,8 @@ def deepfool(
         overshoot: the final perturbation is ``(1 + overshoot)`` times the accumulated one.
         candidates: how many other classes (highest clean logits) are considered (per-image
             logits only: the per-pixel margin takes every other class at each pixel).
+        y: the labels, read only by a model whose output is neither per-image nor per-pixel
+            logits (a detector): DeepFool then runs on its task's margin.
 
     Returns:
         ``clip(x + (1 + overshoot) * r)``, detached.
@@ -43,6 +58,13 @@ def deepfool(
     x = x.detach()
     with torch.no_grad():
         logits = model(x)
+    if not isinstance(logits, Tensor):  # a detector's heads: DeepFool on the task's margin
+        from toolchain.tasks import task_of  # lazy: tasks import nothing of attacks
+
+        task = task_of(model)
+        return deepfool_binary(
+            model, x, lambda out: task.objective.margin(out, y), steps=steps, overshoot=overshoot
+        )
     if logits.dim() == 4:  # per-pixel logits: DeepFool on the mean pixel margin
         return deepfool_pixels(model, x, logits.argmax(1), steps=steps, overshoot=overshoot)
     requires = [p.requires_grad for p in model.parameters()]
@@ -100,6 +122,25 @@ def deepfool_pixels(
     Returns:
         ``clip(x + (1 + overshoot) * r)``, detached.
     """
+    return deepfool_binary(
+        model, x, lambda out: mean_pixel_margin(out, classes), steps=steps, overshoot=overshoot
+    )
+
+
+def deepfool_binary(
+    model: nn.Module,
+    x: Tensor,
+    score: Callable[[Any], Tensor],
+    *,
+    steps: int = 5,
+    overshoot: float = 0.02,
+) -> Tensor:
+    """Binary DeepFool towards ``score(model(x)) = 0``, one score per image, positive on the
+    clean image; an image stops once its score is no longer positive.
+
+    Returns:
+        ``clip(x + (1 + overshoot) * r)``, detached.
+    """
     view = (-1, *([1] * (x.dim() - 1)))
     r_total = torch.zeros_like(x)
     active = torch.ones(len(x), dtype=torch.bool, device=x.device)
@@ -109,14 +150,17 @@ def deepfool_pixels(
     try:
         for _ in range(steps):
             x_adv = (x + r_total).clamp(0, 1).requires_grad_(True)
-            f = mean_pixel_margin(model(x_adv), classes)
+            f = score(model(x_adv))
             active &= f.detach() > 0
             if not active.any():
                 break
             # Each image's score depends on its own pixels only (eval-mode BN), so the gradient
             # of the sum is every image's own gradient.
             (grad,) = torch.autograd.grad(f.sum(), x_adv)
+            # An image whose score has no gradient (a detector that sees none of its objects)
+            # has nothing to follow: it stays where it is.
             size = (f.detach().abs() + 1e-4) / grad.flatten(1).pow(2).sum(1).clamp_min(1e-8)
+            size = torch.where(grad.flatten(1).abs().sum(1) > 0, size, torch.zeros_like(size))
             r_total = r_total - (size * active).view(view) * grad
     finally:
         for p, flag in zip(model.parameters(), requires):

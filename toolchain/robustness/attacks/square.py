@@ -36,7 +36,8 @@ from typing import Any
 import torch
 
 from toolchain.errors import UserError
-from toolchain.robustness.attacks.base import ATTACKS, Attack, AttackResult, Classifier, _take, predict
+from toolchain.robustness.attacks.base import ATTACKS, Attack, AttackResult, Classifier, predict
+from toolchain.tasks import take_labels
 
 _HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
 
@@ -120,7 +121,7 @@ class Square(Attack):
             candidate = torch.where(same, flipped, candidate)
 
             logits = predict(model, candidate)
-            new_margin = objective.margin(logits, _take(y, active))
+            new_margin = objective.margin(logits, take_labels(y, active))
             used[active.cpu()] += 1
             # Any decrease is kept, as in the reference; a candidate that misclassifies is always
             # one, since only samples with a positive margin are still active.
