@@ -187,9 +187,8 @@ def test_the_end_to_end_file_detects_what_the_host_post_processing_does(tmp_path
         model.cls_pred.weight.normal_(0, 0.5)
         model.cls_pred.bias.fill_(-1.0)
     raw_path, e2e_path = tmp_path / "raw.onnx", tmp_path / "e2e.onnx"
-    export_onnx(
-        model, raw_path, input_spec=InputSpec(3, 64, 96), output_names=["scores", "boxes", "priors", "quality"]
-    )
+    names = ["scores", "boxes", "priors", "quality"]
+    export_onnx(model, raw_path, input_spec=InputSpec(3, 64, 96), output_names=names)
     add_detection_postprocess(raw_path, e2e_path)
     x = torch.rand(3, 3, 64, 96)
     raw = build_runner("onnxruntime", path=raw_path)(x)

@@ -341,7 +341,7 @@ TINY = {
         ),
         ({"model": {"arch": "resnet20"}}, r"segmentation needs \(N, num_classes, H, W\)"),
         ({"validate": {"attacks": [{"name": "square"}]}}, "not a segmentation attack"),
-        ({"task": "detection"}, "unknown task 'detection'"),
+        ({"task": "detection"}, "'segpgd' is not a detection attack"),
     ],
 )
 def test_recipe_settings_a_segmentation_run_cannot_use_are_refused(change: dict, message: str) -> None:  # type: ignore[type-arg]
@@ -546,8 +546,8 @@ def test_the_spec_records_the_task_and_old_specs_classify() -> None:
     assert task_of(build_from_spec(dict(model.spec))) is SEG
     old = {k: v for k, v in model.spec.items() if k != "task"}
     assert task_of(build_from_spec(old)).name == "classification"
-    with pytest.raises(UserError, match="unknown task 'detection'"):
-        build_from_spec({**model.spec, "task": "detection"})
+    with pytest.raises(UserError, match="unknown task 'tracking'"):
+        build_from_spec({**model.spec, "task": "tracking"})
 
 
 def test_classification_recipes_keep_their_hash_and_the_task_joins_it_when_set() -> None:
