@@ -105,8 +105,8 @@ class BatchLoss:
         adversarial: bool,
         generator: torch.Generator,
         craft: nn.Module | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(loss, logits)``; logits are those accuracy is read from (the adversarial ones for
+    ) -> tuple[torch.Tensor, Any]:
+        """``(loss, logits)``; logits (a tensor, or a detector's tuple of heads) are those accuracy is read from (the adversarial ones for
         PGD-AT and mixed batches, the clean ones otherwise).
 
         Args:
