@@ -20,6 +20,7 @@ from toolchain.errors import UserError
 from toolchain.report.schema import (
     AttackRow,
     Evaluation,
+    GateResult,
     LatencyRow,
     Models,
     PrunedModel,
@@ -127,6 +128,7 @@ def _report(clean: float, robust: float, p50: float, passed: bool = True) -> Rep
             Evaluation(
                 model="pruned",
                 runtime="onnxruntime",
+                samples=500,
                 clean_accuracy=clean,
                 nonfinite_logits=0,
                 attacks=[AttackRow(name="pgd", mode="transfer", norm="linf", eps=4 / 255, accuracy=robust)],
@@ -220,6 +222,7 @@ def _run_dir_with_reports(root: Path) -> list[Path]:
     passing = _report(0.70, 0.55, 1.0)
     assert passing.models.pruned is not None
     passing.models.pruned.target_met = True
+    passing.gates = [GateResult(metric="models.pruned.macs_reduction", threshold=4.0, value=4.2, passed=True)]
     reports = [root / "report.json", root / "export" / "validate-pruned" / "report.json"]
     for report in reports:
         report.parent.mkdir(parents=True, exist_ok=True)

@@ -190,10 +190,13 @@ def gate(
     baseline: str | None,
     junit: str | None,
     recipe_path: str | None = None,
+    allow_unverified: bool = False,
 ) -> int:
     """``robustprune gate``: exit 0 if every gate passes, 1 if one fails (missing metrics fail).
 
-    The intrinsic gates are re-checked from the report's numbers, whatever it says it passed.
+    The intrinsic gates are re-checked from the report's numbers, whatever it says it passed;
+    with no gate (a policy listing none, or a report whose recipe had none) or no evaluation of
+    an exported file it fails, unless ``allow_unverified``.
 
     Raises:
         UserError: the report is missing or not a report, is not from a completed run
@@ -201,7 +204,7 @@ def gate(
             not produced by ``recipe_path``; a bad policy; a baseline that is not a completed
             run's report.
     """
-    from toolchain.report.gates import evaluate_gates, intrinsic_gates, verdict
+    from toolchain.report.gates import evaluate_gates, verdict, verdict_gates
     from toolchain.report.junit import write_junit
     from toolchain.report.schema import read_report
 
@@ -220,7 +223,7 @@ def gate(
         else None
     )
     results = evaluate_gates(report, gates, base)
-    intrinsic = intrinsic_gates(report)
+    intrinsic = verdict_gates(report, results, allow_unverified=allow_unverified)
     for check in intrinsic:
         sys.stdout.write(f"{'PASS' if check.passed else 'FAIL'} intrinsic {check.name}: {check.detail}\n")
     for row in results:
