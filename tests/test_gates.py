@@ -261,3 +261,67 @@ def test_allow_unverified_is_a_recipe_key_that_leaves_other_recipes_hashes_alone
     assert recipe_from_dict({"allow_unverified": True}).allow_unverified is True
     assert recipe_from_dict({}).sha256() == recipe_from_dict({"allow_unverified": False}).sha256()
     assert recipe_from_dict({}).sha256() != recipe_from_dict({"allow_unverified": True}).sha256()
+
+
+NAN = float("nan")
+
+
+@pytest.mark.parametrize(
+    ("agreement", "max_abs_diff", "export_agreement"),
+    [(NAN, 0.0, 1.0), (1.0, NAN, 1.0), (1.0, 0.0, NAN)],
+    ids=["nan-agreement", "nan-difference", "nan-export-agreement"],
+)
+def test_engine_parity_fails_closed_on_nan(
+    agreement: float, max_abs_diff: float, export_agreement: float
+) -> None:
+    report = Report(
+        evaluations=[
+            Evaluation(
+                model="pruned",
+                runtime="onnxruntime",
+                nonfinite_logits=0,
+                parity=Parity(top1_agreement=agreement, max_abs_diff=max_abs_diff, compared=10),
+            )
+        ],
+        parity={"pruned": ExportParity(top1_agreement=export_agreement, max_abs_diff=0.0, samples=10)},
+    )
+    parity = {g.name: g for g in intrinsic_gates(report)}["engine-parity"]
+    assert not parity.passed and "nan" in parity.detail
+
+
+@pytest.mark.parametrize(("reduction", "passed"), [(NAN, False), (2.0, False), (3.9, True)])
+def test_budget_met_is_recomputed_from_the_numbers(reduction: float, passed: bool) -> None:
+    report = Report(
+        models=Models(
+            pruned=PrunedModel(
+                macs_reduction=reduction, target={"macs_reduction": 4.0}, tolerance=0.05, target_met=True
+            )
+        )
+    )
+    budget = {g.name: g for g in intrinsic_gates(report)}["budget-met"]
+    assert budget.passed is passed
+
+
+def test_a_gate_on_a_nan_value_fails_whatever_its_op() -> None:
+    report = {"models": {"pruned": {"macs_reduction": NAN}}}
+    gates = [
+        {"metric": "models.pruned.macs_reduction", "op": op, "threshold": 1.0} for op in (">=", "<=", "==")
+    ]
+    assert [r.passed for r in evaluate_gates(report, gates)] == [False, False, False]
+
+
+def test_an_unknown_op_in_a_reports_gates_is_bad_input(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from toolchain.cli import main
+    from toolchain.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="op"):
+        evaluate_gates(REPORT, [{"metric": "models.pruned.macs_reduction", "op": "=>", "threshold": 1}])
+    report = finish(_evaluated(), [GATE]).to_json()
+    report["gates"][0]["op"] = "=>"  # hand-edited
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(report))
+    assert main(["gate", str(path)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("robustprune: error: gate on 'environment.threads': op '=>'") and "'>='" in line

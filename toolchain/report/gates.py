@@ -18,11 +18,17 @@ no evaluation of an exported file, which would otherwise pass having checked not
 
 from __future__ import annotations
 
+import math
 import operator
 import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from pydantic import ValidationError
+
+from toolchain.errors import RecipeError
+from toolchain.recipe import Gate
+from toolchain.recipe_prune import reduction_met
 from toolchain.report.schema import GateResult, IntrinsicGate, Report
 
 _OPS: dict[str, Callable[[float, float], bool]] = {
@@ -126,21 +132,42 @@ def evaluate_gates(
     base = baseline.to_json() if isinstance(baseline, Report) else baseline
     results = []
     for gate in gates:
-        g = gate if isinstance(gate, dict) else gate.model_dump()
-        row: dict[str, Any] = {
-            "metric": g["metric"],
-            "op": g.get("op", ">="),
-            "threshold": float(g["threshold"]),
-            "relative": g.get("relative"),
-        }
+        g = _checked(gate)
+        row: dict[str, Any] = g.model_dump()
         try:
-            value = _value(data, g, base)
+            value = _value(data, row, base)
         except MetricNotFound as exc:
             row.update(value=None, passed=False, error=str(exc))
         else:
-            row.update(value=value, passed=bool(_OPS[row["op"]](value, row["threshold"])))
+            # A NaN compares false with everything: it fails every op.
+            row.update(value=value, passed=bool(_OPS[g.op](value, g.threshold)))
         results.append(GateResult(**row))
     return results
+
+
+def _checked(gate: Any) -> Gate:
+    """``gate`` (a Gate, or a dict such as a report's ``gates[]`` row) as a validated Gate.
+
+    Raises:
+        RecipeError: a key is missing or wrong, e.g. an ``op`` that is not a comparison (a
+            report's gates are re-read by ``robustprune gate``, and may have been edited).
+    """
+    if isinstance(gate, Gate):
+        return gate
+    fields = (
+        {k: v for k, v in dict(gate).items() if k in Gate.model_fields} if isinstance(gate, dict) else gate
+    )
+    try:
+        return Gate.model_validate(fields)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "gate"
+        metric = fields.get("metric") if isinstance(fields, dict) else None
+        said = f"{where} {err['input']!r}" if where in ("op", "relative", "threshold") else where
+        raise RecipeError(
+            f"gate on {metric!r}: {said}: {err['msg']}; fix that gate (in the recipe's gates, the --policy "
+            "file, or the report's gates[])"
+        ) from None
 
 
 def intrinsic_gates(report: Report) -> list[IntrinsicGate]:
@@ -164,6 +191,7 @@ def intrinsic_gates(report: Report) -> list[IntrinsicGate]:
                 pruned.macs_reduction,
                 pruned.params_reduction,
                 pruned.latency,
+                pruned.tolerance,
             )
         )
     parity = _parity_gate(report)
@@ -193,6 +221,7 @@ def _budget_gate(
     macs_reduction: float,
     params_reduction: float,
     latency: dict[str, Any] | None = None,
+    tolerance: float | None = None,
 ) -> IntrinsicGate:
     if met is None or not target:
         return IntrinsicGate(
@@ -201,8 +230,13 @@ def _budget_gate(
     achieved = {"macs_reduction": macs_reduction, "params_reduction": params_reduction}
     if latency is not None:
         achieved["latency_reduction"] = latency["measured_reduction"]
-    said = ", ".join(f"{k} {achieved.get(k, float('nan')):.3f} (target {v:g})" for k, v in target.items())
-    return IntrinsicGate(name="budget-met", passed=bool(met), detail=("met: " if met else "missed: ") + said)
+    nan = float("nan")
+    # Recorded and re-checked from the numbers (a NaN never meets a target).
+    met = bool(met) and all(
+        reduction_met(achieved.get(k, nan), v, tolerance or 0.0) for k, v in target.items()
+    )
+    said = ", ".join(f"{k} {achieved.get(k, nan):.3f} (target {v:g})" for k, v in target.items())
+    return IntrinsicGate(name="budget-met", passed=met, detail=("met: " if met else "missed: ") + said)
 
 
 def _parity_gate(report: Report) -> IntrinsicGate | None:
@@ -212,12 +246,13 @@ def _parity_gate(report: Report) -> IntrinsicGate | None:
             continue
         checked += 1
         p = ev.parity
-        if p.top1_agreement < 1.0 or p.nonfinite or p.max_abs_diff is None:
+        if not _agrees(p.top1_agreement, p.max_abs_diff) or p.nonfinite:
             agreement = f"top-1 agreement {p.top1_agreement:.4f}"
-            problems.append(f"{ev.model}/{ev.runtime}: {agreement}, {p.nonfinite} NaN/Inf images")
+            diff = f"max |dlogit| {p.max_abs_diff}"
+            problems.append(f"{ev.model}/{ev.runtime}: {agreement}, {diff}, {p.nonfinite} NaN/Inf images")
     for name, export in (report.parity or {}).items():
         checked += 1
-        if export.top1_agreement < 1.0 or export.max_abs_diff is None:
+        if not _agrees(export.top1_agreement, export.max_abs_diff):
             agreement = f"top-1 agreement {export.top1_agreement:.4f}"
             problems.append(f"export {name}: {agreement}, max |dlogit| {export.max_abs_diff}")
     if not checked:
@@ -273,6 +308,11 @@ def verdict_gates(
     """Every intrinsic gate of ``report`` judged with ``gates``: :func:`intrinsic_gates` and
     :func:`coverage_gate`."""
     return [*intrinsic_gates(report), coverage_gate(report, gates, allow_unverified=allow_unverified)]
+
+
+def _agrees(top1_agreement: float, max_abs_diff: float | None) -> bool:
+    """Full agreement with finite differences; written so that a NaN anywhere fails."""
+    return top1_agreement >= 1.0 and max_abs_diff is not None and math.isfinite(max_abs_diff)
 
 
 def verdict(gates: list[GateResult], intrinsic: list[IntrinsicGate]) -> bool:
