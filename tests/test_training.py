@@ -208,3 +208,49 @@ def test_a_checkpoint_of_another_run_is_ignored(tmp_path: Path) -> None:
     assert TrainCheckpoint(tmp_path / "c.pt", "new").load() is None
     (tmp_path / "torn.pt").write_bytes(b"\x80\x04 not a checkpoint")
     assert TrainCheckpoint(tmp_path / "torn.pt", "new").load() is None
+
+
+def _diverging() -> tuple[nn.Module, object, TrainConfig]:
+    model, loader, cfg = _fresh("clean")
+    return model, loader, cfg.model_copy(update={"lr": 1e6, "epochs": 3})
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_a_diverging_training_is_the_users_setting_named_in_one_line(tmp_path: Path) -> None:
+    from toolchain.errors import UserError
+    from toolchain.training import TrainCheckpoint
+
+    checkpoint = TrainCheckpoint(tmp_path / "ckpt.pt", "key-1")
+    said = (
+        r"^finetune: loss became NaN at epoch 2/3: lower finetune\.lr \(now 1e\+06\); the training diverged$"
+    )
+    for _attempt in range(2):  # the second resumes from the checkpoint, and stops the same way
+        model, loader, cfg = _diverging()
+        with pytest.raises(UserError, match=said):
+            train_model(model, loader, cfg, progress=False, desc="finetune", checkpoint=checkpoint)
+        saved = torch.load(checkpoint.path, weights_only=True)  # epoch 1 only: the NaN one is not saved
+        assert saved["epoch"] == 1 and all(math.isfinite(h["loss"]) for h in saved["history"])
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_a_checkpoint_with_a_nan_history_is_not_resumed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from toolchain.training import TrainCheckpoint
+
+    checkpoint = TrainCheckpoint(tmp_path / "ckpt.pt", "key-1")
+    with monkeypatch.context() as patch:
+        _interrupt_at(patch, at_step=5)  # epoch 2 of 3: epoch 1 is saved
+        model, loader, cfg = _fresh("clean")
+        with pytest.raises(Interrupt):
+            train_model(model, loader, cfg, progress=False, checkpoint=checkpoint)
+    # As versions before the divergence check saved one: NaN weights, a NaN loss in the history.
+    saved = torch.load(checkpoint.path, weights_only=True)
+    saved["history"][0]["loss"] = math.nan
+    saved["model"] = {
+        k: torch.full_like(v, math.nan) if v.is_floating_point() else v for k, v in saved["model"].items()
+    }
+    checkpoint.save({k: v for k, v in saved.items() if k not in ("format", "key")})
+    model, loader, cfg = _fresh("clean")
+    history = train_model(model, loader, cfg, progress=False, checkpoint=checkpoint)
+    assert [h["epoch"] for h in history] == [1, 2, 3] and all(math.isfinite(h["loss"]) for h in history)

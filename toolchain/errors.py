@@ -16,6 +16,7 @@ __all__ = [
     "RecipeError",
     "RunDirectoryError",
     "RunLockedError",
+    "TrainingDivergedError",
     "UnknownNameError",
     "UserError",
 ]
@@ -39,3 +40,8 @@ class RunDirectoryError(UserError):
 
 class RunLockedError(RunDirectoryError):
     """Another live robustprune process holds the run directory's lock."""
+
+
+class TrainingDivergedError(UserError):
+    """The training loss became NaN or infinite: the recipe's settings (its learning rate,
+    usually), not a bug."""

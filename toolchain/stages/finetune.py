@@ -25,6 +25,7 @@ class Finetune(Stage):
             ctx.recipe.finetune,
             seed=ctx.recipe.seed + 100,
             desc=FINETUNE,
+            section="finetune",
             progress=ctx.progress,
             device=ctx.device,
             checkpoint=ctx.checkpoint(FINETUNE),

@@ -41,6 +41,7 @@ class Train(Stage):
             ctx.recipe.train,
             seed=ctx.recipe.seed,
             desc=TRAIN,
+            section="train",
             progress=ctx.progress,
             device=ctx.device,
             checkpoint=ctx.checkpoint(TRAIN),

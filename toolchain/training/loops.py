@@ -9,6 +9,7 @@ optimiser step (mask updates, rewiring, schedules).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from tqdm.auto import tqdm
 
 from exporters.outputs import map_outputs
 from toolchain import distributed
-from toolchain.errors import UserError
+from toolchain.errors import TrainingDivergedError, UserError
 from toolchain.killpoints import killpoint
 from toolchain.recipe_train import TrainConfig
 from toolchain.tasks import task_of, to_device
@@ -168,6 +169,7 @@ def train_model(
     hooks: TrainHooks | None = None,
     checkpoint: TrainCheckpoint | None = None,
     data_parallel: bool = False,
+    section: str | None = None,
 ) -> list[dict[str, float]]:
     """Train ``model`` in place with SGD on ``cfg.loss`` under ``cfg.schedule``.
 
@@ -188,11 +190,17 @@ def train_model(
         data_parallel: under torchrun, train with DistributedDataParallel across the process
             group (``loader`` then holds this rank's shard); every rank returns the same
             model and history, rank 0 alone writes the checkpoint.
+        section: the recipe key of ``cfg`` (``train``, ``finetune``, ...), named when training
+            diverges; default ``desc``.
 
     Returns:
         One dict per epoch: ``{"epoch", "loss", "accuracy", "adversarial", "lr"}`` plus the
         hooks' metrics (accuracy on the inputs the loss reads: adversarial ones for PGD-AT),
         counted over every rank's images.
+
+    Raises:
+        TrainingDivergedError: an epoch's loss was NaN or infinite (checked on the loss summed
+            over every rank, so every rank raises); nothing of that epoch is saved.
     """
     hooks = hooks or TrainHooks()
     model.to(device)
@@ -278,6 +286,7 @@ def train_model(
             "adversarial": float(adversarial and cfg.loss != "clean"),
             "lr": cfg.lr * factor,
         }
+        _check_finite(record["loss"], epoch + 1, cfg, desc, section or desc)
         if hooks.metrics is not None:
             record.update(hooks.metrics())
         history.append(record)
@@ -297,6 +306,17 @@ def train_model(
     distributed.local_batchnorm(model, synced)
     model.eval()
     return history
+
+
+def _check_finite(loss: float, epoch: int, cfg: TrainConfig, desc: str, section: str) -> None:
+    """A NaN or infinite epoch loss is the recipe's setting (too high a learning rate, mostly),
+    not a bug: say which, and stop before it is saved or written anywhere."""
+    if math.isfinite(loss):
+        return
+    raise TrainingDivergedError(
+        f"{desc}: loss became {'NaN' if math.isnan(loss) else 'infinite'} at epoch {epoch}/{cfg.epochs}: "
+        f"lower {section}.lr (now {cfg.lr:g}); the training diverged"
+    )
 
 
 @dataclass
@@ -343,6 +363,12 @@ class _State:
         if saved is None or checkpoint is None:
             return 0, []
         ranks = saved.get("ranks", [])
+        if not all(math.isfinite(h.get("loss", 0.0)) for h in saved.get("history", [])):
+            # Saved by a version that went on training after a NaN loss: nothing to resume.
+            log.warning(
+                "%s: checkpoint %s holds a diverged training (NaN loss); starting over", desc, checkpoint.path
+            )
+            return 0, []
         if len(ranks) != self.world.size:
             log.info(
                 "%s: checkpoint from %d process(es), this run has %d: starting over",

@@ -79,6 +79,7 @@ class Iterative(PruningMethod):
                 settings,
                 seed=job.seed + step,
                 desc=f"recover {step}",
+                section="prune.finetune_between",
                 progress=job.progress,
                 device=job.device,
             )

@@ -50,6 +50,7 @@ class MaskedMethod(PruningMethod):
                 cfg or self.own.train,
                 seed=job.seed + 3,
                 desc=self.name,
+                section=f"prune.{self.name}.train" if cfg is None else "prune",
                 progress=job.progress,
                 device=job.device,
                 hooks=hooks,
