@@ -255,10 +255,11 @@ def test_metrics_hand_computed() -> None:
 def test_metrics_division_by_zero_and_mismatch() -> None:
     perfect = {"fog": {1: 1.0}}
     assert corruption_errors(perfect, perfect, 1.0, 1.0)["fog"] == {
-        "ce": 1.0, "relative_ce": None, "mean_accuracy": 1.0,
+        "ce": 1.0, "relative_ce": None, "floored": False, "mean_accuracy": 1.0,
     }  # fmt: skip
     worse = corruption_errors({"fog": {1: 0.5}}, perfect, 1.0, 1.0)["fog"]
-    assert worse["ce"] == math.inf and worse["relative_ce"] is None
+    # The baseline does not degrade, the model loses 50 points: counted against the floor.
+    assert worse["ce"] == math.inf and worse["relative_ce"] == pytest.approx(0.5 / 0.01)
     # A corruption that does not degrade the baseline leaves relative mCE to the others.
     model = {"fog": {1: 0.6}, "brightness": {1: 0.9}}
     dense = {"fog": {1: 0.7}, "brightness": {1: 0.95}}
@@ -269,6 +270,32 @@ def test_metrics_division_by_zero_and_mismatch() -> None:
         summarize({"fog": {1: 0.5}}, {"snow": {1: 0.5}}, 0.9, 0.9)
     with pytest.raises(UserError, match="not in"):
         summarize({"fog": {1: 1.5}}, {"fog": {1: 0.5}}, 0.9, 0.9)
+
+
+def test_relative_mce_counts_a_corruption_only_the_compared_model_degrades_on() -> None:
+    # Brightness does not degrade the dense model; the pruned one loses 30 points on it.
+    dense = {"fog": {1: 0.7, 2: 0.5}, "brightness": {1: 0.9, 2: 0.9}}
+    model = {"fog": {1: 0.7, 2: 0.5}, "brightness": {1: 0.6, 2: 0.6}}
+    out = summarize(model, dense, model_clean=0.9, dense_clean=0.9)
+    # fog: (0.2 + 0.4) / (0.2 + 0.4) = 1; brightness: (0.3 + 0.3) / floor (0.01 x 2 severities) = 30.
+    assert out["per_corruption"]["brightness"]["relative_ce"] == pytest.approx(30.0)
+    assert out["relative_mce"] == pytest.approx((1.0 + 30.0) / 2)
+    assert out["relative_floored"] == ["brightness"] and out["relative_excluded"] == []
+
+
+def test_relative_mce_is_never_negative_and_bounded_near_a_zero_denominator() -> None:
+    dense = {"fog": {1: 0.7}, "snow": {1: 0.8999}}  # snow: the dense model loses 0.01 points
+    # fog: the model does better corrupted than clean (sampling noise): no degradation, not a gain.
+    model = {"fog": {1: 0.85}, "snow": {1: 0.6}}
+    out = summarize(model, dense, model_clean=0.8, dense_clean=0.9)
+    assert out["per_corruption"]["fog"]["relative_ce"] == 0.0  # was (0.15 - 0.2) / 0.2 = -0.25
+    assert out["per_corruption"]["snow"]["relative_ce"] == pytest.approx(0.2 / 0.01)  # was 0.2 / 1e-4 = 2000
+    assert out["relative_floored"] == ["snow"]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):  # any accuracies: every relative CE in [0, 100]
+        a = torch.rand(7, generator=g).tolist()
+        rel = corruption_errors({"c": {1: a[0], 2: a[1]}}, {"c": {1: a[2], 2: a[3]}}, a[4], a[5])["c"]
+        assert rel["relative_ce"] is None or 0.0 <= rel["relative_ce"] <= 100.0
 
 
 @pytest.mark.parametrize("name", CORRUPTIONS.names())

@@ -329,6 +329,7 @@ class Corruptions(Record):
             "mce",
             "relative_mce",
             "relative_excluded",
+            "relative_floored",
             "baseline",
             "errors",
             "per_corruption_miou",
@@ -351,11 +352,18 @@ class Corruptions(Record):
     )
     relative_mce: float | None = Field(
         None,
-        description="mCE after subtracting each model's clean error; corruptions that do not degrade the "
-        "dense model are left out (relative_excluded); null when none is left",
+        description="mean relative CE: each model's degradation under a corruption (error above its clean "
+        "error, never below 0) over the dense model's, the latter floored at 1 point per severity; "
+        "in [0, 100]; null when no corruption degrades either model",
     )
     relative_excluded: list[str] | None = Field(
-        None, description="corruptions left out of relative_mce (they do not degrade the dense model)"
+        None,
+        description="corruptions left out of relative_mce: neither model degrades by 1 point per severity",
+    )
+    relative_floored: list[str] | None = Field(
+        None,
+        description="corruptions the dense model does not degrade on but this model does: counted in "
+        "relative_mce against the floor (a loss here shows as a large relative CE)",
     )
     baseline: dict[str, str] | None = Field(
         None, description="the evaluation compared against: model, runtime, precision"

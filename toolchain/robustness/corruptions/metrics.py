@@ -5,18 +5,27 @@ severity keys may be ints or strings, as in ``report.json``), for the model unde
 the dense baseline it is compared against, plus both clean accuracies. Errors are ``1 - acc``.
 
 - ``CE_c = sum_s E_model(c, s) / sum_s E_dense(c, s)``; ``mCE`` is its mean over corruptions.
-- ``relative CE_c = sum_s (E_model(c, s) - E_model_clean) / sum_s (E_dense(c, s) - E_dense_clean)``;
-  ``relative mCE`` is its mean. It measures degradation *under corruption* relative to the
-  baseline's, separately from clean accuracy.
+- ``relative CE_c = D_model(c) / max(D_dense(c), floor)`` with the degradation
+  ``D(c) = max(0, sum_s (E(c, s) - E_clean))`` and ``floor = 0.01 x severities`` (one point of
+  accuracy per severity); ``relative mCE`` is its mean. It measures degradation *under
+  corruption* relative to the baseline's, separately from clean accuracy.
 
-Division by zero: a CE whose denominator is <= 1e-12 (the baseline makes no error) is 1.0
-when its numerator is also <= 1e-12 and ``math.inf`` otherwise (a ``<=`` gate on it then
-fails, i.e. fails closed). A relative CE is *undefined* (None) for a corruption that does not
-degrade the baseline (its corrupted error is not above its clean error: mild brightness, or
-low light on a dataset of dark images): there is no degradation to compare with, and one such
-corruption would otherwise make the whole relative mCE infinite. Relative mCE is the mean over
-the corruptions where it is defined; the others are listed in ``relative_excluded`` (and
-still count in mCE). JSON writers should map ``inf`` to null or a string.
+The relative rule, for every corruption:
+
+* both degradations below the floor: neither model degrades, there is nothing to compare; the
+  relative CE is undefined (None) and the corruption is listed in ``relative_excluded`` (it
+  still counts in mCE);
+* the baseline's below the floor, the compared model's not: the compared model degrades where
+  the baseline does not. It counts, divided by the floor (so a 30-point loss on 2 severities is
+  0.6 / 0.02 = 30), and is listed in ``relative_floored``; never dropped;
+* otherwise the ratio. A model doing better corrupted than clean (sampling noise, an INT8
+  file) has degradation 0, never a negative one.
+
+So every relative CE lies in [0, 100] (a degradation is at most 1 per severity): no negative
+or exploding values from a near-zero denominator. A CE whose denominator is <= 1e-12 (the
+baseline makes no error) is 1.0 when its numerator is also <= 1e-12 and ``math.inf``
+otherwise (a ``<=`` gate on it then fails, i.e. fails closed); JSON writers should map ``inf``
+to null or a string.
 """
 
 from __future__ import annotations
@@ -31,6 +40,8 @@ from toolchain.tasks import task_named
 
 Accuracies = Mapping[str, Mapping[int | str, float]]
 _EPS = 1e-12
+#: The least degradation (error above clean error) per severity that counts as one: one point.
+RELATIVE_FLOOR = 0.01
 
 
 def _ratio(num: float, den: float) -> float:
@@ -75,7 +86,8 @@ def mean_corruption_accuracy(acc: Accuracies) -> float:
 def corruption_errors(
     model: Accuracies, dense: Accuracies, model_clean: float, dense_clean: float
 ) -> dict[str, dict[str, float | None]]:
-    """Per corruption: ``{"ce", "relative_ce", "mean_accuracy"}`` for the model vs the dense baseline.
+    """Per corruption: ``{"ce", "relative_ce", "floored", "mean_accuracy"}`` for the model vs the
+    dense baseline (``floored``: the relative CE is over the floor, see the module docstring).
 
     Raises:
         UserError: the two sets of accuracies do not cover the same corruptions and severities,
@@ -96,12 +108,24 @@ def corruption_errors(
         err_d = sum(1 - d[name][s] for s in sevs)
         rel_m = sum((1 - m[name][s]) - (1 - mc) for s in sevs)
         rel_d = sum((1 - d[name][s]) - (1 - dc) for s in sevs)
+        relative, floored = _relative(rel_m, rel_d, RELATIVE_FLOOR * len(sevs))
         result[name] = {
             "ce": _ratio(err_m, err_d),
-            "relative_ce": rel_m / rel_d if rel_d > _EPS else None,
+            "relative_ce": relative,
+            "floored": floored,
             "mean_accuracy": sum(m[name].values()) / len(sevs),
         }
     return result
+
+
+def _relative(model_drop: float, dense_drop: float, floor: float) -> tuple[float | None, bool]:
+    """The relative CE of one corruption (see the module docstring), and whether the dense
+    model's degradation was floored: None when neither model degrades by the floor, else the
+    model's degradation over the dense one's, floored."""
+    model_drop, dense_drop = max(model_drop, 0.0), max(dense_drop, 0.0)
+    if model_drop < floor and dense_drop < floor:
+        return None, False
+    return model_drop / max(dense_drop, floor), dense_drop < floor
 
 
 def summarize(
@@ -110,10 +134,10 @@ def summarize(
     """All corruption metrics as a plain dict (the shape ``report.json`` stores).
 
     Returns:
-        ``{"mean_accuracy", "mce", "relative_mce", "relative_excluded", "per_corruption":
-        {name: {...}}}`` with ``mce`` the mean of the per-corruption ``ce`` (``inf`` if any is)
-        and ``relative_mce`` the mean of the defined ``relative_ce`` (None if none is), see the
-        module docstring.
+        ``{"mean_accuracy", "mce", "relative_mce", "relative_excluded", "relative_floored",
+        "per_corruption": {name: {...}}}`` with ``mce`` the mean of the per-corruption ``ce``
+        (``inf`` if any is) and ``relative_mce`` the mean of the defined ``relative_ce`` (None
+        if none is), see the module docstring.
 
     Raises:
         UserError: mismatched or out-of-range inputs.
@@ -127,6 +151,7 @@ def summarize(
         "mce": sum(float(p["ce"] or 0.0) for p in per.values()) / len(per),
         "relative_mce": sum(relative) / len(relative) if relative else None,
         "relative_excluded": sorted(name for name, p in per.items() if p["relative_ce"] is None),
+        "relative_floored": sorted(name for name, p in per.items() if p["floored"]),
         "per_corruption": per,
     }
 
@@ -151,6 +176,7 @@ def add_corruption_errors(evaluations: Sequence[Evaluation]) -> None:
         ev.corruptions.mce = _finite(summary["mce"])
         ev.corruptions.relative_mce = _finite(summary["relative_mce"])
         ev.corruptions.relative_excluded = sorted(summary["relative_excluded"])  # type: ignore[call-overload]
+        ev.corruptions.relative_floored = sorted(summary["relative_floored"])  # type: ignore[call-overload]
         ev.corruptions.baseline = {"model": base.model, "runtime": base.runtime, "precision": base.precision}
         ev.corruptions.errors = {
             name: {k: _finite(v) for k, v in row.items() if k in ("ce", "relative_ce")}
