@@ -262,3 +262,27 @@ def test_nan_logits_fail_parity_and_the_intrinsic_gates() -> None:
     checks = {g.name: g for g in intrinsic_gates(Report(evaluations=evs))}
     assert not checks["engine-parity"].passed and not checks["finite-logits"].passed
     assert "2 NaN/Inf images" in checks["engine-parity"].detail
+
+
+def test_robust_accuracy_of_a_bare_engine_records_what_it_misses_and_its_gate_fails() -> None:
+    from toolchain.report.gates import evaluate_gates
+
+    model = _model()
+    spec = InputSpec(3, 16, 16)
+    cfg = _config(corruptions={"names": []})  # pgd (white-box) and square at 4/255
+    (ev,) = evaluate(
+        None, {"engine": _engine(model, spec)}, [make_data(12, seed=1)], cfg, model_name="m", progress=False
+    )
+    (robust,) = ev.robust_accuracy
+    assert robust.attacks == ["square"] and robust.missing == ["pgd"]  # pgd needs the PyTorch model
+    report = Report(evaluations=[ev])
+    where = "evaluations[model=m].robust_accuracy[norm=linf]"
+    worst, subset = evaluate_gates(
+        report,
+        [
+            {"metric": f"{where}.accuracy", "threshold": 0.0},  # the recipe's worst case: not measured
+            {"metric": f"{where[:-1]},attacks=square].accuracy", "threshold": 0.0},  # names the subset
+        ],
+    )
+    assert not worst.passed and "pgd" in (worst.error or "") and "attacks=square" in (worst.error or "")
+    assert subset.passed and subset.value == robust.accuracy

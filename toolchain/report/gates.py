@@ -8,8 +8,12 @@ exactly one element, e.g.::
     evaluations[model=pruned,runtime=onnxruntime].attacks[name=pgd,mode=transfer].accuracy
     evaluations[model=pruned,runtime=onnxruntime].corruptions.per_corruption.fog.5
     latency[model=pruned,batch=1].p50_ms
+    evaluations[model=pruned,runtime=onnxruntime].robust_accuracy[norm=linf,attacks=square].accuracy
 
-A path that resolves to nothing (or to several things, or to a non-number) fails its gate.
+A path that resolves to nothing (or to several things, or to a non-number) fails its gate. A
+list-valued key is selected with ``+`` between its items, in any order (``attacks=pgd+square``).
+A per-budget worst case that lacks some of the recipe's attacks (``missing``: a bare engine has
+no white-box attacks) fails its gate unless the selector names the attacks it does cover.
 
 Besides the recipe's (or a policy's) gates, every report is held to the intrinsic gates
 (:func:`verdict_gates`), whatever the recipe says; one of them fails a report with no gate or
@@ -71,11 +75,28 @@ def _select(items: list[Any], selector: str, where: str) -> Any:
     matches = [
         item
         for item in items
-        if isinstance(item, dict) and all(str(item.get(k)) == v for k, v in wanted.items())
+        if isinstance(item, dict) and all(_matches(item.get(k), v) for k, v in wanted.items())
     ]
     if len(matches) != 1:
         raise MetricNotFound(f"{where}[{selector}] matches {len(matches)} entries, not exactly one")
-    return matches[0]
+    match = matches[0]
+    missing = match.get("missing")
+    if missing and "attacks" not in wanted:
+        # A worst case over fewer attacks than the recipe's is not the recipe's worst case.
+        covered = match.get("attacks") or []
+        raise MetricNotFound(
+            f"{where}[{selector}] is the worst case over {', '.join(covered) or 'no attack'} only: the "
+            f"recipe's {', '.join(missing)} did not run (see skipped); to gate on that subset, name it: "
+            f"{where}[{selector},attacks={'+'.join(covered)}]"
+        )
+    return match
+
+
+def _matches(value: Any, wanted: str) -> bool:
+    """A selector clause: ``key=value``, or for a list ``key=a+b`` (the same names, any order)."""
+    if isinstance(value, list):
+        return sorted(map(str, value)) == sorted(w.strip() for w in wanted.split("+"))
+    return str(value) == wanted
 
 
 def resolve_metric(report: dict[str, Any], path: str) -> float:

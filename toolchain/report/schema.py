@@ -244,6 +244,8 @@ class RobustAccuracy(Record):
     ``min(cap)`` images of the stream).
     """
 
+    omit_if_none = frozenset({"missing"})
+
     norm: str = Field(description="linf or l2")
     eps: float = Field(description="the budget")
     accuracy: float = Field(
@@ -251,17 +253,29 @@ class RobustAccuracy(Record):
     )
     samples: int = Field(description="images all of those attacks saw")
     attacks: list[str] = Field(description="the attacks taken into account")
+    missing: list[str] | None = Field(
+        None,
+        description="the recipe's attacks at this budget that did not run here (see skipped); a gate on "
+        "this entry then fails unless its selector names the attacks it covers",
+    )
 
 
 class RobustMiou(Record):
     """Segmentation: the lowest mIoU among the attacks run at one budget (``samples``: the
     fewest images any of them saw)."""
 
+    omit_if_none = frozenset({"missing"})
+
     norm: str = Field(description="linf or l2")
     eps: float = Field(description="the budget")
     miou: float = Field(description="the lowest mIoU among the attacks at this budget")
     samples: int = Field(description="the fewest images any of them saw")
     attacks: list[str] = Field(description="the attacks taken into account")
+    missing: list[str] | None = Field(
+        None,
+        description="the recipe's attacks at this budget that did not run here (see skipped); a gate on "
+        "this entry then fails unless its selector names the attacks it covers",
+    )
 
 
 class RobustMap(Record):
@@ -269,12 +283,19 @@ class RobustMap(Record):
     of its objects found), and the COCO mAP of those images (``samples``: the images every one
     of them saw)."""
 
+    omit_if_none = frozenset({"missing"})
+
     norm: str = Field(description="linf or l2")
     eps: float = Field(description="the budget")
     map: float = Field(description="COCO mAP@[.5:.95] of each image's worst attack")
     map50: float = Field(description="mAP@.5 of the same")
     samples: int = Field(description="images every attack at this budget saw")
     attacks: list[str] = Field(description="the attacks taken into the worst case")
+    missing: list[str] | None = Field(
+        None,
+        description="the recipe's attacks at this budget that did not run here (see skipped); a gate on "
+        "this entry then fails unless its selector names the attacks it covers",
+    )
 
 
 class Parity(Record):

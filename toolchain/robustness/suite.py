@@ -136,10 +136,10 @@ def evaluate(
     if model is not None:
         model.eval()
     attacks = build_suite_attacks(list(cfg.attacks), task.name)
+    not_run = [spec for spec, _ in attacks if spec.mode == "white-box" and model is None]
     skipped = [
         Skipped(name=spec.name, reason="white-box attacks need the PyTorch model; only black-box ones run")
-        for spec, _ in attacks
-        if spec.mode == "white-box" and model is None
+        for spec in not_run
     ]
     attacks = [item for item in attacks if not (item[0].mode == "white-box" and model is None)]
     evaluators = {name: task.evaluator(class_names) for name in runners}
@@ -156,7 +156,12 @@ def evaluate(
         seen += len(x)
     specs = [spec for spec, _ in attacks]
     return [
-        _evaluation(model_name, runner, evaluators[name], flags[name], specs, cfg, model is not None, skipped)
+        _missing(
+            _evaluation(
+                model_name, runner, evaluators[name], flags[name], specs, cfg, model is not None, skipped
+            ),
+            not_run,
+        )
         for name, runner in runners.items()
     ]
 
@@ -279,6 +284,16 @@ def _evaluation(
     flags |= _black_box_flags(evaluator, specs)
     ev.flags = sorted(flags)
     ev.skipped = skipped or None
+    return ev
+
+
+def _missing(ev: Evaluation, not_run: list[AttackSpec]) -> Evaluation:
+    """Record in each per-budget worst case (robust accuracy, mIoU or mAP) the recipe's attacks
+    at that budget that did not run, so that it is never read as the recipe's worst case."""
+    for field in ("robust_accuracy", "robust_miou", "robust_map"):
+        for row in getattr(ev, field, None) or []:
+            names = sorted({s.name for s in not_run if (s.norm, s.eps) == (row.norm, row.eps)})
+            row.missing = names or None
     return ev
 
 
