@@ -295,3 +295,31 @@ def test_ignoring_the_layer_the_error_names_makes_the_model_prunable() -> None:
         check_removal(net, x, [net.fc])
     check_removal(net, x, [net.fc, net.conv2])  # conv keeps shrinking; conv2 keeps its 16 channels
     assert net.conv.out_channels == 16  # the check works on a copy
+
+
+def _run_with_export(tmp_path: Path) -> Path:
+    """A run directory whose export stage recorded ``pruned.onnx`` (and its sha256)."""
+    root = tmp_path / "run"
+    with RunDir.open(root, {"name": "tiny"}) as run:
+        _onnx(run.stage_dir("export") / "pruned.onnx")
+        run.finish("export", "k", {}, ["pruned.onnx"], {}, 1.0)
+    return root / "export" / "pruned.onnx"
+
+
+def test_validate_refuses_a_run_directory_file_that_is_not_the_one_its_stage_recorded(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    engine = _run_with_export(tmp_path)
+    _onnx(engine, nan=True)  # another model written over it after its stage finished
+    line = refused(capsys, _validate(tmp_path, engine), "pruned.onnx")
+    assert "does not match the sha256 its stage.json recorded" in line
+    assert not (tmp_path / "v" / "report.json").exists()
+
+
+def test_validate_holds_the_lock_of_the_run_directory_it_reads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    engine = _run_with_export(tmp_path)
+    with RunDir.open(engine.parent.parent, {"name": "tiny"}):  # as a running `robustprune run` holds it
+        refused(capsys, _validate(tmp_path, engine), "is in use by a running robustprune (pid ")
+    assert _validate(tmp_path, engine) in (0, 1)  # a verdict, once the run is over

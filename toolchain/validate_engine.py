@@ -22,7 +22,7 @@ from exporters.onnx import read_onnx_metadata
 from exporters.runtimes import build_runner
 from toolchain import preflight
 from toolchain.data import load_data
-from toolchain.errors import UserError
+from toolchain.errors import RunDirectoryError, RunLockedError, UserError
 from toolchain.models import trusted_builder
 from toolchain.pruning import load_pruned
 from toolchain.recipe import Recipe
@@ -31,6 +31,7 @@ from toolchain.report.schema import EngineInfo, Models, Report
 from toolchain.report.writer import mark_stale, mark_stale_before_start, write_report
 from toolchain.robustness.suite import evaluate
 from toolchain.rundir import EXPORT, MODEL_STAGES, QUANTIZE, RunDir, RunLayout
+from toolchain.runlock import RunLock
 from toolchain.training import make_loader
 
 log = logging.getLogger(__name__)
@@ -68,15 +69,60 @@ def validate_engine(engine: Path, recipe: Recipe, out: Path, *, progress: bool =
 
     The previous report in ``out`` is marked stale before anything else; report.json is written last.
 
+    A file of a run directory must be the one its stage recorded (sha256), and that run
+    directory is held (its lock) while it is validated.
+
     Raises:
-        UserError: the file is missing or not ONNX, its input does not match the data, or a
-            name in the recipe is unknown.
+        UserError: the file is missing or not ONNX, changed since its stage recorded it, its
+            input does not match the data, or a name in the recipe is unknown.
+        RunLockedError: a ``run`` is using the file's run directory.
     """
     mark_stale_before_start(out)  # first: bad input refused below leaves no old verdict in ``out``
     if not engine.is_file():
         raise UserError(f"engine {str(engine)!r} not found; pass the path to an exported .onnx file")
     if engine.suffix != ".onnx":
         raise UserError(f"engine {str(engine)!r}: only ONNX files are validated here (got {engine.suffix!r})")
+    lock = _hold_run_directory(engine)
+    try:
+        return _validate(engine, recipe, out, progress)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _hold_run_directory(engine: Path) -> RunLock | None:
+    """For a file of a run directory (its export or quantize folder): that directory's lock,
+    held while the file is validated (a ``run`` there would rewrite it and delete the
+    validation's temporary files), once the file is checked against its stage record.
+
+    Raises:
+        RunLockedError: a ``run`` is using the run directory.
+        UserError: the file is not the one its stage recorded (changed, truncated, or never
+            written by the stage).
+    """
+    layout = RunLayout(engine.parent.parent)
+    if engine.parent.name not in (EXPORT, QUANTIZE) or not layout.is_run_directory():
+        return None
+    try:
+        lock: RunLock | None = RunLock.acquire(layout.root)
+    except RunLockedError:
+        raise
+    except RunDirectoryError:  # a read-only copy: nothing can rewrite it either
+        log.warning("cannot lock %s (read-only); validating without its lock", layout.root)
+        lock = None
+    if not layout.verify(engine.parent.name, engine.name):
+        if lock is not None:
+            lock.release()
+        raise UserError(
+            f"{str(engine)!r} does not match the sha256 its stage.json recorded (changed after its stage "
+            "finished, truncated, or not written by it); re-run `robustprune run` on that run directory, "
+            "or copy the file out of it to validate it as your own"
+        )
+    return lock
+
+
+def _validate(engine: Path, recipe: Recipe, out: Path, progress: bool) -> Report:
+    """:func:`validate_engine` once the file is found (and its run directory held)."""
     preflight.check_names(recipe)
     runner = any_batch(build_runner("onnxruntime", path=engine, threads=recipe.validate.threads))
     metadata = read_onnx_metadata(engine)
