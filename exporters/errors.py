@@ -10,15 +10,18 @@ traceback. The base classes live here, in the lowest library, so that ``exporter
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Sequence
 
 __all__ = [
     "ExportError",
     "InputSpecError",
     "ParityError",
+    "ResourceError",
     "RuntimeUnavailableError",
     "UnknownNameError",
     "UserError",
+    "resource_error",
 ]
 
 
@@ -61,3 +64,41 @@ class ParityError(UserError):
         super().__init__(message)
         self.max_abs_diff = max_abs_diff
         self.top1_agreement = top1_agreement
+
+
+class ResourceError(UserError):
+    """The machine ran out of memory or disk space: neither a bad file nor a bug."""
+
+
+# How out-of-memory reads in the libraries' own exception types (torch, ONNX Runtime, protobuf).
+_OUT_OF_MEMORY = (
+    "out of memory",
+    "can't allocate memory",
+    "failed to allocate memory",
+    "bad_alloc",
+    "bad allocation",
+    "cannot allocate memory",
+)
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def resource_error(exc: BaseException, doing: str) -> ResourceError | None:
+    """``exc`` as a :class:`ResourceError` when it says memory or disk ran out, else None.
+
+    Code that turns a library's broad failure into "a truncated or unreadable file" asks this
+    first, so that a full disk or an exhausted memory is named as such.
+
+    Args:
+        exc: what the library raised.
+        doing: what was being done, for the message ("loading model.onnx").
+    """
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    if isinstance(exc, MemoryError) or any(marker in text.lower() for marker in _OUT_OF_MEMORY):
+        return ResourceError(
+            f"out of memory while {doing} ({first}); lower the batch size (data.batch_size, "
+            "validate.batch_size, quantize.samples), close other programs, or use a machine with more memory"
+        )
+    if (isinstance(exc, OSError) and exc.errno in _DISK_FULL) or "no space left on device" in text.lower():
+        return ResourceError(f"no space left on device while {doing} ({first}); free disk space and re-run")
+    return None

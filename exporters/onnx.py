@@ -27,7 +27,7 @@ from google.protobuf.message import EncodeError
 from torch import nn
 
 from exporters.base import InputSpec
-from exporters.errors import ExportError, UserError
+from exporters.errors import ExportError, UserError, resource_error
 from exporters.parity import ParityResult, check_parity
 
 __all__ = [
@@ -125,7 +125,9 @@ def load_onnx(path: str | os.PathLike[str], *, load_external_data: bool = True) 
     try:
         return onnx.load(str(path), load_external_data=load_external_data)
     except Exception as exc:  # protobuf raises DecodeError, onnx may raise others
-        raise UserError(f"{path} is not a readable ONNX model ({type(exc).__name__}); re-export it") from exc
+        raise resource_error(exc, f"loading {path}") or UserError(
+            f"{path} is not a readable ONNX model ({type(exc).__name__}); re-export it"
+        ) from exc
 
 
 def read_onnx_metadata(path: str | os.PathLike[str]) -> dict[str, str]:

@@ -11,7 +11,7 @@ import onnxruntime as ort
 import torch
 
 from exporters.base import InputSpec, Runner
-from exporters.errors import UserError
+from exporters.errors import UserError, resource_error
 from exporters.outputs import Outputs
 from exporters.runtime_spec import RuntimeSpec, register
 
@@ -142,7 +142,7 @@ class OnnxRuntimeRunner(Runner):
             )
         except Exception as exc:  # onnxruntime raises its own pybind exception types
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UserError(
+            raise resource_error(exc, f"loading {self.path.name} into ONNX Runtime") or UserError(
                 f"ONNX Runtime cannot load {self.path}: {first_line}; export the model again (a truncated "
                 "or non-ONNX file), or with another export.opset (an op this ONNX Runtime lacks)"
             ) from exc

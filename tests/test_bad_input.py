@@ -323,3 +323,43 @@ def test_validate_holds_the_lock_of_the_run_directory_it_reads(
     with RunDir.open(engine.parent.parent, {"name": "tiny"}):  # as a running `robustprune run` holds it
         refused(capsys, _validate(tmp_path, engine), "is in use by a running robustprune (pid ")
     assert _validate(tmp_path, engine) in (0, 1)  # a verdict, once the run is over
+
+
+def test_out_of_memory_is_named_as_such_not_as_a_truncated_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import onnxruntime as ort
+
+    from exporters.runtimes import build_runner
+    from toolchain.errors import ResourceError
+    from toolchain.models import load_state_dict_file
+
+    engine = _onnx(tmp_path / "model.onnx")
+
+    def no_memory(*_: Any, **__: Any) -> Any:
+        raise RuntimeError(
+            "[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Failed to allocate memory for requested buffer"
+        )
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ort, "InferenceSession", no_memory)
+        with pytest.raises(
+            ResourceError, match=r"^out of memory while loading model\.onnx into ONNX Runtime"
+        ):
+            build_runner("onnxruntime", path=engine)
+        refused(capsys, _validate(tmp_path, engine), "out of memory while loading model.onnx")
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "load", lambda *_, **__: (_ for _ in ()).throw(MemoryError()))
+        with pytest.raises(ResourceError, match="out of memory while reading checkpoint"):
+            load_state_dict_file(_Net(False), tmp_path / "model.onnx")
+    # Anywhere else (training, attacks): still one line, exit 2, not "a bug".
+    from toolchain import commands
+
+    def oom(*_: Any, **__: Any) -> int:
+        raise RuntimeError(
+            "DefaultCPUAllocator: can't allocate memory: you tried to allocate 68719476736 bytes"
+        )
+
+    monkeypatch.setattr(commands, "run", oom)
+    line = refused(capsys, main(["run", "r.yaml"]), "out of memory while running robustprune run")
+    assert "lower the batch size" in line

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from exporters.errors import resource_error
 from toolchain.errors import UserError
 
 EXIT_OK, EXIT_GATE_FAILED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
@@ -178,8 +179,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("robustprune: interrupted; re-run the same command to resume\n")
         return 130
-    except Exception as exc:  # anything else is a bug: say so, never as "a gate failed"
-        return _internal_error(exc, args.debug)
+    except Exception as exc:  # anything else is a bug (say so, never as "a gate failed") or out of memory
+        resource = resource_error(exc, f"running robustprune {args.verb}")
+        if resource is None:
+            return _internal_error(exc, args.debug)
+        if args.debug:
+            traceback.print_exc()
+        sys.stderr.write(f"robustprune: error: {_one_line(resource)}\n")
+        return EXIT_USAGE
 
 
 def _internal_error(exc: BaseException, debug: bool) -> int:

@@ -7,13 +7,14 @@ are defined in :mod:`exporters.errors`, shared with the libraries; the pipeline'
 
 from __future__ import annotations
 
-from exporters.errors import InputSpecError, UnknownNameError, UserError
+from exporters.errors import InputSpecError, ResourceError, UnknownNameError, UserError
 
 __all__ = [
     "CheckpointError",
     "DataNotFoundError",
     "InputSpecError",
     "RecipeError",
+    "ResourceError",
     "RunDirectoryError",
     "RunLockedError",
     "TrainingDivergedError",

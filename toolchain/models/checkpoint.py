@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from exporters.errors import resource_error
 from toolchain.errors import CheckpointError
 
 _WRAPPERS = ("state_dict", "model")  # common {"state_dict": ...} / {"model": ...} envelopes
@@ -65,6 +66,8 @@ def load_state_dict_file(model: nn.Module, path: str | Path) -> None:
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ... here
+        if (resource := resource_error(exc, f"reading checkpoint {path}")) is not None:
+            raise resource from None
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         message = f"cannot read checkpoint {path} as a weights-only state_dict: {reason}"
         raise CheckpointError(message) from None

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from exporters.errors import resource_error
 from toolchain.errors import CheckpointError, UserError
 from toolchain.pruning.graph import build_graph, frozen_kept, plain_history, resync
 from toolchain.pruning.lowrank import apply_structure
@@ -133,7 +134,9 @@ def read_pruned(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"cannot read pruned checkpoint {str(path)!r}: {exc}") from None
+        raise resource_error(exc, f"reading {path}") or CheckpointError(
+            f"cannot read pruned checkpoint {str(path)!r}: {exc}"
+        ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{str(path)!r} is not a pruned model saved by save_pruned ({FORMAT})")
     return payload
