@@ -6,7 +6,6 @@ import json
 import logging
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import onnx
@@ -104,15 +103,16 @@ def images(batch: int, seed: int = 1) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[nn.Module, Path, float]]:
-    """Every tiny model exported once with a dynamic batch: name -> (model, path, seconds)."""
+def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[nn.Module, Path]]:
+    """Every tiny model exported once with a dynamic batch: name -> (model, path)."""
     root = tmp_path_factory.mktemp("onnx")
     out = {}
     for name in MODELS:
         model = make(name)
-        start = time.perf_counter()
-        path = export_onnx(model, root / f"{name}.onnx", input_spec=SPEC, metadata={"model": name})
-        out[name] = (model, path, time.perf_counter() - start)
+        out[name] = (
+            model,
+            export_onnx(model, root / f"{name}.onnx", input_spec=SPEC, metadata={"model": name}),
+        )
     return out
 
 
@@ -121,7 +121,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[nn.Mod
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_export_is_one_checked_file_with_named_dynamic_io(name: str, exported: dict) -> None:
-    _, path, _ = exported[name]
+    _, path = exported[name]
     proto = onnx.load(str(path))
     onnx.checker.check_model(proto, full_check=True)
     assert [i.name for i in proto.graph.input] == ["pixels"]
@@ -135,7 +135,7 @@ def test_export_is_one_checked_file_with_named_dynamic_io(name: str, exported: d
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_onnxruntime_matches_torch_on_batches_of_1_and_7(name: str, exported: dict) -> None:
-    model, path, _ = exported[name]
+    model, path = exported[name]
     runner = OnnxRuntimeRunner(path, threads=2)
     assert runner(images(1)).shape == (1, NUM_CLASSES)
     assert runner(images(7)).shape == (7, NUM_CLASSES)
@@ -145,12 +145,6 @@ def test_onnxruntime_matches_torch_on_batches_of_1_and_7(name: str, exported: di
     assert result.mean_abs_diff <= result.max_abs_diff
     assert result.top1_agreement == 1.0 and result.disagreements == 0
     assert result.require(atol=1e-4) is result
-
-
-def test_export_is_fast_enough(exported: dict) -> None:
-    # The first export pays for importing the dynamo stack; later ones should be quick.
-    later = [seconds for _, _, seconds in list(exported.values())[1:]]
-    assert max(later) < 15.0
 
 
 def test_metadata_round_trips_and_callers_mode_is_kept(tmp_path: Path) -> None:
