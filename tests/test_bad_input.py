@@ -130,6 +130,20 @@ RECIPE_CASES: dict[str, tuple[Callable[[Path], str | dict[str, Any]], str]] = {
         lambda _: recipe(model={"arch": "tests.user_models:make_hard_coded_view"}),
         "add them to prune.ignored_layers (e.g. prune.ignored_layers: [net.conv2])",
     ),
+    "apgd-t-on-two-classes": (
+        lambda tmp: recipe(
+            data={"dataset": "image-folder", "root": image_root(tmp)},
+            validate__attacks=[{"name": "apgd-t", "eps": "4/255", "steps": 2}],
+        ),
+        "validate.attacks: 'apgd-t' needs a model with at least 4 classes",
+    ),
+    "autoattack-lite-on-two-classes": (  # its APGD-T part
+        lambda tmp: recipe(
+            data={"dataset": "image-folder", "root": image_root(tmp)},
+            validate__attacks=[{"name": "autoattack-lite", "eps": "4/255", "steps": 2, "queries": 5}],
+        ),
+        "validate.attacks: 'autoattack-lite' (its part 'apgd-t') needs a model with at least 4 classes",
+    ),
     "unknown-ignored-layer": (
         lambda _: recipe(
             model={"arch": "tests.user_models:make_hard_coded_view"}, prune__ignored_layers=["conv9"]

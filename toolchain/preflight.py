@@ -112,6 +112,7 @@ def check(recipe: Recipe) -> DataBundle:
             f"dataset {d.dataset!r} has {data.task} labels but the recipe's task is {recipe.task!r}; "
             f"set task: {data.task} (or use a {recipe.task} dataset)"
         )
+    check_attack_classes(recipe, data.num_classes)
     model = recipe_model(recipe, data)
     example = _example(data)
     with torch.no_grad():
@@ -119,6 +120,24 @@ def check(recipe: Recipe) -> DataBundle:
     task_named(recipe.task).check_output(out, data.num_classes, example)
     check_prunable(recipe, model, data)
     return data
+
+
+def check_attack_classes(recipe: Recipe, num_classes: int) -> None:
+    """Refuse, before any training, an attack the data's class count cannot run (APGD-T needs
+    4 classes; so does autoattack-lite, which runs it).
+
+    Raises:
+        UserError: names the attack (and the ensemble it belongs to) and the class count.
+    """
+    for spec, attack in build_suite_attacks(list(recipe.validate.attacks), recipe.task):
+        if num_classes >= attack.min_classes:
+            continue
+        which = f"{spec.ensemble!r} (its part {spec.name!r})" if spec.ensemble else repr(spec.name)
+        raise UserError(
+            f"validate.attacks: {which} needs a model with at least {attack.min_classes} classes "
+            f"({attack.min_classes_why}), dataset {recipe.data.dataset!r} has {num_classes}; "
+            "use 'apgd' instead"
+        )
 
 
 def train_sections(recipe: Recipe) -> list[TrainConfig]:

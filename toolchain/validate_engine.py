@@ -135,6 +135,7 @@ def _validate(engine: Path, recipe: Recipe, out: Path, progress: bool) -> Report
         val_samples=d.val_samples,
         seed=recipe.data_seed,
     )
+    preflight.check_attack_classes(recipe, data.num_classes)
     spec = runner.input_spec
     height, width = data.input_hw
     if (spec.channels, spec.height, spec.width) != (data.channels, height, width):

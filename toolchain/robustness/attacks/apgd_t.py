@@ -52,6 +52,8 @@ class APGDT(APGD):
     """
 
     name = "apgd-t"
+    min_classes = 4
+    min_classes_why = "the DLR loss uses the 4th largest logit"
     tasks = frozenset({"classification"})
     limited_because = "APGD-T targets one class per image"
 

@@ -89,6 +89,9 @@ class Attack(ABC):
     norms: ClassVar[tuple[str, ...]] = _NORMS
     tasks: ClassVar[frozenset[str]] = frozenset({"classification"})
     limited_because: ClassVar[str] = "it is defined on one label per image"
+    #: The fewest classes the attack is defined for (checked before a run; see ``min_classes_why``).
+    min_classes: ClassVar[int] = 0
+    min_classes_why: ClassVar[str] = ""
     task: Task | None = None
 
     def __init__(self, *, eps: float, norm: str = "linf", steps: int = 0, seed: int = 0) -> None:
