@@ -584,3 +584,51 @@ def test_the_segmentation_quickstart_names_resolve() -> None:
     )
     check_names(recipe)  # task, attacks (pgd, segpgd), corruptions, runtimes
     assert recipe.task == "segmentation" and recipe.model.arch == "segnet"
+
+
+class _ColumnOracle(torch.nn.Module):
+    """Reads its label map off the image: class = which quarter of the width channel 0's value
+    (the pixel's own x coordinate, on the clean image) falls in. Warp the image and its
+    predictions move with it: only labels that move too keep its mIoU at 1."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        centres = torch.tensor([0.125, 0.375, 0.625, 0.875]).view(1, 4, 1, 1)
+        return -((x[:, :1] - centres) ** 2) * 100
+
+
+def _column_scene(n: int = 4, h: int = 32, w: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    ramp = ((torch.arange(w) + 0.5) / w).view(1, 1, 1, w).expand(n, 1, h, w)
+    x = torch.cat([ramp, torch.full((n, 2, h, w), 0.5)], 1).contiguous()
+    return x, (ramp[:, 0] * 4).long().clamp_max(3)
+
+
+def test_a_geometric_corruption_warps_the_label_map_with_the_image() -> None:
+    torch.manual_seed(0)
+    x, y = _column_scene()
+    model = _ColumnOracle()
+    assert torch.equal(model(x).argmax(1), y)  # the oracle is right on clean images
+    cfg = ValidateConfig.model_validate(
+        {
+            "samples": 4,
+            "batch_size": 4,
+            "attacks": [],
+            "corruptions": {"names": ["elastic_transform"], "severities": [5]},
+        }
+    )
+    (ev,) = evaluate(
+        model,
+        {"torch": TorchRunner(model, InputSpec(3, 32, 64))},
+        [(x, y)],
+        cfg,
+        model_name="m",
+        task="segmentation",
+        class_names=["a", "b", "c", "d"],
+        progress=False,
+    )
+    warped = ev.corruptions.per_corruption_miou["elastic_transform"]["5"]  # type: ignore[index]
+    assert warped > 0.99  # measured 1.0 at severities 1, 3 and 5
+    # Unwarped labels against the warped image: the warp shows as an mIoU drop (the old way).
+    from toolchain.robustness.corruptions import corrupt
+
+    xc = corrupt("elastic_transform", x, 5, seed=cfg.corruptions.seed * 1_000_003)
+    assert mean_iou(confusion(model(xc).argmax(1), y, 4)) < warped

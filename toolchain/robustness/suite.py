@@ -28,7 +28,7 @@ from toolchain.recipe import EvalAttackConfig, ValidateConfig
 from toolchain.report.schema import Evaluation, Skipped
 from toolchain.robustness import sanity
 from toolchain.robustness.attacks import ATTACKS, Attack, build_attack
-from toolchain.robustness.corruptions import corrupt
+from toolchain.robustness.corruptions import corrupt, corrupt_labels
 from toolchain.tasks import AttackSpec, Evaluator, Task, task_named, task_of
 
 log = logging.getLogger(__name__)
@@ -254,9 +254,17 @@ def _corruptions(
     corruption = cfg.corruptions
     for cname in corruption.names:
         for severity in corruption.severities:
-            xc = corrupt(cname, x, severity, seed=corruption.seed * 1_000_003 + batch_index)
+            seed = corruption.seed * 1_000_003 + batch_index
+            xc = corrupt(cname, x, severity, seed=seed)
+            # Labels located in the image move with it (segmentation's label map, nearest).
+            yc = corrupt_labels(cname, y, x, severity, seed) if _label_map(task, y) else y
             for name, runner in runners.items():
-                evaluators[name].corrupted(f"{cname}:{severity}", runner(xc), y)
+                evaluators[name].corrupted(f"{cname}:{severity}", runner(xc), yc)
+
+
+def _label_map(task: Task, y: Any) -> bool:
+    """Labels that are one class per pixel: a warp of the image must warp them too."""
+    return task.spatial_labels and isinstance(y, torch.Tensor) and y.dim() == 3
 
 
 def _evaluation(

@@ -3,6 +3,7 @@
 Public API::
 
     corrupt(name, x, severity, seed=0) -> Tensor       # one corruption at one severity
+    corrupt_labels(name, labels, like, severity, seed)  # a label map moved as corrupt() moves pixels
     list_corruptions(family=None) -> list[str]         # registered names, sorted
     CORRUPTIONS                                         # the registry (name -> Corruption)
     grid.save_corruption_grid(image, path, ...)         # PNG contact sheet for a human check
@@ -27,6 +28,7 @@ __all__ = [
     "SEVERITIES",
     "Corruption",
     "corrupt",
+    "corrupt_labels",
     "list_corruptions",
 ]
 
@@ -78,3 +80,26 @@ def corrupt(name: str, x: torch.Tensor, severity: int, seed: int = 0) -> torch.T
         out = corruption(batch.detach().to(torch.float32).contiguous(), severity, generator)
     out = out.to(x.dtype)
     return out.squeeze(0) if x.dim() == 3 else out
+
+
+def corrupt_labels(
+    name: str, labels: torch.Tensor, like: torch.Tensor, severity: int, seed: int = 0
+) -> torch.Tensor:
+    """A per-pixel label map ``(N, H, W)`` moved as ``corrupt(name, like, severity, seed)`` moves
+    the pixels of ``like``, nearest neighbour; unchanged for a corruption that moves no pixel.
+
+    The corruption is run, with the same seed and so the same random draws, on two images
+    whose pixels hold their own x and y coordinates: what comes out at each pixel is where its
+    content came from (exact for a warp: bilinear sampling of a linear ramp returns the sampled
+    position, and reflection at the border reflects it), and the label there is taken.
+    """
+    if not CORRUPTIONS.get(name).moves_pixels:
+        return labels
+    n, _, h, w = like.shape
+    source = []
+    for size, shape in ((w, (1, 1, 1, w)), (h, (1, 1, h, 1))):
+        ramp = ((torch.arange(size, device=like.device, dtype=torch.float32) + 0.5) / size).view(shape)
+        moved = corrupt(name, ramp.expand(like.shape).contiguous(), severity, seed=seed)[:, 0]
+        source.append((moved * size - 0.5).round().long().clamp_(0, size - 1))
+    index = source[1] * w + source[0]
+    return labels.flatten(1).gather(1, index.flatten(1)).view(n, h, w)

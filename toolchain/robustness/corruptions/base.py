@@ -54,6 +54,9 @@ class Corruption(ABC):
     name: ClassVar[str] = "?"
     family: ClassVar[str] = "?"
     needs_color: ClassVar[bool] = False
+    #: It moves pixels (a warp): a per-pixel label map must move with the image
+    #: (:func:`toolchain.robustness.corruptions.corrupt_labels`).
+    moves_pixels: ClassVar[bool] = False
 
     chunk_bytes: ClassVar[int] = CHUNK_BYTES
 

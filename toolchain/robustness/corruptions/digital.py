@@ -50,6 +50,7 @@ class ElasticTransform(Corruption):
     """
 
     name, family = "elastic_transform", "digital"
+    moves_pixels = True
     # (alpha, sigma, affine) in pixels; the reference writes them as fractions of 32 (CIFAR).
     SMALL = tuple((32 * a, 32 * s, 32 * f) for a, s, f in _ELASTIC_SMALL)
     LARGE_ALPHA = (250 * 0.05, 250 * 0.065, 250 * 0.085, 250 * 0.1, 250 * 0.12)
