@@ -274,3 +274,33 @@ def test_gate_refuses_a_stale_baseline(tmp_path: Path, capsys: pytest.CaptureFix
     policy.write_text(yaml.safe_dump({"gates": gates}))
     assert main(["gate", str(report), "--policy", str(policy), "--baseline", str(baseline)]) == 2
     assert "baseline" in capsys.readouterr().err
+
+
+def test_write_baseline_bootstraps_the_first_run_then_follows_passing_reports(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def write(name: str, clean: float) -> Path:
+        report = _report(clean, 0.55, 1.0)
+        assert report.models.pruned is not None
+        report.models.pruned.target_met = True
+        path = tmp_path / name
+        path.write_text(json.dumps(report.to_json()))
+        return path
+
+    policy = tmp_path / "policy.yaml"
+    metric = "evaluations[model=pruned,runtime=onnxruntime].clean_accuracy"
+    gates = [
+        {"metric": metric, "threshold": 0.5},
+        {"metric": metric, "threshold": -0.02, "relative": "delta"},
+    ]
+    policy.write_text(yaml.safe_dump({"gates": gates}))
+    baseline = tmp_path / "baselines" / "report.json"
+    first, better, worse = write("first.json", 0.70), write("better.json", 0.72), write("worse.json", 0.60)
+    gate = ["gate", "--policy", str(policy), "--baseline", str(baseline)]
+    assert main([*gate[:1], str(first), *gate[1:]]) == 2  # a missing baseline fails closed...
+    assert main([*gate[:1], str(first), *gate[1:], "--write-baseline"]) == 0  # ...unless bootstrapping
+    assert baseline.read_bytes() == first.read_bytes()
+    assert main([*gate[:1], str(better), *gate[1:], "--write-baseline"]) == 0
+    assert baseline.read_bytes() == better.read_bytes()  # the baseline follows passing reports
+    assert main([*gate[:1], str(worse), *gate[1:], "--write-baseline"]) == 1  # 12 points lost
+    assert baseline.read_bytes() == better.read_bytes()  # a failed report never becomes it

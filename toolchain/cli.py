@@ -132,6 +132,12 @@ def _parser() -> argparse.ArgumentParser:
     gate.add_argument("--junit", help="also write the result as JUnit XML here")
     gate.add_argument("--recipe", help="refuse the report unless this recipe produced it (same sha256)")
     gate.add_argument(
+        "--write-baseline",
+        action="store_true",
+        help="with --baseline B: when every gate passes, save the report as B (a missing B is "
+        "bootstrapped: the report is gated against itself); for the main branch's CI job",
+    )
+    gate.add_argument(
         "--allow-unverified",
         action="store_true",
         help="pass a report with no gate or no evaluation of an exported file (never for a release)",
@@ -221,7 +227,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         return commands.doctor(args.recipe, as_json=args.json)
     if args.verb == "gate":
         return commands.gate(
-            Path(args.report), args.policy, args.baseline, args.junit, args.recipe, args.allow_unverified
+            Path(args.report),
+            args.policy,
+            args.baseline,
+            args.junit,
+            args.recipe,
+            args.allow_unverified,
+            write_baseline=args.write_baseline,
         )
     if args.verb == "compare":
         return commands.compare(args.report_a, args.report_b, args.format)

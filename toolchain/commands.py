@@ -191,12 +191,17 @@ def gate(
     junit: str | None,
     recipe_path: str | None = None,
     allow_unverified: bool = False,
+    *,
+    write_baseline: bool = False,
 ) -> int:
     """``robustprune gate``: exit 0 if every gate passes, 1 if one fails (missing metrics fail).
 
     The intrinsic gates are re-checked from the report's numbers, whatever it says it passed;
     with no gate (a policy listing none, or a report whose recipe had none) or no evaluation of
-    an exported file it fails, unless ``allow_unverified``.
+    an exported file it fails, unless ``allow_unverified``. With ``write_baseline`` (and a
+    ``baseline`` path), a missing baseline is bootstrapped (the report is its own baseline:
+    relative gates pass, absolute ones decide) and a report that passes every gate becomes
+    the baseline.
 
     Raises:
         UserError: the report is missing or not a report, is not from a completed run
@@ -216,7 +221,14 @@ def gate(
                 f"{report_path} was produced by another recipe (sha256 {report.recipe_sha256[:12]}), "
                 f"not by {recipe_path} ({expected[:12]}); run that recipe and gate its report"
             )
+    if write_baseline and not baseline:
+        raise UserError("--write-baseline needs --baseline PATH: where to save the baseline")
     gates: list[Any] = _policy_gates(policy) if policy else [g.model_dump() for g in report.gates]
+    args_baseline = baseline or ""
+    bootstrap = write_baseline and baseline is not None and not Path(baseline).exists()
+    if bootstrap:
+        sys.stdout.write(f"no baseline at {baseline} yet: the report is its own baseline (first run)\n")
+        baseline = str(report_path)
     base = (
         _completed(read_report(baseline, "baseline report"), Path(baseline), "baseline ")
         if baseline
@@ -236,7 +248,19 @@ def gate(
     _announce_failures(results, intrinsic, str(report_path))
     if junit:
         write_junit(Path(junit), results, intrinsic)
-    return EXIT_OK if verdict(results, intrinsic) else EXIT_GATE_FAILED
+    passed = verdict(results, intrinsic)
+    if write_baseline and passed:
+        _save_baseline(report_path, Path(args_baseline))
+    return EXIT_OK if passed else EXIT_GATE_FAILED
+
+
+def _save_baseline(report: Path, baseline: Path) -> None:
+    """Copy the gated report to ``baseline`` atomically: the next run is gated against it."""
+    from toolchain.rundir import atomic_path
+
+    with atomic_path(baseline) as tmp:
+        tmp.write_bytes(report.read_bytes())
+    sys.stdout.write(f"baseline {baseline} is now this report\n")
 
 
 def compare(report_a: str, report_b: str, fmt: str) -> int:

@@ -11,6 +11,9 @@
 # failed) only after writing a completed report; any other code (2 bad input, 3 internal error,
 # a kill) stops here with that code. `robustprune gate` then refuses a report that is not
 # from a completed run, or that another recipe produced (--recipe).
+# WRITE_BASELINE=1 (the main branch's job): a missing BASELINE_REPORT is bootstrapped (the report
+# is gated against itself) and a report that passes every gate becomes BASELINE_REPORT; keep that
+# file (commit it, or cache it) for the merge requests' jobs, which run without it.
 # Exit codes: 0 every gate passed, 1 a gate failed, 2 bad input, 3 internal error.
 set -uo pipefail
 usage="usage: gate.sh RECIPE BASELINE_REPORT [RUN_DIR]"
@@ -26,5 +29,9 @@ if [ "$status" -ne 0 ] && [ "$status" -ne 1 ]; then
   echo "gate.sh: robustprune run exited $status (not a gate result): no release" >&2
   exit "$status"
 fi
+extra=()
+if [ "${WRITE_BASELINE:-0}" = "1" ]; then
+  extra=(--write-baseline)
+fi
 robustprune gate "$run_dir/report.json" --recipe "$recipe" --policy "$here/policy.yaml" \
-  --baseline "$baseline" --junit "$run_dir/gates.junit.xml"
+  --baseline "$baseline" --junit "$run_dir/gates.junit.xml" ${extra[@]+"${extra[@]}"}
