@@ -18,13 +18,22 @@ from dataclasses import replace
 from torch.utils.data import Dataset, Subset
 
 # Importing the loader modules registers them in DATASETS.
-from toolchain.data import cifar10, cityscapes, driving_scenes, fashion_mnist, image_folder, signs
+from toolchain.data import (
+    cifar10,
+    cityscapes,
+    coco,
+    driving_scenes,
+    fashion_mnist,
+    image_folder,
+    kitti,
+    signs,
+)
 from toolchain.data.base import DATASETS, DataBundle, ImageTensorDataset
 from toolchain.data.boxes import BoxTensorDataset
 from toolchain.errors import UserError
 
 __all__ = ["DATASETS", "BoxTensorDataset", "DataBundle", "ImageTensorDataset", "load_data"]
-_LOADERS = (cifar10, cityscapes, driving_scenes, fashion_mnist, image_folder, signs)
+_LOADERS = (cifar10, cityscapes, coco, driving_scenes, fashion_mnist, image_folder, kitti, signs)
 
 
 def load_data(

@@ -32,6 +32,7 @@ __all__ = [
     "Target",
     "checked_box",
     "collate_boxes",
+    "header_size",
     "make_box_bundle",
     "make_target",
     "read_resized",
@@ -81,6 +82,19 @@ def checked_box(box: Sequence[float], image_size: tuple[int, int], where: str, s
             f"{where}: box {shown} lies outside the {width}x{height} image; clip it to the image or remove it"
         )
     return [max(x0, 0.0), max(y0, 0.0), min(x1, float(width)), min(y1, float(height))]
+
+
+def header_size(path: Path) -> tuple[int, int]:
+    """``(width, height)`` of the image at ``path``, from its header (nothing decoded).
+
+    Raises:
+        UserError: the file cannot be opened as an image.
+    """
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except (OSError, UnidentifiedImageError) as exc:
+        raise UserError(f"cannot read image {path}: {exc}; remove or replace the file") from None
 
 
 def read_resized(path: Path, size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
