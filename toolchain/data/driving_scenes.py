@@ -11,6 +11,14 @@ occlude far ones. Sign poles are labelled 255 (ignore: "pole" is not a class her
 Images are ``width x width/2`` (``data.image_size`` is the width; default 256, so 256x128).
 The same seed gives bitwise the same images: every random number of a split comes from one
 ``torch.Generator`` seeded from the user's seed, and train and val use different streams.
+
+For ``task: detection`` (:func:`render_detection_scene`) the scenes also hold cyclists (a rider
+on a bicycle, on the road near its edge) and traffic lights (a housing with three lamps, one
+lit, on a pole), and each object's box is the bounding box of its pixels still visible in the
+finished image: an object cut by the image border gets the part inside, an object partly
+hidden by a nearer one keeps the part still seen, and one hidden entirely has no box. Classes
+(:data:`DETECTION_CLASSES`): car, pedestrian, cyclist, traffic_sign, traffic_light; poles
+belong to no box. Boxes under 8 px high are flagged ``ignore``. Default size 512x256.
 """
 
 from __future__ import annotations
@@ -19,7 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from toolchain.data.base import DATASETS, DataBundle, MaskTensorDataset, make_bundle, split_seed
+from toolchain.data.base import DATASETS, DataBundle, MaskTensorDataset, check_task, make_bundle, split_seed
+from toolchain.data.boxes import DETECTION_CLASSES, BoxTensorDataset, Target, make_box_bundle, make_target
 from toolchain.errors import UserError
 
 CLASS_NAMES: tuple[str, ...] = (
@@ -36,9 +45,15 @@ CLASS_NAMES: tuple[str, ...] = (
 ROAD, LANE, SIDEWALK, SKY, VEGETATION, BUILDING, VEHICLE, PEDESTRIAN, SIGN = range(len(CLASS_NAMES))
 IGNORE = 255
 DEFAULT_WIDTH = 256
+DEFAULT_DETECTION_WIDTH = 512
 MIN_WIDTH = 32
 DEFAULT_TRAIN = 2000
 DEFAULT_VAL = 200
+
+#: The index in DETECTION_CLASSES of each kind of drawn object.
+_KIND_CLASS = {"vehicle": 0, "pedestrian": 1, "cyclist": 2, "sign": 3, "light": 4}
+#: A planted rectangle of these segmentation classes is an object with a box (the rest occlude).
+_PLANT_KIND = {VEHICLE: "vehicle", PEDESTRIAN: "pedestrian", SIGN: "sign"}
 
 #: Base colour of each class (objects vary around it).
 COLORS: dict[int, tuple[float, float, float]] = {
@@ -57,7 +72,9 @@ COLORS: dict[int, tuple[float, float, float]] = {
 @dataclass(frozen=True)
 class Plant:
     """An object painted last over a scene, for tests: class ``cls`` on rows ``top:bottom``
-    and columns ``left:right``, in the class's base colour."""
+    and columns ``left:right``, in the class's base colour. In a detection scene a vehicle,
+    pedestrian or sign plant is an object with a box (car, pedestrian, traffic_sign); any
+    other class only occludes what is behind it."""
 
     cls: int
     top: int
@@ -66,13 +83,32 @@ class Plant:
     right: int
 
 
+@dataclass(frozen=True)
+class DetectionScene:
+    """A detection scene: the image, its per-pixel classes, which object owns each pixel
+    (index into ``kinds``, -1 for none), the kind of each object drawn, and its target."""
+
+    image: torch.Tensor
+    label: torch.Tensor
+    instances: torch.Tensor
+    kinds: tuple[str, ...]
+    target: Target
+
+
 class _Canvas:
-    """An RGB image and its label map, painted back to front."""
+    """An RGB image, its label map and its object map, painted back to front.
+
+    ``drawing`` is the object being painted (-1 while painting the background): every pixel
+    painted takes it in ``instances``, so a nearer object painted later takes over the pixels
+    it hides.
+    """
 
     def __init__(self, height: int, width: int, g: torch.Generator) -> None:
         self.h, self.w, self.g = height, width, g
         self.image = torch.zeros(3, height, width)
         self.label = torch.full((height, width), IGNORE, dtype=torch.uint8)
+        self.instances = torch.full((height, width), -1, dtype=torch.int16)
+        self.drawing = -1
         self.yy = torch.arange(height, dtype=torch.float32).view(-1, 1).expand(height, width) + 0.5
         self.xx = torch.arange(width, dtype=torch.float32).view(1, -1).expand(height, width) + 0.5
 
@@ -83,9 +119,11 @@ class _Canvas:
         base = torch.tensor(COLORS[cls])
         return (base + (torch.rand(3, generator=self.g) * 2 - 1) * spread).clamp(0, 1)
 
-    def paint(self, mask: torch.Tensor, color: torch.Tensor, cls: int) -> None:
+    def paint(self, mask: torch.Tensor, color: torch.Tensor, cls: int, owned: bool = True) -> None:
+        """Paint ``mask``; ``owned=False`` for parts of no object's box (a pole)."""
         self.image[:, mask] = color.view(3, 1) if color.dim() == 1 else color[:, mask]
         self.label[mask] = cls
+        self.instances.masked_fill_(mask, self.drawing if owned else -1)
 
     def box(self, top: float, bottom: float, left: float, right: float) -> torch.Tensor:
         return (self.yy >= top) & (self.yy < bottom) & (self.xx >= left) & (self.xx < right)
@@ -97,7 +135,7 @@ class _Canvas:
 def render_scene(
     height: int, width: int, g: torch.Generator, plant: Plant | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One scene: ``(uint8 3 x H x W image, uint8 H x W labels)``.
+    """One segmentation scene: ``(uint8 3 x H x W image, uint8 H x W labels)``.
 
     Args:
         height, width: the image size.
@@ -105,32 +143,78 @@ def render_scene(
         plant: an object painted last, before lighting (tests check its pixels' class).
     """
     c = _Canvas(height, width, g)
-    horizon = height * c.uniform(0.36, 0.5)
-    vx = width * c.uniform(0.35, 0.65)
+    _draw(c, plant, detection=False)
+    return _light(c), c.label
+
+
+def render_detection_scene(
+    height: int, width: int, g: torch.Generator, plant: Plant | None = None
+) -> DetectionScene:
+    """One detection scene (see the module docstring): cyclists and traffic lights besides the
+    segmentation scene's objects, each object's box from its visible pixels.
+
+    Args:
+        height, width: the image size.
+        g: the random stream (advanced by the scene's draws).
+        plant: an object painted last, before lighting (tests check its box).
+    """
+    c = _Canvas(height, width, g)
+    kinds = _draw(c, plant, detection=True)
+    image = _light(c)
+    return DetectionScene(image, c.label, c.instances, kinds, _visible_boxes(c.instances, kinds))
+
+
+def _draw(c: _Canvas, plant: Plant | None, detection: bool) -> tuple[str, ...]:
+    """Paint a scene back to front; returns the kind of each object, by its index in
+    ``c.instances``. The segmentation scene (``detection=False``) draws nothing more than it
+    always has, so its images stay the same for the same seed."""
+    horizon = c.h * c.uniform(0.36, 0.5)
+    vx = c.w * c.uniform(0.35, 0.65)
     depth = c.yy - horizon  # rows below the horizon: nearer as it grows
-    ground = height - horizon
+    ground = c.h - horizon
     _sky_and_ground(c, horizon)
     _buildings_and_trees(c, horizon, vx)
     left, right = _road(c, horizon, vx, depth, ground)
-    objects = sorted(
+    objects = (
         [("sign", c.uniform(0.15, 0.9)) for _ in range(int(c.uniform(0, 2.99)))]
         + [("pedestrian", c.uniform(0.2, 1.0)) for _ in range(int(c.uniform(0, 3.99)))]
-        + [("vehicle", c.uniform(0.12, 0.95)) for _ in range(int(c.uniform(0, 3.99)))],
-        key=lambda item: item[1],
+        + [("vehicle", c.uniform(0.12, 0.95)) for _ in range(int(c.uniform(0, 3.99)))]
     )
-    for kind, near in objects:  # far to near: near objects occlude far ones
+    if detection:
+        objects += [("cyclist", c.uniform(0.2, 0.9)) for _ in range(int(c.uniform(0, 1.99)))]
+        objects += [("light", c.uniform(0.1, 0.6)) for _ in range(int(c.uniform(0, 1.99)))]
+    objects.sort(key=lambda item: item[1])  # far to near: near objects occlude far ones
+    kinds: list[str] = []
+    for kind, near in objects:
         row = near * ground  # rows below the horizon
         centre, half = vx + row * (right - left) / 2, row * (left + right) / 2  # of the road there
-        {"sign": _sign, "pedestrian": _pedestrian, "vehicle": _vehicle}[kind](
-            c, horizon + row, centre, half, row
-        )
+        c.drawing = len(kinds)
+        _DRAWERS[kind](c, horizon + row, centre, half, row)
+        kinds.append(kind)
+    c.drawing = -1
     if plant is not None:
+        if detection and plant.cls in _PLANT_KIND:
+            c.drawing = len(kinds)
+            kinds.append(_PLANT_KIND[plant.cls])
         c.paint(
             c.box(plant.top, plant.bottom, plant.left, plant.right),
             torch.tensor(COLORS[plant.cls]),
             plant.cls,
         )
-    return _light(c), c.label
+        c.drawing = -1
+    return tuple(kinds)
+
+
+def _visible_boxes(instances: torch.Tensor, kinds: tuple[str, ...]) -> Target:
+    """Each object's box: the bounding box of its pixels in ``instances`` (xyxy, pixel
+    edges); an object with no pixel left (hidden or outside the image) has none."""
+    boxes, labels = [], []
+    for index, kind in enumerate(kinds):
+        ys, xs = torch.nonzero(instances == index, as_tuple=True)
+        if len(ys):
+            boxes.append([int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1])
+            labels.append(_KIND_CLASS[kind])
+    return make_target(boxes, labels)
 
 
 def _sky_and_ground(c: _Canvas, horizon: float) -> None:
@@ -218,6 +302,7 @@ def _sign(c: _Canvas, base: float, centre: float, half: float, depth: float) -> 
         c.box(base - tall, base, cx - tall * 0.02 - 0.3, cx + tall * 0.02 + 0.3),
         torch.tensor([0.5] * 3),
         IGNORE,
+        owned=False,
     )
     cy = base - tall - radius * 0.6
     face = [torch.tensor([0.85, 0.1, 0.1]), torch.tensor([0.1, 0.3, 0.8]), torch.tensor([0.95, 0.8, 0.1])]
@@ -226,6 +311,58 @@ def _sign(c: _Canvas, base: float, centre: float, half: float, depth: float) -> 
         outer = c.box(cy - radius, cy + radius, cx - radius, cx + radius)
     c.paint(outer, face[int(c.uniform(0, 2.99))], SIGN)
     c.paint(c.ellipse(cy, cx, radius * 0.6, radius * 0.6), torch.tensor([0.95, 0.95, 0.95]), SIGN)
+
+
+def _cyclist(c: _Canvas, base: float, centre: float, half: float, depth: float) -> None:
+    """A rider (labelled pedestrian) on a bicycle (labelled vehicle), on the road by its edge."""
+    tall = depth * c.uniform(0.5, 0.62) + 3
+    side = 1 if c.uniform(0, 1) < 0.5 else -1
+    cx = centre + side * half * c.uniform(0.7, 0.92)
+    wheel = tall * 0.16
+    frame = c.box(base - tall * 0.32, base - tall * 0.25, cx - tall * 0.24, cx + tall * 0.24)
+    wheels = c.ellipse(base - wheel, cx - tall * 0.24, wheel, wheel) | c.ellipse(
+        base - wheel, cx + tall * 0.24, wheel, wheel
+    )
+    c.paint(wheels, torch.tensor([0.06, 0.06, 0.06]), VEHICLE)
+    c.paint(frame, (torch.rand(3, generator=c.g) * 0.9).clamp(0.05, 1), VEHICLE)
+    torso = c.box(base - tall * 0.84, base - tall * 0.45, cx - tall * 0.09, cx + tall * 0.07)
+    leg = c.box(base - tall * 0.47, base - tall * 0.18, cx - tall * 0.04, cx + tall * 0.05)
+    head = c.ellipse(base - tall * 0.91, cx - tall * 0.01, tall * 0.09, tall * 0.07)
+    c.paint(torso, c.color(PEDESTRIAN, 0.25), PEDESTRIAN)
+    c.paint(leg, c.color(PEDESTRIAN, 0.1) * 0.4, PEDESTRIAN)
+    c.paint(head, torch.tensor([0.85, 0.7, 0.58]) * c.uniform(0.5, 1.0), PEDESTRIAN)
+
+
+def _traffic_light(c: _Canvas, base: float, centre: float, half: float, depth: float) -> None:
+    """A dark housing with three lamps (one lit) on a pole beside the road; the pole is
+    labelled 255 and belongs to no box, the housing to no segmentation class (255)."""
+    tall = depth * c.uniform(1.0, 1.4) + 5
+    side = 1 if c.uniform(0, 1) < 0.5 else -1
+    cx = centre + side * half * c.uniform(1.2, 1.45)
+    top = base - tall
+    c.paint(
+        c.box(top, base, cx - tall * 0.015 - 0.3, cx + tall * 0.015 + 0.3),
+        torch.tensor([0.35] * 3),
+        IGNORE,
+        owned=False,
+    )
+    wide, high = tall * 0.11 + 1, tall * 0.3 + 2
+    c.paint(c.box(top - high, top, cx - wide / 2, cx + wide / 2), torch.tensor([0.1, 0.1, 0.1]), IGNORE)
+    lit = int(c.uniform(0, 2.99))
+    lamps = ([1.0, 0.15, 0.1], [1.0, 0.75, 0.1], [0.2, 1.0, 0.35])
+    for index, color in enumerate(lamps):
+        glow = 1.0 if index == lit else 0.25
+        lamp = c.ellipse(top - high * (5 - 2 * index) / 6, cx, high * 0.12, wide * 0.35)
+        c.paint(lamp, torch.tensor(color) * glow, IGNORE)
+
+
+_DRAWERS = {
+    "sign": _sign,
+    "pedestrian": _pedestrian,
+    "vehicle": _vehicle,
+    "cyclist": _cyclist,
+    "light": _traffic_light,
+}
 
 
 def _light(c: _Canvas) -> torch.Tensor:
@@ -249,6 +386,19 @@ def render_split(count: int, width: int, seed: int, split: str) -> MaskTensorDat
     return MaskTensorDataset(images, labels)
 
 
+def render_detection_split(count: int, width: int, seed: int, split: str) -> BoxTensorDataset:
+    """``count`` detection scenes (and their boxes) from the split's own random stream."""
+    height = width // 2
+    g = torch.Generator().manual_seed(split_seed(seed, f"driving-scenes-detection-{split}"))
+    images = torch.empty(count, 3, height, width, dtype=torch.uint8)
+    targets = []
+    for i in range(count):
+        scene = render_detection_scene(height, width, g)
+        images[i] = scene.image
+        targets.append(scene.target)
+    return BoxTensorDataset(images, targets)
+
+
 @DATASETS.register("driving-scenes")
 def load_driving_scenes(
     *,
@@ -257,22 +407,35 @@ def load_driving_scenes(
     train_samples: int | None = None,
     val_samples: int | None = None,
     seed: int = 0,
+    task: str | None = None,
 ) -> DataBundle:
-    """Generate the ``driving-scenes`` segmentation dataset (no files; ``root`` is ignored).
+    """Generate the ``driving-scenes`` dataset (no files; ``root`` is ignored).
 
     Args:
-        image_size: the width; the height is half of it (default 256 x 128).
+        image_size: the width; the height is half of it (default 256 x 128 for segmentation,
+            512 x 256 for detection).
         train_samples, val_samples: scenes to generate (defaults 2000 and 200).
         seed: the same seed gives the same scenes.
+        task: ``segmentation`` (the default: a class per pixel) or ``detection`` (boxes of
+            :data:`DETECTION_CLASSES`, batched by ``bundle.collate``).
 
     Raises:
-        UserError: a width below 32 or not even.
+        UserError: a width below 32 or not even, or a task without labels here.
     """
-    width = image_size or DEFAULT_WIDTH
+    task = check_task("driving-scenes", task, ("segmentation", "detection"))
+    width = image_size or (DEFAULT_DETECTION_WIDTH if task == "detection" else DEFAULT_WIDTH)
     if width < MIN_WIDTH or width % 2:
         raise UserError(
             f"driving-scenes: data.image_size (the width) must be even and >= {MIN_WIDTH}, got {width}"
         )
-    train = render_split(train_samples or DEFAULT_TRAIN, width, seed, "train")
-    val = render_split(val_samples or DEFAULT_VAL, width, seed, "val")
+    train_count, val_count = train_samples or DEFAULT_TRAIN, val_samples or DEFAULT_VAL
+    if task == "detection":
+        return make_box_bundle(
+            "driving-scenes",
+            render_detection_split(train_count, width, seed, "train"),
+            render_detection_split(val_count, width, seed, "val"),
+            DETECTION_CLASSES,
+        )
+    train = render_split(train_count, width, seed, "train")
+    val = render_split(val_count, width, seed, "val")
     return make_bundle("driving-scenes", train, val, CLASS_NAMES, task="segmentation")
