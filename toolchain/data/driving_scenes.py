@@ -18,7 +18,8 @@ lit, on a pole), and each object's box is the bounding box of its pixels still v
 finished image: an object cut by the image border gets the part inside, an object partly
 hidden by a nearer one keeps the part still seen, and one hidden entirely has no box. Classes
 (:data:`DETECTION_CLASSES`): car, pedestrian, cyclist, traffic_sign, traffic_light; poles
-belong to no box. Boxes under 8 px high are flagged ``ignore``. Default size 512x256.
+belong to no box. Boxes under 8 px high, and objects left with under a quarter of the pixels
+they had when drawn, are flagged ``ignore``. Default size 512x256.
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ MIN_WIDTH = 32
 DEFAULT_TRAIN = 2000
 DEFAULT_VAL = 200
 
+#: An object hidden (by nearer ones) down to less than this share of its pixels is ``ignore``:
+#: a sliver of a car is not a car a detector can be asked to find.
+MIN_VISIBLE = 0.25
 #: The index in DETECTION_CLASSES of each kind of drawn object.
 _KIND_CLASS = {"vehicle": 0, "pedestrian": 1, "cyclist": 2, "sign": 3, "light": 4}
 #: A planted rectangle of these segmentation classes is an object with a box (the rest occlude).
@@ -86,12 +90,14 @@ class Plant:
 @dataclass(frozen=True)
 class DetectionScene:
     """A detection scene: the image, its per-pixel classes, which object owns each pixel
-    (index into ``kinds``, -1 for none), the kind of each object drawn, and its target."""
+    (index into ``kinds``, -1 for none), the kind of each object drawn and how many pixels it
+    had in the image when drawn (before nearer objects hid some), and its target."""
 
     image: torch.Tensor
     label: torch.Tensor
     instances: torch.Tensor
     kinds: tuple[str, ...]
+    drawn: tuple[int, ...]
     target: Target
 
 
@@ -109,6 +115,7 @@ class _Canvas:
         self.label = torch.full((height, width), IGNORE, dtype=torch.uint8)
         self.instances = torch.full((height, width), -1, dtype=torch.int16)
         self.drawing = -1
+        self.drawn: list[int] = []  # each object's pixels in the image once drawn
         self.yy = torch.arange(height, dtype=torch.float32).view(-1, 1).expand(height, width) + 0.5
         self.xx = torch.arange(width, dtype=torch.float32).view(1, -1).expand(height, width) + 0.5
 
@@ -161,7 +168,8 @@ def render_detection_scene(
     c = _Canvas(height, width, g)
     kinds = _draw(c, plant, detection=True)
     image = _light(c)
-    return DetectionScene(image, c.label, c.instances, kinds, _visible_boxes(c.instances, kinds))
+    target = _visible_boxes(c.instances, kinds, c.drawn)
+    return DetectionScene(image, c.label, c.instances, kinds, tuple(c.drawn), target)
 
 
 def _draw(c: _Canvas, plant: Plant | None, detection: bool) -> tuple[str, ...]:
@@ -191,6 +199,8 @@ def _draw(c: _Canvas, plant: Plant | None, detection: bool) -> tuple[str, ...]:
         c.drawing = len(kinds)
         _DRAWERS[kind](c, horizon + row, centre, half, row)
         kinds.append(kind)
+        if detection:  # its pixels before anything nearer hides some
+            c.drawn.append(int((c.instances == c.drawing).sum()))
     c.drawing = -1
     if plant is not None:
         if detection and plant.cls in _PLANT_KIND:
@@ -201,20 +211,24 @@ def _draw(c: _Canvas, plant: Plant | None, detection: bool) -> tuple[str, ...]:
             torch.tensor(COLORS[plant.cls]),
             plant.cls,
         )
+        if c.drawing >= 0:
+            c.drawn.append(int((c.instances == c.drawing).sum()))
         c.drawing = -1
     return tuple(kinds)
 
 
-def _visible_boxes(instances: torch.Tensor, kinds: tuple[str, ...]) -> Target:
+def _visible_boxes(instances: torch.Tensor, kinds: tuple[str, ...], drawn: list[int]) -> Target:
     """Each object's box: the bounding box of its pixels in ``instances`` (xyxy, pixel
-    edges); an object with no pixel left (hidden or outside the image) has none."""
-    boxes, labels = [], []
+    edges); an object with no pixel left (hidden or outside the image) has none, and one with
+    less than :data:`MIN_VISIBLE` of the pixels it had when drawn is flagged ``ignore``."""
+    boxes, labels, hidden = [], [], []
     for index, kind in enumerate(kinds):
         ys, xs = torch.nonzero(instances == index, as_tuple=True)
         if len(ys):
             boxes.append([int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1])
             labels.append(_KIND_CLASS[kind])
-    return make_target(boxes, labels)
+            hidden.append(len(ys) < MIN_VISIBLE * drawn[index])
+    return make_target(boxes, labels, hidden)
 
 
 def _sky_and_ground(c: _Canvas, horizon: float) -> None:
