@@ -58,7 +58,8 @@ def kitti(tmp_path: Path) -> Path:
     root = tmp_path / "kitti"
     for i in range(10):
         _image(root / "training" / "image_2" / f"{i:06d}.png", KITTI_W, KITTI_H)
-        lines = FRAME0 if i == 0 else [_kitti_line("Car", f"{i}.00 2.00 {i + 30}.00 38.00")]
+        other = _kitti_line("Car", f"{i}.00 2.00 {i + 30}.00 38.00") + (" 0.97" if i % 2 else "")  # a score
+        lines = FRAME0 if i == 0 else [other]
         label = root / "training" / "label_2" / f"{i:06d}.txt"
         label.parent.mkdir(parents=True, exist_ok=True)
         label.write_text("\n".join(lines))
