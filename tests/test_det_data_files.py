@@ -162,6 +162,13 @@ def test_a_kitti_image_without_its_label_file_is_named(kitti: Path) -> None:
     )
 
 
+def test_a_kitti_label_file_that_is_not_text_is_named(kitti: Path) -> None:
+    label = kitti / "training" / "label_2" / "000001.txt"
+    label.write_bytes(b"Car \xff\xfe 0")
+    text = _fails_with_prefix(lambda: _kitti(kitti), f"{label}: cannot read it as text (")
+    assert text.endswith("; replace it with a KITTI label file")
+
+
 def test_kitti_missing_folders_and_lists_say_the_layout(tmp_path: Path, kitti: Path) -> None:
     with pytest.raises(DataNotFoundError, match=r"image_2 is not a folder; expected root/training/image_2"):
         load_data("kitti", root=str(tmp_path / "nothing"))
