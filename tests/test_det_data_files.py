@@ -58,7 +58,8 @@ def kitti(tmp_path: Path) -> Path:
     root = tmp_path / "kitti"
     for i in range(10):
         _image(root / "training" / "image_2" / f"{i:06d}.png", KITTI_W, KITTI_H)
-        lines = FRAME0 if i == 0 else [_kitti_line("Car", f"{i}.00 2.00 {i + 30}.00 38.00")]
+        other = _kitti_line("Car", f"{i}.00 2.00 {i + 30}.00 38.00") + (" 0.97" if i % 2 else "")  # a score
+        lines = FRAME0 if i == 0 else [other]
         label = root / "training" / "label_2" / f"{i:06d}.txt"
         label.parent.mkdir(parents=True, exist_ok=True)
         label.write_text("\n".join(lines))
@@ -159,6 +160,13 @@ def test_a_kitti_image_without_its_label_file_is_named(kitti: Path) -> None:
         f"{image} has no label file {label}; "
         "add it (an empty file for an image without objects) or remove the image",
     )
+
+
+def test_a_kitti_label_file_that_is_not_text_is_named(kitti: Path) -> None:
+    label = kitti / "training" / "label_2" / "000001.txt"
+    label.write_bytes(b"Car \xff\xfe 0")
+    text = _fails_with_prefix(lambda: _kitti(kitti), f"{label}: cannot read it as text (")
+    assert text.endswith("; replace it with a KITTI label file")
 
 
 def test_kitti_missing_folders_and_lists_say_the_layout(tmp_path: Path, kitti: Path) -> None:

@@ -16,6 +16,7 @@ from toolchain.data.driving_scenes import (
     BUILDING,
     DETECTION_CLASSES,
     IGNORE,
+    MIN_VISIBLE,
     PEDESTRIAN,
     SIGN,
     VEHICLE,
@@ -89,13 +90,23 @@ def test_every_object_pixel_of_the_segmentation_mask_lies_in_a_box_of_its_class(
             assert bool(_inside(mine, ys, xs).all())
 
 
-def test_all_five_classes_are_drawn_and_tiny_boxes_are_ignored(scenes) -> None:  # type: ignore[no-untyped-def]
+def test_all_five_classes_are_drawn_and_tiny_or_mostly_hidden_objects_are_ignored(scenes) -> None:  # type: ignore[no-untyped-def]
     labels = torch.cat([s.target["labels"] for s in scenes])
     assert set(labels.tolist()) == set(range(len(DETECTION_CLASSES)))
     boxes = torch.cat([s.target["boxes"] for s in scenes])
     ignore = torch.cat([s.target["ignore"] for s in scenes])
-    assert torch.equal(ignore, boxes[:, 3] - boxes[:, 1] < MIN_BOX_HEIGHT)
-    assert 0 < int(ignore.sum()) < len(ignore)
+    tiny = boxes[:, 3] - boxes[:, 1] < MIN_BOX_HEIGHT
+    hidden = torch.tensor(
+        [
+            int((s.instances == k).sum()) < MIN_VISIBLE * s.drawn[k]
+            for s in scenes
+            for k in range(len(s.kinds))
+            if bool((s.instances == k).any())
+        ]
+    )
+    assert torch.equal(ignore, tiny | hidden)
+    assert bool(tiny.any() and hidden.any() and (hidden & ~tiny).any())
+    assert int(ignore.sum()) < len(ignore) // 4  # most objects are there to be found
 
 
 def test_a_planted_object_cut_by_the_border_gets_the_part_inside() -> None:
@@ -117,15 +128,21 @@ def test_occluded_objects_keep_their_visible_part_and_hidden_ones_vanish() -> No
     """A wall over the right part of the same scene (the plant draws no random number, so the
     scene is otherwise the same): each object keeps the box of its pixels left of the wall."""
     cut = 128
-    clear = _scene(5)
-    walled = _scene(5, Plant(BUILDING, top=0, bottom=H, left=cut, right=W))
+    clear = _scene(4)
+    walled = _scene(4, Plant(BUILDING, top=0, bottom=H, left=cut, right=W))
     assert walled.kinds == clear.kinds  # a building plant is no object
-    want = []
+    want, ignored = [], []
     for k in range(len(clear.kinds)):
         ys, xs = torch.nonzero(clear.instances[:, :cut] == k, as_tuple=True)
         if len(ys):
             want.append([float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)])
+            # still ignored when tiny, or when the wall left under a quarter of what was drawn
+            ignored.append(
+                bool(ys.max() + 1 - ys.min() < MIN_BOX_HEIGHT or len(ys) < MIN_VISIBLE * clear.drawn[k])
+            )
     assert walled.target["boxes"].tolist() == want
+    assert walled.target["ignore"].tolist() == ignored
+    assert True in ignored  # the wall left some object mostly hidden
     assert len(want) < len(clear.target["boxes"])  # some object was hidden entirely
     assert any(b[2] == cut for b in want)  # and one cut by the wall
 

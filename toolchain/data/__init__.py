@@ -2,13 +2,17 @@
 
 Registered names: ``signs`` (procedural, zero setup), ``fashion-mnist`` (IDX files from the
 Debian package), ``image-folder`` (your own class folders), ``cifar10`` (torchvision's
-on-disk batches), and for segmentation ``driving-scenes`` (procedural street scenes with
-per-pixel labels) and ``cityscapes`` (Cityscapes-layout folders, 19 train classes).
+on-disk batches), for segmentation ``driving-scenes`` (procedural street scenes with
+per-pixel labels) and ``cityscapes`` (Cityscapes-layout folders, 19 train classes), and for
+detection ``driving-scenes`` again (``task="detection"``: boxes of its cars, pedestrians,
+cyclists, signs and lights), ``kitti`` and ``coco`` (folders in those layouts).
 Nothing is ever downloaded.
 
 Items are ``(float32 C x H x W in [0, 1], int label)`` (an int64 ``H x W`` mask for
-segmentation datasets, 255 where no class applies); normalisation is not applied here
-but by the ``Normalize`` layer inside the model, using ``bundle.mean``/``bundle.std``.
+segmentation datasets, 255 where no class applies; a target dict of ``boxes``, ``labels``
+and ``ignore`` for detection, see :mod:`toolchain.data.boxes`, batched by
+``bundle.collate``); normalisation is not applied here but by the ``Normalize`` layer inside
+the model, using ``bundle.mean``/``bundle.std``.
 """
 
 from __future__ import annotations

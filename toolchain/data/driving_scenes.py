@@ -18,7 +18,8 @@ lit, on a pole), and each object's box is the bounding box of its pixels still v
 finished image: an object cut by the image border gets the part inside, an object partly
 hidden by a nearer one keeps the part still seen, and one hidden entirely has no box. Classes
 (:data:`DETECTION_CLASSES`): car, pedestrian, cyclist, traffic_sign, traffic_light; poles
-belong to no box. Boxes under 8 px high are flagged ``ignore``. Default size 512x256.
+belong to no box. Boxes under 8 px high, and objects left with under a quarter of the pixels
+they had when drawn, are flagged ``ignore``. Default size 512x256.
 """
 
 from __future__ import annotations
@@ -29,44 +30,61 @@ import torch
 
 from toolchain.data.base import DATASETS, DataBundle, MaskTensorDataset, check_task, make_bundle, split_seed
 from toolchain.data.boxes import DETECTION_CLASSES, BoxTensorDataset, Target, make_box_bundle, make_target
+from toolchain.data.driving_paint import (
+    BUILDING,
+    CLASS_NAMES,
+    COLORS,
+    DRAWERS,
+    IGNORE,
+    LANE,
+    PEDESTRIAN,
+    ROAD,
+    SIDEWALK,
+    SIGN,
+    SKY,
+    VEGETATION,
+    VEHICLE,
+    Canvas,
+)
 from toolchain.errors import UserError
 
-CLASS_NAMES: tuple[str, ...] = (
-    "road",
-    "lane_marking",
-    "sidewalk",
-    "sky",
-    "vegetation",
-    "building",
-    "vehicle",
-    "pedestrian",
-    "traffic_sign",
-)
-ROAD, LANE, SIDEWALK, SKY, VEGETATION, BUILDING, VEHICLE, PEDESTRIAN, SIGN = range(len(CLASS_NAMES))
-IGNORE = 255
+__all__ = [
+    "BUILDING",
+    "CLASS_NAMES",
+    "COLORS",
+    "DETECTION_CLASSES",
+    "IGNORE",
+    "LANE",
+    "MIN_VISIBLE",
+    "PEDESTRIAN",
+    "ROAD",
+    "SIDEWALK",
+    "SIGN",
+    "SKY",
+    "VEGETATION",
+    "VEHICLE",
+    "DetectionScene",
+    "Plant",
+    "load_driving_scenes",
+    "render_detection_scene",
+    "render_detection_split",
+    "render_scene",
+    "render_split",
+]
+
 DEFAULT_WIDTH = 256
 DEFAULT_DETECTION_WIDTH = 512
 MIN_WIDTH = 32
 DEFAULT_TRAIN = 2000
 DEFAULT_VAL = 200
 
+#: An object hidden (by nearer ones) down to less than this share of its pixels is ``ignore``:
+#: a sliver of a car is not a car a detector can be asked to find.
+MIN_VISIBLE = 0.25
 #: The index in DETECTION_CLASSES of each kind of drawn object.
 _KIND_CLASS = {"vehicle": 0, "pedestrian": 1, "cyclist": 2, "sign": 3, "light": 4}
 #: A planted rectangle of these segmentation classes is an object with a box (the rest occlude).
 _PLANT_KIND = {VEHICLE: "vehicle", PEDESTRIAN: "pedestrian", SIGN: "sign"}
-
-#: Base colour of each class (objects vary around it).
-COLORS: dict[int, tuple[float, float, float]] = {
-    ROAD: (0.33, 0.33, 0.35),
-    LANE: (0.93, 0.93, 0.88),
-    SIDEWALK: (0.64, 0.6, 0.56),
-    SKY: (0.5, 0.7, 0.95),
-    VEGETATION: (0.22, 0.48, 0.2),
-    BUILDING: (0.6, 0.47, 0.4),
-    VEHICLE: (0.15, 0.25, 0.7),
-    PEDESTRIAN: (0.75, 0.3, 0.3),
-    SIGN: (0.85, 0.1, 0.1),
-}
 
 
 @dataclass(frozen=True)
@@ -86,50 +104,15 @@ class Plant:
 @dataclass(frozen=True)
 class DetectionScene:
     """A detection scene: the image, its per-pixel classes, which object owns each pixel
-    (index into ``kinds``, -1 for none), the kind of each object drawn, and its target."""
+    (index into ``kinds``, -1 for none), the kind of each object drawn and how many pixels it
+    had in the image when drawn (before nearer objects hid some), and its target."""
 
     image: torch.Tensor
     label: torch.Tensor
     instances: torch.Tensor
     kinds: tuple[str, ...]
+    drawn: tuple[int, ...]
     target: Target
-
-
-class _Canvas:
-    """An RGB image, its label map and its object map, painted back to front.
-
-    ``drawing`` is the object being painted (-1 while painting the background): every pixel
-    painted takes it in ``instances``, so a nearer object painted later takes over the pixels
-    it hides.
-    """
-
-    def __init__(self, height: int, width: int, g: torch.Generator) -> None:
-        self.h, self.w, self.g = height, width, g
-        self.image = torch.zeros(3, height, width)
-        self.label = torch.full((height, width), IGNORE, dtype=torch.uint8)
-        self.instances = torch.full((height, width), -1, dtype=torch.int16)
-        self.drawing = -1
-        self.yy = torch.arange(height, dtype=torch.float32).view(-1, 1).expand(height, width) + 0.5
-        self.xx = torch.arange(width, dtype=torch.float32).view(1, -1).expand(height, width) + 0.5
-
-    def uniform(self, low: float, high: float) -> float:
-        return float(torch.rand((), generator=self.g)) * (high - low) + low
-
-    def color(self, cls: int, spread: float = 0.08) -> torch.Tensor:
-        base = torch.tensor(COLORS[cls])
-        return (base + (torch.rand(3, generator=self.g) * 2 - 1) * spread).clamp(0, 1)
-
-    def paint(self, mask: torch.Tensor, color: torch.Tensor, cls: int, owned: bool = True) -> None:
-        """Paint ``mask``; ``owned=False`` for parts of no object's box (a pole)."""
-        self.image[:, mask] = color.view(3, 1) if color.dim() == 1 else color[:, mask]
-        self.label[mask] = cls
-        self.instances.masked_fill_(mask, self.drawing if owned else -1)
-
-    def box(self, top: float, bottom: float, left: float, right: float) -> torch.Tensor:
-        return (self.yy >= top) & (self.yy < bottom) & (self.xx >= left) & (self.xx < right)
-
-    def ellipse(self, cy: float, cx: float, ry: float, rx: float) -> torch.Tensor:
-        return ((self.yy - cy) / max(ry, 0.5)) ** 2 + ((self.xx - cx) / max(rx, 0.5)) ** 2 <= 1
 
 
 def render_scene(
@@ -142,7 +125,7 @@ def render_scene(
         g: the random stream (advanced by the scene's draws).
         plant: an object painted last, before lighting (tests check its pixels' class).
     """
-    c = _Canvas(height, width, g)
+    c = Canvas(height, width, g)
     _draw(c, plant, detection=False)
     return _light(c), c.label
 
@@ -158,13 +141,14 @@ def render_detection_scene(
         g: the random stream (advanced by the scene's draws).
         plant: an object painted last, before lighting (tests check its box).
     """
-    c = _Canvas(height, width, g)
+    c = Canvas(height, width, g)
     kinds = _draw(c, plant, detection=True)
     image = _light(c)
-    return DetectionScene(image, c.label, c.instances, kinds, _visible_boxes(c.instances, kinds))
+    target = _visible_boxes(c.instances, kinds, c.drawn)
+    return DetectionScene(image, c.label, c.instances, kinds, tuple(c.drawn), target)
 
 
-def _draw(c: _Canvas, plant: Plant | None, detection: bool) -> tuple[str, ...]:
+def _draw(c: Canvas, plant: Plant | None, detection: bool) -> tuple[str, ...]:
     """Paint a scene back to front; returns the kind of each object, by its index in
     ``c.instances``. The segmentation scene (``detection=False``) draws nothing more than it
     always has, so its images stay the same for the same seed."""
@@ -189,8 +173,10 @@ def _draw(c: _Canvas, plant: Plant | None, detection: bool) -> tuple[str, ...]:
         row = near * ground  # rows below the horizon
         centre, half = vx + row * (right - left) / 2, row * (left + right) / 2  # of the road there
         c.drawing = len(kinds)
-        _DRAWERS[kind](c, horizon + row, centre, half, row)
+        DRAWERS[kind](c, horizon + row, centre, half, row)
         kinds.append(kind)
+        if detection:  # its pixels before anything nearer hides some
+            c.drawn.append(int((c.instances == c.drawing).sum()))
     c.drawing = -1
     if plant is not None:
         if detection and plant.cls in _PLANT_KIND:
@@ -201,30 +187,34 @@ def _draw(c: _Canvas, plant: Plant | None, detection: bool) -> tuple[str, ...]:
             torch.tensor(COLORS[plant.cls]),
             plant.cls,
         )
+        if c.drawing >= 0:
+            c.drawn.append(int((c.instances == c.drawing).sum()))
         c.drawing = -1
     return tuple(kinds)
 
 
-def _visible_boxes(instances: torch.Tensor, kinds: tuple[str, ...]) -> Target:
+def _visible_boxes(instances: torch.Tensor, kinds: tuple[str, ...], drawn: list[int]) -> Target:
     """Each object's box: the bounding box of its pixels in ``instances`` (xyxy, pixel
-    edges); an object with no pixel left (hidden or outside the image) has none."""
-    boxes, labels = [], []
+    edges); an object with no pixel left (hidden or outside the image) has none, and one with
+    less than :data:`MIN_VISIBLE` of the pixels it had when drawn is flagged ``ignore``."""
+    boxes, labels, hidden = [], [], []
     for index, kind in enumerate(kinds):
         ys, xs = torch.nonzero(instances == index, as_tuple=True)
         if len(ys):
             boxes.append([int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1])
             labels.append(_KIND_CLASS[kind])
-    return make_target(boxes, labels)
+            hidden.append(len(ys) < MIN_VISIBLE * drawn[index])
+    return make_target(boxes, labels, hidden)
 
 
-def _sky_and_ground(c: _Canvas, horizon: float) -> None:
+def _sky_and_ground(c: Canvas, horizon: float) -> None:
     top, low = c.color(SKY, 0.1), c.color(SKY, 0.1) * 0.6 + 0.4  # paler towards the horizon
     t = (c.yy / horizon).clamp(0, 1).unsqueeze(0)
     c.paint(c.yy < horizon, top.view(3, 1, 1) * (1 - t) + low.view(3, 1, 1) * t, SKY)
     c.paint(c.yy >= horizon, c.color(VEGETATION, 0.06), VEGETATION)  # grass verge
 
 
-def _buildings_and_trees(c: _Canvas, horizon: float, vx: float) -> None:
+def _buildings_and_trees(c: Canvas, horizon: float, vx: float) -> None:
     for _ in range(int(c.uniform(3, 8))):
         wide = c.w * c.uniform(0.08, 0.25)
         left = c.uniform(-0.1, 1.0) * c.w
@@ -246,7 +236,7 @@ def _buildings_and_trees(c: _Canvas, horizon: float, vx: float) -> None:
         )
 
 
-def _road(c: _Canvas, horizon: float, vx: float, depth: torch.Tensor, ground: float) -> tuple[float, float]:
+def _road(c: Canvas, horizon: float, vx: float, depth: torch.Tensor, ground: float) -> tuple[float, float]:
     """Road, sidewalks and dashed lane markings; returns the road's edge slopes (px per row)."""
     half_left, half_right = c.w * c.uniform(0.25, 0.5), c.w * c.uniform(0.25, 0.5)
     left, right = half_left / ground, half_right / ground  # x offset per row below the horizon
@@ -266,106 +256,7 @@ def _road(c: _Canvas, horizon: float, vx: float, depth: torch.Tensor, ground: fl
     return left, right
 
 
-def _vehicle(c: _Canvas, base: float, centre: float, half: float, depth: float) -> None:
-    wide = 2 * half * c.uniform(0.3, 0.45)
-    cx = centre + c.uniform(-1, 1) * max(half - wide / 2, 0)
-    tall = wide * c.uniform(0.55, 0.8)
-    body = c.box(base - tall * 0.6, base, cx - wide / 2, cx + wide / 2)
-    cabin = c.box(base - tall, base - tall * 0.55, cx - wide * 0.35, cx + wide * 0.35)
-    paint = (torch.rand(3, generator=c.g) * 0.9).clamp(0.05, 1)  # any car colour
-    c.paint(body | cabin, paint, VEHICLE)
-    glass = c.box(base - tall * 0.93, base - tall * 0.6, cx - wide * 0.3, cx + wide * 0.3)
-    c.paint(glass, torch.tensor([0.12, 0.15, 0.2]), VEHICLE)
-    for side in (-0.32, 0.32):
-        wheel = c.ellipse(base - tall * 0.05, cx + side * wide, tall * 0.14, wide * 0.09)
-        c.paint(wheel, torch.tensor([0.05, 0.05, 0.05]), VEHICLE)
-
-
-def _pedestrian(c: _Canvas, base: float, centre: float, half: float, depth: float) -> None:
-    tall = depth * c.uniform(0.45, 0.6) + 2
-    side = 1 if c.uniform(0, 1) < 0.5 else -1
-    cx = centre + side * half * c.uniform(1.08, 1.3)
-    body = c.box(base - tall * 0.8, base - tall * 0.4, cx - tall * 0.11, cx + tall * 0.11)
-    legs = c.box(base - tall * 0.42, base, cx - tall * 0.08, cx + tall * 0.08)
-    head = c.ellipse(base - tall * 0.89, cx, tall * 0.1, tall * 0.08)
-    c.paint(body, c.color(PEDESTRIAN, 0.25), PEDESTRIAN)
-    c.paint(legs, c.color(PEDESTRIAN, 0.1) * 0.4, PEDESTRIAN)
-    c.paint(head, torch.tensor([0.85, 0.7, 0.58]) * c.uniform(0.5, 1.0), PEDESTRIAN)
-
-
-def _sign(c: _Canvas, base: float, centre: float, half: float, depth: float) -> None:
-    tall = depth * c.uniform(0.8, 1.1) + 3
-    side = 1 if c.uniform(0, 1) < 0.5 else -1
-    cx = centre + side * half * c.uniform(1.35, 1.6)
-    radius = tall * 0.16
-    c.paint(
-        c.box(base - tall, base, cx - tall * 0.02 - 0.3, cx + tall * 0.02 + 0.3),
-        torch.tensor([0.5] * 3),
-        IGNORE,
-        owned=False,
-    )
-    cy = base - tall - radius * 0.6
-    face = [torch.tensor([0.85, 0.1, 0.1]), torch.tensor([0.1, 0.3, 0.8]), torch.tensor([0.95, 0.8, 0.1])]
-    outer = c.ellipse(cy, cx, radius, radius)
-    if c.uniform(0, 1) < 0.5:  # a square plate instead of a disc
-        outer = c.box(cy - radius, cy + radius, cx - radius, cx + radius)
-    c.paint(outer, face[int(c.uniform(0, 2.99))], SIGN)
-    c.paint(c.ellipse(cy, cx, radius * 0.6, radius * 0.6), torch.tensor([0.95, 0.95, 0.95]), SIGN)
-
-
-def _cyclist(c: _Canvas, base: float, centre: float, half: float, depth: float) -> None:
-    """A rider (labelled pedestrian) on a bicycle (labelled vehicle), on the road by its edge."""
-    tall = depth * c.uniform(0.5, 0.62) + 3
-    side = 1 if c.uniform(0, 1) < 0.5 else -1
-    cx = centre + side * half * c.uniform(0.7, 0.92)
-    wheel = tall * 0.16
-    frame = c.box(base - tall * 0.32, base - tall * 0.25, cx - tall * 0.24, cx + tall * 0.24)
-    wheels = c.ellipse(base - wheel, cx - tall * 0.24, wheel, wheel) | c.ellipse(
-        base - wheel, cx + tall * 0.24, wheel, wheel
-    )
-    c.paint(wheels, torch.tensor([0.06, 0.06, 0.06]), VEHICLE)
-    c.paint(frame, (torch.rand(3, generator=c.g) * 0.9).clamp(0.05, 1), VEHICLE)
-    torso = c.box(base - tall * 0.84, base - tall * 0.45, cx - tall * 0.09, cx + tall * 0.07)
-    leg = c.box(base - tall * 0.47, base - tall * 0.18, cx - tall * 0.04, cx + tall * 0.05)
-    head = c.ellipse(base - tall * 0.91, cx - tall * 0.01, tall * 0.09, tall * 0.07)
-    c.paint(torso, c.color(PEDESTRIAN, 0.25), PEDESTRIAN)
-    c.paint(leg, c.color(PEDESTRIAN, 0.1) * 0.4, PEDESTRIAN)
-    c.paint(head, torch.tensor([0.85, 0.7, 0.58]) * c.uniform(0.5, 1.0), PEDESTRIAN)
-
-
-def _traffic_light(c: _Canvas, base: float, centre: float, half: float, depth: float) -> None:
-    """A dark housing with three lamps (one lit) on a pole beside the road; the pole is
-    labelled 255 and belongs to no box, the housing to no segmentation class (255)."""
-    tall = depth * c.uniform(1.0, 1.4) + 5
-    side = 1 if c.uniform(0, 1) < 0.5 else -1
-    cx = centre + side * half * c.uniform(1.2, 1.45)
-    top = base - tall
-    c.paint(
-        c.box(top, base, cx - tall * 0.015 - 0.3, cx + tall * 0.015 + 0.3),
-        torch.tensor([0.35] * 3),
-        IGNORE,
-        owned=False,
-    )
-    wide, high = tall * 0.11 + 1, tall * 0.3 + 2
-    c.paint(c.box(top - high, top, cx - wide / 2, cx + wide / 2), torch.tensor([0.1, 0.1, 0.1]), IGNORE)
-    lit = int(c.uniform(0, 2.99))
-    lamps = ([1.0, 0.15, 0.1], [1.0, 0.75, 0.1], [0.2, 1.0, 0.35])
-    for index, color in enumerate(lamps):
-        glow = 1.0 if index == lit else 0.25
-        lamp = c.ellipse(top - high * (5 - 2 * index) / 6, cx, high * 0.12, wide * 0.35)
-        c.paint(lamp, torch.tensor(color) * glow, IGNORE)
-
-
-_DRAWERS = {
-    "sign": _sign,
-    "pedestrian": _pedestrian,
-    "vehicle": _vehicle,
-    "cyclist": _cyclist,
-    "light": _traffic_light,
-}
-
-
-def _light(c: _Canvas) -> torch.Tensor:
+def _light(c: Canvas) -> torch.Tensor:
     """Brightness, colour cast, a vertical light gradient and sensor noise; to uint8."""
     brightness = c.uniform(0.45, 1.2)
     cast = 1 + (torch.rand(3, 1, 1, generator=c.g) * 2 - 1) * 0.08

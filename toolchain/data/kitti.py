@@ -102,13 +102,20 @@ def parse_label_file(path: Path, image_size: tuple[int, int]) -> Target:
     """The target of one KITTI label file, in the pixels of its ``(width, height)`` image.
 
     Raises:
-        AnnotationError: a line without 15 or 16 values, a value that is not a number, an
-            unknown type, or a box outside the image or of negative size (``file:line`` first).
+        AnnotationError: the file is not text, a line without 15 or 16 values, a value that is
+            not a number, an unknown type, or a box outside the image or of negative size
+            (``file:line`` first).
     """
     boxes: list[list[float]] = []
     labels: list[int] = []
     ignore: list[bool] = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AnnotationError(
+            f"{path}: cannot read it as text ({exc}); replace it with a KITTI label file"
+        ) from None
+    for number, line in enumerate(text.splitlines(), start=1):
         fields = line.split()
         if not fields:
             continue
