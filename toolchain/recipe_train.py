@@ -190,6 +190,12 @@ class TrainConfig(Section):
         description="learning-rate schedule: cosine, constant, or onecycle (torch's OneCycleLR: up from "
         "lr/25 over the first 30% of steps, then cosine down)",
     )
+    cycle_momentum: bool = Field(
+        True,
+        description="onecycle only: SGD momentum falls from 0.95 to 0.85 while the lr rises and climbs back "
+        "while it falls, as torch's OneCycleLR does by default (`momentum` is then not used); false keeps "
+        "`momentum` fixed",
+    )
     lr_warmup_epochs: float = Field(0, ge=0, description="linear learning-rate warm-up (cosine/constant)")
     warmup_epochs: int = Field(0, ge=0, description="clean epochs before adversarial ones")
     amp: Literal["off", "bf16", "fp16"] = Field("off", description="mixed precision on CUDA (ignored on CPU)")

@@ -29,7 +29,7 @@ from toolchain.tasks import task_of, to_device
 from toolchain.training.checkpoint import TrainCheckpoint, restore_rng, rng_states
 from toolchain.training.losses import BatchLoss, Perturbation
 from toolchain.training.sampling import ShardSampler
-from toolchain.training.schedule import lr_factor
+from toolchain.training.schedule import lr_factor, momentum_at
 
 log = logging.getLogger(__name__)
 
@@ -243,6 +243,8 @@ def train_model(
             for opt in optimizers:
                 for group in opt.param_groups:
                     group["lr"] = group["base_lr"] * factor
+            for group in optimizer.param_groups:  # our SGD; a method's side optimiser keeps its own
+                group["momentum"] = momentum_at(cfg, step, total)
             with autocast():
                 loss, logits = batch_loss(
                     net, x, y, adversarial=adversarial, generator=generator, craft=model
