@@ -168,6 +168,7 @@ def train_model(
     hooks: TrainHooks | None = None,
     checkpoint: TrainCheckpoint | None = None,
     data_parallel: bool = False,
+    teacher: nn.Module | None = None,
 ) -> list[dict[str, float]]:
     """Train ``model`` in place with SGD on ``cfg.loss`` under ``cfg.schedule``.
 
@@ -188,6 +189,11 @@ def train_model(
         data_parallel: under torchrun, train with DistributedDataParallel across the process
             group (``loader`` then holds this rank's shard); every rank returns the same
             model and history, rank 0 alone writes the checkpoint.
+        teacher: the dense model, for the distillation losses (``ard``, ``rslad``): the loss
+            reads a frozen copy of it in eval mode on ``device``; ``teacher`` is not touched.
+
+    Raises:
+        UserError: a distillation loss without a ``teacher``, or for a detector.
 
     Returns:
         One dict per epoch: ``{"epoch", "loss", "accuracy", "adversarial", "lr"}`` plus the
@@ -216,7 +222,7 @@ def train_model(
         optimizers.append(hooks.side_optimizer())
         for group in optimizers[-1].param_groups:
             group["base_lr"] = group["lr"]
-    batch_loss = BatchLoss(cfg, perturb=hooks.perturb)
+    batch_loss = BatchLoss(cfg, perturb=hooks.perturb, teacher=teacher, device=device)
     autocast, scaler = _mixed_precision(cfg, torch.device(device))
     # Each rank draws its own random starts and noise; rank 0 draws what one process would.
     generator = torch.Generator().manual_seed(seed + 1_000_003 * world.rank)
