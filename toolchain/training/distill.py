@@ -12,6 +12,8 @@ classification, per labelled pixel for segmentation.
 
       w * T^2 * KL(t(x) / T || s(x_adv) / T) + (1 - w) * CE(s(x), y)
 
+  The official code defaults to ``T = 30`` and ``w = 1`` (no clean term) on CIFAR-10.
+
 * RSLAD (Zi et al. 2021, "Revisiting Adversarial Robustness Distillation: Robust Soft Labels
   Make Student Better"; official code github.com/zibojia/RSLAD): the teacher's soft labels on
   the clean input replace the hard labels everywhere. The examples maximise
