@@ -216,3 +216,34 @@ def test_segmentation_fine_tuned_with_rslad_runs_end_to_end(tmp_path: Path) -> N
     assert finetune is not None and len(finetune.epochs) == 1
     assert math.isfinite(finetune.epochs[0]["loss"]) and finetune.epochs[0]["adversarial"] == 1.0
     assert any(e.model == "pruned" and e.miou is not None for e in report.evaluations)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("method", ["bap", "iterative"])
+def test_in_the_loop_training_distils_from_the_jobs_teacher(method: str) -> None:
+    from toolchain.pruning import PruneJob, prune_model
+    from toolchain.pruning.budget import Budget
+
+    model, data = tiny_net(0, width=16), [batch(8, seed=s) for s in range(3)]
+    teacher = copy.deepcopy(model)
+    calls: list[bool] = []
+    teacher.register_forward_hook(lambda m, i, o: calls.append(m.training))
+    loss = {"loss": "ard", "attack": {"eps": 0.05, "step_size": 0.02, "steps": 1}}
+    section: dict[str, typing.Any] = {"method": method, "target": {"macs_reduction": 2.0}}
+    if method == "iterative":
+        section.update(criterion="magnitude", steps=2, finetune_between={"epochs": 1, **loss})
+    else:
+        section["bap"] = {"train": {"epochs": 1, **loss}, "update_every": 2}
+    cfg = recipe_from_dict({"prune": section}).prune
+    example = torch.zeros(1, 3, 10, 10)
+
+    def prune(with_teacher: bool) -> typing.Any:
+        student = copy.deepcopy(model)
+        job = PruneJob(
+            example, Budget("macs", 2.0), [student[-1]], lambda _o: data, progress=False,
+            teacher=teacher if with_teacher else None,
+        )  # fmt: skip
+        return prune_model(student, job, cfg)
+
+    assert prune(True).target_met and calls and not any(calls)  # the teacher ran, in eval mode
+    with pytest.raises(UserError, match="distils from the dense model"):
+        prune(False)
