@@ -46,6 +46,7 @@ from toolchain.models.factory import build_model  # noqa: E402
 from toolchain.recipe import TrainConfig  # noqa: E402
 from toolchain.robustness.attacks.pgd import pgd_attack  # noqa: E402
 from toolchain.training import train_model  # noqa: E402
+from toolchain.training.checkpoint import TrainCheckpoint  # noqa: E402
 from toolchain.training.loops import make_loader  # noqa: E402
 
 EPS, STEP, TEST_IMAGES = 0.1, 0.025, 2000
@@ -93,7 +94,9 @@ def evaluate(model: nn.Module, data: ImageTensorDataset) -> tuple[float, float]:
     return clean / len(x), robust / len(x)
 
 
-def run_project(train_samples: int, epochs: int, seed: int, cycle_momentum: bool) -> dict[str, Any]:
+def run_project(
+    train_samples: int, epochs: int, seed: int, cycle_momentum: bool, work: Path
+) -> dict[str, Any]:
     """Train the anchor network through the project's loop on the first images, then evaluate."""
     torch.set_num_threads(2)  # as the anchor script
     bundle = make_bundle(
@@ -108,12 +111,23 @@ def run_project(train_samples: int, epochs: int, seed: int, cycle_momentum: bool
         schedule="onecycle", cycle_momentum=cycle_momentum,
         attack={"eps": EPS, "step_size": STEP, "steps": 5},
     )  # fmt: skip
+    # Resumable: a call stopped by its time limit keeps its finished epochs (and the trained
+    # model), and the same call again goes on from there.
+    name = f"project-n{train_samples}-e{epochs}-s{seed}-cycle{int(cycle_momentum)}"
+    trained = work / f"{name}.pt"
     started = time.perf_counter()
-    train_model(
-        model, make_loader(bundle.train, 128, shuffle=True, seed=seed), cfg, seed=seed, progress=False
-    )
+    if trained.is_file():
+        model.load_state_dict(torch.load(trained, weights_only=True))
+        seconds = json.loads(trained.with_suffix(".json").read_text())["train_s"]
+    else:
+        checkpoint = TrainCheckpoint(work / f"{name}.ckpt", key=name)
+        loader = make_loader(bundle.train, 128, shuffle=True, seed=seed)
+        history = train_model(model, loader, cfg, seed=seed, progress=False, checkpoint=checkpoint)
+        seconds = round(time.perf_counter() - started)  # this call's share when it resumed
+        torch.save(model.state_dict(), trained)
+        trained.with_suffix(".json").write_text(json.dumps({"train_s": seconds, "last_epoch": history[-1]}))
     clean, pgd20 = evaluate(model, _first_images("test", TEST_IMAGES))
-    return {"clean": clean, "pgd20": pgd20, "train_s": round(time.perf_counter() - started)}
+    return {"clean": clean, "pgd20": pgd20, "train_s": seconds}
 
 
 def run_anchor(script: Path, train_samples: int, epochs: int) -> dict[str, Any]:
@@ -153,12 +167,16 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="project side only (the anchor fixes seed 0)")
     parser.add_argument("--no-cycle-momentum", dest="cycle_momentum", action="store_false")
     parser.add_argument("--out", type=Path, default=REPO / "bench/results/dense_gap.json")
+    parser.add_argument(
+        "--work", type=Path, default=Path("/tmp/dense-gap"), help="checkpoints, trained models"
+    )
     args = parser.parse_args()
     if args.side == "anchor":
         row = {"side": "anchor", **run_anchor(args.anchor, args.train_samples, args.epochs)}
         row["seed"] = 0
     else:
-        result = run_project(args.train_samples, args.epochs, args.seed, args.cycle_momentum)
+        args.work.mkdir(parents=True, exist_ok=True)
+        result = run_project(args.train_samples, args.epochs, args.seed, args.cycle_momentum, args.work)
         row = {"side": "project", "cycle_momentum": args.cycle_momentum, "seed": args.seed, **result}
     row = {"train_samples": args.train_samples, "epochs": args.epochs, **row}
     print(json.dumps(row))
