@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,8 +45,9 @@ from toolchain.data.base import ImageTensorDataset, make_bundle  # noqa: E402
 from toolchain.data.fashion_mnist import CLASS_NAMES, DEFAULT_ROOT, read_idx  # noqa: E402
 from toolchain.models.factory import build_model  # noqa: E402
 from toolchain.recipe import TrainConfig  # noqa: E402
+from toolchain.robustness.attacks.base import eval_mode  # noqa: E402
 from toolchain.robustness.attacks.pgd import pgd_attack  # noqa: E402
-from toolchain.training import train_model  # noqa: E402
+from toolchain.training import TrainHooks, train_model  # noqa: E402
 from toolchain.training.checkpoint import TrainCheckpoint  # noqa: E402
 from toolchain.training.loops import make_loader  # noqa: E402
 
@@ -78,24 +80,54 @@ def _first_images(split: str, count: int) -> ImageTensorDataset:
     return ImageTensorDataset(images, labels)
 
 
-def evaluate(model: nn.Module, data: ImageTensorDataset) -> tuple[float, float]:
-    """Clean and PGD-20 (eps 0.1, step eps/8, random start) accuracy, as the anchor measures."""
+def unprojected_start_pgd(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    steps: int,
+    step_size: float,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """L-inf PGD whose perturbation is kept inside the eps-ball but not inside the pixel range:
+    the image is clamped to [0, 1] only where it enters the model. A pixel whose random start
+    fell outside [0, 1] (half of Fashion-MNIST's black background) then gets no gradient and
+    never moves, so this attack is weaker than :func:`pgd_attack`, which keeps ``x + delta``
+    in [0, 1] after every step. The plain anchor script's attack behaves this way; the bench
+    uses it to tell its effect apart (``--train-attack unprojected`` and ``pgd20_unprojected``)."""
+    with eval_mode(model):
+        delta = (torch.rand(x.shape, generator=generator) * 2 - 1) * EPS
+        for _ in range(steps):
+            delta.requires_grad_(True)
+            loss = F.cross_entropy(model((x + delta).clamp(0, 1)), y)
+            (grad,) = torch.autograd.grad(loss, delta)
+            delta = (delta.detach() + step_size * grad.sign()).clamp(-EPS, EPS)
+        return (x + delta).clamp(0, 1).detach()
+
+
+def evaluate(model: nn.Module, data: ImageTensorDataset) -> dict[str, float]:
+    """Clean and PGD-20 (eps 0.1, step eps/8, random start) accuracy, as the anchor measures:
+    with the project's PGD, and with the unprojected-start PGD (:func:`unprojected_start_pgd`)."""
     model.eval()
     x, y = data.images.float() / 255, data.labels
-    clean = robust = 0
+    hits = {"clean": 0, "pgd20": 0, "pgd20_unprojected": 0}
     for i in range(0, len(x), 500):
         xb, yb = x[i : i + 500], y[i : i + 500]
         adv = pgd_attack(
             model, xb, yb, eps=EPS, step_size=EPS / 8, steps=20, generator=torch.Generator().manual_seed(i)
         )
+        weak = unprojected_start_pgd(
+            model, xb, yb, steps=20, step_size=EPS / 8, generator=torch.Generator().manual_seed(i)
+        )
         with torch.no_grad():
-            clean += int((model(xb).argmax(1) == yb).sum())
-            robust += int((model(adv).argmax(1) == yb).sum())
-    return clean / len(x), robust / len(x)
+            hits["clean"] += int((model(xb).argmax(1) == yb).sum())
+            hits["pgd20"] += int((model(adv).argmax(1) == yb).sum())
+            hits["pgd20_unprojected"] += int((model(weak).argmax(1) == yb).sum())
+    return {k: v / len(x) for k, v in hits.items()}
 
 
 def run_project(
-    train_samples: int, epochs: int, seed: int, cycle_momentum: bool, work: Path
+    train_samples: int, epochs: int, seed: int, cycle_momentum: bool, train_attack: str, work: Path
 ) -> dict[str, Any]:
     """Train the anchor network through the project's loop on the first images, then evaluate."""
     torch.set_num_threads(2)  # as the anchor script
@@ -114,6 +146,11 @@ def run_project(
     # Resumable: a call stopped by its time limit keeps its finished epochs (and the trained
     # model), and the same call again goes on from there.
     name = f"project-n{train_samples}-e{epochs}-s{seed}-cycle{int(cycle_momentum)}"
+    name += "-unprojected" if train_attack == "unprojected" else ""
+    hooks = TrainHooks()
+    if train_attack == "unprojected":
+        rng = torch.Generator().manual_seed(seed)
+        hooks.perturb = lambda m, x, y: unprojected_start_pgd(m, x, y, steps=5, step_size=STEP, generator=rng)
     trained = work / f"{name}.pt"
     started = time.perf_counter()
     if trained.is_file():
@@ -122,12 +159,13 @@ def run_project(
     else:
         checkpoint = TrainCheckpoint(work / f"{name}.ckpt", key=name)
         loader = make_loader(bundle.train, 128, shuffle=True, seed=seed)
-        history = train_model(model, loader, cfg, seed=seed, progress=False, checkpoint=checkpoint)
+        history = train_model(
+            model, loader, cfg, seed=seed, progress=False, checkpoint=checkpoint, hooks=hooks
+        )
         seconds = round(time.perf_counter() - started)  # this call's share when it resumed
         torch.save(model.state_dict(), trained)
         trained.with_suffix(".json").write_text(json.dumps({"train_s": seconds, "last_epoch": history[-1]}))
-    clean, pgd20 = evaluate(model, _first_images("test", TEST_IMAGES))
-    return {"clean": clean, "pgd20": pgd20, "train_s": seconds}
+    return {**evaluate(model, _first_images("test", TEST_IMAGES)), "train_s": seconds}
 
 
 def run_anchor(script: Path, train_samples: int, epochs: int) -> dict[str, Any]:
@@ -156,6 +194,12 @@ def run_anchor(script: Path, train_samples: int, epochs: int) -> dict[str, Any]:
     raise RuntimeError(f"{script} ended without printing its dense model's numbers")
 
 
+def _settings(row: dict[str, Any]) -> tuple[Any, ...]:
+    """What makes two rows the same run (rows written before --train-attack trained with the project's)."""
+    attack = row.get("train_attack", "project") if row["side"] == "project" else None
+    return (row["train_samples"], row["epochs"], row["side"], row.get("cycle_momentum"), attack, row["seed"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -166,6 +210,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0, help="project side only (the anchor fixes seed 0)")
     parser.add_argument("--no-cycle-momentum", dest="cycle_momentum", action="store_false")
+    parser.add_argument(
+        "--train-attack",
+        choices=("project", "unprojected"),
+        default="project",
+        help="project side: the project's PGD, or the unprojected-start PGD the plain script uses",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "bench/results/dense_gap.json")
     parser.add_argument(
         "--work", type=Path, default=Path("/tmp/dense-gap"), help="checkpoints, trained models"
@@ -176,13 +226,17 @@ def main() -> None:
         row["seed"] = 0
     else:
         args.work.mkdir(parents=True, exist_ok=True)
-        result = run_project(args.train_samples, args.epochs, args.seed, args.cycle_momentum, args.work)
-        row = {"side": "project", "cycle_momentum": args.cycle_momentum, "seed": args.seed, **result}
+        result = run_project(
+            args.train_samples, args.epochs, args.seed, args.cycle_momentum, args.train_attack, args.work
+        )
+        row = {
+            "side": "project", "cycle_momentum": args.cycle_momentum, "train_attack": args.train_attack,
+            "seed": args.seed, **result,
+        }  # fmt: skip
     row = {"train_samples": args.train_samples, "epochs": args.epochs, **row}
     print(json.dumps(row))
-    settings = ("side", "train_samples", "epochs", "seed", "cycle_momentum")
     rows = json.loads(args.out.read_text())["runs"] if args.out.is_file() else []
-    rows = [r for r in rows if any(r.get(k) != row.get(k) for k in settings)] + [row]
+    rows = [r for r in rows if _settings(r) != _settings(row)] + [row]
     payload = {
         "benchmark": "dense_gap",
         "dataset": "fashion-mnist",
@@ -190,17 +244,10 @@ def main() -> None:
         "model": "the anchor's 5-conv network (bench/dense_gap.py:anchor_net, a user factory)",
         "train": "SGD Nesterov momentum 0.9, weight decay 5e-4, batch 128, one-cycle peak lr 0.05, "
         f"PGD-5 eps {EPS} step {STEP} from a random start, crafted in eval mode",
-        "evaluation": f"clean and PGD-20 (eps {EPS}, step eps/8, random start) on the test images",
-        "runs": sorted(
-            rows,
-            key=lambda r: (
-                r["train_samples"],
-                r["epochs"],
-                r["side"],
-                str(r.get("cycle_momentum")),
-                r["seed"],
-            ),
-        ),
+        "evaluation": f"clean and PGD-20 (eps {EPS}, step eps/8, random start) on the test images: pgd20 "
+        "with the project's PGD, pgd20_unprojected with bench/dense_gap.py:unprojected_start_pgd (the "
+        "anchor's own pgd20 is measured by its own attack)",
+        "runs": sorted(rows, key=lambda r: tuple(map(str, _settings(r)))),
     }
     args.out.write_text(json.dumps(payload, indent=2) + "\n")
 
