@@ -340,10 +340,12 @@ def _inspected_model(
 
         recipe = load_recipe(target, overrides)
         d = recipe.data
-        data = load_data(d.dataset, root=d.root, image_size=d.image_size, train_samples=1, val_samples=1)
+        data = load_data(
+            d.dataset, root=d.root, image_size=d.image_size, train_samples=1, val_samples=1, task=recipe.task
+        )
         torch.manual_seed(recipe.seed)
         model = recipe_model(recipe, data)
-        example = torch.zeros(1, data.channels, data.image_size, data.image_size)
+        example = torch.zeros(1, data.channels, *data.input_hw)
         return model, example, recipe, f"{recipe.model.arch} ({target})"
     if overrides:
         raise UserError("--set applies to a recipe; pass a recipe file, or --input-size/--channels/--classes")

@@ -109,6 +109,7 @@ def check(recipe: Recipe) -> DataBundle:
         val_samples=d.val_samples,
         seed=recipe.data_seed,
         holdout=d.holdout,
+        task=recipe.task,
     )
     if data.task != recipe.task:
         raise UserError(

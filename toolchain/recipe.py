@@ -55,8 +55,9 @@ class DataConfig(Section):
     dataset: str = Field(
         "signs",
         description="signs (procedural traffic signs, no files), fashion-mnist, image-folder, cifar10 (on "
-        "disk, never downloaded), driving-scenes (procedural street scenes, per-pixel labels), "
-        "cityscapes (a Cityscapes-layout folder)",
+        "disk, never downloaded), driving-scenes (procedural street scenes: per-pixel labels, or boxes "
+        "with task: detection), cityscapes (a Cityscapes-layout folder), kitti (image_2/ + label_2/), "
+        "coco (an image folder + annotations/instances_*.json)",
     )
     root: str | None = Field(
         None,
@@ -352,7 +353,7 @@ class Recipe(Section):
     task: str = Field(
         "classification",
         pattern=r"^[a-z][a-z0-9-]*$",
-        description="what the model predicts: classification or segmentation (toolchain.tasks)",
+        description="what the model predicts: classification, segmentation or detection (toolchain.tasks)",
     )
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()

@@ -87,6 +87,7 @@ def validate_engine(engine: Path, recipe: Recipe, out: Path, *, progress: bool =
         train_samples=1,
         val_samples=d.val_samples,
         seed=recipe.data_seed,
+        task=recipe.task,
     )
     spec = runner.input_spec
     height, width = data.input_hw

@@ -254,9 +254,9 @@ class BatchLoss:
         generator: torch.Generator,
         craft: nn.Module | None = None,
     ) -> tuple[torch.Tensor, Any]:
-        """``(loss, logits)``; logits (a tensor, or a detector's tuple of heads) are those accuracy
-        is read from (the adversarial ones for PGD-AT, mixed and distillation batches, the clean
-        ones otherwise).
+        """``(loss, logits)``; logits (a tensor, or a detector's tuple of heads) are those
+        accuracy is read from (the adversarial ones for PGD-AT, mixed and distillation batches,
+        the clean ones otherwise).
 
         Args:
             model: the model the loss's main forward pass goes through.
