@@ -89,7 +89,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--part", required=True, help="dense, or a finetune.loss (pgd, ard, rslad, ...)")
+    parser.add_argument(
+        "--part",
+        required=True,
+        help="dense, a finetune.loss (pgd, ard, rslad, ...), or all (dense, pgd, ard, rslad)",
+    )
     parser.add_argument("--setting", choices=("tiny", "reduced", "full"), default="reduced")
     parser.add_argument("--budget", type=float, default=4.0)
     parser.add_argument("--work", type=Path, default=Path("/tmp/distill-finetune"))
@@ -97,6 +101,11 @@ def main() -> None:
         "--out", type=Path, default=REPO / "bench/results/distill-finetune-fashion-mnist.json"
     )
     args = parser.parse_args()
+    if args.part == "all":  # one process: the dense model, then each loss
+        for part in ("dense", "pgd", "ard", "rslad"):
+            sys.argv = [sys.argv[0], *_replace(sys.argv[1:], part)]
+            main()
+        return
     torch.set_num_threads(2)
     r = recipe(args.setting, args.budget, "pgd" if args.part == "dense" else args.part)
     data = preflight.check(r)
@@ -142,6 +151,13 @@ def main() -> None:
         "runs": rows,
     }
     args.out.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def _replace(argv: list[str], part: str) -> list[str]:
+    """``argv`` with the value of ``--part`` replaced."""
+    out = list(argv)
+    out[out.index("--part") + 1] = part
+    return out
 
 
 def _save(model: nn.Module, history: list[Any], path: Path) -> None:
