@@ -370,6 +370,15 @@ class Recipe(Section):
         description="pass/fail rules on report.json; robustprune run exits 1 when one fails",
     )
 
+    @model_validator(mode="after")
+    def _dense_training_has_no_teacher(self) -> Recipe:
+        if self.train.loss in ("ard", "rslad"):
+            raise ValueError(
+                f"train.loss {self.train.loss!r} distils from the dense model, which train itself produces: "
+                "use it in finetune.loss (or a pruning method's train section) and pgd, trades or hybrid here"
+            )
+        return self
+
     @field_validator("name")
     @classmethod
     def _plain_name(cls, name: str) -> str:

@@ -81,6 +81,7 @@ class Iterative(PruningMethod):
                 desc=f"recover {step}",
                 progress=job.progress,
                 device=job.device,
+                teacher=job.teacher,
             )
             model.cpu()  # the next step traces and prunes on the CPU
 

@@ -54,6 +54,7 @@ class MaskedMethod(PruningMethod):
                 device=job.device,
                 hooks=hooks,
                 checkpoint=job.checkpoint,
+                teacher=job.teacher,
             )
         finally:
             model.cpu()
