@@ -1,6 +1,7 @@
 """The bad-input battery, through the command line: each case exits 2 (or 1 for a failed gate)
 with one line that says what is wrong and how to fix it, prints no traceback, and leaves an
-existing run directory byte for byte as it was.
+existing run directory byte for byte as it was, but for its report.json marked stale (a refused
+run leaves no old verdict behind).
 
 Cases the issue lists that other modules already test at this level are not repeated here:
 unknown keys and a checkpoint of another architecture (test_cli), a non-ONNX file and a crafted
@@ -45,6 +46,13 @@ def existing(tmp_path: Path) -> Path:
 
 def snapshot(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def marked_stale(before: dict[str, bytes]) -> dict[str, bytes]:
+    """``before`` with its report.json marked stale, numbers kept: what bad input may change
+    (the previous verdict is no verdict for a run that was refused)."""
+    report = {**json.loads(before["report.json"]), "status": "stale", "passed": False}
+    return {**before, "report.json": (json.dumps(report, indent=2) + "\n").encode()}
 
 
 def refused(capsys: pytest.CaptureFixture[str], code: int, expected: str, *, exit_code: int = 2) -> str:
@@ -142,7 +150,7 @@ def test_bad_recipe_or_data_is_refused_before_anything_is_written(
     before = snapshot(existing)
     code = main(["run", str(path), "--out", str(existing), "--no-progress"])
     refused(capsys, code, expected)
-    assert snapshot(existing) == before
+    assert snapshot(existing) == marked_stale(before)
 
 
 def test_a_pickle_given_as_checkpoint_is_refused_and_never_unpickled(
@@ -158,7 +166,7 @@ def test_a_pickle_given_as_checkpoint_is_refused_and_never_unpickled(
     line = refused(capsys, code, "weights.pt")
     assert "weights-only" in line or "cannot read checkpoint" in line
     assert not planted.exists()
-    assert snapshot(existing) == before
+    assert snapshot(existing) == marked_stale(before)
 
 
 def test_a_second_run_on_a_run_directory_in_use_exits_2(
@@ -186,7 +194,7 @@ def _disk_error(code: int, path: Path) -> Callable[..., Any]:
     ("where", "code", "expected"),
     [
         (rundir, errno.ENOSPC, "No space left on device; free disk space"),  # the first atomic write
-        (runlock.os, errno.EROFS, "cannot write in run directory"),  # the lock file's creation
+        (runlock.os, errno.EROFS, "Read-only file system; free disk space or fix the permissions"),  # same
     ],
     ids=["full-disk", "read-only-disk"],
 )

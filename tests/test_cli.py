@@ -103,6 +103,7 @@ def test_gate_command_exit_codes_and_junit(tmp_path: Path, capsys: pytest.Captur
         "schema": "robustprune.report/1",
         "status": "completed",
         "models": {"pruned": {"macs_reduction": 3.0, "target": {"macs_reduction": 3.0}, "target_met": True}},
+        "evaluations": [{"model": "pruned", "runtime": "onnxruntime", "samples": 10, "nonfinite_logits": 0}],
         "gates": [],
     }
     path = tmp_path / "report.json"

@@ -53,6 +53,8 @@ DDP_RECIPE: dict[str, Any] = {
         "corruptions": {"names": ["gaussian_noise"], "severities": [3]},
     },
     "bench": {"enabled": False},
+    # A run with no gate does not pass (the intrinsic evaluated-and-gated gate).
+    "gates": [{"metric": "models.pruned.macs_reduction", "threshold": 1.0}],
 }
 
 

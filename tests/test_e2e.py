@@ -81,6 +81,7 @@ def test_report_skeleton_and_numbers(tiny_run: tuple[Path, Report]) -> None:
         "budget-met": True,
         "engine-parity": True,
         "finite-logits": True,
+        "evaluated-and-gated": True,
     }
     assert (out / "report.md").is_file() and (out / "report.html").is_file()
     plots = {p.name for p in (out / "plots").iterdir()}
@@ -153,7 +154,12 @@ def test_validate_command_on_run_engine_and_on_a_bare_onnx_file(
     (ev,) = report["evaluations"]
     assert report["engine"]["pytorch_reference"] is True
     # The engine's own run: its budget check applies to the engine's report too.
-    assert [g["name"] for g in report["intrinsic_gates"]] == ["budget-met", "engine-parity", "finite-logits"]
+    assert [g["name"] for g in report["intrinsic_gates"]] == [
+        "budget-met",
+        "engine-parity",
+        "finite-logits",
+        "evaluated-and-gated",
+    ]
     assert ev["runtime"] == "onnxruntime" and ev["parity"]["top1_agreement"] == 1.0
     assert {a["mode"] for a in ev["attacks"]} == {"transfer", "black-box"}
     assert ev["clean_accuracy"] > 0.2 and "per_corruption" in ev["corruptions"]
@@ -180,8 +186,12 @@ def test_validate_command_on_run_engine_and_on_a_bare_onnx_file(
     assert [s["name"] for s in ev["skipped"]] == ["pgd"] and ev["parity"] is None
     # The recipe's parity gate cannot be evaluated without a reference: it fails closed.
     assert code == 1 and not report["passed"]
-    # No pruning target and no PyTorch reference: only the NaN/Inf check applies.
-    assert [(g["name"], g["passed"]) for g in report["intrinsic_gates"]] == [("finite-logits", True)]
+    # No pruning target and no PyTorch reference: only the NaN/Inf check applies (and the recipe
+    # has gates and the file was evaluated).
+    assert [(g["name"], g["passed"]) for g in report["intrinsic_gates"]] == [
+        ("finite-logits", True),
+        ("evaluated-and-gated", True),
+    ]
 
 
 def test_validate_command_rejects_bad_engines(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 from xml.etree import ElementTree as ET
 
 import pytest
 
-from toolchain.report.assemble import target_met
+from toolchain.report.assemble import finish, target_met
 from toolchain.report.gates import MetricNotFound, evaluate_gates, intrinsic_gates, resolve_metric, verdict
 from toolchain.report.junit import github_annotations, write_junit
 from toolchain.report.schema import (
+    Environment,
     Evaluation,
     ExportParity,
     IntrinsicGate,
@@ -192,3 +195,69 @@ def test_intrinsic_parity_gate_checks_fp32_engines_and_export_parity() -> None:
     # A count the report does not have fails closed.
     report.evaluations[0].nonfinite_logits = None
     assert not {g.name: g for g in intrinsic_gates(report)}["finite-logits"].passed
+
+
+def _evaluated(runtime: str = "onnxruntime", samples: int = 60) -> Report:
+    return Report(
+        environment=Environment(threads=2),
+        evaluations=[Evaluation(model="pruned", runtime=runtime, samples=samples, nonfinite_logits=0)],
+    )
+
+
+GATE = {"metric": "environment.threads", "op": ">=", "threshold": 1}  # holds in every report here
+
+
+@pytest.mark.parametrize(
+    ("report", "gates", "reason"),
+    [
+        (Report(environment=Environment(threads=2)), [GATE], "no evaluation of an exported file"),
+        (_evaluated("torch"), [GATE], "no evaluation of an exported file"),  # the engine never ran
+        (_evaluated(samples=0), [GATE], "no evaluation of an exported file"),
+        (_evaluated(), [], "no gates"),  # gates: []
+    ],
+)
+def test_nothing_evaluated_or_nothing_gated_does_not_pass(
+    report: Report, gates: list[Any], reason: str
+) -> None:
+    finish(report, gates)
+    coverage = {g.name: g for g in report.intrinsic_gates}["evaluated-and-gated"]
+    assert not coverage.passed and reason in coverage.detail and "allow_unverified" in coverage.detail
+    assert report.passed is False
+    # The opt-out passes it, and says so.
+    finish(report, gates, allow_unverified=True)
+    coverage = {g.name: g for g in report.intrinsic_gates}["evaluated-and-gated"]
+    assert coverage.passed and coverage.detail.startswith("allowed by allow_unverified: ") and report.passed
+
+
+def test_an_evaluated_and_gated_report_passes_the_coverage_gate() -> None:
+    report = finish(_evaluated(), [GATE])
+    coverage = {g.name: g for g in report.intrinsic_gates}["evaluated-and-gated"]
+    assert coverage.passed and coverage.detail == "1 gate on 1 evaluation of an exported file (60 images)"
+    assert report.passed
+
+
+def test_a_policy_with_no_gates_fails_the_gate_command_unless_allowed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from toolchain.cli import main
+
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps(finish(_evaluated(), [GATE]).to_json()))
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("gates: []\n")
+    assert main(["gate", str(report)]) == 0
+    assert main(["gate", str(report), "--policy", str(policy)]) == 1
+    assert "FAIL intrinsic evaluated-and-gated: no gates" in capsys.readouterr().out
+    assert main(["gate", str(report), "--policy", str(policy), "--allow-unverified"]) == 0
+    assert (
+        "PASS intrinsic evaluated-and-gated: allowed by allow_unverified: no gates" in capsys.readouterr().out
+    )
+
+
+def test_allow_unverified_is_a_recipe_key_that_leaves_other_recipes_hashes_alone() -> None:
+    from toolchain.recipe import recipe_from_dict
+
+    assert recipe_from_dict({}).allow_unverified is False
+    assert recipe_from_dict({"allow_unverified": True}).allow_unverified is True
+    assert recipe_from_dict({}).sha256() == recipe_from_dict({"allow_unverified": False}).sha256()
+    assert recipe_from_dict({}).sha256() != recipe_from_dict({"allow_unverified": True}).sha256()

@@ -20,6 +20,7 @@ from toolchain.errors import UserError
 from toolchain.report.schema import (
     AttackRow,
     Evaluation,
+    GateResult,
     LatencyRow,
     Models,
     PrunedModel,
@@ -127,6 +128,7 @@ def _report(clean: float, robust: float, p50: float, passed: bool = True) -> Rep
             Evaluation(
                 model="pruned",
                 runtime="onnxruntime",
+                samples=500,
                 clean_accuracy=clean,
                 nonfinite_logits=0,
                 attacks=[AttackRow(name="pgd", mode="transfer", norm="linf", eps=4 / 255, accuracy=robust)],
@@ -212,3 +214,63 @@ def test_gate_script_never_gates_a_crashed_run(
         assert "--baseline baseline.json --junit" in gate
     else:
         assert len(calls) == 1 and "no release" in result.stderr
+
+
+def _run_dir_with_reports(root: Path) -> list[Path]:
+    """A run directory whose report.json and export/validate-pruned/report.json are completed,
+    passing reports (as a previous release's run and its ``validate`` left them)."""
+    passing = _report(0.70, 0.55, 1.0)
+    assert passing.models.pruned is not None
+    passing.models.pruned.target_met = True
+    passing.gates = [GateResult(metric="models.pruned.macs_reduction", threshold=4.0, value=4.2, passed=True)]
+    reports = [root / "report.json", root / "export" / "validate-pruned" / "report.json"]
+    for report in reports:
+        report.parent.mkdir(parents=True, exist_ok=True)
+        (report.parent / "run.json").write_text(json.dumps({"tool": "robustprune"}))
+        report.write_text(json.dumps(passing.to_json()))
+    return reports
+
+
+def _assert_stale(reports: list[Path]) -> None:
+    for report in reports:
+        data = json.loads(report.read_text())
+        assert (data["status"], data["passed"]) == ("stale", False), report
+        assert main(["gate", str(report)]) == 2
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"model": {"arch": "convnet", "checkpoint": "missing.pt"}},  # refused in preflight
+        {"train": {"epochs": 1, "no_such_key": 1}},  # refused while loading the recipe
+    ],
+)
+def test_a_run_refused_before_it_starts_leaves_every_old_report_stale(
+    tmp_path: Path, change: dict[str, Any]
+) -> None:
+    out = tmp_path / "run"
+    reports = _run_dir_with_reports(out)
+    assert [main(["gate", str(r)]) for r in reports] == [0, 0]
+    recipe = _write_recipe(tmp_path, {**TINY_RECIPE, **change})
+    assert main(["run", str(recipe), "--out", str(out), "--no-progress"]) == 2
+    _assert_stale(reports)
+
+
+def test_validate_refused_before_it_starts_leaves_its_old_report_stale(tmp_path: Path) -> None:
+    (report,) = _run_dir_with_reports(tmp_path / "validate-pruned")[:1]
+    recipe = _write_recipe(tmp_path, TINY_RECIPE)
+    engine = str(tmp_path / "pruned.onnx")  # gone: the export was removed
+    out = str(report.parent)
+    assert main(["validate", "--engine", engine, "--recipe", str(recipe), "--out", out]) == 2
+    _assert_stale([report])
+
+
+def test_gate_refuses_a_stale_baseline(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    report, baseline = tmp_path / "report.json", tmp_path / "baseline.json"
+    report.write_text(json.dumps(_report(0.70, 0.55, 1.0).to_json()))
+    baseline.write_text(json.dumps({**_report(0.70, 0.55, 1.0).to_json(), "status": "stale"}))
+    policy = tmp_path / "policy.yaml"
+    gates = [{"metric": "models.pruned.macs_reduction", "threshold": 1.0, "relative": "ratio"}]
+    policy.write_text(yaml.safe_dump({"gates": gates}))
+    assert main(["gate", str(report), "--policy", str(policy), "--baseline", str(baseline)]) == 2
+    assert "baseline" in capsys.readouterr().err

@@ -148,6 +148,11 @@ def _parser() -> argparse.ArgumentParser:
     gate.add_argument("--baseline", help="baseline report.json for relative gates")
     gate.add_argument("--junit", help="also write the result as JUnit XML here")
     gate.add_argument("--recipe", help="refuse the report unless this recipe produced it (same sha256)")
+    gate.add_argument(
+        "--allow-unverified",
+        action="store_true",
+        help="pass a report with no gate or no evaluation of an exported file (never for a release)",
+    )
 
     cmp = sub.add_parser("compare", help="two report.json files side by side (two releases or methods)")
     cmp.add_argument("report_a", help="report.json (A)")
@@ -230,7 +235,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.verb == "doctor":
         return commands.doctor(args.recipe, as_json=args.json)
     if args.verb == "gate":
-        return commands.gate(Path(args.report), args.policy, args.baseline, args.junit, args.recipe)
+        return commands.gate(
+            Path(args.report), args.policy, args.baseline, args.junit, args.recipe, args.allow_unverified
+        )
     if args.verb == "compare":
         return commands.compare(args.report_a, args.report_b, args.format)
     if args.verb == "inspect":

@@ -36,9 +36,13 @@ def _announce_failures(gates: list[Any], intrinsic: list[Any], where: str) -> No
 
 def run(recipe_path: str, out: str | None, overrides: list[str], *, progress: bool = True) -> int:
     """``robustprune run``: the whole pipeline; exit 1 if a gate failed."""
+    from toolchain.distributed import launched_rank
     from toolchain.pipeline import run_pipeline
     from toolchain.report.markdown import render_summary
+    from toolchain.report.writer import mark_stale_before_start
 
+    if out and launched_rank() == 0:  # before the recipe is read: a refused one leaves no old verdict
+        mark_stale_before_start(Path(out))
     recipe = load_recipe(recipe_path, overrides)
     run_dir = Path(out) if out else Path("runs") / recipe.name
     report = run_pipeline(recipe, run_dir, progress=progress)
@@ -88,11 +92,13 @@ def validate(
 ) -> int:
     """``robustprune validate``: the validate section on one exported ONNX file."""
     from toolchain.report.markdown import render_summary
+    from toolchain.report.writer import mark_stale_before_start
     from toolchain.validate_engine import validate_engine
 
-    recipe = load_recipe(recipe_path, overrides)
     engine_path = Path(engine)
     out_dir = Path(out) if out else engine_path.parent / f"validate-{engine_path.stem}"
+    mark_stale_before_start(out_dir)  # before the recipe is read: a refused one leaves no old verdict
+    recipe = load_recipe(recipe_path, overrides)
     report = validate_engine(engine_path, recipe, out_dir, progress=progress)
     sys.stdout.write(render_summary(report, out_dir) + "\n")
     _announce_failures(report.gates, report.intrinsic_gates, str(out_dir / "report.json"))
@@ -196,27 +202,10 @@ def _policy_gates(policy: str) -> list[Gate]:
         raise RecipeError(f"policy {policy}: gates.{where}: {err['msg']}") from None
 
 
-def gate(
-    report_path: Path,
-    policy: str | None,
-    baseline: str | None,
-    junit: str | None,
-    recipe_path: str | None = None,
-) -> int:
-    """``robustprune gate``: exit 0 if every gate passes, 1 if one fails (missing metrics fail).
+def _completed(report: Any, path: Path, what: str) -> Any:
+    """``report`` if a completed run wrote it; a stale or crashed run's report is no verdict."""
+    from toolchain.report.schema import COMPLETED
 
-    The intrinsic gates are re-checked from the report's numbers, whatever it says it passed.
-
-    Raises:
-        UserError: the report is missing or not a report, is not from a completed run
-            (``status`` not ``completed``: the run crashed, or a later run started), or was
-            not produced by ``recipe_path``; a bad policy or baseline.
-    """
-    from toolchain.report.gates import evaluate_gates, intrinsic_gates, verdict
-    from toolchain.report.junit import write_junit
-    from toolchain.report.schema import COMPLETED, read_report
-
-    report = read_report(report_path)
     if report.status != COMPLETED:
         said = (
             "no status (written before reports recorded completion)"
@@ -224,9 +213,37 @@ def gate(
             else report.status
         )
         raise UserError(
-            f"{report_path} is not the report of a completed run ({said}): the run that should have "
-            "written it crashed or is still running; re-run it and gate the new report"
+            f"{what}{path} is not the report of a completed run ({said}): the run that should have "
+            "written it crashed, is still running or was refused; re-run it and gate the new report"
         )
+    return report
+
+
+def gate(
+    report_path: Path,
+    policy: str | None,
+    baseline: str | None,
+    junit: str | None,
+    recipe_path: str | None = None,
+    allow_unverified: bool = False,
+) -> int:
+    """``robustprune gate``: exit 0 if every gate passes, 1 if one fails (missing metrics fail).
+
+    The intrinsic gates are re-checked from the report's numbers, whatever it says it passed;
+    with no gate (a policy listing none, or a report whose recipe had none) or no evaluation of
+    an exported file it fails, unless ``allow_unverified``.
+
+    Raises:
+        UserError: the report is missing or not a report, is not from a completed run
+            (``status`` not ``completed``: the run crashed, or a later run started), or was
+            not produced by ``recipe_path``; a bad policy; a baseline that is not a completed
+            run's report.
+    """
+    from toolchain.report.gates import evaluate_gates, verdict, verdict_gates
+    from toolchain.report.junit import write_junit
+    from toolchain.report.schema import read_report
+
+    report = _completed(read_report(report_path), report_path, "")
     if recipe_path:
         expected = load_recipe(recipe_path).sha256()
         if report.recipe_sha256 != expected:
@@ -235,9 +252,13 @@ def gate(
                 f"not by {recipe_path} ({expected[:12]}); run that recipe and gate its report"
             )
     gates: list[Any] = _policy_gates(policy) if policy else [g.model_dump() for g in report.gates]
-    base = read_report(baseline, "baseline report") if baseline else None
+    base = (
+        _completed(read_report(baseline, "baseline report"), Path(baseline), "baseline ")
+        if baseline
+        else None
+    )
     results = evaluate_gates(report, gates, base)
-    intrinsic = intrinsic_gates(report)
+    intrinsic = verdict_gates(report, results, allow_unverified=allow_unverified)
     for check in intrinsic:
         sys.stdout.write(f"{'PASS' if check.passed else 'FAIL'} intrinsic {check.name}: {check.detail}\n")
     for row in results:

@@ -47,6 +47,12 @@ class World:
         return self.size > 1
 
 
+def launched_rank() -> int:
+    """This process's rank as torchrun launched it (0 without torchrun), readable before
+    :func:`setup`: rank 0 alone writes, even what it writes before the group exists."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def current() -> World:
     """The running process group's view of this process (``World()`` when there is none)."""
     if not (dist.is_available() and dist.is_initialized()):

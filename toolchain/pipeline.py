@@ -21,7 +21,7 @@ from toolchain.killpoints import killpoint
 from toolchain.recipe import Recipe
 from toolchain.report.assemble import assemble_report
 from toolchain.report.schema import Report
-from toolchain.report.writer import mark_stale, write_report
+from toolchain.report.writer import mark_stale, mark_stale_before_start, write_report
 from toolchain.rundir import STAGE_NAMES, RunDir
 from toolchain.stages import STAGES, Stage, StageContext
 from toolchain.stages.inputs import InputDigests, input_digests
@@ -65,16 +65,18 @@ def run_pipeline(recipe: Recipe, out: str | Path | None = None, *, progress: boo
 
     Returns:
         The report (also written to ``<out>/report.json``, last, with status ``completed``;
-        the previous report is marked stale before the first stage runs).
+        the previous reports are marked stale before anything else, preflight included).
 
     Raises:
         UserError: bad names, missing data or checkpoints, or an unusable run directory; raised
             before anything is written.
     """
+    root = Path(out) if out is not None else Path("runs") / recipe.name
+    if distributed.launched_rank() == 0:  # first: a run refused below leaves no old verdict
+        mark_stale_before_start(root)
     data = preflight.check(recipe)
     inputs = input_digests(recipe, data)
     world, device = distributed.setup(resolve_device(recipe.device))
-    root = Path(out) if out is not None else Path("runs") / recipe.name
     try:
         if not world.main:  # writes nothing: trains its share, then waits for rank 0's report
             ctx = StageContext(recipe, RunDir(root), data, inputs, device=device, world=world)

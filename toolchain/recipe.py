@@ -367,7 +367,13 @@ class Recipe(Section):
     bench: BenchConfig = BenchConfig()
     gates: list[Gate] = Field(
         default_factory=list,
-        description="pass/fail rules on report.json; robustprune run exits 1 when one fails",
+        description="pass/fail rules on report.json; robustprune run exits 1 when one fails, and when "
+        "there are none",
+    )
+    allow_unverified: bool = Field(
+        False,
+        description="let a run with no gate, or with no evaluation of an exported file, pass (the "
+        "intrinsic gate evaluated-and-gated fails it otherwise); for exploratory runs, never a release",
     )
 
     @model_validator(mode="after")
@@ -405,12 +411,14 @@ class Recipe(Section):
     def sha256(self) -> str:
         """The hash of the whole validated recipe (report.json's ``recipe_sha256``).
 
-        A recipe with the default task hashes without the ``task`` key, as it did before the
-        key existed, so classification reports keep matching their recipes.
+        A recipe with the default task (or ``allow_unverified`` false) hashes without that key,
+        as it did before the key existed, so older reports keep matching their recipes.
         """
         dump = self.model_dump(mode="json")
         if dump["task"] == "classification":
             del dump["task"]
+        if not dump["allow_unverified"]:  # recipes from before the key keep their hash
+            del dump["allow_unverified"]
         _drop_unset_data_seed(dump["data"])
         return _sha256(dump)
 

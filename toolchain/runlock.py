@@ -78,6 +78,23 @@ class RunLock:
             self._fd = None
 
 
+def in_use(root: Path) -> bool:
+    """Whether a live process holds ``root``'s lock (creates nothing; False when it cannot tell)."""
+    try:
+        fd = os.open(root / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # closing also drops the shared lock taken to test
+    return False
+
+
 def _holder(fd: int) -> str:
     """The holder line a lock file carries ('' when none)."""
     return os.pread(fd, 256, 0).decode(errors="replace").strip()

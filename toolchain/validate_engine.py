@@ -28,7 +28,7 @@ from toolchain.pruning import load_pruned
 from toolchain.recipe import Recipe
 from toolchain.report.assemble import environment, finish, models_section
 from toolchain.report.schema import EngineInfo, Models, Report
-from toolchain.report.writer import mark_stale, write_report
+from toolchain.report.writer import mark_stale, mark_stale_before_start, write_report
 from toolchain.robustness.suite import evaluate
 from toolchain.rundir import EXPORT, MODEL_STAGES, QUANTIZE, RunDir, RunLayout
 from toolchain.training import make_loader
@@ -66,12 +66,13 @@ def _run_tolerance(run_root: RunLayout, recipe: Recipe) -> float:
 def validate_engine(engine: Path, recipe: Recipe, out: Path, *, progress: bool = True) -> Report:
     """Evaluate ``engine`` with ``recipe.validate`` on ``recipe.data`` and write the reports into ``out``.
 
-    The previous report in ``out`` is marked stale first; report.json is written last.
+    The previous report in ``out`` is marked stale before anything else; report.json is written last.
 
     Raises:
         UserError: the file is missing or not ONNX, its input does not match the data, or a
             name in the recipe is unknown.
     """
+    mark_stale_before_start(out)  # first: bad input refused below leaves no old verdict in ``out``
     if not engine.is_file():
         raise UserError(f"engine {str(engine)!r} not found; pass the path to an exported .onnx file")
     if engine.suffix != ".onnx":
@@ -110,7 +111,7 @@ def validate_engine(engine: Path, recipe: Recipe, out: Path, *, progress: bool =
     )
     run = RunDir.open(out, recipe.model_dump(mode="json"))
     try:
-        mark_stale(run.root)
+        mark_stale(run.root)  # again, locked: a run that held the folder a moment ago may have finished
         evaluations = evaluate(
             model,
             {"onnxruntime": runner},
@@ -133,7 +134,7 @@ def validate_engine(engine: Path, recipe: Recipe, out: Path, *, progress: bool =
             models=sizes,
             evaluations=evaluations,
         )
-        finish(report, recipe.gates)
+        finish(report, recipe.gates, allow_unverified=recipe.allow_unverified)
         write_report(run.root, report)
         return report
     finally:

@@ -15,7 +15,7 @@ import torch
 
 from toolchain.recipe import Recipe
 from toolchain.recipe_prune import reduction_met
-from toolchain.report.gates import evaluate_gates, intrinsic_gates, verdict
+from toolchain.report.gates import evaluate_gates, verdict, verdict_gates
 from toolchain.report.quantization import engines_section, quantization_gates, quantization_section
 from toolchain.report.schema import (
     COMPLETED,
@@ -121,10 +121,16 @@ def models_section(layout: RunLayout, tolerance: float) -> Models:
     )
 
 
-def finish(report: Report, gates: Any) -> Report:
-    """Evaluate the recipe's gates and the intrinsic ones; set ``passed`` and the ``completed`` status."""
+def finish(report: Report, gates: Any, *, allow_unverified: bool = False) -> Report:
+    """Evaluate the recipe's gates and the intrinsic ones; set ``passed`` and the ``completed`` status.
+
+    Args:
+        report: the report, its numbers filled in.
+        gates: the recipe's gates.
+        allow_unverified: the recipe's ``allow_unverified``: pass with no gate or no evaluation.
+    """
     report.gates = evaluate_gates(report, gates)
-    report.intrinsic_gates = intrinsic_gates(report)
+    report.intrinsic_gates = verdict_gates(report, report.gates, allow_unverified=allow_unverified)
     report.passed = verdict(report.gates, report.intrinsic_gates)
     report.status = COMPLETED
     return report
@@ -162,7 +168,8 @@ def assemble_report(layout: RunLayout, recipe: Recipe, data_name: str) -> Report
         engines=engines_section(layout),
         stage_seconds=_stage_seconds(layout),
     )
-    return finish(report, [*recipe.gates, *quantization_gates(recipe)])
+    gates = [*recipe.gates, *quantization_gates(recipe)]
+    return finish(report, gates, allow_unverified=recipe.allow_unverified)
 
 
 def _stage_seconds(layout: RunLayout) -> dict[str, float | None]:

@@ -12,7 +12,8 @@ exactly one element, e.g.::
 A path that resolves to nothing (or to several things, or to a non-number) fails its gate.
 
 Besides the recipe's (or a policy's) gates, every report is held to the intrinsic gates
-(:func:`intrinsic_gates`), whatever the recipe says.
+(:func:`verdict_gates`), whatever the recipe says; one of them fails a report with no gate or
+no evaluation of an exported file, which would otherwise pass having checked nothing.
 """
 
 from __future__ import annotations
@@ -223,6 +224,55 @@ def _parity_gate(report: Report) -> IntrinsicGate | None:
         return None
     detail = "; ".join(problems) if problems else f"every FP32 engine agrees with PyTorch ({checked} checks)"
     return IntrinsicGate(name="engine-parity", passed=not problems, detail=detail)
+
+
+COVERAGE = "evaluated-and-gated"
+#: The recipe key (and ``--allow-unverified`` of ``gate``) that lets an ungated run pass.
+OPT_OUT = "allow_unverified"
+
+
+def coverage_gate(
+    report: Report, gates: list[GateResult], *, allow_unverified: bool = False
+) -> IntrinsicGate:
+    """``evaluated-and-gated``: a verdict rests on at least one gate and at least one evaluation
+    of an exported file (a runtime other than PyTorch, on at least one image).
+
+    Without either, every other gate passes vacuously ("every logit finite in 0 evaluations"),
+    so the run would pass having checked nothing. ``allow_unverified`` (the recipe key, or
+    ``gate --allow-unverified``) passes it anyway, saying so, for exploratory runs.
+    """
+    exported = [e for e in report.evaluations if e.runtime != "torch" and e.samples > 0]
+    missing = []
+    if not gates:
+        missing.append("no gates (the recipe's gates, or the --policy file's, list none): add gates")
+    if not exported:
+        missing.append(
+            "no evaluation of an exported file (validate.runtimes lists none, or none ran on an image): "
+            "add onnxruntime to validate.runtimes"
+        )
+    if not missing:
+        images = sum(e.samples for e in exported)
+        files = "evaluation of an exported file" if len(exported) == 1 else "evaluations of exported files"
+        detail = f"{_count(len(gates), 'gate')} on {len(exported)} {files} ({images} images)"
+        return IntrinsicGate(name=COVERAGE, passed=True, detail=detail)
+    if allow_unverified:
+        return IntrinsicGate(
+            name=COVERAGE, passed=True, detail=f"allowed by {OPT_OUT}: " + "; ".join(missing)
+        )
+    detail = "; ".join(missing) + f"; or, for a run that is not a release, set {OPT_OUT}: true (recipe)"
+    return IntrinsicGate(name=COVERAGE, passed=False, detail=detail + " / --allow-unverified (gate)")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def verdict_gates(
+    report: Report, gates: list[GateResult], *, allow_unverified: bool = False
+) -> list[IntrinsicGate]:
+    """Every intrinsic gate of ``report`` judged with ``gates``: :func:`intrinsic_gates` and
+    :func:`coverage_gate`."""
+    return [*intrinsic_gates(report), coverage_gate(report, gates, allow_unverified=allow_unverified)]
 
 
 def verdict(gates: list[GateResult], intrinsic: list[IntrinsicGate]) -> bool:

@@ -621,7 +621,7 @@ class GateResult(Record):
 class IntrinsicGate(Record):
     """A check every run must pass whatever its recipe says (see :mod:`toolchain.report.gates`)."""
 
-    name: str = Field(description="budget-met, engine-parity or finite-logits")
+    name: str = Field(description="budget-met, engine-parity, finite-logits or evaluated-and-gated")
     passed: bool = Field(description="the check passed")
     detail: str = Field(description="what was checked and found")
 

@@ -2,9 +2,10 @@
 
 A run directory's report.json is a verdict only for the run that wrote it. So a run marks
 the old one stale (``status: stale``, ``passed: false``) and removes the old report.md and
-report.html before its first stage, and writes report.json *last*, after the plots,
-report.md and report.html: a run that crashes at any point leaves a report that
-``robustprune gate`` refuses.
+report.html before anything else (before its recipe is even read when ``--out`` is given,
+so a recipe refused as bad input leaves no old verdict behind), and writes report.json *last*,
+after the plots, report.md and report.html: a run that crashes at any point leaves a report
+that ``robustprune gate`` refuses.
 """
 
 from __future__ import annotations
@@ -15,17 +16,38 @@ from pathlib import Path
 
 from toolchain.report.schema import STALE, Report
 from toolchain.rundir import RunLayout, atomic_path, write_json
+from toolchain.runlock import in_use
 
 log = logging.getLogger(__name__)
 
 
 def mark_stale(root: Path) -> None:
-    """Before a run starts in ``root``: the previous report is no verdict for this run.
+    """Before a run (or ``validate``) starts in ``root``: no report it may replace is a verdict
+    for it any more.
 
-    report.json keeps its numbers for reference with ``status: stale`` and ``passed: false``
-    (an unreadable one is removed); report.md and report.html are removed.
+    That is ``root``'s report.json and those ``validate`` wrote beside the run's files
+    (``<stage>/validate-<file>/report.json``: a re-run rebuilds those files). Each keeps its
+    numbers for reference with ``status: stale`` and ``passed: false`` (an unreadable one is
+    removed); the report.md and report.html beside it are removed. A folder that robustprune
+    did not create (no run marker) is left alone.
     """
     layout = RunLayout(root)
+    if not layout.is_run_directory():
+        return
+    _mark_one(layout)
+    for nested in sorted(layout.root.glob("*/validate-*/report.json")):
+        _mark_one(RunLayout(nested.parent))
+
+
+def mark_stale_before_start(root: Path) -> None:
+    """:func:`mark_stale`, first thing, before the lock is taken or the input checked; a folder
+    a live run holds is left alone (that run marked it when it started, and this one will be
+    refused)."""
+    if not in_use(root):
+        mark_stale(root)
+
+
+def _mark_one(layout: RunLayout) -> None:
     layout.report_md.unlink(missing_ok=True)
     layout.report_html.unlink(missing_ok=True)
     path = layout.report_json
@@ -38,9 +60,11 @@ def mark_stale(root: Path) -> None:
     if not isinstance(data, dict):
         path.unlink()
         return
+    if data.get("status") == STALE and data.get("passed") is False:
+        return
     data.update(status=STALE, passed=False)
     write_json(path, data)
-    log.info("previous report in %s marked stale until this run completes", root)
+    log.info("previous report in %s marked stale until this run completes", layout.root)
 
 
 def write_report(root: Path, report: Report) -> None:
