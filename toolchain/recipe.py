@@ -177,10 +177,39 @@ class QuantizeConfig(Section):
         "rows",
     )
     samples: int = Field(256, ge=1, description="calibration images, from the training split")
-    method: Literal["minmax", "entropy", "percentile", "distribution"] = Field(
-        "minmax", description="ONNX Runtime's calibrator"
+    method: Literal["auto", "minmax", "percentile", "entropy", "mse"] = Field(
+        "auto",
+        description="how activation ranges are chosen: minmax, percentile, entropy (KL), mse, or auto: each "
+        "of `methods`, keeping the one whose file agrees best with FP32 on held-out clean and PGD-transfer "
+        "images",
     )
-    percentile: float = Field(99.999, gt=0, le=100, description="the percentile calibrator's percentile")
+    methods: list[Literal["minmax", "percentile", "entropy", "mse"]] = Field(
+        ["minmax", "percentile", "entropy", "mse"], min_length=1, description="the methods auto chooses among"
+    )
+    holdout_samples: int = Field(
+        256,
+        ge=16,
+        description="training images, none of them calibration images, that auto and target_agreement "
+        "measure agreement on (each also as a PGD-transfer image: the first white-box attack of "
+        "validate.attacks)",
+    )
+    target_agreement: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="mixed precision: keep the layers whose quantisation costs most agreement in FP32, one "
+        "at a time, until held-out top-1 agreement with FP32 reaches this on clean images (null: every "
+        "layer INT8)",
+    )
+    target_adversarial_agreement: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="the same target on the held-out PGD-transfer images (null: target_agreement)",
+    )
+    percentile: float = Field(
+        99.99, gt=50, le=100, description="the share of values (in %) the percentile method keeps in range"
+    )
     per_channel: bool = Field(True, description="per-channel weight scales")
     preprocess: bool = Field(
         True,

@@ -57,7 +57,8 @@ def quantization_section(
     ``vs_fp32``: ``clean_drop``, ``attack_drop`` (PGD, or the first white-box attack, in
     transfer mode), ``corruption_drop`` (mean corruption accuracy), each FP32 minus INT8 on the
     same runtime (0.01 = one point; null when not measured); ``top1_agreement`` and
-    ``label_flip_rate`` against the FP32 file on clean images and on all suite inputs;
+    ``label_flip_rate`` against the FP32 file on clean images and on all suite inputs,
+    ``top1_agreement_adversarial`` on the PGD-transfer images;
     segmentation rows add ``clean_miou_drop``, ``attack_miou_drop`` and ``corruption_miou_drop``
     (pixel accuracy is their ``*_drop``, agreement is per pixel);
     ``speedup`` (FP32 p50 / INT8 p50) per batch and ``slowdown`` (the largest INT8 / FP32 p50).
@@ -82,6 +83,7 @@ def quantization_section(
                 ),
                 top1_agreement=(parity.get("clean") or {}).get("top1_agreement"),
                 label_flip_rate=(parity.get("clean") or {}).get("label_flip_rate"),
+                top1_agreement_adversarial=(parity.get("adversarial") or {}).get("top1_agreement"),
                 top1_agreement_all_inputs=(parity.get("all") or {}).get("top1_agreement"),
                 label_flip_rate_all_inputs=(parity.get("all") or {}).get("label_flip_rate"),
                 **_miou_drops(fp32, int8),
