@@ -72,13 +72,13 @@ class HeldOut:
     def of(cls, fp32: str | Path, inputs: Mapping[str, np.ndarray], *, threads: int = 1) -> HeldOut:
         """Run the FP32 file once on every kind of input."""
         arrays = {kind: np.ascontiguousarray(x, dtype=np.float32) for kind, x in inputs.items()}
-        return cls(arrays, {kind: _labels(fp32, x, threads) for kind, x in arrays.items()})
+        return cls(arrays, {kind: predict_labels(fp32, x, threads) for kind, x in arrays.items()})
 
 
 def measure_agreement(path: str | Path, held_out: HeldOut, *, threads: int = 1) -> Agreement:
     """Agreement of the file at ``path`` with the FP32 labels of ``held_out``."""
     shares = {
-        kind: float(np.mean(_labels(path, x, threads) == held_out.reference[kind]))
+        kind: float(np.mean(predict_labels(path, x, threads) == held_out.reference[kind]))
         for kind, x in held_out.inputs.items()
     }
     return Agreement(shares["clean"], shares.get("adversarial"))
@@ -212,7 +212,7 @@ def keep_sensitive_fp32(
     return MixedPrecision(target, adv_target, kept, margin(final) >= 0, base, final, sensitivity)
 
 
-def _labels(path: str | Path, x: np.ndarray, threads: int) -> np.ndarray:
+def predict_labels(path: str | Path, x: np.ndarray, threads: int) -> np.ndarray:
     """Arg-max over the first output's class axis, in batches the file accepts."""
     import onnxruntime as ort
 

@@ -236,3 +236,36 @@ def test_method_choice_measures_every_method(fp32_file: Path) -> None:
     assert set(measured) == set(range_methods())
     assert measured[best].worst == max(a.worst for a in measured.values())
     assert all(0.0 <= a.clean <= 1.0 and a.adversarial is not None for a in measured.values())
+
+
+def test_speed_record_says_why_an_int8_file_is_not_faster(fp32_file: Path, tmp_path: Path) -> None:
+    from calibration.fusion import count_fused_kernels
+    from calibration.speed import int8_speed, why_not_faster
+
+    calibration = calibrate(fp32_file, _images())
+    int8 = calibration.write(tmp_path / "int8.onnx").path
+    first_conv = next(n.name for n in calibration.model.graph.node if n.op_type == "Conv")
+    mixed = calibration.write(tmp_path / "mixed.onnx", exclude_nodes=[first_conv]).path
+    fusion = count_fused_kernels(mixed)
+    speed = int8_speed(
+        fp32_file,
+        mixed,
+        fusion,
+        batches=[1, 4],
+        threads=1,
+        iterations=3,
+        warmup=1,
+        all_int8=int8,
+        macs=80_000,
+    )
+    assert set(speed["batches"]) == {"1", "4"}
+    for row in speed["batches"].values():  # the ratios are the recorded times' ratios
+        assert row["speedup"] == pytest.approx(row["fp32_p50_ms"] / row["int8_p50_ms"])
+        assert row["mixed_precision_cost"] == pytest.approx(row["int8_p50_ms"] / row["all_int8_p50_ms"])
+    assert speed["faster"] == all(r["speedup"] > 1 for r in speed["batches"].values())
+    assert (speed["why_not"] is None) == speed["faster"]
+    # The reason line, from the optimised graph's counts: one convolution left in float.
+    line = why_not_faster(fusion, macs=80_000)
+    assert line.startswith("ONNX Runtime runs 1 of 2 convolutions as integer kernels; 1 stay in float")
+    qdq = sum(fusion["optimized_ops"].get(op, 0) for op in ("QuantizeLinear", "DequantizeLinear"))
+    assert f"{qdq} quantise/dequantise nodes remain" in line and "0.04 MMACs per convolution" in line

@@ -26,8 +26,10 @@ run_dir=${1:-runs/jetson-orin-mobilenetv2}
 
 if [ "$prepare" -eq 1 ]; then
   echo "== workstation: everything up to the INT8 files, validated on ONNX Runtime CPU"
+  # No verdict here: the gates (the recipe's and the INT8 gate) judge the device run's engines.
   robustprune run "$recipe" --out "$run_dir" --no-progress \
-    --set 'validate.runtimes=[torch, onnxruntime]' --set 'bench.runtimes=[onnxruntime]' --set 'gates=[]'
+    --set 'validate.runtimes=[torch, onnxruntime]' --set 'bench.runtimes=[onnxruntime]' --set 'gates=[]' \
+    --set 'quantize.gate=null'
   echo "now copy $run_dir to the Jetson (rsync -a $run_dir jetson:robustprune/$run_dir) and run $0 there"
   exit 0
 fi

@@ -109,25 +109,40 @@ def engines_section(layout: RunLayout) -> list[dict[str, Any]]:
 
 
 def quantization_gates(recipe: Recipe) -> list[Gate]:
-    """The gates ``quantize.gate`` stands for, one per quantised model and target runtime.
+    """The gates ``quantize.gate`` stands for (on by default), one set per quantised model,
+    target runtime and calibration set (every set, unless the gate names one).
 
-    Missing metrics fail (a slowdown without a benchmark, a drop without validation on that
-    runtime), as every gate does.
+    Agreement gates apply to tasks with class scores (classification, segmentation); a
+    detector's INT8 file is held to the drops and the slowdown. Missing metrics fail (a
+    slowdown without a benchmark, a drop or an agreement without validation on that runtime),
+    as every gate does.
     """
     cfg = recipe.quantize
     if not cfg.enabled or cfg.gate is None:
         return []
-    limits = {
-        "slowdown": cfg.gate.max_slowdown,
-        "clean_drop": cfg.gate.max_clean_drop,
-        "attack_drop": cfg.gate.max_pgd_drop,
-        "corruption_drop": cfg.gate.max_corruption_drop,
+    gate = cfg.gate
+    at_least = {
+        "top1_agreement": gate.min_agreement,
+        "top1_agreement_adversarial": gate.min_adversarial_agreement,
     }
+    if recipe.task not in ("classification", "segmentation"):
+        at_least = {}
+    at_most = {
+        "slowdown": gate.max_slowdown,
+        "clean_drop": gate.max_clean_drop,
+        "attack_drop": gate.max_pgd_drop,
+        "corruption_drop": gate.max_corruption_drop,
+    }
+    calibrations = cfg.calibrations if gate.calibration == "all" else [gate.calibration]
     gates = []
     for model in cfg.models:
         for target in cfg.targets:
-            where = f"quantization[model={model},target={target},calibration={cfg.gate.calibration}]"
-            for metric, limit in limits.items():
-                if limit is not None:
-                    gates.append(Gate(metric=f"{where}.vs_fp32.{metric}", op="<=", threshold=limit))
+            for calibration in calibrations:
+                where = f"quantization[model={model},target={target},calibration={calibration}].vs_fp32"
+                for metric, limit in at_least.items():
+                    if limit is not None:
+                        gates.append(Gate(metric=f"{where}.{metric}", op=">=", threshold=limit))
+                for metric, limit in at_most.items():
+                    if limit is not None:
+                        gates.append(Gate(metric=f"{where}.{metric}", op="<=", threshold=limit))
     return gates

@@ -546,7 +546,7 @@ class QuantizedFile(Record):
     """One INT8 Q/DQ file: which model, for which runtime's scheme, calibrated how, and what ONNX
     Runtime fused of it (the ``quantize`` stage's record of it)."""
 
-    omit_if_none = frozenset({"methods_agreement", "holdout_agreement", "mixed_precision"})
+    omit_if_none = frozenset({"methods_agreement", "holdout_agreement", "mixed_precision", "speed"})
     model: str = Field(description="dense or pruned")
     target: str = Field(description="the runtime the file is made for (onnxruntime or tensorrt)")
     scheme: str = Field(description="u8s8 (ONNX Runtime CPU) or s8s8 (TensorRT)")
@@ -580,6 +580,13 @@ class QuantizedFile(Record):
         None,
         description="quantize.target_agreement: target, adversarial_target, fp32_nodes (the layers kept in "
         "FP32, most sensitive first), met, all_int8 and final held-out agreement, sensitivity per layer",
+    )
+    speed: dict[str, Any] | None = Field(
+        None,
+        description="onnxruntime target: the INT8 file against its FP32 file on ONNX Runtime's CPU at the "
+        "bench batch sizes (batches: fp32_p50_ms, int8_p50_ms, speedup, and with FP32 layers "
+        "all_int8_p50_ms and mixed_precision_cost), faster, why_not (fused convolutions, Q/DQ nodes left, "
+        "MMACs per convolution)",
     )
 
 

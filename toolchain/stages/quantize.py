@@ -13,8 +13,10 @@ callables.
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,7 +27,9 @@ from calibration.fusion import count_fused_kernels
 from calibration.qdq import Calibration, calibrate
 from calibration.schemes import scheme_for_runtime
 from calibration.select import HeldOut, choose_method, keep_sensitive_fp32, measure_agreement
+from calibration.speed import int8_speed
 from toolchain.errors import UserError
+from toolchain.pruning.graph import count_macs_params
 from toolchain.recipe import AttackConfig, QuantizeConfig, Recipe
 from toolchain.report.stage_results import QuantizedFile, QuantizeResult
 from toolchain.robustness.attacks.pgd import pgd_examples
@@ -40,6 +44,8 @@ log = logging.getLogger(__name__)
 #: Tasks whose first output is class scores on axis 1 (per image or per pixel): agreement is
 #: measured on their arg-max. A detector's heads are not; it is calibrated with min/max.
 _AGREEMENT_TASKS = ("classification", "segmentation")
+#: Fewer held-out images than this cannot tell methods apart (one image is 6% of agreement).
+_MIN_HELD_OUT = 16
 
 
 class Quantize(Stage):
@@ -98,7 +104,7 @@ def quantize_models(
     records = []
     for name in cfg.models:
         images = _draw(train_batches(), cfg, wants_held_out)
-        held_out = _held_out(layout, name, models[name], recipe, images) if wants_held_out else None
+        held_out = _held_out(layout, name, models[name], recipe, images) if images.held_out else None
         for calibration in cfg.calibrations:
             mix = CalibrationMix() if calibration == "clean" else CalibrationMix(**cfg.mix.model_dump())
             pixels, counts = build_calibration_set(
@@ -116,6 +122,8 @@ def quantize_models(
                 records.append(
                     _quantize_one(recipe, layout, prepared, held_out, name, target, calibration, counts)
                 )
+                if target == "onnxruntime":
+                    records[-1].speed = _speed(recipe, layout, prepared, records[-1], models[name], pixels)
     return records
 
 
@@ -128,12 +136,18 @@ def _draw(batches: Iterable[tuple[torch.Tensor, Any]], cfg: QuantizeConfig, held
     if not held_out:
         return _Images(calibration, None)
     x, y = xs[cfg.samples :], ys[cfg.samples :]
-    if len(x) < 16:
-        raise UserError(
-            f"quantize.method auto and target_agreement measure agreement on training images the "
-            f"calibration does not use, and only {len(x)} are left after quantize.samples ({cfg.samples}): "
-            "lower samples, or set quantize.method to a method name"
+    if len(x) < _MIN_HELD_OUT:
+        if cfg.target_agreement is not None:
+            raise UserError(
+                f"quantize.target_agreement is measured on training images the calibration does not use, "
+                f"and only {len(x)} are left after quantize.samples ({cfg.samples}): lower samples"
+            )
+        log.warning(
+            "quantize: only %d training images left after the calibration set: method auto falls back to "
+            "minmax (lower quantize.samples to let it choose)",
+            len(x),
         )
+        return _Images(calibration, None)
     if len(x) < cfg.holdout_samples:
         log.warning("quantize: %d held-out images, not holdout_samples %d", len(x), cfg.holdout_samples)
     return _Images(calibration, (x, y))
@@ -251,6 +265,45 @@ def _quantize_one(
         ),
         mixed_precision=mixed.as_dict() if mixed else None,
     )
+
+
+def _speed(
+    recipe: Recipe,
+    layout: RunLayout,
+    prepared: Calibration,
+    record: QuantizedFile,
+    model: nn.Module,
+    pixels: torch.Tensor,
+) -> dict[str, Any]:
+    """The INT8 file against its FP32 file on ONNX Runtime's CPU (the ``onnxruntime`` target), at
+    the bench stage's batch sizes and threads; with layers kept in FP32, the all-INT8 file too."""
+    bench = recipe.bench
+    macs, _ = count_macs_params(model, pixels[:1])
+    with tempfile.TemporaryDirectory(prefix="robustprune-speed-") as tmp:
+        all_int8 = None
+        if record.mixed_precision and record.mixed_precision["fp32_nodes"]:
+            all_int8 = prepared.write(
+                Path(tmp) / "all-int8.onnx",
+                scheme=record.scheme,
+                method=record.method or "minmax",
+                per_channel=recipe.quantize.per_channel,
+                percentile=recipe.quantize.percentile,
+                exclude_nodes=recipe.quantize.exclude_nodes,
+            ).path
+        speed = int8_speed(
+            layout.onnx(record.model),
+            layout.quantized(record.file),
+            record.fusion,
+            batches=bench.batch_sizes,
+            threads=bench.threads,
+            iterations=bench.iterations,
+            warmup=bench.warmup,
+            all_int8=all_int8,
+            macs=macs,
+        )
+    if not speed["faster"]:
+        log.warning("%s is not faster than its FP32 file on ONNX Runtime: %s", record.file, speed["why_not"])
+    return speed
 
 
 def calibration_craft(model: nn.Module, attack: AttackConfig, seed: int) -> Craft:
