@@ -269,3 +269,46 @@ def test_speed_record_says_why_an_int8_file_is_not_faster(fp32_file: Path, tmp_p
     assert line.startswith("ONNX Runtime runs 1 of 2 convolutions as integer kernels; 1 stay in float")
     qdq = sum(fusion["optimized_ops"].get(op, 0) for op in ("QuantizeLinear", "DequantizeLinear"))
     assert f"{qdq} quantise/dequantise nodes remain" in line and "0.04 MMACs per convolution" in line
+
+
+def test_the_quantize_stage_records_method_fp32_layers_and_speed(tmp_path: Path) -> None:
+    from toolchain.recipe import recipe_from_dict
+    from toolchain.rundir import RunLayout
+    from toolchain.stages.quantize import quantize_models
+
+    model = _planted_model()
+    layout = RunLayout(tmp_path)
+    export_onnx(model, layout.onnx("pruned"), input_spec=SPEC)
+    x = torch.from_numpy(_coloured(96, seed=7))
+    batches = [(x[i : i + 32], torch.arange(i, i + 32) % 3) for i in range(0, 96, 32)]
+    recipe = recipe_from_dict(
+        {
+            "data": {"dataset": "signs", "image_size": 8},
+            "model": {"arch": "convnet"},
+            "quantize": {
+                "enabled": True,
+                "samples": 32,
+                "holdout_samples": 64,
+                "calibrations": ["clean"],
+                "methods": ["minmax", "percentile"],
+                "target_agreement": 0.95,
+            },
+            "validate": {"attacks": [{"name": "pgd", "eps": "2/255", "steps": 2}], "threads": 1},
+            "bench": {"batch_sizes": [1, 4], "iterations": 3, "warmup": 1, "threads": 1},
+        }
+    )
+    (record,) = quantize_models(recipe, {"pruned": model}, layout, lambda: batches)
+    assert record.method in ("minmax", "percentile") and set(record.methods_agreement or {}) == {
+        "minmax",
+        "percentile",
+    }
+    mixed = record.mixed_precision or {}
+    convs = [n for n in onnx.load(str(layout.quantized(record.file))).graph.node if n.op_type == "Conv"]
+    assert mixed["fp32_nodes"] == record.excluded_nodes and len(mixed["fp32_nodes"]) == 1 and mixed["met"]
+    assert record.holdout_agreement and record.holdout_agreement["clean"] >= 0.95
+    assert record.holdout_agreement["adversarial"] is not None
+    # The planted layer (the second convolution) kept float weights; the first has int8 ones.
+    assert [c.name for c in convs][1] == mixed["fp32_nodes"][0]
+    assert ["DequantizeLinear" in c.input[1] for c in convs] == [True, False]
+    speed = record.speed or {}
+    assert set(speed["batches"]) == {"1", "4"} and "mixed_precision_cost" in speed["batches"]["1"]
