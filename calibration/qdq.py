@@ -92,8 +92,15 @@ class Calibration:
         return [node.name for node in self.model.graph.node]
 
     def ranges(self, method: str, percentile: float = 99.99) -> dict[str, tuple[float, float]]:
-        """Each tensor's ``(low, high)`` under ``method`` (see :mod:`calibration.ranges`)."""
-        return {name: compute_range(method, h, percentile) for name, h in self.histograms.items()}
+        """Each tensor's ``(low, high)`` under ``method`` (see :mod:`calibration.ranges`).
+
+        The graph's outputs keep their observed range whatever the method: clipping the logits
+        would make the largest ones equal, so the arg-max becomes a tie."""
+        outputs = {o.name for o in self.model.graph.output}
+        return {
+            name: compute_range("minmax" if name in outputs else method, h, percentile)
+            for name, h in self.histograms.items()
+        }
 
     def write(
         self,

@@ -176,6 +176,11 @@ def test_one_calibration_serves_every_method(fp32_file: Path, tmp_path: Path) ->
     calibration = calibrate(fp32_file, _images())
     assert calibration.samples == 64 and "pixels" in calibration.histograms
     tops = {m: calibration.ranges(m, 99.0)["pixels"][1] for m in range_methods()}
+    # The logits keep their observed range under every method (clipped, the top ones would tie).
+    logits = calibration.model.graph.output[0].name
+    assert {calibration.ranges(m, 99.0)[logits] for m in range_methods()} == {
+        (calibration.histograms[logits].low, calibration.histograms[logits].high)
+    }
     assert tops["minmax"] == 1.0 and tops["percentile"] < 0.55 and tops["entropy"] < 0.55
     first, second = (calibration.write(tmp_path / f"{m}.onnx", method=m) for m in ("minmax", "entropy"))
     assert _input_quantization(first.path)[0] == pytest.approx(1.0 / 255)
