@@ -9,7 +9,8 @@ methods clip the tails so the common values get finer steps:
   with no negative value keeps 0 as its low end).
 * ``entropy``: the clipping threshold whose 128-level quantised histogram is closest to the
   observed one in KL divergence (Migacz, "8-bit Inference with TensorRT", GTC 2017), searched
-  over the magnitude histogram.
+  over the magnitude histogram. Our deviation: exact zeros are left out (they are exact on any
+  grid, and a ReLU's spike of them otherwise decides the threshold).
 * ``mse``: the range (the observed one scaled towards zero) that minimises the expected squared
   error of 8-bit rounding plus clipping over the observed histogram (as NVIDIA's
   pytorch-quantization ``mse`` calibrator does for a symmetric amax).
@@ -57,22 +58,33 @@ class Histogram:
         counts: ``BINS`` counts over ``edges``.
         edges: ``BINS + 1`` bin edges: ``[-A, A]`` when ``low < 0`` (``A = max(|low|, |high|)``,
             so the magnitude histogram is a fold), else ``[0, high]``.
+        zeros: how many values were exactly 0 (a ReLU's off units), also counted in ``counts``.
     """
 
     low: float
     high: float
     counts: np.ndarray
     edges: np.ndarray
+    zeros: float = 0.0
 
     @classmethod
     def of(cls, batches: Iterable[np.ndarray], low: float, high: float) -> Histogram:
         """The histogram of ``batches`` (all of one tensor) given its observed ``low`` and ``high``."""
-        top = max(abs(low), abs(high), float(np.finfo(np.float32).tiny))
-        edges = np.linspace(-top if low < 0 else 0.0, top, BINS + 1)
-        counts = np.zeros(BINS, dtype=np.float64)
+        h = cls(float(low), float(high), np.zeros(BINS), cls.edges_for(low, high))
         for values in batches:
-            counts += np.histogram(np.asarray(values, dtype=np.float64).ravel(), bins=edges)[0]
-        return cls(float(low), float(high), counts, edges)
+            h.add(values)
+        return h
+
+    @staticmethod
+    def edges_for(low: float, high: float) -> np.ndarray:
+        top = max(abs(low), abs(high), float(np.finfo(np.float32).tiny))
+        return np.linspace(-top if low < 0 else 0.0, top, BINS + 1)
+
+    def add(self, values: np.ndarray) -> None:
+        """Count ``values`` (exact zeros also apart: see ``zeros``)."""
+        flat = np.asarray(values, dtype=np.float64).ravel()
+        self.counts += np.histogram(flat, bins=self.edges)[0]
+        self.zeros += float(np.count_nonzero(flat == 0))
 
     @property
     def centers(self) -> np.ndarray:
@@ -83,12 +95,17 @@ class Histogram:
         cdf = np.concatenate([[0.0], np.cumsum(self.counts)]) / max(self.counts.sum(), 1.0)
         return float(np.clip(np.interp(q, cdf, self.edges), self.low, self.high))
 
-    def magnitudes(self) -> tuple[np.ndarray, np.ndarray]:
-        """Counts and edges of ``|x|`` (the negative half folded onto the positive one)."""
+    def magnitudes(self, *, without_zeros: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Counts and edges of ``|x|`` (the negative half folded onto the positive one);
+        ``without_zeros``: exact zeros taken out of the first bin."""
         if self.edges[0] >= 0:
-            return self.counts, self.edges
-        half = BINS // 2
-        return self.counts[half:] + self.counts[:half][::-1], self.edges[half:]
+            counts, edges = self.counts.copy(), self.edges
+        else:
+            half = BINS // 2
+            counts, edges = self.counts[half:] + self.counts[:half][::-1], self.edges[half:]
+        if without_zeros:
+            counts[0] = max(counts[0] - self.zeros, 0.0)
+        return counts, edges
 
 
 RangeMethod = Callable[[Histogram, float], tuple[float, float]]
@@ -136,7 +153,9 @@ def _percentile(h: Histogram, percentile: float) -> tuple[float, float]:
 
 @_register("entropy")
 def _entropy(h: Histogram, percentile: float) -> tuple[float, float]:
-    counts, edges = h.magnitudes()
+    # Exact zeros (half of a ReLU's outputs) are exact on every 8-bit grid: left in, their spike
+    # in the first bin dominates the divergence and drives the threshold to the smallest tried.
+    counts, edges = h.magnitudes(without_zeros=True)
     best, best_kl = len(counts), np.inf
     # Every 8th bin from the 128-level grid up: thresholds finer than the grid change nothing.
     for stop in range(_ENTROPY_LEVELS, len(counts) + 1, 8):
@@ -233,9 +252,10 @@ def collect_histograms(
     for values in passes():
         for n, v in values.items():
             low[n], high[n] = min(low[n], float(v.min())), max(high[n], float(v.max()))
-    counts = {n: np.zeros(BINS) for n in names}
-    edges = {n: Histogram.of([], low[n], high[n]).edges for n in names}
+    histograms = {
+        n: Histogram(low[n], high[n], np.zeros(BINS), Histogram.edges_for(low[n], high[n])) for n in names
+    }
     for values in passes():
         for n, v in values.items():
-            counts[n] += np.histogram(v.astype(np.float64).ravel(), bins=edges[n])[0]
-    return {n: Histogram(low[n], high[n], counts[n], edges[n]) for n in names}
+            histograms[n].add(v)
+    return histograms

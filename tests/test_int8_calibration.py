@@ -94,6 +94,17 @@ def test_mse_finds_the_brute_force_optimum_on_raw_values() -> None:
     assert raw_error(low, high) < 0.8 * raw_error(values.min(), values.max())  # clipping pays
 
 
+def test_entropy_is_not_decided_by_a_relus_zeros() -> None:
+    # Half the values exactly 0 (a ReLU's off units), the rest exponential: no outlier to clip.
+    rng = np.random.default_rng(3)
+    values = np.concatenate([np.zeros(50_000), rng.exponential(size=50_000)])
+    h = _hist(values)
+    assert h.zeros == 50_000
+    low, high = compute_range("entropy", h)
+    # With the zeros in, the spike made the smallest threshold tried win (128 of 2048 bins).
+    assert low == 0.0 and high > 0.3 * values.max() and high > 4 * 128 * values.max() / BINS
+
+
 def test_entropy_clips_a_rare_outlier_to_the_bulk() -> None:
     values = _with_outlier()
     low, high = compute_range("entropy", _hist(values))
