@@ -136,3 +136,32 @@ def test_an_export_beyond_its_parity_tolerance_fails() -> None:
     assert (
         not gate.passed and "export pruned: max |dlogit| 5.00e-02 is beyond export.parity_atol" in gate.detail
     )
+
+
+def test_without_a_bench_stage_the_slowdown_comes_from_the_quantize_stage(tmp_path: Any) -> None:
+    import json
+
+    from toolchain.report.quantization import quantization_section
+    from toolchain.report.schema import QuantizedFile
+    from toolchain.rundir import QUANTIZE, RunLayout
+
+    layout = RunLayout(tmp_path)
+    record = QuantizedFile(
+        model="pruned",
+        target="onnxruntime",
+        scheme="u8s8",
+        calibration="clean",
+        file="pruned.int8-u8s8-clean.onnx",
+        speed={"batches": {"1": {"speedup": 0.5}, "32": {"speedup": 2.0}}, "faster": False},
+    )
+    layout.record_path(QUANTIZE).parent.mkdir(parents=True)
+    layout.record_path(QUANTIZE).write_text(json.dumps({"result": {"files": [record.to_json()]}}))
+    (entry,) = quantization_section(layout, [], [])
+    assert entry["vs_fp32"]["speedup"] == {"1": 0.5, "32": 2.0} and entry["vs_fp32"]["slowdown"] == 2.0
+    # The bench stage's rows, when there are some, are what the gate judges.
+    rows = [
+        {"model": "pruned", "runtime": "onnxruntime", "precision": p, "batch": 1, "p50_ms": ms, **extra}
+        for p, ms, extra in (("fp32", 1.0, {}), ("int8", 0.5, {"calibration": "clean"}))
+    ]
+    (entry,) = quantization_section(layout, [], rows)
+    assert entry["vs_fp32"]["speedup"] == {"1": 2.0} and entry["vs_fp32"]["slowdown"] == 0.5

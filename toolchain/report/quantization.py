@@ -61,7 +61,9 @@ def quantization_section(
     ``top1_agreement_adversarial`` on the PGD-transfer images;
     segmentation rows add ``clean_miou_drop``, ``attack_miou_drop`` and ``corruption_miou_drop``
     (pixel accuracy is their ``*_drop``, agreement is per pixel);
-    ``speedup`` (FP32 p50 / INT8 p50) per batch and ``slowdown`` (the largest INT8 / FP32 p50).
+    ``speedup`` (FP32 p50 / INT8 p50) per batch from the bench stage (from the quantize stage's
+    own timing when the bench stage did not time the file) and ``slowdown`` (the largest INT8 /
+    FP32 p50).
     """
     out = []
     quantized = read_result(layout, QUANTIZE, QuantizeResult)
@@ -95,6 +97,8 @@ def quantization_section(
             base = _find(latency, model=model, runtime=runtime, precision="fp32", batch=row["batch"])
             if base is not None:
                 speedup[str(row["batch"])] = base["p50_ms"] / row["p50_ms"]
+        if not speedup and record.get("speed"):  # no bench stage: the quantize stage's own timing
+            speedup = {batch: row["speedup"] for batch, row in record["speed"]["batches"].items()}
         vs["speedup"] = speedup
         vs["slowdown"] = max((1 / s for s in speedup.values()), default=None)
         fusion = {k: v for k, v in record["fusion"].items() if k != "optimized_ops"}
