@@ -98,9 +98,13 @@ def quickstart_details() -> str:
         f"Wall time {q['wall_seconds']:.1f} s (stages: {stages}); MACs {times(q['macs_reduction'])} fewer, "
         f"parameters {times(q['params_reduction'])} fewer; ONNX Runtime p50 pruned vs dense FP32: "
         + ", ".join(f"{times(v)} at {k.replace('_', ' ')}" for k, v in speed.items())
-        + "; INT8 vs the pruned FP32 file: "
-        + ", ".join(
-            f"{times(v['vs_pruned_fp32'])} ({k.replace('/batch_', ', batch ')})" for k, v in int8.items()
+        + (
+            "; INT8 vs the pruned FP32 file: "
+            + ", ".join(
+                f"{times(v['vs_pruned_fp32'])} ({k.replace('/batch_', ', batch ')})" for k, v in int8.items()
+            )
+            if int8
+            else ""
         )
         + ".",
         "",

@@ -17,7 +17,7 @@ import torch
 
 from exporters.errors import UserError
 
-__all__ = ["CalibrationMix", "Corrupt", "Craft", "build_calibration_set"]
+__all__ = ["CalibrationMix", "Corrupt", "Craft", "build_calibration_set", "take_images"]
 
 
 class Corrupt(Protocol):
@@ -114,7 +114,7 @@ def build_calibration_set(
         raise UserError("the calibration mix has corrupted images but no corruptions are named")
     if counts["adversarial"] and craft is None:
         raise UserError("the calibration mix has adversarial images but no PyTorch model to craft them on")
-    xs, ys = _take(batches, samples)
+    xs, ys = take_images(batches, samples)
     kinds = ["clean"] * counts["clean"] + ["corrupted"] * counts["corrupted"]
     kinds += ["adversarial"] * counts["adversarial"]
     out = xs.clone()
@@ -132,9 +132,16 @@ def build_calibration_set(
     return out.contiguous(), counts
 
 
-def _take(
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]], samples: int
+def take_images(
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]], samples: int, *, minimum: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``samples`` images and labels of ``batches`` (all of them when there are fewer
+    but at least ``minimum``, by default ``samples``), on the CPU.
+
+    Raises:
+        UserError: the batches hold fewer than ``minimum`` images.
+    """
+    needed = samples if minimum is None else minimum
     xs: list[torch.Tensor] = []
     ys: list[torch.Tensor] = []
     have = 0
@@ -144,8 +151,6 @@ def _take(
         have += len(xs[-1])
         if have >= samples:
             break
-    if have < samples:
-        raise UserError(
-            f"calibration needs {samples} images but the data gave only {have}; lower the samples"
-        )
+    if have < needed:
+        raise UserError(f"calibration needs {needed} images but the data gave only {have}; lower the samples")
     return torch.cat(xs), torch.cat(ys)
