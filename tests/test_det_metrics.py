@@ -133,3 +133,20 @@ def test_scores_equal_pycocotools_on_random_detections() -> None:
     assert ours.map == pytest.approx(ev.stats[0], abs=1e-6)
     assert ours.map50 == pytest.approx(ev.stats[1], abs=1e-6)
     assert ours.map75 == pytest.approx(ev.stats[2], abs=1e-6)
+
+
+def test_int8_agreement_counts_confident_detections_found_in_the_other_file() -> None:
+    from toolchain.tasks.detection import _found_in
+    from toolchain.tasks.detection_ops import Detections
+
+    def dets(boxes: list[list[float]], scores: list[float], labels: list[int]) -> Detections:
+        b = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+        return Detections(b, torch.tensor(scores), torch.tensor(labels), b.clone())
+
+    fp32 = dets([[0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50]], [0.9, 0.8, 0.7], [0, 1, 0])
+    # INT8 moved the first box (IoU 0.81: still found), flipped the second's class, lost the third.
+    int8 = dets([[0, 0, 10, 9], [20, 20, 30, 30]], [0.85, 0.8], [0, 0])
+    assert _found_in(fp32, int8) == 1 and _found_in(int8, fp32) == 1
+    # One detection of theirs is found once, however many of mine overlap it.
+    twice = dets([[0, 0, 10, 10], [0, 0, 10, 10]], [0.9, 0.8], [0, 0])
+    assert _found_in(twice, dets([[0, 0, 10, 10]], [0.9], [0])) == 1

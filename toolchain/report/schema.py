@@ -465,7 +465,8 @@ class Evaluation(Record):
         None,
         description="INT8 files: agreement with their FP32 file per input kind (clean, adversarial, "
         "corrupted, all): samples, top1_agreement, label_flip_rate, max_abs_diff; segmentation "
-        "adds pixels and ties",
+        "adds pixels and ties; detection compares confident detections (same class, IoU >= 0.5): "
+        "top1_agreement is the matched share of the compared detections of both files, with compared",
     )
     task: str | None = Field(
         None, description="segmentation or detection for those evaluations (absent for classification)"
