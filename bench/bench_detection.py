@@ -1,6 +1,6 @@
 """Detection end to end: the quickstart detector and SSDlite-MobileNetV3 at 320 px, and JSON.
 
-    python bench/bench_detection.py [--quickstart-run DIR] [--skip-ssdlite] [--skip-metrics]
+    python bench/bench_detection.py [--quickstart-run DIR] [--skip-ssdlite] [--skip-metrics] [--only-metrics]
                                     [--out bench/results/detection.json]
 
 Each case is one ``robustprune run`` (a fresh run directory, nothing resumed) whose report.json
@@ -244,14 +244,16 @@ def main() -> int:
     parser.add_argument("--quickstart-run", help="a completed run directory of the quickstart recipe")
     parser.add_argument("--skip-ssdlite", action="store_true")
     parser.add_argument("--skip-metrics", action="store_true")
+    parser.add_argument("--only-metrics", action="store_true", help="only the COCO evaluation comparison")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "detection.json"))
     args = parser.parse_args()
     result: dict[str, Any] = {"benchmark": "detection"}
     if not args.skip_metrics:
         result["metrics"] = _metrics()
     with tempfile.TemporaryDirectory() as tmp:
-        result["quickstart"] = _quickstart(args.quickstart_run, Path(tmp))
-        if not args.skip_ssdlite:
+        if not args.only_metrics:
+            result["quickstart"] = _quickstart(args.quickstart_run, Path(tmp))
+        if not args.skip_ssdlite and not args.only_metrics:
             wall, code = _run(QUICKSTART, SSDLITE_OVERRIDES, Path(tmp) / "ssdlite")
             report = json.loads((Path(tmp) / "ssdlite" / "report.json").read_text())
             result["ssdlite_320"] = {"overrides": SSDLITE_OVERRIDES, **_summary(report, wall, code)}

@@ -113,3 +113,19 @@ def test_a_user_detection_factory_goes_through(tmp_path: Path) -> None:
     assert pruned["target_met"] and pruned["macs_reduction"] >= 1.9
     ort = next(e for e in report["evaluations"] if (e["model"], e["runtime"]) == ("pruned", "onnxruntime"))
     assert ort["parity"]["top1_agreement"] == 1.0
+
+
+def test_the_detection_quickstart_passes_preflight() -> None:
+    from toolchain.preflight import check
+    from toolchain.recipe import load_recipe
+
+    recipe = load_recipe(
+        Path(__file__).resolve().parents[1] / "deploy_examples" / "detection_quickstart.yaml"
+    )
+    # Names, attacks, corruptions, the data's boxes and the model's raw heads, on few scenes.
+    data = check(
+        recipe.model_copy(
+            update={"data": recipe.data.model_copy(update={"train_samples": 4, "val_samples": 2})}
+        )
+    )
+    assert recipe.task == "detection" and data.task == "detection" and data.input_hw == (128, 256)
