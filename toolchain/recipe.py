@@ -208,8 +208,8 @@ class QuantizeConfig(Section):
         256,
         ge=16,
         description="training images, none of them calibration images, that auto and target_agreement "
-        "measure agreement on (each also as a PGD-transfer image: the first white-box attack of "
-        "validate.attacks)",
+        "measure agreement on (each also as a PGD-transfer image: quantize.attack crafted on the PyTorch "
+        "model)",
     )
     target_agreement: float | None = Field(
         None,

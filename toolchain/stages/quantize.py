@@ -4,8 +4,8 @@ One file per model x target runtime's scheme x calibration set (clean, or a mix 
 corrupted and adversarial images), with the count of convolutions ONNX Runtime fuses into
 integer kernels. How activation ranges are chosen (``quantize.method``, ``auto`` by default)
 and which layers stay in FP32 (``quantize.target_agreement``) are measured choices: agreement
-with the FP32 file on held-out training images, clean and PGD-transfer, none of them used for
-calibration (the report's agreement is measured later, on the validation split). The
+with the FP32 file on held-out training images, clean and PGD-transfer (``quantize.attack``),
+none of them used for calibration (the report's agreement is measured later, on the validation split). The
 calibration library (:mod:`calibration`) gets this project's corruptions and attacks as
 callables.
 """
@@ -34,7 +34,6 @@ from toolchain.recipe import AttackConfig, QuantizeConfig, Recipe
 from toolchain.report.stage_results import QuantizedFile, QuantizeResult
 from toolchain.robustness.attacks.pgd import pgd_examples
 from toolchain.robustness.corruptions import corrupt
-from toolchain.robustness.suite import parity_craft
 from toolchain.rundir import EXPORT, QUANTIZE, QUANTIZE_RECORD, RunLayout, write_json
 from toolchain.stages.base import Stage, StageOutput
 from toolchain.stages.context import StageContext
@@ -156,18 +155,17 @@ def _draw(batches: Iterable[tuple[torch.Tensor, Any]], cfg: QuantizeConfig, held
 def _held_out(
     layout: RunLayout, name: str, model: nn.Module, recipe: Recipe, images: _Images
 ) -> HeldOut | None:
-    """The held-out images, clean and PGD-transfer (crafted on the PyTorch model as validation's
-    INT8 parity does), with the FP32 file's labels on them."""
+    """The held-out images, clean and PGD-transfer (``quantize.attack`` crafted on the PyTorch
+    model, as the validation's INT8 parity crafts its own; the stage's key covers only its own
+    section, so a validate change does not redo the INT8 files), with the FP32 file's labels."""
     assert images.held_out is not None
     x, y = images.held_out
-    inputs = {"clean": x}
-    craft = parity_craft(model, recipe.validate)
-    if craft is not None:
-        inputs["adversarial"] = torch.cat(
-            [craft(xc, yc).detach() for xc, yc in zip(x.split(128), y.split(128))]
-        )
+    craft = calibration_craft(model, recipe.quantize.attack, recipe.seed + 1)
+    adversarial = torch.cat([craft(xc, yc).detach() for xc, yc in zip(x.split(128), y.split(128))])
     return HeldOut.of(
-        layout.onnx(name), {k: v.numpy() for k, v in inputs.items()}, threads=recipe.validate.threads
+        layout.onnx(name),
+        {"clean": x.numpy(), "adversarial": adversarial.numpy()},
+        threads=recipe.validate.threads,
     )
 
 
