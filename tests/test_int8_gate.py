@@ -93,7 +93,7 @@ def test_an_unmeasured_agreement_fails_and_a_named_calibration_is_the_only_one_g
     assert only and all("calibration=clean" in g.metric for g in only)
 
 
-def test_detection_int8_is_held_to_drops_and_speed_not_to_class_agreement() -> None:
+def test_detection_int8_is_held_to_the_agreement_of_its_detections_drops_and_speed() -> None:
     recipe = recipe_from_dict(
         {
             "task": "detection",
@@ -103,7 +103,14 @@ def test_detection_int8_is_held_to_drops_and_speed_not_to_class_agreement() -> N
         }
     )
     names = {g.metric.rsplit(".", 1)[1] for g in quantization_gates(recipe)}
-    assert names == {"slowdown", "clean_drop", "attack_drop", "corruption_drop"}
+    assert names == {
+        "top1_agreement",
+        "top1_agreement_adversarial",
+        "slowdown",
+        "clean_drop",
+        "attack_drop",
+        "corruption_drop",
+    }
 
 
 def _engine(precision: str, agreement: float) -> Evaluation:

@@ -116,8 +116,9 @@ def quantization_gates(recipe: Recipe) -> list[Gate]:
     """The gates ``quantize.gate`` stands for (on by default), one set per quantised model,
     target runtime and calibration set (every set, unless the gate names one).
 
-    Agreement gates apply to tasks with class scores (classification, segmentation); a
-    detector's INT8 file is held to the drops and the slowdown. Missing metrics fail (a
+    Agreement is the task's: the arg-max class per image or pixel, or for a detector the same
+    confident detections (:attr:`toolchain.tasks.base.Task.precision_agreement`). Missing
+    metrics fail (a
     slowdown without a benchmark, a drop or an agreement without validation on that runtime),
     as every gate does.
     """
@@ -129,8 +130,6 @@ def quantization_gates(recipe: Recipe) -> list[Gate]:
         "top1_agreement": gate.min_agreement,
         "top1_agreement_adversarial": gate.min_adversarial_agreement,
     }
-    if recipe.task not in ("classification", "segmentation"):
-        at_least = {}
     at_most = {
         "slowdown": gate.max_slowdown,
         "clean_drop": gate.max_clean_drop,
