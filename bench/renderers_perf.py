@@ -212,3 +212,35 @@ def latency_budget() -> str:
             f"{measured} | {times(r['predicted_reduction'])} | {len(r['search']['probes'])} |"
         )
     return "\n".join([*rows, "", source("latency_budget.json")])
+
+
+@renderer("int8.quickstart")
+def int8_quickstart() -> str:
+    """INT8 files of the quickstart's pruned model, by how they were made (bench/bench_int8.py)."""
+    result = load("int8_quickstart.json")
+    rows = [
+        "| configuration | calibration | method | layers kept FP32 | agreement clean | agreement PGD | "
+        "clean drop | PGD drop | speed b1 | speed b32 | INT8 gate (without speed) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        speed = r["speedup"]
+        rows.append(
+            f"| {r['config']} | {r['calibration']} | {r['method']} | {len(r['fp32_layers'])} | "
+            f"{pct(r['clean_agreement'])} | {pct(r['adversarial_agreement'])} | "
+            f"{100 * r['clean_drop']:+.1f} | {100 * r['pgd_drop']:+.1f} | {times(speed['1'])} | "
+            f"{times(speed['32'])} | {'passes' if r['passes_default_gate_without_speed'] else 'fails'} |"
+        )
+    fp32 = result["fp32"]
+    return "\n".join(
+        [
+            f"On {result['validation_images']} validation images; FP32 file: clean "
+            f"{pct(fp32['clean_accuracy'])}, PGD-transfer {pct(fp32['adversarial_accuracy'])}. Drops in "
+            "accuracy points (FP32 minus INT8); speed is FP32 p50 / INT8 p50 on ONNX Runtime's CPU "
+            f"(CPU flags: {', '.join(result['machine']['cpu_flags']) or 'unknown'}).",
+            "",
+            *rows,
+            "",
+            source("int8_quickstart.json"),
+        ]
+    )

@@ -11,13 +11,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
 from exporters.errors import UserError
 
-__all__ = ["CalibrationMix", "Corrupt", "Craft", "build_calibration_set"]
+__all__ = ["CalibrationMix", "Corrupt", "Craft", "build_calibration_set", "take_images"]
 
 
 class Corrupt(Protocol):
@@ -114,7 +114,7 @@ def build_calibration_set(
         raise UserError("the calibration mix has corrupted images but no corruptions are named")
     if counts["adversarial"] and craft is None:
         raise UserError("the calibration mix has adversarial images but no PyTorch model to craft them on")
-    xs, ys = _take(batches, samples)
+    xs, ys = take_images(batches, samples)
     kinds = ["clean"] * counts["clean"] + ["corrupted"] * counts["corrupted"]
     kinds += ["adversarial"] * counts["adversarial"]
     out = xs.clone()
@@ -125,27 +125,44 @@ def build_calibration_set(
         severity = int(severities[(j // len(corruptions)) % len(severities)])
         out[index] = corrupt(name, xs[index], severity, seed=seed * 1_000_003 + index)
     adversarial = torch.tensor([i for i, k in enumerate(kinds) if k == "adversarial"], dtype=torch.long)
-    for chunk in adversarial.split(128):
+    for chunk in (
+        adversarial.split(128) if len(adversarial) else ()
+    ):  # split() of nothing gives one empty chunk
         assert craft is not None  # checked above
-        out[chunk] = craft(xs[chunk], ys[chunk]).detach().cpu()
+        out[chunk] = craft(xs[chunk], _pick(ys, chunk)).detach().cpu()
     log.info("calibration set: %s", counts)
     return out.contiguous(), counts
 
 
-def _take(
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]], samples: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def take_images(
+    batches: Iterable[tuple[torch.Tensor, Any]], samples: int, *, minimum: int | None = None
+) -> tuple[torch.Tensor, Any]:
+    """The first ``samples`` images and labels of ``batches`` (all of them when there are fewer
+    but at least ``minimum``, by default ``samples``), on the CPU. Labels are a tensor, or a
+    list with one entry per image (a detector's boxes) when the batches carry lists.
+
+    Raises:
+        UserError: the batches hold fewer than ``minimum`` images.
+    """
+    needed = samples if minimum is None else minimum
     xs: list[torch.Tensor] = []
-    ys: list[torch.Tensor] = []
+    ys: list[Any] = []
     have = 0
     for x, y in batches:
         xs.append(x[: samples - have].detach().cpu().float())
-        ys.append(y[: samples - have].detach().cpu())
+        ys.append(y[: samples - have] if isinstance(y, list) else y[: samples - have].detach().cpu())
         have += len(xs[-1])
         if have >= samples:
             break
-    if have < samples:
-        raise UserError(
-            f"calibration needs {samples} images but the data gave only {have}; lower the samples"
-        )
+    if have < needed:
+        raise UserError(f"calibration needs {needed} images but the data gave only {have}; lower the samples")
+    if ys and isinstance(ys[0], list):
+        return torch.cat(xs), [label for part in ys for label in part]
     return torch.cat(xs), torch.cat(ys)
+
+
+def _pick(labels: Any, index: torch.Tensor) -> Any:
+    """``labels`` at ``index``: a tensor's rows, or a per-image list's entries."""
+    if isinstance(labels, list):
+        return [labels[int(i)] for i in index]
+    return labels[index]

@@ -6,7 +6,7 @@ corrupted images sit, so agreement is measured on each kind of input separately.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +18,10 @@ from exporters.errors import UserError
 from exporters.outputs import as_tuple
 from exporters.parity import tie_flips
 
-__all__ = ["ParityCounter", "PixelParityCounter", "compare_precisions"]
+__all__ = ["Agreement", "MatchedParityCounter", "ParityCounter", "PixelParityCounter", "compare_precisions"]
+
+#: ``(reference outputs, candidate outputs) -> (agreeing, compared)`` units of one batch.
+Agreement = Callable[[Any, Any], tuple[int, int]]
 
 #: Label of unlabelled pixels in segmentation batches (Cityscapes' 255): no flip is counted there.
 IGNORE_INDEX = 255
@@ -101,10 +104,49 @@ class PixelParityCounter(ParityCounter):
 
 
 @dataclass
-class _Kinds:
-    counters: dict[str, ParityCounter] = field(default_factory=dict)
+class MatchedParityCounter:
+    """Agreement of whole outputs by a caller's rule (a detector's detections matched across the
+    two files): ``top1_agreement`` is the agreeing share of the units the rule compares;
+    ``max_abs_diff`` the largest difference of the first output (the class scores)."""
 
-    def add(self, kind: str, reference: torch.Tensor, candidate: torch.Tensor, y: torch.Tensor) -> None:
+    agreement: Agreement
+    samples: int = 0
+    agree: int = 0
+    compared: int = 0
+    max_abs_diff: float = 0.0
+
+    def add(self, reference: Any, candidate: Any, y: Any) -> None:
+        agree, compared = self.agreement(reference, candidate)
+        self.samples += len(y)
+        self.agree += agree
+        self.compared += compared
+        diff = torch.nan_to_num((as_tuple(reference)[0] - as_tuple(candidate)[0]).abs(), nan=float("inf"))
+        self.max_abs_diff = max(self.max_abs_diff, float(diff.max()) if diff.numel() else 0.0)
+
+    def as_dict(self) -> dict[str, Any]:
+        # Nothing to compare (neither file detects anything) is agreement, not a gap.
+        share = self.agree / self.compared if self.compared else 1.0
+        return {
+            "samples": self.samples,
+            "compared": self.compared,
+            "top1_agreement": share if self.samples else None,
+            "label_flip_rate": None,
+            "max_abs_diff": self.max_abs_diff if self.samples else None,
+        }
+
+
+@dataclass
+class _Kinds:
+    agreement: Agreement | None = None
+    counters: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, kind: str, reference: Any, candidate: Any, y: Any) -> None:
+        if self.agreement is not None:
+            for key in (kind, "all"):
+                counter = self.counters.setdefault(key, MatchedParityCounter(self.agreement))
+                counter.add(reference, candidate, y)
+            return
+        reference, candidate = as_tuple(reference)[0], as_tuple(candidate)[0]
         # Per-pixel logits are told apart by their rank, so no caller needs to name its task.
         make = PixelParityCounter if reference.dim() == 4 else ParityCounter
         self.counters.setdefault(kind, make()).add(reference, candidate, y)
@@ -121,6 +163,7 @@ def compare_precisions(
     corruptions: Sequence[str] = (),
     severity: int = 3,
     seed: int = 0,
+    agreement: Agreement | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Agreement of each candidate (an INT8 file) with the reference (its FP32 file).
 
@@ -135,6 +178,9 @@ def compare_precisions(
         corruptions: corruption names compared at ``severity``.
         severity: corruption severity.
         seed: seeds the attack and the corruptions.
+        agreement: ``(reference outputs, candidate outputs) -> (agreeing, compared)`` for
+            outputs the arg-max does not judge (a detector's); None: the arg-max class of the
+            first output, per image or per pixel.
 
     Returns:
         Per candidate: ``{"reference": reference.name, "clean": {...}, "adversarial": {...},
@@ -146,7 +192,7 @@ def compare_precisions(
     """
     if corruptions and corrupt is None:
         raise UserError("compare_precisions: corruptions are named but no corrupt function is given")
-    tallies = {name: _Kinds() for name in candidates}
+    tallies = {name: _Kinds(agreement) for name in candidates}
     for index, (x, y) in enumerate(batches):
         inputs = {"clean": [x]}
         if craft is not None:
@@ -157,11 +203,11 @@ def compare_precisions(
             ]
         for kind, xs in inputs.items():
             for xk in xs:
-                # Logits (per image or per pixel); a model with several outputs is compared
-                # on its first (its class scores).
-                ref = as_tuple(reference(xk))[0]
+                # Logits (per image or per pixel); without an agreement rule a model with
+                # several outputs is compared on its first (its class scores).
+                ref = reference(xk)
                 for name, runner in candidates.items():
-                    tallies[name].add(kind, ref, as_tuple(runner(xk))[0], y)
+                    tallies[name].add(kind, ref, runner(xk), y)
     return {
         name: {"reference": reference.name, **{k: c.as_dict() for k, c in t.counters.items()}}
         for name, t in tallies.items()

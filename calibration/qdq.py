@@ -21,21 +21,21 @@ from typing import Any
 import numpy as np
 import onnx
 
+from calibration.ranges import (
+    Histogram,
+    calibration_tensors,
+    collect_histograms,
+    compute_range,
+    range_methods,
+)
 from calibration.schemes import SCHEMES, QuantScheme
 from exporters.errors import ExportError, UserError
 from exporters.onnx import INPUT_NAME, load_onnx
 
-__all__ = ["METHODS", "QuantizeResult", "quantize_onnx"]
+__all__ = ["Calibration", "QuantizeResult", "calibrate", "quantize_onnx", "range_methods"]
 
 log = logging.getLogger(__name__)
 
-# Calibration methods by recipe name -> onnxruntime.quantization.CalibrationMethod member.
-METHODS = {
-    "minmax": "MinMax",
-    "entropy": "Entropy",
-    "percentile": "Percentile",
-    "distribution": "Distribution",
-}
 _QUANT_TYPES = {"uint8": "QUInt8", "int8": "QInt8"}
 
 
@@ -67,22 +67,148 @@ class QuantizeResult:
         return out
 
 
-class _Reader:
-    """An ``onnxruntime.quantization.CalibrationDataReader`` over a fixed array of images."""
+@dataclass
+class Calibration:
+    """An FP32 file made ready for quantisation, and what its tensors did on the calibration set.
 
-    def __init__(self, input_name: str, images: np.ndarray, batch: int) -> None:
-        self._input_name = input_name
-        self._batches = [images[i : i + batch] for i in range(0, len(images), batch)]
-        self._next = 0
+    One calibration serves every method, scheme and set of excluded nodes: the histograms are
+    collected once (:func:`calibrate`), each Q/DQ file is written from them (:meth:`write`).
 
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        if self._next >= len(self._batches):
-            return None
-        self._next += 1
-        return {self._input_name: self._batches[self._next - 1]}
+    Attributes:
+        source: the FP32 file.
+        model: the graph that is quantised (pre-processed when asked: shapes inferred, BatchNorm
+            folded into the convolutions).
+        histograms: per calibrated tensor, its values on the calibration images.
+        samples: calibration images.
+    """
 
-    def rewind(self) -> None:
-        self._next = 0
+    source: Path
+    model: onnx.ModelProto
+    histograms: dict[str, Histogram]
+    samples: int
+
+    @property
+    def node_names(self) -> list[str]:
+        return [node.name for node in self.model.graph.node]
+
+    def ranges(self, method: str, percentile: float = 99.99) -> dict[str, tuple[float, float]]:
+        """Each tensor's ``(low, high)`` under ``method`` (see :mod:`calibration.ranges`).
+
+        The graph's outputs keep their observed range whatever the method: clipping the logits
+        would make the largest ones equal, so the arg-max becomes a tie."""
+        outputs = {o.name for o in self.model.graph.output}
+        return {
+            name: compute_range("minmax" if name in outputs else method, h, percentile)
+            for name, h in self.histograms.items()
+        }
+
+    def write(
+        self,
+        dst: str | os.PathLike[str],
+        *,
+        scheme: str = "u8s8",
+        method: str = "minmax",
+        per_channel: bool = True,
+        percentile: float = 99.99,
+        exclude_nodes: Sequence[str] = (),
+        metadata: dict[str, Any] | None = None,
+    ) -> QuantizeResult:
+        """Write the Q/DQ file with ``method``'s ranges, keeping ``exclude_nodes`` in float.
+
+        Raises:
+            UserError: unknown scheme, method or node names.
+            ExportError: ONNX Runtime's quantiser failed.
+        """
+        chosen: QuantScheme = SCHEMES.get(scheme)
+        if method not in range_methods():
+            raise UserError(f"calibration method must be one of {range_methods()}, got {method!r}")
+        names = set(self.node_names)
+        unknown = sorted(set(exclude_nodes) - names)
+        if unknown:
+            raise UserError(
+                f"exclude_nodes {unknown} are not nodes of the (pre-processed) graph; "
+                f"node names: {', '.join(sorted(names)[:12])}{' ...' if len(names) > 12 else ''}"
+            )
+        dst = Path(dst)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        quantized = _quantize(self, chosen, self.ranges(method, percentile), per_channel, exclude_nodes)
+        counts = quantized_node_counts(quantized)
+        props = {p.key: p.value for p in load_onnx(self.source).metadata_props}
+        props.update(
+            {
+                "precision": "int8",
+                "quant_scheme": chosen.name,
+                "quant_method": method,
+                "quant_per_channel": json.dumps(per_channel),
+                "quant_samples": str(self.samples),
+                "quant_source": self.source.name,
+            }
+        )
+        props.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
+        onnx.helper.set_model_props(quantized, props)
+        _save_atomic(quantized, dst)
+        log.info(
+            "quantized %s -> %s (%s, %s, %d images): %s",
+            self.source.name,
+            dst,
+            scheme,
+            method,
+            self.samples,
+            counts,
+        )
+        return QuantizeResult(
+            path=dst,
+            scheme=chosen.name,
+            method=method,
+            per_channel=per_channel,
+            samples=self.samples,
+            quantized_nodes=counts,
+            excluded_nodes=list(exclude_nodes),
+        )
+
+
+def calibrate(
+    src: str | os.PathLike[str],
+    images: np.ndarray,
+    *,
+    preprocess: bool = True,
+    batch_size: int = 32,
+) -> Calibration:
+    """Prepare ``src`` for quantisation and collect its tensors' values on ``images``.
+
+    Args:
+        src: an FP32 ONNX file (one NCHW pixel input, as :func:`exporters.onnx.export_onnx`
+            writes).
+        images: float32 ``(N, C, H, W)`` calibration pixels in [0, 1].
+        preprocess: run ONNX Runtime's quantisation pre-processing first (shape inference and
+            graph optimisation, which folds BatchNorm into the convolutions so they quantise
+            as one op).
+        batch_size: calibration batch size (a fixed-batch file is fed one image at a time).
+
+    Raises:
+        UserError: bad images, or the file is missing or unreadable.
+        ExportError: pre-processing failed.
+    """
+    from onnxruntime import quantization as ortq  # heavy; only when quantising
+
+    src = Path(src)
+    source = load_onnx(src)
+    input_name, fixed_batch = _image_input(source, src)
+    images = _check_images(images, source, src)
+    with tempfile.TemporaryDirectory(prefix="robustprune-qdq-") as tmp:
+        model_in = Path(tmp) / "pre.onnx"
+        try:
+            if preprocess:
+                ortq.quant_pre_process(str(src), str(model_in), skip_symbolic_shape=False)
+                model = onnx.load(str(model_in))
+            else:
+                model = onnx.shape_inference.infer_shapes(source)
+        except Exception as exc:  # the pre-processor raises many unrelated types
+            raise ExportError(f"INT8 pre-processing of {src.name} failed: {_first_line(exc)}") from exc
+    step = 1 if fixed_batch else batch_size
+    feeds = [{input_name: images[i : i + step]} for i in range(0, len(images), step)]
+    histograms = collect_histograms(model, feeds, calibration_tensors(model))
+    return Calibration(src, model, histograms, len(images))
 
 
 def quantize_onnx(
@@ -93,107 +219,88 @@ def quantize_onnx(
     scheme: str = "u8s8",
     method: str = "minmax",
     per_channel: bool = True,
-    percentile: float = 99.999,
+    percentile: float = 99.99,
     exclude_nodes: Sequence[str] = (),
     preprocess: bool = True,
     batch_size: int = 32,
     metadata: dict[str, Any] | None = None,
 ) -> QuantizeResult:
-    """Write a static INT8 Q/DQ copy of ``src`` to ``dst``, calibrated on ``images``.
+    """Write a static INT8 Q/DQ copy of ``src`` to ``dst``, calibrated on ``images``
+    (:func:`calibrate`, then :meth:`Calibration.write`).
 
     Args:
-        src: an FP32 ONNX file (one NCHW pixel input, as :func:`exporters.onnx.export_onnx`
-            writes).
+        src, images, preprocess, batch_size: as :func:`calibrate`.
         dst: where to write the Q/DQ file (atomically; parent folders are created).
-        images: float32 ``(N, C, H, W)`` calibration pixels in [0, 1].
         scheme: a name in :data:`calibration.schemes.SCHEMES`.
-        method: ``minmax``, ``entropy``, ``percentile`` or ``distribution``.
+        method: a name in :func:`range_methods` (``minmax``, ``percentile``, ``entropy``, ``mse``).
         per_channel: one weight scale per output channel (recommended for convolutions).
-        percentile: the percentile kept by ``method="percentile"``.
+        percentile: the share of values ``method="percentile"`` keeps.
         exclude_nodes: node names (of the pre-processed graph) to keep in float.
-        preprocess: run ONNX Runtime's quantisation pre-processing first (shape inference and
-            graph optimisation, which folds BatchNorm into the convolutions so they quantise
-            as one op).
-        batch_size: calibration batch size (a fixed-batch file is fed one image at a time).
         metadata: extra ``metadata_props`` (non-strings stored as JSON).
 
     Returns:
         A :class:`QuantizeResult`.
 
     Raises:
-        UserError: unknown scheme or method, bad images, or the file is missing or unreadable.
+        UserError: unknown scheme, method or node, bad images, or the file is missing or unreadable.
         ExportError: ONNX Runtime's quantiser failed.
     """
-    from onnxruntime import quantization as ortq  # heavy; only when quantising
+    SCHEMES.get(scheme)  # bad names are refused before any work
+    if method not in range_methods():
+        raise UserError(f"calibration method must be one of {range_methods()}, got {method!r}")
+    calibration = calibrate(src, images, preprocess=preprocess, batch_size=batch_size)
+    return calibration.write(
+        dst,
+        scheme=scheme,
+        method=method,
+        per_channel=per_channel,
+        percentile=percentile,
+        exclude_nodes=exclude_nodes,
+        metadata=metadata,
+    )
 
-    chosen: QuantScheme = SCHEMES.get(scheme)
-    if method not in METHODS:
-        raise UserError(f"calibration method must be one of {sorted(METHODS)}, got {method!r}")
-    src, dst = Path(src), Path(dst)
-    source = load_onnx(src)
-    input_name, fixed_batch = _image_input(source, src)
-    images = _check_images(images, source, src)
-    dst.parent.mkdir(parents=True, exist_ok=True)
+
+def _quantize(
+    calibration: Calibration,
+    scheme: QuantScheme,
+    ranges: dict[str, tuple[float, float]],
+    per_channel: bool,
+    exclude_nodes: Sequence[str],
+) -> onnx.ModelProto:
+    """ONNX Runtime's ``quantize_static`` with our ranges, handed over as its calibration cache."""
+    from onnxruntime import quantization as ortq
+    from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
+
+    data = {
+        name: TensorData(lowest=np.float32(low), highest=np.float32(high))
+        for name, (low, high) in ranges.items()
+    }
     with tempfile.TemporaryDirectory(prefix="robustprune-qdq-") as tmp:
-        model_in = Path(tmp) / "pre.onnx"
-        if preprocess:
-            ortq.quant_pre_process(str(src), str(model_in), skip_symbolic_shape=False)
-        else:
-            onnx.save(source, str(model_in))
-        names = {node.name for node in onnx.load(str(model_in)).graph.node}
-        unknown = sorted(set(exclude_nodes) - names)
-        if unknown:
-            raise UserError(
-                f"exclude_nodes {unknown} are not nodes of the (pre-processed) graph; "
-                f"node names: {', '.join(sorted(names)[:12])}{' ...' if len(names) > 12 else ''}"
-            )
-        out_tmp = Path(tmp) / "qdq.onnx"
-        reader = _Reader(input_name, images, 1 if fixed_batch else batch_size)
+        cache, model_in, out = Path(tmp) / "ranges.json", Path(tmp) / "in.onnx", Path(tmp) / "qdq.onnx"
+        save_tensors_data(TensorsData(ortq.CalibrationMethod.MinMax, data), cache)
+        onnx.save(calibration.model, str(model_in))
         try:
             ortq.quantize_static(
                 str(model_in),
-                str(out_tmp),
-                reader,
+                str(out),
+                None,
                 quant_format=ortq.QuantFormat.QDQ,
                 per_channel=per_channel,
-                activation_type=getattr(ortq.QuantType, _QUANT_TYPES[chosen.activation_type]),
-                weight_type=getattr(ortq.QuantType, _QUANT_TYPES[chosen.weight_type]),
+                activation_type=getattr(ortq.QuantType, _QUANT_TYPES[scheme.activation_type]),
+                weight_type=getattr(ortq.QuantType, _QUANT_TYPES[scheme.weight_type]),
                 nodes_to_exclude=list(exclude_nodes),
-                calibrate_method=getattr(ortq.CalibrationMethod, METHODS[method]),
+                calibrate_method=ortq.CalibrationMethod.MinMax,
+                calibration_cache_path=cache,
                 extra_options={
-                    "ActivationSymmetric": chosen.activation_symmetric,
-                    "WeightSymmetric": chosen.weight_symmetric,
-                    "CalibPercentile": percentile,
+                    "ActivationSymmetric": scheme.activation_symmetric,
+                    "WeightSymmetric": scheme.weight_symmetric,
                 },
             )
         except Exception as exc:  # the quantiser raises many unrelated types
-            raise ExportError(f"INT8 quantization of {src.name} failed: {_first_line(exc)}") from exc
-        quantized = onnx.load(str(out_tmp))
-    counts = quantized_node_counts(quantized)
-    props = {p.key: p.value for p in source.metadata_props}
-    props.update(
-        {
-            "precision": "int8",
-            "quant_scheme": chosen.name,
-            "quant_method": method,
-            "quant_per_channel": json.dumps(per_channel),
-            "quant_samples": str(len(images)),
-            "quant_source": src.name,
-        }
-    )
-    props.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
-    onnx.helper.set_model_props(quantized, props)
-    _save_atomic(quantized, dst)
-    log.info("quantized %s -> %s (%s, %s, %d images): %s", src.name, dst, scheme, method, len(images), counts)
-    return QuantizeResult(
-        path=dst,
-        scheme=chosen.name,
-        method=method,
-        per_channel=per_channel,
-        samples=len(images),
-        quantized_nodes=counts,
-        excluded_nodes=list(exclude_nodes),
-    )
+            raise ExportError(
+                f"INT8 quantization of {calibration.source.name} failed: {_first_line(exc)}"
+            ) from exc
+        return onnx.load(str(out))
 
 
 def quantized_node_counts(model: onnx.ModelProto) -> dict[str, int]:

@@ -29,18 +29,20 @@ needs_fashion = pytest.mark.skipif(
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_registry_has_the_six_datasets_and_rejects_unknown_names() -> None:
+def test_registry_has_the_eight_datasets_and_rejects_unknown_names() -> None:
     assert DATASETS.names() == [
         "cifar10",
         "cityscapes",
+        "coco",
         "driving-scenes",
         "fashion-mnist",
         "image-folder",
+        "kitti",
         "signs",
     ]
     with pytest.raises(
         UnknownNameError,
-        match="known: cifar10, cityscapes, driving-scenes, fashion-mnist, image-folder, signs",
+        match="known: cifar10, cityscapes, coco, driving-scenes, fashion-mnist, image-folder, kitti, signs",
     ):
         load_data("sings")
 

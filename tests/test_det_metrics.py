@@ -1,4 +1,5 @@
-"""COCO scores worked by hand on tiny cases, and against pycocotools on random ones."""
+"""COCO scores worked by hand on tiny cases, and equal to pycocotools on random ones (crowd
+regions included)."""
 
 from __future__ import annotations
 
@@ -81,20 +82,24 @@ def test_scores_equal_pycocotools_on_random_detections() -> None:
 
     g = torch.Generator().manual_seed(0)
     images, anns, dets, preds, targets = [], [], [], [], []
-    for i in range(12):
+    for i in range(40):
         n = int(torch.randint(1, 6, (1,), generator=g))
         xy = torch.rand(n, 2, generator=g) * 80
         wh = torch.rand(n, 2, generator=g) * 30 + 8
         boxes = torch.cat([xy, xy + wh], 1)
         labels = torch.randint(0, 3, (n,), generator=g)
-        jitter = torch.randn(n, 4, generator=g) * 3
+        jitter = torch.randn(n, 4, generator=g) * 4
+        ignore = torch.rand(n, generator=g) < 0.15  # crowd regions
         keep = torch.rand(n, generator=g) > 0.2
         noise_xy = torch.rand(3, 2, generator=g) * 80
         pred_boxes = torch.cat([(boxes + jitter)[keep], torch.cat([noise_xy, noise_xy + 15], 1)])
+        pred_boxes = torch.cat(
+            [pred_boxes[:, :2].minimum(pred_boxes[:, 2:]), pred_boxes[:, :2].maximum(pred_boxes[:, 2:])], 1
+        )
         pred_labels = torch.cat([labels[keep], torch.randint(0, 3, (3,), generator=g)])
         pred_scores = torch.rand(len(pred_boxes), generator=g)
         images.append({"id": i + 1, "width": 128, "height": 128})
-        for b, c in zip(boxes.tolist(), labels.tolist(), strict=True):
+        for b, c, crowd in zip(boxes.tolist(), labels.tolist(), ignore.tolist(), strict=True):
             w, h = b[2] - b[0], b[3] - b[1]
             anns.append(
                 {
@@ -103,7 +108,7 @@ def test_scores_equal_pycocotools_on_random_detections() -> None:
                     "category_id": c + 1,
                     "bbox": [b[0], b[1], w, h],
                     "area": w * h,
-                    "iscrowd": 0,
+                    "iscrowd": int(crowd),
                 }
             )
         for b, c, sc in zip(pred_boxes.tolist(), pred_labels.tolist(), pred_scores.tolist(), strict=True):
@@ -115,7 +120,7 @@ def test_scores_equal_pycocotools_on_random_detections() -> None:
                     "score": sc,
                 }
             )
-        targets.append({"boxes": boxes, "labels": labels})
+        targets.append({"boxes": boxes, "labels": labels, "ignore": ignore})
         preds.append({"boxes": pred_boxes, "scores": pred_scores, "labels": pred_labels})
     gt = COCO()
     gt.dataset = {"images": images, "annotations": anns, "categories": [{"id": k + 1} for k in range(3)]}
@@ -128,3 +133,20 @@ def test_scores_equal_pycocotools_on_random_detections() -> None:
     assert ours.map == pytest.approx(ev.stats[0], abs=1e-6)
     assert ours.map50 == pytest.approx(ev.stats[1], abs=1e-6)
     assert ours.map75 == pytest.approx(ev.stats[2], abs=1e-6)
+
+
+def test_int8_agreement_counts_confident_detections_found_in_the_other_file() -> None:
+    from toolchain.tasks.detection import _found_in
+    from toolchain.tasks.detection_ops import Detections
+
+    def dets(boxes: list[list[float]], scores: list[float], labels: list[int]) -> Detections:
+        b = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+        return Detections(b, torch.tensor(scores), torch.tensor(labels), b.clone())
+
+    fp32 = dets([[0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50]], [0.9, 0.8, 0.7], [0, 1, 0])
+    # INT8 moved the first box (IoU 0.81: still found), flipped the second's class, lost the third.
+    int8 = dets([[0, 0, 10, 9], [20, 20, 30, 30]], [0.85, 0.8], [0, 0])
+    assert _found_in(fp32, int8) == 1 and _found_in(int8, fp32) == 1
+    # One detection of theirs is found once, however many of mine overlap it.
+    twice = dets([[0, 0, 10, 10], [0, 0, 10, 10]], [0.9, 0.8], [0, 0])
+    assert _found_in(twice, dets([[0, 0, 10, 10]], [0.9], [0])) == 1

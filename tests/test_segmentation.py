@@ -337,7 +337,7 @@ TINY = {
     [
         (
             {"task": "classification", "validate": {"attacks": [{"name": "pgd"}]}},
-            "dataset 'driving-scenes' has segmentation labels",
+            "dataset driving-scenes has no labels for task classification",
         ),
         ({"model": {"arch": "resnet20"}}, r"segmentation needs \(N, num_classes, H, W\)"),
         ({"validate": {"attacks": [{"name": "square"}]}}, "not a segmentation attack"),

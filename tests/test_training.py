@@ -13,7 +13,7 @@ from toolchain.recipe import MixedNoiseConfig, TrainConfig, recipe_from_dict
 from toolchain.training import Step, TrainHooks, train_model
 from toolchain.training.losses import BatchLoss
 from toolchain.training.mixed import KINDS, MixedNoise, split_counts
-from toolchain.training.schedule import lr_factor
+from toolchain.training.schedule import lr_factor, momentum_at
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -102,7 +102,7 @@ def test_every_loss_trains(loss: str) -> None:
 def test_onecycle_and_warmup_schedules() -> None:
     one = TrainConfig(schedule="onecycle")
     assert lr_factor(one, 0, 100, 10) == pytest.approx(1 / 25)
-    assert lr_factor(one, 30, 100, 10) == pytest.approx(1.0)
+    assert lr_factor(one, 29, 100, 10) == pytest.approx(1.0)  # torch's peak: step 0.3 * total - 1
     assert lr_factor(one, 99, 100, 10) < 1e-3
     warm = TrainConfig(schedule="cosine", lr_warmup_epochs=1)
     assert [round(lr_factor(warm, s, 100, 10), 3) for s in (0, 4, 9)] == [
@@ -111,6 +111,38 @@ def test_onecycle_and_warmup_schedules() -> None:
     assert lr_factor(warm, 10, 100, 10) == pytest.approx(1.0)
     plain = TrainConfig(schedule="cosine")
     assert lr_factor(plain, 50, 100, 10) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+
+
+@pytest.mark.parametrize("total", [7, 100, 313])
+def test_onecycle_follows_torchs_onecyclelr_step_for_step(total: int) -> None:
+    """lr and momentum at every step equal those torch's OneCycleLR (defaults: cosine, momentum
+    cycled 0.95 -> 0.85 -> 0.95) gives a plain training script."""
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.05, momentum=0.9, nesterov=True)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 0.05, total_steps=total)
+    cfg = TrainConfig(schedule="onecycle", lr=0.05, nesterov=True)
+    for step in range(total):
+        group = opt.param_groups[0]
+        assert 0.05 * lr_factor(cfg, step, total, 10) == pytest.approx(group["lr"], rel=1e-9, abs=1e-15)
+        assert momentum_at(cfg, step, total) == pytest.approx(group["momentum"], rel=1e-12)
+        opt.step()
+        sched.step()
+    fixed = TrainConfig(schedule="onecycle", cycle_momentum=False, momentum=0.8)
+    assert {momentum_at(fixed, s, total) for s in range(total)} == {0.8}
+    assert momentum_at(TrainConfig(schedule="cosine"), 3, total) == 0.9
+
+
+def test_the_loop_sets_sgds_momentum_from_the_schedule() -> None:
+    seen: list[float] = []
+    cfg = TrainConfig(epochs=2, loss="clean", schedule="onecycle")
+    train_model(
+        tiny_net(),
+        batches(),
+        cfg,
+        progress=False,
+        hooks=TrainHooks(after_step=lambda s: seen.append(s.optimizer.param_groups[0]["momentum"])),
+    )
+    assert seen == pytest.approx([momentum_at(cfg, step, 8) for step in range(8)])
+    assert seen[0] == pytest.approx(0.95) and min(seen) < 0.9
 
 
 def test_hooks_change_the_loop_without_copying_it() -> None:

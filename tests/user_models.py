@@ -129,3 +129,38 @@ def make_frozen(num_classes: int, in_channels: int = 3) -> nn.Module:
     )
     net[0].weight.requires_grad_(False)
     return net
+
+
+class TinyDetector(nn.Module):
+    """A user's single-level anchor-free detector in the detection contract: one feature map at
+    stride 8, a class logit per location and class, four box distances decoded around each
+    location, and each location's prior square (what training assigns objects to)."""
+
+    STRIDE = 8
+
+    def __init__(self, num_classes: int, in_channels: int = 3, width: int = 16) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for cin, cout in ((in_channels, width), (width, 2 * width), (2 * width, 2 * width)):
+            layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
+        self.body = nn.Sequential(*layers)
+        self.cls = nn.Conv2d(2 * width, num_classes, 1)
+        self.box = nn.Conv2d(2 * width, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        f = self.body(x)
+        n, _, h, w = f.shape
+        ys = (torch.arange(h, dtype=x.dtype, device=x.device) + 0.5) * self.STRIDE
+        xs = (torch.arange(w, dtype=x.dtype, device=x.device) + 0.5) * self.STRIDE
+        cy, cx = torch.meshgrid(ys, xs, indexing="ij")
+        centres = torch.stack([cx.flatten(), cy.flatten()], -1)  # (A, 2)
+        priors = torch.cat([centres - 2 * self.STRIDE, centres + 2 * self.STRIDE], -1)
+        scores = self.cls(f).flatten(2).transpose(1, 2)  # (N, A, K)
+        sides = nn.functional.softplus(self.box(f)).flatten(2).transpose(1, 2) * self.STRIDE
+        boxes = torch.cat([centres - sides[..., :2], centres + sides[..., 2:]], -1)
+        return scores, boxes, priors.expand(n, -1, -1)
+
+
+def make_detector(num_classes: int, in_channels: int = 3) -> nn.Module:
+    """A detection factory (``task: detection``)."""
+    return TinyDetector(num_classes, in_channels)

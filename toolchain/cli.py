@@ -121,6 +121,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--out", help="write the JSON result here")
 
+    sel = sub.add_parser(
+        "select",
+        help="try pruning methods x fine-tuning losses on held-out images (data.holdout) and pick the most "
+        "robust at the budget",
+    )
+    sel.add_argument("recipe", help="YAML recipe (with data.holdout set)")
+    sel.add_argument(
+        "--methods", nargs="+", default=[], help="prune.method values to try (default: the recipe's)"
+    )
+    sel.add_argument(
+        "--losses", nargs="+", default=[], help="finetune.loss values to try (default: pgd ard rslad)"
+    )
+    sel.add_argument("--out", help="write every candidate's numbers here (default runs/<name>/select.json)")
+    sel.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE", help=_SET_HELP
+    )
+    sel.add_argument("--no-progress", action="store_true", help="no progress bars")
+
     doctor = sub.add_parser("doctor", help="what this machine can run, and what a recipe needs")
     doctor.add_argument("--recipe", help="also check what this recipe needs")
     doctor.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -223,6 +241,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return commands.corruptions(args.list, args.grid, args.dataset, args.index, args.seed)
     if args.verb == "bench":
         return commands.bench(args)
+    if args.verb == "select":
+        return commands.select(
+            args.recipe, args.methods, args.losses, args.out, args.overrides, progress=not args.no_progress
+        )
     if args.verb == "doctor":
         return commands.doctor(args.recipe, as_json=args.json)
     if args.verb == "gate":

@@ -52,6 +52,41 @@ def run(recipe_path: str, out: str | None, overrides: list[str], *, progress: bo
     return EXIT_OK if report.passed else EXIT_GATE_FAILED
 
 
+def select(
+    recipe_path: str,
+    methods: list[str],
+    losses: list[str],
+    out: str | None,
+    overrides: list[str],
+    *,
+    progress: bool = True,
+) -> int:
+    """``robustprune select``: every (method, loss) candidate scored on held-out images; the
+    record goes to ``out`` and a table to stdout."""
+    from toolchain.selection import select as run_selection
+
+    recipe = load_recipe(recipe_path, overrides)
+    record = run_selection(recipe, methods, losses, progress=progress)
+    path = Path(out) if out else Path("runs") / recipe.name / "select.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    lines = [f"{'method':<12} {'loss':<7} {'MACs x':>7} {'clean':>7} {'robust':>7}"]
+    dense = record["dense"]
+    lines.append(f"{'(dense)':<12} {'':<7} {1.0:>7.2f} {dense['clean']:>7.4f} {dense['robust']:>7.4f}")
+    for c in record["candidates"]:
+        flag = "" if c["target_met"] else "  (budget missed)"
+        numbers = f"{c['macs_reduction']:>7.2f} {c['clean']:>7.4f} {c['robust']:>7.4f}"
+        lines.append(f"{c['method']:<12} {c['loss']:<7} {numbers}{flag}")
+    chosen = record["chosen"]
+    lines.append(
+        f"chosen: {' '.join('--set ' + k for k in chosen['set'])}"
+        if chosen
+        else "chosen: none met the budget"
+    )
+    sys.stdout.write("\n".join(lines) + f"\n(held-out images: {record['holdout']}; record: {path})\n")
+    return EXIT_OK
+
+
 def validate(
     engine: str, recipe_path: str, out: str | None, overrides: list[str], *, progress: bool = True
 ) -> int:
@@ -350,10 +385,12 @@ def _inspected_model(
 
         recipe = load_recipe(target, overrides)
         d = recipe.data
-        data = load_data(d.dataset, root=d.root, image_size=d.image_size, train_samples=1, val_samples=1)
+        data = load_data(
+            d.dataset, root=d.root, image_size=d.image_size, train_samples=1, val_samples=1, task=recipe.task
+        )
         torch.manual_seed(recipe.seed)
         model = recipe_model(recipe, data)
-        example = torch.zeros(1, data.channels, data.image_size, data.image_size)
+        example = torch.zeros(1, data.channels, *data.input_hw)
         return model, example, recipe, f"{recipe.model.arch} ({target})"
     if overrides:
         raise UserError("--set applies to a recipe; pass a recipe file, or --input-size/--channels/--classes")

@@ -10,6 +10,7 @@ from __future__ import annotations
 from exporters.errors import InputSpecError, ResourceError, UnknownNameError, UserError
 
 __all__ = [
+    "AnnotationError",
     "CheckpointError",
     "DataNotFoundError",
     "InputSpecError",
@@ -29,6 +30,12 @@ class RecipeError(UserError):
 
 class DataNotFoundError(UserError):
     """A dataset's files are missing; the message carries the install hint."""
+
+
+class AnnotationError(UserError):
+    """A detection label is unusable (a box outside its image or of negative size, an unknown
+    class, an image without its label file, an unreadable annotation file); the message names
+    the file and line (or the COCO annotation id) and the fix."""
 
 
 class CheckpointError(UserError):

@@ -45,6 +45,7 @@ def stage_keys(recipe: Recipe, inputs: InputDigests | None = None) -> dict[str, 
             train_samples=1,
             val_samples=1,
             seed=recipe.data_seed,
+            task=recipe.task,
         )
         inputs = input_digests(recipe, data)
     keys: dict[str, str] = {}

@@ -97,6 +97,9 @@ def check(recipe: Recipe) -> DataBundle:
     for section in train_sections(recipe):
         for name in section.mixed.corruptions if section.loss == "mixed" else []:
             CORRUPTIONS.get(name)
+        distils = section.loss in ("ard", "rslad") and section.distill.corruption_weight > 0
+        for name in section.distill.corruptions if distils else []:
+            CORRUPTIONS.get(name)
     d = recipe.data
     data = load_data(
         d.dataset,
@@ -106,6 +109,7 @@ def check(recipe: Recipe) -> DataBundle:
         val_samples=d.val_samples,
         seed=recipe.data_seed,
         holdout=d.holdout,
+        task=recipe.task,
     )
     if data.task != recipe.task:
         raise UserError(

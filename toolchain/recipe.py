@@ -55,8 +55,9 @@ class DataConfig(Section):
     dataset: str = Field(
         "signs",
         description="signs (procedural traffic signs, no files), fashion-mnist, image-folder, cifar10 (on "
-        "disk, never downloaded), driving-scenes (procedural street scenes, per-pixel labels), "
-        "cityscapes (a Cityscapes-layout folder)",
+        "disk, never downloaded), driving-scenes (procedural street scenes: per-pixel labels, or boxes "
+        "with task: detection), cityscapes (a Cityscapes-layout folder), kitti (image_2/ + label_2/), "
+        "coco (an image folder + annotations/instances_*.json)",
     )
     root: str | None = Field(
         None,
@@ -132,15 +133,32 @@ class CalibrationMixConfig(Section):
 
 
 class QuantizeGate(Section):
-    """Refuse an INT8 model that is slower than its FP32 file or loses too much accuracy.
+    """Refuse an INT8 file that disagrees with its FP32 file, loses accuracy or is slower.
 
-    Drops are in accuracy (0.01 = one point) against the FP32 file on ONNX Runtime; the
-    slowdown is INT8 p50 / FP32 p50 at every benchmarked batch size. Unset limits are not
-    checked.
+    On by default (``quantize.gate: null`` turns it off). Agreement is top-1 agreement with the
+    FP32 file on the validation images (per pixel for segmentation), clean and PGD-transfer;
+    drops are in accuracy (0.01 = one point) against the FP32 file on the same runtime; the
+    slowdown is INT8 p50 / FP32 p50 at every benchmarked batch size. Every calibration set's
+    file is gated unless ``calibration`` names one. Unset limits are not checked; a metric that
+    was not measured fails its gate.
     """
 
-    calibration: Literal["clean", "mixed"] = Field(
-        "mixed", description="which calibration's file the gates judge"
+    calibration: Literal["all", "clean", "mixed"] = Field(
+        "all", description="which calibration's files the gates judge (all: every one quantize wrote)"
+    )
+    min_agreement: float | None = Field(
+        0.99,
+        ge=0,
+        le=1,
+        description="smallest top-1 agreement with the FP32 file on clean validation images (classification "
+        "and segmentation)",
+    )
+    min_adversarial_agreement: float | None = Field(
+        0.97,
+        ge=0,
+        le=1,
+        description="smallest top-1 agreement with the FP32 file on PGD-transfer images (classification and "
+        "segmentation)",
     )
     max_slowdown: float | None = Field(
         1.0,
@@ -148,7 +166,7 @@ class QuantizeGate(Section):
         description="largest INT8 p50 / FP32 p50 allowed at any benchmarked batch (null: not checked)",
     )
     max_clean_drop: float | None = Field(
-        0.01, ge=0, description="largest clean-accuracy drop against the FP32 file (0.01 = one point)"
+        0.005, ge=0, description="largest clean-accuracy drop against the FP32 file (0.01 = one point)"
     )
     max_pgd_drop: float | None = Field(
         0.01, ge=0, description="largest PGD (transfer) accuracy drop against the FP32 file"
@@ -177,10 +195,39 @@ class QuantizeConfig(Section):
         "rows",
     )
     samples: int = Field(256, ge=1, description="calibration images, from the training split")
-    method: Literal["minmax", "entropy", "percentile", "distribution"] = Field(
-        "minmax", description="ONNX Runtime's calibrator"
+    method: Literal["auto", "minmax", "percentile", "entropy", "mse"] = Field(
+        "auto",
+        description="how activation ranges are chosen: minmax, percentile, entropy (KL), mse, or auto: each "
+        "of `methods`, keeping the one whose file agrees best with FP32 on held-out clean and PGD-transfer "
+        "images",
     )
-    percentile: float = Field(99.999, gt=0, le=100, description="the percentile calibrator's percentile")
+    methods: list[Literal["minmax", "percentile", "entropy", "mse"]] = Field(
+        ["minmax", "percentile", "entropy", "mse"], min_length=1, description="the methods auto chooses among"
+    )
+    holdout_samples: int = Field(
+        256,
+        ge=16,
+        description="training images, none of them calibration images, that auto and target_agreement "
+        "measure agreement on (each also as a PGD-transfer image: quantize.attack crafted on the PyTorch "
+        "model)",
+    )
+    target_agreement: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="mixed precision: keep the layers whose quantisation costs most agreement in FP32, one "
+        "at a time, until held-out top-1 agreement with FP32 reaches this on clean images (null: every "
+        "layer INT8)",
+    )
+    target_adversarial_agreement: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="the same target on the held-out PGD-transfer images (null: target_agreement)",
+    )
+    percentile: float = Field(
+        99.99, gt=50, le=100, description="the share of values (in %) the percentile method keeps in range"
+    )
     per_channel: bool = Field(True, description="per-channel weight scales")
     preprocess: bool = Field(
         True,
@@ -203,16 +250,16 @@ class QuantizeConfig(Section):
         description="the PGD that makes the mixed set's adversarial share",
     )
     gate: QuantizeGate | None = Field(
-        None,
-        description="adds gates refusing an INT8 file that is slower than its FP32 file or loses more than "
-        "these margins (null: no INT8 gate)",
+        default_factory=QuantizeGate,
+        description="gates refusing an INT8 file that disagrees with its FP32 file, is slower, or loses more "
+        "than these margins; on by default (null: no INT8 gate)",
     )
 
     @model_validator(mode="after")
     def _consistent(self) -> QuantizeConfig:
         if not self.calibrations or not self.targets or not self.models:
             raise ValueError("models, targets and calibrations must not be empty")
-        if self.gate is not None and self.gate.calibration not in self.calibrations:
+        if self.gate is not None and self.gate.calibration not in ("all", *self.calibrations):
             raise ValueError(f"gate.calibration {self.gate.calibration!r} is not in calibrations")
         if any(not 1 <= s <= 5 for s in self.severities):
             raise ValueError(f"severities must be 1..5, got {self.severities}")
@@ -352,7 +399,7 @@ class Recipe(Section):
     task: str = Field(
         "classification",
         pattern=r"^[a-z][a-z0-9-]*$",
-        description="what the model predicts: classification or segmentation (toolchain.tasks)",
+        description="what the model predicts: classification, segmentation or detection (toolchain.tasks)",
     )
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -374,6 +421,15 @@ class Recipe(Section):
         description="let a run with no gate, or with no evaluation of an exported file, pass (the "
         "intrinsic gate evaluated-and-gated fails it otherwise); for exploratory runs, never a release",
     )
+
+    @model_validator(mode="after")
+    def _dense_training_has_no_teacher(self) -> Recipe:
+        if self.train.loss in ("ard", "rslad"):
+            raise ValueError(
+                f"train.loss {self.train.loss!r} distils from the dense model, which train itself produces: "
+                "use it in finetune.loss (or a pruning method's train section) and pgd, trades or hybrid here"
+            )
+        return self
 
     @field_validator("name")
     @classmethod

@@ -166,6 +166,45 @@ class MixedNoiseConfig(Section):
         return self
 
 
+class DistillConfig(Section):
+    """Distillation from the dense model for ``loss: ard`` and ``loss: rslad`` (fine-tuning and a
+    pruning method's training; the dense model's own training has no teacher).
+
+    ARD (Goldblum et al. 2020): ``w * T^2 * KL(teacher(x)/T || student(x_adv)/T) + (1 - w) *
+    CE(student(x), y)``, ``x_adv`` from the section's attack. RSLAD (Zi et al. 2021): the
+    teacher's soft labels replace the hard labels in the attack and in both terms. Either adds
+    ``corruption_weight * T^2 * KL(teacher(x_c)/T || student(x_c)/T)`` on randomly corrupted
+    images ``x_c`` when that weight is above 0.
+    """
+
+    adv_weight: float = Field(
+        5 / 6,
+        ge=0,
+        le=1,
+        description="w: weight of the adversarial term; 1 - w on the clean term (RSLAD: 5/6)",
+    )
+    temperature: Number = Field(1.0, gt=0, description="T: softens both predictions (RSLAD: 1)")
+    corruption_weight: Number = Field(
+        0.0, ge=0, description="weight of the consistency term on corrupted images (0: off)"
+    )
+    corruptions: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_MIXED_CORRUPTIONS),
+        description="corruptions the consistency term draws from (`robustprune corruptions --list`)",
+    )
+    severities: list[int] = Field(
+        default_factory=lambda: [1, 2, 3, 4, 5], description="severities (1..5) it draws from"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> DistillConfig:
+        if self.corruption_weight > 0 and not self.corruptions:
+            raise ValueError("corruption_weight > 0 needs at least one name in corruptions")
+        bad = [s for s in self.severities if not 1 <= s <= 5]
+        if bad or not self.severities:
+            raise ValueError(f"severities must be a non-empty list of 1..5, got {self.severities}")
+        return self
+
+
 class TrainConfig(Section):
     """A training loop; also the shape of ``finetune`` and of in-the-loop method training."""
 
@@ -174,21 +213,29 @@ class TrainConfig(Section):
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
     nesterov: bool = Field(False, description="Nesterov momentum")
     weight_decay: Number = Field(5e-4, ge=0, description="L2 weight decay")
-    loss: Literal["clean", "pgd", "trades", "hybrid", "mixed"] = Field(
+    loss: Literal["clean", "pgd", "trades", "hybrid", "mixed", "ard", "rslad"] = Field(
         "pgd",
         description="clean, pgd (Madry PGD-AT), trades (Zhang et al. 2019), hybrid ((1-w)*CE(clean) + "
-        "w*CE(adversarial)) or mixed (mixed-noise batches, see `mixed`)",
+        "w*CE(adversarial)), mixed (mixed-noise batches, see `mixed`), or distillation from the dense "
+        "model: ard (Goldblum et al. 2020) or rslad (Zi et al. 2021), see `distill`",
     )
     trades_beta: float = Field(6.0, ge=0, description="TRADES beta: weight of the KL term")
     adv_weight: float = Field(
         0.5, ge=0, le=1, description="hybrid loss: (1 - w) * CE(clean) + w * CE(adversarial)"
     )
     mixed: MixedNoiseConfig = MixedNoiseConfig()
+    distill: DistillConfig = DistillConfig()
     attack: AttackConfig = AttackConfig()
     schedule: Literal["cosine", "constant", "onecycle"] = Field(
         "cosine",
         description="learning-rate schedule: cosine, constant, or onecycle (torch's OneCycleLR: up from "
         "lr/25 over the first 30% of steps, then cosine down)",
+    )
+    cycle_momentum: bool = Field(
+        True,
+        description="onecycle only: SGD momentum falls from 0.95 to 0.85 while the lr rises and climbs back "
+        "while it falls, as torch's OneCycleLR does by default (`momentum` is then not used); false keeps "
+        "`momentum` fixed",
     )
     lr_warmup_epochs: float = Field(0, ge=0, description="linear learning-rate warm-up (cosine/constant)")
     warmup_epochs: int = Field(0, ge=0, description="clean epochs before adversarial ones")

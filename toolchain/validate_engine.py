@@ -134,6 +134,7 @@ def _validate(engine: Path, recipe: Recipe, out: Path, progress: bool) -> Report
         train_samples=1,
         val_samples=d.val_samples,
         seed=recipe.data_seed,
+        task=recipe.task,
     )
     preflight.check_attack_classes(recipe, data.num_classes)
     spec = runner.input_spec

@@ -26,11 +26,12 @@ run_dir=${1:-runs/jetson-orin-mobilenetv2}
 
 if [ "$prepare" -eq 1 ]; then
   echo "== workstation: everything up to the INT8 files, validated on ONNX Runtime CPU"
-  # No gates here (the recipe's judge the TensorRT engines, built on the device): a preparation,
-  # not a release, so it says so with allow_unverified (a run with no gate fails otherwise).
+  # No verdict here: the gates (the recipe's and the INT8 gate) judge the device run's engines.
+  # A preparation, not a release, so it says so with allow_unverified (a run with no gate fails
+  # otherwise).
   robustprune run "$recipe" --out "$run_dir" --no-progress \
     --set 'validate.runtimes=[torch, onnxruntime]' --set 'bench.runtimes=[onnxruntime]' --set 'gates=[]' \
-    --set allow_unverified=true
+    --set 'quantize.gate=null' --set allow_unverified=true
   echo "now copy $run_dir to the Jetson (rsync -a $run_dir jetson:robustprune/$run_dir) and run $0 there"
   exit 0
 fi

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from toolchain.errors import UserError
 from toolchain.registry import Registry
 
 # Mean/std are estimated on at most this many training images: enough for 3-4 stable
@@ -111,10 +112,27 @@ class Loader(Protocol):
         train_samples: int | None,
         val_samples: int | None,
         seed: int,
+        task: str | None,
     ) -> DataBundle: ...
 
 
 DATASETS: Registry[Loader] = Registry("dataset")
+
+
+def check_task(dataset: str, task: str | None, supported: tuple[str, ...]) -> str:
+    """The task ``dataset`` loads labels for: ``task``, or its first supported one when None.
+
+    Raises:
+        UserError: ``dataset`` has no labels for ``task``; the message names the ones it has.
+    """
+    if task is None:
+        return supported[0]
+    if task not in supported:
+        raise UserError(
+            f"dataset {dataset} has no labels for task {task} (it has: {', '.join(supported)}); "
+            "choose a dataset for that task or change the task"
+        )
+    return task
 
 
 def split_seed(seed: int, split: str) -> int:

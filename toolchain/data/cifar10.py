@@ -27,6 +27,7 @@ from toolchain.data.base import (
     DataBundle,
     ImageTensorDataset,
     capped_split,
+    check_task,
     make_bundle,
 )
 from toolchain.errors import DataNotFoundError, UserError
@@ -128,6 +129,7 @@ def load_cifar10(
     train_samples: int | None = None,
     val_samples: int | None = None,
     seed: int = 0,
+    task: str | None = None,
 ) -> DataBundle:
     """Load CIFAR-10 from ``root/cifar-10-batches-py`` (torchvision's format); never downloads.
 
@@ -144,6 +146,7 @@ def load_cifar10(
         DataNotFoundError: ``root`` is not given or a batch file is missing.
         UserError: a batch is corrupt or contains anything but plain data.
     """
+    check_task("cifar10", task, ("classification",))
     if root is None:
         raise DataNotFoundError(
             f"dataset cifar10 needs data.root: the folder holding {FOLDER}/ (torchvision's format; "

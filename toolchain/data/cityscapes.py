@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from toolchain.data.base import DATASETS, DataBundle, MaskTensorDataset, cap_indices, make_bundle
+from toolchain.data.base import DATASETS, DataBundle, MaskTensorDataset, cap_indices, check_task, make_bundle
 from toolchain.errors import DataNotFoundError, UserError
 
 DEFAULT_WIDTH = 512
@@ -112,6 +112,7 @@ def load_cityscapes(
     train_samples: int | None = None,
     val_samples: int | None = None,
     seed: int = 0,
+    task: str | None = None,
 ) -> DataBundle:
     """Load a Cityscapes-layout folder (see the module docstring) with the 19 train classes.
 
@@ -124,6 +125,7 @@ def load_cityscapes(
         DataNotFoundError: no ``root``, a missing folder or label file, or no images.
         UserError: a file cannot be decoded, or an odd or too small width.
     """
+    check_task("cityscapes", task, ("segmentation",))
     if root is None:
         raise DataNotFoundError(f"dataset cityscapes needs data.root; {_LAYOUT}")
     width = image_size or DEFAULT_WIDTH

@@ -19,6 +19,7 @@ from toolchain.data.base import (
     DataBundle,
     ImageTensorDataset,
     capped_split,
+    check_task,
     make_bundle,
 )
 from toolchain.errors import DataNotFoundError, UserError
@@ -88,6 +89,7 @@ def load_fashion_mnist(
     train_samples: int | None = None,
     val_samples: int | None = None,
     seed: int = 0,
+    task: str | None = None,
 ) -> DataBundle:
     """Load Fashion-MNIST from ``root`` (default ``/usr/share/datasets/fashion-mnist``).
 
@@ -104,6 +106,7 @@ def load_fashion_mnist(
         DataNotFoundError: a file is missing; the message says how to install it.
         UserError: a file is corrupt.
     """
+    check_task("fashion-mnist", task, ("classification",))
     folder = Path(root or DEFAULT_ROOT)
     missing = [name for names in _FILES.values() for name in names if not (folder / name).is_file()]
     if missing:

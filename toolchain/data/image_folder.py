@@ -18,7 +18,15 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from toolchain.data.base import DATASETS, DataBundle, ImageTensorDataset, cap_indices, make_bundle, split_seed
+from toolchain.data.base import (
+    DATASETS,
+    DataBundle,
+    ImageTensorDataset,
+    cap_indices,
+    check_task,
+    make_bundle,
+    split_seed,
+)
 from toolchain.errors import DataNotFoundError, UserError
 
 DEFAULT_SIZE = 32
@@ -76,6 +84,7 @@ def load_image_folder(
     train_samples: int | None = None,
     val_samples: int | None = None,
     seed: int = 0,
+    task: str | None = None,
 ) -> DataBundle:
     """Load a folder of class sub-folders (see the module docstring for the layout).
 
@@ -92,6 +101,7 @@ def load_image_folder(
         DataNotFoundError: ``root`` is not given, a split folder is missing or has no images.
         UserError: an image cannot be decoded, or ``val/`` has a class ``train/`` lacks.
     """
+    check_task("image-folder", task, ("classification",))
     if root is None:
         raise DataNotFoundError(f"dataset image-folder needs data.root; {_LAYOUT}")
     base = Path(root)

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 import torch
 
 from toolchain.data import signs_draw as draw
-from toolchain.data.base import DATASETS, DataBundle, ImageTensorDataset, make_bundle, split_seed
+from toolchain.data.base import DATASETS, DataBundle, ImageTensorDataset, check_task, make_bundle, split_seed
 
 DEFAULT_SIZE = 32
 DEFAULT_TRAIN = 4000
@@ -220,6 +220,7 @@ def load_signs(
     train_samples: int | None = None,
     val_samples: int | None = None,
     seed: int = 0,
+    task: str | None = None,
 ) -> DataBundle:
     """Generate the ``signs`` dataset (``root`` is ignored: nothing is read from disk).
 
@@ -232,6 +233,7 @@ def load_signs(
     Returns:
         A 3-channel :class:`DataBundle`; mean/std are measured on the generated train split.
     """
+    check_task("signs", task, ("classification",))
     size = image_size or DEFAULT_SIZE
     train = generate(train_samples or DEFAULT_TRAIN, size=size, seed=split_seed(seed, "signs-train"))
     val = generate(val_samples or DEFAULT_VAL, size=size, seed=split_seed(seed, "signs-val"))

@@ -57,10 +57,13 @@ def quantization_section(
     ``vs_fp32``: ``clean_drop``, ``attack_drop`` (PGD, or the first white-box attack, in
     transfer mode), ``corruption_drop`` (mean corruption accuracy), each FP32 minus INT8 on the
     same runtime (0.01 = one point; null when not measured); ``top1_agreement`` and
-    ``label_flip_rate`` against the FP32 file on clean images and on all suite inputs;
+    ``label_flip_rate`` against the FP32 file on clean images and on all suite inputs,
+    ``top1_agreement_adversarial`` on the PGD-transfer images;
     segmentation rows add ``clean_miou_drop``, ``attack_miou_drop`` and ``corruption_miou_drop``
     (pixel accuracy is their ``*_drop``, agreement is per pixel);
-    ``speedup`` (FP32 p50 / INT8 p50) per batch and ``slowdown`` (the largest INT8 / FP32 p50).
+    ``speedup`` (FP32 p50 / INT8 p50) per batch from the bench stage (from the quantize stage's
+    own timing when the bench stage did not time the file) and ``slowdown`` (the largest INT8 /
+    FP32 p50).
     """
     out = []
     quantized = read_result(layout, QUANTIZE, QuantizeResult)
@@ -82,6 +85,7 @@ def quantization_section(
                 ),
                 top1_agreement=(parity.get("clean") or {}).get("top1_agreement"),
                 label_flip_rate=(parity.get("clean") or {}).get("label_flip_rate"),
+                top1_agreement_adversarial=(parity.get("adversarial") or {}).get("top1_agreement"),
                 top1_agreement_all_inputs=(parity.get("all") or {}).get("top1_agreement"),
                 label_flip_rate_all_inputs=(parity.get("all") or {}).get("label_flip_rate"),
                 **_miou_drops(fp32, int8),
@@ -93,6 +97,8 @@ def quantization_section(
             base = _find(latency, model=model, runtime=runtime, precision="fp32", batch=row["batch"])
             if base is not None:
                 speedup[str(row["batch"])] = base["p50_ms"] / row["p50_ms"]
+        if not speedup and record.get("speed"):  # no bench stage: the quantize stage's own timing
+            speedup = {batch: row["speedup"] for batch, row in record["speed"]["batches"].items()}
         vs["speedup"] = speedup
         vs["slowdown"] = max((1 / s for s in speedup.values()), default=None)
         fusion = {k: v for k, v in record["fusion"].items() if k != "optimized_ops"}
@@ -107,25 +113,39 @@ def engines_section(layout: RunLayout) -> list[dict[str, Any]]:
 
 
 def quantization_gates(recipe: Recipe) -> list[Gate]:
-    """The gates ``quantize.gate`` stands for, one per quantised model and target runtime.
+    """The gates ``quantize.gate`` stands for (on by default), one set per quantised model,
+    target runtime and calibration set (every set, unless the gate names one).
 
-    Missing metrics fail (a slowdown without a benchmark, a drop without validation on that
-    runtime), as every gate does.
+    Agreement is the task's: the arg-max class per image or pixel, or for a detector the same
+    confident detections (:attr:`toolchain.tasks.base.Task.precision_agreement`). Missing
+    metrics fail (a
+    slowdown without a benchmark, a drop or an agreement without validation on that runtime),
+    as every gate does.
     """
     cfg = recipe.quantize
     if not cfg.enabled or cfg.gate is None:
         return []
-    limits = {
-        "slowdown": cfg.gate.max_slowdown,
-        "clean_drop": cfg.gate.max_clean_drop,
-        "attack_drop": cfg.gate.max_pgd_drop,
-        "corruption_drop": cfg.gate.max_corruption_drop,
+    gate = cfg.gate
+    at_least = {
+        "top1_agreement": gate.min_agreement,
+        "top1_agreement_adversarial": gate.min_adversarial_agreement,
     }
+    at_most = {
+        "slowdown": gate.max_slowdown,
+        "clean_drop": gate.max_clean_drop,
+        "attack_drop": gate.max_pgd_drop,
+        "corruption_drop": gate.max_corruption_drop,
+    }
+    calibrations = cfg.calibrations if gate.calibration == "all" else [gate.calibration]
     gates = []
     for model in cfg.models:
         for target in cfg.targets:
-            where = f"quantization[model={model},target={target},calibration={cfg.gate.calibration}]"
-            for metric, limit in limits.items():
-                if limit is not None:
-                    gates.append(Gate(metric=f"{where}.vs_fp32.{metric}", op="<=", threshold=limit))
+            for calibration in calibrations:
+                where = f"quantization[model={model},target={target},calibration={calibration}].vs_fp32"
+                for metric, limit in at_least.items():
+                    if limit is not None:
+                        gates.append(Gate(metric=f"{where}.{metric}", op=">=", threshold=limit))
+                for metric, limit in at_most.items():
+                    if limit is not None:
+                        gates.append(Gate(metric=f"{where}.{metric}", op="<=", threshold=limit))
     return gates

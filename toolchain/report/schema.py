@@ -494,7 +494,8 @@ class Evaluation(Record):
         None,
         description="INT8 files: agreement with their FP32 file per input kind (clean, adversarial, "
         "corrupted, all): samples, top1_agreement, label_flip_rate, max_abs_diff; segmentation "
-        "adds pixels and ties",
+        "adds pixels and ties; detection compares confident detections (same class, IoU >= 0.5): "
+        "top1_agreement is the matched share of the compared detections of both files, with compared",
     )
     task: str | None = Field(
         None, description="segmentation or detection for those evaluations (absent for classification)"
@@ -575,6 +576,7 @@ class QuantizedFile(Record):
     """One INT8 Q/DQ file: which model, for which runtime's scheme, calibrated how, and what ONNX
     Runtime fused of it (the ``quantize`` stage's record of it)."""
 
+    omit_if_none = frozenset({"methods_agreement", "holdout_agreement", "mixed_precision", "speed"})
     model: str = Field(description="dense or pruned")
     target: str = Field(description="the runtime the file is made for (onnxruntime or tensorrt)")
     scheme: str = Field(description="u8s8 (ONNX Runtime CPU) or s8s8 (TensorRT)")
@@ -596,6 +598,26 @@ class QuantizedFile(Record):
         description="what ONNX Runtime runs in integer kernels in its optimised graph: conv_nodes, "
         "integer_conv, float_conv, integer_matmul, all_integer",
     )
+    methods_agreement: dict[str, dict[str, float | None]] | None = Field(
+        None,
+        description="quantize.method auto: each method tried, with its file's top-1 agreement with FP32 on "
+        "the held-out training images (clean, adversarial)",
+    )
+    holdout_agreement: dict[str, float | None] | None = Field(
+        None, description="this file's agreement with FP32 on the held-out images (clean, adversarial)"
+    )
+    mixed_precision: dict[str, Any] | None = Field(
+        None,
+        description="quantize.target_agreement: target, adversarial_target, fp32_nodes (the layers kept in "
+        "FP32, most sensitive first), met, all_int8 and final held-out agreement, sensitivity per layer",
+    )
+    speed: dict[str, Any] | None = Field(
+        None,
+        description="onnxruntime target: the INT8 file against its FP32 file on ONNX Runtime's CPU at the "
+        "bench batch sizes (batches: fp32_p50_ms, int8_p50_ms, speedup, and with FP32 layers "
+        "all_int8_p50_ms and mixed_precision_cost), faster, why_not (fused convolutions, Q/DQ nodes left, "
+        "MMACs per convolution)",
+    )
 
 
 class Quantization(QuantizedFile):
@@ -606,9 +628,9 @@ class Quantization(QuantizedFile):
         default_factory=dict,
         description="against the FP32 file on the same runtime: clean_drop, attack_drop (PGD transfer), "
         "corruption_drop (fractions, FP32 minus INT8), top1_agreement, label_flip_rate and their "
-        "_all_inputs variants, segmentation also clean_miou_drop, attack_miou_drop, "
-        "corruption_miou_drop; speedup per batch (FP32 p50 / INT8 p50), slowdown (the largest INT8 / "
-        "FP32 p50), evaluated",
+        "_all_inputs variants, top1_agreement_adversarial (PGD-transfer images), segmentation also "
+        "clean_miou_drop, attack_miou_drop, corruption_miou_drop; speedup per batch (FP32 p50 / INT8 p50), "
+        "slowdown (the largest INT8 / FP32 p50), evaluated",
     )
 
 

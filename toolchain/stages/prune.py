@@ -12,7 +12,7 @@ from toolchain.pruning import prune_model
 from toolchain.pruning.latency_target import resolve_latency_budget, verify
 from toolchain.recipe_prune import reduction_met
 from toolchain.report.stage_results import PruneResult
-from toolchain.rundir import MODEL_FILE, PRUNE, TRAIN
+from toolchain.rundir import DENSE, MODEL_FILE, PRUNE, TRAIN
 from toolchain.stages.base import Stage, StageOutput
 from toolchain.stages.context import StageContext, load_model, save_model
 
@@ -37,6 +37,7 @@ class Prune(Stage):
         job = prune_job(ctx.recipe, model, ctx.example_inputs, ctx.train_loader, ctx.progress)
         job.checkpoint = ctx.checkpoint(PRUNE)
         job.device = ctx.device  # methods train there; pruning itself works on the CPU copy
+        job.teacher = ctx.models[DENSE]  # for distillation losses; training reads a frozen copy
         latency: dict[str, Any] | None = None
         if cfg.target.latency_reduction is None:
             result = prune_model(model, job, cfg)

@@ -2,24 +2,35 @@
 
 One file per model x target runtime's scheme x calibration set (clean, or a mix of clean,
 corrupted and adversarial images), with the count of convolutions ONNX Runtime fuses into
-integer kernels. The calibration library (:mod:`calibration`) gets this project's corruptions
-and attacks as callables.
+integer kernels. How activation ranges are chosen (``quantize.method``, ``auto`` by default)
+and which layers stay in FP32 (``quantize.target_agreement``) are measured choices: agreement
+with the FP32 file on held-out training images, clean and PGD-transfer (``quantize.attack``),
+none of them used for calibration (the report's agreement is measured later, on the validation split). The
+calibration library (:mod:`calibration`) gets this project's corruptions and attacks as
+callables.
 """
 
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from calibration.data import CalibrationMix, Craft, build_calibration_set
+from calibration.data import CalibrationMix, Craft, build_calibration_set, take_images
 from calibration.fusion import count_fused_kernels
-from calibration.qdq import quantize_onnx
+from calibration.qdq import Calibration, calibrate
 from calibration.schemes import scheme_for_runtime
-from toolchain.recipe import AttackConfig, Recipe
+from calibration.select import HeldOut, choose_method, keep_sensitive_fp32, measure_agreement
+from calibration.speed import int8_speed
+from toolchain.errors import UserError
+from toolchain.pruning.graph import count_macs_params
+from toolchain.recipe import AttackConfig, QuantizeConfig, Recipe
 from toolchain.report.stage_results import QuantizedFile, QuantizeResult
 from toolchain.robustness.attacks.pgd import pgd_examples
 from toolchain.robustness.corruptions import corrupt
@@ -28,6 +39,12 @@ from toolchain.stages.base import Stage, StageOutput
 from toolchain.stages.context import StageContext
 
 log = logging.getLogger(__name__)
+
+#: Tasks whose first output is class scores on axis 1 (per image or per pixel): agreement is
+#: measured on their arg-max. A detector's heads are not; it is calibrated with min/max.
+_AGREEMENT_TASKS = ("classification", "segmentation")
+#: Fewer held-out images than this cannot tell methods apart (one image is 6% of agreement).
+_MIN_HELD_OUT = 16
 
 
 class Quantize(Stage):
@@ -45,6 +62,14 @@ class Quantize(Stage):
         return StageOutput([*(f.file for f in files), QUANTIZE_RECORD], QuantizeResult(files=files))
 
 
+@dataclass
+class _Images:
+    """The training images the stage draws: the calibration images first, then the held-out ones."""
+
+    calibration: list[tuple[torch.Tensor, Any]]
+    held_out: tuple[torch.Tensor, Any] | None
+
+
 def quantize_models(
     recipe: Recipe,
     models: Mapping[str, nn.Module],
@@ -55,20 +80,34 @@ def quantize_models(
 
     Args:
         recipe: its ``quantize`` section says what to write.
-        models: the PyTorch models (adversarial calibration images are crafted on them).
+        models: the PyTorch models (adversarial calibration and held-out images are crafted on
+            them).
         layout: the run directory (the exported files are read from it, the INT8 files written).
-        train_batches: returns a fresh loader over training batches (calibration images).
+        train_batches: returns a fresh loader over training batches (calibration images first,
+            held-out images after them).
 
     Returns:
         One record per file.
+
+    Raises:
+        UserError: ``target_agreement`` on a task without class scores.
     """
     cfg = recipe.quantize
+    measured = recipe.task in _AGREEMENT_TASKS
+    if cfg.target_agreement is not None and not measured:
+        raise UserError(
+            f"quantize.target_agreement needs class scores to measure agreement; task {recipe.task!r} "
+            "has none: remove it (or list layers to keep in FP32 in quantize.exclude_nodes)"
+        )
+    wants_held_out = measured and (cfg.method == "auto" or cfg.target_agreement is not None)
     records = []
     for name in cfg.models:
+        images = _draw(train_batches(), cfg, wants_held_out)
+        held_out = _held_out(layout, name, models[name], recipe, images) if images.held_out else None
         for calibration in cfg.calibrations:
             mix = CalibrationMix() if calibration == "clean" else CalibrationMix(**cfg.mix.model_dump())
-            images, counts = build_calibration_set(
-                train_batches(),
+            pixels, counts = build_calibration_set(
+                images.calibration,
                 cfg.samples,
                 mix,
                 corruptions=cfg.corruptions,
@@ -77,51 +116,192 @@ def quantize_models(
                 craft=calibration_craft(models[name], cfg.attack, recipe.seed),
                 seed=recipe.seed,
             )
+            prepared = calibrate(layout.onnx(name), pixels.numpy(), preprocess=cfg.preprocess)
             for target in cfg.targets:
-                scheme = scheme_for_runtime(target)
-                result = quantize_onnx(
-                    layout.onnx(name),
-                    layout.quantized(f"{name}.int8-{scheme.name}-{calibration}.onnx"),
-                    images.numpy(),
-                    scheme=scheme.name,
-                    method=cfg.method,
-                    per_channel=cfg.per_channel,
-                    percentile=cfg.percentile,
-                    exclude_nodes=cfg.exclude_nodes,
-                    preprocess=cfg.preprocess,
-                    metadata={
-                        "calibration": calibration,
-                        "calibration_counts": counts,
-                        "target_runtime": target,
-                    },
-                )
-                fusion = count_fused_kernels(result.path, threads=recipe.validate.threads)
-                if target == "onnxruntime" and not fusion["all_integer"]:
-                    log.warning(
-                        "%s: ONNX Runtime fused only %d of %d convolutions into integer kernels; "
-                        "the unfused ones run slower than in FP32",
-                        result.path.name,
-                        fusion["integer_conv"],
-                        fusion["conv_nodes"],
-                    )
                 records.append(
-                    QuantizedFile(
-                        model=name,
-                        target=target,
-                        scheme=scheme.name,
-                        scheme_description=scheme.description,
-                        calibration=calibration,
-                        file=result.path.name,
-                        samples=result.samples,
-                        counts=counts,
-                        method=result.method,
-                        per_channel=result.per_channel,
-                        excluded_nodes=result.excluded_nodes,
-                        quantized_nodes=result.quantized_nodes,
-                        fusion=fusion,
-                    )
+                    _quantize_one(recipe, layout, prepared, held_out, name, target, calibration, counts)
                 )
+                if target == "onnxruntime":
+                    records[-1].speed = _speed(recipe, layout, prepared, records[-1], models[name], pixels)
     return records
+
+
+def _draw(batches: Iterable[tuple[torch.Tensor, Any]], cfg: QuantizeConfig, held_out: bool) -> _Images:
+    """The calibration images, then up to ``holdout_samples`` held-out ones (a small training
+    split gives fewer, with a warning; fewer than 16 is refused)."""
+    total = cfg.samples + (cfg.holdout_samples if held_out else 0)
+    xs, ys = take_images(batches, total, minimum=cfg.samples)
+    calibration = [(xs[: cfg.samples], ys[: cfg.samples])]
+    if not held_out:
+        return _Images(calibration, None)
+    x, y = xs[cfg.samples :], ys[cfg.samples :]
+    if len(x) < _MIN_HELD_OUT:
+        if cfg.target_agreement is not None:
+            raise UserError(
+                f"quantize.target_agreement is measured on training images the calibration does not use, "
+                f"and only {len(x)} are left after quantize.samples ({cfg.samples}): lower samples"
+            )
+        log.warning(
+            "quantize: only %d training images left after the calibration set: method auto falls back to "
+            "minmax (lower quantize.samples to let it choose)",
+            len(x),
+        )
+        return _Images(calibration, None)
+    if len(x) < cfg.holdout_samples:
+        log.warning("quantize: %d held-out images, not holdout_samples %d", len(x), cfg.holdout_samples)
+    return _Images(calibration, (x, y))
+
+
+def _held_out(
+    layout: RunLayout, name: str, model: nn.Module, recipe: Recipe, images: _Images
+) -> HeldOut | None:
+    """The held-out images, clean and PGD-transfer (``quantize.attack`` crafted on the PyTorch
+    model, as the validation's INT8 parity crafts its own; the stage's key covers only its own
+    section, so a validate change does not redo the INT8 files), with the FP32 file's labels."""
+    assert images.held_out is not None
+    x, y = images.held_out
+    craft = calibration_craft(model, recipe.quantize.attack, recipe.seed + 1)
+    adversarial = torch.cat([craft(xc, yc).detach() for xc, yc in zip(x.split(128), y.split(128))])
+    return HeldOut.of(
+        layout.onnx(name),
+        {"clean": x.numpy(), "adversarial": adversarial.numpy()},
+        threads=recipe.validate.threads,
+    )
+
+
+def _quantize_one(
+    recipe: Recipe,
+    layout: RunLayout,
+    prepared: Calibration,
+    held_out: HeldOut | None,
+    name: str,
+    target: str,
+    calibration: str,
+    counts: dict[str, int],
+) -> QuantizedFile:
+    """Choose the method and the FP32 layers on the held-out images, then write the file."""
+    cfg = recipe.quantize
+    scheme = scheme_for_runtime(target)
+    threads = recipe.validate.threads
+    options: dict[str, Any] = {
+        "scheme": scheme.name,
+        "per_channel": cfg.per_channel,
+        "percentile": cfg.percentile,
+    }
+    method: str = cfg.method
+    tried = None
+    if method == "auto":
+        if held_out is None:
+            method = "minmax"
+            log.info(
+                "%s: quantize.method auto: no class scores to compare (%s), using minmax", name, recipe.task
+            )
+        else:
+            method, tried = choose_method(
+                prepared, cfg.methods, held_out, exclude_nodes=cfg.exclude_nodes, threads=threads, **options
+            )
+            log.info(
+                "%s %s/%s: calibration method %s (held-out agreement %s)",
+                name,
+                target,
+                calibration,
+                method,
+                {m: a.as_dict() for m, a in tried.items()},
+            )
+    mixed = None
+    if cfg.target_agreement is not None and held_out is not None:
+        mixed = keep_sensitive_fp32(
+            prepared,
+            held_out,
+            cfg.target_agreement,
+            adversarial_target=cfg.target_adversarial_agreement,
+            method=method,
+            exclude_nodes=cfg.exclude_nodes,
+            threads=threads,
+            **options,
+        )
+        if not mixed.met:
+            log.warning(
+                "%s: held-out agreement %s misses quantize.target_agreement even with %d layers in FP32",
+                name,
+                mixed.final.as_dict(),
+                len(mixed.fp32_nodes),
+            )
+    result = prepared.write(
+        layout.quantized(f"{name}.int8-{scheme.name}-{calibration}.onnx"),
+        method=method,
+        exclude_nodes=[*cfg.exclude_nodes, *(mixed.fp32_nodes if mixed else [])],
+        metadata={"calibration": calibration, "calibration_counts": counts, "target_runtime": target},
+        **options,
+    )
+    fusion = count_fused_kernels(result.path, threads=threads)
+    if target == "onnxruntime" and not fusion["all_integer"]:
+        log.warning(
+            "%s: ONNX Runtime fused only %d of %d convolutions into integer kernels; "
+            "the unfused ones run slower than in FP32",
+            result.path.name,
+            fusion["integer_conv"],
+            fusion["conv_nodes"],
+        )
+    return QuantizedFile(
+        model=name,
+        target=target,
+        scheme=scheme.name,
+        scheme_description=scheme.description,
+        calibration=calibration,
+        file=result.path.name,
+        samples=result.samples,
+        counts=counts,
+        method=result.method,
+        per_channel=result.per_channel,
+        excluded_nodes=result.excluded_nodes,
+        quantized_nodes=result.quantized_nodes,
+        fusion=fusion,
+        methods_agreement={m: a.as_dict() for m, a in tried.items()} if tried else None,
+        holdout_agreement=(
+            measure_agreement(result.path, held_out, threads=threads).as_dict() if held_out else None
+        ),
+        mixed_precision=mixed.as_dict() if mixed else None,
+    )
+
+
+def _speed(
+    recipe: Recipe,
+    layout: RunLayout,
+    prepared: Calibration,
+    record: QuantizedFile,
+    model: nn.Module,
+    pixels: torch.Tensor,
+) -> dict[str, Any]:
+    """The INT8 file against its FP32 file on ONNX Runtime's CPU (the ``onnxruntime`` target), at
+    the bench stage's batch sizes and threads; with layers kept in FP32, the all-INT8 file too."""
+    bench = recipe.bench
+    macs, _ = count_macs_params(model, pixels[:1])
+    with tempfile.TemporaryDirectory(prefix="robustprune-speed-") as tmp:
+        all_int8 = None
+        if record.mixed_precision and record.mixed_precision["fp32_nodes"]:
+            all_int8 = prepared.write(
+                Path(tmp) / "all-int8.onnx",
+                scheme=record.scheme,
+                method=record.method or "minmax",
+                per_channel=recipe.quantize.per_channel,
+                percentile=recipe.quantize.percentile,
+                exclude_nodes=recipe.quantize.exclude_nodes,
+            ).path
+        speed = int8_speed(
+            layout.onnx(record.model),
+            layout.quantized(record.file),
+            record.fusion,
+            batches=bench.batch_sizes,
+            threads=bench.threads,
+            iterations=bench.iterations,
+            warmup=bench.warmup,
+            all_int8=all_int8,
+            macs=macs,
+        )
+    if not speed["faster"]:
+        log.warning("%s is not faster than its FP32 file on ONNX Runtime: %s", record.file, speed["why_not"])
+    return speed
 
 
 def calibration_craft(model: nn.Module, attack: AttackConfig, seed: int) -> Craft:

@@ -27,6 +27,7 @@ from toolchain.report.stage_results import (
 from toolchain.robustness.corruptions import corrupt
 from toolchain.robustness.suite import parity_craft
 from toolchain.rundir import ENGINE, QUANTIZE, RunLayout
+from toolchain.tasks import task_of
 
 #: Suite key -> what the report records about that runner (calibration, scheme, file, engine, ...).
 Labels = dict[str, dict[str, Any]]
@@ -145,4 +146,5 @@ def int8_parity(
         corruptions=cfg.corruptions.names,
         severity=max(cfg.corruptions.severities, default=3),
         seed=cfg.corruptions.seed,
+        agreement=task_of(model).precision_agreement,
     )

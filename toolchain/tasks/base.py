@@ -310,6 +310,12 @@ class Task(ABC):
         (``(agreeing, compared)``); None: the arg-max class per image or pixel decides."""
         return None
 
+    @property
+    def precision_agreement(self) -> Callable[[Output, Output], tuple[int, int]] | None:
+        """How an INT8 file's answers are compared with its FP32 file's (``(agreeing,
+        compared)`` per batch); None: the arg-max class per image or pixel."""
+        return None
+
     @abstractmethod
     def evaluator(self, class_names: Sequence[str]) -> Evaluator:
         """A fresh evaluator for one runner."""

@@ -19,10 +19,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-IOU_THRESHOLDS = torch.linspace(0.5, 0.95, 10)
-RECALL_POINTS = torch.linspace(0.0, 1.0, 101)
+# float64 as COCO's own: a recall of exactly 0.35 must reach the 0.35 point, which float32 misses.
+IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
+RECALL_POINTS = np.linspace(0.0, 1.0, 101)
 
 
 @dataclass(frozen=True)
@@ -57,30 +59,47 @@ def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _match_image(
-    det_boxes: torch.Tensor, gt_boxes: torch.Tensor, gt_ignore: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+    det_boxes: np.ndarray, gt_boxes: np.ndarray, gt_ignore: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """For one image and class (detections already best first): per threshold and detection,
-    whether it is a hit and whether it is ignored. Shapes ``(T, D)`` each."""
+    whether it is a hit and whether it is ignored. Shapes ``(T, D)`` each.
+
+    Overlap with an ignored box is measured as COCO measures it for a crowd region: the
+    intersection over the detection's own area (a detection inside the region overlaps it
+    fully, however large the region)."""
     t, d = len(IOU_THRESHOLDS), len(det_boxes)
-    hit = torch.zeros(t, d, dtype=torch.bool)
-    skip = torch.zeros(t, d, dtype=torch.bool)
+    hit = np.zeros((t, d), dtype=bool)
+    skip = np.zeros((t, d), dtype=bool)
     if d == 0 or len(gt_boxes) == 0:
         return hit, skip
-    iou = box_iou(det_boxes, gt_boxes)
+    iou = box_iou(torch.from_numpy(det_boxes), torch.from_numpy(gt_boxes)).numpy()
+    if gt_ignore.any():
+        iou[:, gt_ignore] = _inside_share(det_boxes, gt_boxes[gt_ignore])
     for ti, threshold in enumerate(IOU_THRESHOLDS.tolist()):
         close = iou >= min(threshold, 1 - 1e-10)
-        taken = torch.zeros(len(gt_boxes), dtype=torch.bool)
+        taken = np.zeros(len(gt_boxes), dtype=bool)
         for di in range(d):
             # A real object still free comes first (best IoU); failing that an ignored one,
             # which may absorb any number of detections.
             for pool in (close[di] & ~gt_ignore & ~taken, close[di] & gt_ignore):
-                if bool(pool.any()):
-                    best = int(torch.where(pool, iou[di], torch.full_like(iou[di], -1.0)).argmax())
+                if pool.any():
+                    best = int(np.where(pool, iou[di], -1.0).argmax())
                     taken[best] = True
                     hit[ti, di] = True
-                    skip[ti, di] = bool(gt_ignore[best])
+                    skip[ti, di] = gt_ignore[best]
                     break
     return hit, skip
+
+
+def _inside_share(det_boxes: np.ndarray, regions: np.ndarray) -> np.ndarray:
+    """Intersection of each detection with each region over the detection's area."""
+    lt = np.maximum(det_boxes[:, None, :2], regions[None, :, :2])
+    rb = np.minimum(det_boxes[:, None, 2:], regions[None, :, 2:])
+    inter = np.clip(rb - lt, 0, None).prod(axis=2)
+    area = np.clip(det_boxes[:, 2] - det_boxes[:, 0], 0, None) * np.clip(
+        det_boxes[:, 3] - det_boxes[:, 1], 0, None
+    )
+    return np.where(area[:, None] > 0, inter / np.maximum(area[:, None], 1e-12), 0.0)
 
 
 def _precision_at_recall_points(tp: torch.Tensor, fp: torch.Tensor, positives: int) -> tuple[float, float]:
@@ -94,10 +113,10 @@ def _precision_at_recall_points(tp: torch.Tensor, fp: torch.Tensor, positives: i
         return 0.0, 0.0
     # Monotone envelope: the best precision at this recall or any higher one.
     precision = torch.flip(torch.cummax(torch.flip(precision, [0]), 0).values, [0])
-    where = torch.searchsorted(recall, RECALL_POINTS.double(), side="left")
+    where = np.searchsorted(recall.numpy(), RECALL_POINTS, side="left")
     reached = where < len(precision)
-    values = torch.zeros(len(RECALL_POINTS), dtype=torch.float64)
-    values[reached] = precision[where[reached]]
+    values = np.zeros(len(RECALL_POINTS))
+    values[reached] = precision.numpy()[where[reached]]
     return float(values.mean()), float(recall[-1])
 
 
@@ -120,19 +139,19 @@ def coco_scores(
         scores, hits, skips, positives = [], [], [], 0
         for pred, target in zip(predictions, targets, strict=True):
             gt_mask = target["labels"] == c
-            gt_boxes = target["boxes"][gt_mask].float()
+            gt_boxes = target["boxes"][gt_mask].double().numpy()
             ignore = target.get("ignore")
             gt_ignore = (
-                ignore[gt_mask].bool() if ignore is not None else torch.zeros(len(gt_boxes), dtype=torch.bool)
+                ignore[gt_mask].bool().numpy() if ignore is not None else np.zeros(len(gt_boxes), bool)
             )
             positives += int((~gt_ignore).sum())
             det_mask = pred["labels"] == c
             det_scores = pred["scores"][det_mask].float()
             order = torch.argsort(det_scores, descending=True, stable=True)[:max_detections]
-            hit, skip = _match_image(pred["boxes"][det_mask][order].float(), gt_boxes, gt_ignore)
+            hit, skip = _match_image(pred["boxes"][det_mask][order].double().numpy(), gt_boxes, gt_ignore)
             scores.append(det_scores[order])
-            hits.append(hit)
-            skips.append(skip)
+            hits.append(torch.from_numpy(hit))
+            skips.append(torch.from_numpy(skip))
         if positives == 0:
             per_class_ap[name] = per_class_recall[name] = None
             continue

@@ -28,11 +28,13 @@ from toolchain.report.schema import AttackRow, Corruptions, Evaluation, Parity, 
 from toolchain.tasks.base import TASKS, AttackSpec, Evaluator, Labels, Objective, Output, Task, finite_images
 from toolchain.tasks.detection_loss import detection_loss
 from toolchain.tasks.detection_ops import (
+    FOUND_IOU,
     MAX_DETECTIONS,
     NMS_IOU,
     OPERATING_SCORE,
     SCORE_THRESHOLD,
     Detections,
+    box_iou,
     class_scores,
     found,
     match,
@@ -46,6 +48,10 @@ if TYPE_CHECKING:
     from toolchain.recipe import ValidateConfig
 
 __all__ = ["Detection", "DetectionEvaluator", "DetectionObjective", "detection_collate_targets"]
+
+
+#: How far below the operating score the other file's detection may score and still agree.
+PRECISION_SCORE_MARGIN = 0.05
 
 
 def detection_collate_targets(y: Labels) -> list[dict[str, torch.Tensor]]:
@@ -334,6 +340,10 @@ class Detection(Task):
         )
         return _matched_in_graph
 
+    @property
+    def precision_agreement(self) -> Callable[[Output, Output], tuple[int, int]] | None:
+        return _same_answers
+
     def evaluator(self, class_names: Sequence[str]) -> Evaluator:
         return DetectionEvaluator(class_names)
 
@@ -389,3 +399,36 @@ def _matched_detections(reference: Output, candidate: Output) -> tuple[int, int]
         a, n, _ = match(r, c)
         agree, compared = agree + a, compared + n
     return agree, compared
+
+
+def _same_answers(reference: Output, candidate: Output) -> tuple[int, int]:
+    """What an INT8 file is held to against its FP32 file: the same confident detections. Each
+    confident detection of either file is one unit; it agrees when the other file has a
+    detection of its class at IoU >= 0.5 (one to one, best score first) scoring at least
+    :data:`PRECISION_SCORE_MARGIN` below the operating score, so a detection that merely crosses
+    the operating point by rounding is not a disagreement. Quantisation moves boxes and scores by
+    more than the export parity's IoU 0.99 and 1e-3, so this judges the answer a deployment acts
+    on instead."""
+    agree = compared = 0
+    floor = OPERATING_SCORE - PRECISION_SCORE_MARGIN
+    for r, c in zip(postprocess(reference), postprocess(candidate), strict=True):
+        for mine, theirs in ((r.confident(), c.confident(floor)), (c.confident(), r.confident(floor))):
+            agree += _found_in(mine, theirs)
+            compared += len(mine.boxes)
+    return agree, compared
+
+
+def _found_in(mine: Detections, theirs: Detections) -> int:
+    """How many of ``mine`` (best first) find a detection of their class at IoU >= 0.5 among
+    ``theirs``, each of ``theirs`` found once."""
+    if len(mine.boxes) == 0 or len(theirs.boxes) == 0:
+        return 0
+    overlap = box_iou(mine.boxes, theirs.boxes)
+    taken = torch.zeros(len(theirs.boxes), dtype=torch.bool)
+    hits = 0
+    for i in torch.argsort(mine.scores, descending=True).tolist():
+        ok = (theirs.labels == mine.labels[i]) & (overlap[i] >= FOUND_IOU) & ~taken
+        if ok.any():
+            taken[int(ok.nonzero()[0])] = True
+            hits += 1
+    return hits

@@ -30,7 +30,7 @@ from toolchain.tasks import task_of, to_device
 from toolchain.training.checkpoint import TrainCheckpoint, restore_rng, rng_states
 from toolchain.training.losses import BatchLoss, Perturbation
 from toolchain.training.sampling import ShardSampler
-from toolchain.training.schedule import lr_factor
+from toolchain.training.schedule import lr_factor, momentum_at
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +169,7 @@ def train_model(
     hooks: TrainHooks | None = None,
     checkpoint: TrainCheckpoint | None = None,
     data_parallel: bool = False,
+    teacher: nn.Module | None = None,
     section: str | None = None,
 ) -> list[dict[str, float]]:
     """Train ``model`` in place with SGD on ``cfg.loss`` under ``cfg.schedule``.
@@ -190,6 +191,8 @@ def train_model(
         data_parallel: under torchrun, train with DistributedDataParallel across the process
             group (``loader`` then holds this rank's shard); every rank returns the same
             model and history, rank 0 alone writes the checkpoint.
+        teacher: the dense model, for the distillation losses (``ard``, ``rslad``): the loss
+            reads a frozen copy of it in eval mode on ``device``; ``teacher`` is not touched.
         section: the recipe key of ``cfg`` (``train``, ``finetune``, ...), named when training
             diverges; default ``desc``.
 
@@ -199,6 +202,7 @@ def train_model(
         counted over every rank's images.
 
     Raises:
+        UserError: a distillation loss without a ``teacher``, or for a detector.
         TrainingDivergedError: an epoch's loss was NaN or infinite (checked on the loss summed
             over every rank, so every rank raises); nothing of that epoch is saved.
     """
@@ -224,7 +228,7 @@ def train_model(
         optimizers.append(hooks.side_optimizer())
         for group in optimizers[-1].param_groups:
             group["base_lr"] = group["lr"]
-    batch_loss = BatchLoss(cfg, perturb=hooks.perturb)
+    batch_loss = BatchLoss(cfg, perturb=hooks.perturb, teacher=teacher, device=device)
     autocast, scaler = _mixed_precision(cfg, torch.device(device))
     # Each rank draws its own random starts and noise; rank 0 draws what one process would.
     generator = torch.Generator().manual_seed(seed + 1_000_003 * world.rank)
@@ -251,6 +255,8 @@ def train_model(
             for opt in optimizers:
                 for group in opt.param_groups:
                     group["lr"] = group["base_lr"] * factor
+            for group in optimizer.param_groups:  # our SGD; a method's side optimiser keeps its own
+                group["momentum"] = momentum_at(cfg, step, total)
             with autocast():
                 loss, logits = batch_loss(
                     net, x, y, adversarial=adversarial, generator=generator, craft=model

@@ -10,6 +10,7 @@ from the training generator, so a seeded run is reproducible.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -144,17 +145,7 @@ class MixedNoise:
         return self._generate(model, x, y)
 
     def _corrupt(self, x: Tensor, rng: torch.Generator) -> Tensor:
-        names, severities = self.cfg.corruptions, self.cfg.severities
-        which = torch.randint(len(names), (len(x),), generator=rng)
-        level = torch.randint(len(severities), (len(x),), generator=rng)
-        seed = int(torch.randint(2**31 - 1, (1,), generator=rng))
-        out = x.clone()
-        # One call per (corruption, severity) drawn, so each call is still batched.
-        for pair in torch.unique(which * len(severities) + level).tolist():
-            n, s = divmod(pair, len(severities))
-            idx = torch.nonzero((which == n) & (level == s)).flatten()
-            out[idx] = corrupt(names[n], x[idx], severities[s], seed=seed + pair)
-        return out
+        return random_corruptions(x, self.cfg.corruptions, self.cfg.severities, rng)
 
     def _generate(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         """One generator step up the model's task loss, then its perturbation of ``x``."""
@@ -175,3 +166,19 @@ class MixedNoise:
                 p.requires_grad_(flag)
         with torch.no_grad():
             return generator(x, self.attack.eps)
+
+
+def random_corruptions(
+    x: Tensor, names: Sequence[str], severities: Sequence[int], rng: torch.Generator
+) -> Tensor:
+    """``x`` with one corruption of ``names`` at one of ``severities`` per image, drawn from ``rng``."""
+    which = torch.randint(len(names), (len(x),), generator=rng)
+    level = torch.randint(len(severities), (len(x),), generator=rng)
+    seed = int(torch.randint(2**31 - 1, (1,), generator=rng))
+    out = x.clone()
+    # One call per (corruption, severity) drawn, so each call is still batched.
+    for pair in torch.unique(which * len(severities) + level).tolist():
+        n, s = divmod(pair, len(severities))
+        idx = torch.nonzero((which == n) & (level == s)).flatten()
+        out[idx] = corrupt(names[n], x[idx], severities[s], seed=seed + pair)
+    return out

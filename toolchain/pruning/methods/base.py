@@ -50,6 +50,8 @@ class PruneJob:
         progress: show progress bars.
         device: where training runs.
         checkpoint: where in-the-loop training saves its state every epoch and resumes from.
+        teacher: the dense model, untouched, for in-the-loop training with a distillation loss
+            (``ard``, ``rslad``); training reads a frozen copy of it.
     """
 
     example_inputs: Tensor
@@ -61,6 +63,7 @@ class PruneJob:
     progress: bool = True
     device: str = "cpu"
     checkpoint: TrainCheckpoint | None = None
+    teacher: nn.Module | None = None
 
 
 @dataclass

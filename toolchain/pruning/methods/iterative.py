@@ -82,6 +82,7 @@ class Iterative(PruningMethod):
                 section="prune.finetune_between",
                 progress=job.progress,
                 device=job.device,
+                teacher=job.teacher,
             )
             model.cpu()  # the next step traces and prunes on the CPU
 

@@ -55,6 +55,7 @@ class MaskedMethod(PruningMethod):
                 device=job.device,
                 hooks=hooks,
                 checkpoint=job.checkpoint,
+                teacher=job.teacher,
             )
         finally:
             model.cpu()

@@ -1,0 +1,330 @@
+"""INT8 calibration methods: each method's activation ranges against statistics computed by hand
+from the raw values, and the Q/DQ file each writes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+from calibration.qdq import calibrate, quantize_onnx
+from calibration.ranges import BINS, Histogram, compute_range, range_methods
+from calibration.select import HeldOut, choose_method, keep_sensitive_fp32
+from exporters.base import InputSpec
+from exporters.errors import UnknownNameError
+from exporters.onnx import export_onnx
+from exporters.ort_runner import OnnxRuntimeRunner
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SPEC = InputSpec(3, 8, 8)
+
+
+def _hist(values: np.ndarray) -> Histogram:
+    return Histogram.of([values], float(values.min()), float(values.max()))
+
+
+def _with_outlier(seed: int = 0) -> np.ndarray:
+    """100k values uniform in [0, 1) and one at 50: the outlier a calibrator should clip."""
+    values = np.random.default_rng(seed).random(100_000)
+    return np.concatenate([values, [50.0]])
+
+
+def test_every_method_is_registered() -> None:
+    assert range_methods() == ["entropy", "minmax", "mse", "percentile"]
+    with pytest.raises(UnknownNameError, match="known: entropy, minmax, mse, percentile"):
+        compute_range("kl", _hist(np.arange(4.0)))
+
+
+def test_histogram_keeps_every_value_and_folds_magnitudes() -> None:
+    values = np.array([-3.0, -1.0, 0.5, 2.0, 2.0])
+    h = _hist(values)
+    assert h.counts.sum() == 5 and len(h.counts) == BINS
+    assert (h.edges[0], h.edges[-1]) == (-3.0, 3.0)  # symmetric around 0 when negatives exist
+    counts, edges = h.magnitudes()
+    assert counts.sum() == 5 and edges[0] == 0.0
+    assert counts[np.searchsorted(edges, 1.0, "right") - 1] == 1  # |-1| lands where 1 would
+
+
+def test_minmax_is_the_observed_range() -> None:
+    values = np.random.default_rng(1).normal(size=5000)
+    assert compute_range("minmax", _hist(values)) == (values.min(), values.max())
+
+
+@pytest.mark.parametrize("percentile", [99.0, 99.9])
+def test_percentile_matches_numpy_quantiles(percentile: float) -> None:
+    signed = np.random.default_rng(2).normal(size=50_000)
+    h = _hist(signed)
+    width = h.edges[1] - h.edges[0]
+    tail = (100 - percentile) / 200
+    low, high = compute_range("percentile", h, percentile)
+    # Between the two order statistics around the quantile, give or take one bin.
+    assert _bracket(signed, tail, width)[0] <= low <= _bracket(signed, tail, width)[1]
+    assert _bracket(signed, 1 - tail, width)[0] <= high <= _bracket(signed, 1 - tail, width)[1]
+    # A tensor without negatives (after a ReLU) keeps 0 and cuts only its top.
+    relu = np.maximum(signed, 0)
+    low, high = compute_range("percentile", _hist(relu), percentile)
+    assert low == 0.0
+    assert _bracket(relu, 1 - 2 * tail, width)[0] <= high <= _bracket(relu, 1 - 2 * tail, width)[1]
+
+
+def _bracket(values: np.ndarray, q: float, width: float) -> tuple[float, float]:
+    lower = float(np.quantile(values, q, method="lower"))
+    return lower - width, float(np.quantile(values, q, method="higher")) + width
+
+
+def test_mse_finds_the_brute_force_optimum_on_raw_values() -> None:
+    # Laplace values: the 8-bit MSE-optimal clip is 9.89 b (Banner et al., ACIQ, 2019).
+    values = np.random.default_rng(0).laplace(size=200_000)
+    low, high = compute_range("mse", _hist(values))
+
+    def raw_error(lo: float, hi: float) -> float:  # real 8-bit rounding of every value, clipped
+        step = (hi - lo) / 255
+        return float(np.mean((values - (np.clip(np.round((values - lo) / step), 0, 255) * step + lo)) ** 2))
+
+    scales = np.linspace(0.01, 1.0, 100)
+    best = min(raw_error(values.min() * s, values.max() * s) for s in scales)
+    assert raw_error(low, high) <= 1.01 * best  # the histogram's choice is the brute-force optimum
+    assert high == pytest.approx(9.89, abs=0.5) and low == pytest.approx(-high, rel=0.2)
+    assert raw_error(low, high) < 0.8 * raw_error(values.min(), values.max())  # clipping pays
+
+
+def test_entropy_is_not_decided_by_a_relus_zeros() -> None:
+    # Half the values exactly 0 (a ReLU's off units), the rest exponential: no outlier to clip.
+    rng = np.random.default_rng(3)
+    values = np.concatenate([np.zeros(50_000), rng.exponential(size=50_000)])
+    h = _hist(values)
+    assert h.zeros == 50_000
+    low, high = compute_range("entropy", h)
+    # With the zeros in, the spike made the smallest threshold tried win (128 of 2048 bins).
+    assert low == 0.0 and high > 0.3 * values.max() and high > 4 * 128 * values.max() / BINS
+
+
+def test_entropy_clips_a_rare_outlier_to_the_bulk() -> None:
+    values = _with_outlier()
+    low, high = compute_range("entropy", _hist(values))
+    # The bulk ends at 1, below the smallest threshold searched (128 of 2048 bins over [0, 50]).
+    assert low == values.min() and high == pytest.approx(128 * 50 / BINS)
+    # Signed values: the threshold is on magnitudes (1024 bins over [0, 50]), the same both sides.
+    signed = np.concatenate([values, -values])
+    low, high = compute_range("entropy", _hist(signed))
+    assert high == pytest.approx(128 * 50 / (BINS // 2)) and low == -high
+    # Laplace values: clipped, but far less than the outlier case (most values are spread out).
+    laplace = np.random.default_rng(0).laplace(size=200_000)
+    low, high = compute_range("entropy", _hist(laplace))
+    assert 5 < high < laplace.max() - 1
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    ).eval()
+
+
+@pytest.fixture(scope="module")
+def fp32_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("cal") / "m.onnx"
+    return export_onnx(_model(), path, input_spec=SPEC, metadata={"model": "pruned"})
+
+
+def _images() -> np.ndarray:
+    # Pixels with a few bright outliers, so the methods disagree on the input's range.
+    x = torch.rand(64, *SPEC.shape(1)[1:], generator=torch.Generator().manual_seed(0)) * 0.5
+    x[::16, 0, 0, 0] = 1.0
+    return x.numpy()
+
+
+def _input_quantization(path: Path) -> tuple[float, int]:
+    """Scale and zero point of the QuantizeLinear on the graph's image input."""
+    model = onnx.load(str(path))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    node = next(n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "pixels")
+    return float(inits[node.input[1]]), int(inits[node.input[2]])
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "entropy", "mse"])
+def test_each_method_writes_a_qdq_file_with_the_hand_computed_input_range(
+    method: str, fp32_file: Path, tmp_path: Path
+) -> None:
+    images = _images()
+    result = quantize_onnx(fp32_file, tmp_path / f"{method}.onnx", images, method=method, percentile=99.0)
+    assert result.method == method
+    assert (result.quantized_nodes["Conv"], result.quantized_nodes["Gemm"]) == (2, 1)
+    scale, zero = _input_quantization(result.path)
+    # The input's range is computed here from the raw pixels, independently of the file.
+    h = _hist(images)
+    expected_high = {
+        "minmax": 1.0,
+        "percentile": float(np.quantile(images, 0.99)),
+        "entropy": compute_range("entropy", h)[1],
+        "mse": compute_range("mse", h)[1],
+    }[method]
+    assert zero == 0  # uint8 activations whose range starts at 0
+    assert scale == pytest.approx(expected_high / 255, rel=0.01 if method == "percentile" else 1e-6)
+    if method in ("percentile", "entropy"):
+        assert expected_high < 0.55  # the four bright pixels are clipped (MSE keeps so few)
+    # The file runs and answers like its FP32 file on most images.
+    x = torch.from_numpy(images)
+    ref = OnnxRuntimeRunner(fp32_file, threads=1)
+    got = OnnxRuntimeRunner(result.path, threads=1)
+    agree = torch.cat([(ref(x[i : i + 1]).argmax(1) == got(x[i : i + 1]).argmax(1)) for i in range(16)])
+    assert agree.float().mean() >= 0.75
+
+
+def test_one_calibration_serves_every_method(fp32_file: Path, tmp_path: Path) -> None:
+    calibration = calibrate(fp32_file, _images())
+    assert calibration.samples == 64 and "pixels" in calibration.histograms
+    tops = {m: calibration.ranges(m, 99.0)["pixels"][1] for m in range_methods()}
+    # The logits keep their observed range under every method (clipped, the top ones would tie).
+    logits = calibration.model.graph.output[0].name
+    assert {calibration.ranges(m, 99.0)[logits] for m in range_methods()} == {
+        (calibration.histograms[logits].low, calibration.histograms[logits].high)
+    }
+    assert tops["minmax"] == 1.0 and tops["percentile"] < 0.55 and tops["entropy"] < 0.55
+    first, second = (calibration.write(tmp_path / f"{m}.onnx", method=m) for m in ("minmax", "entropy"))
+    assert _input_quantization(first.path)[0] == pytest.approx(1.0 / 255)
+    assert _input_quantization(second.path)[0] == pytest.approx(tops["entropy"] / 255)
+
+
+def _planted_model() -> nn.Module:
+    """A model that names an image's brightest colour channel (classes 0-2), with its second
+    convolution made fragile to weight quantisation: the first convolution's channel 0 is
+    always zero after the ReLU, and the second gives that channel a weight of 1000 in every
+    filter. In FP32 that weight multiplies zeros; in INT8 it sets each filter's scale
+    (1000 / 127), so the weights of 1 that carry the colours round to zero."""
+    model = _model()
+    with torch.no_grad():
+        for module in (model[0], model[2], model[6]):
+            module.weight.zero_()
+            module.bias.zero_()
+        model[0].bias[0] = -1.0
+        for colour in range(3):
+            model[0].weight[colour + 1, colour, 1, 1] = 1.0
+            model[2].weight[colour + 1, colour + 1, 1, 1] = 1.0
+            model[6].weight[colour, colour + 1] = 1.0
+        model[2].weight[:, 0] = 1000.0
+    return model
+
+
+def _coloured(n: int, seed: int) -> np.ndarray:
+    """Images whose label-th colour channel is 0.2 brighter on average."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, *SPEC.shape(1)[1:], generator=g) * 0.5
+    x[torch.arange(n), torch.arange(n) % 3] += 0.2
+    return x.numpy()
+
+
+def test_mixed_precision_keeps_the_planted_layer_in_fp32(tmp_path: Path) -> None:
+    fp32 = export_onnx(_planted_model(), tmp_path / "planted.onnx", input_spec=SPEC)
+    calibration = calibrate(fp32, _coloured(32, seed=4))
+    x = _coloured(64, seed=5)
+    held_out = HeldOut.of(fp32, {"clean": x[:32], "adversarial": x[32:]})
+    kwargs = {"scheme": "u8s8", "method": "minmax", "per_channel": True, "percentile": 99.99}
+    found = keep_sensitive_fp32(calibration, held_out, 0.95, **kwargs)  # type: ignore[arg-type]
+    conv2 = [n.name for n in calibration.model.graph.node if n.op_type == "Conv"][1]
+    assert found.all_int8.worst < 0.95  # the planted layer breaks the all-INT8 file
+    assert found.fp32_nodes == [conv2] and found.met and found.final.worst >= 0.95
+    assert max(found.sensitivity, key=found.sensitivity.__getitem__) == conv2
+    # A target the all-INT8 file already meets keeps nothing in FP32.
+    easy = keep_sensitive_fp32(calibration, held_out, found.all_int8.worst, **kwargs)  # type: ignore[arg-type]
+    assert easy.fp32_nodes == [] and easy.met
+
+
+def test_method_choice_measures_every_method(fp32_file: Path) -> None:
+    calibration = calibrate(fp32_file, _images())
+    x = torch.rand(48, *SPEC.shape(1)[1:], generator=torch.Generator().manual_seed(6)).numpy()
+    held_out = HeldOut.of(fp32_file, {"clean": x[:24], "adversarial": x[24:]})
+    best, measured = choose_method(
+        calibration, range_methods(), held_out, scheme="u8s8", per_channel=True, percentile=99.0
+    )
+    assert set(measured) == set(range_methods())
+    assert measured[best].worst == max(a.worst for a in measured.values())
+    assert all(0.0 <= a.clean <= 1.0 and a.adversarial is not None for a in measured.values())
+
+
+def test_speed_record_says_why_an_int8_file_is_not_faster(fp32_file: Path, tmp_path: Path) -> None:
+    from calibration.fusion import count_fused_kernels
+    from calibration.speed import int8_speed, why_not_faster
+
+    calibration = calibrate(fp32_file, _images())
+    int8 = calibration.write(tmp_path / "int8.onnx").path
+    first_conv = next(n.name for n in calibration.model.graph.node if n.op_type == "Conv")
+    mixed = calibration.write(tmp_path / "mixed.onnx", exclude_nodes=[first_conv]).path
+    fusion = count_fused_kernels(mixed)
+    speed = int8_speed(
+        fp32_file,
+        mixed,
+        fusion,
+        batches=[1, 4],
+        threads=1,
+        iterations=3,
+        warmup=1,
+        all_int8=int8,
+        macs=80_000,
+    )
+    assert set(speed["batches"]) == {"1", "4"}
+    for row in speed["batches"].values():  # the ratios are the recorded times' ratios
+        assert row["speedup"] == pytest.approx(row["fp32_p50_ms"] / row["int8_p50_ms"])
+        assert row["mixed_precision_cost"] == pytest.approx(row["int8_p50_ms"] / row["all_int8_p50_ms"])
+    assert speed["faster"] == all(r["speedup"] > 1 for r in speed["batches"].values())
+    assert (speed["why_not"] is None) == speed["faster"]
+    # The reason line, from the optimised graph's counts: one convolution left in float.
+    line = why_not_faster(fusion, macs=80_000)
+    assert line.startswith("ONNX Runtime runs 1 of 2 convolutions as integer kernels; 1 stay in float")
+    qdq = sum(fusion["optimized_ops"].get(op, 0) for op in ("QuantizeLinear", "DequantizeLinear"))
+    assert f"{qdq} quantise/dequantise nodes remain" in line and "0.04 MMACs per convolution" in line
+
+
+def test_the_quantize_stage_records_method_fp32_layers_and_speed(tmp_path: Path) -> None:
+    from toolchain.recipe import recipe_from_dict
+    from toolchain.rundir import RunLayout
+    from toolchain.stages.quantize import quantize_models
+
+    model = _planted_model()
+    layout = RunLayout(tmp_path)
+    export_onnx(model, layout.onnx("pruned"), input_spec=SPEC)
+    x = torch.from_numpy(_coloured(96, seed=7))
+    batches = [(x[i : i + 32], torch.arange(i, i + 32) % 3) for i in range(0, 96, 32)]
+    recipe = recipe_from_dict(
+        {
+            "data": {"dataset": "signs", "image_size": 8},
+            "model": {"arch": "convnet"},
+            "quantize": {
+                "enabled": True,
+                "samples": 32,
+                "holdout_samples": 64,
+                "calibrations": ["clean"],
+                "methods": ["minmax", "percentile"],
+                "target_agreement": 0.95,
+            },
+            "validate": {"attacks": [{"name": "pgd", "eps": "2/255", "steps": 2}], "threads": 1},
+            "bench": {"batch_sizes": [1, 4], "iterations": 3, "warmup": 1, "threads": 1},
+        }
+    )
+    (record,) = quantize_models(recipe, {"pruned": model}, layout, lambda: batches)
+    assert record.method in ("minmax", "percentile") and set(record.methods_agreement or {}) == {
+        "minmax",
+        "percentile",
+    }
+    mixed = record.mixed_precision or {}
+    convs = [n for n in onnx.load(str(layout.quantized(record.file))).graph.node if n.op_type == "Conv"]
+    assert mixed["fp32_nodes"] == record.excluded_nodes and len(mixed["fp32_nodes"]) == 1 and mixed["met"]
+    assert record.holdout_agreement and record.holdout_agreement["clean"] >= 0.95
+    assert record.holdout_agreement["adversarial"] is not None
+    # The planted layer (the second convolution) kept float weights; the first has int8 ones.
+    assert [c.name for c in convs][1] == mixed["fp32_nodes"][0]
+    assert ["DequantizeLinear" in c.input[1] for c in convs] == [True, False]
+    speed = record.speed or {}
+    assert set(speed["batches"]) == {"1", "4"} and "mixed_precision_cost" in speed["batches"]["1"]
