@@ -245,6 +245,25 @@ def dense_lr() -> str:
     return "\n".join([*rows, "", source(name)])
 
 
+@renderer("dense-gap")
+def dense_gap() -> str:
+    name = "dense_gap.json"
+    payload = load(name)
+    rows = [
+        "| training | clean | PGD-20, the project's attack | PGD-20, the script's attack |",
+        "|---|---|---|---|",
+    ]
+    for r in payload["runs"]:
+        if r["side"] == "anchor":
+            rows.append(f"| plain script | {pct(r['clean'])} | – | {pct(r['pgd20'])} |")
+            continue
+        how = "project" + ("" if r["cycle_momentum"] else ", momentum fixed (before `cycle_momentum`)")
+        if r.get("train_attack") == "unprojected":
+            how += ", trained with the script's attack"
+        rows.append(f"| {how} | {pct(r['clean'])} | {pct(r['pgd20'])} | {pct(r['pgd20_unprojected'])} |")
+    return "\n".join([*rows, "", source(name)])
+
+
 # --- model zoo --------------------------------------------------------------------------------
 
 
