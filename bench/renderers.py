@@ -264,6 +264,26 @@ def dense_gap() -> str:
     return "\n".join([*rows, "", source(name)])
 
 
+@renderer("distill-finetune")
+def distill_finetune() -> str:
+    name = "distill-finetune-fashion-mnist.json"
+    runs = {r["model"]: r for r in load(name)["runs"]}
+    dense = runs["dense"]
+    rows = [
+        "| model | clean | PGD-20 | corruptions | Δ clean / Δ PGD-20 against dense |",
+        "|---|---|---|---|---|",
+        f"| dense | {pct(dense['clean'])} | {pct(dense['pgd20'])} | {pct(dense['corruptions'])} | |",
+    ]
+    for key, r in runs.items():
+        if key != "dense":
+            deltas = f"{pts(r['clean'] - dense['clean'])} / {pts(r['pgd20'] - dense['pgd20'])}"
+            rows.append(
+                f"| `magnitude` {times(dense['macs_reduction'])}, fine-tuned with `{r['loss']}` | {pct(r['clean'])} "
+                f"| {pct(r['pgd20'])} | {pct(r['corruptions'])} | {deltas} |"
+            )
+    return "\n".join([*rows, "", source(name)])
+
+
 # --- model zoo --------------------------------------------------------------------------------
 
 
