@@ -92,7 +92,7 @@ def main() -> None:
     parser.add_argument(
         "--part",
         required=True,
-        help="dense, a finetune.loss (pgd, ard, rslad, ...), or all (dense, pgd, ard, rslad)",
+        help="dense, a finetune.loss (pgd, ard, rslad, ...), several (pgd,ard), or all (dense,pgd,ard,rslad)",
     )
     parser.add_argument("--setting", choices=("tiny", "reduced", "full"), default="reduced")
     parser.add_argument("--budget", type=float, default=4.0)
@@ -101,8 +101,8 @@ def main() -> None:
         "--out", type=Path, default=REPO / "bench/results/distill-finetune-fashion-mnist.json"
     )
     args = parser.parse_args()
-    if args.part == "all":  # one process: the dense model, then each loss
-        for part in ("dense", "pgd", "ard", "rslad"):
+    if args.part == "all" or "," in args.part:  # one process: the dense model, then each loss
+        for part in ("dense", "pgd", "ard", "rslad") if args.part == "all" else args.part.split(","):
             sys.argv = [sys.argv[0], *_replace(sys.argv[1:], part)]
             main()
         return

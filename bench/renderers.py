@@ -264,6 +264,45 @@ def dense_lr() -> str:
     return "\n".join([*rows, "", source(name)])
 
 
+@renderer("dense-gap")
+def dense_gap() -> str:
+    name = "dense_gap.json"
+    payload = load(name)
+    rows = [
+        "| training | clean | PGD-20, the project's attack | PGD-20, the script's attack |",
+        "|---|---|---|---|",
+    ]
+    for r in payload["runs"]:
+        if r["side"] == "anchor":
+            rows.append(f"| plain script | {pct(r['clean'])} | – | {pct(r['pgd20'])} |")
+            continue
+        how = "project" + ("" if r["cycle_momentum"] else ", momentum fixed (before `cycle_momentum`)")
+        if r.get("train_attack") == "unprojected":
+            how += ", trained with the script's attack"
+        rows.append(f"| {how} | {pct(r['clean'])} | {pct(r['pgd20'])} | {pct(r['pgd20_unprojected'])} |")
+    return "\n".join([*rows, "", source(name)])
+
+
+@renderer("distill-finetune")
+def distill_finetune() -> str:
+    name = "distill-finetune-fashion-mnist.json"
+    runs = {r["model"]: r for r in load(name)["runs"]}
+    dense = runs["dense"]
+    rows = [
+        "| model | clean | PGD-20 | corruptions | Δ clean / Δ PGD-20 against dense |",
+        "|---|---|---|---|---|",
+        f"| dense | {pct(dense['clean'])} | {pct(dense['pgd20'])} | {pct(dense['corruptions'])} | |",
+    ]
+    for key, r in runs.items():
+        if key != "dense":
+            deltas = f"{pts(r['clean'] - dense['clean'])} / {pts(r['pgd20'] - dense['pgd20'])}"
+            rows.append(
+                f"| `magnitude` {times(dense['macs_reduction'])}, fine-tuned with `{r['loss']}` | {pct(r['clean'])} "
+                f"| {pct(r['pgd20'])} | {pct(r['corruptions'])} | {deltas} |"
+            )
+    return "\n".join([*rows, "", source(name)])
+
+
 # --- model zoo --------------------------------------------------------------------------------
 
 
