@@ -274,7 +274,7 @@ WRONG_INPUTS = {
 @pytest.mark.parametrize("case", list(WRONG_INPUTS))
 @pytest.mark.parametrize("runtime", ["torch", "onnxruntime"])
 def test_wrong_input_is_an_input_spec_error(case: str, runtime: str, exported: dict) -> None:
-    model, path, _ = exported["plain"]
+    model, path = exported["plain"]
     runner = TorchRunner(model, SPEC) if runtime == "torch" else OnnxRuntimeRunner(path)
     bad, hint = WRONG_INPUTS[case]
     with pytest.raises(InputSpecError, match=hint) as info:
@@ -286,7 +286,7 @@ def test_wrong_input_is_an_input_spec_error(case: str, runtime: str, exported: d
 
 
 def test_session_options_follow_the_thread_count(exported: dict) -> None:
-    _, path, _ = exported["plain"]
+    _, path = exported["plain"]
     for threads in (1, 2):
         options = OnnxRuntimeRunner(path, threads=threads).session.get_session_options()
         assert options.intra_op_num_threads == threads
@@ -299,7 +299,7 @@ def test_session_options_follow_the_thread_count(exported: dict) -> None:
 def test_onnxruntime_runner_reports_cpu_and_precision(
     exported: dict, caplog: pytest.LogCaptureFixture
 ) -> None:
-    _, path, _ = exported["plain"]
+    _, path = exported["plain"]
     runner = OnnxRuntimeRunner(path, providers=["CPUExecutionProvider"])
     assert (runner.runtime, runner.precision, runner.device) == ("onnxruntime", "fp32", "cpu")
     assert runner.name == "onnxruntime/fp32/cpu"
@@ -342,7 +342,7 @@ def test_torch_runner_runs_in_eval_mode_and_restores_training(exported: dict) ->
 
 
 def test_build_runner_uses_the_registry(exported: dict) -> None:
-    model, path, _ = exported["depthwise"]
+    model, path = exported["depthwise"]
     assert {"torch", "onnxruntime", "tensorrt"} <= set(RUNTIMES.names())
     ort_runner = build_runner("onnxruntime", path=path, threads=1)
     torch_runner = build_runner("torch", model=model, input_spec=SPEC)
