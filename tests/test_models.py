@@ -129,7 +129,7 @@ def test_bad_arguments_are_user_errors(kwargs: dict, message: str) -> None:
 
 
 def test_unknown_names_and_bad_specs() -> None:
-    with pytest.raises(UnknownNameError, match="known: convnet, mobilenetv2, resnet18"):
+    with pytest.raises(UnknownNameError, match="known: convnet, detnet, mobilenetv2, resnet18"):
         build_model("resnet21", num_classes=10, **RGB)
     spec = model_spec("convnet", num_classes=10, **RGB)
     with pytest.raises(UserError, match=r"missing keys \['width'\]"):
