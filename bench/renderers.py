@@ -161,6 +161,54 @@ def segmentation_classes() -> str:
 # --- detection --------------------------------------------------------------------------------
 
 
+def _detection_row(name: str, run: dict[str, Any]) -> str:
+    ort = run["onnxruntime_fp32"]
+    lat = run["onnxruntime_batch_1"]
+    d, p = ort["dense"], ort["pruned"]
+
+    def pair(key: str) -> str:
+        return f"{pct(d[key])} → {pct(p[key])}"
+
+    def ms(model: str) -> str:
+        row = lat[model]
+        return f"{row['network_p50_ms']:.2f} + {row['postprocess_p50_ms']:.2f}"
+
+    return (
+        f"| {name} | {run['wall_seconds']:.1f} | {times(run['macs_reduction'])} | {pair('clean_map50')} | "
+        f"{pair('clean_map')} | {pair('mpc')} | {d['rpc']:.3f} → {p['rpc']:.3f} | "
+        f"{pair('pgd_transfer_map50')} | {pair('tog-vanishing_transfer_map50')} | "
+        f"{pair('tog-vanishing_transfer_vanishing_rate')} | {ms('dense')} → {ms('pruned')} | "
+        f"{pct(run['export_parity']['pruned']['top1_agreement'])} |"
+    )
+
+
+@renderer("detection.table")
+def detection_table() -> str:
+    s = load("detection.json")
+    rows = [
+        "| run | seconds (stage sum) | MACs ↓ | clean mAP@.5 dense → pruned | clean mAP | mPC | rPC | "
+        "PGD transfer mAP@.5 | TOG-vanishing transfer mAP@.5 | TOG vanishing rate | "
+        "ORT p50 ms, batch 1 (network + NMS) | export parity (detections) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    names = (
+        ("quickstart", "quickstart (`detnet` width 0.5, 256 × 128)"),
+        ("ssdlite_320", "SSDlite MobileNetV3, 320 × 160 (shortened)"),
+    )
+    rows += [_detection_row(label, s[key]) for key, label in names if key in s]
+    return "\n".join([*rows, "", source("detection.json")])
+
+
+@renderer("detection.classes")
+def detection_classes() -> str:
+    ort = load("detection.json")["quickstart"]["onnxruntime_fp32"]
+    dense, pruned = ort["dense"]["per_class_ap"], ort["pruned"]["per_class_ap"]
+    rows = ["| model | " + " | ".join(dense) + " |", "|---|" + "---|" * len(dense)]
+    for name, aps in (("dense", dense), ("pruned", pruned)):
+        rows.append(f"| {name} | " + " | ".join(pct(v, 0) for v in aps.values()) + " |")
+    return "\n".join(rows)
+
+
 @renderer("detection.metrics")
 def detection_metrics() -> str:
     m = load("detection.json")["metrics"]
