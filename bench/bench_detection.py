@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +34,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+from bench_segmentation import _run  # noqa: E402  (one way to run a recipe for a bench)
+
 QUICKSTART = REPO / "deploy_examples" / "detection_quickstart.yaml"
 SSDLITE_OVERRIDES = [
     "name=det_ssdlite_320",
@@ -58,19 +60,6 @@ SSDLITE_OVERRIDES = [
     "bench.iterations=20",
     "gates=[]",
 ]
-
-
-def _run(recipe: Path, overrides: list[str], run_dir: Path) -> tuple[float, int]:
-    cmd = [sys.executable, "-m", "toolchain", "run", str(recipe), "--out", str(run_dir), "--no-progress"]
-    for item in overrides:
-        cmd += ["--set", item]
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-    wall = time.perf_counter() - start
-    if proc.returncode not in (0, 1):
-        sys.stderr.write(proc.stderr[-4000:])
-        raise SystemExit(proc.returncode)
-    return wall, proc.returncode
 
 
 def _summary(report: dict[str, Any], wall: float, exit_code: int | None) -> dict[str, Any]:
