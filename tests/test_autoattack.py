@@ -197,3 +197,90 @@ def test_reference_autoattack_runs_through_the_adapter(
     assert abs(theirs - ours) <= 1 / 12 + 1e-9, (theirs, ours)  # measured: equal (5 of 12 robust)
     with pytest.raises(UserError, match="unknown parts"):
         type(reference)(eps=eps, attacks=["fab-x"])  # type: ignore[call-arg]
+
+
+class _Recorder(nn.Module):
+    """Wraps a model and records every batch it is called on (APGD's iterates)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner, self.seen = inner, []  # type: list[torch.Tensor]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x.detach().clone())
+        return self.inner(x)
+
+
+def test_apgd_keeps_the_last_fooling_iterate_as_the_reference_does(
+    model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
+) -> None:
+    """Hole 12: the first fooling point sits on the decision boundary and transfers worst; the
+    reference keeps updating its result while the model stays fooled. (Failed before: the
+    result was the first fooling iterate.)"""
+    x, y = batch
+    recorder = _Recorder(model).eval()
+    checked = 0
+    for i in range(len(x)):
+        xi, yi = x[i : i + 1], y[i : i + 1]
+        recorder.seen.clear()
+        result = APGD(eps=EPS, steps=20, seed=0)(recorder, xi, yi).x_adv
+        with torch.no_grad():
+            fooled = [bool(model(it).argmax(1) != yi) for it in recorder.seen]
+        if fooled.count(True) < 2 or (not fooled[-1] and fooled.index(True) == len(fooled) - 1):
+            continue
+        iterates = [it for it, f in zip(recorder.seen, fooled, strict=True) if f]
+        if torch.equal(iterates[0], iterates[-1]):
+            continue
+        assert torch.equal(result, iterates[-1])
+        checked += 1
+    assert checked >= 3, "too few images fooled more than once to check"
+
+
+def test_apgd_l2_random_start_lies_on_the_sphere() -> None:
+    """Hole 12: the reference starts L2 APGD at distance eps; ours drew a uniform radius."""
+    x = torch.full((6, 3, 8, 8), 0.5)
+    recorder = _Recorder(nn.Sequential(nn.Flatten(), nn.Linear(192, 4))).eval()
+    with torch.no_grad():
+        y = recorder.inner(x).argmax(1)
+    APGD(eps=0.5, norm="l2", steps=1, seed=3)(recorder, x, y)
+    start = recorder.seen[1]  # [0] is the clean check of which images to attack
+    radius = (start - x).flatten(1).norm(dim=1)
+    assert torch.allclose(radius, torch.full((6,), 0.5), atol=1e-5), radius
+
+
+def test_never_fooled_images_keep_their_best_point_across_restarts_and_targets(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Hole 12: an image no restart (and no APGD-T target) fools keeps the highest-loss point of
+    all of them, not whatever the last restart returned. (Failed before: the last one won.)"""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(12, 5)).eval()
+    x = torch.rand(2, 3, 2, 2)
+    y = net(x).argmax(1)
+    runs: list[torch.Tensor] = []
+
+    def fake_once(self, model, xs, ys, loss_fn, generator, *, highest_loss=False):  # type: ignore[no-untyped-def]
+        point = (xs + 0.01 * torch.randn_like(xs)).clamp(0, 1)
+        runs.append(point)
+        return point, torch.zeros(len(xs), dtype=torch.bool)
+
+    monkeypatch.setattr(APGD, "_attack_once", fake_once)
+    for attack in (APGD(eps=EPS, steps=5, restarts=4), APGDT(eps=EPS, steps=5, targets=3, restarts=2)):
+        runs.clear()
+        result = attack(net, x, y).x_adv
+        with torch.no_grad():
+            losses = torch.stack([nn.functional.cross_entropy(net(r), y, reduction="none") for r in runs])
+        assert len(runs) == (4 if attack.name == "apgd" else 6)
+        best = losses.argmax(0)
+        expected = torch.stack([runs[int(best[i])][i] for i in range(len(x))])
+        assert torch.equal(result, expected)
+
+
+def test_autoattack_lite_honours_restarts_and_other_attacks_refuse_them() -> None:
+    """Hole 12: `restarts` was silently dropped for autoattack-lite (and for Square/FGSM)."""
+    apgd, apgd_t, _ = build_attack("autoattack-lite", eps=EPS, restarts=3).components()
+    assert (apgd.restarts, apgd_t.restarts) == (3, 3)  # type: ignore[attr-defined]
+    for name in ("square", "fgsm"):
+        with pytest.raises(UserError, match=f"attack '{name}' has no restarts"):
+            build_attack(name, eps=EPS, restarts=2)
+    assert build_attack("square", eps=EPS, restarts=1).name == "square"

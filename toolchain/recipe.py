@@ -316,7 +316,7 @@ class EvalAttackConfig(Section):
     norm: Literal["linf", "l2"] = Field("linf", description="linf, or l2 for pgd/apgd/apgd-t/autoattack-lite")
     steps: int | None = Field(None, ge=0, description="pgd 20, apgd/apgd-t/autoattack-lite 100")
     step_size: Number | None = Field(None, gt=0, description="pgd step size (default 2.5 * eps / steps)")
-    restarts: int = Field(1, ge=1, description="random restarts (each image keeps its worst case)")
+    restarts: int = Field(1, ge=1, description="random restarts (pgd, apgd, apgd-t, autoattack-lite)")
     queries: int | None = Field(None, ge=1, description="square 1000, autoattack-lite 5000")
     targets: int | None = Field(None, ge=1, description="apgd-t/autoattack-lite target classes (9)")
     samples: int | None = Field(None, ge=1, description="cap on images attacked")

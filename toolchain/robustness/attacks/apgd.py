@@ -15,9 +15,13 @@ Written from the paper and the facts of its official code (fra31/auto-attack,
 * momentum ``alpha = 0.75`` (none on the first step).
 
 ``steps`` counts iterations; like the official code, one extra gradient is taken at the start.
-Deviation: a sample's result is its *first* fooling point (the reference keeps the last), and
-a sample never fooled returns its highest-loss point (the reference returns the clean image),
-which transfers better to an engine.
+The L2 random start lies on the sphere of radius ``eps`` (a random direction at full radius), as
+in the reference. A fooled sample's result is the point the reference keeps: the *last* iterate
+that fooled the model in the run that first fooled it (later iterates sit deeper in the wrong
+class, so they transfer to an engine better than the first fooling one); later restarts (and
+APGD-T's later targets) attack only samples not fooled yet. Deviation: a sample never fooled
+returns, over every restart and target, the point with the highest task loss (the
+cross-entropy) instead of the clean image, which transfers better to an engine.
 
 The loss is the model's task's per-image loss: the cross-entropy for classifiers; for
 segmentation models each image's mean per-pixel cross-entropy over its labelled pixels (our
@@ -27,6 +31,7 @@ task's rule and the segmentation suite keeps every image's highest-loss point in
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -110,7 +115,8 @@ class APGD(Attack):
         restarts: random restarts; later restarts attack only samples not yet fooled.
         seed: seeds the random starts; re-applied at every call.
 
-    A sample's result is its first fooling point if any, else its highest-loss point.
+    A sample's result is its last fooling iterate if any (the reference's point), else its
+    highest-loss point over every restart.
     """
 
     name = "apgd"
@@ -158,8 +164,11 @@ class APGD(Attack):
 
         best = x.clone()
         todo = torch.ones(len(x), dtype=torch.bool, device=x.device)
+        best_loss = torch.full((len(x),), -math.inf, device=x.device)
         with input_gradients_only(model):
-            self._restarts(model, x, y, lambda _: loss, best, todo, generator, highest_loss=highest_loss)
+            self._restarts(
+                model, x, y, lambda _: loss, best, todo, best_loss, generator, highest_loss=highest_loss
+            )
         return best
 
     def _restarts(
@@ -170,24 +179,51 @@ class APGD(Attack):
         loss_for: Callable[[torch.Tensor], Loss],
         best: torch.Tensor,
         todo: torch.Tensor,
+        best_loss: torch.Tensor,
         generator: torch.Generator,
         *,
         highest_loss: bool = False,
     ) -> None:
-        """Run the restarts on the samples still in ``todo``, updating ``best`` and ``todo``.
+        """Run the restarts on the samples still in ``todo``, updating ``best``, ``todo`` and
+        ``best_loss`` (each sample's task loss at ``best``; ``-inf`` before any run).
 
         ``loss_for(indices)`` gives the loss for those samples (APGD-T's loss depends on each
         sample's target class); ``highest_loss`` as :meth:`attack_every_image`.
         """
         for _ in range(self.restarts):
-            idx = todo.nonzero().squeeze(1)
-            if len(idx) == 0:
-                return
-            x_adv, fooled = self._attack_once(
-                model, x[idx], take_labels(y, idx), loss_for(idx), generator, highest_loss=highest_loss
+            self._one_round(
+                model, x, y, loss_for, best, todo, best_loss, generator, highest_loss=highest_loss
             )
-            best[idx] = x_adv
-            todo[idx[fooled]] = False
+
+    def _one_round(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        loss_for: Callable[[torch.Tensor], Loss],
+        best: torch.Tensor,
+        todo: torch.Tensor,
+        best_loss: torch.Tensor,
+        generator: torch.Generator,
+        *,
+        highest_loss: bool = False,
+    ) -> None:
+        """One APGD run on the samples still in ``todo``. A sample it fools takes this run's
+        result and leaves ``todo``; a sample it does not fool takes the result only when its task
+        loss beats ``best_loss`` (the highest so far over earlier restarts and targets)."""
+        idx = todo.nonzero().squeeze(1)
+        if len(idx) == 0:
+            return
+        labels = take_labels(y, idx)
+        x_adv, fooled = self._attack_once(
+            model, x[idx], labels, loss_for(idx), generator, highest_loss=highest_loss
+        )
+        with torch.no_grad():
+            task_loss = self.objective(model).loss(model(x_adv), labels, reduction="none")
+        keep = fooled | (task_loss > best_loss[idx])
+        best[idx[keep]] = x_adv[keep]
+        best_loss[idx[keep]] = task_loss[keep]
+        todo[idx[fooled]] = False
 
     def _attack_once(
         self,
@@ -201,7 +237,7 @@ class APGD(Attack):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One run from a random start; returns (result per sample, fooled mask)."""
         view = (-1,) + (1,) * (x.dim() - 1)
-        x_cur = self._clip(x, x + _random_start(x, self.eps, self.norm, generator))
+        x_cur = self._clip(x, x + _random_start(x, self.eps, self.norm, generator, l2_on_sphere=True))
         loss, grad, fooled = self._loss_grad(model, x_cur, y, loss_fn)
         x_best, loss_best, grad_best = x_cur.clone(), loss.clone(), grad.clone()
         x_fool = torch.where(fooled.view(view), x_cur, x)
@@ -218,8 +254,7 @@ class APGD(Attack):
             x_prev, x_cur = x_cur, x_next
             loss, grad, fooled = self._loss_grad(model, x_cur, y, loss_fn)
 
-            new_fool = fooled & ~ever_fooled
-            x_fool[new_fool] = x_cur[new_fool]
+            x_fool[fooled] = x_cur[fooled]  # the reference keeps the latest fooling iterate
             ever_fooled |= fooled
             better = loss > loss_best
             x_best[better], grad_best[better], loss_best[better] = x_cur[better], grad[better], loss[better]

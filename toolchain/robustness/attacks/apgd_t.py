@@ -9,12 +9,15 @@ Written from the paper and the facts of its official code (fra31/auto-attack,
 * targets: the ``targets`` most likely non-true classes on the clean image (AutoAttack
   standard: 9), tried in that order, each with a full APGD run (100 iterations, the same
   checkpoint schedule as APGD-CE) on the images not fooled yet;
-* success is any misclassification, not only reaching the target.
+* success is any misclassification, not only reaching the target; an image no target fools
+  returns its highest cross-entropy point over every target and restart (see ``apgd``).
 
 The DLR denominator needs a fourth logit, so the model must have at least 4 classes.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -87,11 +90,12 @@ class APGDT(APGD):
         ranked = logits.argsort(dim=1, descending=True)
         best = x.clone()
         todo = torch.ones(len(x), dtype=torch.bool, device=x.device)
+        best_loss = torch.full((len(x),), -math.inf, device=x.device)
         with input_gradients_only(model):
             for rank in range(1, min(self.targets, classes - 1) + 1):
 
                 def towards(idx: torch.Tensor, r: int = rank) -> Loss:
                     return dlr_targeted(ranked[idx, r])
 
-                self._restarts(model, x, y, towards, best, todo, generator)
+                self._restarts(model, x, y, towards, best, todo, best_loss, generator)
         return AttackResult(best)

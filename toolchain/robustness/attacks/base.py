@@ -181,8 +181,19 @@ class Attack(ABC):
         queries, targets, seed): each attack takes the ones its constructor names and ignores
         the rest, since a recipe lists ``steps`` for Square too and ``step_size`` for APGD, which
         adapts its own step from 2 * eps. An option given as ``None`` keeps the attack's own
-        default (PGD 20 steps, APGD 100, Square 1,000 queries)."""
+        default (PGD 20 steps, APGD 100, Square 1,000 queries).
+
+        Raises:
+            UserError: ``restarts`` above 1 for an attack that has no restarts (it would be
+                silently dropped).
+        """
         accepted = inspect.signature(cls.__init__).parameters
+        restarts = options.get("restarts")
+        if isinstance(restarts, int) and restarts > 1 and "restarts" not in accepted:
+            raise UserError(
+                f"attack {cls.name!r} has no restarts (restarts={restarts}): remove restarts from its "
+                f"entry, or use pgd, apgd, apgd-t or autoattack-lite"
+            )
         chosen = {k: v for k, v in options.items() if k in accepted and v is not None}
         return cls(**chosen)  # type: ignore[arg-type]
 

@@ -36,6 +36,7 @@ class AutoAttackLite(Attack):
         eps: ball radius; norm: ``"linf"`` (all three) or ``"l2"`` (no Square).
         steps: APGD-CE and APGD-T iterations (standard 100); lower only for quick checks.
         targets: APGD-T target classes (standard 9, capped at classes - 1).
+        restarts: APGD-CE restarts, and APGD-T restarts per target (standard 1).
         queries: Square's query budget (standard 5,000).
         seed: seeds every part.
     """
@@ -51,13 +52,14 @@ class AutoAttackLite(Attack):
         norm: str = "linf",
         steps: int = 100,
         targets: int = 9,
+        restarts: int = 1,
         queries: int = 5000,
         seed: int = 0,
     ) -> None:
         super().__init__(eps=eps, norm=norm, steps=steps, seed=seed)
         self.parts: list[Attack] = [
-            APGD(eps=eps, norm=norm, steps=steps, restarts=1, seed=seed),
-            APGDT(eps=eps, norm=norm, steps=steps, targets=targets, restarts=1, seed=seed),
+            APGD(eps=eps, norm=norm, steps=steps, restarts=restarts, seed=seed),
+            APGDT(eps=eps, norm=norm, steps=steps, targets=targets, restarts=restarts, seed=seed),
         ]
         if norm == "linf":
             self.parts.append(Square(eps=eps, queries=queries, p_init=0.8, rescale_schedule=False, seed=seed))

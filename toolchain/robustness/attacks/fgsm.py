@@ -13,8 +13,8 @@ class FGSM(Attack):
     """``x + eps * sign(grad_x L(f(x), y))``, clamped to [0, 1], with ``L`` the task's loss
     (cross-entropy; per pixel for segmentation).
 
-    Deterministic and single-step (reported as one step): ``steps``, ``restarts`` and ``seed``
-    have no effect.
+    Deterministic and single-step (reported as one step): ``steps`` and ``seed`` have no effect;
+    ``restarts`` above 1 is refused.
     """
 
     name = "fgsm"

@@ -24,11 +24,17 @@ def _project(delta: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
     return delta * factor.view(-1, *([1] * (delta.dim() - 1)))
 
 
-def _random_start(x: torch.Tensor, eps: float, norm: str, generator: torch.Generator | None) -> torch.Tensor:
+def _random_start(
+    x: torch.Tensor, eps: float, norm: str, generator: torch.Generator | None, *, l2_on_sphere: bool = False
+) -> torch.Tensor:
+    """A random perturbation: uniform in the L-inf box; for L2 a random direction at a uniform
+    radius in ``[0, eps]`` (PGD), or at radius ``eps`` with ``l2_on_sphere`` (APGD's reference)."""
     if norm == "linf":
         noise = torch.rand(x.shape, generator=generator, device="cpu").to(x.device)
         return (noise * 2 - 1) * eps
     direction = _l2_normalise(torch.randn(x.shape, generator=generator, device="cpu").to(x.device))
+    if l2_on_sphere:
+        return direction * eps
     radius = torch.rand(x.shape[0], generator=generator, device="cpu").to(x.device)
     return direction * (radius * eps).view(-1, *([1] * (x.dim() - 1)))
 
