@@ -1,6 +1,7 @@
 """Detection end to end: the quickstart detector and SSDlite-MobileNetV3 at 320 px, and JSON.
 
     python bench/bench_detection.py [--quickstart-run DIR] [--skip-ssdlite] [--skip-metrics] [--only-metrics]
+                                    [--only-ssdlite]
                                     [--out bench/results/detection.json]
 
 Each case is one ``robustprune run`` (a fresh run directory, nothing resumed) whose report.json
@@ -8,7 +9,8 @@ gives: MACs and parameters dense and pruned, ONNX Runtime p50 latency at batch 1
 of the host post-processing (threshold, top-k, NMS) and of both, and on ONNX Runtime FP32 for
 dense and pruned: clean mAP / mAP@.5, mPC and rPC over the corruptions, mAP under PGD and
 TOG-vanishing (crafted on PyTorch, replayed on the engine) and their vanishing rates, and the
-parity of PyTorch and ONNX Runtime on detections (mAP on both).
+parity of PyTorch and ONNX Runtime on detections (mAP on both). Each case replaces its own key
+of the output file, so ``--only-ssdlite`` or ``--only-metrics`` keep the other cases' results.
 
 * ``quickstart``: ``deploy_examples/detection_quickstart.yaml`` as it is (target: under
   10 minutes on 2 CPU cores). ``--quickstart-run DIR`` reads a completed run of that recipe (its
@@ -234,13 +236,17 @@ def main() -> int:
     parser.add_argument("--skip-ssdlite", action="store_true")
     parser.add_argument("--skip-metrics", action="store_true")
     parser.add_argument("--only-metrics", action="store_true", help="only the COCO evaluation comparison")
+    parser.add_argument("--only-ssdlite", action="store_true", help="only the SSDlite case")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "detection.json"))
     args = parser.parse_args()
-    result: dict[str, Any] = {"benchmark": "detection"}
-    if not args.skip_metrics:
+    out = Path(args.out)
+    # Each case replaces its own key: a partial run keeps the other cases' committed results.
+    result: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {}
+    result["benchmark"] = "detection"
+    if not args.skip_metrics and not args.only_ssdlite:
         result["metrics"] = _metrics()
     with tempfile.TemporaryDirectory() as tmp:
-        if not args.only_metrics:
+        if not args.only_metrics and not args.only_ssdlite:
             result["quickstart"] = _quickstart(args.quickstart_run, Path(tmp))
         if not args.skip_ssdlite and not args.only_metrics:
             wall, code = _run(QUICKSTART, SSDLITE_OVERRIDES, Path(tmp) / "ssdlite")
@@ -252,7 +258,6 @@ def main() -> int:
         "platform": platform.platform(),
         "python": platform.python_version(),
     }
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     sys.stdout.write(json.dumps(result, indent=2) + "\n")

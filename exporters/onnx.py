@@ -212,19 +212,41 @@ def _export(
 ) -> tuple[onnx.ModelProto, str]:
     """Export with dynamo, falling back to TorchScript; returns the proto and the exporter used."""
     try:
-        return _export_dynamo(model, example, opset=opset, dynamic_batch=dynamic_batch, names=names), "dynamo"
+        proto = _export_dynamo(model, example, opset=opset, dynamic_batch=dynamic_batch, names=names)
+        fixed = _fixed_batch_values(proto) if dynamic_batch else []
+        if not fixed:
+            return proto, "dynamo"
+        # torch.export may specialise the batch without raising (e.g. torchvision's SSD heads
+        # reshape with x.size(0)): the graph would then refuse every other batch size.
+        reason = f"it fixed the batch size of {', '.join(fixed)} at {example.shape[0]}"
     except Exception as exc:  # the dynamo stack raises many unrelated types
         reason = _first_line(exc)
-        log.warning("dynamo ONNX export failed (%s); falling back to the TorchScript exporter", reason)
         log.debug("dynamo export failure", exc_info=exc)
-        try:
-            proto = _export_torchscript(model, example, opset=opset, dynamic_batch=dynamic_batch, names=names)
-        except Exception as exc2:
-            raise ExportError(
-                f"ONNX export failed with both exporters: dynamo: {reason}; TorchScript: "
-                f"{_first_line(exc2)}; simplify the model's forward() or try another opset"
-            ) from exc2
-        return proto, "torchscript"
+    log.warning("dynamo ONNX export failed (%s); falling back to the TorchScript exporter", reason)
+    try:
+        proto = _export_torchscript(model, example, opset=opset, dynamic_batch=dynamic_batch, names=names)
+    except Exception as exc2:
+        raise ExportError(
+            f"ONNX export failed with both exporters: dynamo: {reason}; TorchScript: "
+            f"{_first_line(exc2)}; simplify the model's forward() or try another opset"
+        ) from exc2
+    fixed = _fixed_batch_values(proto) if dynamic_batch else []
+    if fixed:
+        raise ExportError(
+            f"ONNX export could not keep the batch dimension dynamic (dynamo: {reason}; TorchScript "
+            f"fixed {', '.join(fixed)}): compute shapes in forward() with -1 or flatten(1) instead of "
+            "x.size(0), or export a fixed batch"
+        )
+    return proto, "torchscript"
+
+
+def _fixed_batch_values(proto: onnx.ModelProto) -> list[str]:
+    """Names of the graph inputs and outputs whose first dimension is a number, not symbolic."""
+    return [
+        value.name
+        for value in [*proto.graph.input, *proto.graph.output]
+        if value.type.tensor_type.shape.dim and not value.type.tensor_type.shape.dim[0].dim_param
+    ]
 
 
 def _first_line(exc: BaseException) -> str:

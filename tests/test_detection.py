@@ -204,3 +204,41 @@ def test_the_end_to_end_file_detects_what_the_host_post_processing_does(tmp_path
         torch.testing.assert_close(g.boxes[top], h.boxes, atol=1e-4, rtol=0)
     with pytest.raises(Exception, match="expected a detector's raw outputs"):
         add_detection_postprocess(e2e_path, tmp_path / "again.onnx")
+
+
+def test_torchvision_ssdlite_goes_out_as_raw_heads_with_a_dynamic_batch(tmp_path) -> None:
+    """SSDlite's softmax-with-background logits become one logit per class whose sigmoid is SSD's
+    probability, its anchors are the same for every image, and its ONNX file runs any batch size.
+    (Failed before: the exported graph was fixed at batch 2, and the TorchScript fallback held an
+    EyeLike node ONNX Runtime cannot run.)"""
+    from exporters.base import InputSpec
+    from exporters.onnx import export_onnx
+    from exporters.runtimes import build_runner
+    from toolchain.errors import UserError
+    from toolchain.models import build_model
+    from toolchain.models.tv_detection import independent_logits
+
+    z = torch.randn(2, 5, 4)
+    p = z.softmax(-1)
+    torch.testing.assert_close(independent_logits(z).sigmoid(), p[..., 1:], atol=1e-6, rtol=0)
+
+    stats = {"in_channels": 3, "mean": [0.5] * 3, "std": [0.25] * 3, "task": "detection"}
+    torch.manual_seed(0)
+    model = build_model("torchvision:ssdlite320_mobilenet_v3_large", num_classes=3, image_size=128, **stats)
+    model.eval()
+    x = torch.rand(3, 3, 64, 128)
+    heads = unpack(model(x))
+    assert heads.scores.shape[-1] == 3 and heads.boxes.shape == heads.priors.shape
+    assert torch.equal(heads.priors[0], heads.priors[2])
+    path = export_onnx(
+        model, tmp_path / "ssd.onnx", input_spec=InputSpec(3, 64, 128), output_names=["s", "b", "p"]
+    )
+    runner = build_runner("onnxruntime", path=path)
+    for n in (1, 3):
+        engine = runner(x[:n])
+        with torch.no_grad():
+            ours = model(x[:n])
+        for a, b in zip(engine, ours, strict=True):
+            torch.testing.assert_close(a, b, atol=2e-3, rtol=1e-3)
+    with pytest.raises(UserError, match="two-stage detector"):
+        build_model("torchvision:fasterrcnn_mobilenet_v3_large_fpn", num_classes=3, image_size=128, **stats)

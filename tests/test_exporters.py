@@ -247,6 +247,38 @@ def test_torchscript_fallback_when_dynamo_fails(
     assert result.max_abs_diff < 1e-4 and result.top1_agreement == 1.0
 
 
+def test_a_batch_fixed_silently_by_dynamo_falls_back_to_a_dynamic_graph(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """torch.export can specialise the batch without raising (torchvision's anchor generators
+    did): the graph then refused every other batch size in ONNX Runtime. Such a graph is now
+    caught and the TorchScript exporter tried. (Failed before: the fixed graph was written.)"""
+    fixed = onnx.load(
+        str(export_onnx(make("plain"), tmp_path / "f.onnx", input_spec=SPEC, dynamic_batch=False))
+    )
+    monkeypatch.setattr(onnx_export, "_export_dynamo", lambda *a, **k: fixed)
+    model = make("plain")
+    with caplog.at_level(logging.WARNING, logger="exporters.onnx"):
+        path = export_onnx(model, tmp_path / "a.onnx", input_spec=SPEC)
+    assert "fixed the batch size of pixels" in caplog.text
+    assert read_onnx_metadata(path)["exporter"] == "torchscript"
+    runner = OnnxRuntimeRunner(path)
+    assert runner.input_spec.batch is None
+    assert check_parity(TorchRunner(model, SPEC), runner, [images(1), images(3)]).max_abs_diff < 1e-4
+
+
+def test_a_graph_whose_batch_no_exporter_keeps_dynamic_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fixed = export_onnx(make("plain"), tmp_path / "f.onnx", input_spec=SPEC, dynamic_batch=False)
+    proto = onnx.load(str(fixed))
+    monkeypatch.setattr(onnx_export, "_export_dynamo", lambda *a, **k: proto)
+    monkeypatch.setattr(onnx_export, "_export_torchscript", lambda *a, **k: proto)
+    with pytest.raises(ExportError, match="could not keep the batch dimension dynamic"):
+        export_onnx(make("plain"), tmp_path / "x.onnx", input_spec=SPEC)
+    assert not (tmp_path / "x.onnx").exists()
+
+
 def test_both_exporters_failing_is_an_export_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("nope")

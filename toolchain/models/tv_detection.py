@@ -58,7 +58,9 @@ def independent_logits(logits: torch.Tensor) -> torch.Tensor:
     """Softmax logits ``(..., K + 1)`` with the background first, as one logit per class
     ``(..., K)``: ``log(p_c / (1 - p_c))`` = ``z_c - logsumexp(z_{j != c})``."""
     k = logits.shape[-1]
-    mask = torch.eye(k, dtype=torch.bool, device=logits.device)
+    index = torch.arange(k, device=logits.device)
+    mask = index.unsqueeze(0) == index.unsqueeze(1)  # the identity (torch.eye exports an EyeLike
+    # that ONNX Runtime does not run)
     others = logits.unsqueeze(-2).masked_fill(mask, float("-inf"))  # (..., K+1, K+1): row c without c
     odds = logits - torch.logsumexp(others, dim=-1)
     return odds[..., 1:]
@@ -83,14 +85,16 @@ class RawHeads(nn.Module):
         levels = list(features.values()) if isinstance(features, dict) else [features]
         heads: dict[str, Any] = self.head(levels)
         size = (int(x.shape[-2]), int(x.shape[-1]))
-        anchors = torch.stack(self.anchor_generator(ImageList(x, [size] * x.shape[0]), levels))
-        n, a = anchors.shape[:2]
+        # Every image has the same anchors: made for one and expanded, so that nothing in the
+        # graph depends on the batch size as a Python number (the ONNX batch stays dynamic).
+        one = self.anchor_generator(ImageList(x[:1], [size]), [level[:1] for level in levels])[0]
+        anchors = one.unsqueeze(0).expand(x.shape[0], -1, -1)
         codes, flat = heads["bbox_regression"].reshape(-1, 4), anchors.reshape(-1, 4)
         # BoxCoder (RetinaNet, SSD) decodes with decode_single, BoxLinearCoder (FCOS) with decode.
         decode = getattr(self.box_coder, "decode_single", None) or self.box_coder.decode
         boxes = decode(codes, flat)
         limit = torch.tensor([size[1], size[0], size[1], size[0]], dtype=x.dtype, device=x.device)
-        boxes = torch.minimum(boxes.reshape(n, a, 4).clamp_min(0), limit)
+        boxes = torch.minimum(boxes.reshape(anchors.shape).clamp_min(0), limit)
         logits = heads["cls_logits"]
         if self.softmax_background:
             logits = independent_logits(logits)
