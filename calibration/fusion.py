@@ -17,7 +17,7 @@ from typing import Any
 
 import onnx
 
-from exporters.errors import UserError
+from exporters.errors import UserError, resource_error
 
 __all__ = ["INTEGER_CONV_OPS", "count_fused_kernels"]
 
@@ -66,7 +66,9 @@ def count_fused_kernels(path: str | os.PathLike[str], *, threads: int = 1) -> di
         try:
             ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own pybind types
-            raise UserError(f"ONNX Runtime cannot load {path}: {str(exc).strip().splitlines()[0]}") from exc
+            raise resource_error(exc, f"loading {path} in ONNX Runtime") or UserError(
+                f"ONNX Runtime cannot load {path}: {str(exc).strip().splitlines()[0]}"
+            ) from exc
         ops = Counter(node.op_type for node in onnx.load(str(optimized), load_external_data=False).graph.node)
     integer_conv = sum(ops[op] for op in INTEGER_CONV_OPS)
     float_conv = sum(ops[op] for op in FLOAT_CONV_OPS)

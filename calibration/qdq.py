@@ -29,7 +29,7 @@ from calibration.ranges import (
     range_methods,
 )
 from calibration.schemes import SCHEMES, QuantScheme
-from exporters.errors import ExportError, UserError
+from exporters.errors import ExportError, UserError, resource_error
 from exporters.onnx import INPUT_NAME, load_onnx
 
 __all__ = ["Calibration", "QuantizeResult", "calibrate", "quantize_onnx", "range_methods"]
@@ -204,7 +204,9 @@ def calibrate(
             else:
                 model = onnx.shape_inference.infer_shapes(source)
         except Exception as exc:  # the pre-processor raises many unrelated types
-            raise ExportError(f"INT8 pre-processing of {src.name} failed: {_first_line(exc)}") from exc
+            raise resource_error(exc, f"pre-processing {src.name} for INT8") or ExportError(
+                f"INT8 pre-processing of {src.name} failed: {_first_line(exc)}"
+            ) from exc
     step = 1 if fixed_batch else batch_size
     feeds = [{input_name: images[i : i + step]} for i in range(0, len(images), step)]
     histograms = collect_histograms(model, feeds, calibration_tensors(model))
@@ -297,7 +299,7 @@ def _quantize(
                 },
             )
         except Exception as exc:  # the quantiser raises many unrelated types
-            raise ExportError(
+            raise resource_error(exc, f"quantizing {calibration.source.name}") or ExportError(
                 f"INT8 quantization of {calibration.source.name} failed: {_first_line(exc)}"
             ) from exc
         return onnx.load(str(out))

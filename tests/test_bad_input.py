@@ -366,6 +366,28 @@ def test_out_of_memory_is_named_as_such_not_as_a_truncated_file(
         patch.setattr(torch, "load", lambda *_, **__: (_ for _ in ()).throw(MemoryError()))
         with pytest.raises(ResourceError, match="out of memory while reading checkpoint"):
             load_state_dict_file(_Net(False), tmp_path / "model.onnx")
+    # The INT8 quantiser and its pre-processor (hole 8: their failures read "quantization
+    # failed" before): memory and disk are named, and no INT8 file is written.
+    import errno
+
+    import numpy as np
+    import onnxruntime.quantization as ortq
+
+    from calibration.qdq import quantize_onnx
+
+    pixels = np.random.default_rng(0).random((4, 3, 32, 32), dtype=np.float32)
+    with monkeypatch.context() as patch:
+        patch.setattr(
+            ortq, "quantize_static", lambda *_, **__: (_ for _ in ()).throw(MemoryError("bad_alloc"))
+        )
+        with pytest.raises(ResourceError, match=r"^out of memory while quantizing model\.onnx"):
+            quantize_onnx(engine, tmp_path / "int8.onnx", pixels)
+    with monkeypatch.context() as patch:
+        full = OSError(errno.ENOSPC, "No space left on device")
+        patch.setattr(ortq, "quant_pre_process", lambda *_, **__: (_ for _ in ()).throw(full))
+        with pytest.raises(ResourceError, match=r"^no space left on device while pre-processing model\.onnx"):
+            quantize_onnx(engine, tmp_path / "int8.onnx", pixels)
+    assert not (tmp_path / "int8.onnx").exists()
     # Anywhere else (training, attacks): still one line, exit 2, not "a bug".
     from toolchain import commands
 

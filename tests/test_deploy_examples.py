@@ -138,3 +138,37 @@ def test_ci_jobs_run_the_gate_on_a_release_candidate(
     assert any(line.startswith("FAIL models.pruned.macs_reduction") for line in fails)
     assert not any("vs baseline" in line for line in fails)
     assert f'failures="{len(fails)}"' in (run / "gates.junit.xml").read_text()
+
+
+def test_the_workflows_keep_a_baseline_that_the_main_branch_writes_and_merge_requests_read(
+    tmp_path: Path,
+) -> None:
+    """Issue 23 hole 14: both workflows needed a baseline report that nothing created, so a
+    project's first CI run exited 2. The main branch's job now bootstraps and updates it."""
+    github = yaml.safe_load((EXAMPLES / "ci_gate" / "github-actions.yml").read_text())
+    triggers = github[True]  # YAML 1.1 reads the key `on` as True
+    assert triggers["push"]["branches"] == ["main"] and "pull_request" in triggers
+    job = github["jobs"]["gate"]
+    assert "github.event_name == 'push'" in job["env"]["WRITE_BASELINE"]
+    uses = [step.get("uses", "") for step in job["steps"]]
+    restore, gate = (
+        uses.index("actions/cache/restore@v4"),
+        next(i for i, step in enumerate(job["steps"]) if "gate.sh" in step.get("run", "")),
+    )
+    save = uses.index("actions/cache/save@v4")
+    assert restore < gate < save and "push" in job["steps"][save]["if"]
+    assert (
+        job["steps"][restore]["with"]["path"] == job["steps"][save]["with"]["path"] == "${{ env.BASELINE }}"
+    )
+
+    gitlab = yaml.safe_load((EXAMPLES / "ci_gate" / "gitlab-ci.yml").read_text())["robustness-gate"]
+    main_rule = next(rule for rule in gitlab["rules"] if "CI_DEFAULT_BRANCH" in rule["if"])
+    assert main_rule["variables"]["WRITE_BASELINE"] == "1" and gitlab["variables"]["WRITE_BASELINE"] == "0"
+    assert "$BASELINE" in gitlab["artifacts"]["paths"]
+    assert any("jobs/artifacts/$CI_DEFAULT_BRANCH/raw/$BASELINE" in line for line in gitlab["before_script"])
+
+    # A merge request's job without a baseline stops at once with what to do, before the run.
+    script = EXAMPLES / "ci_gate" / "gate.sh"
+    missing = _bash(f"bash {script} recipe.yaml {tmp_path / 'none.json'} {tmp_path / 'run'}", env={})
+    assert missing.returncode == 2 and "run the main branch's job first" in missing.stderr
+    assert not (tmp_path / "run").exists()

@@ -22,6 +22,11 @@ baseline=${2:?$usage}
 run_dir=${3:-runs/release-candidate}
 here=$(cd "$(dirname "$0")" && pwd)
 
+if [ "${WRITE_BASELINE:-0}" != "1" ] && [ ! -f "$baseline" ]; then
+  echo "gate.sh: no baseline report at $baseline: run the main branch's job first (WRITE_BASELINE=1 bootstraps it)" >&2
+  exit 2
+fi
+
 robustprune run "$recipe" --out "$run_dir" --no-progress
 status=$?
 # The recipe's own gates decide 0 or 1; the policy below is the release decision.
