@@ -173,9 +173,12 @@ def _detection_row(name: str, run: dict[str, Any]) -> str:
         row = lat[model]
         return f"{row['network_p50_ms']:.2f} + {row['postprocess_p50_ms']:.2f}"
 
+    def rpc(value: float | None) -> str:
+        return "n/a (clean mAP 0)" if value is None else f"{value:.3f}"
+
     return (
         f"| {name} | {run['wall_seconds']:.1f} | {times(run['macs_reduction'])} | {pair('clean_map50')} | "
-        f"{pair('clean_map')} | {pair('mpc')} | {d['rpc']:.3f} → {p['rpc']:.3f} | "
+        f"{pair('clean_map')} | {pair('mpc')} | {rpc(d['rpc'])} → {rpc(p['rpc'])} | "
         f"{pair('pgd_transfer_map50')} | {pair('tog-vanishing_transfer_map50')} | "
         f"{pair('tog-vanishing_transfer_vanishing_rate')} | {ms('dense')} → {ms('pruned')} | "
         f"{pct(run['export_parity']['pruned']['top1_agreement'])} |"
@@ -193,7 +196,7 @@ def detection_table() -> str:
     ]
     names = (
         ("quickstart", "quickstart (`detnet` width 0.5, 256 × 128)"),
-        ("ssdlite_320", "SSDlite MobileNetV3, 320 × 160 (shortened)"),
+        ("ssdlite_320", "SSDlite MobileNetV3, 320 × 160 (one pruning step)"),
     )
     rows += [_detection_row(label, s[key]) for key, label in names if key in s]
     return "\n".join([*rows, "", source("detection.json")])
