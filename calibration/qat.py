@@ -5,8 +5,8 @@ whose scales are the trained ones.
 convolution (or linear layer) is folded into it, and every ``Conv1d/2d/3d`` and ``Linear`` is
 wrapped in a :class:`FakeQuantLayer` that rounds, in the forward pass, what the INT8 file will
 round: its input activation (per tensor, the target scheme's type and zero point), its weights
-(per output channel, symmetric int8 in [-127, 127]), its bias (int32 at input scale x weight
-scale) and, unless it is an output of the model, its output activation. Rounding passes the
+(per output channel, symmetric int8 in [-127, 127]), its bias (to the int32 grid of input
+scale x weight scale) and, unless it is an output of the model, its output activation. Rounding passes the
 gradient straight through (zero outside the clipped range); activation scales are initialised
 from the values the layers see on calibration images (:func:`init_activation_ranges`, any
 method of :mod:`calibration.ranges`) and can be learnt (LSQ, Esser et al. 2020, with its
@@ -15,8 +15,9 @@ gradient scale). The caller trains the copy with its own loop and loss.
 :func:`export_qat` writes the trained copy as the FP32 ONNX file of its float layers with
 QuantizeLinear/DequantizeLinear inserted where training rounded, in ONNX Runtime's QDQ layout:
 ``x -> Q -> DQ -> Conv(DQ(int8 weight), DQ(int32 bias)) -> Q -> DQ``. ONNX Runtime fuses each
-such convolution into ``QLinearConv``; TensorRT's explicit quantisation reads the same pattern,
-provided activations are symmetric with zero point 0 (the ``s8s8`` scheme). The scales and zero
+such convolution into ``QLinearConv`` (the ``u8s8`` scheme). TensorRT's explicit quantisation
+reads the same pattern when activations are symmetric int8 with zero point 0 and the bias is
+float (the ``s8s8`` scheme writes it so: the rounded bias values, no int32 DequantizeLinear). The scales and zero
 points are the trained ones, so the file computes what the fake-quantised model computed, up to
 rounding ties of float accumulation.
 """
@@ -110,6 +111,7 @@ class _LayerQuant:
     bias_int32: np.ndarray | None
     bias_scale: np.ndarray | None
     activation_type: str  # "uint8" or "int8"
+    int32_bias: bool  # bias as int32 behind DequantizeLinear, else the rounded float values
     input_scale: float
     input_zero_point: int
     output_scale: float | None
@@ -218,6 +220,9 @@ class FakeQuantLayer(nn.Module):
             bias_int32=None if bias is None else torch.round(bias / b_scale).to(torch.int32).cpu().numpy(),
             bias_scale=None if bias is None else b_scale.cpu().numpy().astype(np.float32),
             activation_type="uint8" if self.qmin == 0 else "int8",
+            # ONNX Runtime fuses a convolution only with an int32 bias behind DequantizeLinear;
+            # TensorRT takes a float bias (its DequantizeLinear reads 8-bit inputs).
+            int32_bias=not self.symmetric,
             input_scale=float(self.input_scale.clamp_min(_SMALLEST_SCALE)),
             input_zero_point=int(self.input_zero_point),
             output_scale=float(self.output_scale.clamp_min(_SMALLEST_SCALE))
@@ -609,15 +614,19 @@ def _quantize_node(
         axis=axis,
     )
     node.input[1] = f"{prefix}.weight_dq"
-    if len(node.input) > 2 and node.input[2] and q.bias_int32 is not None and q.bias_scale is not None:
-        added.dequantize(
-            added.constant(f"{prefix}.bias_int32", q.bias_int32),
-            added.constant(f"{prefix}.bias_scale", q.bias_scale),
-            added.constant(f"{prefix}.bias_zero_point", np.zeros(q.bias_int32.shape, dtype=np.int32)),
-            f"{prefix}.bias_dq",
-            axis=0,
-        )
-        node.input[2] = f"{prefix}.bias_dq"
+    bias, bias_scale = q.bias_int32, q.bias_scale
+    if len(node.input) > 2 and node.input[2] and bias is not None and bias_scale is not None:
+        if q.int32_bias:
+            added.dequantize(
+                added.constant(f"{prefix}.bias_int32", bias),
+                added.constant(f"{prefix}.bias_scale", bias_scale),
+                added.constant(f"{prefix}.bias_zero_point", np.zeros(bias.shape, dtype=np.int32)),
+                f"{prefix}.bias_dq",
+                axis=0,
+            )
+            node.input[2] = f"{prefix}.bias_dq"
+        else:  # the rounded values the forward pass added, in float
+            node.input[2] = added.constant(f"{prefix}.bias", bias.astype(np.float32) * bias_scale)
     y = node.output[0]
     if q.output_scale is not None and q.output_zero_point is not None and y not in graph_outputs:
         node.output[0] = f"{prefix}.output"

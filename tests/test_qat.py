@@ -149,10 +149,15 @@ def test_tensorrt_files_are_symmetric_with_zero_points_zero(tmp_path: Path) -> N
     path = export_qat(model, tmp_path / "trt.onnx", input_spec=SPEC).path
     graph = onnx.load(str(path)).graph
     inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    zero_points = [
-        inits[n.input[2]] for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
-    ]
-    assert zero_points and all(z.dtype in (np.int8, np.int32) and not z.any() for z in zero_points)
+    qdq = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    # int8 activations and weights, every zero point 0: what TensorRT's explicit quantisation takes.
+    assert len(qdq) == 5 + 5 + 3 and all(inits[n.input[2]].dtype == np.int8 for n in qdq)
+    assert not any(inits[n.input[2]].any() for n in qdq)
+    # The bias stays float (TensorRT dequantises 8-bit inputs only), holding the rounded values
+    # the fake-quantised layer added.
+    q = qat_layers(model)["3"].quantization()
+    assert q.bias_int32 is not None and q.bias_scale is not None
+    np.testing.assert_array_equal(inits["3.0.bias"], q.bias_int32.astype(np.float32) * q.bias_scale)
     x = _images(16, seed=6)
     with torch.no_grad():
         expected = model(x).numpy()
