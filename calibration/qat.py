@@ -17,9 +17,9 @@ QuantizeLinear/DequantizeLinear inserted where training rounded, in ONNX Runtime
 ``x -> Q -> DQ -> Conv(DQ(int8 weight), DQ(int32 bias)) -> Q -> DQ``. ONNX Runtime fuses each
 such convolution into ``QLinearConv`` (the ``u8s8`` scheme). TensorRT's explicit quantisation
 reads the same pattern when activations are symmetric int8 with zero point 0 and the bias is
-float (the ``s8s8`` scheme writes it so: the rounded bias values, no int32 DequantizeLinear). The scales and zero
-points are the trained ones, so the file computes what the fake-quantised model computed, up to
-rounding ties of float accumulation.
+float (the ``s8s8`` scheme writes it so: the rounded bias values, no int32 DequantizeLinear).
+The scales and zero points are the trained ones, so the file computes what the fake-quantised
+model computed, up to rounding ties of float accumulation.
 """
 
 from __future__ import annotations

@@ -458,7 +458,7 @@ class Evaluation(Record):
     model: str = Field(description="dense or pruned")
     runtime: str = Field(description="torch, onnxruntime, tensorrt, onnxruntime-cuda or onnxruntime-tensorrt")
     precision: str = Field("fp32", description="fp32, fp16 or int8")
-    calibration: str | None = Field(None, description="INT8 files: clean or mixed")
+    calibration: str | None = Field(None, description="INT8 files: clean, mixed or qat")
     scheme: str | None = Field(None, description="INT8 files: the Q/DQ scheme (u8s8 or s8s8)")
     file: str | None = Field(None, description="INT8 files on ONNX Runtime: the Q/DQ file")
     engine: str | None = Field(None, description="TensorRT engines: the engine file")
@@ -562,7 +562,7 @@ class LatencyRow(Record):
     provider: str | None = Field(
         None, description="ONNX Runtime's execution provider after session creation (what really ran)"
     )
-    calibration: str | None = Field(None, description="INT8 files: clean or mixed")
+    calibration: str | None = Field(None, description="INT8 files: clean, mixed or qat")
     scheme: str | None = Field(None, description="INT8 files: the Q/DQ scheme")
     file: str | None = Field(None, description="INT8 files: the Q/DQ file")
     engine: str | None = Field(None, description="TensorRT engines: the engine file")
@@ -623,8 +623,8 @@ class QuantizedFile(Record):
     qat: dict[str, Any] | None = Field(
         None,
         description="quantize.qat files: epochs, loss, init (how activation scales started), learn_scales, "
-        "history (per epoch: loss, accuracy under rounding, lr), folded_batchnorms, layers (quantised "
-        "layers), unmatched_nodes (graph nodes left in float)",
+        "history (per epoch: loss, accuracy under rounding, lr), layers (how many were quantised), "
+        "unmatched_nodes (graph nodes left in float)",
     )
 
 
