@@ -29,7 +29,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -42,10 +42,10 @@ from onnx import helper, numpy_helper
 from torch import nn
 
 from calibration.qdq import quantized_node_counts
-from calibration.ranges import Histogram, compute_range
+from calibration.ranges import BINS, Histogram, compute_range, range_methods
 from calibration.schemes import SCHEMES, QuantScheme
 from exporters.base import InputSpec
-from exporters.errors import ExportError, UserError
+from exporters.errors import ExportError, UnknownNameError, UserError
 from exporters.onnx import export_onnx, load_onnx
 from exporters.outputs import as_tuple
 
@@ -146,7 +146,8 @@ class FakeQuantLayer(nn.Module):
         self.output_scale = nn.Parameter(torch.ones(()), requires_grad=learn_scales)
         self.register_buffer("input_zero_point", torch.zeros(()))
         self.register_buffer("output_zero_point", torch.zeros(()))
-        self.observe: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        # Set while calibrating: the layer runs in float and hands this its input and output.
+        self.observe: Callable[[torch.Tensor, torch.Tensor], None] | None = None
 
     @property
     def weight(self) -> torch.Tensor:
@@ -191,9 +192,9 @@ class FakeQuantLayer(nn.Module):
         return w, b, w_scale, b_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.observe is not None:  # calibration: the float layer, its tensors recorded
+        if self.observe is not None:
             out = self.layer(x)
-            self.observe.append((x.detach(), out.detach()))
+            self.observe(x.detach(), out.detach())
             return out
         x = self._activation(x, self.input_scale, self.input_zero_point)
         weight, bias, _, _ = self._quantized_parameters()
@@ -342,7 +343,7 @@ def prepare_qat(
     try:
         with torch.no_grad():
             for layer in wrapped.values():
-                layer.observe = []
+                layer.observe = _ignore
             final = as_tuple(qat(example))
             for t in final:
                 if id(t) in outputs:
@@ -355,13 +356,19 @@ def prepare_qat(
     return qat
 
 
+def _ignore(x: torch.Tensor, out: torch.Tensor) -> None:
+    return None
+
+
 @torch.no_grad()
 def init_activation_ranges(
-    model: nn.Module, batches: Iterable[torch.Tensor], *, method: str = "minmax", percentile: float = 99.99
+    model: nn.Module, batches: Sequence[torch.Tensor], *, method: str = "minmax", percentile: float = 99.99
 ) -> dict[str, dict[str, tuple[float, float]]]:
     """Set every fake-quantised layer's activation scales from the float model's values on
     ``batches`` (the layers run in float meanwhile), with ``method``'s range
-    (:func:`calibration.ranges.compute_range`).
+    (:func:`calibration.ranges.compute_range`): a pass for each tensor's minimum and maximum,
+    and for any other method a second one that fills its histogram (nothing grows with the
+    number of images).
 
     Returns:
         ``{layer: {"input": (low, high)[, "output": (low, high)]}}``, the ranges set.
@@ -370,36 +377,67 @@ def init_activation_ranges(
         UnknownNameError: an unknown method.
         UserError: no batches.
     """
+    if method not in range_methods():
+        raise UnknownNameError("calibration method", method, range_methods())
+    if not batches:
+        raise UserError("QAT needs calibration images to initialise its activation ranges; got none")
     layers = qat_layers(model)
-    seen: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {name: [] for name in layers}
+    tensors = [(name, which) for name, layer in layers.items() for which in _observed(layer)]
+    lows = {key: float("inf") for key in tensors}
+    highs = {key: float("-inf") for key in tensors}
+
+    def extremes(key: tuple[str, str], values: torch.Tensor) -> None:
+        lows[key] = min(lows[key], float(values.min()))
+        highs[key] = max(highs[key], float(values.max()))
+
+    _observe_all(model, layers, batches, extremes)
+    found = {key: (lows[key], highs[key]) for key in tensors}
+    if method != "minmax":
+        histograms = {
+            key: Histogram(lo, hi, np.zeros(BINS), Histogram.edges_for(lo, hi))
+            for key, (lo, hi) in found.items()
+        }
+        _observe_all(model, layers, batches, lambda key, values: histograms[key].add(values.cpu().numpy()))
+        found = {key: compute_range(method, histograms[key], percentile) for key in tensors}
+    ranges: dict[str, dict[str, tuple[float, float]]] = {name: {} for name in layers}
+    for (name, which), (low, high) in found.items():
+        layers[name].set_range(which, low, high)
+        ranges[name][which] = (low, high)
+    return ranges
+
+
+def _observed(layer: FakeQuantLayer) -> tuple[str, ...]:
+    return ("input", "output") if layer.quantize_output else ("input",)
+
+
+def _observe_all(
+    model: nn.Module,
+    layers: dict[str, FakeQuantLayer],
+    batches: Sequence[torch.Tensor],
+    record: Callable[[tuple[str, str], torch.Tensor], None],
+) -> None:
+    """Run ``batches`` through the float layers (eval mode), handing each quantised tensor to
+    ``record``."""
+
+    def observer(name: str, layer: FakeQuantLayer) -> Callable[[torch.Tensor, torch.Tensor], None]:
+        def observe(x: torch.Tensor, out: torch.Tensor) -> None:
+            record((name, "input"), x)
+            if layer.quantize_output:
+                record((name, "output"), out)
+
+        return observe
+
     was_training = model.training
     model.eval()
     try:
         for name, layer in layers.items():
-            layer.observe = seen[name]
-        count = 0
+            layer.observe = observer(name, layer)
         for x in batches:
             model(x)
-            count += 1
     finally:
         for layer in layers.values():
             layer.observe = None
         model.train(was_training)
-    if not count:
-        raise UserError("QAT needs calibration images to initialise its activation ranges; got none")
-    ranges: dict[str, dict[str, tuple[float, float]]] = {}
-    for name, layer in layers.items():
-        ranges[name] = {}
-        for which, index in (("input", 0), ("output", 1)):
-            if which == "output" and not layer.quantize_output:
-                continue
-            values = [pair[index].cpu().numpy() for pair in seen[name]]
-            low, high = min(float(v.min()) for v in values), max(float(v.max()) for v in values)
-            if method != "minmax":
-                low, high = compute_range(method, Histogram.of(values, low, high), percentile)
-            layer.set_range(which, low, high)
-            ranges[name][which] = (low, high)
-    return ranges
 
 
 @dataclass(frozen=True)

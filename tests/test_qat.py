@@ -22,8 +22,9 @@ from calibration.qat import (
     prepare_qat,
     qat_layers,
 )
+from calibration.ranges import Histogram, compute_range
 from exporters.base import InputSpec
-from exporters.errors import UserError
+from exporters.errors import UnknownNameError, UserError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -181,6 +182,20 @@ def test_activation_scales_start_from_the_observed_ranges() -> None:
     assert float(first.output_scale) == pytest.approx((high - low) / 255, rel=1e-5)
     assert int(first.output_zero_point) == round(-low / ((high - low) / 255))
     assert not first.input_scale.requires_grad  # learn_scales=False freezes them
+
+
+@pytest.mark.parametrize("method", ["percentile", "entropy", "mse"])
+def test_other_methods_start_from_their_range_of_the_same_values(method: str) -> None:
+    model = prepare_qat(_model(), _images(2), "u8s8")
+    x = _images() * 0.5
+    x[::16, 0, 0, 0] = 1.0  # a few bright outliers
+    ranges = init_activation_ranges(model, x.split(16), method=method, percentile=99.0)
+    values = x.numpy()
+    # The range the method gives the raw values, though the images were streamed in batches.
+    expected = compute_range(method, Histogram.of([values], float(values.min()), float(values.max())), 99.0)
+    assert ranges["0"]["input"] == pytest.approx(expected)
+    with pytest.raises(UnknownNameError, match="minmax"):
+        init_activation_ranges(model, x.split(16), method="kl")
 
 
 def test_learnt_scales_get_gradients_and_rounding_passes_them_straight_through() -> None:

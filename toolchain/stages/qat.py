@@ -55,51 +55,21 @@ def qat_files(ctx: StageContext) -> list[QuantizedFile]:
     return records
 
 
-def _one(ctx: StageContext, qat: QatConfig, name: str, target: str, images: Any) -> QuantizedFile:
-    recipe, layout = ctx.recipe, ctx.run
+def _one(ctx: StageContext, qat: QatConfig, name: str, target: str, images: torch.Tensor) -> QuantizedFile:
+    """Train and write one model's file for one target runtime, and record it."""
     scheme = scheme_for_runtime(target)
-    model = prepare_qat(ctx.models[name], ctx.example_inputs, scheme, learn_scales=qat.learn_scales)
-    init_activation_ranges(
-        model, images.split(recipe.data.batch_size), method=qat.init, percentile=recipe.quantize.percentile
-    )
-    teacher = ctx.models[DENSE] if qat.loss in DISTILL_LOSSES else None
-    loop = f"qat-{name}-{target}"
-    history = train_model(
-        model,
-        ctx.train_loader(seed_offset=4),
-        qat,
-        seed=recipe.seed + 400,
-        desc=QAT_DESC,
-        section="quantize.qat",
-        progress=ctx.progress,
-        device=ctx.device,
-        hooks=TrainHooks(param_groups=_param_groups),
-        checkpoint=TrainCheckpoint(layout.checkpoint(QUANTIZE, loop), f"{ctx.keys[QUANTIZE]}/{loop}"),
-        teacher=teacher,
-    )
-    model.cpu().eval()
+    model, history = _train(ctx, qat, name, target, images)
     file = f"{name}.int8-{scheme.name}-qat.onnx"
     written = export_qat(
         model,
-        layout.quantized(file),
+        ctx.run.quantized(file),
         input_spec=ctx.input_spec,
-        opset=recipe.export.opset,
-        dynamic_batch=recipe.export.dynamic_batch,
-        metadata={
-            "class_names": list(ctx.data.class_names),
-            "mean": list(ctx.data.mean),
-            "std": list(ctx.data.std),
-            "recipe_sha256": recipe.sha256(),
-            "model": name,
-            "dataset": ctx.data.name,
-            "task": recipe.task,
-            "calibration": "qat",
-            "target_runtime": target,
-            "quant_samples": len(images),
-        },
+        opset=ctx.recipe.export.opset,
+        dynamic_batch=ctx.recipe.export.dynamic_batch,
+        metadata={**_metadata(ctx, name), "target_runtime": target, "quant_samples": len(images)},
         output_names=ctx.task.output_names(_output_count(ctx.models[name], ctx)),
     )
-    fusion = count_fused_kernels(written.path, threads=recipe.validate.threads)
+    fusion = count_fused_kernels(written.path, threads=ctx.recipe.validate.threads)
     log.info(
         "%s: QAT %s file %s after %d epochs (%d of %d convolutions fused by ONNX Runtime)",
         name,
@@ -132,6 +102,49 @@ def _one(ctx: StageContext, qat: QatConfig, name: str, target: str, images: Any)
             "unmatched_nodes": written.unmatched_nodes,
         },
     )
+
+
+def _train(
+    ctx: StageContext, qat: QatConfig, name: str, target: str, images: torch.Tensor
+) -> tuple[nn.Module, list[dict[str, float]]]:
+    """The fake-quantised copy of ``name``'s model, its scales started on ``images``, trained
+    (resuming from this loop's checkpoint when a killed run left one); on the CPU, eval mode."""
+    recipe = ctx.recipe
+    model = prepare_qat(
+        ctx.models[name], ctx.example_inputs, scheme_for_runtime(target), learn_scales=qat.learn_scales
+    )
+    init_activation_ranges(
+        model, images.split(recipe.data.batch_size), method=qat.init, percentile=recipe.quantize.percentile
+    )
+    loop = f"qat-{name}-{target}"
+    history = train_model(
+        model,
+        ctx.train_loader(seed_offset=4),
+        qat,
+        seed=recipe.seed + 400,
+        desc=QAT_DESC,
+        section="quantize.qat",
+        progress=ctx.progress,
+        device=ctx.device,
+        hooks=TrainHooks(param_groups=_param_groups),
+        checkpoint=TrainCheckpoint(ctx.run.checkpoint(QUANTIZE, loop), f"{ctx.keys[QUANTIZE]}/{loop}"),
+        teacher=ctx.models[DENSE] if qat.loss in DISTILL_LOSSES else None,
+    )
+    return model.cpu().eval(), history
+
+
+def _metadata(ctx: StageContext, name: str) -> dict[str, Any]:
+    """What the export stage writes into its files, and the calibration."""
+    return {
+        "class_names": list(ctx.data.class_names),
+        "mean": list(ctx.data.mean),
+        "std": list(ctx.data.std),
+        "recipe_sha256": ctx.recipe.sha256(),
+        "model": name,
+        "dataset": ctx.data.name,
+        "task": ctx.recipe.task,
+        "calibration": "qat",
+    }
 
 
 def _param_groups(model: nn.Module) -> list[dict[str, Any]]:
