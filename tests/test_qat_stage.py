@@ -3,8 +3,10 @@ CLI on a tiny recipe (16 px, 96 training images), and a SIGKILL in the middle of
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,14 +16,20 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
+import torch
 import yaml
 from onnx import numpy_helper
 
+from exporters import tensorrt_runner as trt_runner_module
+from exporters.tensorrt import TensorRTRunner
 from tests.conftest import one_torch_thread
+from tests.test_tensorrt import fake_tensorrt, install, named
 from toolchain.cli import main
 from toolchain.errors import RecipeError
+from toolchain.pipeline import run_pipeline
 from toolchain.recipe import recipe_from_dict
 from toolchain.report.quantization import quantization_gates
+from toolchain.stages import runners as stage_runners
 
 PGD1 = {"eps": "2/255", "step_size": "1/255", "steps": 1}
 # 96 images in batches of 24: 4 optimiser steps per epoch, 8 in QAT's two epochs.
@@ -211,3 +219,42 @@ def test_qat_killed_mid_epoch_resumes_to_the_same_file(qat_run: Path, tmp_path: 
     history = json.loads((out / "report.json").read_text())["quantization"][0]["qat"]["history"]
     reference_history = json.loads((qat_run / "report.json").read_text())["quantization"][0]["qat"]["history"]
     assert history == reference_history
+
+
+@pytest.mark.e2e
+def test_a_tensorrt_target_gets_a_symmetric_qat_file_that_the_engine_stage_builds(
+    qat_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the fake TensorRT (host memory, a 16x16 'engine'): the s8s8 QAT file becomes an INT8
+    engine of calibration qat; training, pruning and export are resumed from the CLI run."""
+    rec = install(monkeypatch, fake_tensorrt("10.3.0"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(trt_runner_module, "_require_cuda", lambda device: None)
+    monkeypatch.setattr(TensorRTRunner, "_stream_handle", lambda self: 0)
+    monkeypatch.setattr(stage_runners, "TensorRTRunner", functools.partial(TensorRTRunner, device="cpu"))
+    out = tmp_path / "run"
+    shutil.copytree(qat_run, out)
+    recipe = json.loads(json.dumps(QAT_RECIPE))
+    recipe["quantize"].update(targets=["onnxruntime", "tensorrt"], gate=None)
+    recipe["engine"] = {"precisions": ["int8"], "min_batch": 2, "opt_batch": 2, "max_batch": 4}
+    recipe["bench"] = {
+        "enabled": True,
+        "runtimes": ["tensorrt"],
+        "batch_sizes": [2],
+        "iterations": 2,
+        "warmup": 1,
+    }
+    recipe["allow_unverified"] = True
+    recipe["device"] = "cpu"  # the fake CUDA is for the TensorRT runner only
+    with one_torch_thread():
+        report = run_pipeline(recipe_from_dict(recipe), out, progress=False).to_json()
+    files = {q["target"]: q for q in report["quantization"]}
+    assert {t: (q["scheme"], q["method"], q["file"]) for t, q in files.items()} == {
+        "onnxruntime": ("u8s8", "qat", QAT_FILE),
+        "tensorrt": ("s8s8", "qat", "pruned.int8-s8s8-qat.onnx"),
+    }
+    assert [(e["model"], e["precision"], e["calibration"]) for e in report["engines"]] == [
+        ("pruned", "int8", "qat")
+    ]
+    assert [c[1] for c in named(rec, "parse_from_file")] == ["pruned.int8-s8s8-qat.onnx"]
+    assert len(named(rec, "build_serialized_network")) == 1
