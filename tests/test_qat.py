@@ -1,5 +1,6 @@
-"""Quantisation-aware fine-tuning (calibration/qat.py): the fake-quantised model trains, its Q/DQ
-file holds the trained scales, and ONNX Runtime computes what the fake-quantised model computed."""
+"""Quantisation-aware fine-tuning (calibration/qat.py, qat_export.py): the fake-quantised model
+trains, its Q/DQ file holds the trained scales, and ONNX Runtime computes what the fake-quantised
+model computed."""
 
 from __future__ import annotations
 
@@ -14,14 +15,8 @@ from onnx import numpy_helper
 from torch import nn
 
 from calibration.fusion import count_fused_kernels
-from calibration.qat import (
-    FakeQuantLayer,
-    export_qat,
-    fold_batchnorm,
-    init_activation_ranges,
-    prepare_qat,
-    qat_layers,
-)
+from calibration.qat import FakeQuantLayer, fold_batchnorm, init_activation_ranges, prepare_qat, qat_layers
+from calibration.qat_export import export_qat
 from calibration.ranges import Histogram, compute_range
 from exporters.base import InputSpec
 from exporters.errors import UnknownNameError, UserError

@@ -19,7 +19,8 @@ from torch import nn
 
 from calibration.data import take_images
 from calibration.fusion import count_fused_kernels
-from calibration.qat import export_qat, init_activation_ranges, prepare_qat, qat_layers
+from calibration.qat import init_activation_ranges, prepare_qat, qat_layers
+from calibration.qat_export import export_qat
 from calibration.schemes import scheme_for_runtime
 from exporters.outputs import as_tuple
 from toolchain.recipe import QatConfig
