@@ -30,6 +30,7 @@ from toolchain.pipeline import run_pipeline
 from toolchain.recipe import recipe_from_dict
 from toolchain.report.quantization import quantization_gates
 from toolchain.stages import runners as stage_runners
+from toolchain.training import train_model
 
 PGD1 = {"eps": "2/255", "step_size": "1/255", "steps": 1}
 # 96 images in batches of 24: 4 optimiser steps per epoch, 8 in QAT's two epochs.
@@ -258,3 +259,30 @@ def test_a_tensorrt_target_gets_a_symmetric_qat_file_that_the_engine_stage_build
     ]
     assert [c[1] for c in named(rec, "parse_from_file")] == ["pruned.int8-s8s8-qat.onnx"]
     assert len(named(rec, "build_serialized_network")) == 1
+
+
+@pytest.mark.e2e
+def test_distillation_in_qat_learns_from_the_fp32_model_it_quantises(
+    qat_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from toolchain.stages import qat as qat_stage
+
+    teachers: list[Any] = []
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        teachers.append(kwargs["teacher"])
+        return train_model(*args, **kwargs)
+
+    monkeypatch.setattr(qat_stage, "train_model", recording)
+    out = tmp_path / "run"
+    shutil.copytree(qat_run, out)
+    recipe = json.loads(json.dumps(QAT_RECIPE))
+    recipe["quantize"]["qat"]["loss"] = "rslad"
+    with one_torch_thread():
+        report = run_pipeline(recipe_from_dict(recipe), out, progress=False).to_json()
+    assert report["quantization"][0]["qat"]["loss"] == "rslad"
+    (teacher,) = teachers
+    # The pruned FP32 model (the dense one has more parameters): the INT8 file learns to agree
+    # with its own FP32 file.
+    params = sum(p.numel() for p in teacher.parameters())
+    assert params == report["models"]["pruned"]["params"] < report["models"]["dense"]["params"]

@@ -187,6 +187,8 @@ class QatConfig(TrainConfig):
     A training loop like ``finetune`` (its keys, and the same losses); the loss and its attack
     (``loss``, ``attack``, ``trades_beta``, ``adv_weight``, ``mixed``, ``distill``) default to
     ``finetune``'s, so the robust objective the model was fine-tuned with holds under rounding.
+    The distillation losses (``ard``, ``rslad``) learn here from the FP32 model being quantised,
+    not the dense one: they train the INT8 model to agree with its own FP32 file.
     """
 
     epochs: int = Field(2, ge=1, description="QAT epochs (at least 1; leave qat out for none)")

@@ -4,7 +4,7 @@ The quantize stage's files of calibration ``qat``. Each is made from a fake-quan
 the PyTorch model (:func:`calibration.qat.prepare_qat`: BatchNorm folded, the target runtime's
 INT8 scheme rounded in the forward pass) whose activation scales start from ``quantize.qat.init``
 on the clean calibration images, trained by the one training loop with the recipe's robust loss
-(the dense model teaches the distillation losses), checkpointed per epoch like every training
+(the FP32 model being quantised teaches the distillation losses), checkpointed per epoch like every training
 stage, and written with its trained scales (:func:`calibration.qat.export_qat`). The validate
 stage then judges the file like the post-training ones.
 """
@@ -25,7 +25,7 @@ from calibration.schemes import scheme_for_runtime
 from exporters.outputs import as_tuple
 from toolchain.recipe import QatConfig
 from toolchain.report.stage_results import QuantizedFile
-from toolchain.rundir import DENSE, QUANTIZE
+from toolchain.rundir import QUANTIZE
 from toolchain.stages.context import StageContext
 from toolchain.training import TrainCheckpoint, TrainHooks, train_model
 from toolchain.training.distill import DISTILL_LOSSES
@@ -129,7 +129,9 @@ def _train(
         device=ctx.device,
         hooks=TrainHooks(param_groups=_param_groups),
         checkpoint=TrainCheckpoint(ctx.run.checkpoint(QUANTIZE, loop), f"{ctx.keys[QUANTIZE]}/{loop}"),
-        teacher=ctx.models[DENSE] if qat.loss in DISTILL_LOSSES else None,
+        # QAT's teacher is the FP32 model it quantises: distilling from it trains for agreement
+        # with the FP32 file, which is what the INT8 gate measures.
+        teacher=ctx.models[name] if qat.loss in DISTILL_LOSSES else None,
     )
     return model.cpu().eval(), history
 
