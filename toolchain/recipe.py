@@ -143,7 +143,7 @@ class QuantizeGate(Section):
     was not measured fails its gate.
     """
 
-    calibration: Literal["all", "clean", "mixed"] = Field(
+    calibration: Literal["all", "clean", "mixed", "qat"] = Field(
         "all", description="which calibration's files the gates judge (all: every one quantize wrote)"
     )
     min_agreement: float | None = Field(
@@ -176,6 +176,35 @@ class QuantizeGate(Section):
     )
 
 
+#: The keys of ``quantize.qat`` that default to ``finetune``'s: the robust loss and its attack.
+QAT_LOSS_KEYS = ("loss", "trades_beta", "adv_weight", "mixed", "distill", "attack")
+
+
+class QatConfig(TrainConfig):
+    """Quantisation-aware fine-tuning (``quantize.qat``): the model trained with INT8 rounding in
+    its forward pass, then written as a Q/DQ file with the trained scales.
+
+    A training loop like ``finetune`` (its keys, and the same losses); the loss and its attack
+    (``loss``, ``attack``, ``trades_beta``, ``adv_weight``, ``mixed``, ``distill``) default to
+    ``finetune``'s, so the robust objective the model was fine-tuned with holds under rounding.
+    The distillation losses (``ard``, ``rslad``) learn here from the FP32 model being quantised,
+    not the dense one: they train the INT8 model to agree with its own FP32 file.
+    """
+
+    epochs: int = Field(2, ge=1, description="QAT epochs (at least 1; leave qat out for none)")
+    lr: Number = Field(
+        0.001, gt=0, description="peak learning rate of SGD (low: the model is already trained)"
+    )
+    init: Literal["minmax", "percentile", "entropy", "mse"] = Field(
+        "minmax",
+        description="how activation scales start: this calibration method's range of each layer's input "
+        "and output on the calibration images (quantize.samples clean training images)",
+    )
+    learn_scales: bool = Field(
+        True, description="activation scales are trained with the weights (LSQ); false keeps the initial ones"
+    )
+
+
 class QuantizeConfig(Section):
     """Static INT8 (Q/DQ) quantisation of the exported ONNX files."""
 
@@ -192,7 +221,7 @@ class QuantizeConfig(Section):
     calibrations: list[Literal["clean", "mixed"]] = Field(
         ["clean", "mixed"],
         description="calibrate on clean images only and/or on the mix; each gives its own file and report "
-        "rows",
+        "rows ([] with qat set: the QAT files only)",
     )
     samples: int = Field(256, ge=1, description="calibration images, from the training split")
     method: Literal["auto", "minmax", "percentile", "entropy", "mse"] = Field(
@@ -249,18 +278,34 @@ class QuantizeConfig(Section):
         AttackConfig(steps=5, step_size=2 / 255),
         description="the PGD that makes the mixed set's adversarial share",
     )
+    qat: QatConfig | None = Field(
+        None,
+        description="quantisation-aware fine-tuning: one more file per model and target, calibration `qat`, "
+        "trained under INT8 rounding with the robust loss and exported with its trained scales (null: off)",
+    )
     gate: QuantizeGate | None = Field(
         default_factory=QuantizeGate,
         description="gates refusing an INT8 file that disagrees with its FP32 file, is slower, or loses more "
         "than these margins; on by default (null: no INT8 gate)",
     )
 
+    @property
+    def file_calibrations(self) -> list[str]:
+        """The calibration of each file per model and target: ``calibrations``, then ``qat``."""
+        return [*self.calibrations, *(["qat"] if self.qat is not None else [])]
+
     @model_validator(mode="after")
     def _consistent(self) -> QuantizeConfig:
-        if not self.calibrations or not self.targets or not self.models:
-            raise ValueError("models, targets and calibrations must not be empty")
-        if self.gate is not None and self.gate.calibration not in ("all", *self.calibrations):
-            raise ValueError(f"gate.calibration {self.gate.calibration!r} is not in calibrations")
+        if not self.targets or not self.models:
+            raise ValueError("models and targets must not be empty")
+        if not self.file_calibrations:
+            raise ValueError("calibrations must not be empty (it may be [] when qat is set)")
+        if self.qat is not None and not self.enabled:
+            raise ValueError("qat writes an INT8 file: it needs quantize.enabled: true")
+        if self.gate is not None and self.gate.calibration not in ("all", *self.file_calibrations):
+            raise ValueError(
+                f"gate.calibration {self.gate.calibration!r} is not in calibrations (or qat, when qat is set)"
+            )
         if any(not 1 <= s <= 5 for s in self.severities):
             raise ValueError(f"severities must be 1..5, got {self.severities}")
         return self
@@ -422,6 +467,19 @@ class Recipe(Section):
         "intrinsic gate evaluated-and-gated fails it otherwise); for exploratory runs, never a release",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _qat_loss_from_finetune(cls, data: Any) -> Any:
+        """``quantize.qat`` keeps ``finetune``'s loss and attack unless it sets its own."""
+        if not isinstance(data, dict):
+            return data
+        quantize, finetune = data.get("quantize"), data.get("finetune")
+        qat = quantize.get("qat") if isinstance(quantize, dict) else None
+        if not isinstance(quantize, dict) or not isinstance(qat, dict) or not isinstance(finetune, dict):
+            return data
+        inherited = {k: finetune[k] for k in QAT_LOSS_KEYS if k in finetune and k not in qat}
+        return {**data, "quantize": {**quantize, "qat": {**inherited, **qat}}}
+
     @model_validator(mode="after")
     def _dense_training_has_no_teacher(self) -> Recipe:
         if self.train.loss in ("ard", "rslad"):
@@ -446,6 +504,8 @@ class Recipe(Section):
         payload = {name: _dump(getattr(self, name)) for name in sections}
         if "data" in payload:
             _drop_unset_data_seed(payload["data"])
+        if "quantize" in payload:
+            _drop_unset_qat(payload["quantize"])
         payload["seed"] = self.seed
         return _sha256(payload)
 
@@ -457,8 +517,9 @@ class Recipe(Section):
     def sha256(self) -> str:
         """The hash of the whole validated recipe (report.json's ``recipe_sha256``).
 
-        A recipe with the default task (or ``allow_unverified`` false) hashes without that key,
-        as it did before the key existed, so older reports keep matching their recipes.
+        A recipe with the default task (or ``allow_unverified`` false, or no ``quantize.qat``)
+        hashes without that key, as it did before the key existed, so older reports keep
+        matching their recipes.
         """
         dump = self.model_dump(mode="json")
         if dump["task"] == "classification":
@@ -466,6 +527,7 @@ class Recipe(Section):
         if not dump["allow_unverified"]:  # recipes from before the key keep their hash
             del dump["allow_unverified"]
         _drop_unset_data_seed(dump["data"])
+        _drop_unset_qat(dump["quantize"])
         return _sha256(dump)
 
 
@@ -473,6 +535,12 @@ def _drop_unset_data_seed(data: dict[str, Any]) -> None:
     """An unset ``data.seed`` hashes as if the key did not exist, as before it did (same caches)."""
     if data.get("seed") is None:
         data.pop("seed", None)
+
+
+def _drop_unset_qat(quantize: dict[str, Any]) -> None:
+    """No ``quantize.qat`` hashes as before the key existed (same caches, same recipe hashes)."""
+    if quantize.get("qat") is None:
+        quantize.pop("qat", None)
 
 
 def _dump(value: Any) -> Any:

@@ -135,9 +135,12 @@ class RunLayout:
         """The stage's ``stage.json``."""
         return self.root / stage / RECORD_FILE
 
-    def checkpoint(self, stage: str) -> Path:
-        """The per-epoch training checkpoint of a stage that trains."""
-        return self.root / stage / CHECKPOINT_FILE
+    def checkpoint(self, stage: str, loop: str | None = None) -> Path:
+        """The per-epoch training checkpoint of a stage that trains (of one of its training
+        ``loop``s, for a stage with several: ``.checkpoint-<loop>.pt``)."""
+        if loop is None:
+            return self.root / stage / CHECKPOINT_FILE
+        return self.root / stage / f".checkpoint-{loop}.pt"
 
     def model_file(self, stage: str) -> Path:
         """The model a model stage saves (train, prune, finetune)."""

@@ -136,7 +136,7 @@ def quantization_gates(recipe: Recipe) -> list[Gate]:
         "attack_drop": gate.max_pgd_drop,
         "corruption_drop": gate.max_corruption_drop,
     }
-    calibrations = cfg.calibrations if gate.calibration == "all" else [gate.calibration]
+    calibrations = cfg.file_calibrations if gate.calibration == "all" else [gate.calibration]
     gates = []
     for model in cfg.models:
         for target in cfg.targets:

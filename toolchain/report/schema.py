@@ -458,7 +458,7 @@ class Evaluation(Record):
     model: str = Field(description="dense or pruned")
     runtime: str = Field(description="torch, onnxruntime, tensorrt, onnxruntime-cuda or onnxruntime-tensorrt")
     precision: str = Field("fp32", description="fp32, fp16 or int8")
-    calibration: str | None = Field(None, description="INT8 files: clean or mixed")
+    calibration: str | None = Field(None, description="INT8 files: clean, mixed or qat")
     scheme: str | None = Field(None, description="INT8 files: the Q/DQ scheme (u8s8 or s8s8)")
     file: str | None = Field(None, description="INT8 files on ONNX Runtime: the Q/DQ file")
     engine: str | None = Field(None, description="TensorRT engines: the engine file")
@@ -562,7 +562,7 @@ class LatencyRow(Record):
     provider: str | None = Field(
         None, description="ONNX Runtime's execution provider after session creation (what really ran)"
     )
-    calibration: str | None = Field(None, description="INT8 files: clean or mixed")
+    calibration: str | None = Field(None, description="INT8 files: clean, mixed or qat")
     scheme: str | None = Field(None, description="INT8 files: the Q/DQ scheme")
     file: str | None = Field(None, description="INT8 files: the Q/DQ file")
     engine: str | None = Field(None, description="TensorRT engines: the engine file")
@@ -576,18 +576,20 @@ class QuantizedFile(Record):
     """One INT8 Q/DQ file: which model, for which runtime's scheme, calibrated how, and what ONNX
     Runtime fused of it (the ``quantize`` stage's record of it)."""
 
-    omit_if_none = frozenset({"methods_agreement", "holdout_agreement", "mixed_precision", "speed"})
+    omit_if_none = frozenset({"methods_agreement", "holdout_agreement", "mixed_precision", "speed", "qat"})
     model: str = Field(description="dense or pruned")
     target: str = Field(description="the runtime the file is made for (onnxruntime or tensorrt)")
     scheme: str = Field(description="u8s8 (ONNX Runtime CPU) or s8s8 (TensorRT)")
     scheme_description: str = Field("", description="the scheme in words")
-    calibration: str = Field(description="clean or mixed")
+    calibration: str = Field(description="clean, mixed, or qat (quantisation-aware fine-tuning)")
     file: str = Field(description="the Q/DQ file, under quantize/")
     samples: int = Field(0, description="calibration images")
     counts: dict[str, int] = Field(
         default_factory=dict, description="calibration images per kind: clean, corrupted, adversarial"
     )
-    method: str | None = Field(None, description="the calibrator (quantize.method)")
+    method: str | None = Field(
+        None, description="the calibrator (quantize.method), or qat for a quantisation-aware fine-tuned file"
+    )
     per_channel: bool | None = Field(None, description="per-channel weight scales")
     excluded_nodes: list[str] = Field(default_factory=list, description="nodes kept in float")
     quantized_nodes: dict[str, int] = Field(
@@ -617,6 +619,12 @@ class QuantizedFile(Record):
         "bench batch sizes (batches: fp32_p50_ms, int8_p50_ms, speedup, and with FP32 layers "
         "all_int8_p50_ms and mixed_precision_cost), faster, why_not (fused convolutions, Q/DQ nodes left, "
         "MMACs per convolution)",
+    )
+    qat: dict[str, Any] | None = Field(
+        None,
+        description="quantize.qat files: epochs, loss, init (how activation scales started), learn_scales, "
+        "history (per epoch: loss, accuracy under rounding, lr), layers (how many were quantised), "
+        "unmatched_nodes (graph nodes left in float)",
     )
 
 

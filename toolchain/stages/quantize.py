@@ -8,6 +8,9 @@ with the FP32 file on held-out training images, clean and PGD-transfer (``quanti
 none of them used for calibration (the report's agreement is measured later, on the validation split). The
 calibration library (:mod:`calibration`) gets this project's corruptions and attacks as
 callables.
+
+With ``quantize.qat`` the stage also fine-tunes each model under INT8 rounding and writes its
+file of calibration ``qat`` (:mod:`toolchain.stages.qat`), timed like the others.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from toolchain.robustness.corruptions import corrupt
 from toolchain.rundir import EXPORT, QUANTIZE, QUANTIZE_RECORD, RunLayout, write_json
 from toolchain.stages.base import Stage, StageOutput
 from toolchain.stages.context import StageContext
+from toolchain.stages.qat import qat_files
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +60,17 @@ class Quantize(Stage):
 
     def run(self, ctx: StageContext) -> StageOutput:
         files: list[QuantizedFile] = []
-        if ctx.recipe.quantize.enabled:
+        cfg = ctx.recipe.quantize
+        if cfg.enabled and cfg.calibrations:
             files = quantize_models(ctx.recipe, ctx.models, ctx.run, lambda: ctx.train_loader(seed_offset=3))
+        if cfg.enabled and cfg.qat is not None:
+            for record in qat_files(ctx):
+                _warn_unfused(record)
+                if record.target == "onnxruntime":
+                    record.speed = _speed(
+                        ctx.recipe, ctx.run, None, record, ctx.models[record.model], ctx.example_inputs
+                    )
+                files.append(record)
         write_json(ctx.run.quantize_record, [f.to_json() for f in files])
         return StageOutput([*(f.file for f in files), QUANTIZE_RECORD], QuantizeResult(files=files))
 
@@ -235,15 +248,7 @@ def _quantize_one(
         **options,
     )
     fusion = count_fused_kernels(result.path, threads=threads)
-    if target == "onnxruntime" and not fusion["all_integer"]:
-        log.warning(
-            "%s: ONNX Runtime fused only %d of %d convolutions into integer kernels; "
-            "the unfused ones run slower than in FP32",
-            result.path.name,
-            fusion["integer_conv"],
-            fusion["conv_nodes"],
-        )
-    return QuantizedFile(
+    record = QuantizedFile(
         model=name,
         target=target,
         scheme=scheme.name,
@@ -263,23 +268,37 @@ def _quantize_one(
         ),
         mixed_precision=mixed.as_dict() if mixed else None,
     )
+    _warn_unfused(record)
+    return record
+
+
+def _warn_unfused(record: QuantizedFile) -> None:
+    if record.target == "onnxruntime" and not record.fusion["all_integer"]:
+        log.warning(
+            "%s: ONNX Runtime fused only %d of %d convolutions into integer kernels; "
+            "the unfused ones run slower than in FP32",
+            record.file,
+            record.fusion["integer_conv"],
+            record.fusion["conv_nodes"],
+        )
 
 
 def _speed(
     recipe: Recipe,
     layout: RunLayout,
-    prepared: Calibration,
+    prepared: Calibration | None,
     record: QuantizedFile,
     model: nn.Module,
     pixels: torch.Tensor,
 ) -> dict[str, Any]:
     """The INT8 file against its FP32 file on ONNX Runtime's CPU (the ``onnxruntime`` target), at
-    the bench stage's batch sizes and threads; with layers kept in FP32, the all-INT8 file too."""
+    the bench stage's batch sizes and threads; with layers kept in FP32, the all-INT8 file too
+    (``prepared``: the calibration that wrote it; None for a QAT file)."""
     bench = recipe.bench
     macs, _ = count_macs_params(model, pixels[:1])
     with tempfile.TemporaryDirectory(prefix="robustprune-speed-") as tmp:
         all_int8 = None
-        if record.mixed_precision and record.mixed_precision["fp32_nodes"]:
+        if prepared is not None and record.mixed_precision and record.mixed_precision["fp32_nodes"]:
             all_int8 = prepared.write(
                 Path(tmp) / "all-int8.onnx",
                 scheme=record.scheme,

@@ -1,0 +1,239 @@
+"""Quantisation-aware fine-tuning (calibration/qat.py, qat_export.py): the fake-quantised model
+trains, its Q/DQ file holds the trained scales, and ONNX Runtime computes what the fake-quantised
+model computed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+from calibration.fusion import count_fused_kernels
+from calibration.qat import FakeQuantLayer, fold_batchnorm, init_activation_ranges, prepare_qat, qat_layers
+from calibration.qat_export import export_qat
+from calibration.ranges import Histogram, compute_range
+from exporters.base import InputSpec
+from exporters.errors import UnknownNameError, UserError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SPEC = InputSpec(3, 8, 8)
+
+
+def _model() -> nn.Module:
+    """conv-BN-ReLU twice, pooled into a linear head; BatchNorm with statistics of its own."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    )
+    for bn in (model[1], model[4]):
+        bn.running_mean.uniform_(-0.3, 0.3)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.uniform_(-0.2, 0.2)
+    return model.eval()
+
+
+def _images(n: int = 64, seed: int = 0) -> torch.Tensor:
+    return torch.rand(n, *SPEC.shape(1)[1:], generator=torch.Generator().manual_seed(seed))
+
+
+def _trained(scheme: str, steps: int = 20) -> nn.Module:
+    """A QAT model whose weights and activation scales moved away from their start (a few SGD
+    steps on fixed random labels)."""
+    model = prepare_qat(_model(), _images(2), scheme)
+    init_activation_ranges(model, _images().split(16))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    x, y = _images(32, seed=1), torch.arange(32) % 4
+    model.train()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    return model.eval()
+
+
+def _session(path: Path, fused: bool) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    if not fused:  # the Q/DQ nodes run as written: exactly what the file specifies
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _run(path: Path, x: torch.Tensor, *, fused: bool) -> np.ndarray:
+    session = _session(path, fused)
+    return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+
+
+def _one_step_of_the_output(model: nn.Module) -> float:
+    """How far one quantisation step of every input of the last layer (whose logits stay float)
+    can move a logit: its input scale x the largest L1 norm of a row of its int8-rounded weights."""
+    q = qat_layers(model)["8"].quantization()
+    weights = q.weight_int8.astype(np.float64) * q.weight_scale[:, None]
+    return q.input_scale * float(np.abs(weights).sum(1).max())
+
+
+@pytest.fixture(scope="module")
+def u8_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, Path]:
+    model = _trained("u8s8")
+    path = export_qat(model, tmp_path_factory.mktemp("qat") / "m.onnx", input_spec=SPEC).path
+    return model, path
+
+
+def test_onnx_runtime_runs_the_file_as_the_fake_quantised_model(u8_file: tuple[nn.Module, Path]) -> None:
+    model, path = u8_file
+    x = _images(48, seed=5)
+    with torch.no_grad():
+        expected = model(x).numpy()
+    # Q/DQ as written: the same arithmetic up to float summation order.
+    assert np.abs(_run(path, x, fused=False) - expected).max() < 1e-5
+    # Fused integer kernels requantise each convolution's accumulator once; a rounding tie may
+    # land on the other side, so the logits agree within one quantisation step of the output.
+    fused = _run(path, x, fused=True)
+    assert np.abs(fused - expected).max() <= _one_step_of_the_output(model)
+    assert (fused.argmax(1) == expected.argmax(1)).mean() >= 0.95
+    fusion = count_fused_kernels(path)
+    assert (fusion["integer_conv"], fusion["conv_nodes"], fusion["all_integer"]) == (2, 2, True)
+
+
+def test_the_file_holds_the_trained_scales_and_integer_weights(u8_file: tuple[nn.Module, Path]) -> None:
+    model, path = u8_file
+    graph = onnx.load(str(path)).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    layers = qat_layers(model)
+    assert list(layers) == ["0", "3", "8"]  # the BatchNorms were folded, not wrapped
+    for name, layer in layers.items():
+        q = layer.quantization()
+        assert q.input_scale != pytest.approx(1.0)  # initialised, then trained
+        assert inits[f"{name}.0.input_scale"] == np.float32(float(layer.input_scale.detach()))
+        assert inits[f"{name}.0.input_zero_point"].dtype == np.uint8
+        weights = inits[f"{name}.0.weight_int8"]
+        assert weights.dtype == np.int8 and np.abs(weights).max() == 127  # the largest hits the grid edge
+        # Per output channel, symmetric: max |w| / 127, zero point 0.
+        amax = layer.weight.detach().abs().flatten(1).amax(1).numpy()
+        np.testing.assert_array_equal(inits[f"{name}.0.weight_scale"], (amax / 127).astype(np.float32))
+        assert not inits[f"{name}.0.weight_zero_point"].any()
+        assert inits[f"{name}.0.bias_int32"].dtype == np.int32
+        np.testing.assert_allclose(
+            inits[f"{name}.0.bias_scale"], q.input_scale * inits[f"{name}.0.weight_scale"], rtol=1e-6
+        )
+    # The convolutions' outputs are quantised (ONNX Runtime fuses only such convolutions); the
+    # logits are not.
+    assert inits["3.0.output_scale"] == np.float32(float(layers["3"].output_scale.detach()))
+    assert "8.0.output_scale" not in inits
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("QuantizeLinear") == 5 and ops.count("DequantizeLinear") == 5 + 3 + 3
+
+
+def test_tensorrt_files_are_symmetric_with_zero_points_zero(tmp_path: Path) -> None:
+    model = _trained("s8s8", steps=5)
+    path = export_qat(model, tmp_path / "trt.onnx", input_spec=SPEC).path
+    graph = onnx.load(str(path)).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    qdq = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    # int8 activations and weights, every zero point 0: what TensorRT's explicit quantisation takes.
+    assert len(qdq) == 5 + 5 + 3 and all(inits[n.input[2]].dtype == np.int8 for n in qdq)
+    assert not any(inits[n.input[2]].any() for n in qdq)
+    # The bias stays float (TensorRT dequantises 8-bit inputs only), holding the rounded values
+    # the fake-quantised layer added.
+    q = qat_layers(model)["3"].quantization()
+    assert q.bias_int32 is not None and q.bias_scale is not None
+    np.testing.assert_array_equal(inits["3.0.bias"], q.bias_int32.astype(np.float32) * q.bias_scale)
+    x = _images(16, seed=6)
+    with torch.no_grad():
+        expected = model(x).numpy()
+    assert np.abs(_run(path, x, fused=False) - expected).max() < 1e-5
+
+
+def test_activation_scales_start_from_the_observed_ranges() -> None:
+    model = prepare_qat(_model(), _images(2), "u8s8", learn_scales=False)
+    x = _images()
+    ranges = init_activation_ranges(model, x.split(16))
+    first = qat_layers(model)["0"]
+    # Pixels in [0, 1): the range [0, max] on 255 steps, zero point 0.
+    assert ranges["0"]["input"] == (pytest.approx(float(x.min())), pytest.approx(float(x.max())))
+    assert float(first.input_scale) == pytest.approx(float(x.max()) / 255)
+    assert int(first.input_zero_point) == 0
+    # The first convolution's output (BatchNorm folded in) has both signs: an asymmetric grid.
+    with torch.no_grad():
+        out = first.layer(x)
+    low, high = float(out.min()), float(out.max())
+    assert low < 0 < high
+    assert float(first.output_scale) == pytest.approx((high - low) / 255, rel=1e-5)
+    assert int(first.output_zero_point) == round(-low / ((high - low) / 255))
+    assert not first.input_scale.requires_grad  # learn_scales=False freezes them
+
+
+@pytest.mark.parametrize("method", ["percentile", "entropy", "mse"])
+def test_other_methods_start_from_their_range_of_the_same_values(method: str) -> None:
+    model = prepare_qat(_model(), _images(2), "u8s8")
+    x = _images() * 0.5
+    x[::16, 0, 0, 0] = 1.0  # a few bright outliers
+    ranges = init_activation_ranges(model, x.split(16), method=method, percentile=99.0)
+    values = x.numpy()
+    # The range the method gives the raw values, though the images were streamed in batches.
+    expected = compute_range(method, Histogram.of([values], float(values.min()), float(values.max())), 99.0)
+    assert ranges["0"]["input"] == pytest.approx(expected)
+    with pytest.raises(UnknownNameError, match="minmax"):
+        init_activation_ranges(model, x.split(16), method="kl")
+
+
+def test_learnt_scales_get_gradients_and_rounding_passes_them_straight_through() -> None:
+    model = prepare_qat(_model(), _images(2), "u8s8")
+    init_activation_ranges(model, _images().split(16))
+    model(_images(8)).sum().backward()
+    layer = qat_layers(model)["3"]
+    assert layer.input_scale.grad is not None and float(layer.input_scale.grad) != 0.0
+    assert layer.layer.weight.grad is not None and layer.layer.weight.grad.abs().sum() > 0
+
+
+def test_batchnorm_folds_into_the_convolution_before_it() -> None:
+    model = _model()
+    x = _images(8)
+    with torch.no_grad():
+        before = model(x)
+    assert fold_batchnorm(model, x[:2]) == ["1", "4"]
+    assert isinstance(model[1], nn.Identity) and isinstance(model[4], nn.Identity)
+    assert model[0].bias is not None  # the folded shift became the convolution's bias
+    with torch.no_grad():
+        assert torch.allclose(model(x), before, atol=1e-5)
+
+
+class _SharedOutput(nn.Module):
+    """A convolution whose output is read by its BatchNorm and, unnormalised, by a sum."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.bn = nn.BatchNorm2d(3)
+        self.bn.running_mean.fill_(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
+def test_batchnorm_that_cannot_be_folded_is_refused() -> None:
+    with pytest.raises(UserError, match="read both by its BatchNorm and elsewhere"):
+        prepare_qat(_SharedOutput().eval(), _images(2), "u8s8")
+
+
+def test_export_refuses_a_model_without_fake_quantised_layers(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="needs a model from prepare_qat"):
+        export_qat(_model(), tmp_path / "x.onnx", input_spec=SPEC)
+    assert all(not isinstance(m, FakeQuantLayer) for m in _model().modules())
