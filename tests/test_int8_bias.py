@@ -192,3 +192,38 @@ def test_a_float_bias_is_corrected_as_a_float(prepared: Calibration, tmp_path: P
     assert result.shifts[first] == pytest.approx(0.05, abs=0.01)
     original = next(i for i in quantised.graph.initializer if i.name == "0.bias")
     np.testing.assert_array_equal(numpy_helper.to_array(original), values.astype(np.float32))  # a copy
+
+
+def test_the_quantize_stage_records_bias_correction(tmp_path: Path) -> None:
+    from toolchain.recipe import recipe_from_dict
+    from toolchain.rundir import RunLayout
+    from toolchain.stages.quantize import quantize_models
+
+    model = _biased_model()
+    layout = RunLayout(tmp_path)
+    export_onnx(model, layout.onnx("pruned"), input_spec=SPEC)
+    x = torch.from_numpy(_images(32, seed=3))
+    batches = [(x, torch.arange(32) % 3)]
+    recipe = recipe_from_dict(
+        {
+            "data": {"dataset": "signs", "image_size": 8},
+            "model": {"arch": "convnet"},
+            "quantize": {
+                "enabled": True,
+                "samples": 32,
+                "calibrations": ["clean"],
+                "method": "minmax",
+                "targets": ["onnxruntime", "tensorrt"],
+                "bias_correction": True,
+            },
+            "validate": {"threads": 1},
+            "bench": {"batch_sizes": [1], "iterations": 2, "warmup": 1, "threads": 1},
+        }
+    )
+    records = quantize_models(recipe, {"pruned": model}, layout, lambda: batches)
+    assert [r.scheme for r in records] == ["u8s8", "s8s8"]
+    for record in records:
+        assert record.bias_correction and len(record.bias_shift or {}) == 3
+        assert (record.bias_shift or {})[next(iter(record.bias_shift or {}))] == pytest.approx(0.05, abs=0.01)
+        assert record.to_json()["bias_correction"] is True
+    assert records[0].fusion["all_integer"]
