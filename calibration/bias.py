@@ -82,11 +82,13 @@ class BiasCorrection:
 
 
 def biased_layers(model: onnx.ModelProto) -> list[BiasedLayer]:
-    """The layers of an FP32 graph whose bias is a constant, in graph (topological) order."""
+    """The named layers of an FP32 graph whose bias is a constant, in graph (topological) order."""
     constants = {i.name for i in model.graph.initializer}
     producers = {out: node for node in model.graph.node for out in node.output}
     found = []
     for node in model.graph.node:
+        if not node.name:  # matched to the quantised graph by name
+            continue
         if node.op_type in (*_CHANNEL_FIRST, "Gemm") and len(node.input) == 3 and node.input[2] in constants:
             found.append(BiasedLayer(node.name, node.output[0], 1 if node.op_type in _CHANNEL_FIRST else -1))
         elif node.op_type == "Add" and _matmul_bias(node, producers, constants) is not None:
