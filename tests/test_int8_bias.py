@@ -227,3 +227,53 @@ def test_the_quantize_stage_records_bias_correction(tmp_path: Path) -> None:
         assert (record.bias_shift or {})[next(iter(record.bias_shift or {}))] == pytest.approx(0.05, abs=0.01)
         assert record.to_json()["bias_correction"] is True
     assert records[0].fusion["all_integer"]
+
+
+class _TokenLinear(nn.Module):
+    """A convolution, then a linear layer applied to each of the 64 positions (exported as MatMul
+    + Add of a constant) whose weights are planted like the first convolution's: one of 1 per
+    output, the rest ``SMALL``, so their int8 rounding shifts every output up."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.linear = nn.Linear(8, 4)
+        self.head = nn.Linear(4, 3)
+        with torch.no_grad():
+            self.linear.weight.fill_(SMALL)
+            for out in range(4):
+                self.linear.weight[out, out] = 1.0
+            self.linear.bias.copy_(torch.tensor([-0.25, 0.1, -0.05, 0.2]))  # a fine 8-bit grid
+            self.conv.bias.fill_(1.0)  # inputs near 1, so the rounding shift is ~7 * 0.0039
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = torch.relu(self.conv(x)).flatten(2).transpose(1, 2)
+        return self.head(self.linear(tokens).mean(1))
+
+
+@pytest.mark.parametrize("scheme", ["u8s8", "s8s8"])
+def test_a_matmul_and_its_add_are_corrected_on_the_constants_grid(tmp_path: Path, scheme: str) -> None:
+    path = export_onnx(_TokenLinear().eval(), tmp_path / "tokens.onnx", input_spec=SPEC)
+    x = _images(64, seed=0)
+    prepared = calibrate(path, x)
+    ops = {n.name: n.op_type for n in prepared.model.graph.node}
+    (add,) = [layer for layer in biased_layers(prepared.model) if ops[layer.node] == "Add"]
+    plain = prepared.write(tmp_path / "plain.onnx", scheme=scheme)
+    fixed = prepared.write(tmp_path / "fixed.onnx", scheme=scheme, bias_correction=True)
+    assert add.node in (fixed.bias_shift or {})
+    fp32 = _fp32_means(prepared, x)[add.node]
+    quantised = onnx.load(str(fixed.path))
+    out = next(n for n in quantised.graph.node if n.name == add.node).output[0]
+    fused = scheme == "u8s8"
+    errors = []
+    for file in (plain.path, fixed.path):
+        got = layer_means(onnx.load(str(file)), {out: -1}, [{"pixels": x}], optimize=fused)[out]
+        errors.append(np.abs(got - fp32))
+    # The bias is an 8-bit constant (its own scale): corrected to within half of its step.
+    inits = _initializers(fixed.path)
+    add_inputs = {t for n in quantised.graph.node if n.name == add.node for t in n.input}
+    (dq,) = [n for n in quantised.graph.node if n.output[0] in add_inputs and n.input[0] in inits]
+    step = float(inits[dq.input[1]].max())
+    assert errors[0].mean() > 4 * step  # planted: well above the grid
+    assert errors[1].max() <= 0.5 * step + 1e-4
