@@ -23,7 +23,8 @@ Runtime folds a ReLU into the output's uint8 range, so there is no post-ReLU flo
 The bias keeps its encoding: ONNX Runtime stores a Conv or Gemm bias as int32 with scale
 ``input_scale * weight_scale`` (its integer kernels need exactly that scale), so the int32
 values are rewritten on that grid; a float bias is rewritten as is; an 8-bit constant of an Add
-keeps its zero point and widens its scale only if the corrected values no longer fit.
+keeps its zero point, widens its own scale only if the corrected values no longer fit, and so
+takes the correction to within half of its (coarser) step.
 """
 
 from __future__ import annotations
@@ -294,7 +295,8 @@ def _shift_bias(model: onnx.ModelProto, name: str, shift: np.ndarray) -> bool:
     zero = numpy_helper.to_array(inits[dq.input[2]]).astype(np.float64) if len(dq.input) > 2 else 0.0
     target = (q.astype(np.float64) - zero) * scale + delta.reshape(q.shape)
     info = np.iinfo(q.dtype)
-    if q.dtype != np.int32:  # an 8-bit constant: widen its scale rather than clip
+    shared = sum(dq.input[1] in n.input for n in model.graph.node) > 1
+    if q.dtype != np.int32 and not shared:  # an 8-bit constant of its own: widen its scale, not clip
         room = np.maximum(target / np.where(target >= 0, info.max - zero, info.min - zero), 0)
         scale = np.maximum(scale, room.max() if scale.ndim == 0 else room)
         _replace(inits[dq.input[1]], scale.astype(np.float32))
