@@ -106,7 +106,7 @@ def layer_means(
     threads: int = 1,
 ) -> dict[str, np.ndarray]:
     """The mean of each tensor of ``outputs`` (name -> channel axis) per channel, over every
-    other axis and every feed, with the tensors made graph outputs of a copy of ``model``.
+    other axis and every feed, with a copy of ``model`` cut down to what computes them.
 
     Args:
         optimize: let ONNX Runtime fuse the graph (a quantised file then runs its integer
@@ -114,14 +114,7 @@ def layer_means(
     """
     import onnxruntime as ort
 
-    augmented = onnx.ModelProto()
-    augmented.CopyFrom(model)
-    present = {o.name for o in augmented.graph.output}
-    augmented.graph.output.extend(
-        onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
-        for name in outputs
-        if name not in present
-    )
+    augmented = _up_to(model, list(outputs))
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
@@ -197,6 +190,37 @@ def correct_bias(
     if result.clipped:
         log.warning("bias correction: the corrected biases of %s were clipped to their range", result.clipped)
     return result
+
+
+def _up_to(model: onnx.ModelProto, outputs: Sequence[str]) -> onnx.ModelProto:
+    """A copy of ``model`` whose outputs are ``outputs``, without the nodes they do not need (a
+    layer early in the graph is then measured at the cost of the layers before it only)."""
+    graph = model.graph
+    producers = {out: i for i, node in enumerate(graph.node) for out in node.output}
+    keep: set[int] = set()
+    pending = [producers[t] for t in outputs if t in producers]
+    while pending:
+        index = pending.pop()
+        if index not in keep:
+            keep.add(index)
+            pending.extend(producers[t] for t in graph.node[index].input if t in producers)
+    if any(
+        a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+        for n in graph.node
+        for a in n.attribute
+    ):
+        keep = set(range(len(graph.node)))  # a subgraph may read any outer tensor: keep them all
+    nodes = [node for i, node in enumerate(graph.node) if i in keep]
+    used = {t for node in nodes for t in node.input}
+    cut = onnx.helper.make_graph(
+        nodes,
+        graph.name,
+        list(graph.input),
+        [onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in outputs],
+        [init for init in graph.initializer if init.name in used],
+    )
+    out = onnx.helper.make_model(cut, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    return out
 
 
 def _matmul_bias(
