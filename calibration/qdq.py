@@ -132,7 +132,8 @@ class Calibration:
         (:func:`calibration.bias.correct_bias`, on the calibration images).
 
         Raises:
-            UserError: unknown scheme, method or node names.
+            UserError: unknown scheme, method or node names; bias correction of a calibration
+                made without its images.
             ExportError: ONNX Runtime's quantiser failed.
         """
         chosen: QuantScheme = SCHEMES.get(scheme)
