@@ -1,7 +1,8 @@
-"""Rendered blocks for corruptions, attacks and latency (see ``bench/renderers.py``)."""
+"""Rendered blocks for corruptions, attacks, latency and INT8 (see ``bench/renderers.py``)."""
 
 from __future__ import annotations
 
+import statistics
 from typing import Any
 
 import bench_corruptions
@@ -242,5 +243,48 @@ def int8_quickstart() -> str:
             *rows,
             "",
             source("int8_quickstart.json"),
+        ]
+    )
+
+
+@renderer("int8.bias-correction")
+def int8_bias_correction() -> str:
+    """Post-training INT8 files with and without bias correction (bench/bench_bias_correction.py),
+    on the same model trained for 4 and for 8 epochs."""
+    files = ["int8_bias_correction_e4.json", "int8_bias_correction_e8.json"]
+    results = [load(name) for name in files]
+    rows = [
+        "| training | FP32 clean / PGD-transfer | method | bias correction | agreement clean | "
+        "agreement PGD | clean accuracy | mean abs logit error | mean output shift |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for result in results:
+        fp32 = result["fp32"]
+        for r in result["rows"]:
+            rows.append(
+                f"| {len(result['train_history'])} epochs | {pct(fp32['clean_accuracy'])} / "
+                f"{pct(fp32['adversarial_accuracy'])} | {r['method']} | "
+                f"{'on' if r['bias_correction'] else 'off'} | {pct(r['clean_agreement'])} | "
+                f"{pct(r['adversarial_agreement'])} | {pct(r['clean_accuracy'])} | "
+                f"{r['clean_mean_abs_logit_error']:.3f} | {r['mean_output_shift']:.4f} |"
+            )
+    first = results[0]
+    seconds = {
+        on: statistics.median(
+            r["write_seconds"] for result in results for r in result["rows"] if r["bias_correction"] == on
+        )
+        for on in (False, True)
+    }
+    return "\n".join(
+        [
+            f"{first['model']}; u8s8 files calibrated on {first['calibration_images']} training images, "
+            f"measured on {first['validation_images']} validation images. Mean output shift: mean over "
+            "the biased layers and their channels of |INT8 mean − FP32 mean| on the validation images, "
+            f"as ONNX Runtime runs the file. Writing a file took {seconds[False]:.1f} s, "
+            f"{seconds[True]:.1f} s with bias correction (medians, one thread).",
+            "",
+            *rows,
+            "",
+            source(*files),
         ]
     )

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from calibration.bias import BiasCorrection, biased_layers, correct_bias, layer_means
 from calibration.ranges import (
     Histogram,
     calibration_tensors,
@@ -28,7 +29,7 @@ from calibration.ranges import (
     compute_range,
     range_methods,
 )
-from calibration.schemes import SCHEMES, QuantScheme
+from calibration.schemes import RUNTIME_SCHEMES, SCHEMES, QuantScheme
 from exporters.errors import ExportError, UserError, resource_error
 from exporters.onnx import INPUT_NAME, load_onnx
 
@@ -51,6 +52,8 @@ class QuantizeResult:
         samples: calibration images used.
         quantized_nodes: count per op type of the nodes that got Q/DQ inputs (Conv, Gemm, ...).
         excluded_nodes: the node names kept in float, as asked.
+        bias_shift: with bias correction, per corrected layer the mean |shift| subtracted from
+            its bias over its channels (:mod:`calibration.bias`); None without.
     """
 
     path: Path
@@ -60,6 +63,11 @@ class QuantizeResult:
     samples: int
     quantized_nodes: dict[str, int] = field(default_factory=dict)
     excluded_nodes: list[str] = field(default_factory=list)
+    bias_shift: dict[str, float] | None = None
+
+    @property
+    def bias_correction(self) -> bool:
+        return self.bias_shift is not None
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -80,12 +88,17 @@ class Calibration:
             folded into the convolutions).
         histograms: per calibrated tensor, its values on the calibration images.
         samples: calibration images.
+        feeds: the calibration images as the file takes them (one ``{input: batch}`` per run),
+            which bias correction runs the FP32 and the quantised graph on.
     """
 
     source: Path
     model: onnx.ModelProto
     histograms: dict[str, Histogram]
     samples: int
+    feeds: list[dict[str, np.ndarray]] = field(default_factory=list, repr=False)
+    # The FP32 layers' per-channel means on ``feeds``: the same for every file written.
+    _fp32_means: dict[str, np.ndarray] | None = field(default=None, init=False, repr=False)
 
     @property
     def node_names(self) -> list[str]:
@@ -111,12 +124,16 @@ class Calibration:
         per_channel: bool = True,
         percentile: float = 99.99,
         exclude_nodes: Sequence[str] = (),
+        bias_correction: bool = False,
         metadata: dict[str, Any] | None = None,
     ) -> QuantizeResult:
-        """Write the Q/DQ file with ``method``'s ranges, keeping ``exclude_nodes`` in float.
+        """Write the Q/DQ file with ``method``'s ranges, keeping ``exclude_nodes`` in float, and
+        with ``bias_correction`` each INT8 layer's mean output shift taken out of its bias
+        (:func:`calibration.bias.correct_bias`, on the calibration images).
 
         Raises:
-            UserError: unknown scheme, method or node names.
+            UserError: unknown scheme, method or node names; bias correction of a calibration
+                made without its images.
             ExportError: ONNX Runtime's quantiser failed.
         """
         chosen: QuantScheme = SCHEMES.get(scheme)
@@ -132,6 +149,12 @@ class Calibration:
         dst = Path(dst)
         dst.parent.mkdir(parents=True, exist_ok=True)
         quantized = _quantize(self, chosen, self.ranges(method, percentile), per_channel, exclude_nodes)
+        # A file for ONNX Runtime's CPU is corrected as its integer kernels compute it; a file
+        # for TensorRT as its Q/DQ nodes define it (TensorRT compiles them its own way).
+        fused = chosen.name == RUNTIME_SCHEMES["onnxruntime"]
+        shifts = self._correct_bias(quantized, fused) if bias_correction else None
+        if shifts is not None:
+            quantized = shifts.model
         counts = quantized_node_counts(quantized)
         props = {p.key: p.value for p in load_onnx(self.source).metadata_props}
         props.update(
@@ -144,6 +167,8 @@ class Calibration:
                 "quant_source": self.source.name,
             }
         )
+        if bias_correction:
+            props["quant_bias_correction"] = "true"
         props.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
         onnx.helper.set_model_props(quantized, props)
         _save_atomic(quantized, dst)
@@ -164,7 +189,18 @@ class Calibration:
             samples=self.samples,
             quantized_nodes=counts,
             excluded_nodes=list(exclude_nodes),
+            bias_shift=shifts.summary() if shifts is not None else None,
         )
+
+    def _correct_bias(self, quantized: onnx.ModelProto, fused: bool) -> BiasCorrection:
+        if not self.feeds:
+            raise UserError("bias correction needs the calibration images: prepare the file with calibrate()")
+        if self._fp32_means is None:
+            layers = biased_layers(self.model)
+            self._fp32_means = layer_means(
+                self.model, {layer.output: layer.axis for layer in layers}, self.feeds, optimize=False
+            )
+        return correct_bias(self.model, quantized, self.feeds, fp32_means=self._fp32_means, fused=fused)
 
 
 def calibrate(
@@ -210,7 +246,7 @@ def calibrate(
     step = 1 if fixed_batch else batch_size
     feeds = [{input_name: images[i : i + step]} for i in range(0, len(images), step)]
     histograms = collect_histograms(model, feeds, calibration_tensors(model))
-    return Calibration(src, model, histograms, len(images))
+    return Calibration(src, model, histograms, len(images), feeds)
 
 
 def quantize_onnx(
@@ -223,6 +259,7 @@ def quantize_onnx(
     per_channel: bool = True,
     percentile: float = 99.99,
     exclude_nodes: Sequence[str] = (),
+    bias_correction: bool = False,
     preprocess: bool = True,
     batch_size: int = 32,
     metadata: dict[str, Any] | None = None,
@@ -238,6 +275,8 @@ def quantize_onnx(
         per_channel: one weight scale per output channel (recommended for convolutions).
         percentile: the share of values ``method="percentile"`` keeps.
         exclude_nodes: node names (of the pre-processed graph) to keep in float.
+        bias_correction: subtract each INT8 layer's mean output shift on ``images`` from its
+            bias (:mod:`calibration.bias`).
         metadata: extra ``metadata_props`` (non-strings stored as JSON).
 
     Returns:
@@ -258,6 +297,7 @@ def quantize_onnx(
         per_channel=per_channel,
         percentile=percentile,
         exclude_nodes=exclude_nodes,
+        bias_correction=bias_correction,
         metadata=metadata,
     )
 

@@ -93,9 +93,11 @@ def choose_method(
     per_channel: bool,
     percentile: float,
     exclude_nodes: Sequence[str] = (),
+    bias_correction: bool = False,
     threads: int = 1,
 ) -> tuple[str, dict[str, Agreement]]:
-    """The method among ``methods`` whose file agrees best with FP32 on ``held_out``.
+    """The method among ``methods`` whose file agrees best with FP32 on ``held_out`` (each file
+    written as the chosen one will be: with ``bias_correction`` when asked).
 
     Returns:
         The chosen method and every method's agreement.
@@ -110,6 +112,7 @@ def choose_method(
                 per_channel=per_channel,
                 percentile=percentile,
                 exclude_nodes=exclude_nodes,
+                bias_correction=bias_correction,
             )
             measured[method] = measure_agreement(written.path, held_out, threads=threads)
     best = max(methods, key=lambda m: (measured[m].worst, -list(methods).index(m)))
@@ -162,6 +165,7 @@ def keep_sensitive_fp32(
     per_channel: bool,
     percentile: float,
     exclude_nodes: Sequence[str] = (),
+    bias_correction: bool = False,
     threads: int = 1,
 ) -> MixedPrecision:
     """Keep the most sensitive layers in FP32 until agreement reaches ``target``.
@@ -173,6 +177,7 @@ def keep_sensitive_fp32(
         adversarial_target: the agreement adversarial held-out images must reach (None: ``target``).
         scheme, method, per_channel, percentile: how every file is written.
         exclude_nodes: layers the recipe already keeps in FP32 (never counted as chosen).
+        bias_correction: every candidate file bias-corrected, as the final one will be.
         threads: ONNX Runtime threads.
     """
     fixed = list(exclude_nodes)
@@ -189,6 +194,7 @@ def keep_sensitive_fp32(
                 per_channel=per_channel,
                 percentile=percentile,
                 exclude_nodes=[*fixed, *fp32_nodes],
+                bias_correction=bias_correction,
             )
             return measure_agreement(written.path, held_out, threads=threads)
 

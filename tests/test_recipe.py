@@ -73,15 +73,25 @@ def test_section_hash_changes_only_with_its_sections() -> None:
 def test_data_seed_picks_the_images_and_hashes_as_before_when_unset() -> None:
     plain = recipe_from_dict({"seed": 3})
     assert plain.data_seed == 3
-    # unset: the same hash as a recipe written before data.seed (and allow_unverified, and
-    # quantize.qat) existed
+    # unset: the same hash as a recipe written before data.seed (and allow_unverified,
+    # quantize.qat and quantize.bias_correction) existed
     dump = plain.model_dump(mode="json")
     del dump["task"], dump["data"]["seed"], dump["allow_unverified"], dump["quantize"]["qat"]
+    del dump["quantize"]["bias_correction"]
     assert plain.sha256() == hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()
     pinned = recipe_from_dict({"seed": 3, "data": {"seed": 0}})
     assert pinned.data_seed == 0
     assert pinned.section_hash("data") != plain.section_hash("data")
     assert pinned.sha256() != plain.sha256()
+
+
+def test_bias_correction_hashes_only_when_set() -> None:
+    plain = recipe_from_dict({})
+    off = recipe_from_dict({"quantize": {"bias_correction": False}})
+    on = recipe_from_dict({"quantize": {"bias_correction": True}})
+    assert not plain.quantize.bias_correction
+    assert off.sha256() == plain.sha256() and off.section_hash("quantize") == plain.section_hash("quantize")
+    assert on.sha256() != plain.sha256() and on.section_hash("quantize") != plain.section_hash("quantize")
 
 
 def test_data_seed_keeps_the_same_validation_images() -> None:

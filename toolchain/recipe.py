@@ -258,6 +258,12 @@ class QuantizeConfig(Section):
         99.99, gt=50, le=100, description="the share of values (in %) the percentile method keeps in range"
     )
     per_channel: bool = Field(True, description="per-channel weight scales")
+    bias_correction: bool = Field(
+        False,
+        description="after writing each post-training file, subtract from every INT8 layer's bias the mean "
+        "shift of its output channels against FP32 on the calibration images, measured on the quantised "
+        "graph's own inputs (empirical bias correction, Nagel et al. 2019; as NNCF's PTQ)",
+    )
     preprocess: bool = Field(
         True,
         description="run ONNX Runtime's quantisation pre-processing first (shape inference, BatchNorm "
@@ -505,7 +511,7 @@ class Recipe(Section):
         if "data" in payload:
             _drop_unset_data_seed(payload["data"])
         if "quantize" in payload:
-            _drop_unset_qat(payload["quantize"])
+            _drop_new_quantize_defaults(payload["quantize"])
         payload["seed"] = self.seed
         return _sha256(payload)
 
@@ -517,7 +523,8 @@ class Recipe(Section):
     def sha256(self) -> str:
         """The hash of the whole validated recipe (report.json's ``recipe_sha256``).
 
-        A recipe with the default task (or ``allow_unverified`` false, or no ``quantize.qat``)
+        A recipe with the default task (or ``allow_unverified`` false, no ``quantize.qat``, or
+        ``quantize.bias_correction`` false)
         hashes without that key, as it did before the key existed, so older reports keep
         matching their recipes.
         """
@@ -527,7 +534,7 @@ class Recipe(Section):
         if not dump["allow_unverified"]:  # recipes from before the key keep their hash
             del dump["allow_unverified"]
         _drop_unset_data_seed(dump["data"])
-        _drop_unset_qat(dump["quantize"])
+        _drop_new_quantize_defaults(dump["quantize"])
         return _sha256(dump)
 
 
@@ -537,10 +544,13 @@ def _drop_unset_data_seed(data: dict[str, Any]) -> None:
         data.pop("seed", None)
 
 
-def _drop_unset_qat(quantize: dict[str, Any]) -> None:
-    """No ``quantize.qat`` hashes as before the key existed (same caches, same recipe hashes)."""
+def _drop_new_quantize_defaults(quantize: dict[str, Any]) -> None:
+    """No ``quantize.qat`` and ``bias_correction`` false hash as before those keys existed (same
+    caches, same recipe hashes)."""
     if quantize.get("qat") is None:
         quantize.pop("qat", None)
+    if quantize.get("bias_correction") is False:
+        quantize.pop("bias_correction", None)
 
 
 def _dump(value: Any) -> Any:

@@ -576,7 +576,9 @@ class QuantizedFile(Record):
     """One INT8 Q/DQ file: which model, for which runtime's scheme, calibrated how, and what ONNX
     Runtime fused of it (the ``quantize`` stage's record of it)."""
 
-    omit_if_none = frozenset({"methods_agreement", "holdout_agreement", "mixed_precision", "speed", "qat"})
+    omit_if_none = frozenset(
+        {"methods_agreement", "holdout_agreement", "mixed_precision", "speed", "qat", "bias_shift"}
+    )
     model: str = Field(description="dense or pruned")
     target: str = Field(description="the runtime the file is made for (onnxruntime or tensorrt)")
     scheme: str = Field(description="u8s8 (ONNX Runtime CPU) or s8s8 (TensorRT)")
@@ -591,6 +593,16 @@ class QuantizedFile(Record):
         None, description="the calibrator (quantize.method), or qat for a quantisation-aware fine-tuned file"
     )
     per_channel: bool | None = Field(None, description="per-channel weight scales")
+    bias_correction: bool = Field(
+        False,
+        description="quantize.bias_correction: each INT8 layer's mean output shift taken out of its bias",
+    )
+    bias_shift: dict[str, float] | None = Field(
+        None,
+        description="with bias correction, per corrected layer the mean |shift| over its output channels "
+        "(quantised minus FP32 mean on the calibration images, in the output's units) taken out of its "
+        "bias",
+    )
     excluded_nodes: list[str] = Field(default_factory=list, description="nodes kept in float")
     quantized_nodes: dict[str, int] = Field(
         default_factory=dict, description="nodes given Q/DQ inputs, per op type"

@@ -9,6 +9,10 @@ none of them used for calibration (the report's agreement is measured later, on 
 calibration library (:mod:`calibration`) gets this project's corruptions and attacks as
 callables.
 
+With ``quantize.bias_correction`` every post-training file (and each candidate the choices above
+measure) has its INT8 layers' mean output shift taken out of their biases
+(:mod:`calibration.bias`).
+
 With ``quantize.qat`` the stage also fine-tunes each model under INT8 rounding and writes its
 file of calibration ``qat`` (:mod:`toolchain.stages.qat`), timed like the others.
 """
@@ -200,6 +204,7 @@ def _quantize_one(
         "scheme": scheme.name,
         "per_channel": cfg.per_channel,
         "percentile": cfg.percentile,
+        "bias_correction": cfg.bias_correction,
     }
     method: str = cfg.method
     tried = None
@@ -259,6 +264,8 @@ def _quantize_one(
         counts=counts,
         method=result.method,
         per_channel=result.per_channel,
+        bias_correction=result.bias_correction,
+        bias_shift=result.bias_shift,
         excluded_nodes=result.excluded_nodes,
         quantized_nodes=result.quantized_nodes,
         fusion=fusion,
@@ -306,6 +313,7 @@ def _speed(
                 per_channel=recipe.quantize.per_channel,
                 percentile=recipe.quantize.percentile,
                 exclude_nodes=recipe.quantize.exclude_nodes,
+                bias_correction=recipe.quantize.bias_correction,
             ).path
         speed = int8_speed(
             layout.onnx(record.model),
