@@ -247,6 +247,34 @@ def int8_quickstart() -> str:
     )
 
 
+@renderer("int8.qat")
+def int8_qat() -> str:
+    """QAT files against post-training ones on the quickstart's pruned model (bench/bench_qat.py)."""
+    result = load("int8_qat_quickstart.json")
+    rows = [
+        "| run | file | agreement clean | agreement PGD | clean drop | PGD drop | corruption drop | speed b1 | speed b32 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    seen_ptq = False
+    for config, run in result["configs"].items():
+        for f in run["files"]:
+            if f["calibration"] != "qat" and seen_ptq:
+                continue  # the post-training files are the same in every run: shown once
+            label = (
+                f"QAT, {f['qat']['loss']} loss, {f['qat']['epochs']} epochs"
+                if f["qat"]
+                else (f"post-training, {f['calibration']} calibration, {f['method']}")
+            )
+            speed = f["speedup"]
+            rows.append(
+                f"| {config} | {label} | {pct(f['top1_agreement'])} | {pct(f['top1_agreement_adversarial'])} | "
+                f"{100 * f['clean_drop']:+.1f} | {100 * f['attack_drop']:+.1f} | {100 * f['corruption_drop']:+.1f} | "
+                f"{times(speed['1'])} | {times(speed['32'])} |"
+            )
+        seen_ptq = True
+    return "\n".join([*rows, "", source("int8_qat_quickstart.json")])
+
+
 @renderer("int8.bias-correction")
 def int8_bias_correction() -> str:
     """Post-training INT8 files with and without bias correction (bench/bench_bias_correction.py),
