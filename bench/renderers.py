@@ -189,7 +189,7 @@ def _detection_row(name: str, run: dict[str, Any]) -> str:
 def detection_table() -> str:
     s = load("detection.json")
     rows = [
-        "| run | seconds (stage sum) | MACs ↓ | clean mAP@.5 dense → pruned | clean mAP | mPC | rPC | "
+        "| run | seconds | MACs ↓ | clean mAP@.5 dense → pruned | clean mAP | mPC | rPC | "
         "PGD transfer mAP@.5 | TOG-vanishing transfer mAP@.5 | TOG vanishing rate | "
         "ORT p50 ms, batch 1 (network + NMS) | export parity (detections) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -210,6 +210,25 @@ def detection_classes() -> str:
     for name, aps in (("dense", dense), ("pruned", pruned)):
         rows.append(f"| {name} | " + " | ".join(pct(v, 0) for v in aps.values()) + " |")
     return "\n".join(rows)
+
+
+@renderer("detection.selection")
+def detection_selection() -> str:
+    sel = load("detection.json")["holdout_selection"]
+    rows = [
+        "| MACs target | fine-tune epochs | MACs ↓ | held-out mAP@.5 dense → pruned | mAP | rPC |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in sel["candidates"]:
+        chosen = (c["macs_target"], c["finetune_epochs"]) == tuple(sel["chosen"].values())
+        mark = " (chosen)" if chosen else ""
+        rows.append(
+            f"| {c['macs_target']:g}×{mark} | {c['finetune_epochs']} | {times(c['macs_reduction'])} | "
+            f"{pct(c['holdout_map50']['dense'])} → {pct(c['holdout_map50']['pruned'])} | "
+            f"{pct(c['holdout_map']['dense'])} → {pct(c['holdout_map']['pruned'])} | "
+            f"{c['holdout_rpc']['dense']:.3f} → {c['holdout_rpc']['pruned']:.3f} |"
+        )
+    return "\n".join([*rows, "", source("detection.json")])
 
 
 @renderer("detection.metrics")
