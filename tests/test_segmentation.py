@@ -560,6 +560,7 @@ def test_classification_recipes_keep_their_hash_and_the_task_joins_it_when_set()
     assert dump["data"].pop("seed") is None  # unset data.seed hashes as if it did not exist, too
     assert dump.pop("allow_unverified") is False  # so does allow_unverified when false
     assert dump["quantize"].pop("qat") is None  # and quantize.qat when unset
+    assert dump["quantize"].pop("bias_correction") is False  # and quantize.bias_correction when false
     assert plain.sha256() == hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()
     assert recipe_from_dict({"task": "segmentation"}).sha256() != plain.sha256()
 

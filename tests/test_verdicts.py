@@ -199,11 +199,13 @@ def test_gate_script_never_gates_a_crashed_run(
 ) -> None:
     log = _stub_robustprune(tmp_path / "bin", run_exit)
     env = dict(os.environ, PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    (tmp_path / "baseline.json").write_text("{}")  # gate.sh refuses a missing baseline up front
     result = subprocess.run(
         ["bash", str(GATE_SH), "recipe.yaml", "baseline.json", str(tmp_path / "rc")],
         env=env,
         capture_output=True,
         text=True,
+        cwd=tmp_path,
     )
     calls = log.read_text().splitlines()
     assert result.returncode == expected, result.stderr
