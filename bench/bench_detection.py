@@ -291,15 +291,19 @@ def main() -> int:
     # Each case replaces its own key: a partial run keeps the other cases' committed results.
     result: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {}
     result["benchmark"] = "detection"
-    if not args.skip_metrics and not args.only_ssdlite and not args.select:
+    only = {"metrics": args.only_metrics, "ssdlite": args.only_ssdlite, "selection": args.select}
+    chosen = {case for case, wanted in only.items() if wanted}
+    cases = chosen or {"metrics", "quickstart", "ssdlite"} - {
+        case for case, skipped in (("metrics", args.skip_metrics), ("ssdlite", args.skip_ssdlite)) if skipped
+    }
+    if "metrics" in cases:
         result["metrics"] = _metrics()
     with tempfile.TemporaryDirectory() as tmp:
-        if args.select:
+        if "selection" in cases:
             result["holdout_selection"] = _select(Path(tmp))
-            args.only_metrics = args.skip_metrics = True  # nothing else in this call
-        if not args.only_metrics and not args.only_ssdlite:
+        if "quickstart" in cases:
             result["quickstart"] = _quickstart(args.quickstart_run, Path(tmp))
-        if not args.skip_ssdlite and not args.only_metrics:
+        if "ssdlite" in cases:
             wall, code = _run(QUICKSTART, SSDLITE_OVERRIDES, Path(tmp) / "ssdlite")
             report = json.loads((Path(tmp) / "ssdlite" / "report.json").read_text())
             result["ssdlite_320"] = {"overrides": SSDLITE_OVERRIDES, **_summary(report, wall, code)}

@@ -189,41 +189,24 @@ class APGD(Attack):
 
         ``loss_for(indices)`` gives the loss for those samples (APGD-T's loss depends on each
         sample's target class); ``highest_loss`` as :meth:`attack_every_image`.
+        A sample a run fools takes that run's result and leaves ``todo``; a sample it does not
+        fool takes the result only when its task loss beats ``best_loss``.
         """
+        task = self.objective(model)
         for _ in range(self.restarts):
-            self._one_round(
-                model, x, y, loss_for, best, todo, best_loss, generator, highest_loss=highest_loss
+            idx = todo.nonzero().squeeze(1)
+            if len(idx) == 0:
+                return
+            labels = take_labels(y, idx)
+            x_adv, fooled = self._attack_once(
+                model, x[idx], labels, loss_for(idx), generator, highest_loss=highest_loss
             )
-
-    def _one_round(
-        self,
-        model: nn.Module,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        loss_for: Callable[[torch.Tensor], Loss],
-        best: torch.Tensor,
-        todo: torch.Tensor,
-        best_loss: torch.Tensor,
-        generator: torch.Generator,
-        *,
-        highest_loss: bool = False,
-    ) -> None:
-        """One APGD run on the samples still in ``todo``. A sample it fools takes this run's
-        result and leaves ``todo``; a sample it does not fool takes the result only when its task
-        loss beats ``best_loss`` (the highest so far over earlier restarts and targets)."""
-        idx = todo.nonzero().squeeze(1)
-        if len(idx) == 0:
-            return
-        labels = take_labels(y, idx)
-        x_adv, fooled = self._attack_once(
-            model, x[idx], labels, loss_for(idx), generator, highest_loss=highest_loss
-        )
-        with torch.no_grad():
-            task_loss = self.objective(model).loss(model(x_adv), labels, reduction="none")
-        keep = fooled | (task_loss > best_loss[idx])
-        best[idx[keep]] = x_adv[keep]
-        best_loss[idx[keep]] = task_loss[keep]
-        todo[idx[fooled]] = False
+            with torch.no_grad():
+                task_loss = task.loss(model(x_adv), labels, reduction="none")
+            keep = fooled | (task_loss > best_loss[idx])
+            best[idx[keep]] = x_adv[keep]
+            best_loss[idx[keep]] = task_loss[keep]
+            todo[idx[fooled]] = False
 
     def _attack_once(
         self,
