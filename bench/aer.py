@@ -1,7 +1,8 @@
 """Accuracy-efficiency-robustness of every pruning method, on the same dense model and images.
 
     python bench/aer.py [--dataset fashion-mnist|signs] [--setting reduced|full]
-                        [--methods magnitude hydra ...] [--budgets 2 4 8 16] [--seeds 0 1 2]
+                        [--methods magnitude hydra ...] [--losses pgd ard rslad ...]
+                        [--budgets 2 4 8 16] [--seeds 0 1 2]
                         [--seeds-at 4] [--shared-dense] [--dense-lr 0.05] [--split test|holdout]
                         [--work runs/aer] [--out FILE]
     python bench/aer.py ... --collect          # JSON + plots of the finished runs only
@@ -13,8 +14,11 @@ is that of the method (pruning and fine-tuning) alone; every (method, budget) ru
 from a copy of that run directory, so the dense weights are the very same, and goes through
 the real pipeline: prune with the method, fine-tune, export, validate (clean, PGD-20 and
 APGD-CE white-box, Square, corruptions) and bench (ONNX Runtime latency at batch 1 and 32).
-Every method gets the same training after the dense model: its in-the-loop epochs plus
-fine-tuning epochs add up to ``after_epochs``, with the same attack.
+``--losses`` runs each method with each fine-tuning loss (PGD-AT, TRADES, or distillation from
+the dense model: ARD, RSLAD, RSLAD with a consistency term on corrupted images); a pair is
+named ``method/loss`` (``method`` alone for PGD-AT). Every method gets the same training after
+the dense model: its in-the-loop epochs plus fine-tuning epochs add up to ``after_epochs``, with
+the same attack.
 
 ``--setting full`` runs 2/4/8/16x by default; ``reduced`` (fewer images and epochs, 6 corruptions)
 runs 4x and 8x, every method, so that it finishes in under half an hour on 2 cores.
@@ -176,6 +180,23 @@ def method_patch(method: str, budget: float, after: int, base: dict[str, Any]) -
     }
 
 
+#: Fine-tuning losses a run can take instead of the recipe's PGD-AT (``--losses``): the
+#: distillation losses learn from the dense model the run pruned (the recipe's ``distill``
+#: defaults: RSLAD's w = 5/6, T = 1); ``rslad+corr`` adds the consistency term on corrupted images.
+LOSSES: dict[str, dict[str, Any]] = {
+    "pgd": {},
+    "trades": {"loss": "trades"},
+    "ard": {"loss": "ard"},
+    "rslad": {"loss": "rslad"},
+    "rslad+corr": {"loss": "rslad", "distill": {"corruption_weight": 1.0}},
+}
+
+
+def run_label(method: str, loss: str) -> str:
+    """How a (method, fine-tuning loss) pair is named in tables, plots and run directories."""
+    return method if loss == "pgd" else f"{method}/{loss}"
+
+
 METHOD_NAMES = [
     "magnitude",
     "taylor",
@@ -294,6 +315,13 @@ def main() -> int:
     parser.add_argument(
         "--budgets", nargs="+", type=float, default=None, help="default: full 2 4 8 16, reduced 4 8"
     )
+    parser.add_argument(
+        "--losses",
+        nargs="+",
+        default=["pgd"],
+        choices=sorted(LOSSES),
+        help="fine-tuning losses, each run with every method (default: the recipe's pgd)",
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument(
         "--seeds-at", type=float, default=4.0, help="budget run with every seed (others: first)"
@@ -345,9 +373,13 @@ def main() -> int:
         for budget in args.budgets:
             if seed != args.seeds[0] and not math.isclose(budget, args.seeds_at):
                 continue
-            for method in args.methods:
-                recipe = _merge(base, method_patch(method, budget, after, base))
-                recipe.update(name=f"{method.replace('+', '_')}-x{budget:g}-s{seed}", seed=seed)
+            for method, loss in [(m, loss) for m in args.methods for loss in args.losses]:
+                label = run_label(method, loss)
+                recipe = _merge(
+                    _merge(base, method_patch(method, budget, after, base)), {"finetune": LOSSES[loss]}
+                )
+                dirname = label.replace("+", "_").replace("/", "-")
+                recipe.update(name=f"{dirname}-x{budget:g}-s{seed}", seed=seed)
                 if seed != args.seeds[0]:  # every seed trains on and is tested on the same images
                     recipe["data"]["seed"] = args.seeds[0]
                     if args.shared_dense and first_dense is not None:
@@ -380,7 +412,9 @@ def main() -> int:
                 stages = report.get("stage_seconds", {})
                 runs.append(
                     {
-                        "method": method,
+                        "method": label,
+                        "pruning": method,
+                        "loss": loss,
                         "budget": budget,
                         "seed": seed,
                         "macs_reduction": report["models"]["pruned"]["macs_reduction"],

@@ -85,3 +85,35 @@ def test_aer_shared_dense_seeds_start_from_one_model_and_test_on_the_same_images
     seed1 = yaml.safe_load((runs / "magnitude-x2-s1" / "recipe.yaml").read_text())
     assert seed1["train"]["epochs"] == 0
     assert Path(seed1["model"]["checkpoint"]) == runs / "magnitude-x2-s0" / "train" / "model.pt"
+
+
+def test_aer_runs_each_method_with_each_finetuning_loss_from_one_dense_model(tmp_path: Path) -> None:
+    out = tmp_path / "aer.json"
+    cmd = [sys.executable, str(REPO / "bench" / "aer.py"), "--dataset", "signs", "--setting", "tiny"]
+    cmd += ["--methods", "magnitude", "--losses", "pgd", "rslad+corr", "--budgets", "2"]
+    cmd += ["--work", str(tmp_path / "work"), "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    payload = json.loads(out.read_text())
+    assert [(r["method"], r["pruning"], r["loss"]) for r in payload["runs"]] == [
+        ("magnitude", "magnitude", "pgd"),
+        ("magnitude/rslad+corr", "magnitude", "rslad+corr"),
+    ]
+    assert set(payload["summary"]) == {"magnitude@2", "magnitude/rslad+corr@2"}
+    runs = tmp_path / "work" / "signs-tiny-test"
+    plain, distilled = (
+        yaml.safe_load((runs / name / "recipe.yaml").read_text())
+        for name in ("magnitude-x2-s0", "magnitude-rslad_corr-x2-s0")
+    )
+    assert plain["finetune"]["loss"] == "pgd"
+    assert (
+        distilled["finetune"]["loss"] == "rslad"
+        and distilled["finetune"]["distill"]["corruption_weight"] == 1
+    )
+    assert distilled["prune"] == plain["prune"]  # the same pruning; only the fine-tuning differs
+    trained = [
+        json.loads((runs / name / "train" / "stage.json").read_text())
+        for name in (plain["name"], distilled["name"])
+    ]
+    assert trained[0] == trained[1]  # one dense model, copied into the second run
