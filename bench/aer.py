@@ -3,7 +3,8 @@
     python bench/aer.py [--dataset fashion-mnist|signs] [--setting reduced|full]
                         [--methods magnitude hydra ...] [--losses pgd ard rslad ...]
                         [--budgets 2 4 8 16] [--seeds 0 1 2]
-                        [--seeds-at 4] [--shared-dense] [--dense-lr 0.05] [--split test|holdout]
+                        [--seeds-at 4] [--shared-dense] [--dense-lr 0.05] [--dense-epochs N]
+                        [--network builtin|anchor] [--split test|holdout]
                         [--work runs/aer] [--out FILE]
     python bench/aer.py ... --collect          # JSON + plots of the finished runs only
     python bench/aer.py --render FILE.json     # the README's markdown table from a result
@@ -342,6 +343,22 @@ def main() -> int:
         help="peak one-cycle learning rate of the dense model (0.05: the README's tables; 0.2 and 0.4 "
         "measured 5-6 points better on held-out images, see bench/dense_lr.py)",
     )
+    parser.add_argument(
+        "--network",
+        default="builtin",
+        choices=["builtin", "anchor"],
+        help="builtin: the dataset's built-in model (convnet / resnet20); anchor (Fashion-MNIST): "
+        "the plain-script anchor's five-conv network as a user factory (dense_gap:anchor_net), to "
+        "compare absolute numbers with that script at the same budget",
+    )
+    parser.add_argument("--dense-epochs", type=int, default=None, help="default: the setting's")
+    parser.add_argument(
+        "--reference",
+        type=Path,
+        default=None,
+        help="a JSON of another tool's results on the same task (the plain-script anchor's), "
+        "kept in the result under 'reference' so that tables can set the runs beside it",
+    )
     parser.add_argument("--split", default="test", choices=["test", "holdout"])
     parser.add_argument("--work", default=str(REPO / "runs" / "aer"))
     parser.add_argument("--out", default=None)
@@ -357,11 +374,18 @@ def main() -> int:
     args.budgets = args.budgets or SETTINGS[args.setting]["budgets"]
     base = base_recipe(args.dataset, args.setting)
     base["train"]["lr"] = args.dense_lr
+    base["train"]["epochs"] = args.dense_epochs or base["train"]["epochs"]
+    if args.network == "anchor":
+        if args.dataset != "fashion-mnist":
+            parser.error(
+                "--network anchor is the Fashion-MNIST anchor's network; use --dataset fashion-mnist"
+            )
+        base["model"] = {"arch": "dense_gap:anchor_net"}  # bench/ is this script's import path
     after = args.after_epochs or SETTINGS[args.setting]["after"]
     if args.split == "holdout":
         base["data"]["holdout"] = base["data"].pop("val_samples")
         base["data"]["val_samples"] = None
-    tag = f"{args.dataset}-{args.setting}-{args.split}"
+    tag = f"{args.dataset}-{args.setting}-{args.split}" + ("-anchor" if args.network == "anchor" else "")
     work = Path(args.work) / tag
     out_path = Path(args.out or REPO / "bench" / "results" / f"aer-{tag}.json")
     started = time.perf_counter()
@@ -457,6 +481,8 @@ def _write(
         "split": args.split,
         "after_epochs": after,
         "shared_dense": bool(args.shared_dense),
+        "network": args.network,
+        "reference": _reference(args.reference),
         "base_recipe": base,
         # --collect ran nothing: its time is not the benchmark's (each run's stages keep theirs)
         "wall_seconds": None if args.collect else round(seconds, 1),
@@ -471,6 +497,12 @@ def _write(
     }
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def _reference(path: Path | None) -> dict[str, Any] | None:
+    if path is None:
+        return None
+    return {"source": path.name, "results": json.loads(path.read_text())}
 
 
 PLOTTED = (
