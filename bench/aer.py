@@ -656,6 +656,78 @@ def render_table(payload: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+#: The robust-pruning goals per budget: the most a pruned model may lose against its dense model
+#: (accuracy points as fractions) and the highest relative mCE it may have.
+GOALS: dict[float, dict[str, float]] = {
+    4.0: {"clean": 0.01, "pgd20": 0.02, "relative_mce": 1.10},
+    8.0: {"clean": 0.02, "pgd20": 0.03},
+}
+
+
+def goal_misses(row: dict[str, Any], dense: dict[str, Any]) -> list[str] | None:
+    """What a summary row misses of its budget's goal ([] when it meets it; None: no goal there)."""
+    goal = next((g for budget, g in GOALS.items() if math.isclose(budget, row["budget"])), None)
+    if goal is None:
+        return None
+    misses = [
+        f"{key} {100 * (row[key] - dense[key]):+.1f}"
+        for key in ("clean", "pgd20")
+        if row[key] - dense[key] < -goal[key] - 1e-9
+    ]
+    if "relative_mce" in goal and row["relative_mce"] > goal["relative_mce"]:
+        misses.append(f"rel. mCE {row['relative_mce']:.2f}")
+    return misses
+
+
+def render_goals(payload: dict[str, Any]) -> str:
+    """One row per (method, budget) with a goal (:data:`GOALS`): deltas against dense, the verdict."""
+    dense = payload["dense_summary"]
+    lines = [
+        "| method / fine-tuning loss | budget | seeds | clean | Δ | PGD-20 | Δ | corruptions "
+        "| rel. mCE | goal |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in sorted(payload["summary"].values(), key=lambda r: (r["budget"], -r["pgd20"])):
+        misses = goal_misses(row, dense)
+        if misses is None:
+            continue
+        verdict = "met" if not misses else "missed: " + ", ".join(misses)
+        lines.append(
+            f"| {row['method']} | {row['budget']:g}× | {row['seeds']} "
+            f"| {100 * row['clean']:.1f} | {100 * (row['clean'] - dense['clean']):+.1f} "
+            f"| {100 * row['pgd20']:.1f} | {100 * (row['pgd20'] - dense['pgd20']):+.1f} "
+            f"| {100 * row['corruptions_mean']:.1f} | {row['relative_mce']:.2f} | {verdict} |"
+        )
+    lines.append(
+        f"| dense | – | – | {100 * dense['clean']:.1f} | | {100 * dense['pgd20']:.1f} | "
+        f"| {100 * dense['corruptions_mean']:.1f} | 1.00 | |"
+    )
+    return "\n".join(lines)
+
+
+def render_reference(payload: dict[str, Any]) -> str:
+    """The runs beside the reference tool's result nearest in MACs reduction (``--reference``)."""
+    ref = payload["reference"]["results"]
+    points = {name: entry.get("macs_reduction", 1.0) for name, entry in ref.items()}
+    lines = [
+        "| model | MACs ↓ | clean | PGD-20 | plain script: MACs ↓, clean / PGD-20 | above the script |",
+        "|---|---|---|---|---|---|",
+    ]
+    rows = [{**payload["dense_summary"], "method": "dense", "macs_reduction": 1.0, "seeds": 1}]
+    rows += sorted(payload["summary"].values(), key=lambda r: (r["budget"], -r["pgd20"]))
+    for row in rows:
+        name = min(points, key=lambda n: abs(math.log(points[n] / row["macs_reduction"])))
+        other = ref[name]
+        above = [label for key, label in (("clean", "clean"), ("pgd20", "PGD-20")) if row[key] > other[key]]
+        verdict = {2: "both", 1: f"{above[0]} only" if above else "", 0: "neither"}[len(above)]
+        lines.append(
+            f"| {row['method']} | {row['macs_reduction']:.2f}× | {100 * row['clean']:.1f} "
+            f"| {100 * row['pgd20']:.1f} | {points[name]:.2f}×, {100 * other['clean']:.1f} / "
+            f"{100 * other['pgd20']:.1f} | {verdict} |"
+        )
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--render":
         sys.stdout.write(render_table(json.loads(Path(sys.argv[2]).read_text())) + "\n")

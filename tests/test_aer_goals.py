@@ -1,0 +1,50 @@
+"""bench/aer.py's goal verdicts and its table beside a reference tool's results."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+import aer  # noqa: E402
+
+DENSE = {"clean": 0.80, "pgd20": 0.70, "corruptions_mean": 0.65}
+
+
+def _row(budget: float, clean: float, pgd20: float, mce: float) -> dict[str, object]:
+    return {"method": "m", "budget": budget, "seeds": 3, "clean": clean, "pgd20": pgd20,
+            "corruptions_mean": 0.6, "relative_mce": mce, "macs_reduction": budget}  # fmt: skip
+
+
+def test_goal_verdicts_follow_each_budgets_thresholds() -> None:
+    assert aer.goal_misses(_row(4.0, 0.79, 0.68, 1.10), DENSE) == []  # exactly on every threshold
+    assert aer.goal_misses(_row(4.0, 0.789, 0.679, 1.11), DENSE) == [
+        "clean -1.1",
+        "pgd20 -2.1",
+        "rel. mCE 1.11",
+    ]
+    # 8x: looser accuracy goals and no relative-mCE goal; 2x has no goal at all.
+    assert aer.goal_misses(_row(8.0, 0.78, 0.67, 3.0), DENSE) == []
+    assert aer.goal_misses(_row(8.0, 0.77, 0.67, 1.0), DENSE) == ["clean -3.0"]
+    assert aer.goal_misses(_row(2.0, 0.1, 0.1, 9.0), DENSE) is None
+    table = aer.render_goals({"dense_summary": DENSE, "summary": {"a": _row(4.0, 0.789, 0.69, 1.0)}})
+    assert "| m | 4× | 3 | 78.9 | -1.1 | 69.0 | -1.0 |" in table and "missed: clean -1.1" in table
+
+
+def test_runs_are_set_beside_the_reference_result_nearest_in_macs() -> None:
+    reference = {
+        "dense": {"clean": 0.82, "pgd20": 0.70},
+        "magnitude_x4": {"macs_reduction": 4.26, "clean": 0.79, "pgd20": 0.67},
+        "magnitude_x8": {"macs_reduction": 8.07, "clean": 0.76, "pgd20": 0.65},
+    }
+    payload = {
+        "dense_summary": DENSE,
+        "summary": {"a": _row(3.95, 0.80, 0.66, 1.0), "b": _row(7.9, 0.75, 0.66, 1.0)},
+        "reference": {"source": "anchor.json", "results": reference},
+    }
+    lines = aer.render_reference(payload).splitlines()
+    assert lines[2].startswith("| dense | 1.00× | 80.0 | 70.0 | 1.00×, 82.0 / 70.0 | neither |")
+    assert lines[3].endswith("| 4.26×, 79.0 / 67.0 | clean only |")
+    assert lines[4].endswith("| 8.07×, 76.0 / 65.0 | PGD-20 only |")
