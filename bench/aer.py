@@ -403,6 +403,8 @@ def main() -> int:
                     _merge(base, method_patch(method, budget, after, base)), {"finetune": LOSSES[loss]}
                 )
                 dirname = label.replace("+", "_").replace("/", "-")
+                if args.after_epochs is not None:  # beside the default's runs, from the same dense model
+                    dirname += f"-a{after}"
                 recipe.update(name=f"{dirname}-x{budget:g}-s{seed}", seed=seed)
                 if seed != args.seeds[0]:  # every seed trains on and is tested on the same images
                     recipe["data"]["seed"] = args.seeds[0]
@@ -414,8 +416,8 @@ def main() -> int:
                 out = work / recipe["name"]
                 if other_recipe(out, recipe):
                     print(
-                        f"error: {out} holds a finished run of another recipe (a different --dense-lr "
-                        "or --after-epochs?); use another --work, or remove that directory",
+                        f"error: {out} holds a finished run of another recipe (a different --dense-lr or "
+                        "--dense-epochs?); use another --work, or remove that directory",
                         file=sys.stderr,
                     )
                     return 2
