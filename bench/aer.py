@@ -672,8 +672,8 @@ def goal_misses(row: dict[str, Any], dense: dict[str, Any]) -> list[str] | None:
     if goal is None:
         return None
     misses = [
-        f"{key} {100 * (row[key] - dense[key]):+.1f}"
-        for key in ("clean", "pgd20")
+        f"{label} {100 * (row[key] - dense[key]):+.1f}"
+        for key, label in (("clean", "clean"), ("pgd20", "PGD-20"))
         if row[key] - dense[key] < -goal[key] - 1e-9
     ]
     if "relative_mce" in goal and row["relative_mce"] > goal["relative_mce"]:

@@ -324,6 +324,12 @@ def aer_holdout() -> str:
     )
 
 
+@renderer("aer.holdout-losses")
+def aer_holdout_losses() -> str:
+    name = "aer-fashion-mnist-full-holdout-losses.json"
+    return aer.render_goals(load(name)) + "\n\n" + source(name)
+
+
 @renderer("dense-lr")
 def dense_lr() -> str:
     name = "dense-lr-fashion-mnist-holdout.json"

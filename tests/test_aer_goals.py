@@ -22,7 +22,7 @@ def test_goal_verdicts_follow_each_budgets_thresholds() -> None:
     assert aer.goal_misses(_row(4.0, 0.79, 0.68, 1.10), DENSE) == []  # exactly on every threshold
     assert aer.goal_misses(_row(4.0, 0.789, 0.679, 1.11), DENSE) == [
         "clean -1.1",
-        "pgd20 -2.1",
+        "PGD-20 -2.1",
         "rel. mCE 1.11",
     ]
     # 8x: looser accuracy goals and no relative-mCE goal; 2x has no goal at all.
