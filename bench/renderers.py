@@ -330,6 +330,12 @@ def aer_holdout_losses() -> str:
     return aer.render_goals(load(name)) + "\n\n" + source(name)
 
 
+@renderer("aer.holdout-a8")
+def aer_holdout_a8() -> str:
+    name = "aer-fashion-mnist-full-holdout-a8.json"
+    return aer.render_goals(load(name)) + "\n\n" + source(name)
+
+
 @renderer("dense-lr")
 def dense_lr() -> str:
     name = "dense-lr-fashion-mnist-holdout.json"
