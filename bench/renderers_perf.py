@@ -6,7 +6,7 @@ import statistics
 from typing import Any
 
 import bench_corruptions
-from renderers import load, pct, renderer, source, times
+from renderers import load, pct, pts, renderer, source, times
 
 # --- corruptions ------------------------------------------------------------------------------
 
@@ -316,3 +316,77 @@ def int8_bias_correction() -> str:
             source(*files),
         ]
     )
+
+
+_GOAL_COLUMNS = (  # (vs_fp32 metric, column header, cell)
+    ("top1_agreement", "agreement clean", pct),
+    ("top1_agreement_adversarial", "agreement PGD", pct),
+    ("clean_drop", "clean drop", pts),
+    ("attack_drop", "PGD drop", pts),
+    ("corruption_drop", "corruption drop", pts),
+)
+
+
+def _goal_cell(row: dict[str, Any], metric: str, cell: Any) -> str:
+    """The measured value, bold with "missed" when it misses a goal that applies to its row."""
+    if row.get(metric) is None:
+        return "–"
+    text = cell(row[metric])
+    goal = row["goals"].get(metric)
+    return text if goal is None or goal["met"] else f"**{text} missed**"
+
+
+def _goal_text(op: str, threshold: float, cell: Any) -> str:
+    return f"{'≥' if op == '>=' else '≤'} {cell(threshold).lstrip('+')}"
+
+
+_CONFIG_ORDER = ("auto", "auto+mixed", "qat")
+
+
+@renderer("int8.goals")
+def int8_goals() -> str:
+    """Every INT8 configuration held to the INT8 goals, per model (bench/bench_int8_goals.py)."""
+    result = load("int8_goals.json")
+    speed_goal = result["speed_goal"]
+    b = speed_goal["batch"]
+    header = ["model", "configuration", "method", "layers kept FP32"]
+    header += [title for _, title, _ in _GOAL_COLUMNS] + ["speed b1", f"speed b{b}", "goals met"]
+    goal_row = ["goal", "", "", ""]
+    goal_row += [_goal_text(*result["goals"][metric], cell) for metric, _, cell in _GOAL_COLUMNS]
+    goal_row += ["", f"≥ {times(speed_goal['at_least'], 1)} ({', '.join(speed_goal['cases'])})", ""]
+    rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), "| " + " | ".join(goal_row) + " |"]
+    notes = []
+    for name, case in result["cases"].items():
+        fp32 = case["fp32"]
+        notes.append(
+            f"`{name}`: {times(case['models']['pruned']['macs_reduction'], 1)} fewer MACs than dense; FP32 file "
+            f"on {fp32['samples']} validation images: clean {pct(fp32['clean_accuracy'])}, PGD-transfer "
+            f"{pct(fp32['pgd_transfer_accuracy'])}, corruptions {pct(fp32['corruption_mean_accuracy'])}"
+        )
+        for r in sorted(case["rows"], key=lambda r: _CONFIG_ORDER.index(r["config"])):
+            speed = r["speedup"] or {}
+            speed_goal_row = r["goals"].get(f"speedup_b{b}")
+            fast = times(speed[b]) if b in speed else "–"
+            if speed_goal_row is not None and not speed_goal_row["met"]:
+                fast = f"**{fast} missed**"
+            met = [g["met"] for g in r["goals"].values()]
+            method = f"{r['qat']['loss']}, {r['qat']['epochs']} epochs" if r["qat"] else r["method"] or "–"
+            cells = [name, r["config"], method, str(len(r["fp32_layers"]))]
+            cells += [_goal_cell(r, metric, cell) for metric, _, cell in _GOAL_COLUMNS]
+            cells += [times(speed["1"]) if "1" in speed else "–", fast, f"{sum(met)} of {len(met)}"]
+            rows.append("| " + " | ".join(cells) + " |")
+            if r["fp32_layers"]:
+                cost = " and ".join(
+                    f"{times(c)} at batch {batch}" for batch, c in r["mixed_precision_cost"].items() if c
+                )
+                notes.append(
+                    f"`{name}` {r['config']} keeps in FP32 (most sensitive first): "
+                    + ", ".join(f"`{layer}`" for layer in r["fp32_layers"])
+                    + (f"; its p50 is {cost} the all-INT8 file's" if cost else "")
+                )
+    flags = sorted({f for case in result["cases"].values() for f in case["machine"]["cpu_flags"]})
+    intro = (
+        "Drops in accuracy points (FP32 minus INT8); speed is FP32 p50 / INT8 p50 on ONNX Runtime's CPU "
+        f"(CPU flags: {', '.join(flags) or 'unknown'}). A missed goal is in bold."
+    )
+    return "\n".join([intro, "", *rows, "", *(f"- {n}" for n in notes), "", source("int8_goals.json")])
