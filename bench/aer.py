@@ -707,6 +707,23 @@ def render_goals(payload: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def render_verdicts(payload: dict[str, Any]) -> str:
+    """One clause per budget with a goal: the deltas against dense and the verdict (prose)."""
+    dense = payload["dense_summary"]
+    parts = []
+    for row in sorted(payload["summary"].values(), key=lambda r: r["budget"]):
+        misses = goal_misses(row, dense)
+        if misses is None:
+            continue
+        seeds = f"{row['seeds']} seeds" if row["seeds"] > 1 else "1 seed"
+        parts.append(
+            f"at {row['budget']:g}× ({seeds}) {100 * (row['clean'] - dense['clean']):+.1f} clean / "
+            f"{100 * (row['pgd20'] - dense['pgd20']):+.1f} PGD-20 points, relative mCE "
+            f"{row['relative_mce']:.2f}: goal {'met' if not misses else 'missed'}"
+        )
+    return "; ".join(parts)
+
+
 def render_reference(payload: dict[str, Any]) -> str:
     """The runs beside the reference tool's result nearest in MACs reduction (``--reference``)."""
     ref = payload["reference"]["results"]

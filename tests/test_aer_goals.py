@@ -48,3 +48,14 @@ def test_runs_are_set_beside_the_reference_result_nearest_in_macs() -> None:
     assert lines[2].startswith("| dense | 1.00× | 80.0 | 70.0 | 1.00×, 82.0 / 70.0 | neither |")
     assert lines[3].endswith("| 4.26×, 79.0 / 67.0 | clean only |")
     assert lines[4].endswith("| 8.07×, 76.0 / 65.0 | PGD-20 only |")
+
+
+def test_verdict_prose_names_each_budgets_deltas_and_verdict() -> None:
+    payload = {
+        "dense_summary": DENSE,
+        "summary": {"a": _row(8.0, 0.77, 0.69, 1.2), "b": _row(4.0, 0.795, 0.69, 1.05)},
+    }
+    assert aer.render_verdicts(payload) == (
+        "at 4× (3 seeds) -0.5 clean / -1.0 PGD-20 points, relative mCE 1.05: goal met; "
+        "at 8× (3 seeds) -3.0 clean / -1.0 PGD-20 points, relative mCE 1.20: goal missed"
+    )
