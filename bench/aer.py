@@ -621,11 +621,6 @@ def render_table(payload: dict[str, Any]) -> str:
     def pct(value: float | None) -> str:
         return "–" if value is None else f"{100 * value:.1f}"
 
-    def spread(row: dict[str, Any], key: str) -> str:
-        """Mean, with ± the standard deviation over seeds where there are several."""
-        std = row.get(f"{key}_std")
-        return pct(row.get(key)) + (f" ± {100 * std:.1f}" if row["seeds"] > 1 and std is not None else "")
-
     def delta(row: dict[str, Any], key: str) -> str:
         if row.get(key) is None or dense.get(key) is None:
             return "–"
@@ -647,9 +642,10 @@ def render_table(payload: dict[str, Any]) -> str:
         mce = row.get("relative_mce")
         lines.append(
             f"| {row['method']} | {row['budget']:g}× | {row.get('macs_reduction', float('nan')):.2f}× "
-            f"| {spread(row, 'clean')} | {delta(row, 'clean')} "
-            f"| {spread(row, 'pgd20')} | {delta(row, 'pgd20')} "
-            f"| {spread(row, 'apgd_ce')} | {pct(row.get('square'))} | {spread(row, 'corruptions_mean')} "
+            f"| {_with_spread(row, 'clean')} | {delta(row, 'clean')} "
+            f"| {_with_spread(row, 'pgd20')} | {delta(row, 'pgd20')} "
+            f"| {_with_spread(row, 'apgd_ce')} | {pct(row.get('square'))} "
+            f"| {_with_spread(row, 'corruptions_mean')} "
             f"| {delta(row, 'corruptions_mean')} | {'–' if mce is None else f'{mce:.2f}'} "
             f"| {prune_s:.0f} | {finetune_s:.0f} | {row['seeds']} |"
         )
@@ -681,6 +677,14 @@ def goal_misses(row: dict[str, Any], dense: dict[str, Any]) -> list[str] | None:
     return misses
 
 
+def _with_spread(row: dict[str, Any], key: str) -> str:
+    """A mean in percent, with ± the standard deviation over seeds where there are several."""
+    if row.get(key) is None:
+        return "–"
+    std = row.get(f"{key}_std")
+    return f"{100 * row[key]:.1f}" + (f" ± {100 * std:.1f}" if row["seeds"] > 1 and std is not None else "")
+
+
 def render_goals(payload: dict[str, Any]) -> str:
     """One row per (method, budget) with a goal (:data:`GOALS`): deltas against dense, the verdict."""
     dense = payload["dense_summary"]
@@ -696,8 +700,8 @@ def render_goals(payload: dict[str, Any]) -> str:
         verdict = "met" if not misses else "missed: " + ", ".join(misses)
         lines.append(
             f"| {row['method']} | {row['budget']:g}× | {row['seeds']} "
-            f"| {100 * row['clean']:.1f} | {100 * (row['clean'] - dense['clean']):+.1f} "
-            f"| {100 * row['pgd20']:.1f} | {100 * (row['pgd20'] - dense['pgd20']):+.1f} "
+            f"| {_with_spread(row, 'clean')} | {100 * (row['clean'] - dense['clean']):+.1f} "
+            f"| {_with_spread(row, 'pgd20')} | {100 * (row['pgd20'] - dense['pgd20']):+.1f} "
             f"| {100 * row['corruptions_mean']:.1f} | {row['relative_mce']:.2f} | {verdict} |"
         )
     lines.append(

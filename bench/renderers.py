@@ -336,6 +336,18 @@ def aer_holdout_a8() -> str:
     return aer.render_goals(load(name)) + "\n\n" + source(name)
 
 
+@renderer("aer.goals")
+def aer_goals() -> str:
+    name = "aer-fashion-mnist-full-test-goals.json"
+    return aer.render_goals(load(name)) + "\n\n" + source(name)
+
+
+@renderer("aer.recommend")
+def aer_recommend() -> str:
+    name = "aer-fashion-mnist-full-test-goals.json"
+    return f"on Fashion-MNIST's test split, {aer.render_verdicts(load(name))}"
+
+
 @renderer("dense-lr")
 def dense_lr() -> str:
     name = "dense-lr-fashion-mnist-holdout.json"
