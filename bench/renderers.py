@@ -342,10 +342,19 @@ def aer_goals() -> str:
     return aer.render_goals(load(name)) + "\n\n" + source(name)
 
 
+@renderer("aer.signs-goals")
+def aer_signs_goals() -> str:
+    name = "aer-signs-full-test-goals.json"
+    return aer.render_goals(load(name)) + "\n\n" + source(name)
+
+
 @renderer("aer.recommend")
 def aer_recommend() -> str:
-    name = "aer-fashion-mnist-full-test-goals.json"
-    return f"on Fashion-MNIST's test split, {aer.render_verdicts(load(name))}"
+    fashion, signs = (load(f"aer-{d}-full-test-goals.json") for d in ("fashion-mnist", "signs"))
+    return (
+        f"on Fashion-MNIST's test split, {aer.render_verdicts(fashion)}; on `signs`, "
+        f"{aer.render_verdicts(signs)}"
+    )
 
 
 @renderer("dense-lr")
