@@ -41,17 +41,20 @@ sys.path.insert(0, str(REPO / "bench"))
 from bench_int8 import _cpu_flags  # noqa: E402
 from bench_segmentation import _run  # noqa: E402  (one way to run a recipe for a bench)
 
+from toolchain.recipe import QuantizeGate  # noqa: E402
+
 QUICKSTART = Path("deploy_examples/quickstart.yaml")
 SEG_QUICKSTART = Path("deploy_examples/segmentation_quickstart.yaml")
 
-#: Goal per ``vs_fp32`` metric: (comparison, threshold). Agreement: top-1 with the FP32 file
-#: (per pixel for segmentation); drops: FP32 minus INT8 accuracy (0.01 = one point).
-GOALS: dict[str, tuple[str, float]] = {
-    "top1_agreement": (">=", 0.99),
-    "top1_agreement_adversarial": (">=", 0.97),
-    "clean_drop": ("<=", 0.005),
-    "attack_drop": ("<=", 0.01),
-    "corruption_drop": ("<=", 0.01),
+#: Goal per ``vs_fp32`` metric: (comparison, threshold), the INT8 gate's defaults. Agreement:
+#: top-1 with the FP32 file (per pixel for segmentation); drops: FP32 minus INT8 accuracy.
+_GATE = QuantizeGate()
+GOALS: dict[str, tuple[str, float | None]] = {
+    "top1_agreement": (">=", _GATE.min_agreement),
+    "top1_agreement_adversarial": (">=", _GATE.min_adversarial_agreement),
+    "clean_drop": ("<=", _GATE.max_clean_drop),
+    "attack_drop": ("<=", _GATE.max_pgd_drop),
+    "corruption_drop": ("<=", _GATE.max_corruption_drop),
 }
 #: The speed goal: INT8 at least this many times faster than FP32 at this batch, on these cases.
 SPEED_GOAL = {"batch": "32", "at_least": 2.5, "cases": ["resnet18"]}
