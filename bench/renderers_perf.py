@@ -275,6 +275,30 @@ def int8_qat() -> str:
     return "\n".join([*rows, "", source("int8_qat_quickstart.json")])
 
 
+@renderer("int8.nncf")
+def int8_nncf() -> str:
+    """NNCF's ONNX PTQ beside ONNX Runtime's on one FP32 file (bench/bench_nncf_ptq.py)."""
+    result = load("int8_nncf.json")
+    rows = [
+        "| quantiser | agreement clean | agreement PGD | clean drop | PGD drop | integer convs | speed b1 | speed b32 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        fusion, speed = r["fusion"], r["speedup"]
+        rows.append(
+            f"| {r['quantiser']} | {pct(r['clean_agreement'])} | {pct(r['adversarial_agreement'])} "
+            f"| {100 * r['clean_drop']:+.1f} | {100 * r['pgd_drop']:+.1f} "
+            f"| {fusion['integer_conv']} of {fusion['conv_nodes']} | {times(speed['1'])} | {times(speed['32'])} |"
+        )
+    fp32 = result["fp32"]
+    head = (
+        f"{result['calibration_images']} calibration and {result['validation_images']} validation images; "
+        f"FP32 file: clean {pct(fp32['clean_accuracy'])}, PGD-transfer {pct(fp32['adversarial_accuracy'])}; "
+        f"NNCF {result['nncf']}."
+    )
+    return "\n".join([head, "", *rows, "", source("int8_nncf.json")])
+
+
 @renderer("int8.bias-correction")
 def int8_bias_correction() -> str:
     """Post-training INT8 files with and without bias correction (bench/bench_bias_correction.py),
