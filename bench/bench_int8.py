@@ -87,6 +87,36 @@ def _scores(path: Path, images: dict[str, Any], reference: dict[str, np.ndarray]
     return out
 
 
+def fp32_baseline(recipe: Any, run: Path) -> dict[str, Any]:
+    """What every INT8 comparison on a finished run starts from: the recipe's data, the run's
+    pruned model, the validation images (clean and PGD-transfer), the FP32 ONNX file, its scores
+    and its labels (the reference each INT8 file's agreement is measured against)."""
+    d = recipe.data
+    data = load_data(
+        d.dataset,
+        root=d.root,
+        image_size=d.image_size,
+        train_samples=d.train_samples,
+        val_samples=d.val_samples,
+        seed=recipe.data_seed,
+    )
+    example = torch.zeros(1, data.channels, *data.input_hw)
+    model, _ = load_pruned(run / "finetune" / "model.pt", trusted_builder(recipe), example)
+    model.eval()
+    images = _validation(recipe, data, model)
+    fp32_file = RunLayout(run).onnx("pruned")
+    fp32 = _scores(fp32_file, images, None)
+    reference = {k: fp32.pop(f"_{k}_labels") for k in ("clean", "adversarial")}
+    return {
+        "data": data,
+        "model": model,
+        "images": images,
+        "file": fp32_file,
+        "scores": fp32,
+        "reference": reference,
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, required=True, help="a finished run directory (its pruned model)")
@@ -98,22 +128,9 @@ def main() -> int:
     torch.set_num_threads(1)
     start = time.perf_counter()
     base = load_recipe(args.recipe, ["quantize.enabled=true", "bench.batch_sizes=[1, 32]"])
-    d = base.data
-    data = load_data(
-        d.dataset,
-        root=d.root,
-        image_size=d.image_size,
-        train_samples=d.train_samples,
-        val_samples=d.val_samples,
-        seed=base.data_seed,
-    )
-    example = torch.zeros(1, data.channels, *data.input_hw)
-    model, _ = load_pruned(args.run / "finetune" / "model.pt", trusted_builder(base), example)
-    model.eval()
-    images = _validation(base, data, model)
-    fp32_file = RunLayout(args.run).onnx("pruned")
-    fp32 = _scores(fp32_file, images, None)
-    reference = {k: fp32.pop(f"_{k}_labels") for k in ("clean", "adversarial")}
+    baseline = fp32_baseline(base, args.run)
+    data, model, images = baseline["data"], baseline["model"], baseline["images"]
+    fp32_file, fp32, reference = baseline["file"], baseline["scores"], baseline["reference"]
     rows = []
     for config, overrides in CONFIGS.items():
         recipe = load_recipe(args.recipe, ["quantize.enabled=true", "bench.batch_sizes=[1, 32]", *overrides])
@@ -128,7 +145,7 @@ def main() -> int:
                 functools.partial(
                     make_loader,
                     data.train,
-                    d.batch_size,
+                    base.data.batch_size,
                     shuffle=True,
                     seed=recipe.seed + 3,
                     collate_fn=data.collate,

@@ -33,17 +33,13 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
-from bench_int8 import _cpu_flags, _scores, _validation  # noqa: E402
+from bench_int8 import _cpu_flags, _scores, fp32_baseline  # noqa: E402
 
 from calibration.data import take_images  # noqa: E402
 from calibration.fusion import count_fused_kernels  # noqa: E402
 from calibration.qdq import quantize_onnx  # noqa: E402
 from calibration.speed import int8_speed  # noqa: E402
-from toolchain.data import load_data  # noqa: E402
-from toolchain.models.factory import trusted_builder  # noqa: E402
-from toolchain.pruning.io import load_pruned  # noqa: E402
 from toolchain.recipe import load_recipe  # noqa: E402
-from toolchain.rundir import RunLayout  # noqa: E402
 from toolchain.training.loops import make_loader  # noqa: E402
 
 
@@ -80,28 +76,20 @@ def main() -> int:
     torch.set_num_threads(1)
     start = time.perf_counter()
     recipe = load_recipe(args.recipe, args.set)
-    d = recipe.data
-    data = load_data(
-        d.dataset,
-        root=d.root,
-        image_size=d.image_size,
-        train_samples=d.train_samples,
-        val_samples=d.val_samples,
-        seed=recipe.data_seed,
-    )
-    example = torch.zeros(1, data.channels, *data.input_hw)
-    model, _ = load_pruned(args.run / "finetune" / "model.pt", trusted_builder(recipe), example)
-    model.eval()
-    images = _validation(recipe, data, model)
+    baseline = fp32_baseline(recipe, args.run)
+    data, images = baseline["data"], baseline["images"]
+    fp32_file, fp32, reference = baseline["file"], baseline["scores"], baseline["reference"]
     loader = functools.partial(
-        make_loader, data.train, d.batch_size, shuffle=True, seed=recipe.seed + 3, collate_fn=data.collate
+        make_loader,
+        data.train,
+        recipe.data.batch_size,
+        shuffle=True,
+        seed=recipe.seed + 3,
+        collate_fn=data.collate,
     )
     pixels = take_images(loader(), recipe.quantize.samples)[0].numpy()
     report = json.loads((args.run / "report.json").read_text())
     auto = next(q["method"] for q in report["quantization"] if q["calibration"] == "clean")
-    fp32_file = RunLayout(args.run).onnx("pruned")
-    fp32 = _scores(fp32_file, images, None)
-    reference = {k: fp32.pop(f"_{k}_labels") for k in ("clean", "adversarial")}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         pre = Path(tmp) / "pre.onnx"

@@ -324,28 +324,18 @@ def aer_holdout() -> str:
     )
 
 
-@renderer("aer.holdout-losses")
-def aer_holdout_losses() -> str:
-    name = "aer-fashion-mnist-full-holdout-losses.json"
-    return aer.render_goals(load(name)) + "\n\n" + source(name)
+def _goals_block(name: str) -> Callable[[], str]:
+    """A goal-verdict table (bench/aer.py's ``render_goals``) of one result, with its source."""
+    return lambda: aer.render_goals(load(name)) + "\n\n" + source(name)
 
 
-@renderer("aer.holdout-a8")
-def aer_holdout_a8() -> str:
-    name = "aer-fashion-mnist-full-holdout-a8.json"
-    return aer.render_goals(load(name)) + "\n\n" + source(name)
-
-
-@renderer("aer.goals")
-def aer_goals() -> str:
-    name = "aer-fashion-mnist-full-test-goals.json"
-    return aer.render_goals(load(name)) + "\n\n" + source(name)
-
-
-@renderer("aer.signs-goals")
-def aer_signs_goals() -> str:
-    name = "aer-signs-full-test-goals.json"
-    return aer.render_goals(load(name)) + "\n\n" + source(name)
+for _block, _result in {
+    "aer.holdout-losses": "aer-fashion-mnist-full-holdout-losses.json",
+    "aer.holdout-a8": "aer-fashion-mnist-full-holdout-a8.json",
+    "aer.goals": "aer-fashion-mnist-full-test-goals.json",
+    "aer.signs-goals": "aer-signs-full-test-goals.json",
+}.items():
+    renderer(_block)(_goals_block(_result))
 
 
 @renderer("aer.recommend")
