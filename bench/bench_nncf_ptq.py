@@ -3,7 +3,8 @@
     python bench/bench_nncf_ptq.py --run RUN_DIR --recipe RECIPE [--set KEY=VALUE ...]
                                    [--out bench/results/int8_nncf.json]
 
-Needs ``nncf`` (``pip install nncf``; not a dependency of robustprune). On the finished run's
+NNCF called directly, with each of its presets (the quantize stage's ``nncf`` method uses
+``mixed``). On the finished run's
 pruned FP32 ONNX file, each quantiser writes a static INT8 Q/DQ file from the same calibration
 images (the first ``quantize.samples`` training images the quantize stage draws): ONNX Runtime's
 ``quantize_static`` through ``calibration/qdq.py`` (u8s8, per-channel weights) with ``minmax``

@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 
 from calibration.bias import BiasCorrection, biased_layers, correct_bias, layer_means
+from calibration.nncf_ptq import NNCF_SCHEMES, nncf_quantize
 from calibration.ranges import (
     Histogram,
     calibration_tensors,
@@ -33,11 +34,43 @@ from calibration.schemes import RUNTIME_SCHEMES, SCHEMES, QuantScheme
 from exporters.errors import ExportError, UserError, resource_error
 from exporters.onnx import INPUT_NAME, load_onnx
 
-__all__ = ["Calibration", "QuantizeResult", "calibrate", "quantize_onnx", "range_methods"]
+__all__ = [
+    "Calibration",
+    "QuantizeResult",
+    "calibrate",
+    "quantize_methods",
+    "quantize_onnx",
+    "range_methods",
+    "supports",
+]
 
 log = logging.getLogger(__name__)
 
 _QUANT_TYPES = {"uint8": "QUInt8", "int8": "QInt8"}
+#: The method that hands the whole file to NNCF's post-training quantisation.
+NNCF = "nncf"
+
+
+def quantize_methods() -> list[str]:
+    """Every calibration method a file can be written with: the range methods, whose ranges ONNX
+    Runtime's quantiser applies (:mod:`calibration.ranges`), and ``nncf`` (:mod:`calibration.nncf_ptq`)."""
+    return [*range_methods(), NNCF]
+
+
+def supports(method: str, scheme: str) -> bool:
+    """Whether ``method`` can write a file of ``scheme`` (every method but nncf writes every scheme)."""
+    return method != NNCF or scheme in NNCF_SCHEMES
+
+
+def _check_method(method: str, scheme: str) -> None:
+    if method not in quantize_methods():
+        raise UserError(f"calibration method must be one of {quantize_methods()}, got {method!r}")
+    if not supports(method, scheme):
+        raise UserError(
+            f"calibration method nncf writes {'/'.join(NNCF_SCHEMES)} files (ONNX Runtime) only, not "
+            f"{scheme}: NNCF keeps post-ReLU activations unsigned, which TensorRT's explicit quantization "
+            "does not take; use a range method (minmax, percentile, entropy, mse) for the tensorrt target"
+        )
 
 
 @dataclass(frozen=True)
@@ -131,14 +164,17 @@ class Calibration:
         with ``bias_correction`` each INT8 layer's mean output shift taken out of its bias
         (:func:`calibration.bias.correct_bias`, on the calibration images).
 
+        ``method="nncf"`` hands the graph and the calibration images to NNCF instead, whose file
+        comes with NNCF's own fast bias correction (``bias_correction`` measures and removes what
+        shift is left after it, as for any other method).
+
         Raises:
             UserError: unknown scheme, method or node names; bias correction of a calibration
                 made without its images.
             ExportError: ONNX Runtime's quantiser failed.
         """
         chosen: QuantScheme = SCHEMES.get(scheme)
-        if method not in range_methods():
-            raise UserError(f"calibration method must be one of {range_methods()}, got {method!r}")
+        _check_method(method, chosen.name)
         names = set(self.node_names)
         unknown = sorted(set(exclude_nodes) - names)
         if unknown:
@@ -148,7 +184,10 @@ class Calibration:
             )
         dst = Path(dst)
         dst.parent.mkdir(parents=True, exist_ok=True)
-        quantized = _quantize(self, chosen, self.ranges(method, percentile), per_channel, exclude_nodes)
+        if method == NNCF:
+            quantized = self._nncf(per_channel, exclude_nodes)
+        else:
+            quantized = _quantize(self, chosen, self.ranges(method, percentile), per_channel, exclude_nodes)
         # A file for ONNX Runtime's CPU is corrected as its integer kernels compute it; a file
         # for TensorRT as its Q/DQ nodes define it (TensorRT compiles them its own way).
         fused = chosen.name == RUNTIME_SCHEMES["onnxruntime"]
@@ -190,6 +229,18 @@ class Calibration:
             quantized_nodes=counts,
             excluded_nodes=list(exclude_nodes),
             bias_shift=shifts.summary() if shifts is not None else None,
+        )
+
+    def _nncf(self, per_channel: bool, exclude_nodes: Sequence[str]) -> onnx.ModelProto:
+        if not self.feeds:
+            raise UserError("calibration method nncf needs the calibration images: use calibrate()")
+        return nncf_quantize(
+            self.model,
+            self.feeds,
+            samples=self.samples,
+            per_channel=per_channel,
+            exclude_nodes=exclude_nodes,
+            name=self.source.name,
         )
 
     def _correct_bias(self, quantized: onnx.ModelProto, fused: bool) -> BiasCorrection:
@@ -271,7 +322,8 @@ def quantize_onnx(
         src, images, preprocess, batch_size: as :func:`calibrate`.
         dst: where to write the Q/DQ file (atomically; parent folders are created).
         scheme: a name in :data:`calibration.schemes.SCHEMES`.
-        method: a name in :func:`range_methods` (``minmax``, ``percentile``, ``entropy``, ``mse``).
+        method: a name in :func:`quantize_methods` (``minmax``, ``percentile``, ``entropy``, ``mse``,
+            ``nncf``).
         per_channel: one weight scale per output channel (recommended for convolutions).
         percentile: the share of values ``method="percentile"`` keeps.
         exclude_nodes: node names (of the pre-processed graph) to keep in float.
@@ -286,9 +338,7 @@ def quantize_onnx(
         UserError: unknown scheme, method or node, bad images, or the file is missing or unreadable.
         ExportError: ONNX Runtime's quantiser failed.
     """
-    SCHEMES.get(scheme)  # bad names are refused before any work
-    if method not in range_methods():
-        raise UserError(f"calibration method must be one of {range_methods()}, got {method!r}")
+    _check_method(method, SCHEMES.get(scheme).name)  # bad names are refused before any work
     calibration = calibrate(src, images, preprocess=preprocess, batch_size=batch_size)
     return calibration.write(
         dst,

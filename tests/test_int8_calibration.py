@@ -12,11 +12,11 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from calibration.qdq import calibrate, quantize_onnx
+from calibration.qdq import calibrate, quantize_methods, quantize_onnx
 from calibration.ranges import BINS, Histogram, compute_range, range_methods
 from calibration.select import HeldOut, choose_method, keep_sensitive_fp32
 from exporters.base import InputSpec
-from exporters.errors import UnknownNameError
+from exporters.errors import UnknownNameError, UserError
 from exporters.onnx import export_onnx
 from exporters.ort_runner import OnnxRuntimeRunner
 
@@ -198,6 +198,56 @@ def test_one_calibration_serves_every_method(fp32_file: Path, tmp_path: Path) ->
     assert _input_quantization(second.path)[0] == pytest.approx(tops["entropy"] / 255)
 
 
+def _initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+
+
+def test_nncf_writes_a_u8s8_file_with_int8_symmetric_weights_and_its_own_bias_correction(
+    fp32_file: Path, tmp_path: Path
+) -> None:
+    images = _images()
+    calibration = calibrate(fp32_file, images)
+    result = calibration.write(tmp_path / "nncf.onnx", method="nncf")
+    assert (result.method, result.scheme, result.samples, result.bias_shift) == ("nncf", "u8s8", 64, None)
+    model = onnx.load(str(result.path))
+    inits = _initializers(model)
+    props = {p.key: p.value for p in model.metadata_props}
+    assert (props["quant_method"], props["quant_scheme"], props["precision"]) == ("nncf", "u8s8", "int8")
+    # Activations: uint8; the image input's range is the pixels' own, [0, max] (computed here).
+    activations = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    assert activations and all(inits[n.input[2]].dtype == np.uint8 for n in activations)
+    assert _input_quantization(result.path) == (pytest.approx(float(images.max()) / 255), 0)
+    # Weights: stored as int8 with zero points 0 and one scale per output channel.
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    producers = {n.output[0]: n for n in model.graph.node}
+    for conv in convs:
+        weight = producers[conv.input[1]]
+        assert weight.op_type == "DequantizeLinear"
+        values, scale, zero = (inits[name] for name in weight.input)
+        assert values.dtype == np.int8 and not zero.any() and scale.shape == (values.shape[0],)
+    assert result.quantized_nodes["Conv"] == 2
+    # The file runs and answers like its FP32 file.
+    x = torch.from_numpy(images[:16])
+    ref, got = OnnxRuntimeRunner(fp32_file, threads=1)(x), OnnxRuntimeRunner(result.path, threads=1)(x)
+    assert (ref.argmax(1) == got.argmax(1)).float().mean() >= 0.75
+    # A node named in exclude_nodes keeps float weights; our bias correction still applies on top.
+    first = convs[0].name
+    kept = calibration.write(
+        tmp_path / "kept.onnx", method="nncf", exclude_nodes=[first], bias_correction=True
+    )
+    kept_model = onnx.load(str(kept.path))
+    kept_producers = {n.output[0]: n for n in kept_model.graph.node}
+    conv = next(n for n in kept_model.graph.node if n.name == first)
+    assert conv.input[1] not in kept_producers and kept.quantized_nodes["Conv"] == 1
+    assert kept.bias_shift is not None and set(kept.bias_shift) >= {convs[1].name}
+
+
+def test_nncf_is_refused_for_tensorrts_signed_scheme(fp32_file: Path, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"nncf writes u8s8 files .* use a range method"):
+        quantize_onnx(fp32_file, tmp_path / "x.onnx", _images(), scheme="s8s8", method="nncf")
+    assert not (tmp_path / "x.onnx").exists()
+
+
 def _planted_model() -> nn.Module:
     """A model that names an image's brightest colour channel (classes 0-2), with its second
     convolution made fragile to weight quantisation: the first convolution's channel 0 is
@@ -226,12 +276,13 @@ def _coloured(n: int, seed: int) -> np.ndarray:
     return x.numpy()
 
 
-def test_mixed_precision_keeps_the_planted_layer_in_fp32(tmp_path: Path) -> None:
+@pytest.mark.parametrize("method", ["minmax", "nncf"])
+def test_mixed_precision_keeps_the_planted_layer_in_fp32(method: str, tmp_path: Path) -> None:
     fp32 = export_onnx(_planted_model(), tmp_path / "planted.onnx", input_spec=SPEC)
     calibration = calibrate(fp32, _coloured(32, seed=4))
     x = _coloured(64, seed=5)
     held_out = HeldOut.of(fp32, {"clean": x[:32], "adversarial": x[32:]})
-    kwargs = {"scheme": "u8s8", "method": "minmax", "per_channel": True, "percentile": 99.99}
+    kwargs = {"scheme": "u8s8", "method": method, "per_channel": True, "percentile": 99.99}
     found = keep_sensitive_fp32(calibration, held_out, 0.95, **kwargs)  # type: ignore[arg-type]
     conv2 = [n.name for n in calibration.model.graph.node if n.op_type == "Conv"][1]
     assert found.all_int8.worst < 0.95  # the planted layer breaks the all-INT8 file
@@ -247,9 +298,9 @@ def test_method_choice_measures_every_method(fp32_file: Path) -> None:
     x = torch.rand(48, *SPEC.shape(1)[1:], generator=torch.Generator().manual_seed(6)).numpy()
     held_out = HeldOut.of(fp32_file, {"clean": x[:24], "adversarial": x[24:]})
     best, measured = choose_method(
-        calibration, range_methods(), held_out, scheme="u8s8", per_channel=True, percentile=99.0
+        calibration, quantize_methods(), held_out, scheme="u8s8", per_channel=True, percentile=99.0
     )
-    assert set(measured) == set(range_methods())
+    assert set(measured) == {*range_methods(), "nncf"}
     assert measured[best].worst == max(a.worst for a in measured.values())
     assert all(0.0 <= a.clean <= 1.0 and a.adversarial is not None for a in measured.values())
 
@@ -328,3 +379,35 @@ def test_the_quantize_stage_records_method_fp32_layers_and_speed(tmp_path: Path)
     assert ["DequantizeLinear" in c.input[1] for c in convs] == [True, False]
     speed = record.speed or {}
     assert set(speed["batches"]) == {"1", "4"} and "mixed_precision_cost" in speed["batches"]["1"]
+
+
+def test_auto_measures_nncf_for_onnxruntime_files_and_leaves_it_out_for_tensorrt(tmp_path: Path) -> None:
+    from toolchain.recipe import recipe_from_dict
+    from toolchain.rundir import RunLayout
+    from toolchain.stages.quantize import quantize_models
+
+    model = _model()
+    layout = RunLayout(tmp_path)
+    export_onnx(model, layout.onnx("pruned"), input_spec=SPEC)
+    x = torch.from_numpy(_coloured(64, seed=8))
+    batches = [(x[i : i + 32], torch.arange(i, i + 32) % 3) for i in range(0, 64, 32)]
+    recipe = recipe_from_dict(
+        {
+            "data": {"dataset": "signs", "image_size": 8},
+            "model": {"arch": "convnet"},
+            "quantize": {
+                "enabled": True,
+                "samples": 32,
+                "holdout_samples": 32,
+                "calibrations": ["clean"],
+                "targets": ["onnxruntime", "tensorrt"],
+                "methods": ["minmax", "nncf"],
+            },
+            "validate": {"attacks": [{"name": "pgd", "eps": "2/255", "steps": 2}], "threads": 1},
+            "bench": {"batch_sizes": [1], "iterations": 2, "warmup": 1, "threads": 1},
+        }
+    )
+    ort, trt = quantize_models(recipe, {"pruned": model}, layout, lambda: batches)
+    assert (ort.target, trt.target) == ("onnxruntime", "tensorrt")
+    assert set(ort.methods_agreement or {}) == {"minmax", "nncf"} and ort.method in ("minmax", "nncf")
+    assert set(trt.methods_agreement or {}) == {"minmax"} and (trt.method, trt.scheme) == ("minmax", "s8s8")

@@ -120,6 +120,14 @@ def test_qat_takes_finetunes_robust_loss_unless_it_sets_its_own() -> None:
             {"enabled": True, "qat": {}, "calibrations": [], "gate": {"calibration": "clean"}},
             "gate.calibration",
         ),
+        (
+            {"enabled": True, "method": "nncf", "targets": ["onnxruntime", "tensorrt"]},
+            "method nncf writes files for the onnxruntime target only",
+        ),
+        (
+            {"enabled": True, "methods": ["nncf"], "targets": ["tensorrt"]},
+            "method nncf writes files for the onnxruntime target only",
+        ),
     ],
 )
 def test_bad_qat_settings_are_refused_naming_the_key(quantize: dict[str, Any], message: str) -> None:

@@ -224,14 +224,17 @@ class QuantizeConfig(Section):
         "rows ([] with qat set: the QAT files only)",
     )
     samples: int = Field(256, ge=1, description="calibration images, from the training split")
-    method: Literal["auto", "minmax", "percentile", "entropy", "mse"] = Field(
+    method: Literal["auto", "minmax", "percentile", "entropy", "mse", "nncf"] = Field(
         "auto",
-        description="how activation ranges are chosen: minmax, percentile, entropy (KL), mse, or auto: each "
-        "of `methods`, keeping the one whose file agrees best with FP32 on held-out clean and PGD-transfer "
-        "images",
+        description="how activation ranges are chosen: minmax, percentile, entropy (KL), mse (ranges ONNX "
+        "Runtime's quantiser applies), nncf (NNCF's post-training quantisation with its bias correction; "
+        "onnxruntime target only), or auto: each of `methods`, keeping the one whose file agrees best with "
+        "FP32 on held-out clean and PGD-transfer images",
     )
-    methods: list[Literal["minmax", "percentile", "entropy", "mse"]] = Field(
-        ["minmax", "percentile", "entropy", "mse"], min_length=1, description="the methods auto chooses among"
+    methods: list[Literal["minmax", "percentile", "entropy", "mse", "nncf"]] = Field(
+        ["minmax", "percentile", "entropy", "mse", "nncf"],
+        min_length=1,
+        description="the methods auto chooses among (nncf is left out for the tensorrt target)",
     )
     holdout_samples: int = Field(
         256,
@@ -314,6 +317,14 @@ class QuantizeConfig(Section):
             )
         if any(not 1 <= s <= 5 for s in self.severities):
             raise ValueError(f"severities must be 1..5, got {self.severities}")
+        if "tensorrt" in self.targets and self.calibrations:
+            candidates = self.methods if self.method == "auto" else [self.method]
+            if not set(candidates) - {"nncf"}:
+                raise ValueError(
+                    "method nncf writes files for the onnxruntime target only (NNCF keeps post-ReLU "
+                    "activations unsigned; TensorRT takes signed ones): choose a range method (minmax, "
+                    "percentile, entropy, mse) or auto with one among methods, or drop tensorrt from targets"
+                )
         return self
 
 

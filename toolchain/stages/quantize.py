@@ -31,7 +31,7 @@ from torch import nn
 
 from calibration.data import CalibrationMix, Craft, build_calibration_set, take_images
 from calibration.fusion import count_fused_kernels
-from calibration.qdq import Calibration, calibrate
+from calibration.qdq import Calibration, calibrate, supports
 from calibration.schemes import scheme_for_runtime
 from calibration.select import HeldOut, choose_method, keep_sensitive_fp32, measure_agreement
 from calibration.speed import int8_speed
@@ -216,7 +216,12 @@ def _quantize_one(
             )
         else:
             method, tried = choose_method(
-                prepared, cfg.methods, held_out, exclude_nodes=cfg.exclude_nodes, threads=threads, **options
+                prepared,
+                [m for m in cfg.methods if supports(m, scheme.name)],
+                held_out,
+                exclude_nodes=cfg.exclude_nodes,
+                threads=threads,
+                **options,
             )
             log.info(
                 "%s %s/%s: calibration method %s (held-out agreement %s)",
