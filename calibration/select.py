@@ -14,6 +14,7 @@ images the calibration never saw, so a choice is not fitted to the set it is rep
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from calibration.qdq import Calibration
+from exporters.errors import ExportError
 
 __all__ = [
     "QUANTISABLE_OPS",
@@ -33,6 +35,8 @@ __all__ = [
     "keep_sensitive_fp32",
     "measure_agreement",
 ]
+
+log = logging.getLogger(__name__)
 
 #: The layers mixed precision may keep in FP32: the ones with weights, where the time goes.
 QUANTISABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -100,22 +104,32 @@ def choose_method(
     written as the chosen one will be: with ``bias_correction`` when asked).
 
     Returns:
-        The chosen method and every method's agreement.
+        The chosen method and the agreement of every method that could write the file (one whose
+        quantiser fails on this graph is left out, with a warning; if all fail, the first error
+        is raised).
     """
     measured = {}
+    failed: dict[str, ExportError] = {}
     with tempfile.TemporaryDirectory(prefix="robustprune-select-") as tmp:
         for method in methods:
-            written = calibration.write(
-                Path(tmp) / f"{method}.onnx",
-                scheme=scheme,
-                method=method,
-                per_channel=per_channel,
-                percentile=percentile,
-                exclude_nodes=exclude_nodes,
-                bias_correction=bias_correction,
-            )
+            try:
+                written = calibration.write(
+                    Path(tmp) / f"{method}.onnx",
+                    scheme=scheme,
+                    method=method,
+                    per_channel=per_channel,
+                    percentile=percentile,
+                    exclude_nodes=exclude_nodes,
+                    bias_correction=bias_correction,
+                )
+            except ExportError as exc:  # a quantiser that cannot handle this graph is not a candidate
+                log.warning("calibration method %s failed on %s: %s", method, calibration.source.name, exc)
+                failed[method] = exc
+                continue
             measured[method] = measure_agreement(written.path, held_out, threads=threads)
-    best = max(methods, key=lambda m: (measured[m].worst, -list(methods).index(m)))
+    if not measured:
+        raise next(iter(failed.values()))
+    best = max(measured, key=lambda m: (measured[m].worst, -list(methods).index(m)))
     return best, measured
 
 

@@ -305,6 +305,30 @@ def test_method_choice_measures_every_method(fp32_file: Path) -> None:
     assert all(0.0 <= a.clean <= 1.0 and a.adversarial is not None for a in measured.values())
 
 
+def test_a_method_whose_quantiser_fails_is_left_out_of_the_choice(
+    fp32_file: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from calibration.qdq import Calibration
+    from exporters.errors import ExportError
+
+    calibration = calibrate(fp32_file, _images())
+    held_out = HeldOut.of(fp32_file, {"clean": _images()[:16]})
+    write = Calibration.write
+
+    def failing(self: Calibration, dst: Path, **kwargs: object) -> object:
+        if kwargs["method"] == "nncf":
+            raise ExportError("NNCF's quantization of m.onnx failed: unsupported op")
+        return write(self, dst, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Calibration, "write", failing)
+    options = {"scheme": "u8s8", "per_channel": True, "percentile": 99.0}
+    best, measured = choose_method(calibration, ["nncf", "minmax"], held_out, **options)  # type: ignore[arg-type]
+    assert (best, set(measured)) == ("minmax", {"minmax"})
+    assert "calibration method nncf failed on m.onnx" in caplog.text
+    with pytest.raises(ExportError, match="unsupported op"):
+        choose_method(calibration, ["nncf"], held_out, **options)  # type: ignore[arg-type]
+
+
 def test_speed_record_says_why_an_int8_file_is_not_faster(fp32_file: Path, tmp_path: Path) -> None:
     from calibration.fusion import count_fused_kernels
     from calibration.speed import int8_speed, why_not_faster
