@@ -67,6 +67,7 @@ def environment(threads: int, devices_used: Iterable[str] = ()) -> Environment:
         onnx=_version("onnx"),
         onnxruntime=_version("onnxruntime"),
         tensorrt=_version("tensorrt"),
+        nncf=_version("nncf"),
         robustprune=_version("robustprune"),
         device=", ".join(devices),
         devices=devices,

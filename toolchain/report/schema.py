@@ -67,6 +67,7 @@ class Environment(Record):
     onnx: str | None = Field(None, description="onnx version")
     onnxruntime: str | None = Field(None, description="ONNX Runtime version")
     tensorrt: str | None = Field(None, description="TensorRT version (null if absent)")
+    nncf: str | None = Field(None, description="NNCF version (the quantize stage's nncf calibration method)")
     robustprune: str | None = Field(None, description="robustprune version")
     device: str = Field(
         "cpu",
