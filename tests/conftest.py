@@ -66,6 +66,41 @@ TINY_RECIPE: dict[str, Any] = {
 }
 
 
+def quantize_stage(
+    tmp_path: Path,
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    quantize: dict[str, Any],
+    *,
+    bench: dict[str, Any] | None = None,
+) -> list[Any]:
+    """The quantize stage's records for ``model`` (exported to a run directory under ``tmp_path``,
+    8-px 3-channel images), calibrated on ``images`` in batches of 32 labelled 0, 1, 2, ...
+    ``quantize`` is the recipe section (enabled, clean calibration only, unless it says otherwise)."""
+    from exporters.base import InputSpec
+    from exporters.onnx import export_onnx
+    from toolchain.recipe import recipe_from_dict
+    from toolchain.rundir import RunLayout
+    from toolchain.stages.quantize import quantize_models
+
+    layout = RunLayout(tmp_path)
+    export_onnx(model, layout.onnx("pruned"), input_spec=InputSpec(3, 8, 8))
+    batches = [
+        (images[i : i + 32], torch.arange(i, i + len(images[i : i + 32])) % 3)
+        for i in range(0, len(images), 32)
+    ]
+    recipe = recipe_from_dict(
+        {
+            "data": {"dataset": "signs", "image_size": 8},
+            "model": {"arch": "convnet"},
+            "quantize": {"enabled": True, "calibrations": ["clean"], **quantize},
+            "validate": {"attacks": [{"name": "pgd", "eps": "2/255", "steps": 2}], "threads": 1},
+            "bench": bench or {"batch_sizes": [1], "iterations": 2, "warmup": 1, "threads": 1},
+        }
+    )
+    return quantize_models(recipe, {"pruned": model}, layout, lambda: batches)
+
+
 @contextmanager
 def one_torch_thread() -> Iterator[None]:
     """Run on one torch thread, then restore the count.

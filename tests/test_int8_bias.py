@@ -18,6 +18,7 @@ from calibration.fusion import count_fused_kernels
 from calibration.qdq import Calibration, calibrate
 from exporters.base import InputSpec
 from exporters.onnx import export_onnx
+from tests.conftest import quantize_stage
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -195,32 +196,13 @@ def test_a_float_bias_is_corrected_as_a_float(prepared: Calibration, tmp_path: P
 
 
 def test_the_quantize_stage_records_bias_correction(tmp_path: Path) -> None:
-    from toolchain.recipe import recipe_from_dict
-    from toolchain.rundir import RunLayout
-    from toolchain.stages.quantize import quantize_models
-
-    model = _biased_model()
-    layout = RunLayout(tmp_path)
-    export_onnx(model, layout.onnx("pruned"), input_spec=SPEC)
-    x = torch.from_numpy(_images(32, seed=3))
-    batches = [(x, torch.arange(32) % 3)]
-    recipe = recipe_from_dict(
-        {
-            "data": {"dataset": "signs", "image_size": 8},
-            "model": {"arch": "convnet"},
-            "quantize": {
-                "enabled": True,
-                "samples": 32,
-                "calibrations": ["clean"],
-                "method": "minmax",
-                "targets": ["onnxruntime", "tensorrt"],
-                "bias_correction": True,
-            },
-            "validate": {"threads": 1},
-            "bench": {"batch_sizes": [1], "iterations": 2, "warmup": 1, "threads": 1},
-        }
-    )
-    records = quantize_models(recipe, {"pruned": model}, layout, lambda: batches)
+    quantize = {
+        "samples": 32,
+        "method": "minmax",
+        "targets": ["onnxruntime", "tensorrt"],
+        "bias_correction": True,
+    }
+    records = quantize_stage(tmp_path, _biased_model(), torch.from_numpy(_images(32, seed=3)), quantize)
     assert [r.scheme for r in records] == ["u8s8", "s8s8"]
     for record in records:
         assert record.bias_correction and len(record.bias_shift or {}) == 3

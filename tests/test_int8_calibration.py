@@ -19,6 +19,8 @@ from exporters.base import InputSpec
 from exporters.errors import UnknownNameError, UserError
 from exporters.onnx import export_onnx
 from exporters.ort_runner import OnnxRuntimeRunner
+from tests.conftest import quantize_stage
+from toolchain.rundir import RunLayout
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -363,38 +365,25 @@ def test_speed_record_says_why_an_int8_file_is_not_faster(fp32_file: Path, tmp_p
 
 
 def test_the_quantize_stage_records_method_fp32_layers_and_speed(tmp_path: Path) -> None:
-    from toolchain.recipe import recipe_from_dict
-    from toolchain.rundir import RunLayout
-    from toolchain.stages.quantize import quantize_models
-
-    model = _planted_model()
-    layout = RunLayout(tmp_path)
-    export_onnx(model, layout.onnx("pruned"), input_spec=SPEC)
+    quantize = {
+        "samples": 32,
+        "holdout_samples": 64,
+        "methods": ["minmax", "percentile"],
+        "target_agreement": 0.95,
+    }
+    bench = {"batch_sizes": [1, 4], "iterations": 3, "warmup": 1, "threads": 1}
     x = torch.from_numpy(_coloured(96, seed=7))
-    batches = [(x[i : i + 32], torch.arange(i, i + 32) % 3) for i in range(0, 96, 32)]
-    recipe = recipe_from_dict(
-        {
-            "data": {"dataset": "signs", "image_size": 8},
-            "model": {"arch": "convnet"},
-            "quantize": {
-                "enabled": True,
-                "samples": 32,
-                "holdout_samples": 64,
-                "calibrations": ["clean"],
-                "methods": ["minmax", "percentile"],
-                "target_agreement": 0.95,
-            },
-            "validate": {"attacks": [{"name": "pgd", "eps": "2/255", "steps": 2}], "threads": 1},
-            "bench": {"batch_sizes": [1, 4], "iterations": 3, "warmup": 1, "threads": 1},
-        }
-    )
-    (record,) = quantize_models(recipe, {"pruned": model}, layout, lambda: batches)
+    (record,) = quantize_stage(tmp_path, _planted_model(), x, quantize, bench=bench)
     assert record.method in ("minmax", "percentile") and set(record.methods_agreement or {}) == {
         "minmax",
         "percentile",
     }
     mixed = record.mixed_precision or {}
-    convs = [n for n in onnx.load(str(layout.quantized(record.file))).graph.node if n.op_type == "Conv"]
+    convs = [
+        n
+        for n in onnx.load(str(RunLayout(tmp_path).quantized(record.file))).graph.node
+        if n.op_type == "Conv"
+    ]
     assert mixed["fp32_nodes"] == record.excluded_nodes and len(mixed["fp32_nodes"]) == 1 and mixed["met"]
     assert record.holdout_agreement and record.holdout_agreement["clean"] >= 0.95
     assert record.holdout_agreement["adversarial"] is not None
@@ -406,32 +395,13 @@ def test_the_quantize_stage_records_method_fp32_layers_and_speed(tmp_path: Path)
 
 
 def test_auto_measures_nncf_for_onnxruntime_files_and_leaves_it_out_for_tensorrt(tmp_path: Path) -> None:
-    from toolchain.recipe import recipe_from_dict
-    from toolchain.rundir import RunLayout
-    from toolchain.stages.quantize import quantize_models
-
-    model = _model()
-    layout = RunLayout(tmp_path)
-    export_onnx(model, layout.onnx("pruned"), input_spec=SPEC)
-    x = torch.from_numpy(_coloured(64, seed=8))
-    batches = [(x[i : i + 32], torch.arange(i, i + 32) % 3) for i in range(0, 64, 32)]
-    recipe = recipe_from_dict(
-        {
-            "data": {"dataset": "signs", "image_size": 8},
-            "model": {"arch": "convnet"},
-            "quantize": {
-                "enabled": True,
-                "samples": 32,
-                "holdout_samples": 32,
-                "calibrations": ["clean"],
-                "targets": ["onnxruntime", "tensorrt"],
-                "methods": ["minmax", "nncf"],
-            },
-            "validate": {"attacks": [{"name": "pgd", "eps": "2/255", "steps": 2}], "threads": 1},
-            "bench": {"batch_sizes": [1], "iterations": 2, "warmup": 1, "threads": 1},
-        }
-    )
-    ort, trt = quantize_models(recipe, {"pruned": model}, layout, lambda: batches)
+    quantize = {
+        "samples": 32,
+        "holdout_samples": 32,
+        "targets": ["onnxruntime", "tensorrt"],
+        "methods": ["minmax", "nncf"],
+    }
+    ort, trt = quantize_stage(tmp_path, _model(), torch.from_numpy(_coloured(64, seed=8)), quantize)
     assert (ort.target, trt.target) == ("onnxruntime", "tensorrt")
     assert set(ort.methods_agreement or {}) == {"minmax", "nncf"} and ort.method in ("minmax", "nncf")
     assert set(trt.methods_agreement or {}) == {"minmax"} and (trt.method, trt.scheme) == ("minmax", "s8s8")
