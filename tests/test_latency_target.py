@@ -16,6 +16,8 @@ from toolchain.pruning.latency_target import LatencySearch, Probe, search_macs_r
 from toolchain.recipe import recipe_from_dict
 from toolchain.recipe_prune import LatencyProbe, PruneTarget
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 class CurveMeter:
     """A meter whose candidates are ``macs_reduction ** exponent`` times faster, exactly."""
@@ -81,6 +83,25 @@ def test_a_latency_target_is_one_of_the_three_budgets() -> None:
         PruneTarget(macs_reduction=2.0, latency={"batch": 32})
     with pytest.raises(ValueError, match="extra"):
         PruneTarget(latency_reduction=3.0, latency={"runtme": "torch"})
+    # The probe's defaults written out (as a run's recipe.yaml holds them) configure nothing.
+    written = PruneTarget(macs_reduction=2.0).model_dump(mode="json")
+    assert PruneTarget(**written).as_dict() == {"macs_reduction": 2.0}
+
+
+@pytest.mark.parametrize(
+    "source", ["defaults", *sorted(p.name for p in (REPO / "deploy_examples").glob("*.yaml"))]
+)
+def test_a_runs_recipe_file_loads_back_as_the_same_recipe(source: str, tmp_path: Path) -> None:
+    from toolchain.recipe import load_recipe, recipe_from_dict
+    from toolchain.rundir import RunDir
+
+    recipe = (
+        recipe_from_dict({"prune": {"target": {"macs_reduction": 3.0}}})
+        if source == "defaults"
+        else load_recipe(REPO / "deploy_examples" / source)
+    )
+    with RunDir.open(tmp_path / "run", recipe.model_dump(mode="json")) as run:
+        assert load_recipe(run.recipe_file).sha256() == recipe.sha256()
 
 
 @pytest.mark.e2e

@@ -73,7 +73,9 @@ class PruneTarget(Section):
         ]
         if len(given) != 1:
             raise ValueError("set exactly one of macs_reduction, params_reduction or latency_reduction")
-        if "latency" in self.model_fields_set and self.latency_reduction is None:
+        # The defaults are not a configuration: a run's recipe.yaml (every key written out)
+        # loads back.
+        if self.latency != LatencyProbe() and self.latency_reduction is None:
             raise ValueError(
                 "prune.target.latency configures a latency_reduction target; set one or remove it"
             )
