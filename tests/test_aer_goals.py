@@ -40,7 +40,7 @@ def test_runs_are_set_beside_the_reference_result_nearest_in_macs() -> None:
         "magnitude_x8": {"macs_reduction": 8.07, "clean": 0.76, "pgd20": 0.65},
     }
     payload = {
-        "dense_summary": DENSE,
+        "dense_summary": dict(DENSE),
         "summary": {"a": _row(3.95, 0.80, 0.66, 1.0), "b": _row(7.9, 0.75, 0.66, 1.0)},
         "reference": {"source": "anchor.json", "results": reference},
     }
@@ -48,6 +48,18 @@ def test_runs_are_set_beside_the_reference_result_nearest_in_macs() -> None:
     assert lines[2].startswith("| dense | 1.00× | 80.0 | 70.0 | 1.00×, 82.0 / 70.0 | neither |")
     assert lines[3].endswith("| 4.26×, 79.0 / 67.0 | clean only |")
     assert lines[4].endswith("| 8.07×, 76.0 / 65.0 | PGD-20 only |")
+    # Scored as the script scores (its test images, its attack beside the project's), the
+    # comparison uses those figures: clean, and PGD-20 under the script's attack.
+    for row, scores in zip(
+        (payload["dense_summary"], *payload["summary"].values()),
+        ((0.83, 0.69, 0.71), (0.78, 0.66, 0.68), (0.77, 0.64, 0.64)),
+    ):
+        row.update(zip(("anchor_clean", "anchor_pgd20", "anchor_pgd20_unprojected"), scores))
+    lines = aer.render_reference(payload).splitlines()
+    assert "the script's attack" in lines[0]
+    assert lines[2].startswith("| dense | 1.00× | 83.0 | 69.0 | 71.0 | 1.00×, 82.0 / 70.0 | both |")
+    assert lines[3].endswith("| 78.0 | 66.0 | 68.0 | 4.26×, 79.0 / 67.0 | PGD-20 only |")
+    assert lines[4].endswith("| 77.0 | 64.0 | 64.0 | 8.07×, 76.0 / 65.0 | clean only |")
 
 
 def test_verdict_prose_names_each_budgets_deltas_and_verdict() -> None:
