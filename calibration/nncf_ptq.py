@@ -35,7 +35,6 @@ def nncf_quantize(
     model: onnx.ModelProto,
     feeds: Sequence[dict[str, np.ndarray]],
     *,
-    samples: int,
     per_channel: bool = True,
     exclude_nodes: Sequence[str] = (),
     name: str = "model",
@@ -44,8 +43,8 @@ def nncf_quantize(
 
     Args:
         model: the (pre-processed) FP32 graph; not modified.
-        feeds: the calibration images as the graph takes them, one ``{input: batch}`` per run.
-        samples: how many images ``feeds`` holds (all of them are used).
+        feeds: the calibration images as the graph takes them, one ``{input: batch}`` per run
+            (every batch is used: NNCF's subset size counts batches).
         per_channel: one weight scale per output channel.
         exclude_nodes: node names kept in float (NNCF's ignored scope).
         name: the file's name, for messages.
@@ -54,6 +53,9 @@ def nncf_quantize(
         UserError: nncf is not installed.
         ExportError: NNCF failed on this graph.
     """
+    # Importing nncf imports torch's extension builder, which warns on every CPU-only machine
+    # that it found no CUDA runtime; nothing here builds an extension.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     try:
         import nncf
         from nncf.quantization.advanced_parameters import (
@@ -78,7 +80,7 @@ def nncf_quantize(
                 source,
                 nncf.Dataset(list(feeds)),
                 preset=nncf.QuantizationPreset.MIXED,
-                subset_size=samples,
+                subset_size=len(feeds),
                 ignored_scope=nncf.IgnoredScope(names=list(exclude_nodes)) if exclude_nodes else None,
                 advanced_parameters=advanced,
             )

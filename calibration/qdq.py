@@ -237,7 +237,6 @@ class Calibration:
         return nncf_quantize(
             self.model,
             self.feeds,
-            samples=self.samples,
             per_channel=per_channel,
             exclude_nodes=exclude_nodes,
             name=self.source.name,
