@@ -7,10 +7,22 @@ bias). On this project's 4x ResNet-18 it agreed with FP32 on 98.8% of validation
 every layer INT8, where ``quantize_static`` with our ranges reached 89.2% at best
 (``bench/results/int8_nncf.json``), so ``auto`` measures it beside the range methods.
 
-Its ``mixed`` preset is used: int8 symmetric per-channel weights, uint8 activations with a zero
-point, which is the ``u8s8`` scheme ONNX Runtime's CPU kernels take. NNCF keeps activations that
-follow a ReLU unsigned whatever it is asked (its hardware configurations refuse signed ones
-there), so it cannot write the ``s8s8`` files TensorRT's explicit quantisation takes.
+Its ``mixed`` preset is used (int8 symmetric per-channel weights, asymmetric activations), with
+two changes that make the file the ``u8s8`` scheme ONNX Runtime's CPU kernels take, since a
+convolution they cannot fuse runs in float between its Q/DQ nodes, slower than the FP32 file
+(a MobileNetV2 ran 13 of its 52 convolutions as integer kernels and 3-4x slower than FP32
+without them):
+
+* activations per tensor: NNCF gives the input of a depthwise convolution one scale per channel,
+  which ``QLinearConv`` does not take;
+* activations in uint8: NNCF writes a signed range as int8 with a zero point, and ONNX Runtime
+  fuses a convolution only when its input and output have the same type. An int8 quantiser
+  with zero point ``z`` is the same grid as a uint8 one with zero point ``z + 128``, so the
+  conversion changes no value.
+
+NNCF keeps activations that follow a ReLU unsigned whatever it is asked (its hardware
+configurations refuse signed ones there), so it cannot write the ``s8s8`` files TensorRT's
+explicit quantisation takes.
 """
 
 from __future__ import annotations
@@ -22,6 +34,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from exporters.errors import ExportError, UserError, resource_error
 
@@ -71,12 +84,13 @@ def nncf_quantize(
     source = onnx.ModelProto()
     source.CopyFrom(model)
     advanced = AdvancedQuantizationParameters(
-        weights_quantization_params=QuantizationParameters(per_channel=per_channel)
+        weights_quantization_params=QuantizationParameters(per_channel=per_channel),
+        activations_quantization_params=QuantizationParameters(per_channel=False),
     )
     try:
         # NNCF draws progress bars on standard output; the stage reports its own progress.
         with contextlib.redirect_stdout(io.StringIO()):
-            return nncf.quantize(
+            quantized = nncf.quantize(
                 source,
                 nncf.Dataset(list(feeds)),
                 preset=nncf.QuantizationPreset.MIXED,
@@ -88,3 +102,35 @@ def nncf_quantize(
         raise resource_error(exc, f"quantizing {name} with NNCF") or ExportError(
             f"NNCF's quantization of {name} failed: {type(exc).__name__}: {str(exc).strip()[:300]}"
         ) from exc
+    return unsigned_activations(quantized)
+
+
+def unsigned_activations(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with every int8 activation quantiser (a QuantizeLinear, and the
+    DequantizeLinear nodes reading it) made uint8 with its zero point moved by 128: the same
+    values, in the type ONNX Runtime's integer kernels pair with uint8 inputs (module docstring).
+    Weights (DequantizeLinear of an int8 initialiser) are left as they are. Modified in place."""
+    inits = {init.name: init for init in model.graph.initializer}
+    typed = {info.name: info for info in [*model.graph.value_info, *model.graph.output]}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear":
+            readers.setdefault(node.input[0], []).append(node)
+    for node in model.graph.node:
+        if node.op_type != "QuantizeLinear" or len(node.input) < 3 or node.input[2] not in inits:
+            continue
+        zero = numpy_helper.to_array(inits[node.input[2]])
+        if zero.dtype != np.int8:
+            continue
+        name = f"{node.input[2]}_uint8"
+        if name not in inits:
+            shifted = (zero.astype(np.int16) + 128).astype(np.uint8)
+            inits[name] = numpy_helper.from_array(shifted, name)
+            model.graph.initializer.append(inits[name])
+        node.input[2] = name
+        if node.output[0] in typed:  # the type shape inference recorded for the quantised tensor
+            typed[node.output[0]].type.tensor_type.elem_type = onnx.TensorProto.UINT8
+        for reader in readers.get(node.output[0], []):
+            if len(reader.input) >= 3:
+                reader.input[2] = name
+    return model

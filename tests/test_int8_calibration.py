@@ -228,6 +228,10 @@ def test_nncf_writes_a_u8s8_file_with_int8_symmetric_weights_and_its_own_bias_co
         values, scale, zero = (inits[name] for name in weight.input)
         assert values.dtype == np.int8 and not zero.any() and scale.shape == (values.shape[0],)
     assert result.quantized_nodes["Conv"] == 2
+    # ONNX Runtime runs every convolution of it as an integer kernel.
+    from calibration.fusion import count_fused_kernels
+
+    assert count_fused_kernels(result.path)["all_integer"]
     # The file runs and answers like its FP32 file.
     x = torch.from_numpy(images[:16])
     ref, got = OnnxRuntimeRunner(fp32_file, threads=1)(x), OnnxRuntimeRunner(result.path, threads=1)(x)
@@ -242,6 +246,37 @@ def test_nncf_writes_a_u8s8_file_with_int8_symmetric_weights_and_its_own_bias_co
     conv = next(n for n in kept_model.graph.node if n.name == first)
     assert conv.input[1] not in kept_producers and kept.quantized_nodes["Conv"] == 1
     assert kept.bias_shift is not None and set(kept.bias_shift) >= {convs[1].name}
+
+
+def test_int8_activation_quantisers_become_uint8_with_the_same_values(
+    fp32_file: Path, tmp_path: Path
+) -> None:
+    import onnxruntime as ort
+
+    from calibration.nncf_ptq import unsigned_activations
+
+    signed = quantize_onnx(fp32_file, tmp_path / "s8.onnx", _images(), scheme="s8s8").path
+    model = unsigned_activations(onnx.load(str(signed)))
+    inits = _initializers(model)
+    quantisers = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    assert quantisers and all(inits[n.input[2]].dtype == np.uint8 for n in quantisers)
+    assert all(int(inits[n.input[2]]) == 128 for n in quantisers)  # int8 zero point 0, moved by 128
+    weights = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+    # Weights (int8) and biases (int32) untouched.
+    assert weights and {inits[n.input[0]].dtype for n in weights} == {np.dtype(np.int8), np.dtype(np.int32)}
+    unsigned = tmp_path / "u8.onnx"
+    onnx.save(model, str(unsigned))
+    # Run as the ONNX operators define them (no fused kernels): the same outputs to the bit.
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    x = _images()[:8]
+    outputs = [
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]).run(None, {"pixels": x})[
+            0
+        ]
+        for path in (signed, unsigned)
+    ]
+    np.testing.assert_array_equal(outputs[0], outputs[1])
 
 
 def test_nncf_is_refused_for_tensorrts_signed_scheme(fp32_file: Path, tmp_path: Path) -> None:
