@@ -10,8 +10,8 @@ every layer INT8, where ``quantize_static`` with our ranges reached 89.2% at bes
 Its ``mixed`` preset is used (int8 symmetric per-channel weights, asymmetric activations), with
 two changes that make the file the ``u8s8`` scheme ONNX Runtime's CPU kernels take, since a
 convolution they cannot fuse runs in float between its Q/DQ nodes, slower than the FP32 file
-(a MobileNetV2 ran 13 of its 52 convolutions as integer kernels and 3-4x slower than FP32
-without them):
+(without them, NNCF's file of a MobileNetV2 ran 13 of its 52 convolutions as integer kernels,
+3-4x slower than FP32):
 
 * activations per tensor: NNCF gives the input of a depthwise convolution one scale per channel,
   which ``QLinearConv`` does not take;
