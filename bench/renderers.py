@@ -334,8 +334,15 @@ for _block, _result in {
     "aer.holdout-a8": "aer-fashion-mnist-full-holdout-a8.json",
     "aer.goals": "aer-fashion-mnist-full-test-goals.json",
     "aer.signs-goals": "aer-signs-full-test-goals.json",
+    "aer.signs-holdout": "aer-signs-full-holdout.json",
 }.items():
     renderer(_block)(_goals_block(_result))
+
+
+@renderer("aer.anchor")
+def aer_anchor() -> str:
+    name = "aer-fashion-mnist-full-test-anchor.json"
+    return aer.render_reference(load(name)) + "\n\n" + source(name)
 
 
 @renderer("aer.recommend")
