@@ -335,6 +335,7 @@ for _block, _result in {
     "aer.goals": "aer-fashion-mnist-full-test-goals.json",
     "aer.signs-goals": "aer-signs-full-test-goals.json",
     "aer.signs-holdout": "aer-signs-full-holdout.json",
+    "aer.signs-holdout-losses": "aer-signs-full-holdout-losses.json",
 }.items():
     renderer(_block)(_goals_block(_result))
 
