@@ -440,3 +440,19 @@ def test_auto_measures_nncf_for_onnxruntime_files_and_leaves_it_out_for_tensorrt
     assert (ort.target, trt.target) == ("onnxruntime", "tensorrt")
     assert set(ort.methods_agreement or {}) == {"minmax", "nncf"} and ort.method in ("minmax", "nncf")
     assert set(trt.methods_agreement or {}) == {"minmax"} and (trt.method, trt.scheme) == ("minmax", "s8s8")
+
+
+def test_a_target_too_fine_for_the_held_out_images_is_named_with_the_images_it_needs() -> None:
+    from toolchain.recipe import QuantizeConfig
+    from toolchain.stages.quantize import coarse_target
+
+    # 0.99 on 256 images allows 2.6 disagreements: one image decides.
+    line = coarse_target(QuantizeConfig(target_agreement=0.99), 256)
+    assert line is not None and "2.6 disagreements" in line and "holdout_samples to 500" in line
+    assert coarse_target(QuantizeConfig(target_agreement=0.99), 500) is None
+    # The stricter of the clean and the adversarial targets is the one that counts.
+    strict = QuantizeConfig(target_agreement=0.9, target_adversarial_agreement=0.995)
+    assert "holdout_samples to 1000" in (coarse_target(strict, 600) or "")
+    assert coarse_target(QuantizeConfig(target_agreement=0.9), 256) is None
+    assert coarse_target(QuantizeConfig(), 16) is None  # no target, nothing to resolve
+    assert "lower the target below 1" in (coarse_target(QuantizeConfig(target_agreement=1.0), 256) or "")

@@ -20,6 +20,7 @@ file of calibration ``qat`` (:mod:`toolchain.stages.qat`), timed like the others
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -53,6 +54,9 @@ log = logging.getLogger(__name__)
 _AGREEMENT_TASKS = ("classification", "segmentation")
 #: Fewer held-out images than this cannot tell methods apart (one image is 6% of agreement).
 _MIN_HELD_OUT = 16
+#: A target that allows fewer disagreements than this on the held-out images is met or missed
+#: by one or two images, so the FP32 layers it picks can fall short of it on other images.
+_MIN_DISAGREEMENTS = 5
 
 
 class Quantize(Stage):
@@ -121,6 +125,8 @@ def quantize_models(
     for name in cfg.models:
         images = _draw(train_batches(), cfg, wants_held_out)
         held_out = _held_out(layout, name, models[name], recipe, images) if images.held_out else None
+        if images.held_out is not None and (coarse := coarse_target(cfg, len(images.held_out[0]))):
+            log.warning("%s", coarse)
         for calibration in cfg.calibrations:
             mix = CalibrationMix() if calibration == "clean" else CalibrationMix(**cfg.mix.model_dump())
             pixels, counts = build_calibration_set(
@@ -141,6 +147,29 @@ def quantize_models(
                 if target == "onnxruntime":
                     records[-1].speed = _speed(recipe, layout, prepared, records[-1], models[name], pixels)
     return records
+
+
+def coarse_target(cfg: QuantizeConfig, held_out: int) -> str | None:
+    """Why ``target_agreement`` is too fine for ``held_out`` images to resolve (None: it is not).
+
+    The mixed-precision search stops when the held-out images reach the target; with a target of
+    0.99 on 256 images that is two disagreements, so one image decides, and the validation's
+    images can disagree more often than the target allows.
+    """
+    targets = [t for t in (cfg.target_agreement, cfg.target_adversarial_agreement) if t is not None]
+    if not targets:
+        return None
+    target = max(targets)
+    allowed = (1 - target) * held_out
+    if allowed >= _MIN_DISAGREEMENTS:
+        return None
+    enough = math.ceil(_MIN_DISAGREEMENTS / (1 - target)) if target < 1 else None
+    fix = f"raise quantize.holdout_samples to {enough} or more" if enough else "lower the target below 1"
+    return (
+        f"quantize: target agreement {target:g} on {held_out} held-out images allows {allowed:.1f} "
+        f"disagreements, so one or two images decide which layers stay FP32 and other images may fall "
+        f"short of the target: {fix}"
+    )
 
 
 def _draw(batches: Iterable[tuple[torch.Tensor, Any]], cfg: QuantizeConfig, held_out: bool) -> _Images:
