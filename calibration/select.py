@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +146,8 @@ class MixedPrecision:
         final: agreement with ``fp32_nodes`` in FP32.
         sensitivity: per quantisable layer, the agreement gained by keeping it alone in FP32
             (on the kind of image further from its target).
+        methods_fp32_layers: with method ``auto``, per method searched, how many layers it
+            kept in FP32 to meet the target (None: it did not meet it with fewer than the best).
     """
 
     target: float
@@ -155,9 +157,10 @@ class MixedPrecision:
     all_int8: Agreement
     final: Agreement
     sensitivity: dict[str, float]
+    methods_fp32_layers: dict[str, int | None] | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        record = {
             "target": self.target,
             "adversarial_target": self.adversarial_target,
             "fp32_nodes": self.fp32_nodes,
@@ -166,6 +169,9 @@ class MixedPrecision:
             "final": self.final.as_dict(),
             "sensitivity": self.sensitivity,
         }
+        if self.methods_fp32_layers is not None:
+            record["methods_fp32_layers"] = self.methods_fp32_layers
+        return record
 
 
 def keep_sensitive_fp32(
@@ -181,6 +187,7 @@ def keep_sensitive_fp32(
     exclude_nodes: Sequence[str] = (),
     bias_correction: bool = False,
     threads: int = 1,
+    max_fp32: int | None = None,
 ) -> MixedPrecision:
     """Keep the most sensitive layers in FP32 until agreement reaches ``target``.
 
@@ -193,6 +200,8 @@ def keep_sensitive_fp32(
         exclude_nodes: layers the recipe already keeps in FP32 (never counted as chosen).
         bias_correction: every candidate file bias-corrected, as the final one will be.
         threads: ONNX Runtime threads.
+        max_fp32: give up (``met`` false) rather than keep more layers than this in FP32
+            (None: every layer if need be; 0: only measure the all-INT8 file).
     """
     fixed = list(exclude_nodes)
     layers = [
@@ -218,18 +227,71 @@ def keep_sensitive_fp32(
             return a.margin(target, adv_target)
 
         base = agreement([])
-        if margin(base) >= 0:
-            return MixedPrecision(target, adv_target, [], True, base, base, {})
+        if margin(base) >= 0 or max_fp32 == 0:
+            return MixedPrecision(target, adv_target, [], margin(base) >= 0, base, base, {})
         sensitivity = {layer: margin(agreement([layer])) - margin(base) for layer in layers}
         order = sorted(layers, key=lambda layer: -sensitivity[layer])
         kept: list[str] = []
         final = base
-        for layer in order:
+        for layer in order[:max_fp32]:
             kept.append(layer)
             final = agreement(kept)
             if margin(final) >= 0:
                 break
     return MixedPrecision(target, adv_target, kept, margin(final) >= 0, base, final, sensitivity)
+
+
+def fewest_fp32(
+    calibration: Calibration,
+    measured: Mapping[str, Agreement],
+    held_out: HeldOut,
+    target: float,
+    *,
+    adversarial_target: float | None = None,
+    **options: Any,
+) -> tuple[str, MixedPrecision]:
+    """Method ``auto`` with a target: the method that meets it keeping the fewest layers in FP32.
+
+    The method whose all-INT8 file agrees best is not always the one that needs fewest FP32
+    layers: a method whose errors sit in one layer (often the classifier) meets the target by
+    keeping that layer, where one whose errors are spread over every layer may need them all.
+    Methods are searched best all-INT8 agreement first, each allowed one layer fewer than the
+    best so far (so a later method costs only its all-INT8 file once the best needs one layer);
+    ties go to the earlier, better-agreeing method. When none meets the target, the first
+    method's search is returned (``met`` false).
+
+    Args:
+        calibration: the model and its calibration.
+        measured: each candidate method's all-INT8 agreement (:func:`choose_method`'s).
+        held_out: images and FP32 labels agreement is measured on.
+        target, adversarial_target: as :func:`keep_sensitive_fp32`.
+        **options: the other :func:`keep_sensitive_fp32` arguments (scheme, per_channel, ...).
+    """
+    adv_target = adversarial_target if adversarial_target is not None else target
+    order = sorted(measured, key=lambda m: -measured[m].margin(target, adv_target))
+    best: tuple[str, MixedPrecision] | None = None
+    first: MixedPrecision | None = None
+    counts: dict[str, int | None] = {}
+    for method in order:
+        bound = None if best is None else len(best[1].fp32_nodes) - 1
+        if bound is not None and bound < 0:
+            break
+        found = keep_sensitive_fp32(
+            calibration,
+            held_out,
+            target,
+            adversarial_target=adv_target,
+            method=method,
+            max_fp32=bound,
+            **options,
+        )
+        first = first or found
+        counts[method] = len(found.fp32_nodes) if found.met else None
+        if found.met:
+            best = (method, found)
+    method, chosen = best if best is not None else (order[0], first)
+    assert chosen is not None
+    return method, replace(chosen, methods_fp32_layers=counts)
 
 
 def predict_labels(path: str | Path, x: np.ndarray, threads: int) -> np.ndarray:

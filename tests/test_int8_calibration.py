@@ -14,7 +14,7 @@ from torch import nn
 
 from calibration.qdq import calibrate, quantize_methods, quantize_onnx
 from calibration.ranges import BINS, Histogram, compute_range, range_methods
-from calibration.select import HeldOut, choose_method, keep_sensitive_fp32
+from calibration.select import Agreement, HeldOut, MixedPrecision, choose_method, keep_sensitive_fp32
 from exporters.base import InputSpec
 from exporters.errors import UnknownNameError, UserError
 from exporters.onnx import export_onnx
@@ -328,6 +328,46 @@ def test_mixed_precision_keeps_the_planted_layer_in_fp32(method: str, tmp_path: 
     # A target the all-INT8 file already meets keeps nothing in FP32.
     easy = keep_sensitive_fp32(calibration, held_out, found.all_int8.worst, **kwargs)  # type: ignore[arg-type]
     assert easy.fp32_nodes == [] and easy.met
+    # Bounded to no FP32 layer, the search gives up after the all-INT8 file, without a sweep.
+    capped = keep_sensitive_fp32(calibration, held_out, 0.95, max_fp32=0, **kwargs)  # type: ignore[arg-type]
+    assert capped.fp32_nodes == [] and not capped.met and capped.sensitivity == {}
+
+
+def test_auto_with_a_target_takes_the_method_needing_fewest_fp32_layers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The method agreeing best with every layer INT8 ("spread": its errors in every layer) needs
+    four FP32 layers; "local" agrees worse but needs one; "never" cannot meet the target."""
+    import calibration.select as select
+
+    needs = {"spread": 4, "local": 1, "never": None}
+    bounds: dict[str, int | None] = {}
+
+    def fake_search(calibration, held_out, target, *, method, max_fp32=None, **options):  # type: ignore[no-untyped-def]
+        bounds[method] = max_fp32
+        n = needs[method]
+        met = n is not None and (max_fp32 is None or n <= max_fp32)
+        kept = [f"{method}{i}" for i in range(n if met and n is not None else (max_fp32 or 0))]
+        worst = Agreement(0.5, 0.5)
+        return MixedPrecision(target, target, kept, met, worst, Agreement(1.0, 1.0) if met else worst, {})
+
+    monkeypatch.setattr(select, "keep_sensitive_fp32", fake_search)
+    measured = {"local": Agreement(0.90, 0.90), "spread": Agreement(0.97, 0.96), "never": Agreement(0.8, 0.8)}
+    method, mixed = select.fewest_fp32(None, measured, None, 0.99, adversarial_target=0.97)  # type: ignore[arg-type]
+    assert method == "local" and mixed.fp32_nodes == ["local0"] and mixed.met
+    # Searched best all-INT8 agreement first, each later one allowed one layer fewer than the best.
+    assert list(bounds) == ["spread", "local", "never"] and bounds == {"spread": None, "local": 3, "never": 0}
+    assert mixed.methods_fp32_layers == {"spread": 4, "local": 1, "never": None}
+    assert mixed.as_dict()["methods_fp32_layers"] == {"spread": 4, "local": 1, "never": None}
+    # A method that meets the target with every layer INT8 ends the search.
+    bounds.clear()
+    needs["spread"] = 0
+    method, mixed = select.fewest_fp32(None, measured, None, 0.99)  # type: ignore[arg-type]
+    assert (method, mixed.fp32_nodes, list(bounds)) == ("spread", [], ["spread"])
+    # None meets it: the best all-INT8 method's search, marked unmet.
+    needs.update(spread=None, local=None)
+    method, mixed = select.fewest_fp32(None, measured, None, 0.99)  # type: ignore[arg-type]
+    assert method == "spread" and not mixed.met and mixed.methods_fp32_layers == dict.fromkeys(needs)
 
 
 def test_method_choice_measures_every_method(fp32_file: Path) -> None:
@@ -420,6 +460,9 @@ def test_the_quantize_stage_records_method_fp32_layers_and_speed(tmp_path: Path)
         if n.op_type == "Conv"
     ]
     assert mixed["fp32_nodes"] == record.excluded_nodes and len(mixed["fp32_nodes"]) == 1 and mixed["met"]
+    # auto with a target searched the methods for the fewest FP32 layers and says what each needed.
+    assert mixed["methods_fp32_layers"][record.method] == 1
+    assert set(mixed["methods_fp32_layers"]) <= {"minmax", "percentile"}
     assert record.holdout_agreement and record.holdout_agreement["clean"] >= 0.95
     assert record.holdout_agreement["adversarial"] is not None
     # The planted layer (the second convolution) kept float weights; the first has int8 ones.

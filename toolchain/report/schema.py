@@ -624,7 +624,9 @@ class QuantizedFile(Record):
     mixed_precision: dict[str, Any] | None = Field(
         None,
         description="quantize.target_agreement: target, adversarial_target, fp32_nodes (the layers kept in "
-        "FP32, most sensitive first), met, all_int8 and final held-out agreement, sensitivity per layer",
+        "FP32, most sensitive first), met, all_int8 and final held-out agreement, sensitivity per layer; "
+        "with method auto, methods_fp32_layers (how many FP32 layers each method searched needed to meet "
+        "the target, null where it did not with fewer than the best)",
     )
     speed: dict[str, Any] | None = Field(
         None,

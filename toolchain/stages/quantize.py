@@ -34,7 +34,7 @@ from calibration.data import CalibrationMix, Craft, build_calibration_set, take_
 from calibration.fusion import count_fused_kernels
 from calibration.qdq import Calibration, calibrate, supports
 from calibration.schemes import scheme_for_runtime
-from calibration.select import HeldOut, choose_method, keep_sensitive_fp32, measure_agreement
+from calibration.select import HeldOut, choose_method, fewest_fp32, keep_sensitive_fp32, measure_agreement
 from calibration.speed import int8_speed
 from toolchain.errors import UserError
 from toolchain.pruning.graph import count_macs_params
@@ -262,16 +262,37 @@ def _quantize_one(
             )
     mixed = None
     if cfg.target_agreement is not None and held_out is not None:
-        mixed = keep_sensitive_fp32(
-            prepared,
-            held_out,
-            cfg.target_agreement,
-            adversarial_target=cfg.target_adversarial_agreement,
-            method=method,
-            exclude_nodes=cfg.exclude_nodes,
-            threads=threads,
-            **options,
-        )
+        if tried:  # auto: the method that needs fewest FP32 layers, not the best all-INT8 one
+            method, mixed = fewest_fp32(
+                prepared,
+                tried,
+                held_out,
+                cfg.target_agreement,
+                adversarial_target=cfg.target_adversarial_agreement,
+                exclude_nodes=cfg.exclude_nodes,
+                threads=threads,
+                **options,
+            )
+            log.info(
+                "%s %s/%s: with target agreement %g, method %s (FP32 layers each method needed: %s)",
+                name,
+                target,
+                calibration,
+                cfg.target_agreement,
+                method,
+                mixed.methods_fp32_layers,
+            )
+        else:
+            mixed = keep_sensitive_fp32(
+                prepared,
+                held_out,
+                cfg.target_agreement,
+                adversarial_target=cfg.target_adversarial_agreement,
+                method=method,
+                exclude_nodes=cfg.exclude_nodes,
+                threads=threads,
+                **options,
+            )
         if not mixed.met:
             log.warning(
                 "%s: held-out agreement %s misses quantize.target_agreement even with %d layers in FP32",
