@@ -172,6 +172,7 @@ def main() -> int:
                         "method": record.method,
                         "fp32_layers": (record.mixed_precision or {}).get("fp32_nodes", []),
                         "target_met_on_holdout": (record.mixed_precision or {}).get("met"),
+                        "methods_fp32_layers": (record.mixed_precision or {}).get("methods_fp32_layers"),
                         "holdout_agreement": record.holdout_agreement,
                         "methods_agreement": record.methods_agreement,
                         **scores,

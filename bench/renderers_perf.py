@@ -232,6 +232,13 @@ def int8_quickstart() -> str:
             f"{100 * r['clean_drop']:+.1f} | {100 * r['pgd_drop']:+.1f} | {times(speed['1'])} | "
             f"{times(speed['32'])} | {'passes' if r['passes_default_gate_without_speed'] else 'fails'} |"
         )
+    searched = [
+        f"- `{r['config']}` / {r['calibration']}: FP32 layers each method needed to reach the target on "
+        "held-out images (–: not with fewer than the best): "
+        + ", ".join(f"{m} {n if n is not None else '–'}" for m, n in r["methods_fp32_layers"].items())
+        for r in result["rows"]
+        if r.get("methods_fp32_layers")
+    ]
     fp32 = result["fp32"]
     return "\n".join(
         [
@@ -241,6 +248,7 @@ def int8_quickstart() -> str:
             f"(CPU flags: {', '.join(result['machine']['cpu_flags']) or 'unknown'}).",
             "",
             *rows,
+            *(["", *searched] if searched else []),
             "",
             source("int8_quickstart.json"),
         ]
