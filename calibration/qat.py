@@ -5,8 +5,10 @@ convolution (or linear layer) is folded into it, and every ``Conv1d/2d/3d`` and 
 wrapped in a :class:`FakeQuantLayer` that rounds, in the forward pass, what the INT8 file will
 round: its input activation (per tensor, the target scheme's type and zero point), its weights
 (per output channel, symmetric int8 in [-127, 127]), its bias (to the int32 grid of input
-scale x weight scale) and, unless it is an output of the model, its output activation (ONNX
-Runtime fuses a convolution into an integer kernel only when its output is quantised).
+scale x weight scale) and its output activation (ONNX Runtime fuses a convolution into an integer
+kernel only when its output is quantised), except for the model's outputs and for a layer followed
+by a ReLU that quantised layers read: that output is rounded after the ReLU, by its readers' input
+grid.
 Rounding passes the gradient straight through (zero outside the clipped range); activation
 scales are initialised from the values the layers see on calibration images
 (:func:`init_activation_ranges`, any method of :mod:`calibration.ranges`) and can be learnt
@@ -30,7 +32,7 @@ from torch import nn
 
 from calibration.ranges import BINS, Histogram, compute_range, range_methods
 from calibration.schemes import SCHEMES, QuantScheme
-from exporters.errors import UnknownNameError, UserError
+from exporters.errors import ExportError, UnknownNameError, UserError
 from exporters.outputs import as_tuple
 
 __all__ = [
@@ -51,6 +53,7 @@ log = logging.getLogger(__name__)
 WEIGHT_MAX = 127
 _ACTIVATION_GRID = {"uint8": (0, 255), "int8": (-128, 127)}
 _SMALLEST_SCALE = 1e-8
+_INT32_MAX = 2**31 - 1
 _QUANTISABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -111,8 +114,9 @@ class FakeQuantLayer(nn.Module):
         qmin, qmax: the activation grid (``[0, 255]`` for uint8, ``[-128, 127]`` for int8).
         scheme: the scheme's name.
         symmetric: activations with zero point 0.
-        quantize_output: round the output too (every layer but the model's outputs: ONNX Runtime
-            fuses a convolution into an integer kernel only when its output is quantised).
+        quantize_output: round the output too (ONNX Runtime fuses a convolution into an integer
+            kernel only when its output is quantised); off for the model's outputs and for a layer
+            whose readers round it after a ReLU (:func:`prepare_qat`).
         input_scale, output_scale: activation scales (parameters; frozen unless learnt).
         input_zero_point, output_zero_point: zero points (buffers, fixed at initialisation).
     """
@@ -198,6 +202,13 @@ class FakeQuantLayer(nn.Module):
         _, _, w_scale, b_scale = self._quantized_parameters()
         w_int = torch.clamp(torch.round(weight / _per_channel(w_scale, weight)), -WEIGHT_MAX, WEIGHT_MAX)
         bias = self.bias
+        if bias is not None and float(torch.round(bias / b_scale).abs().max()) > _INT32_MAX:
+            raise ExportError(
+                f"its bias does not fit the int32 grid of input scale x weight scale (input scale "
+                f"{float(self.input_scale):.3g}): training drove the activation scale to nothing; "
+                "lower the QAT learning rate (quantize.qat.lr) or freeze the scales "
+                "(quantize.qat.learn_scales: false)"
+            )
         return LayerQuant(
             weight=weight.cpu().numpy(),
             weight_int8=w_int.to(torch.int8).cpu().numpy(),
@@ -327,27 +338,75 @@ def prepare_qat(
         raise UserError("QAT found no Conv1d/2d/3d or Linear layer to quantise in the model")
     for name, module in layers:
         _set_module(qat, name, FakeQuantLayer(module, chosen, learn_scales=learn_scales))
-    # The model's own outputs stay float (rounding logits makes ties of the largest ones).
+    # The model's own outputs stay float (rounding logits makes ties of the largest ones), and a
+    # layer whose output goes through a ReLU into quantised layers is rounded after the ReLU, by
+    # the readers' input grid (see _Flow).
     wrapped = qat_layers(qat)
-    outputs: dict[int, FakeQuantLayer] = {}
-    hooks = [
-        m.register_forward_hook(lambda mod, _, out: outputs.__setitem__(id(out), mod))
-        for m in wrapped.values()
-    ]
+    flow = _Flow()
+    hooks = [m.register_forward_pre_hook(flow.read) for m in wrapped.values()]
+    hooks += [m.register_forward_hook(flow.wrote) for m in wrapped.values()]
+    hooks += [m.register_forward_hook(flow.activated) for m in qat.modules() if isinstance(m, _RELUS)]
     try:
         with torch.no_grad():
             for layer in wrapped.values():
                 layer.observe = _ignore
             final = as_tuple(qat(example))
-            for t in final:
-                if id(t) in outputs:
-                    outputs[id(t)].quantize_output = False
     finally:
         for hook in hooks:
             hook.remove()
         for layer in wrapped.values():
             layer.observe = None
+    for t in final:
+        if id(t) in flow.produced:
+            flow.produced[id(t)][0].quantize_output = False
+    for layer in flow.rounded_after_relu():
+        layer.quantize_output = False
     return qat
+
+
+#: Activations an INT8 runtime folds into the quantisation after them (ONNX Runtime removes a
+#: Relu, or a Clip whose bounds contain the grid, before QuantizeLinear; TensorRT fuses them).
+_RELUS = (nn.ReLU, nn.ReLU6)
+
+
+class _Flow:
+    """Which tensors the quantised layers write and read, found by running one batch.
+
+    A layer whose output is read only by a ReLU (or ReLU6) module whose output quantised layers
+    read needs no rounding of its own: the readers round the activated values to their input
+    grid, which starts at 0, and the INT8 file then holds ``Conv -> Relu -> QuantizeLinear``,
+    which ONNX Runtime fuses into one integer convolution writing that grid (a rounding at the
+    convolution's output as well leaves ``DequantizeLinear -> Clip -> QuantizeLinear`` between
+    the layers, unfused). Tensors are matched by identity, so a layer whose raw output another
+    layer also reads keeps its own rounding.
+    """
+
+    def __init__(self) -> None:
+        self.produced: dict[int, tuple[FakeQuantLayer, torch.Tensor]] = {}
+        self.after_relu: dict[int, tuple[FakeQuantLayer, torch.Tensor]] = {}
+        self.read_raw: set[int] = set()  # id() of layers whose raw output another layer reads
+        self.read_activated: set[int] = set()  # id() of layers read through a ReLU by a layer
+
+    def wrote(self, layer: nn.Module, _: Any, out: Any) -> None:
+        if isinstance(out, torch.Tensor):  # kept alive, so its id is not reused
+            self.produced[id(out)] = (cast(FakeQuantLayer, layer), out)
+
+    def activated(self, _: nn.Module, inputs: tuple[Any, ...], out: Any) -> None:
+        # Popped: an in-place ReLU returns the very tensor the layer wrote.
+        found = self.produced.pop(id(inputs[0]), None) if inputs else None
+        if found is not None and isinstance(out, torch.Tensor):
+            self.after_relu[id(out)] = (found[0], out)
+
+    def read(self, _: nn.Module, inputs: tuple[Any, ...]) -> None:
+        x = inputs[0] if inputs else None
+        if id(x) in self.produced:
+            self.read_raw.add(id(self.produced[id(x)][0]))
+        if id(x) in self.after_relu:
+            self.read_activated.add(id(self.after_relu[id(x)][0]))
+
+    def rounded_after_relu(self) -> list[FakeQuantLayer]:
+        layers = {id(layer): layer for layer, _ in self.after_relu.values()}
+        return [layers[k] for k in self.read_activated - self.read_raw if k in layers]
 
 
 def _ignore(x: torch.Tensor, out: torch.Tensor) -> None:

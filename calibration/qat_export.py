@@ -86,7 +86,8 @@ def export_qat(
 
     Raises:
         UserError: not a QAT model, or an opset before 13.
-        ExportError: a trained layer has no node in the exported graph.
+        ExportError: a trained layer has no node in the exported graph, or its bias does not
+            fit the int32 grid (an activation scale that training drove to nothing).
     """
     layers = qat_layers(model)
     if not layers:
@@ -95,7 +96,12 @@ def export_qat(
         raise UserError(f"QAT export needs opset 13 or later (per-channel DequantizeLinear), got {opset}")
     scheme = next(iter(layers.values())).scheme
     float_model = float_copy(model)
-    quant = {name: layer.quantization() for name, layer in layers.items()}
+    quant = {}
+    for name, layer in layers.items():
+        try:
+            quant[name] = layer.quantization()
+        except ExportError as exc:
+            raise ExportError(f"QAT layer {name}: {exc}") from exc
     path = Path(path)
     with tempfile.TemporaryDirectory(prefix="robustprune-qat-") as tmp:
         source = export_onnx(

@@ -19,7 +19,7 @@ from calibration.qat import FakeQuantLayer, fold_batchnorm, init_activation_rang
 from calibration.qat_export import export_qat
 from calibration.ranges import Histogram, compute_range
 from exporters.base import InputSpec
-from exporters.errors import UnknownNameError, UserError
+from exporters.errors import ExportError, UnknownNameError, UserError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -54,10 +54,11 @@ def _images(n: int = 64, seed: int = 0) -> torch.Tensor:
 
 def _trained(scheme: str, steps: int = 20) -> nn.Module:
     """A QAT model whose weights and activation scales moved away from their start (a few SGD
-    steps on fixed random labels)."""
+    steps on fixed random labels; at a learning rate five times this one the classifier's input
+    scale, about 7e-4, is driven below zero, which the export refuses, see below)."""
     model = prepare_qat(_model(), _images(2), scheme)
     init_activation_ranges(model, _images().split(16))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     x, y = _images(32, seed=1), torch.arange(32) % 4
     model.train()
     for _ in range(steps):
@@ -109,6 +110,9 @@ def test_onnx_runtime_runs_the_file_as_the_fake_quantised_model(u8_file: tuple[n
     assert (fused.argmax(1) == expected.argmax(1)).mean() >= 0.95
     fusion = count_fused_kernels(path)
     assert (fusion["integer_conv"], fusion["conv_nodes"], fusion["all_integer"]) == (2, 2, True)
+    # The first ReLU folded into the first convolution's requantisation (no Q/DQ pair around it);
+    # the second, read by the pooling rather than a quantised layer, stays.
+    assert fusion["optimized_ops"].get("Relu") == 1
 
 
 def test_the_file_holds_the_trained_scales_and_integer_weights(u8_file: tuple[nn.Module, Path]) -> None:
@@ -132,12 +136,15 @@ def test_the_file_holds_the_trained_scales_and_integer_weights(u8_file: tuple[nn
         np.testing.assert_allclose(
             inits[f"{name}.0.bias_scale"], q.input_scale * inits[f"{name}.0.weight_scale"], rtol=1e-6
         )
-    # The convolutions' outputs are quantised (ONNX Runtime fuses only such convolutions); the
-    # logits are not.
+    # The second convolution's output is quantised (ONNX Runtime fuses only such convolutions);
+    # the first one's is rounded after its ReLU, by the second's input grid; the logits are not.
     assert inits["3.0.output_scale"] == np.float32(float(layers["3"].output_scale.detach()))
-    assert "8.0.output_scale" not in inits
+    assert "0.0.output_scale" not in inits and "8.0.output_scale" not in inits
     ops = [n.op_type for n in graph.node]
-    assert ops.count("QuantizeLinear") == 5 and ops.count("DequantizeLinear") == 5 + 3 + 3
+    assert ops.count("QuantizeLinear") == 4 and ops.count("DequantizeLinear") == 4 + 3 + 3
+    relu = next(n for n in graph.node if n.op_type == "Relu")
+    readers = [n for n in graph.node if relu.output[0] in n.input]
+    assert [n.name for n in readers] == ["3.0.input_q"]
 
 
 def test_tensorrt_files_are_symmetric_with_zero_points_zero(tmp_path: Path) -> None:
@@ -147,7 +154,7 @@ def test_tensorrt_files_are_symmetric_with_zero_points_zero(tmp_path: Path) -> N
     inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
     qdq = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
     # int8 activations and weights, every zero point 0: what TensorRT's explicit quantisation takes.
-    assert len(qdq) == 5 + 5 + 3 and all(inits[n.input[2]].dtype == np.int8 for n in qdq)
+    assert len(qdq) == 4 + 4 + 3 and all(inits[n.input[2]].dtype == np.int8 for n in qdq)
     assert not any(inits[n.input[2]].any() for n in qdq)
     # The bias stays float (TensorRT dequantises 8-bit inputs only), holding the rounded values
     # the fake-quantised layer added.
@@ -169,13 +176,19 @@ def test_activation_scales_start_from_the_observed_ranges() -> None:
     assert ranges["0"]["input"] == (pytest.approx(float(x.min())), pytest.approx(float(x.max())))
     assert float(first.input_scale) == pytest.approx(float(x.max()) / 255)
     assert int(first.input_zero_point) == 0
-    # The first convolution's output (BatchNorm folded in) has both signs: an asymmetric grid.
+    # The first convolution's output is rounded after its ReLU, by the second's input grid.
+    second = qat_layers(model)["3"]
+    assert not first.quantize_output and "output" not in ranges["0"]
     with torch.no_grad():
-        out = first.layer(x)
+        activated = torch.relu(first.layer(x))
+        out = second.layer(activated)
+    assert ranges["3"]["input"] == (0.0, pytest.approx(float(activated.max())))
+    assert int(second.input_zero_point) == 0
+    # The second convolution's output (BatchNorm folded in) has both signs: an asymmetric grid.
     low, high = float(out.min()), float(out.max())
     assert low < 0 < high
-    assert float(first.output_scale) == pytest.approx((high - low) / 255, rel=1e-5)
-    assert int(first.output_zero_point) == round(-low / ((high - low) / 255))
+    assert float(second.output_scale) == pytest.approx((high - low) / 255, rel=1e-5)
+    assert int(second.output_zero_point) == round(-low / ((high - low) / 255))
     assert not first.input_scale.requires_grad  # learn_scales=False freezes them
 
 
@@ -237,3 +250,13 @@ def test_export_refuses_a_model_without_fake_quantised_layers(tmp_path: Path) ->
     with pytest.raises(UserError, match="needs a model from prepare_qat"):
         export_qat(_model(), tmp_path / "x.onnx", input_spec=SPEC)
     assert all(not isinstance(m, FakeQuantLayer) for m in _model().modules())
+
+
+def test_a_collapsed_activation_scale_is_refused_at_export_naming_the_layer(tmp_path: Path) -> None:
+    model = prepare_qat(_model(), _images(2), "u8s8")
+    init_activation_ranges(model, _images().split(16))
+    with torch.no_grad():
+        qat_layers(model)["8"].input_scale.fill_(-7e-4)  # where too high a learning rate drove it
+    with pytest.raises(ExportError, match=r"QAT layer 8: its bias does not fit the int32 grid.*qat.lr"):
+        export_qat(model, tmp_path / "m.onnx", input_spec=SPEC)
+    assert not (tmp_path / "m.onnx").exists()
