@@ -28,7 +28,7 @@ from typing import Any, cast
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
 from calibration.ranges import BINS, Histogram, compute_range, range_methods
 from calibration.schemes import SCHEMES, QuantScheme
@@ -44,6 +44,7 @@ __all__ = [
     "init_activation_ranges",
     "prepare_qat",
     "qat_layers",
+    "rounded_after_relu",
     "weight_scales",
 ]
 
@@ -338,28 +339,27 @@ def prepare_qat(
         raise UserError("QAT found no Conv1d/2d/3d or Linear layer to quantise in the model")
     for name, module in layers:
         _set_module(qat, name, FakeQuantLayer(module, chosen, learn_scales=learn_scales))
-    # The model's own outputs stay float (rounding logits makes ties of the largest ones), and a
-    # layer whose output goes through a ReLU into quantised layers is rounded after the ReLU, by
-    # the readers' input grid (see _Flow).
+    # The model's own outputs stay float (rounding logits makes ties of the largest ones).
     wrapped = qat_layers(qat)
-    flow = _Flow()
-    hooks = [m.register_forward_pre_hook(flow.read) for m in wrapped.values()]
-    hooks += [m.register_forward_hook(flow.wrote) for m in wrapped.values()]
-    hooks += [m.register_forward_hook(flow.activated) for m in qat.modules() if isinstance(m, _RELUS)]
+    outputs: dict[int, FakeQuantLayer] = {}
+    hooks = [
+        m.register_forward_hook(lambda mod, _, out: outputs.__setitem__(id(out), mod))
+        for m in wrapped.values()
+    ]
     try:
         with torch.no_grad():
             for layer in wrapped.values():
                 layer.observe = _ignore
             final = as_tuple(qat(example))
+            for t in final:
+                if id(t) in outputs:
+                    outputs[id(t)].quantize_output = False
     finally:
         for hook in hooks:
             hook.remove()
         for layer in wrapped.values():
             layer.observe = None
-    for t in final:
-        if id(t) in flow.produced:
-            flow.produced[id(t)][0].quantize_output = False
-    for layer in flow.rounded_after_relu():
+    for layer in rounded_after_relu(qat):
         layer.quantize_output = False
     return qat
 
@@ -369,44 +369,66 @@ def prepare_qat(
 _RELUS = (nn.ReLU, nn.ReLU6)
 
 
-class _Flow:
-    """Which tensors the quantised layers write and read, found by running one batch.
+class _LayerTracer(fx.Tracer):
+    """Traces a QAT model with its quantised layers and ReLUs as single calls."""
 
-    A layer whose output is read only by a ReLU (or ReLU6) module whose output quantised layers
-    read needs no rounding of its own: the readers round the activated values to their input
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, (FakeQuantLayer, *_RELUS)) or super().is_leaf_module(m, module_qualified_name)
+
+
+def rounded_after_relu(model: nn.Module) -> list[FakeQuantLayer]:
+    """The quantised layers whose output only a ReLU (or ReLU6) module reads, through folded
+    BatchNorms, and whose activated output only quantised layers read.
+
+    Those need no rounding of their own: the readers round the activated values to their input
     grid, which starts at 0, and the INT8 file then holds ``Conv -> Relu -> QuantizeLinear``,
     which ONNX Runtime fuses into one integer convolution writing that grid (a rounding at the
     convolution's output as well leaves ``DequantizeLinear -> Clip -> QuantizeLinear`` between
-    the layers, unfused). Tensors are matched by identity, so a layer whose raw output another
-    layer also reads keeps its own rounding.
+    the layers, unfused). An activation something else also reads (a residual addition) keeps
+    the rounding before it: with a float reader the runtime could not fold the ReLU, and the
+    convolution would stay in float. A model torch.fx cannot trace keeps every rounding.
     """
+    found = []
+    for part in _traceable_parts(model):
+        graph = _LayerTracer().trace(part)
+        modules = dict(part.named_modules())
 
-    def __init__(self) -> None:
-        self.produced: dict[int, tuple[FakeQuantLayer, torch.Tensor]] = {}
-        self.after_relu: dict[int, tuple[FakeQuantLayer, torch.Tensor]] = {}
-        self.read_raw: set[int] = set()  # id() of layers whose raw output another layer reads
-        self.read_activated: set[int] = set()  # id() of layers read through a ReLU by a layer
+        def module(node: fx.Node, modules: dict[str, nn.Module] = modules) -> nn.Module | None:
+            return modules.get(str(node.target)) if node.op == "call_module" else None
 
-    def wrote(self, layer: nn.Module, _: Any, out: Any) -> None:
-        if isinstance(out, torch.Tensor):  # kept alive, so its id is not reused
-            self.produced[id(out)] = (cast(FakeQuantLayer, layer), out)
+        for node in graph.nodes:
+            layer = module(node)
+            if not isinstance(layer, FakeQuantLayer):
+                continue
+            end = node
+            while len(end.users) == 1 and isinstance(module(next(iter(end.users))), nn.Identity):
+                end = next(iter(end.users))  # a folded BatchNorm
+            users = list(end.users)
+            if len(users) != 1 or not isinstance(module(users[0]), _RELUS):
+                continue
+            readers = list(users[0].users)
+            if readers and all(isinstance(module(r), FakeQuantLayer) for r in readers):
+                found.append(layer)
+    return found
 
-    def activated(self, _: nn.Module, inputs: tuple[Any, ...], out: Any) -> None:
-        # Popped: an in-place ReLU returns the very tensor the layer wrote.
-        found = self.produced.pop(id(inputs[0]), None) if inputs else None
-        if found is not None and isinstance(out, torch.Tensor):
-            self.after_relu[id(out)] = (found[0], out)
 
-    def read(self, _: nn.Module, inputs: tuple[Any, ...]) -> None:
-        x = inputs[0] if inputs else None
-        if id(x) in self.produced:
-            self.read_raw.add(id(self.produced[id(x)][0]))
-        if id(x) in self.after_relu:
-            self.read_activated.add(id(self.after_relu[id(x)][0]))
+def _traceable_parts(model: nn.Module) -> list[nn.Module]:
+    """The model, or else those of its children torch.fx traces (a wrapper that checks what its
+    network returns, like the built-in normalising classifier, does not trace itself)."""
+    if _traces(model):
+        return [model]
+    parts = [child for child in model.children() if _traces(child)]
+    if not parts:
+        log.info("QAT: the model does not trace with torch.fx; every layer rounds its own output")
+    return parts
 
-    def rounded_after_relu(self) -> list[FakeQuantLayer]:
-        layers = {id(layer): layer for layer, _ in self.after_relu.values()}
-        return [layers[k] for k in self.read_activated - self.read_raw if k in layers]
+
+def _traces(module: nn.Module) -> bool:
+    try:
+        _LayerTracer().trace(module)
+    except Exception:  # data-dependent control flow and the like: nothing to gain, nothing lost
+        return False
+    return True
 
 
 def _ignore(x: torch.Tensor, out: torch.Tensor) -> None:

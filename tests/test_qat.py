@@ -260,3 +260,46 @@ def test_a_collapsed_activation_scale_is_refused_at_export_naming_the_layer(tmp_
     with pytest.raises(ExportError, match=r"QAT layer 8: its bias does not fit the int32 grid.*qat.lr"):
         export_qat(model, tmp_path / "m.onnx", input_spec=SPEC)
     assert not (tmp_path / "m.onnx").exists()
+
+
+class _Residual(nn.Module):
+    """A stem whose activated output both a convolution and a residual addition read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem, self.act = nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()
+        self.conv, self.act2 = nn.Conv2d(4, 4, 3, padding=1), nn.ReLU()
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(self.stem(x))
+        return self.head((self.act2(self.conv(y)) + y).mean((2, 3)))
+
+
+class _Checking(nn.Module):
+    """A wrapper that checks what its network returns, so torch.fx cannot trace it whole."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x)
+        if not isinstance(out, torch.Tensor):
+            raise TypeError("logits expected")
+        return out
+
+
+def test_only_a_relu_read_by_quantised_layers_alone_moves_the_rounding_after_it() -> None:
+    # A ReLU the residual addition also reads keeps the rounding before it: the runtime could not
+    # fold it, and the convolution would stay in float.
+    residual = prepare_qat(_Residual().eval(), _images(2), "u8s8")
+    assert [layer.quantize_output for layer in qat_layers(residual).values()] == [True, True, False]
+    # Through a wrapper torch.fx cannot trace, its network is traced instead.
+    wrapped = prepare_qat(_Checking(_model()), _images(2), "u8s8")
+    assert {n: layer.quantize_output for n, layer in qat_layers(wrapped).items()} == {
+        "net.0": False,
+        "net.3": True,
+        "net.8": False,
+    }
