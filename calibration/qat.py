@@ -7,8 +7,8 @@ round: its input activation (per tensor, the target scheme's type and zero point
 (per output channel, symmetric int8 in [-127, 127]), its bias (to the int32 grid of input
 scale x weight scale) and its output activation (ONNX Runtime fuses a convolution into an integer
 kernel only when its output is quantised), except for the model's outputs and for a layer followed
-by a ReLU that quantised layers read: that output is rounded after the ReLU, by its readers' input
-grid.
+by a ReLU whose output only quantised layers read: that output is rounded after the ReLU, by its
+readers' input grid (:func:`rounded_after_relu`).
 Rounding passes the gradient straight through (zero outside the clipped range); activation
 scales are initialised from the values the layers see on calibration images
 (:func:`init_activation_ranges`, any method of :mod:`calibration.ranges`) and can be learnt
