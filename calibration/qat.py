@@ -389,8 +389,7 @@ def rounded_after_relu(model: nn.Module) -> list[FakeQuantLayer]:
     convolution would stay in float. A model torch.fx cannot trace keeps every rounding.
     """
     found = []
-    for part in _traceable_parts(model):
-        graph = _LayerTracer().trace(part)
+    for part, graph in _traced_parts(model):
         modules = dict(part.named_modules())
 
         def module(node: fx.Node, modules: dict[str, nn.Module] = modules) -> nn.Module | None:
@@ -412,23 +411,23 @@ def rounded_after_relu(model: nn.Module) -> list[FakeQuantLayer]:
     return found
 
 
-def _traceable_parts(model: nn.Module) -> list[nn.Module]:
-    """The model, or else those of its children torch.fx traces (a wrapper that checks what its
-    network returns, like the built-in normalising classifier, does not trace itself)."""
-    if _traces(model):
-        return [model]
-    parts = [child for child in model.children() if _traces(child)]
+def _traced_parts(model: nn.Module) -> list[tuple[nn.Module, fx.Graph]]:
+    """The model and its graph, or else those of its children torch.fx traces (a wrapper that
+    checks what its network returns, like the built-in normalising classifier, does not trace)."""
+    graph = _trace(model)
+    if graph is not None:
+        return [(model, graph)]
+    parts = [(child, g) for child in model.children() if (g := _trace(child)) is not None]
     if not parts:
         log.info("QAT: the model does not trace with torch.fx; every layer rounds its own output")
     return parts
 
 
-def _traces(module: nn.Module) -> bool:
+def _trace(module: nn.Module) -> fx.Graph | None:
     try:
-        _LayerTracer().trace(module)
+        return _LayerTracer().trace(module)
     except Exception:  # data-dependent control flow and the like: nothing to gain, nothing lost
-        return False
-    return True
+        return None
 
 
 def _ignore(x: torch.Tensor, out: torch.Tensor) -> None:

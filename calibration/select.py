@@ -269,14 +269,13 @@ def fewest_fp32(
     """
     adv_target = adversarial_target if adversarial_target is not None else target
     order = sorted(measured, key=lambda m: -measured[m].margin(target, adv_target))
-    best: tuple[str, MixedPrecision] | None = None
-    first: MixedPrecision | None = None
-    counts: dict[str, int | None] = {}
+    searched: dict[str, MixedPrecision] = {}
+    best = order[0]  # returned unmet when no method meets the target
     for method in order:
-        bound = None if best is None else len(best[1].fp32_nodes) - 1
+        bound = len(searched[best].fp32_nodes) - 1 if best in searched and searched[best].met else None
         if bound is not None and bound < 0:
             break
-        found = keep_sensitive_fp32(
+        searched[method] = keep_sensitive_fp32(
             calibration,
             held_out,
             target,
@@ -285,13 +284,10 @@ def fewest_fp32(
             max_fp32=bound,
             **options,
         )
-        first = first or found
-        counts[method] = len(found.fp32_nodes) if found.met else None
-        if found.met:
-            best = (method, found)
-    method, chosen = best if best is not None else (order[0], first)
-    assert chosen is not None
-    return method, replace(chosen, methods_fp32_layers=counts)
+        if searched[method].met:
+            best = method
+    counts = {m: len(found.fp32_nodes) if found.met else None for m, found in searched.items()}
+    return best, replace(searched[best], methods_fp32_layers=counts)
 
 
 def predict_labels(path: str | Path, x: np.ndarray, threads: int) -> np.ndarray:

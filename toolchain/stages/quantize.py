@@ -262,17 +262,14 @@ def _quantize_one(
             )
     mixed = None
     if cfg.target_agreement is not None and held_out is not None:
+        search = {
+            "adversarial_target": cfg.target_adversarial_agreement,
+            "exclude_nodes": cfg.exclude_nodes,
+            "threads": threads,
+            **options,
+        }
         if tried:  # auto: the method that needs fewest FP32 layers, not the best all-INT8 one
-            method, mixed = fewest_fp32(
-                prepared,
-                tried,
-                held_out,
-                cfg.target_agreement,
-                adversarial_target=cfg.target_adversarial_agreement,
-                exclude_nodes=cfg.exclude_nodes,
-                threads=threads,
-                **options,
-            )
+            method, mixed = fewest_fp32(prepared, tried, held_out, cfg.target_agreement, **search)
             log.info(
                 "%s %s/%s: with target agreement %g, method %s (FP32 layers each method needed: %s)",
                 name,
@@ -283,16 +280,7 @@ def _quantize_one(
                 mixed.methods_fp32_layers,
             )
         else:
-            mixed = keep_sensitive_fp32(
-                prepared,
-                held_out,
-                cfg.target_agreement,
-                adversarial_target=cfg.target_adversarial_agreement,
-                method=method,
-                exclude_nodes=cfg.exclude_nodes,
-                threads=threads,
-                **options,
-            )
+            mixed = keep_sensitive_fp32(prepared, held_out, cfg.target_agreement, method=method, **search)
         if not mixed.met:
             log.warning(
                 "%s: held-out agreement %s misses quantize.target_agreement even with %d layers in FP32",
