@@ -8,7 +8,11 @@ round: its input activation (per tensor, the target scheme's type and zero point
 scale x weight scale) and its output activation (ONNX Runtime fuses a convolution into an integer
 kernel only when its output is quantised), except for the model's outputs and for a layer followed
 by a ReLU whose output only quantised layers read: that output is rounded after the ReLU, by its
-readers' input grid (:func:`rounded_after_relu`).
+readers' input grid (:func:`rounded_after_relu`). A residual addition computed by a block module
+(a ResNet or MobileNetV2 block) is rounded too, after its ReLU if one follows, with both of its
+inputs, by a :class:`FakeQuantOutput` on the module that returns the value (a forward hook), so the
+runtime adds integers (:func:`round_additions`); the quantised layers that read such a value share
+its grid.
 Rounding passes the gradient straight through (zero outside the clipped range); activation
 scales are initialised from the values the layers see on calibration images
 (:func:`init_activation_ranges`, any method of :mod:`calibration.ranges`) and can be learnt
@@ -21,6 +25,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import operator
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -37,6 +43,7 @@ from exporters.outputs import as_tuple
 
 __all__ = [
     "FakeQuantLayer",
+    "FakeQuantOutput",
     "LayerQuant",
     "fake_quantize",
     "float_copy",
@@ -44,6 +51,8 @@ __all__ = [
     "init_activation_ranges",
     "prepare_qat",
     "qat_layers",
+    "qat_outputs",
+    "round_additions",
     "rounded_after_relu",
     "weight_scales",
 ]
@@ -103,53 +112,23 @@ class LayerQuant:
     int32_bias: bool  # bias as int32 behind DequantizeLinear, else the rounded float values
     input_scale: float
     input_zero_point: int
+    input_rounded_before: bool  # what it reads is already on its input grid (a FakeQuantOutput's)
     output_scale: float | None
     output_zero_point: int | None
 
 
-class FakeQuantLayer(nn.Module):
-    """A convolution or linear layer that computes what its INT8 version will.
+class _ActivationGrid(nn.Module):
+    """What every activation rounding shares: the scheme's grid, and scales set from a range."""
 
-    Attributes:
-        layer: the float layer (its weights are the ones trained).
-        qmin, qmax: the activation grid (``[0, 255]`` for uint8, ``[-128, 127]`` for int8).
-        scheme: the scheme's name.
-        symmetric: activations with zero point 0.
-        quantize_output: round the output too (ONNX Runtime fuses a convolution into an integer
-            kernel only when its output is quantised); off for the model's outputs and for a layer
-            whose readers round it after a ReLU (:func:`prepare_qat`).
-        input_scale, output_scale: activation scales (parameters; frozen unless learnt).
-        input_zero_point, output_zero_point: zero points (buffers, fixed at initialisation).
-    """
-
-    input_zero_point: torch.Tensor
-    output_zero_point: torch.Tensor
-
-    def __init__(self, layer: nn.Module, scheme: QuantScheme, *, learn_scales: bool = True) -> None:
+    def __init__(self, scheme: QuantScheme) -> None:
         super().__init__()
-        self.layer = layer
         self.scheme = scheme.name
         self.qmin, self.qmax = _ACTIVATION_GRID[scheme.activation_type]
         self.symmetric = scheme.activation_symmetric
-        self.quantize_output = True
-        self.input_scale = nn.Parameter(torch.ones(()), requires_grad=learn_scales)
-        self.output_scale = nn.Parameter(torch.ones(()), requires_grad=learn_scales)
-        self.register_buffer("input_zero_point", torch.zeros(()))
-        self.register_buffer("output_zero_point", torch.zeros(()))
-        # Set while calibrating: the layer runs in float and hands this its input and output.
-        self.observe: Callable[[torch.Tensor, torch.Tensor], None] | None = None
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.layer.weight  # type: ignore[return-value]  # Conv or Linear
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.layer.bias  # type: ignore[return-value]
 
     def set_range(self, which: str, low: float, high: float) -> None:
-        """Set the ``input`` or ``output`` scale and zero point so the grid covers ``[low, high]``
-        (always including 0, which must stay exact: padding, ReLU's zeros)."""
+        """Set the ``which`` (``input`` or ``output``) scale and zero point so the grid covers
+        ``[low, high]`` (always including 0, which must stay exact: padding, ReLU's zeros)."""
         low, high = min(low, 0.0), max(high, 0.0)
         if self.symmetric:
             scale = max(-low, high) / self.qmax
@@ -170,6 +149,47 @@ class FakeQuantLayer(nn.Module):
             scale = _scaled_gradient(scale, (x[0].numel() * self.qmax) ** -0.5)
         return fake_quantize(x, scale, zero_point, self.qmin, self.qmax)
 
+
+class FakeQuantLayer(_ActivationGrid):
+    """A convolution or linear layer that computes what its INT8 version will.
+
+    Attributes:
+        layer: the float layer (its weights are the ones trained).
+        qmin, qmax: the activation grid (``[0, 255]`` for uint8, ``[-128, 127]`` for int8).
+        scheme: the scheme's name.
+        symmetric: activations with zero point 0.
+        quantize_input: round the input; off when the tensor it reads is already rounded, to the
+            same grid, by a :class:`FakeQuantOutput` (whose scale and zero point it then shares).
+        quantize_output: round the output too (ONNX Runtime fuses a convolution into an integer
+            kernel only when its output is quantised); off for the model's outputs and for a layer
+            whose output is rounded after a ReLU (:func:`prepare_qat`).
+        input_scale, output_scale: activation scales (parameters; frozen unless learnt).
+        input_zero_point, output_zero_point: zero points (buffers, fixed at initialisation).
+    """
+
+    input_zero_point: torch.Tensor
+    output_zero_point: torch.Tensor
+
+    def __init__(self, layer: nn.Module, scheme: QuantScheme, *, learn_scales: bool = True) -> None:
+        super().__init__(scheme)
+        self.layer = layer
+        self.quantize_input = True
+        self.quantize_output = True
+        self.input_scale = nn.Parameter(torch.ones(()), requires_grad=learn_scales)
+        self.output_scale = nn.Parameter(torch.ones(()), requires_grad=learn_scales)
+        self.register_buffer("input_zero_point", torch.zeros(()))
+        self.register_buffer("output_zero_point", torch.zeros(()))
+        # Set while calibrating: the layer runs in float and hands this its input and output.
+        self.observe: Callable[[torch.Tensor, torch.Tensor], None] | None = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.layer.weight  # type: ignore[return-value]  # Conv or Linear
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.layer.bias  # type: ignore[return-value]
+
     def _quantized_parameters(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """Fake-quantised weight and bias, with the weight scales and the bias scales."""
         weight = self.weight
@@ -186,7 +206,8 @@ class FakeQuantLayer(nn.Module):
             out = self.layer(x)
             self.observe(x.detach(), out.detach())
             return out
-        x = self._activation(x, self.input_scale, self.input_zero_point)
+        if self.quantize_input:
+            x = self._activation(x, self.input_scale, self.input_zero_point)
         weight, bias, _, _ = self._quantized_parameters()
         if isinstance(self.layer, nn.Linear):
             out = F.linear(x, weight, bias)
@@ -223,11 +244,75 @@ class FakeQuantLayer(nn.Module):
             int32_bias=not self.symmetric,
             input_scale=float(self.input_scale.clamp_min(_SMALLEST_SCALE)),
             input_zero_point=int(self.input_zero_point),
+            input_rounded_before=not self.quantize_input,
             output_scale=float(self.output_scale.clamp_min(_SMALLEST_SCALE))
             if self.quantize_output
             else None,
             output_zero_point=int(self.output_zero_point) if self.quantize_output else None,
         )
+
+
+class FakeQuantOutput(_ActivationGrid):
+    """Rounds what a module returns to one per-tensor activation grid (a residual addition's
+    output, or an activation such an addition reads); held by that module as ``qat_output`` and
+    applied by a forward hook (:func:`round_additions`).
+
+    Attributes:
+        output_scale: the scale (a parameter; frozen unless learnt).
+        output_zero_point: the zero point (a buffer, fixed at initialisation).
+        exported: when set (by :func:`float_copy`), the :meth:`rounding` constants to round with
+            ``quantized_decomposed`` quantise/dequantise ops, which the ONNX exporter writes as
+            QuantizeLinear/DequantizeLinear.
+    """
+
+    output_zero_point: torch.Tensor
+
+    def __init__(self, scheme: QuantScheme, *, learn_scales: bool = True) -> None:
+        super().__init__(scheme)
+        self.output_scale = nn.Parameter(torch.ones(()), requires_grad=learn_scales)
+        self.register_buffer("output_zero_point", torch.zeros(()))
+        self.exported: tuple[float, int, int, int] | None = None
+        self.observe: Callable[[torch.Tensor, torch.Tensor], None] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observe is not None:
+            self.observe(x.detach(), x.detach())
+            return x
+        if self.exported is not None:
+            return _exported_rounding(x, self.exported)
+        return self._activation(x, self.output_scale, self.output_zero_point)
+
+    def rounding(self) -> tuple[float, int, int, int]:
+        """Scale, zero point, lowest and highest grid value, as the forward pass uses them."""
+        return (
+            float(self.output_scale.detach().clamp_min(_SMALLEST_SCALE)),
+            int(self.output_zero_point),
+            self.qmin,
+            self.qmax,
+        )
+
+
+def _exported_rounding(x: torch.Tensor, rounding: tuple[float, int, int, int]) -> torch.Tensor:
+    """``DequantizeLinear(QuantizeLinear(x))`` in ops the dynamo ONNX exporter writes as those
+    nodes (``rounding``: constants, so nothing is read from a tensor while it traces)."""
+    import torch.ao.quantization.fx._decomposed  # registers quantized_decomposed
+
+    scale, zero_point, qmin, qmax = rounding
+    dtype = torch.uint8 if qmin == 0 else torch.int8
+    ops = torch.ops.quantized_decomposed
+    q = ops.quantize_per_tensor(x, scale, zero_point, qmin, qmax, dtype)
+    return ops.dequantize_per_tensor(q, scale, zero_point, qmin, qmax, dtype)
+
+
+def _round_output(module: nn.Module, _: Any, out: torch.Tensor) -> torch.Tensor:
+    """The forward hook of a module whose output is rounded (a function, so copies of the model
+    call their own ``qat_output``)."""
+    return cast(FakeQuantOutput, module.qat_output)(out)
+
+
+def qat_outputs(model: nn.Module) -> dict[str, FakeQuantOutput]:
+    """The rounded module outputs of a :func:`prepare_qat` model, by the rounding's name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, FakeQuantOutput)}
 
 
 def qat_layers(model: nn.Module) -> dict[str, FakeQuantLayer]:
@@ -237,10 +322,13 @@ def qat_layers(model: nn.Module) -> dict[str, FakeQuantLayer]:
 
 def float_copy(model: nn.Module) -> nn.Module:
     """A copy of a :func:`prepare_qat` model with each fake-quantised layer replaced by its float
-    layer (BatchNorm stays folded), on the CPU in eval mode."""
+    layer (BatchNorm stays folded) and the rounded module outputs in ops the ONNX exporter
+    writes as QuantizeLinear/DequantizeLinear, on the CPU in eval mode."""
     copied = copy.deepcopy(model).cpu().eval()
     for name, layer in qat_layers(copied).items():
         _set_module(copied, name, layer.layer)
+    for rounding in qat_outputs(copied).values():
+        rounding.exported = rounding.rounding()
     return copied
 
 
@@ -361,6 +449,7 @@ def prepare_qat(
             layer.observe = None
     for layer in rounded_after_relu(qat):
         layer.quantize_output = False
+    round_additions(qat, chosen, learn_scales=learn_scales)
     return qat
 
 
@@ -411,6 +500,138 @@ def rounded_after_relu(model: nn.Module) -> list[FakeQuantLayer]:
     return found
 
 
+_ADDITIONS = {operator.add, operator.iadd, torch.add}
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def round_additions(model: nn.Module, scheme: QuantScheme, *, learn_scales: bool = True) -> list[str]:
+    """Round the residual additions of a model being prepared for QAT, and their inputs, so the
+    INT8 file adds integers (in place).
+
+    An addition of two tensors whose result (or the ReLU applied to it alone) is what a module
+    returns, a ResNet or MobileNetV2 block, gets a :class:`FakeQuantOutput` on that module. Its
+    inputs are rounded too: a quantised layer's output already is, another rounded addition's
+    is, and any other module's output gets a :class:`FakeQuantOutput` of its own (the layer
+    before a rounded ReLU stops rounding its output: the runtime folds the ReLU into the
+    rounding after it). A quantised layer that reads a rounded value shares its scale and zero
+    point and does not round again. ONNX Runtime then fuses each ``DQ, DQ -> Add -> Q`` into one
+    integer addition. An addition no hook can reach (written in the top-level ``forward``, or
+    reading the model's input) stays float, as do the model's outputs.
+
+    Returns:
+        The names of the modules whose outputs are rounded.
+    """
+    rounded: list[nn.Module] = []
+    for part, graph in _traced_parts(model):
+        traced = _Traced(part, graph)
+        for value, holder in traced.rounding_points().items():
+            target = part.get_submodule(holder)
+            rounding = FakeQuantOutput(scheme, learn_scales=learn_scales)
+            target.add_module("qat_output", rounding)
+            target.register_forward_hook(_round_output)
+            if isinstance(traced.module(value), _RELUS):  # the layer before need not round its output
+                producer = traced.source(cast(fx.Node, value.args[0]))
+                layer = traced.module(producer)
+                if isinstance(layer, FakeQuantLayer) and traced.only_reader(producer, value):
+                    layer.quantize_output = False
+            for reader in value.users:
+                layer = traced.module(reader)
+                if isinstance(layer, FakeQuantLayer) and reader.args[0] is value:
+                    layer.input_scale = rounding.output_scale
+                    layer.input_zero_point = rounding.output_zero_point
+                    layer.quantize_input = False
+            rounded.append(target)
+    names = {id(m): n for n, m in model.named_modules()}
+    return [names[id(m)] for m in rounded]
+
+
+class _Traced:
+    """A traced model part: its modules by name, how often each is called, and the questions
+    :func:`round_additions` asks of its nodes."""
+
+    def __init__(self, part: nn.Module, graph: fx.Graph) -> None:
+        self.graph = graph
+        self.modules = dict(part.named_modules())
+        self.calls = Counter(str(n.target) for n in graph.nodes if n.op == "call_module")
+
+    def module(self, node: fx.Node) -> nn.Module | None:
+        return self.modules.get(str(node.target)) if node.op == "call_module" else None
+
+    def source(self, node: fx.Node) -> fx.Node:
+        """The node whose value ``node`` passes on unchanged (through folded BatchNorms and
+        identity shortcuts)."""
+        while isinstance(self.module(node), nn.Identity) and node.args:
+            node = cast(fx.Node, node.args[0])
+        return node
+
+    def only_reader(self, producer: fx.Node, value: fx.Node) -> bool:
+        """Whether ``value`` alone reads ``producer``'s output (through folded BatchNorms)."""
+        node = producer
+        while len(node.users) == 1:
+            node = next(iter(node.users))
+            if node is value:
+                return True
+            if not isinstance(self.module(node), nn.Identity):
+                return False
+        return False
+
+    def rounding_points(self) -> dict[fx.Node, str]:
+        """The values to round, each with the module whose forward hook rounds it."""
+        points: dict[fx.Node, str] = {}
+        for node in self.graph.nodes:
+            if not (node.op == "call_function" and node.target in _ADDITIONS and len(node.args) == 2):
+                continue
+            if not all(isinstance(a, fx.Node) for a in node.args):
+                continue
+            out = node
+            if len(node.users) == 1 and isinstance(self.module(next(iter(node.users))), _RELUS):
+                out = next(iter(node.users))
+            holder = self.returning_module(out)
+            if holder is None or any(u.op == "output" for u in out.users):
+                continue
+            todo = {out: holder}
+            for value in (self.source(cast(fx.Node, a)) for a in node.args):
+                layer = self.module(value)
+                if value in points or (isinstance(layer, FakeQuantLayer) and layer.quantize_output):
+                    continue  # already on a grid
+                found = self.returning_module(value)
+                if found is None:
+                    break
+                todo[value] = found
+            else:
+                points.update(todo)
+        return points
+
+    def returning_module(self, value: fx.Node) -> str | None:
+        """The name of a module a forward hook can round ``value`` on: the module the node calls
+        (a leaf called once), else the innermost module whose ``forward`` computes it, if
+        ``value`` is the only thing that leaves it. ``None`` for a value of the top-level
+        ``forward`` and for a quantised layer (it rounds its own output)."""
+        if value.op == "call_module":
+            name = str(value.target)
+            if self.calls[name] == 1 and self._hookable(name):
+                return name
+        paths = _module_path(value)
+        if value.op == "call_module":
+            paths = paths[:-1]  # the leaf itself
+        if not paths or not self._hookable(paths[-1]):
+            return None
+        name = paths[-1]
+        inside = {n for n in self.graph.nodes if name in _module_path(n)}
+        leaving = {n for n in inside if any(u not in inside for u in n.users)}
+        return name if leaving == {value} else None
+
+    def _hookable(self, name: str) -> bool:
+        # A container's forward would call a module added to it.
+        target = self.modules.get(name)
+        return target is not None and not isinstance(target, (FakeQuantLayer, *_CONTAINERS))
+
+
+def _module_path(node: fx.Node) -> list[str]:
+    """The names of the modules whose ``forward`` produced ``node``, outermost first."""
+    return [path for path, _ in (node.meta.get("nn_module_stack") or {}).values()]
+
+
 def _traced_parts(model: nn.Module) -> list[tuple[nn.Module, fx.Graph]]:
     """The model and its graph, or else those of its children torch.fx traces (a wrapper that
     checks what its network returns, like the built-in normalising classifier, does not trace)."""
@@ -438,14 +659,16 @@ def _ignore(x: torch.Tensor, out: torch.Tensor) -> None:
 def init_activation_ranges(
     model: nn.Module, batches: Sequence[torch.Tensor], *, method: str = "minmax", percentile: float = 99.99
 ) -> dict[str, dict[str, tuple[float, float]]]:
-    """Set every fake-quantised layer's activation scales from the float model's values on
-    ``batches`` (the layers run in float meanwhile), with ``method``'s range
-    (:func:`calibration.ranges.compute_range`): a pass for each tensor's minimum and maximum,
-    and for any other method a second one that fills its histogram (nothing grows with the
-    number of images).
+    """Set every activation scale of a :func:`prepare_qat` model (its layers' and its rounded
+    module outputs') from the float model's values on ``batches`` (the roundings are off
+    meanwhile), with ``method``'s range (:func:`calibration.ranges.compute_range`): a pass for
+    each tensor's minimum and maximum, and for any other method a second one that fills its
+    histogram (nothing grows with the number of images). A layer that reads a rounded output
+    shares that output's scale.
 
     Returns:
-        ``{layer: {"input": (low, high)[, "output": (low, high)]}}``, the ranges set.
+        ``{name: {"input": (low, high), "output": (low, high)}}``, the ranges set (each rounded
+        tensor once: a layer's ``input`` when it rounds it, its ``output`` when it rounds that).
 
     Raises:
         UnknownNameError: an unknown method.
@@ -455,8 +678,8 @@ def init_activation_ranges(
         raise UnknownNameError("calibration method", method, range_methods())
     if not batches:
         raise UserError("QAT needs calibration images to initialise its activation ranges; got none")
-    layers = qat_layers(model)
-    tensors = [(name, which) for name, layer in layers.items() for which in _observed(layer)]
+    roundings: dict[str, FakeQuantLayer | FakeQuantOutput] = {**qat_layers(model), **qat_outputs(model)}
+    tensors = [(name, which) for name, rounding in roundings.items() for which in _observed(rounding)]
     lows = {key: float("inf") for key in tensors}
     highs = {key: float("-inf") for key in tensors}
 
@@ -464,39 +687,43 @@ def init_activation_ranges(
         lows[key] = min(lows[key], float(values.min()))
         highs[key] = max(highs[key], float(values.max()))
 
-    _observe_all(model, layers, batches, extremes)
+    _observe_all(model, roundings, batches, extremes)
     found = {key: (lows[key], highs[key]) for key in tensors}
     if method != "minmax":
         histograms = {
             key: Histogram(lo, hi, np.zeros(BINS), Histogram.edges_for(lo, hi))
             for key, (lo, hi) in found.items()
         }
-        _observe_all(model, layers, batches, lambda key, values: histograms[key].add(values.cpu().numpy()))
+        _observe_all(model, roundings, batches, lambda key, values: histograms[key].add(values.cpu().numpy()))
         found = {key: compute_range(method, histograms[key], percentile) for key in tensors}
-    ranges: dict[str, dict[str, tuple[float, float]]] = {name: {} for name in layers}
+    ranges: dict[str, dict[str, tuple[float, float]]] = {name: {} for name in roundings}
     for (name, which), (low, high) in found.items():
-        layers[name].set_range(which, low, high)
+        roundings[name].set_range(which, low, high)
         ranges[name][which] = (low, high)
     return ranges
 
 
-def _observed(layer: FakeQuantLayer) -> tuple[str, ...]:
-    return ("input", "output") if layer.quantize_output else ("input",)
+def _observed(rounding: FakeQuantLayer | FakeQuantOutput) -> tuple[str, ...]:
+    """Which of its tensors a rounding sets the scale of."""
+    if isinstance(rounding, FakeQuantOutput):
+        return ("output",)
+    return ("input",) * rounding.quantize_input + ("output",) * rounding.quantize_output
 
 
 def _observe_all(
     model: nn.Module,
-    layers: dict[str, FakeQuantLayer],
+    roundings: dict[str, FakeQuantLayer | FakeQuantOutput],
     batches: Sequence[torch.Tensor],
     record: Callable[[tuple[str, str], torch.Tensor], None],
 ) -> None:
-    """Run ``batches`` through the float layers (eval mode), handing each quantised tensor to
+    """Run ``batches`` through the model in float (eval mode), handing each rounded tensor to
     ``record``."""
 
-    def observer(name: str, layer: FakeQuantLayer) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    def observer(name: str, observed: tuple[str, ...]) -> Callable[[torch.Tensor, torch.Tensor], None]:
         def observe(x: torch.Tensor, out: torch.Tensor) -> None:
-            record((name, "input"), x)
-            if layer.quantize_output:
+            if "input" in observed:
+                record((name, "input"), x)
+            if "output" in observed:
                 record((name, "output"), out)
 
         return observe
@@ -504,11 +731,11 @@ def _observe_all(
     was_training = model.training
     model.eval()
     try:
-        for name, layer in layers.items():
-            layer.observe = observer(name, layer)
+        for name, rounding in roundings.items():
+            rounding.observe = observer(name, _observed(rounding))
         for x in batches:
             model(x)
     finally:
-        for layer in layers.values():
-            layer.observe = None
+        for rounding in roundings.values():
+            rounding.observe = None
         model.train(was_training)

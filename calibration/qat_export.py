@@ -1,9 +1,10 @@
 """The Q/DQ ONNX file of a quantisation-aware fine-tuned model, with its trained scales.
 
 :func:`export_qat` exports the float layers of a :func:`calibration.qat.prepare_qat` model
-(:func:`exporters.onnx.export_onnx`), then finds each trained layer's node (the Conv, Gemm or
-MatMul whose weight initialiser holds exactly its float weights) and puts around it what the
-layer rounded in training, in ONNX Runtime's QDQ layout:
+(:func:`exporters.onnx.export_onnx`; the rounded module outputs, residual additions, are
+written by the exporter as QuantizeLinear/DequantizeLinear), then finds each trained layer's
+node (the Conv, Gemm or MatMul whose weight initialiser holds exactly its float weights) and
+puts around it what the layer rounded in training, in ONNX Runtime's QDQ layout:
 ``x -> Q -> DQ -> Conv(DQ(int8 weight), bias) -> Q -> DQ``, the bias an int32 tensor behind
 DequantizeLinear for ONNX Runtime (``u8s8``: its ``QLinearConv`` fusion needs it) or its
 rounded float values for TensorRT (``s8s8``: symmetric int8, zero points 0). Every number comes
@@ -184,6 +185,7 @@ def _insert_qdq(
             wt = np.ascontiguousarray(w.T)
             by_weight.setdefault((wt.shape, wt.tobytes()), []).append((name, 1))
     graph_outputs = {o.name for o in graph.output}
+    dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
     matched: dict[str, list[str]] = {name: [] for name in quant}
     unmatched: list[str] = []
     nodes: list[onnx.NodeProto] = []
@@ -204,7 +206,7 @@ def _insert_qdq(
             continue
         name = candidates[0][0]
         added = _quantize_node(
-            node, quant[name], int(axis or 0), f"{name}.{len(matched[name])}", graph_outputs
+            node, quant[name], int(axis or 0), f"{name}.{len(matched[name])}", graph_outputs, dequantized
         )
         nodes += [*added.before, node, *added.after]
         added_inits += added.initializers
@@ -235,16 +237,24 @@ def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
 
 
 def _quantize_node(
-    node: onnx.NodeProto, q: LayerQuant, axis: int, prefix: str, graph_outputs: set[str]
+    node: onnx.NodeProto,
+    q: LayerQuant,
+    axis: int,
+    prefix: str,
+    graph_outputs: set[str],
+    dequantized: set[str],
 ) -> _Added:
     """The Q/DQ nodes around one Conv/Gemm/MatMul node, which is rewired to read (and write)
-    through them."""
+    through them. An input already rounded to the layer's grid before it (a rounded module
+    output, written by the exporter as Q/DQ) gets no second pair."""
     added = _Added()
     act_dtype = np.uint8 if q.activation_type == "uint8" else np.int8
-    added.before += added.qdq(
-        node.input[0], f"{prefix}.input_dq", f"{prefix}.input", q.input_scale, q.input_zero_point, act_dtype
-    )
-    node.input[0] = f"{prefix}.input_dq"
+    if not (q.input_rounded_before and node.input[0] in dequantized):
+        rounded = f"{prefix}.input_dq"
+        added.before += added.qdq(
+            node.input[0], rounded, f"{prefix}.input", q.input_scale, q.input_zero_point, act_dtype
+        )
+        node.input[0] = rounded
     w_int = q.weight_int8 if axis == 0 else np.ascontiguousarray(q.weight_int8.T)
     added.dequantize(
         added.constant(f"{prefix}.weight_int8", w_int),

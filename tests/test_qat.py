@@ -15,7 +15,14 @@ from onnx import numpy_helper
 from torch import nn
 
 from calibration.fusion import count_fused_kernels
-from calibration.qat import FakeQuantLayer, fold_batchnorm, init_activation_ranges, prepare_qat, qat_layers
+from calibration.qat import (
+    FakeQuantLayer,
+    fold_batchnorm,
+    init_activation_ranges,
+    prepare_qat,
+    qat_layers,
+    qat_outputs,
+)
 from calibration.qat_export import export_qat
 from calibration.ranges import Histogram, compute_range
 from exporters.base import InputSpec
@@ -303,3 +310,110 @@ def test_only_a_relu_read_by_quantised_layers_alone_moves_the_rounding_after_it(
         "net.3": True,
         "net.8": False,
     }
+
+
+class _Block(nn.Module):
+    """Two conv-BN layers plus the block's input: a ResNet basic block (a ReLU after the sum)
+    or, without it, a MobileNetV2 inverted residual's sum."""
+
+    def __init__(self, channels: int, *, relu: bool) -> None:
+        super().__init__()
+        self.conv1, self.bn1, self.act1 = (
+            nn.Conv2d(channels, channels, 3, padding=1),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(),
+        )
+        self.conv2, self.bn2 = nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels)
+        self.relu = relu
+        self.act2 = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn2(self.conv2(self.act1(self.bn1(self.conv1(x))))) + x
+        return self.act2(out) if self.relu else out
+
+
+def _blocks() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        _Block(8, relu=True),
+        _Block(8, relu=False),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    )
+    for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+        bn.running_mean.uniform_(-0.3, 0.3)
+        bn.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def _trained_blocks(scheme: str) -> nn.Module:
+    model = prepare_qat(_blocks(), _images(2), scheme)
+    init_activation_ranges(model, _images().split(16))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.002)
+    x, y = _images(32, seed=1), torch.arange(32) % 4
+    model.train()
+    for _ in range(10):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    return model.eval()
+
+
+def test_residual_additions_are_rounded_with_their_inputs_and_run_as_integer_additions(
+    tmp_path: Path,
+) -> None:
+    model = _trained_blocks("u8s8")
+    outputs = qat_outputs(model)
+    # The stem's ReLU (an addition reads it), the basic block after its ReLU, the other block's sum.
+    assert list(outputs) == ["2.qat_output", "3.act2.qat_output", "4.qat_output"]
+    layers = qat_layers(model)
+    # A layer reading a rounded value shares its grid and does not round it again; the stem
+    # convolution leaves its rounding to after its ReLU.
+    assert layers["3.conv1"].input_scale is outputs["2.qat_output"].output_scale
+    assert layers["4.conv1"].input_zero_point is outputs["3.act2.qat_output"].output_zero_point
+    assert not layers["3.conv1"].quantize_input and not layers["0"].quantize_output
+    assert layers["3.conv2"].quantize_output  # an addition's input
+    scale = outputs["3.act2.qat_output"].output_scale
+    assert scale.grad is not None and float(scale.grad) != 0.0  # it trained
+    path = export_qat(model, tmp_path / "blocks.onnx", input_spec=SPEC).path
+    x = _images(48, seed=5)
+    with torch.no_grad():
+        expected = model(x).numpy()
+    assert np.abs(_run(path, x, fused=False) - expected).max() < 1e-5
+    assert (_run(path, x, fused=True).argmax(1) == expected.argmax(1)).mean() >= 0.95
+    # ONNX Runtime adds integers: no float addition, ReLU or convolution is left.
+    fusion = count_fused_kernels(path)
+    ops = fusion["optimized_ops"]
+    assert ops.get("QLinearAdd") == 2 and "Add" not in ops and "Relu" not in ops
+    assert (fusion["integer_conv"], fusion["conv_nodes"]) == (5, 5)
+    # One Q/DQ pair per rounded value: none added again in front of the layers that read it.
+    graph = onnx.load(str(path)).graph
+    assert not any(n.name.startswith("3.conv1.") and n.op_type == "QuantizeLinear" for n in graph.node)
+
+
+def test_tensorrt_files_round_the_additions_symmetrically(tmp_path: Path) -> None:
+    model = _trained_blocks("s8s8")
+    path = export_qat(model, tmp_path / "trt.onnx", input_spec=SPEC).path
+    graph = onnx.load(str(path)).graph
+    constants = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    constants.update(
+        {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node if n.op_type == "Constant"}
+    )
+    adds = [n for n in graph.node if n.op_type == "Add"]
+    producers = {n.output[0]: n for n in graph.node}
+    assert len(adds) == 2 and all(producers[i].op_type == "DequantizeLinear" for n in adds for i in n.input)
+    qdq = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert all(constants[n.input[2]].dtype == np.int8 and not constants[n.input[2]].any() for n in qdq)
+    x = _images(16, seed=6)
+    with torch.no_grad():
+        expected = model(x).numpy()
+    assert np.abs(_run(path, x, fused=False) - expected).max() < 1e-5
+
+
+def test_an_addition_no_hook_reaches_stays_float() -> None:
+    # _Residual adds in its top-level forward: nothing returns the sum, so it is not rounded.
+    assert qat_outputs(prepare_qat(_Residual().eval(), _images(2), "u8s8")) == {}

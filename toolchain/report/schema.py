@@ -639,6 +639,7 @@ class QuantizedFile(Record):
         None,
         description="quantize.qat files: epochs, loss, init (how activation scales started), learn_scales, "
         "history (per epoch: loss, accuracy under rounding, lr), layers (how many were quantised), "
+        "rounded_outputs (modules whose output is rounded: residual additions and what they read), "
         "unmatched_nodes (graph nodes left in float)",
     )
 

@@ -2,11 +2,12 @@
 
 The quantize stage's files of calibration ``qat``. Each is made from a fake-quantised copy of
 the PyTorch model (:func:`calibration.qat.prepare_qat`: BatchNorm folded, the target runtime's
-INT8 scheme rounded in the forward pass) whose activation scales start from ``quantize.qat.init``
-on the clean calibration images, trained by the one training loop with the recipe's robust loss
-(the FP32 model being quantised teaches the distillation losses), checkpointed per epoch like every training
-stage, and written with its trained scales (:func:`calibration.qat.export_qat`). The validate
-stage then judges the file like the post-training ones.
+INT8 scheme rounded in the forward pass, residual additions included) whose activation scales
+start from ``quantize.qat.init`` on the clean calibration images, trained by the one training
+loop with the recipe's robust loss (the FP32 model being quantised teaches the distillation
+losses), checkpointed per epoch like every training stage, and written with its trained scales
+(:func:`calibration.qat.export_qat`). The validate stage then judges the file like the
+post-training ones.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch import nn
 
 from calibration.data import take_images
 from calibration.fusion import count_fused_kernels
-from calibration.qat import init_activation_ranges, prepare_qat, qat_layers
+from calibration.qat import init_activation_ranges, prepare_qat, qat_layers, qat_outputs
 from calibration.qat_export import export_qat
 from calibration.schemes import scheme_for_runtime
 from exporters.outputs import as_tuple
@@ -100,6 +101,7 @@ def _one(ctx: StageContext, qat: QatConfig, name: str, target: str, images: torc
             "learn_scales": qat.learn_scales,
             "history": history,
             "layers": len(qat_layers(model)),
+            "rounded_outputs": [name.removesuffix(".qat_output") for name in qat_outputs(model)],
             "unmatched_nodes": written.unmatched_nodes,
         },
     )
