@@ -182,6 +182,13 @@ class FakeQuantLayer(_ActivationGrid):
         # Set while calibrating: the layer runs in float and hands this its input and output.
         self.observe: Callable[[torch.Tensor, torch.Tensor], None] | None = None
 
+    def share_input_grid(self, scale: nn.Parameter, zero_point: torch.Tensor) -> None:
+        """Read an input another rounding already puts on a grid: take that grid's scale and zero
+        point (the same tensors, trained once) and stop rounding the input again."""
+        self.input_scale = scale
+        self.input_zero_point = zero_point
+        self.quantize_input = False
+
     @property
     def weight(self) -> torch.Tensor:
         return self.layer.weight  # type: ignore[return-value]  # Conv or Linear
@@ -513,10 +520,12 @@ def round_additions(model: nn.Module, scheme: QuantScheme, *, learn_scales: bool
     inputs are rounded too: a quantised layer's output already is, another rounded addition's
     is, and any other module's output gets a :class:`FakeQuantOutput` of its own (the layer
     before a rounded ReLU stops rounding its output: the runtime folds the ReLU into the
-    rounding after it). A quantised layer that reads a rounded value shares its scale and zero
-    point and does not round again. ONNX Runtime then fuses each ``DQ, DQ -> Add -> Q`` into one
-    integer addition. An addition no hook can reach (written in the top-level ``forward``, or
-    reading the model's input) stays float, as do the model's outputs.
+    rounding after it). A quantised layer that reads a rounded value (a module output rounded
+    here, or another layer's rounded output) shares its scale and zero point and does not round
+    again, so the file holds one Q/DQ pair per value. ONNX Runtime then fuses each
+    ``DQ, DQ -> Add -> Q`` into one integer addition. An addition no hook can reach (written in
+    the top-level ``forward``, or reading the model's input) stays float, as do the model's
+    outputs.
 
     Returns:
         The names of the modules whose outputs are rounded.
@@ -530,17 +539,18 @@ def round_additions(model: nn.Module, scheme: QuantScheme, *, learn_scales: bool
             target.add_module("qat_output", rounding)
             target.register_forward_hook(_round_output)
             if isinstance(traced.module(value), _RELUS):  # the layer before need not round its output
-                producer = traced.source(cast(fx.Node, value.args[0]))
-                layer = traced.module(producer)
-                if isinstance(layer, FakeQuantLayer) and traced.only_reader(producer, value):
+                before = traced.source(cast(fx.Node, value.args[0]))
+                layer = traced.module(before)
+                if isinstance(layer, FakeQuantLayer) and traced.only_reader(before, value):
                     layer.quantize_output = False
-            for reader in value.users:
-                layer = traced.module(reader)
-                if isinstance(layer, FakeQuantLayer) and reader.args[0] is value:
-                    layer.input_scale = rounding.output_scale
-                    layer.input_zero_point = rounding.output_zero_point
-                    layer.quantize_input = False
+            for reader in traced.layers_reading(value):
+                reader.share_input_grid(rounding.output_scale, rounding.output_zero_point)
             rounded.append(target)
+        for node in graph.nodes:  # a layer reading another's rounded output: one grid, not two
+            layer = traced.module(node)
+            if isinstance(layer, FakeQuantLayer) and layer.quantize_output:
+                for reader in traced.layers_reading(node):
+                    reader.share_input_grid(layer.output_scale, layer.output_zero_point)
     names = {id(m): n for n, m in model.named_modules()}
     return [names[id(m)] for m in rounded]
 
@@ -563,6 +573,19 @@ class _Traced:
         while isinstance(self.module(node), nn.Identity) and node.args:
             node = cast(fx.Node, node.args[0])
         return node
+
+    def layers_reading(self, value: fx.Node) -> list[FakeQuantLayer]:
+        """The quantised layers whose input is ``value`` (directly or through identities)."""
+        found, todo = [], [value]
+        while todo:
+            node = todo.pop()
+            for user in node.users:
+                reader = self.module(user)
+                if isinstance(reader, FakeQuantLayer) and user.args[0] is node:
+                    found.append(reader)
+                elif isinstance(reader, nn.Identity):
+                    todo.append(user)
+        return found
 
     def only_reader(self, producer: fx.Node, value: fx.Node) -> bool:
         """Whether ``value`` alone reads ``producer``'s output (through folded BatchNorms)."""

@@ -283,4 +283,5 @@ def _quantize_node(
         added.after += added.qdq(
             node.output[0], y, f"{prefix}.output", q.output_scale, q.output_zero_point, act_dtype
         )
+        dequantized.add(y)  # a layer after it sharing this grid reads it as it is
     return added

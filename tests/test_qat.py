@@ -417,3 +417,29 @@ def test_tensorrt_files_round_the_additions_symmetrically(tmp_path: Path) -> Non
 def test_an_addition_no_hook_reaches_stays_float() -> None:
     # _Residual adds in its top-level forward: nothing returns the sum, so it is not rounded.
     assert qat_outputs(prepare_qat(_Residual().eval(), _images(2), "u8s8")) == {}
+
+
+def test_a_layer_reading_another_layers_rounded_output_shares_its_grid(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 1),
+        nn.BatchNorm2d(8),  # folded: the second convolution reads the first one's rounded output
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    ).eval()
+    qat = prepare_qat(model, _images(2), "u8s8")
+    init_activation_ranges(qat, _images().split(16))
+    layers = qat_layers(qat)
+    assert layers["2"].input_scale is layers["0"].output_scale and not layers["2"].quantize_input
+    path = export_qat(qat, tmp_path / "chain.onnx", input_spec=SPEC).path
+    # One Q/DQ pair per rounded value: the input, between the convolutions, after the second
+    # (the pooling reads it) and the classifier's input; none requantising between the two.
+    quantize = [n.name for n in onnx.load(str(path)).graph.node if n.op_type == "QuantizeLinear"]
+    assert quantize == ["0.0.input_q", "0.0.output_q", "2.0.output_q", "6.0.input_q"]
+    x = _images(16, seed=7)
+    with torch.no_grad():
+        expected = qat(x).numpy()
+    assert np.abs(_run(path, x, fused=False) - expected).max() < 1e-5
