@@ -15,12 +15,12 @@ file's ``vs_fp32`` on the validation split, the bench stage's speed ratio on ONN
 
 Configurations, all calibrated on clean training images: ``auto`` (post-training, the method
 chosen on held-out training images), ``auto+mixed`` (the same, with the most sensitive layers kept
-in FP32 until held-out agreement reaches 0.99 clean / 0.97 PGD-transfer) and, for the classifiers,
-``qat`` (2 epochs of quantisation-aware fine-tuning with the ``rslad`` loss, written in the first
-run beside ``auto``). The second run resumes a copy of the first (training is reused). Every
-choice is made on training images; the validation split only measures. Each row is judged
-against the goals (:data:`GOALS`); a metric that was not measured misses its goal. Cases are
-merged into ``--out``, so they can be measured one command at a time. One run each.
+in FP32 until held-out agreement reaches 0.99 clean / 0.97 PGD-transfer) and, for the
+classifiers, ``qat`` (``--qat-epochs``, 2 by default, of quantisation-aware fine-tuning with the
+``rslad`` loss, written in the first run beside ``auto``). The second run resumes a copy of the
+first (training is reused). Every choice is made on training images; the validation split only
+measures. Each row is judged against the goals (:data:`GOALS`); a metric that was not measured
+misses its goal. Cases are merged into ``--out``, so they can be measured one command at a time. One run each.
 """
 
 from __future__ import annotations
@@ -61,7 +61,8 @@ SPEED_GOAL = {"batch": "32", "at_least": 2.5, "cases": ["resnet18"]}
 
 COMMON = ["quantize.enabled=true", "quantize.method=auto", "quantize.calibrations=[clean]"]
 MIXED = ["quantize.target_agreement=0.99", "quantize.target_adversarial_agreement=0.97"]
-QAT = ["quantize.qat={epochs: 2, loss: rslad}"]
+#: Quantisation-aware fine-tuning epochs of the ``qat`` rows (``--qat-epochs``).
+QAT_EPOCHS = 2
 
 
 def _classifier(arch: str, epochs: int) -> list[str]:
@@ -91,8 +92,9 @@ class Case:
     goals: tuple[str, ...] = tuple(GOALS)
 
 
-def cases(epochs: int) -> dict[str, Case]:
-    classifier_runs = {"auto": [*COMMON, *QAT], "auto+mixed": [*COMMON, *MIXED]}
+def cases(epochs: int, qat_epochs: int = QAT_EPOCHS) -> dict[str, Case]:
+    qat = [f"quantize.qat={{epochs: {qat_epochs}, loss: rslad}}"]
+    classifier_runs = {"auto": [*COMMON, *qat], "auto+mixed": [*COMMON, *MIXED]}
     return {
         "resnet18": Case(QUICKSTART, _classifier("resnet18", epochs), classifier_runs),
         "mobilenetv2": Case(QUICKSTART, _classifier("mobilenetv2", epochs), classifier_runs),
@@ -236,10 +238,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default="resnet18,mobilenetv2")
     parser.add_argument("--epochs", type=int, default=4, help="training epochs of the classifiers")
+    parser.add_argument("--qat-epochs", type=int, default=QAT_EPOCHS, help="QAT epochs of the qat rows")
     parser.add_argument("--work", type=Path, help="keep the run directories here (and resume them)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "int8_goals.json")
     args = parser.parse_args()
-    known = cases(args.epochs)
+    known = cases(args.epochs, args.qat_epochs)
     names = args.cases.split(",")
     if unknown := sorted(set(names) - set(known)):
         parser.error(f"unknown cases {unknown}; known: {', '.join(known)}")
@@ -251,7 +254,8 @@ def main() -> int:
         for name in names:
             start = time.perf_counter()
             result = measure(name, known[name], work)
-            result["command"] = f"python bench/bench_int8_goals.py --cases {name} --epochs {args.epochs}"
+            qat = f" --qat-epochs {args.qat_epochs}" if args.qat_epochs != QAT_EPOCHS else ""
+            result["command"] = f"python bench/bench_int8_goals.py --cases {name} --epochs {args.epochs}{qat}"
             result["wall_seconds"] = round(time.perf_counter() - start, 1)
             result["compute_seconds"] = _compute_seconds(result["runs"])
             result["machine"] = {
