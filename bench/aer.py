@@ -775,27 +775,30 @@ def render_reference(payload: dict[str, Any]) -> str:
     for row in rows:
         name = min(points, key=lambda n: abs(math.log(points[n] / row["macs_reduction"])))
         other = ref[name]
-        clean, pgd = (
-            (row["anchor_clean"], row["anchor_pgd20_unprojected"])
-            if like_for_like
-            else (row["clean"], row["pgd20"])
-        )
+        clean_key, pgd_key = ("clean", "pgd20")
+        if like_for_like:  # the script's scoring: its images, and PGD-20 with its attack
+            clean_key, pgd_key = ("anchor_clean", "anchor_pgd20_unprojected")
         above = [
             label
-            for value, key, label in ((clean, "clean", "clean"), (pgd, "pgd20", "PGD-20"))
-            if value > other[key]
+            for value, key, label in ((row[clean_key], "clean", "clean"), (row[pgd_key], "pgd20", "PGD-20"))
+            if value > other[key]  # the mean over seeds
         ]
         verdict = {2: "both", 1: f"{above[0]} only" if above else "", 0: "neither"}[len(above)]
-        measured = (
-            f"{100 * clean:.1f} | {100 * row['anchor_pgd20']:.1f} | {100 * pgd:.1f}"
-            if like_for_like
-            else f"{100 * clean:.1f} | {100 * pgd:.1f}"
-        )
+        shown = (clean_key, "anchor_pgd20", pgd_key) if like_for_like else (clean_key, pgd_key)
+        measured = " | ".join(_mean_std(row, key) for key in shown)
+        seeds = int(row.get("seeds", 1))
+        model = row["method"] + (f" ({seeds} seeds)" if seeds > 1 else "")
         lines.append(
-            f"| {row['method']} | {row['macs_reduction']:.2f}× | {measured} | {points[name]:.2f}×, "
+            f"| {model} | {row['macs_reduction']:.2f}× | {measured} | {points[name]:.2f}×, "
             f"{100 * other['clean']:.1f} / {100 * other['pgd20']:.1f} | {verdict} |"
         )
     return "\n".join(lines)
+
+
+def _mean_std(row: dict[str, Any], key: str) -> str:
+    """A percentage, with its standard deviation over seeds when there are several."""
+    text = f"{100 * row[key]:.1f}"
+    return text + (f" ± {100 * row[key + '_std']:.1f}" if int(row.get("seeds", 1)) > 1 else "")
 
 
 if __name__ == "__main__":

@@ -41,12 +41,14 @@ def test_runs_are_set_beside_the_reference_result_nearest_in_macs() -> None:
     }
     payload = {
         "dense_summary": dict(DENSE),
-        "summary": {"a": _row(3.95, 0.80, 0.66, 1.0), "b": _row(7.9, 0.75, 0.66, 1.0)},
+        "summary": {"a": _row(3.95, 0.80, 0.66, 1.0), "b": {**_row(7.9, 0.75, 0.66, 1.0), "seeds": 1}},
         "reference": {"source": "anchor.json", "results": reference},
     }
+    payload["summary"]["a"].update(clean_std=0.004, pgd20_std=0.012)
     lines = aer.render_reference(payload).splitlines()
     assert lines[2].startswith("| dense | 1.00× | 80.0 | 70.0 | 1.00×, 82.0 / 70.0 | neither |")
-    assert lines[3].endswith("| 4.26×, 79.0 / 67.0 | clean only |")
+    # Several seeds: the mean judged, shown with its standard deviation.
+    assert lines[3] == "| m (3 seeds) | 3.95× | 80.0 ± 0.4 | 66.0 ± 1.2 | 4.26×, 79.0 / 67.0 | clean only |"
     assert lines[4].endswith("| 8.07×, 76.0 / 65.0 | PGD-20 only |")
     # Scored as the script scores (its test images, its attack beside the project's), the
     # comparison uses those figures: clean, and PGD-20 under the script's attack.
@@ -55,10 +57,11 @@ def test_runs_are_set_beside_the_reference_result_nearest_in_macs() -> None:
         ((0.83, 0.69, 0.71), (0.78, 0.66, 0.68), (0.77, 0.64, 0.64)),
     ):
         row.update(zip(("anchor_clean", "anchor_pgd20", "anchor_pgd20_unprojected"), scores))
+        row.update(anchor_clean_std=0.0, anchor_pgd20_std=0.01, anchor_pgd20_unprojected_std=0.02)
     lines = aer.render_reference(payload).splitlines()
     assert "the script's attack" in lines[0]
     assert lines[2].startswith("| dense | 1.00× | 83.0 | 69.0 | 71.0 | 1.00×, 82.0 / 70.0 | both |")
-    assert lines[3].endswith("| 78.0 | 66.0 | 68.0 | 4.26×, 79.0 / 67.0 | PGD-20 only |")
+    assert lines[3].endswith("| 78.0 ± 0.0 | 66.0 ± 1.0 | 68.0 ± 2.0 | 4.26×, 79.0 / 67.0 | PGD-20 only |")
     assert lines[4].endswith("| 77.0 | 64.0 | 64.0 | 8.07×, 76.0 / 65.0 | clean only |")
 
 
