@@ -785,7 +785,7 @@ def render_reference(payload: dict[str, Any]) -> str:
         ]
         verdict = {2: "both", 1: f"{above[0]} only" if above else "", 0: "neither"}[len(above)]
         shown = (clean_key, "anchor_pgd20", pgd_key) if like_for_like else (clean_key, pgd_key)
-        measured = " | ".join(_mean_std(row, key) for key in shown)
+        measured = " | ".join(_percent_over_seeds(row, key) for key in shown)
         seeds = int(row.get("seeds", 1))
         model = row["method"] + (f" ({seeds} seeds)" if seeds > 1 else "")
         lines.append(
@@ -795,7 +795,7 @@ def render_reference(payload: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _mean_std(row: dict[str, Any], key: str) -> str:
+def _percent_over_seeds(row: dict[str, Any], key: str) -> str:
     """A percentage, with its standard deviation over seeds when there are several."""
     text = f"{100 * row[key]:.1f}"
     return text + (f" ± {100 * row[key + '_std']:.1f}" if int(row.get("seeds", 1)) > 1 else "")
