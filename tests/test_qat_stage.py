@@ -185,6 +185,7 @@ def test_a_qat_recipe_runs_through_the_cli_and_the_report_records_it(qat_run: Pa
     )
     assert entry["qat"]["epochs"] == 2 and [h["epoch"] for h in entry["qat"]["history"]] == [1, 2]
     assert entry["qat"]["loss"] == "pgd" and entry["qat"]["unmatched_nodes"] == []
+    assert entry["qat"]["rounded_outputs"] == []  # the convnet has no residual addition
     assert entry["fusion"]["all_integer"] and entry["fusion"]["integer_conv"] == entry["fusion"]["conv_nodes"]
     # The measured speed ratio, from the quantize stage's own timing (the bench stage is off).
     speed = entry["vs_fp32"]["speedup"]

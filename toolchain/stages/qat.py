@@ -101,7 +101,7 @@ def _one(ctx: StageContext, qat: QatConfig, name: str, target: str, images: torc
             "learn_scales": qat.learn_scales,
             "history": history,
             "layers": len(qat_layers(model)),
-            "rounded_outputs": [name.removesuffix(".qat_output") for name in qat_outputs(model)],
+            "rounded_outputs": [rounded.removesuffix(".qat_output") for rounded in qat_outputs(model)],
             "unmatched_nodes": written.unmatched_nodes,
         },
     )
