@@ -8,10 +8,10 @@ round: its input activation (per tensor, the target scheme's type and zero point
 scale x weight scale) and its output activation (ONNX Runtime fuses a convolution into an integer
 kernel only when its output is quantised), except for the model's outputs and for a layer followed
 by a ReLU whose output only quantised layers read: that output is rounded after the ReLU, by its
-readers' input grid (:func:`rounded_after_relu`). A residual addition computed by a block module
+readers' input grid (:func:`_rounded_after_relu`). A residual addition computed by a block module
 (a ResNet or MobileNetV2 block) is rounded too, after its ReLU if one follows, with both of its
 inputs, by a :class:`FakeQuantOutput` on the module that returns the value (a forward hook), so the
-runtime adds integers (:func:`round_additions`); the quantised layers that read such a value share
+runtime adds integers (:func:`_round_additions`); the quantised layers that read such a value share
 its grid.
 Rounding passes the gradient straight through (zero outside the clipped range); activation
 scales are initialised from the values the layers see on calibration images
@@ -52,8 +52,6 @@ __all__ = [
     "prepare_qat",
     "qat_layers",
     "qat_outputs",
-    "round_additions",
-    "rounded_after_relu",
     "weight_scales",
 ]
 
@@ -262,7 +260,7 @@ class FakeQuantLayer(_ActivationGrid):
 class FakeQuantOutput(_ActivationGrid):
     """Rounds what a module returns to one per-tensor activation grid (a residual addition's
     output, or an activation such an addition reads); held by that module as ``qat_output`` and
-    applied by a forward hook (:func:`round_additions`).
+    applied by a forward hook (:func:`_round_additions`).
 
     Attributes:
         output_scale: the scale (a parameter; frozen unless learnt).
@@ -454,9 +452,10 @@ def prepare_qat(
             hook.remove()
         for layer in wrapped.values():
             layer.observe = None
-    for layer in rounded_after_relu(qat):
-        layer.quantize_output = False
-    round_additions(qat, chosen, learn_scales=learn_scales)
+    for traced in _traced(qat):  # each part traced once, for both passes
+        for layer in _rounded_after_relu(traced):
+            layer.quantize_output = False
+        _round_additions(traced, chosen, learn_scales=learn_scales)
     return qat
 
 
@@ -472,7 +471,7 @@ class _LayerTracer(fx.Tracer):
         return isinstance(m, (FakeQuantLayer, *_RELUS)) or super().is_leaf_module(m, module_qualified_name)
 
 
-def rounded_after_relu(model: nn.Module) -> list[FakeQuantLayer]:
+def _rounded_after_relu(traced: _Traced) -> list[FakeQuantLayer]:
     """The quantised layers whose output only a ReLU (or ReLU6) module reads, through folded
     BatchNorms, and whose activated output only quantised layers read.
 
@@ -485,25 +484,19 @@ def rounded_after_relu(model: nn.Module) -> list[FakeQuantLayer]:
     convolution would stay in float. A model torch.fx cannot trace keeps every rounding.
     """
     found = []
-    for part, graph in _traced_parts(model):
-        modules = dict(part.named_modules())
-
-        def module(node: fx.Node, modules: dict[str, nn.Module] = modules) -> nn.Module | None:
-            return modules.get(str(node.target)) if node.op == "call_module" else None
-
-        for node in graph.nodes:
-            layer = module(node)
-            if not isinstance(layer, FakeQuantLayer):
-                continue
-            end = node
-            while len(end.users) == 1 and isinstance(module(next(iter(end.users))), nn.Identity):
-                end = next(iter(end.users))  # a folded BatchNorm
-            users = list(end.users)
-            if len(users) != 1 or not isinstance(module(users[0]), _RELUS):
-                continue
-            readers = list(users[0].users)
-            if readers and all(isinstance(module(r), FakeQuantLayer) for r in readers):
-                found.append(layer)
+    for node in traced.graph.nodes:
+        layer = traced.module(node)
+        if not isinstance(layer, FakeQuantLayer):
+            continue
+        end = node
+        while len(end.users) == 1 and isinstance(traced.module(next(iter(end.users))), nn.Identity):
+            end = next(iter(end.users))  # a folded BatchNorm
+        users = list(end.users)
+        if len(users) != 1 or not isinstance(traced.module(users[0]), _RELUS):
+            continue
+        readers = list(users[0].users)
+        if readers and all(isinstance(traced.module(r), FakeQuantLayer) for r in readers):
+            found.append(layer)
     return found
 
 
@@ -511,9 +504,9 @@ _ADDITIONS = {operator.add, operator.iadd, torch.add}
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
-def round_additions(model: nn.Module, scheme: QuantScheme, *, learn_scales: bool = True) -> list[str]:
-    """Round the residual additions of a model being prepared for QAT, and their inputs, so the
-    INT8 file adds integers (in place).
+def _round_additions(traced: _Traced, scheme: QuantScheme, *, learn_scales: bool) -> None:
+    """Round the residual additions of a model part being prepared for QAT, and their inputs, so
+    the INT8 file adds integers (in place).
 
     An addition of two tensors whose result (or the ReLU applied to it alone) is what a module
     returns, a ResNet or MobileNetV2 block, gets a :class:`FakeQuantOutput` on that module. Its
@@ -526,43 +519,38 @@ def round_additions(model: nn.Module, scheme: QuantScheme, *, learn_scales: bool
     ``DQ, DQ -> Add -> Q`` into one integer addition. An addition no hook can reach (written in
     the top-level ``forward``, or reading the model's input) stays float, as do the model's
     outputs.
-
-    Returns:
-        The names of the modules whose outputs are rounded.
     """
-    rounded: list[nn.Module] = []
-    for part, graph in _traced_parts(model):
-        traced = _Traced(part, graph)
-        for value, holder in traced.rounding_points().items():
-            target = part.get_submodule(holder)
-            rounding = FakeQuantOutput(scheme, learn_scales=learn_scales)
-            target.add_module("qat_output", rounding)
-            target.register_forward_hook(_round_output)
-            if isinstance(traced.module(value), _RELUS):  # the layer before need not round its output
-                before = traced.source(cast(fx.Node, value.args[0]))
-                layer = traced.module(before)
-                if isinstance(layer, FakeQuantLayer) and traced.only_reader(before, value):
-                    layer.quantize_output = False
-            for reader in traced.layers_reading(value):
-                reader.share_input_grid(rounding.output_scale, rounding.output_zero_point)
-            rounded.append(target)
-        for node in graph.nodes:  # a layer reading another's rounded output: one grid, not two
-            layer = traced.module(node)
-            if isinstance(layer, FakeQuantLayer) and layer.quantize_output:
-                for reader in traced.layers_reading(node):
-                    reader.share_input_grid(layer.output_scale, layer.output_zero_point)
-    names = {id(m): n for n, m in model.named_modules()}
-    return [names[id(m)] for m in rounded]
+    for value, holder in traced.rounding_points().items():
+        target = traced.modules[holder]
+        rounding = FakeQuantOutput(scheme, learn_scales=learn_scales)
+        target.add_module("qat_output", rounding)
+        target.register_forward_hook(_round_output)
+        if isinstance(traced.module(value), _RELUS):  # the layer before need not round its output
+            before = traced.source(cast(fx.Node, value.args[0]))
+            layer = traced.module(before)
+            if isinstance(layer, FakeQuantLayer) and traced.only_reader(before, value):
+                layer.quantize_output = False
+        for reader in traced.layers_reading(value):
+            reader.share_input_grid(rounding.output_scale, rounding.output_zero_point)
+    for node in traced.graph.nodes:  # a layer reading another's rounded output: one grid, not two
+        layer = traced.module(node)
+        if isinstance(layer, FakeQuantLayer) and layer.quantize_output:
+            for reader in traced.layers_reading(node):
+                reader.share_input_grid(layer.output_scale, layer.output_zero_point)
 
 
 class _Traced:
-    """A traced model part: its modules by name, how often each is called, and the questions
-    :func:`round_additions` asks of its nodes."""
+    """A traced model part: its modules by name, how often each is called, the modules whose
+    ``forward`` produced each node, and the questions the rounding passes ask of its nodes."""
 
     def __init__(self, part: nn.Module, graph: fx.Graph) -> None:
         self.graph = graph
         self.modules = dict(part.named_modules())
         self.calls = Counter(str(n.target) for n in graph.nodes if n.op == "call_module")
+        # The modules whose forward produced each node, outermost first.
+        self.paths = {
+            n: [path for path, _ in (n.meta.get("nn_module_stack") or {}).values()] for n in graph.nodes
+        }
 
     def module(self, node: fx.Node) -> nn.Module | None:
         return self.modules.get(str(node.target)) if node.op == "call_module" else None
@@ -634,13 +622,13 @@ class _Traced:
             name = str(value.target)
             if self.calls[name] == 1 and self._hookable(name):
                 return name
-        paths = _module_path(value)
+        paths = self.paths[value]
         if value.op == "call_module":
             paths = paths[:-1]  # the leaf itself
         if not paths or not self._hookable(paths[-1]):
             return None
         name = paths[-1]
-        inside = {n for n in self.graph.nodes if name in _module_path(n)}
+        inside = {n for n, paths in self.paths.items() if name in paths}
         leaving = {n for n in inside if any(u not in inside for u in n.users)}
         return name if leaving == {value} else None
 
@@ -650,9 +638,9 @@ class _Traced:
         return target is not None and not isinstance(target, (FakeQuantLayer, *_CONTAINERS))
 
 
-def _module_path(node: fx.Node) -> list[str]:
-    """The names of the modules whose ``forward`` produced ``node``, outermost first."""
-    return [path for path, _ in (node.meta.get("nn_module_stack") or {}).values()]
+def _traced(model: nn.Module) -> list[_Traced]:
+    """The model, or else those of its children torch.fx traces, each with its graph."""
+    return [_Traced(part, graph) for part, graph in _traced_parts(model)]
 
 
 def _traced_parts(model: nn.Module) -> list[tuple[nn.Module, fx.Graph]]:
