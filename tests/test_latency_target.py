@@ -104,10 +104,32 @@ def test_a_runs_recipe_file_loads_back_as_the_same_recipe(source: str, tmp_path:
         assert load_recipe(run.recipe_file).sha256() == recipe.sha256()
 
 
+def _weights_in(runner: Any) -> int:
+    import onnx
+
+    return sum(math.prod(t.dims) for t in onnx.load(str(runner.path)).graph.initializer)
+
+
+def _clock_by_weights(runners: dict[str, Any], *, batch: int, iterations: int) -> dict[str, dict[str, float]]:
+    """A stand-in for ``compare_latency``: each file "runs" in a time set by its weight count.
+
+    The stage still exports and opens every candidate; only the clock is replaced, so what the
+    test checks does not depend on how busy the machine is (a real timing of a model this small
+    swings by more than the target's margin).
+    """
+    dense = _weights_in(runners["dense"])
+    return {k: {"p50_ms": 10.0 * (_weights_in(r) / dense) ** 0.7} for k, r in runners.items()}
+
+
 @pytest.mark.e2e
-def test_pipeline_prunes_to_a_measured_latency_reduction(tiny_run: tuple[Path, Any], tmp_path: Path) -> None:
+def test_pipeline_prunes_to_a_measured_latency_reduction(
+    tiny_run: tuple[Path, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The prune stage searches, prunes and times again; the report carries both figures."""
     from toolchain.pipeline import run_pipeline
+    from toolchain.pruning import latency_target
+
+    monkeypatch.setattr(latency_target, "compare_latency", _clock_by_weights)
 
     out = tmp_path / "run"
     out.mkdir()
@@ -116,7 +138,6 @@ def test_pipeline_prunes_to_a_measured_latency_reduction(tiny_run: tuple[Path, A
     recipe = dict(TINY_RECIPE)
     recipe["prune"] = {
         **TINY_RECIPE["prune"],
-        # A target the tiny convnet reaches at batch 32 (it is overhead-bound at batch 1).
         "target": {"latency_reduction": 1.3, "latency": {"batch": 32, "iterations": 20, "max_probes": 4}},
         "tolerance": 0.1,
     }
@@ -139,6 +160,7 @@ def test_pipeline_prunes_to_a_measured_latency_reduction(tiny_run: tuple[Path, A
     )
     assert latency["predicted_reduction"] == pytest.approx(curve.predict(pruned["macs_reduction"]), rel=1e-3)
     assert pruned["target_met"] == (latency["measured_reduction"] >= 1.3 * 0.9)
+    assert pruned["target_met"], "the weight clock is smooth in the pruning, so the target is reachable"
     (gate,) = [g for g in report["intrinsic_gates"] if g["name"] == "budget-met"]
     assert gate["passed"] == pruned["target_met"] and "latency_reduction" in gate["detail"]
 
