@@ -136,7 +136,12 @@ class _ActivationGrid(nn.Module):
             zero_point = (
                 int(np.clip(round(self.qmin - low / scale), self.qmin, self.qmax)) if scale > 0 else 0
             )
-        scale = scale if scale > _SMALLEST_SCALE else 1.0  # a constant-zero tensor
+        if scale <= _SMALLEST_SCALE:
+            # A constant-zero tensor (a ReLU that never fired on these images): any scale keeps
+            # 0 exact, and a small one keeps the grid inside a ReLU6's bound, so ONNX Runtime
+            # can still drop the Clip and run the convolution before it as an integer kernel
+            # (a grid reaching 255 kept the Clip and left the convolution in float).
+            scale = 1.0 / self.qmax
         with torch.no_grad():
             getattr(self, f"{which}_scale").fill_(scale)
             getattr(self, f"{which}_zero_point").fill_(zero_point)

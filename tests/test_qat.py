@@ -269,6 +269,31 @@ def test_a_collapsed_activation_scale_is_refused_at_export_naming_the_layer(tmp_
     assert not (tmp_path / "m.onnx").exists()
 
 
+def test_a_relu6_that_never_fires_still_lets_its_convolution_run_in_integers(tmp_path: Path) -> None:
+    """A constant-zero activation gets a grid inside ReLU6's bound: ONNX Runtime drops the Clip
+    and fuses the convolution before it (a grid up to 255 kept it float)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU6(),
+        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU6(),
+        nn.Conv2d(8, 8, 1), nn.ReLU6(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4),
+    ).eval()  # fmt: skip
+    with torch.no_grad():
+        model[2].bias.fill_(-100.0)  # the second ReLU6 never fires on these images
+    qat = prepare_qat(model, _images(2), "u8s8")
+    ranges = init_activation_ranges(qat, _images().split(16))
+    assert ranges["4"]["input"] == (0.0, 0.0)
+    assert float(qat_layers(qat)["4"].input_scale.detach()) * 255 <= 6.0
+    path = export_qat(qat, tmp_path / "dead.onnx", input_spec=SPEC).path
+    x = _images(16, seed=3)
+    with torch.no_grad():
+        expected = qat(x).numpy()
+    assert np.abs(_run(path, x, fused=False) - expected).max() < 1e-5
+    fusion = count_fused_kernels(path)
+    assert (fusion["integer_conv"], fusion["conv_nodes"]) == (3, 3)
+
+
 class _Residual(nn.Module):
     """A stem whose activated output both a convolution and a residual addition read."""
 
