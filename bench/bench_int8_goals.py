@@ -17,10 +17,12 @@ Configurations, all calibrated on clean training images: ``auto`` (post-training
 chosen on held-out training images), ``auto+mixed`` (the same, with the most sensitive layers kept
 in FP32 until held-out agreement reaches 0.99 clean / 0.97 PGD-transfer) and, for the
 classifiers, ``qat`` (``--qat-epochs``, 2 by default, of quantisation-aware fine-tuning with the
-``rslad`` loss, written in the first run beside ``auto``). The second run resumes a copy of the
-first (training is reused). Every choice is made on training images; the validation split only
-measures. Each row is judged against the goals (:data:`GOALS`); a metric that was not measured
-misses its goal. Cases are merged into ``--out``, so they can be measured one command at a time. One run each.
+``rslad`` loss, written in the first run beside ``auto``) and ``qat+mixed`` (the same, written in the
+second run: the layers whose rounding costs most held-out agreement are left in float first).
+The second run resumes a copy of the first (training is reused). Every choice is made on
+training images; the validation split only measures. Each row is judged against the goals
+(:data:`GOALS`); a metric that was not measured misses its goal. Cases are merged into ``--out``,
+so they can be measured one command at a time. One run each.
 """
 
 from __future__ import annotations
@@ -94,7 +96,7 @@ class Case:
 
 def cases(epochs: int, qat_epochs: int = QAT_EPOCHS) -> dict[str, Case]:
     qat = [f"quantize.qat={{epochs: {qat_epochs}, loss: rslad}}"]
-    classifier_runs = {"auto": [*COMMON, *qat], "auto+mixed": [*COMMON, *MIXED]}
+    classifier_runs = {"auto": [*COMMON, *qat], "auto+mixed": [*COMMON, *MIXED, *qat]}
     return {
         "resnet18": Case(QUICKSTART, _classifier("resnet18", epochs), classifier_runs),
         "mobilenetv2": Case(QUICKSTART, _classifier("mobilenetv2", epochs), classifier_runs),
@@ -172,7 +174,7 @@ def _rows(name: str, case: Case, config: str, report: dict[str, Any]) -> list[di
         int8_mce = _evaluation(report, "int8", q["calibration"])["corruptions"].get("relative_mce")
         rows.append(
             {
-                "config": "qat" if q["calibration"] == "qat" else config,
+                "config": f"qat{config.removeprefix('auto')}" if q["calibration"] == "qat" else config,
                 "calibration": q["calibration"],
                 "method": q.get("method"),
                 "qat": {k: v for k, v in (q.get("qat") or {}).items() if k in ("epochs", "loss", "init")},

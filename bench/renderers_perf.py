@@ -372,7 +372,7 @@ def _goal_text(op: str, threshold: float, cell: Any) -> str:
     return f"{'≥' if op == '>=' else '≤'} {cell(threshold).lstrip('+')}"
 
 
-_CONFIG_ORDER = ("auto", "auto+mixed", "qat")
+_CONFIG_ORDER = ("auto", "auto+mixed", "qat", "qat+mixed")
 
 
 @renderer("int8.goals")

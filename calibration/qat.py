@@ -27,7 +27,7 @@ import copy
 import logging
 import operator
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -47,6 +47,7 @@ __all__ = [
     "LayerQuant",
     "fake_quantize",
     "float_copy",
+    "float_layers",
     "fold_batchnorm",
     "init_activation_ranges",
     "prepare_qat",
@@ -330,6 +331,17 @@ def qat_layers(model: nn.Module) -> dict[str, FakeQuantLayer]:
     return {name: m for name, m in model.named_modules() if isinstance(m, FakeQuantLayer)}
 
 
+def float_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """A :func:`prepare_qat` model's convolutions and linear layers that stay float (its
+    ``keep_float``), by name."""
+    wrapped = tuple(f"{name}." for name in qat_layers(model))
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, _QUANTISABLE) and not name.startswith(wrapped)
+    }
+
+
 def float_copy(model: nn.Module) -> nn.Module:
     """A copy of a :func:`prepare_qat` model with each fake-quantised layer replaced by its float
     layer (BatchNorm stays folded) and the rounded module outputs in ops the ONNX exporter
@@ -413,6 +425,7 @@ def prepare_qat(
     scheme: str | QuantScheme,
     *,
     learn_scales: bool = True,
+    keep_float: Collection[str] = (),
 ) -> nn.Module:
     """A fake-quantised copy of ``model`` (``model`` is not changed), in eval mode.
 
@@ -422,17 +435,27 @@ def prepare_qat(
         scheme: a name in :data:`calibration.schemes.SCHEMES` (``u8s8`` for ONNX Runtime's CPU,
             ``s8s8`` for TensorRT) or the scheme.
         learn_scales: activation scales are parameters that train (else frozen).
+        keep_float: names of layers (as ``model.named_modules()`` names them) left in float:
+            mixed precision (:func:`calibration.qat_select.keep_sensitive_float`). A value they
+            read or write stays on a grid only where a quantised layer or an addition needs it.
 
     Returns:
         The copy; its activation scales are 1 until :func:`init_activation_ranges` sets them.
 
     Raises:
-        UserError: an unknown scheme, BatchNorm that cannot be folded, or nothing to quantise.
+        UserError: an unknown scheme, BatchNorm that cannot be folded, nothing to quantise, or
+            a ``keep_float`` name that is not a quantisable layer of the model.
     """
     chosen = scheme if isinstance(scheme, QuantScheme) else SCHEMES.get(scheme)
     qat = copy.deepcopy(model).cpu().eval()
     fold_batchnorm(qat, example)
-    layers = [(n, m) for n, m in qat.named_modules() if isinstance(m, _QUANTISABLE)]
+    quantisable = [(n, m) for n, m in qat.named_modules() if isinstance(m, _QUANTISABLE)]
+    unknown = sorted(set(keep_float) - {n for n, _ in quantisable})
+    if unknown:
+        raise UserError(
+            f"QAT cannot keep {', '.join(unknown)} in float: not a Conv1d/2d/3d or Linear layer of the model"
+        )
+    layers = [(n, m) for n, m in quantisable if n not in keep_float]
     if not layers:
         raise UserError("QAT found no Conv1d/2d/3d or Linear layer to quantise in the model")
     for name, module in layers:

@@ -21,14 +21,15 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import onnx
+import torch
 from onnx import helper, numpy_helper
 from torch import nn
 
-from calibration.qat import LayerQuant, float_copy, qat_layers
+from calibration.qat import LayerQuant, float_copy, float_layers, qat_layers
 from calibration.qdq import quantized_node_counts
 from exporters.base import InputSpec
 from exporters.errors import ExportError, UserError
@@ -48,7 +49,9 @@ class QatExport:
         scheme: the scheme's name (the layers').
         quantized_nodes: count per op type of the nodes that got Q/DQ inputs.
         layers: per fake-quantised layer, the ONNX nodes it became.
-        unmatched_nodes: convolutions and matrix products left in float (no trained layer).
+        unmatched_nodes: convolutions and matrix products left in float that no layer of the
+            model accounts for (neither a trained layer nor one ``prepare_qat`` kept in float).
+        float_nodes: the nodes of the layers ``prepare_qat`` kept in float (mixed precision).
     """
 
     path: Path
@@ -56,6 +59,7 @@ class QatExport:
     quantized_nodes: dict[str, int] = field(default_factory=dict)
     layers: dict[str, list[str]] = field(default_factory=dict)
     unmatched_nodes: list[str] = field(default_factory=list)
+    float_nodes: list[str] = field(default_factory=list)
 
 
 def export_qat(
@@ -116,6 +120,11 @@ def export_qat(
         )
         proto = load_onnx(source)
     matched, unmatched = _insert_qdq(proto, quant)
+    chosen = _float_layer_weights(model)
+    inits = {init.name: init for init in proto.graph.initializer}
+    by_name = {n.name: n for n in proto.graph.node}
+    floats = [n for n in unmatched if _weight_key(inits.get(by_name[n].input[1])) in chosen]
+    unmatched = [n for n in unmatched if n not in floats]
     props = {p.key: p.value for p in proto.metadata_props}
     props.update(
         {
@@ -137,7 +146,27 @@ def export_qat(
         log.warning(
             "QAT export: %d node(s) have no trained layer and stay float: %s", len(unmatched), unmatched
         )
-    return QatExport(path, scheme, quantized_node_counts(proto), matched, unmatched)
+    return QatExport(path, scheme, quantized_node_counts(proto), matched, unmatched, floats)
+
+
+def _float_layer_weights(model: nn.Module) -> set[tuple[tuple[int, ...], bytes]]:
+    """The weights (shape and bytes, also transposed) of the layers ``prepare_qat`` kept in float."""
+    keys = set()
+    for module in float_layers(model).values():
+        w = cast(torch.Tensor, module.weight).detach().cpu().numpy().astype(np.float32)
+        keys.add(_array_key(w))
+        if w.ndim == 2:
+            keys.add(_array_key(w.T))
+    return keys
+
+
+def _array_key(array: np.ndarray) -> tuple[tuple[int, ...], bytes]:
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    return array.shape, array.tobytes()
+
+
+def _weight_key(init: onnx.TensorProto | None) -> tuple[tuple[int, ...], bytes] | None:
+    return None if init is None else _array_key(numpy_helper.to_array(init))
 
 
 @dataclass

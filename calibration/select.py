@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ __all__ = [
     "HeldOut",
     "MixedPrecision",
     "choose_method",
+    "greedy_fp32",
     "keep_sensitive_fp32",
     "measure_agreement",
 ]
@@ -221,23 +222,40 @@ def keep_sensitive_fp32(
             )
             return measure_agreement(written.path, held_out, threads=threads)
 
-        adv_target = adversarial_target if adversarial_target is not None else target
+        return greedy_fp32(layers, agreement, target, adversarial_target, max_fp32=max_fp32)
 
-        def margin(a: Agreement) -> float:
-            return a.margin(target, adv_target)
 
-        base = agreement([])
-        if margin(base) >= 0 or max_fp32 == 0:
-            return MixedPrecision(target, adv_target, [], margin(base) >= 0, base, base, {})
-        sensitivity = {layer: margin(agreement([layer])) - margin(base) for layer in layers}
-        order = sorted(layers, key=lambda layer: -sensitivity[layer])
-        kept: list[str] = []
-        final = base
-        for layer in order[:max_fp32]:
-            kept.append(layer)
-            final = agreement(kept)
-            if margin(final) >= 0:
-                break
+def greedy_fp32(
+    layers: Sequence[str],
+    agreement: Callable[[Sequence[str]], Agreement],
+    target: float,
+    adversarial_target: float | None = None,
+    *,
+    max_fp32: int | None = None,
+) -> MixedPrecision:
+    """The search of :func:`keep_sensitive_fp32` for any way of measuring a candidate.
+
+    Measures every layer alone in FP32 against the all-INT8 candidate, then keeps layers in FP32,
+    most sensitive first, until ``agreement`` (of the candidate with those layers in FP32) meets
+    both targets, or ``max_fp32`` layers are kept (``met`` false).
+    """
+    adv_target = adversarial_target if adversarial_target is not None else target
+
+    def margin(a: Agreement) -> float:
+        return a.margin(target, adv_target)
+
+    base = agreement([])
+    if margin(base) >= 0 or max_fp32 == 0:
+        return MixedPrecision(target, adv_target, [], margin(base) >= 0, base, base, {})
+    sensitivity = {layer: margin(agreement([layer])) - margin(base) for layer in layers}
+    order = sorted(layers, key=lambda layer: -sensitivity[layer])
+    kept: list[str] = []
+    final = base
+    for layer in order[:max_fp32]:
+        kept.append(layer)
+        final = agreement(kept)
+        if margin(final) >= 0:
+            break
     return MixedPrecision(target, adv_target, kept, margin(final) >= 0, base, final, sensitivity)
 
 

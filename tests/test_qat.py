@@ -468,3 +468,50 @@ def test_a_layer_reading_another_layers_rounded_output_shares_its_grid(tmp_path:
     with torch.no_grad():
         expected = qat(x).numpy()
     assert np.abs(_run(path, x, fused=False) - expected).max() < 1e-5
+
+
+def test_mixed_precision_leaves_the_planted_layer_in_float_and_the_file_agrees(tmp_path: Path) -> None:
+    """The post-training search's planted model (tests/test_int8_calibration.py): its second
+    convolution loses the colours to per-channel weight rounding. QAT's search finds it on the
+    fake-quantised model, and the file written with it in float agrees with FP32."""
+    from calibration.qat_select import keep_sensitive_float
+    from calibration.select import HeldOut
+    from exporters.onnx import export_onnx
+    from tests.test_int8_calibration import _coloured, _planted_model
+
+    fp32 = export_onnx(_planted_model(), tmp_path / "planted.onnx", input_spec=SPEC)
+    calibration = [torch.from_numpy(_coloured(32, seed=4))]
+    x = _coloured(64, seed=5)
+    held_out = HeldOut.of(fp32, {"clean": x[:32], "adversarial": x[32:]})
+    example = calibration[0][:2]
+    found = keep_sensitive_float(_planted_model(), example, "u8s8", calibration, held_out, 0.95)
+    assert found.all_int8.worst < 0.95  # every layer rounded, the colours are lost
+    assert found.fp32_nodes == ["2"] and found.met and found.final.worst >= 0.95
+    assert max(found.sensitivity, key=found.sensitivity.__getitem__) == "2"
+    # Never every layer: QAT needs one to quantise.
+    assert (
+        len(keep_sensitive_float(_planted_model(), example, "u8s8", calibration, held_out, 1.01).fp32_nodes)
+        <= 2
+    )
+
+    qat = prepare_qat(_planted_model(), example, "u8s8", keep_float=found.fp32_nodes)
+    init_activation_ranges(qat, calibration)
+    assert set(qat_layers(qat)) == {"0", "6"} and isinstance(qat[2], nn.Conv2d)
+    written = export_qat(qat, tmp_path / "mixed.onnx", input_spec=SPEC)
+    graph = onnx.load(str(written.path)).graph
+    producers = {o: n.op_type for n in graph.node for o in n.output}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    # The float layer's node reads its float weights, is recorded as kept, not as unmatched.
+    assert [producers.get(c.input[1]) for c in convs] == ["DequantizeLinear", None]
+    assert written.float_nodes == [convs[1].name] and written.unmatched_nodes == []
+    xt = torch.from_numpy(x)
+    with torch.no_grad():
+        expected = qat(xt).numpy()
+    assert np.abs(_run(written.path, xt, fused=False) - expected).max() < 1e-5
+    reference = np.concatenate([held_out.reference["clean"], held_out.reference["adversarial"]])
+    assert (_run(written.path, xt, fused=True).argmax(1) == reference).mean() >= 0.95
+
+
+def test_keeping_an_unknown_layer_in_float_is_refused_naming_it() -> None:
+    with pytest.raises(UserError, match=r"cannot keep 5, nope in float: not a Conv1d/2d/3d or Linear layer"):
+        prepare_qat(_model(), _images(2), "u8s8", keep_float=["nope", "5"])

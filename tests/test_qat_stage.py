@@ -297,3 +297,33 @@ def test_distillation_in_qat_learns_from_the_fp32_model_it_quantises(
     # with its own FP32 file.
     params = sum(p.numel() for p in teacher.parameters())
     assert params == report["models"]["pruned"]["params"] < report["models"]["dense"]["params"]
+
+
+@pytest.mark.e2e
+def test_qat_with_a_target_agreement_keeps_the_searched_layers_in_float(
+    qat_run: Path, tmp_path: Path
+) -> None:
+    """``quantize.target_agreement`` shapes the QAT file too: the search's layers stay float in
+    the file, and the report says which, with the held-out agreement before and after."""
+    recipe = json.loads(json.dumps(QAT_RECIPE))
+    # 32 calibration images and the 64 other training images held out; a target the tiny model
+    # does not meet with every layer rounded, so the search keeps layers in float.
+    recipe["quantize"].update({"target_agreement": 1.0, "holdout_samples": 64})
+    path, out = tmp_path / "mixed.yaml", tmp_path / "run"
+    path.write_text(yaml.safe_dump(recipe))
+    shutil.copytree(qat_run, out)  # trained, pruned and fine-tuned already
+    with one_torch_thread():
+        assert main(["run", str(path), "--out", str(out), "--no-progress"]) == 0
+    (entry,) = json.loads((out / "report.json").read_text())["quantization"]
+    mixed = entry["mixed_precision"]
+    assert mixed["target"] == 1.0 and mixed["adversarial_target"] == 1.0
+    assert mixed["all_int8"]["clean"] < 1.0 or mixed["all_int8"]["adversarial"] < 1.0
+    kept = mixed["fp32_nodes"]
+    assert kept and set(mixed["sensitivity"]) >= set(kept)
+    assert len(kept) < len(mixed["sensitivity"])  # QAT keeps at least one layer to quantise
+    assert mixed["met"] == (min(mixed["final"].values()) >= 1.0)
+    # Each layer kept in float is one float convolution (or product) in the file, none unmatched.
+    qat = entry["qat"]
+    assert len(qat["float_nodes"]) == len(kept) and qat["unmatched_nodes"] == []
+    assert qat["layers"] == len(mixed["sensitivity"]) - len(kept)
+    assert entry["fusion"]["conv_nodes"] - entry["fusion"]["integer_conv"] <= len(kept)

@@ -249,7 +249,7 @@ class QuantizeConfig(Section):
         le=1,
         description="mixed precision: keep the layers whose quantisation costs most agreement in FP32, one "
         "at a time, until held-out top-1 agreement with FP32 reaches this on clean images (null: every "
-        "layer INT8)",
+        "layer INT8); QAT files leave the layers it finds for them in float before training",
     )
     target_adversarial_agreement: float | None = Field(
         None,

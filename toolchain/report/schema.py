@@ -624,7 +624,8 @@ class QuantizedFile(Record):
     mixed_precision: dict[str, Any] | None = Field(
         None,
         description="quantize.target_agreement: target, adversarial_target, fp32_nodes (the layers kept in "
-        "FP32, most sensitive first), met, all_int8 and final held-out agreement, sensitivity per layer; "
+        "FP32, most sensitive first: graph node names, or for calibration qat the model's layer names), "
+        "met, all_int8 and final held-out agreement, sensitivity per layer; "
         "with method auto, methods_fp32_layers (how many FP32 layers each method searched needed to meet "
         "the target, null where it did not with fewer than the best)",
     )
@@ -640,7 +641,8 @@ class QuantizedFile(Record):
         description="quantize.qat files: epochs, loss, init (how activation scales started), learn_scales, "
         "history (per epoch: loss, accuracy under rounding, lr), layers (how many were quantised), "
         "rounded_outputs (modules whose output is rounded: residual additions and what they read), "
-        "unmatched_nodes (graph nodes left in float)",
+        "unmatched_nodes (graph nodes left in float that no layer accounts for), float_nodes (the nodes "
+        "of the layers mixed precision kept in float)",
     )
 
 

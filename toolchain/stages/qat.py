@@ -7,22 +7,26 @@ start from ``quantize.qat.init`` on the clean calibration images, trained by the
 loop with the recipe's robust loss (the FP32 model being quantised teaches the distillation
 losses), checkpointed per epoch like every training stage, and written with its trained scales
 (:func:`calibration.qat.export_qat`). The validate stage then judges the file like the
-post-training ones.
+post-training ones. With ``quantize.target_agreement`` the layers whose rounding costs most
+held-out agreement stay in float, chosen on the fake-quantised model before training
+(:func:`calibration.qat_select.keep_sensitive_float`), as the post-training files keep theirs.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from calibration.data import take_images
 from calibration.fusion import count_fused_kernels
 from calibration.qat import init_activation_ranges, prepare_qat, qat_layers, qat_outputs
 from calibration.qat_export import export_qat
+from calibration.qat_select import keep_sensitive_float
 from calibration.schemes import scheme_for_runtime
+from calibration.select import HeldOut, MixedPrecision
 from exporters.outputs import as_tuple
 from toolchain.recipe import QatConfig
 from toolchain.report.stage_results import QuantizedFile
@@ -37,8 +41,18 @@ log = logging.getLogger(__name__)
 QAT_DESC = "qat"
 
 
-def qat_files(ctx: StageContext) -> list[QuantizedFile]:
+def qat_files(
+    ctx: StageContext, images_for: Callable[[str], tuple[torch.Tensor, HeldOut | None]]
+) -> list[QuantizedFile]:
     """Fine-tune each of ``quantize.models`` under each target's INT8 rounding and write its file.
+
+    With ``quantize.target_agreement``, the layers whose rounding costs most held-out agreement
+    stay in float (:func:`calibration.qat_select.keep_sensitive_float`), chosen before training.
+
+    Args:
+        ctx: the stage's context.
+        images_for: a model's name -> its calibration images, and its held-out images with the
+            FP32 file's labels (None without a target).
 
     Returns:
         One record per model x target (calibration and method ``qat``; speed not yet measured).
@@ -51,16 +65,20 @@ def qat_files(ctx: StageContext) -> list[QuantizedFile]:
     assert qat is not None  # the stage calls this only with quantize.qat set
     records = []
     for name in cfg.models:
-        images, _ = take_images(ctx.train_loader(seed_offset=3), cfg.samples)
+        images, held_out = images_for(name)
         for target in cfg.targets:
-            records.append(_one(ctx, qat, name, target, images))
+            records.append(_one(ctx, qat, name, target, images, held_out))
     return records
 
 
-def _one(ctx: StageContext, qat: QatConfig, name: str, target: str, images: torch.Tensor) -> QuantizedFile:
-    """Train and write one model's file for one target runtime, and record it."""
+def _one(
+    ctx: StageContext, qat: QatConfig, name: str, target: str, images: torch.Tensor, held_out: HeldOut | None
+) -> QuantizedFile:
+    """Choose the float layers, train and write one model's file for one target runtime, and
+    record it."""
     scheme = scheme_for_runtime(target)
-    model, history = _train(ctx, qat, name, target, images)
+    mixed = _float_layers(ctx, name, target, images, held_out)
+    model, history = _train(ctx, qat, name, target, images, mixed.fp32_nodes if mixed else [])
     file = f"{name}.int8-{scheme.name}-qat.onnx"
     written = export_qat(
         model,
@@ -94,6 +112,7 @@ def _one(ctx: StageContext, qat: QatConfig, name: str, target: str, images: torc
         per_channel=True,
         quantized_nodes=written.quantized_nodes,
         fusion=fusion,
+        mixed_precision=mixed.as_dict() if mixed else None,
         qat={
             "epochs": qat.epochs,
             "loss": qat.loss,
@@ -103,18 +122,64 @@ def _one(ctx: StageContext, qat: QatConfig, name: str, target: str, images: torc
             "layers": len(qat_layers(model)),
             "rounded_outputs": [rounded.removesuffix(".qat_output") for rounded in qat_outputs(model)],
             "unmatched_nodes": written.unmatched_nodes,
+            "float_nodes": written.float_nodes,
         },
     )
 
 
+def _float_layers(
+    ctx: StageContext, name: str, target: str, images: torch.Tensor, held_out: HeldOut | None
+) -> MixedPrecision | None:
+    """The layers QAT leaves in float to meet ``quantize.target_agreement`` (None: no target)."""
+    cfg = ctx.recipe.quantize
+    if held_out is None or cfg.target_agreement is None or cfg.qat is None:
+        return None
+    mixed = keep_sensitive_float(
+        ctx.models[name],
+        ctx.example_inputs,
+        scheme_for_runtime(target),
+        images.split(ctx.recipe.data.batch_size),
+        held_out,
+        cfg.target_agreement,
+        adversarial_target=cfg.target_adversarial_agreement,
+        init=cfg.qat.init,
+        percentile=cfg.percentile,
+    )
+    log.info(
+        "%s: QAT %s keeps %d layer(s) in float (%s): held-out agreement before training %s -> %s%s",
+        name,
+        target,
+        len(mixed.fp32_nodes),
+        ", ".join(mixed.fp32_nodes) or "none",
+        _agreement(mixed.all_int8.as_dict()),
+        _agreement(mixed.final.as_dict()),
+        "" if mixed.met else " (target missed)",
+    )
+    return mixed
+
+
+def _agreement(shares: dict[str, float | None]) -> str:
+    return " / ".join(f"{v:.1%}" for v in shares.values() if v is not None)
+
+
 def _train(
-    ctx: StageContext, qat: QatConfig, name: str, target: str, images: torch.Tensor
+    ctx: StageContext,
+    qat: QatConfig,
+    name: str,
+    target: str,
+    images: torch.Tensor,
+    keep_float: Sequence[str] = (),
 ) -> tuple[nn.Module, list[dict[str, float]]]:
-    """The fake-quantised copy of ``name``'s model, its scales started on ``images``, trained
-    (resuming from this loop's checkpoint when a killed run left one); on the CPU, eval mode."""
+    """The fake-quantised copy of ``name``'s model (``keep_float`` layers left in float), its
+    scales started on ``images``, trained (resuming from this loop's checkpoint when a killed run
+    left one); on the CPU, eval mode."""
     recipe = ctx.recipe
     model = prepare_qat(
-        ctx.models[name], ctx.example_inputs, scheme_for_runtime(target), learn_scales=qat.learn_scales
+        ctx.models[name],
+        ctx.example_inputs,
+        scheme_for_runtime(target),
+        learn_scales=qat.learn_scales,
+        keep_float=keep_float,
     )
     init_activation_ranges(
         model, images.split(recipe.data.batch_size), method=qat.init, percentile=recipe.quantize.percentile

@@ -72,7 +72,7 @@ class Quantize(Stage):
         if cfg.enabled and cfg.calibrations:
             files = quantize_models(ctx.recipe, ctx.models, ctx.run, lambda: ctx.train_loader(seed_offset=3))
         if cfg.enabled and cfg.qat is not None:
-            for record in qat_files(ctx):
+            for record in qat_files(ctx, lambda name: _qat_images(ctx, name)):
                 _warn_unfused(record)
                 if record.target == "onnxruntime":
                     record.speed = _speed(
@@ -114,12 +114,7 @@ def quantize_models(
         UserError: ``target_agreement`` on a task without class scores.
     """
     cfg = recipe.quantize
-    measured = recipe.task in _AGREEMENT_TASKS
-    if cfg.target_agreement is not None and not measured:
-        raise UserError(
-            f"quantize.target_agreement needs class scores to measure agreement; task {recipe.task!r} "
-            "has none: remove it (or list layers to keep in FP32 in quantize.exclude_nodes)"
-        )
+    measured = _check_target(recipe)
     wants_held_out = measured and (cfg.method == "auto" or cfg.target_agreement is not None)
     records = []
     for name in cfg.models:
@@ -147,6 +142,29 @@ def quantize_models(
                 if target == "onnxruntime":
                     records[-1].speed = _speed(recipe, layout, prepared, records[-1], models[name], pixels)
     return records
+
+
+def _check_target(recipe: Recipe) -> bool:
+    """Whether the task's agreement can be measured; refuses ``target_agreement`` where not."""
+    measured = recipe.task in _AGREEMENT_TASKS
+    if recipe.quantize.target_agreement is not None and not measured:
+        raise UserError(
+            f"quantize.target_agreement needs class scores to measure agreement; task {recipe.task!r} "
+            "has none: remove it (or list layers to keep in FP32 in quantize.exclude_nodes)"
+        )
+    return measured
+
+
+def _qat_images(ctx: StageContext, name: str) -> tuple[torch.Tensor, HeldOut | None]:
+    """QAT's calibration images for ``name`` and, with ``target_agreement``, the held-out images
+    its mixed-precision search measures: drawn as the post-training files' are, the same images."""
+    cfg = ctx.recipe.quantize
+    wants_held_out = _check_target(ctx.recipe) and cfg.target_agreement is not None
+    images = _draw(ctx.train_loader(seed_offset=3), cfg, wants_held_out)
+    if images.held_out is not None and (coarse := coarse_target(cfg, len(images.held_out[0]))):
+        log.warning("%s", coarse)
+    held_out = _held_out(ctx.run, name, ctx.models[name], ctx.recipe, images) if images.held_out else None
+    return images.calibration[0][0], held_out
 
 
 def coarse_target(cfg: QuantizeConfig, held_out: int) -> str | None:
