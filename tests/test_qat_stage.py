@@ -327,3 +327,24 @@ def test_qat_with_a_target_agreement_keeps_the_searched_layers_in_float(
     assert len(qat["float_nodes"]) == len(kept) and qat["unmatched_nodes"] == []
     assert qat["layers"] == len(mixed["sensitivity"]) - len(kept)
     assert entry["fusion"]["conv_nodes"] - entry["fusion"]["integer_conv"] <= len(kept)
+
+
+@pytest.mark.parametrize(("float_nodes", "warned"), [([], True), (["node_conv2d_2"], False)])
+def test_convolutions_kept_float_on_purpose_are_not_warned_about(
+    float_nodes: list[str], warned: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    from toolchain.report.stage_results import QuantizedFile
+    from toolchain.stages.quantize import _warn_unfused
+
+    record = QuantizedFile(
+        model="pruned",
+        target="onnxruntime",
+        scheme="u8s8",
+        calibration="qat",
+        file=QAT_FILE,
+        fusion={"conv_nodes": 4, "integer_conv": 3, "float_conv": 1, "all_integer": False},
+        qat={"float_nodes": float_nodes},
+    )
+    with caplog.at_level("WARNING", logger="toolchain.stages.quantize"):
+        _warn_unfused(record)
+    assert ("fused only 3 of 4 convolutions" in caplog.text) == warned
