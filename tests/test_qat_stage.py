@@ -322,6 +322,9 @@ def test_qat_with_a_target_agreement_keeps_the_searched_layers_in_float(
     assert kept and set(mixed["sensitivity"]) >= set(kept)
     assert len(kept) < len(mixed["sensitivity"])  # QAT keeps at least one layer to quantise
     assert mixed["met"] == (min(mixed["final"].values()) >= 1.0)
+    # The trained file measured again on the same held-out images.
+    assert set(entry["holdout_agreement"]) == {"clean", "adversarial"}
+    assert all(0 <= v <= 1 for v in entry["holdout_agreement"].values())
     # Each layer kept in float is one float convolution (or product) in the file, none unmatched.
     qat = entry["qat"]
     assert len(qat["float_nodes"]) == len(kept) and qat["unmatched_nodes"] == []

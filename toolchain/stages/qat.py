@@ -26,7 +26,7 @@ from calibration.qat import init_activation_ranges, prepare_qat, qat_layers, qat
 from calibration.qat_export import export_qat
 from calibration.qat_select import keep_sensitive_float
 from calibration.schemes import scheme_for_runtime
-from calibration.select import HeldOut, MixedPrecision
+from calibration.select import HeldOut, MixedPrecision, measure_agreement
 from exporters.outputs import as_tuple
 from toolchain.recipe import QatConfig
 from toolchain.report.stage_results import QuantizedFile
@@ -90,6 +90,13 @@ def _one(
         output_names=ctx.task.output_names(_output_count(ctx.models[name], ctx)),
     )
     fusion = count_fused_kernels(written.path, threads=ctx.recipe.validate.threads)
+    # With a target, the written file on the same held-out images (after training, where the
+    # search measured before it).
+    holdout = (
+        measure_agreement(written.path, held_out, threads=ctx.recipe.validate.threads).as_dict()
+        if held_out is not None
+        else None
+    )
     log.info(
         "%s: QAT %s file %s after %d epochs (%d of %d convolutions fused by ONNX Runtime)",
         name,
@@ -113,6 +120,7 @@ def _one(
         quantized_nodes=written.quantized_nodes,
         fusion=fusion,
         mixed_precision=mixed.as_dict() if mixed else None,
+        holdout_agreement=holdout,
         qat={
             "epochs": qat.epochs,
             "loss": qat.loss,
