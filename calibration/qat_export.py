@@ -119,12 +119,7 @@ def export_qat(
             output_names=output_names,
         )
         proto = load_onnx(source)
-    matched, unmatched = _insert_qdq(proto, quant)
-    chosen = _float_layer_weights(model)
-    inits = {init.name: init for init in proto.graph.initializer}
-    by_name = {n.name: n for n in proto.graph.node}
-    floats = [n for n in unmatched if _weight_key(inits.get(by_name[n].input[1])) in chosen]
-    unmatched = [n for n in unmatched if n not in floats]
+    matched, unmatched, floats = _insert_qdq(proto, quant, _float_layer_weights(model))
     props = {p.key: p.value for p in proto.metadata_props}
     props.update(
         {
@@ -153,20 +148,19 @@ def _float_layer_weights(model: nn.Module) -> set[tuple[tuple[int, ...], bytes]]
     """The weights (shape and bytes, also transposed) of the layers ``prepare_qat`` kept in float."""
     keys = set()
     for module in float_layers(model).values():
-        w = cast(torch.Tensor, module.weight).detach().cpu().numpy().astype(np.float32)
-        keys.add(_array_key(w))
-        if w.ndim == 2:
-            keys.add(_array_key(w.T))
+        keys.update(_weight_keys(cast(torch.Tensor, module.weight).detach().cpu().numpy()))
     return keys
 
 
-def _array_key(array: np.ndarray) -> tuple[tuple[int, ...], bytes]:
-    array = np.ascontiguousarray(array, dtype=np.float32)
-    return array.shape, array.tobytes()
-
-
-def _weight_key(init: onnx.TensorProto | None) -> tuple[tuple[int, ...], bytes] | None:
-    return None if init is None else _array_key(numpy_helper.to_array(init))
+def _weight_keys(weight: np.ndarray) -> list[tuple[tuple[int, ...], bytes]]:
+    """How a layer's weights can stand in the exported graph: as they are, and for a linear
+    layer exported as MatMul (or Gemm without transB) transposed to [in, out]."""
+    w = np.ascontiguousarray(weight, dtype=np.float32)
+    keys = [(w.shape, w.tobytes())]
+    if w.ndim == 2:
+        wt = np.ascontiguousarray(w.T)
+        keys.append((wt.shape, wt.tobytes()))
+    return keys
 
 
 @dataclass
@@ -200,23 +194,28 @@ class _Added:
 
 
 def _insert_qdq(
-    proto: onnx.ModelProto, quant: dict[str, LayerQuant]
-) -> tuple[dict[str, list[str]], list[str]]:
+    proto: onnx.ModelProto,
+    quant: dict[str, LayerQuant],
+    float_weights: set[tuple[tuple[int, ...], bytes]],
+) -> tuple[dict[str, list[str]], list[str], list[str]]:
     """Put each layer's Q/DQ nodes into the exported float graph (in place). A layer's node is
-    the Conv, Gemm or MatMul whose weight initialiser holds exactly its float weights."""
+    the Conv, Gemm or MatMul whose weight initialiser holds exactly its float weights.
+
+    Returns:
+        ``(matched, unmatched, floats)``: each layer's nodes, the nodes left float that no layer
+        accounts for, and those whose weights are in ``float_weights`` (kept float on purpose).
+    """
     graph = proto.graph
     inits = {init.name: init for init in graph.initializer}
     by_weight: dict[tuple[tuple[int, ...], bytes], list[tuple[str, int]]] = {}
     for name, q in quant.items():
-        w = np.ascontiguousarray(q.weight, dtype=np.float32)
-        by_weight.setdefault((w.shape, w.tobytes()), []).append((name, 0))
-        if w.ndim == 2:  # a linear layer exported as MatMul (or Gemm without transB): [in, out]
-            wt = np.ascontiguousarray(w.T)
-            by_weight.setdefault((wt.shape, wt.tobytes()), []).append((name, 1))
+        for transposed, layout in enumerate(_weight_keys(q.weight)):
+            by_weight.setdefault(layout, []).append((name, transposed))
     graph_outputs = {o.name for o in graph.output}
     dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
     matched: dict[str, list[str]] = {name: [] for name in quant}
     unmatched: list[str] = []
+    floats: list[str] = []
     nodes: list[onnx.NodeProto] = []
     added_inits: list[onnx.TensorProto] = []
     for node in graph.node:
@@ -224,13 +223,13 @@ def _insert_qdq(
         if weight is None:
             nodes.append(node)
             continue
-        array = np.ascontiguousarray(numpy_helper.to_array(weight), dtype=np.float32)
-        candidates = by_weight.get((array.shape, array.tobytes()), [])
+        key = _weight_keys(numpy_helper.to_array(weight))[0]
+        candidates = by_weight.get(key, [])
         axis = candidates[0][1] if candidates else None
         if len({c[0] for c in candidates}) != 1 or (
             node.op_type == "Gemm" and axis != (0 if _attr(node, "transB", 0) else 1)
         ):
-            unmatched.append(node.name)
+            (floats if key in float_weights else unmatched).append(node.name)
             nodes.append(node)
             continue
         name = candidates[0][0]
@@ -252,7 +251,7 @@ def _insert_qdq(
     graph.node.extend(nodes)
     del graph.initializer[:]
     graph.initializer.extend([*kept, *added_inits])
-    return matched, unmatched
+    return matched, unmatched, floats
 
 
 _QUANTISED_OPS = ("Conv", "Gemm", "MatMul")

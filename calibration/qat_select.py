@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from calibration.qat import init_activation_ranges, prepare_qat, qat_layers
+from calibration.qat import float_layers, init_activation_ranges, prepare_qat
 from calibration.schemes import QuantScheme
 from calibration.select import Agreement, HeldOut, MixedPrecision, greedy_fp32
 from exporters.outputs import as_tuple
@@ -72,7 +72,9 @@ def keep_sensitive_float(
         }
         return Agreement(shares["clean"], shares.get("adversarial"))
 
-    layers = list(qat_layers(candidate([])))
+    # Every convolution and linear layer: those of the float model (none wrapped yet), by the
+    # names prepare_qat keeps.
+    layers = list(float_layers(model))
     cap = len(layers) - 1 if max_float is None else min(max_float, len(layers) - 1)
     return greedy_fp32(layers, agreement, target, adversarial_target, max_fp32=cap)
 

@@ -159,15 +159,11 @@ def _float_layers(
         target,
         len(mixed.fp32_nodes),
         ", ".join(mixed.fp32_nodes) or "none",
-        _agreement(mixed.all_int8.as_dict()),
-        _agreement(mixed.final.as_dict()),
+        mixed.all_int8.as_dict(),
+        mixed.final.as_dict(),
         "" if mixed.met else " (target missed)",
     )
     return mixed
-
-
-def _agreement(shares: dict[str, float | None]) -> str:
-    return " / ".join(f"{v:.1%}" for v in shares.values() if v is not None)
 
 
 def _train(

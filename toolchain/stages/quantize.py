@@ -118,10 +118,9 @@ def quantize_models(
     wants_held_out = measured and (cfg.method == "auto" or cfg.target_agreement is not None)
     records = []
     for name in cfg.models:
-        images = _draw(train_batches(), cfg, wants_held_out)
-        held_out = _held_out(layout, name, models[name], recipe, images) if images.held_out else None
-        if images.held_out is not None and (coarse := coarse_target(cfg, len(images.held_out[0]))):
-            log.warning("%s", coarse)
+        images, held_out = _draw_with_held_out(
+            train_batches(), recipe, layout, name, models[name], wants_held_out
+        )
         for calibration in cfg.calibrations:
             mix = CalibrationMix() if calibration == "clean" else CalibrationMix(**cfg.mix.model_dump())
             pixels, counts = build_calibration_set(
@@ -158,13 +157,29 @@ def _check_target(recipe: Recipe) -> bool:
 def _qat_images(ctx: StageContext, name: str) -> tuple[torch.Tensor, HeldOut | None]:
     """QAT's calibration images for ``name`` and, with ``target_agreement``, the held-out images
     its mixed-precision search measures: drawn as the post-training files' are, the same images."""
-    cfg = ctx.recipe.quantize
-    wants_held_out = _check_target(ctx.recipe) and cfg.target_agreement is not None
-    images = _draw(ctx.train_loader(seed_offset=3), cfg, wants_held_out)
-    if images.held_out is not None and (coarse := coarse_target(cfg, len(images.held_out[0]))):
-        log.warning("%s", coarse)
-    held_out = _held_out(ctx.run, name, ctx.models[name], ctx.recipe, images) if images.held_out else None
+    wants_held_out = _check_target(ctx.recipe) and ctx.recipe.quantize.target_agreement is not None
+    images, held_out = _draw_with_held_out(
+        ctx.train_loader(seed_offset=3), ctx.recipe, ctx.run, name, ctx.models[name], wants_held_out
+    )
     return images.calibration[0][0], held_out
+
+
+def _draw_with_held_out(
+    batches: Iterable[tuple[torch.Tensor, Any]],
+    recipe: Recipe,
+    layout: RunLayout,
+    name: str,
+    model: nn.Module,
+    wants_held_out: bool,
+) -> tuple[_Images, HeldOut | None]:
+    """The images the stage draws for ``name`` and, when it wants them and there are enough, the
+    held-out ones with the FP32 file's labels (warning when they are too few for the target)."""
+    images = _draw(batches, recipe.quantize, wants_held_out)
+    if images.held_out is None:
+        return images, None
+    if coarse := coarse_target(recipe.quantize, len(images.held_out[0])):
+        log.warning("%s", coarse)
+    return images, _held_out(layout, name, model, recipe, images)
 
 
 def coarse_target(cfg: QuantizeConfig, held_out: int) -> str | None:
